@@ -1,0 +1,156 @@
+"""The run configuration: one TOML file, validated before anything starts.
+
+The config travels to every node inside each train message, so it never holds secrets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import ConfigError
+from common.schema import DataSchema, format_validation_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    #: A registry name from ``common.models.MODELS``.
+    name: str = "ft-transformer"
+    #: Hyper-parameters overriding the registry defaults (d_model, layers, heads, ...).
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Strict):
+    local_epochs: int = Field(1, ge=1, le=100)
+    #: Expected (logical) batch size; Opacus samples each record with rate batch_size / n.
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    #: ``auto`` = CUDA when available, else CPU.
+    device: str = "auto"
+    #: torch threads per client; 1 is fastest when several nodes share a machine.
+    threads: int = Field(1, ge=1)
+
+
+class DPConfig(_Strict):
+    enabled: bool = True
+    #: Record-level ε each node may reach over the whole run (all rounds, all epochs).
+    target_epsilon: float = Field(8.0, gt=0)
+    #: Must be ≤ 1/(10·n) for every node with n training records.
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    #: Opacus per-sample-gradient engine; ``auto`` = the model's measured fastest mode.
+    grad_sample_mode: Literal["auto", "hooks", "ew", "ghost", "functorch"] = "auto"
+
+
+class DataConfig(_Strict):
+    schema_: DataSchema = Field(alias="schema")
+    #: Fraction of each node's rows kept for local validation (deterministic by seed).
+    validation_fraction: float = Field(0.2, ge=0, le=0.9)
+    #: Server-side held-out evaluation file (optional; same schema).
+    evaluation_path: str | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ServerConfig(_Strict):
+    #: Cap on a node's declared size used as its FedAvg weight; larger weights are rejected.
+    max_weight: float = Field(1_000_000, gt=0)
+    #: Seconds to wait for replies in a round.
+    round_timeout: float = Field(600, gt=0)
+    #: Fewest accepted replies for a round to update the model.
+    min_replies: int = Field(1, ge=1)
+    #: Seconds to wait at start for enough nodes to connect.
+    wait_for_nodes: float = Field(120, gt=0)
+    #: Poll interval for replies (Flower's built-in send_and_receive sleeps 3 s).
+    poll_interval: float = Field(0.2, gt=0)
+
+
+class SimulationConfig(_Strict):
+    num_clients: int = Field(3, ge=1)
+    #: Source data file split across the virtual clients.
+    data_path: str | None = None
+    partitioner: Literal["iid", "dirichlet", "column"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    column: str | None = None
+    #: Fraction of the data held out as the server's evaluation set (when no evaluation_path).
+    holdout_fraction: float = Field(0.2, ge=0, lt=1)
+    #: CPUs Ray reserves per virtual client.
+    client_cpus: float = Field(1, gt=0)
+
+
+class RunConfig(_Strict):
+    name: str = "fedguard-run"
+    #: Drives data splits, model initialisation and client selection — never DP noise.
+    seed: int = 0
+    rounds: int = Field(3, ge=1, le=10_000)
+    #: Nodes sampled per round (capped at those online).
+    clients_per_round: int = Field(3, ge=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
+    data: DataConfig
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.server.min_replies > self.clients_per_round:
+            raise ValueError(
+                f"server.min_replies ({self.server.min_replies}) exceeds clients_per_round "
+                f"({self.clients_per_round})"
+            )
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON: the reproducibility manifest's config hash."""
+        canon = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            "invalid run configuration:\n" + format_validation_error(exc, source),
+            fix="correct the fields above; see the 'Run configuration' section of the README",
+        ) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run config TOML; relative data paths resolve against its folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config file not found", where=str(p), fix="pass the path of an existing TOML file")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not valid TOML: {exc}", where=str(p)) from None
+    cfg = parse_config(raw, str(p))
+    base = p.resolve().parent
+    if cfg.simulation.data_path and not Path(cfg.simulation.data_path).is_absolute():
+        cfg.simulation.data_path = str(base / cfg.simulation.data_path)
+    if cfg.data.evaluation_path and not Path(cfg.data.evaluation_path).is_absolute():
+        cfg.data.evaluation_path = str(base / cfg.data.evaluation_path)
+    return cfg
+
+
+def config_from_json(text: str) -> RunConfig:
+    try:
+        return parse_config(json.loads(text), "run config received from the server")
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"run config is not valid JSON: {exc}") from None

@@ -1,0 +1,54 @@
+"""The FedGuard error family: every user mistake says what, where and how to fix it.
+
+The CLI prints these without a stack trace; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class FedGuardError(Exception):
+    """A problem the user can fix. ``where`` names the file/field/row, ``fix`` the remedy."""
+
+    code = "fedguard-error"
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None) -> None:
+        self.what = what
+        self.where = where
+        self.fix = fix
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        parts = [self.what if self.where is None else f"{self.where}: {self.what}"]
+        if self.fix:
+            parts.append(f"Fix: {self.fix}")
+        return "\n".join(parts)
+
+
+class ConfigError(FedGuardError):
+    """The run configuration (or a schema file) is invalid."""
+
+    code = "config-invalid"
+
+
+class DataError(FedGuardError):
+    """A data file does not match its schema or cannot be read."""
+
+    code = "data-invalid"
+
+
+class ModelError(FedGuardError):
+    """A model name or model parameter is unknown or unusable."""
+
+    code = "model-invalid"
+
+
+class PrivacyPlanError(FedGuardError):
+    """The differential-privacy plan is infeasible for this node's data."""
+
+    code = "privacy-plan-infeasible"
+
+
+class StoreError(FedGuardError):
+    """The run store cannot be opened or does not hold what was asked for."""
+
+    code = "store-error"

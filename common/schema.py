@@ -1,0 +1,137 @@
+"""The data schema a data owner declares for a dataset file.
+
+Everything that shapes a model (feature kinds, category lists, label classes) is declared
+here rather than learned from the data: nodes must agree on it, and anything learned from one
+node's private rows would leak them.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import ConfigError
+
+
+class Feature(BaseModel):
+    """One model input column of a tabular dataset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    type: Literal["numeric", "categorical"] = "numeric"
+    #: Declared category values (categorical only); a value outside this list is a data error.
+    categories: list[str] | None = None
+    #: Public bounds (numeric only): values are clipped to [lo, hi] and scaled to [-1, 1].
+    #: Without bounds a data-independent signed log1p transform is used.
+    range: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Feature:
+        if self.type == "categorical":
+            if not self.categories:
+                raise ValueError(
+                    f"categorical feature {self.name!r} needs a 'categories' list "
+                    "(declared, not learned from private data)"
+                )
+            if len(set(self.categories)) != len(self.categories):
+                raise ValueError(f"feature {self.name!r}: 'categories' has duplicates")
+            if self.range is not None:
+                raise ValueError(f"feature {self.name!r}: 'range' is for numeric features only")
+        else:
+            if self.categories is not None:
+                raise ValueError(f"feature {self.name!r}: 'categories' is for categorical features only")
+            if self.range is not None and not self.range[0] < self.range[1]:
+                raise ValueError(f"feature {self.name!r}: range lo must be < hi, got {self.range}")
+        return self
+
+
+class DataSchema(BaseModel):
+    """How to read one dataset: task, inputs, label, sensitive attributes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["text", "tabular"]
+    #: Text task: the column holding the text.
+    text_column: str | None = None
+    #: Tabular task: the model's input columns, in order.
+    features: list[Feature] = Field(default_factory=list)
+    label: str = Field(min_length=1)
+    #: Declared label values, in class-index order (compared as strings).
+    classes: list[str] = Field(min_length=2)
+    #: Sensitive attribute columns, kept for fairness audits.
+    sensitive: list[str] = Field(default_factory=list)
+    #: Allow sensitive columns to also be model inputs (off by default).
+    sensitive_as_features: bool = False
+    #: File format; ``auto`` picks it from the file extension.
+    format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
+    #: Text encoding for CSV and JSONL files.
+    encoding: str = "utf-8"
+
+    @model_validator(mode="after")
+    def _check_task(self) -> DataSchema:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("'classes' has duplicates")
+        if self.task == "text":
+            if not self.text_column:
+                raise ValueError("task 'text' needs 'text_column'")
+            if self.features:
+                raise ValueError("task 'text' takes no 'features' (the text column is the input)")
+        else:
+            if not self.features:
+                raise ValueError("task 'tabular' needs at least one entry in 'features'")
+            if self.text_column:
+                raise ValueError("task 'tabular' takes no 'text_column'")
+        names = [f.name for f in self.features]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"feature names repeated: {sorted(dup)}")
+        if self.label in names:
+            raise ValueError(f"label column {self.label!r} is also listed as a feature")
+        leaked = sorted(set(self.sensitive) & set(names))
+        if leaked and not self.sensitive_as_features:
+            raise ValueError(
+                f"sensitive columns {leaked} are listed as features; remove them or set "
+                "sensitive_as_features = true"
+            )
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def required_columns(self) -> list[str]:
+        cols = [self.label, *self.sensitive]
+        cols += [self.text_column] if self.text_column else [f.name for f in self.features]
+        return list(dict.fromkeys(cols))
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field.path: reason``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_schema(path: str | Path) -> DataSchema:
+    """Read a schema TOML file (the same table as ``[data.schema]`` in a run config)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("schema file not found", where=str(p), fix="pass the path of an existing TOML file")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not valid TOML: {exc}", where=str(p)) from None
+    try:
+        return DataSchema.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            "invalid data schema:\n" + format_validation_error(exc, str(p)),
+            fix="see the 'Data schema' section of the README",
+        ) from None
