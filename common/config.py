@@ -107,8 +107,7 @@ class RunConfig(_Strict):
     def _check(self) -> RunConfig:
         if self.server.min_replies > self.clients_per_round:
             raise ValueError(
-                f"server.min_replies ({self.server.min_replies}) exceeds clients_per_round "
-                f"({self.clients_per_round})"
+                f"server.min_replies ({self.server.min_replies}) exceeds clients_per_round ({self.clients_per_round})"
             )
         return self
 

@@ -1,0 +1,1 @@
+"""Everything that runs on a client node, next to the private data."""

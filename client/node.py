@@ -1,0 +1,89 @@
+"""A node's local settings, work directory and log: what it trains on and where it writes.
+
+In deployment the owner sets these in the SuperNode's node config (``data-path``,
+``schema-path``, ``workdir``, ``declared-size``); in simulation Flower injects
+``partition-id`` and the node reads its partition file from the simulation folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.schema import DataSchema, load_schema
+
+#: Schema fields that shape the model: a node's own schema must agree on them.
+_MODEL_FIELDS = ("task", "text_column", "features", "label", "classes")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    data_path: Path
+    workdir: Path
+    schema: DataSchema
+    declared_size: int | None
+
+
+def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str | None) -> NodeSettings:
+    """Resolve where this node's data and work directory are, from node config."""
+    schema = cfg.data.schema_
+    if "data-path" in node_config:
+        data_path = Path(str(node_config["data-path"]))
+        workdir = Path(str(node_config.get("workdir", data_path.parent / "fedguard-node")))
+        if "schema-path" in node_config:
+            own = load_schema(str(node_config["schema-path"]))
+            for field in _MODEL_FIELDS:
+                if getattr(own, field) != getattr(schema, field):
+                    raise ConfigError(
+                        f"the node's schema differs from the run's in {field!r}",
+                        where=str(node_config["schema-path"]),
+                        fix="nodes must declare the same task, features, label and classes as the run",
+                    )
+            schema = own
+    elif "partition-id" in node_config and sim_data_dir:
+        pid = int(node_config["partition-id"])
+        data_path = Path(sim_data_dir) / f"partition-{pid}.parquet"
+        workdir = Path(sim_data_dir) / f"node-{pid}"
+        schema = schema.model_copy(update={"format": "parquet"})
+    else:
+        raise ConfigError(
+            "this node has no data: node config lacks 'data-path'",
+            fix="start the SuperNode with --node-config 'data-path=\"/path/to/data.csv\"'",
+        )
+    declared = node_config.get("declared-size")
+    return NodeSettings(
+        data_path=data_path,
+        workdir=workdir,
+        schema=schema,
+        declared_size=int(declared) if declared is not None else None,
+    )
+
+
+def node_logger(workdir: Path) -> logging.Logger:
+    """The node's local log (``workdir/node.log``): full error text stays here, never in replies."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    name = f"fedguard.node.{workdir}"
+    log = logging.getLogger(name)
+    if not log.handlers:
+        handler = logging.FileHandler(workdir / "node.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def new_log_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def declared_weight(settings: NodeSettings, n_train: int) -> int:
+    """The FedAvg weight that leaves the node: the owner's declared size, else n rounded to 100."""
+    if settings.declared_size is not None:
+        return max(1, settings.declared_size)
+    return max(100, int(round(n_train / 100.0)) * 100)

@@ -1,0 +1,411 @@
+"""Built-in models: a byte-level text Transformer and an FT-Transformer for tabular data.
+
+Both are built only from modules Opacus computes per-sample gradients for (``nn.Linear``,
+``nn.Embedding``, ``nn.LayerNorm``): no ``nn.MultiheadAttention`` (rejected by the validator),
+no bare ``nn.Parameter`` on a custom module (no grad sampler), attention from ``nn.Linear`` +
+``F.scaled_dot_product_attention``. They pass ``ModuleValidator.validate(strict=True)`` as is and
+train under ``PrivacyEngine.make_private`` in the ``hooks``, ``ew``, ``ghost`` and ``functorch``
+modes (``bench/dp_overhead.py`` measures them; ``ModelSpec.default_grad_sample_mode`` is the fastest).
+
+Inputs are one tensor so the ``ew`` mode (tensor as first positional argument, batch first)
+works: text takes ``LongTensor (B, L)`` token ids from ``common.tokenizer``; tabular takes
+``float32 (B, F)`` in schema feature order, categorical features as the float index into their
+declared ``categories``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.errors import ModelError
+from common.schema import DataSchema
+from common.tokenizer import PAD_ID, VOCAB_SIZE
+
+__all__ = [
+    "MODELS",
+    "FTTransformer",
+    "ModelSpec",
+    "TextTransformer",
+    "build_model",
+    "count_parameters",
+    "describe_model",
+    "model_max_len",
+    "pick_device",
+]
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention from one qkv ``nn.Linear`` (Opacus-friendly, batch first)."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cls_only: bool) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.heads
+        qkv = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (3, B, H, T, dh)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if cls_only:  # only the first token's output is used downstream: query it alone
+            q = q[:, :, :1]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(b, q.shape[2], d))
+
+
+class _Block(nn.Module):
+    """Pre-LN Transformer block. ``glu`` selects ReGLU (FT-Transformer) over GELU for the FFN.
+
+    DP cost: Opacus clips and noises per parameter *tensor* with Python loops (``scale_grad`` is
+    even quadratic in their number), so for small models the tensor count, not the parameter
+    count, drives the overhead. The LayerNorms carry no affine (a gain/bias feeding a Linear folds
+    into it) and only ``ffn_in`` keeps a bias (the activation threshold); the feature/byte tokens
+    still carry biases. Measured: 27 → 15 tensors took ft-transformer from 1.78× to ~1.5× plain
+    (bench/dp_overhead.py), with no accuracy change on a synthetic DP task.
+    """
+
+    def __init__(
+        self, d_model: int, heads: int, ffn_mult: float, dropout: float, *, glu: bool, first_norm: bool
+    ) -> None:
+        super().__init__()
+        hidden = max(1, round(d_model * ffn_mult))
+        self.glu = glu
+        # FT-Transformer drops the first block's attention LayerNorm (Gorishniy et al. 2021, §3.3).
+        self.norm1: nn.Module = (
+            nn.LayerNorm(d_model, elementwise_affine=False) if first_norm else nn.Identity()
+        )
+        self.attn = _Attention(d_model, heads, dropout)
+        self.norm2 = nn.LayerNorm(d_model, elementwise_affine=False)
+        self.ffn_in = nn.Linear(d_model, 2 * hidden if glu else hidden)
+        self.ffn_out = nn.Linear(hidden, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cls_only: bool = False
+    ) -> torch.Tensor:
+        a = self.attn(self.norm1(x), mask, cls_only)
+        x = (x[:, :1] if cls_only else x) + self.drop(a)
+        z = self.ffn_in(self.norm2(x))
+        if self.glu:
+            z, gate = z.chunk(2, dim=-1)
+            z = z * F.relu(gate)
+        else:
+            z = F.gelu(z)
+        return x + self.drop(self.ffn_out(self.drop(z)))
+
+
+def _sinusoids(max_len: int, d_model: int) -> torch.Tensor:
+    """Fixed sinusoidal positions (Vaswani et al.): no parameters, so no per-sample gradients."""
+    pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(max_len, d_model)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: d_model // 2])
+    return pe
+
+
+# --------------------------------------------------------------------------- models
+
+
+class TextTransformer(nn.Module):
+    """Byte-level Transformer encoder classifier (English, Chinese, any UTF-8 text).
+
+    The vocabulary is the fixed 259-token byte tokenizer: no data-dependent vocabulary can leak
+    a node's text, and a small embedding keeps per-sample gradients cheap. Padding (``PAD_ID``)
+    is masked out of attention and pooling, so extra padding does not change the logits.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        d_model: int = 64,
+        layers: int = 2,
+        heads: int = 4,
+        ffn_mult: float = 2.0,
+        dropout: float = 0.0,
+        max_len: int = 128,
+        pooling: Literal["cls", "mean"] = "cls",
+    ) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.pooling = pooling
+        self.embed = nn.Embedding(VOCAB_SIZE, d_model)
+        self.register_buffer("positions", _sinusoids(max_len, d_model), persistent=False)
+        self.blocks = nn.ModuleList(
+            _Block(d_model, heads, ffn_mult, dropout, glu=False, first_norm=True) for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=False)  # its affine folds into the head
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens``: LongTensor (B, L), L ≤ max_len, ``[CLS] + bytes + PAD…``; returns logits (B, C)."""
+        if tokens.dim() != 2 or tokens.shape[1] > self.max_len:
+            raise ValueError(
+                f"expected token ids of shape (batch, ≤{self.max_len}), got {tuple(tokens.shape)}"
+            )
+        keep = tokens != PAD_ID  # (B, L)
+        x = self.embed(tokens.contiguous()) + self.positions[: tokens.shape[1]]
+        mask = keep[:, None, None, :]  # (B, 1, 1, L): True = attend
+        cls_last = self.pooling == "cls"
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cls_only=cls_last and i == len(self.blocks) - 1)
+        if self.pooling == "cls":
+            pooled = x[:, 0]
+        else:
+            w = keep.unsqueeze(-1).to(x.dtype)
+            pooled = (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+        return self.head(self.norm(pooled))
+
+
+class FTTransformer(nn.Module):
+    """FT-Transformer (Gorishniy et al. 2021) for tabular data.
+
+    Feature tokenizer: numeric feature j → ``x_j · W_j + b_j``; categorical feature j →
+    ``E[offset_j + x_j] + b_j``; plus a [CLS] token. All of these vectors (W, b, E, CLS) are rows
+    of ONE ``nn.Embedding`` looked up with per-sample row ids: Opacus has per-sample gradients for
+    embeddings but not for a bare ``nn.Parameter``, and one table is one hook instead of four.
+    The last block computes only the [CLS] token (the only output the head reads).
+    """
+
+    def __init__(
+        self,
+        categories: list[int | None],
+        num_classes: int,
+        *,
+        d_model: int = 32,
+        layers: int = 2,
+        heads: int = 4,
+        ffn_mult: float = 4 / 3,
+        dropout: float = 0.0,
+    ) -> None:
+        """``categories[j]``: number of categories of feature j, ``None`` for a numeric feature."""
+        super().__init__()
+        n_feat = len(categories)
+        num_pos = [j for j, c in enumerate(categories) if c is None]
+        cat_pos = [j for j, c in enumerate(categories) if c is not None]
+        cat_sizes = [int(categories[j]) for j in cat_pos]  # type: ignore[arg-type]
+        n_num, n_cat = len(num_pos), len(cat_pos)
+        # Table layout: [CLS] | W_num (n_num) | b (n_feat, numeric first) | E (sum of category counts)
+        w_start, b_start, e_start = 1, 1 + n_num, 1 + n_num + n_feat
+        self.n_num = n_num
+        self.table = nn.Embedding(e_start + sum(cat_sizes), d_model)
+        nn.init.normal_(self.table.weight, std=1.0 / math.sqrt(d_model))
+        fixed = [0, *range(w_start, b_start), *range(b_start, e_start)]
+        self.register_buffer("fixed_ids", torch.tensor(fixed, dtype=torch.long), persistent=False)
+        self.register_buffer("num_pos", torch.tensor(num_pos, dtype=torch.long), persistent=False)
+        self.register_buffer("cat_pos", torch.tensor(cat_pos, dtype=torch.long), persistent=False)
+        offsets = [e_start + sum(cat_sizes[:i]) for i in range(n_cat)]
+        self.register_buffer("cat_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.register_buffer("cat_sizes", torch.tensor(cat_sizes, dtype=torch.long), persistent=False)
+        self.n_features = n_feat
+        self.blocks = nn.ModuleList(
+            _Block(d_model, heads, ffn_mult, dropout, glu=True, first_norm=i > 0) for i in range(layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: float (B, F) in schema order; returns logits (B, C)."""
+        if x.dim() != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"expected features of shape (batch, {self.n_features}), got {tuple(x.shape)}")
+        b = x.shape[0]
+        ids = self.fixed_ids.expand(b, -1)
+        if self.cat_pos.numel():
+            cat = x[:, self.cat_pos].long()
+            if bool(((cat < 0) | (cat >= self.cat_sizes)).any()):  # would silently read another row
+                raise ValueError("categorical input outside its declared categories")
+            ids = torch.cat([ids, cat + self.cat_offsets], dim=1)
+        e = self.table(ids.contiguous())  # (B, 1 + n_num + F + n_cat, d)
+        n, f = self.n_num, self.n_features
+        cls, w, bias, emb = e[:, :1], e[:, 1 : 1 + n], e[:, 1 + n : 1 + n + f], e[:, 1 + n + f :]
+        num = w * x[:, self.num_pos].unsqueeze(-1)
+        h = torch.cat([cls, torch.cat([num, emb], dim=1) + bias], dim=1)  # (B, 1 + F, d)
+        for i, block in enumerate(self.blocks):
+            h = block(h, None, cls_only=i == len(self.blocks) - 1)
+        return self.head(F.relu(self.norm(h[:, 0])))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in model: the task it serves, its defaults and the fastest measured DP mode."""
+
+    name: str
+    task: Literal["text", "tabular"]
+    summary: str
+    #: Every accepted hyper-parameter with its default (read-only).
+    defaults: Mapping[str, Any]
+    #: Opacus ``grad_sample_mode`` measured fastest at the default size (bench/dp_overhead.py).
+    default_grad_sample_mode: str
+    factory: Callable[[DataSchema, dict[str, Any]], nn.Module] = field(repr=False)
+
+
+def _build_text(schema: DataSchema, p: dict[str, Any]) -> nn.Module:
+    return TextTransformer(schema.num_classes, **p)
+
+
+def _build_tabular(schema: DataSchema, p: dict[str, Any]) -> nn.Module:
+    cats = [len(f.categories) if f.type == "categorical" and f.categories else None for f in schema.features]
+    return FTTransformer(cats, schema.num_classes, **p)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "text-transformer": ModelSpec(
+        name="text-transformer",
+        task="text",
+        summary="byte-level Transformer encoder classifier (any UTF-8 language)",
+        defaults=MappingProxyType(
+            {
+                "d_model": 64,
+                "layers": 2,
+                "heads": 4,
+                "ffn_mult": 2.0,
+                "dropout": 0.0,
+                "max_len": 128,
+                "pooling": "cls",
+            }
+        ),
+        default_grad_sample_mode="ew",
+        factory=_build_text,
+    ),
+    "ft-transformer": ModelSpec(
+        name="ft-transformer",
+        task="tabular",
+        summary="FT-Transformer for numeric and categorical features",
+        defaults=MappingProxyType(
+            {"d_model": 32, "layers": 2, "heads": 4, "ffn_mult": 4 / 3, "dropout": 0.0}
+        ),
+        default_grad_sample_mode="ew",
+        factory=_build_tabular,
+    ),
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {"pooling": ("cls", "mean")}
+_DEFAULT_MAX_LEN = 128  # what the encoder gets for models that take no max_len (ignored for tabular)
+
+
+def _check_params(spec: ModelSpec, given: dict[str, Any]) -> dict[str, Any]:
+    where = f"model {spec.name!r}"
+    unknown = sorted(set(given) - set(spec.defaults))
+    if unknown:
+        raise ModelError(
+            f"unknown hyper-parameter(s) {unknown}",
+            where=where,
+            fix=f"use only: {', '.join(sorted(spec.defaults))}",
+        )
+    p = {**spec.defaults, **given}
+    for key, value in p.items():
+        default = spec.defaults[key]
+        if key in _CHOICES:
+            if value not in _CHOICES[key]:
+                raise ModelError(f"{key} must be one of {list(_CHOICES[key])}, got {value!r}", where=where)
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"{key} must be a positive integer, got {value!r}", where=where)
+        elif key == "dropout":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise ModelError(f"dropout must be a number in [0, 1), got {value!r}", where=where)
+        elif isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ModelError(f"{key} must be a positive number, got {value!r}", where=where)
+    if p["d_model"] % p["heads"]:
+        raise ModelError(
+            f"d_model ({p['d_model']}) is not divisible by heads ({p['heads']})",
+            where=where,
+            fix="pick d_model a multiple of heads, e.g. d_model = 64 with heads = 4",
+        )
+    if "max_len" in p and p["max_len"] < 2:
+        raise ModelError(f"max_len must be ≥ 2 ([CLS] plus one byte), got {p['max_len']}", where=where)
+    if spec.task == "text" and p["d_model"] % 2:
+        raise ModelError(f"d_model must be even (sinusoidal positions), got {p['d_model']}", where=where)
+    return p
+
+
+def _spec(name: str) -> ModelSpec:
+    spec = MODELS.get(name)
+    if spec is None:
+        raise ModelError(f"unknown model {name!r}", fix=f"choose one of: {', '.join(sorted(MODELS))}")
+    return spec
+
+
+def model_max_len(name: str, params: dict[str, Any] | None = None) -> int:
+    """Token length the data encoder must produce for this model (text); 128 for models without one.
+
+    Checked like ``build_model`` so a bad name or parameter fails before any data is read.
+    """
+    p = _check_params(_spec(name), dict(params or {}))
+    return int(p.get("max_len", _DEFAULT_MAX_LEN))
+
+
+def build_model(name: str, schema: DataSchema, params: dict[str, Any] | None = None) -> nn.Module:
+    """Build a registered model for ``schema``; ``params`` override the spec's defaults."""
+    spec = _spec(name)
+    if spec.task != schema.task:
+        fits = [n for n, s in sorted(MODELS.items()) if s.task == schema.task]
+        raise ModelError(
+            f"model {name!r} is for {spec.task} data but the schema's task is {schema.task!r}",
+            fix=f"for {schema.task} data use: {', '.join(fits)}",
+        )
+    hparams = _check_params(spec, dict(params or {}))
+    model = spec.factory(schema, hparams)
+    model.hparams = hparams  # type: ignore[assignment]  # read by describe_model
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters (what DP-SGD clips and noises, and what a round uploads)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe_model(name: str, model: nn.Module) -> str:
+    """One line for users, e.g. ``ft-transformer: 25,730 trainable parameters (d_model=32, …)``."""
+    hp = getattr(model, "hparams", None)
+    extra = ""
+    if isinstance(hp, dict) and hp:
+        fmt = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in hp.items()}
+        extra = " (" + ", ".join(f"{k}={v}" for k, v in fmt.items()) + ")"
+    return f"{name}: {count_parameters(model):,} trainable parameters{extra}"
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda)(:\d+)?$")
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """Resolve ``auto``/``cpu``/``cuda``/``cuda:N``; asking for a GPU that is absent is an error."""
+    req = requested.strip().lower()
+    if req == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not _DEVICE_RE.match(req) or req.startswith("cpu:"):
+        raise ModelError(f"unknown device {requested!r}", fix="use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if req.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(
+                f"device {requested!r} requested but CUDA is not available on this machine",
+                fix="use device = 'auto' or 'cpu'",
+            )
+        index = int(req.split(":")[1]) if ":" in req else 0
+        if index >= torch.cuda.device_count():
+            raise ModelError(
+                f"device {requested!r} requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)",
+                fix="use 'cuda' or a valid index",
+            )
+    return torch.device(req)

@@ -1,0 +1,99 @@
+"""Run a federation on Flower's simulation engine (Ray) with the deployment ServerApp/ClientApp.
+
+Only how nodes get their data differs from deployment: the source file is split into one
+partition file per virtual node, and each node reads its own by Flower's ``partition-id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from flwr.clientapp import ClientApp
+
+from common.config import RunConfig
+from common.data import read_table, split_indices
+from common.errors import ConfigError
+from common.partition import partition_frame
+from server.app import Progress, RunResult, make_server_app
+
+
+def prepare_partitions(cfg: RunConfig, workdir: Path, progress: Progress) -> RunConfig:
+    """Split the source data into per-node files (and a server hold-out); return the run's config."""
+    if not cfg.simulation.data_path:
+        raise ConfigError(
+            "simulation needs a data file",
+            where="simulation.data_path",
+            fix="set simulation.data_path to a CSV, Parquet or JSONL file",
+        )
+    schema = cfg.data.schema_
+    df = read_table(cfg.simulation.data_path, schema)
+    sim_dir = workdir / "partitions"
+    sim_dir.mkdir(parents=True, exist_ok=True)
+    data = cfg.data.model_copy(update={"schema_": schema.model_copy(update={"format": "auto"})})
+    if cfg.data.evaluation_path is None and cfg.simulation.holdout_fraction > 0:
+        keep, hold = split_indices(len(df), cfg.simulation.holdout_fraction, cfg.seed)
+        holdout_path = sim_dir / "holdout.parquet"
+        df.iloc[hold].to_parquet(holdout_path, index=False)
+        df = df.iloc[keep].reset_index(drop=True)
+        data = data.model_copy(update={"evaluation_path": str(holdout_path)})
+    parts = partition_frame(
+        df,
+        schema,
+        cfg.simulation.partitioner,
+        cfg.simulation.num_clients,
+        cfg.seed,
+        alpha=cfg.simulation.alpha,
+        column=cfg.simulation.column,
+    )
+    for i, part in enumerate(parts):
+        part.to_parquet(sim_dir / f"partition-{i}.parquet", index=False)
+    sizes = ", ".join(str(len(p)) for p in parts)
+    progress(f"split {len(df)} rows into {len(parts)} {cfg.simulation.partitioner} partitions ({sizes} rows)")
+    return cfg.model_copy(update={"data": data})
+
+
+def simulate(
+    cfg: RunConfig,
+    workdir: Path,
+    store_path: Path | None = None,
+    progress: Progress = print,
+    client_app: ClientApp | None = None,
+) -> RunResult:
+    """Run the whole federation in simulation; ``client_app`` overrides FedGuard's (tests only)."""
+    workdir = workdir.resolve()
+    run_cfg = prepare_partitions(cfg, workdir, progress)
+    store_path = (store_path or workdir / "runs.db").resolve()
+    results: list[RunResult] = []
+    server_app = make_server_app(run_cfg, store_path, str(workdir / "partitions"), results.append)
+
+    # Offline and quiet: no telemetry, no update checks, no Ray dashboard.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    # FedGuard drives the simulation engine through its Python API on purpose (one process,
+    # ServerApp bound to a validated config); Flower's deprecation notice only adds noise.
+    flwr_log.addFilter(lambda record: "`run_simulation` function is deprecated" not in record.getMessage())
+    from flwr.simulation import run_simulation
+
+    if client_app is None:
+        from client.app import app as client_app
+
+    cpus = os.cpu_count() or 1
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=run_cfg.simulation.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": run_cfg.simulation.client_cpus, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
+        },
+    )
+    if not results:
+        raise RuntimeError("the simulation ended without a result; see the log above")
+    return results[0]

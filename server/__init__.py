@@ -1,0 +1,1 @@
+"""The aggregation server: round loop, reply validation, aggregation, run store."""

@@ -1,0 +1,202 @@
+"""The FedGuard ServerApp: FedGuard's own round loop on Flower's Message API.
+
+Each round: sample nodes (config seed), push the global model, poll for replies faster than
+Flower's built-in 3 s, validate every reply, FedAvg the accepted ones weighted by their
+declared public size, evaluate on the held-out split, record everything in the run store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from common import records as R
+from common.codec import load_numpy_state, numpy_to_record, state_to_numpy
+from common.config import RunConfig, load_config
+from common.data import load_encoded
+from common.errors import ConfigError, FedGuardError
+from common.models import build_model, describe_model, model_max_len
+from server.aggregation import WeightedMean
+from server.evaluation import evaluate
+from server.store import RunStore
+from server.validation import Outcome, classify_reply
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    store_path: Path
+    final_metrics: dict[str, float]
+
+
+def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, progress: Progress) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) >= wanted or time.monotonic() > deadline:
+            return nodes
+        progress(f"waiting for nodes: {len(nodes)}/{wanted} online")
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def _collect(
+    grid: Grid, messages: list[Message], timeout: float, poll: float
+) -> tuple[list[Message], set[int], set[int]]:
+    """Push, then poll until all replies arrive or ``timeout``; return replies, silent and unreachable nodes."""
+    pushed = list(zip(grid.push_messages(messages), messages, strict=True))
+    unreachable = {int(m.metadata.dst_node_id) for mid, m in pushed if not mid}
+    dst = {mid: m.metadata.dst_node_id for mid, m in pushed if mid}
+    pending, replies = set(dst), []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+        if pending:
+            time.sleep(poll)
+    return replies, {int(dst[m]) for m in pending}, unreachable
+
+
+def run_federation(
+    grid: Grid,
+    cfg: RunConfig,
+    store_path: Path,
+    *,
+    sim_data_dir: str | None = None,
+    flower_run_id: int | None = None,
+    progress: Progress = print,
+) -> RunResult:
+    """Run ``cfg.rounds`` rounds of DP federated training; one bad reply never ends the run."""
+    torch.manual_seed(cfg.seed)
+    schema = cfg.data.schema_
+    model = build_model(cfg.model.name, schema, cfg.model.params)
+    progress(describe_model(cfg.model.name, model))
+    global_state = state_to_numpy(model)
+    holdout = None
+    if cfg.data.evaluation_path:
+        holdout = load_encoded(
+            cfg.data.evaluation_path,
+            schema,
+            max_len=model_max_len(cfg.model.name, cfg.model.params),
+            cache_dir=None,
+        )
+    store = RunStore(store_path)
+    run_id = store.create_run(cfg.name, cfg.to_json(), cfg.digest(), flower_run_id)
+    progress(f"run {run_id} recorded in {store_path}")
+    rng = np.random.default_rng(cfg.seed)
+    metrics: dict[str, float] = {}
+    try:
+        nodes = _wait_for_nodes(grid, cfg.clients_per_round, cfg.server.wait_for_nodes, progress)
+        if len(nodes) < cfg.server.min_replies:
+            raise ConfigError(
+                f"only {len(nodes)} node(s) connected within {cfg.server.wait_for_nodes:g}s; "
+                f"server.min_replies is {cfg.server.min_replies}",
+                fix="start more nodes or lower server.min_replies",
+            )
+        if holdout is not None:
+            metrics = evaluate(model, holdout)
+            store.record_evaluation(run_id, 0, metrics)
+            progress(f"round 0: held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.3f}")
+        base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_ID: run_id}
+        if sim_data_dir:
+            base[R.SIM_DATA_DIR] = sim_data_dir
+        for rnd in range(1, cfg.rounds + 1):
+            started = time.time()
+            online = sorted(int(n) for n in grid.get_node_ids())
+            k = min(cfg.clients_per_round, len(online))
+            # Sample by position: node ids are uint64 and would lose precision in a numpy array.
+            sampled = sorted(online[i] for i in rng.permutation(len(online))[:k])
+            arrays = numpy_to_record(global_state)
+            messages = [
+                Message(
+                    RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**base, R.ROUND: rnd})}),
+                    dst_node_id=node,
+                    message_type=MessageType.TRAIN,
+                    group_id=str(rnd),
+                )
+                for node in sampled
+            ]
+            progress(f"round {rnd}/{cfg.rounds}: training on {len(sampled)} node(s)")
+            replies, silent, unreachable = _collect(grid, messages, cfg.server.round_timeout, cfg.server.poll_interval)
+            outcomes = [classify_reply(r, global_state, cfg.server.max_weight) for r in replies]
+            outcomes += [Outcome(n, "dropped", f"no reply within {cfg.server.round_timeout:g}s") for n in silent]
+            outcomes += [Outcome(n, "failed", "the message could not be delivered") for n in unreachable]
+            mean = WeightedMean(global_state)
+            for o in outcomes:
+                if o.status == "accepted" and o.state is not None:
+                    mean.add(o.state, o.weight or 0.0)
+                    o.state = None  # free the update as soon as it is summed
+            aggregated = mean.count >= cfg.server.min_replies
+            if aggregated:
+                global_state = mean.result()
+            store.record_round(run_id, rnd, started, [o.row() for o in outcomes], aggregated)
+            progress(_round_line(rnd, cfg, outcomes, aggregated, time.time() - started))
+            if holdout is not None:
+                load_numpy_state(model, global_state)
+                metrics = evaluate(model, holdout)
+                store.record_evaluation(run_id, rnd, metrics)
+                progress(
+                    f"  held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.3f}, "
+                    f"macro-F1 {metrics['macro_f1']:.3f}"
+                )
+        store.finish_run(run_id, "finished")
+    except BaseException as exc:
+        store.finish_run(run_id, "failed", str(exc) if isinstance(exc, FedGuardError) else type(exc).__name__)
+        raise
+    finally:
+        store.close()
+    return RunResult(run_id=run_id, store_path=store_path, final_metrics=metrics)
+
+
+def _round_line(rnd: int, cfg: RunConfig, outcomes: list[Outcome], aggregated: bool, secs: float) -> str:
+    acc = [o for o in outcomes if o.status == "accepted"]
+    eps = ", ".join(f"node {o.node_id}: ε={o.values['epsilon']:.2f}" for o in acc if "epsilon" in o.values)
+    lines = [
+        f"  round {rnd}: {len(acc)}/{len(outcomes)} accepted in {secs:.1f}s"
+        + ("" if aggregated else f" — fewer than {cfg.server.min_replies}, global model unchanged")
+        + (f"; {eps}" if eps else "")
+    ]
+    lines += [f"  node {o.node_id} {o.status}: {o.reason}" for o in outcomes if o.status != "accepted"]
+    return "\n".join(lines)
+
+
+def make_server_app(
+    cfg: RunConfig | None = None,
+    store_path: Path | None = None,
+    sim_data_dir: str | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to ``cfg``; without it, the config comes from the run config's ``config-path``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg
+        if run_cfg is None:
+            path = str(context.run_config.get("config-path", ""))
+            if not path:
+                raise ConfigError("no FedGuard config", fix="flwr run ... -c 'config-path=\"/path/run.toml\"'")
+            run_cfg = load_config(path)
+        result = run_federation(
+            grid,
+            run_cfg,
+            store_path or Path(str(context.run_config.get("store-path", "fedguard-runs.db"))),
+            sim_data_dir=sim_data_dir,
+            flower_run_id=int(context.run_id),
+        )
+        if on_result is not None:
+            on_result(result)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,192 @@
+"""The run store: one SQLite file recording runs, rounds, per-node outcomes and evaluations.
+
+Only values that may leave a node are stored per node (DESIGN §4): its status, the declared
+public weight, the ε its accountant reported, and the DP parameters it used.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from common.errors import StoreError
+
+#: accepted: used in aggregation; rejected: failed validation; refused: the node declined
+#: (budget, policy, infeasible plan); failed: Flower reported an error; dropped: no reply in time.
+STATUSES = ("accepted", "rejected", "refused", "failed", "dropped")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT NOT NULL,
+    status      TEXT NOT NULL,            -- running | finished | failed
+    config_json TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    flower_run_id TEXT,            -- Flower run ids are uint64
+    started_at  REAL NOT NULL,
+    finished_at REAL,
+    error       TEXT
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id      INTEGER NOT NULL REFERENCES runs(run_id),
+    round       INTEGER NOT NULL,
+    started_at  REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    sampled     INTEGER NOT NULL,
+    accepted    INTEGER NOT NULL,
+    rejected    INTEGER NOT NULL,
+    refused     INTEGER NOT NULL,
+    dropped     INTEGER NOT NULL,
+    failed      INTEGER NOT NULL,
+    aggregated  INTEGER NOT NULL,         -- 1 when the global model was updated
+    PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS client_rounds (
+    run_id      INTEGER NOT NULL REFERENCES runs(run_id),
+    round       INTEGER NOT NULL,
+    node_id     TEXT NOT NULL,            -- Flower node ids are uint64
+    status      TEXT NOT NULL,            -- accepted | rejected | refused | failed | dropped
+    reason      TEXT,
+    weight      REAL,
+    epsilon     REAL,
+    delta       REAL,
+    noise_multiplier REAL,
+    sample_rate REAL,
+    steps       INTEGER,
+    PRIMARY KEY (run_id, round, node_id)
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    run_id      INTEGER NOT NULL REFERENCES runs(run_id),
+    round       INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL,
+    PRIMARY KEY (run_id, round)
+);
+"""
+
+
+class RunStore:
+    """Thin, transactional access to the run store file (created on first use)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise StoreError(
+                f"cannot open the run store: {exc}",
+                where=str(self.path),
+                fix="pass --store with a writable path to a FedGuard run store (SQLite)",
+            ) from None
+        self._db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._db:
+            yield self._db
+
+    # -- writes ---------------------------------------------------------------
+    def create_run(self, name: str, config_json: str, config_hash: str, flower_run_id: int | None) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO runs(name, status, config_json, config_hash, flower_run_id, started_at) "
+                "VALUES (?, 'running', ?, ?, ?, ?)",
+                (name, config_json, config_hash, None if flower_run_id is None else str(flower_run_id), time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET status=?, finished_at=?, error=? WHERE run_id=?",
+                (status, time.time(), error, run_id),
+            )
+
+    def record_round(
+        self, run_id: int, round_: int, started_at: float, outcomes: list[dict[str, Any]], aggregated: bool
+    ) -> None:
+        """Write a round and its per-node outcomes in one transaction."""
+        count = {s: sum(o["status"] == s for o in outcomes) for s in STATUSES}
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    run_id,
+                    round_,
+                    started_at,
+                    time.time(),
+                    len(outcomes),
+                    count["accepted"],
+                    count["rejected"],
+                    count["refused"],
+                    count["dropped"],
+                    count["failed"],
+                    int(aggregated),
+                ),
+            )
+            for o in outcomes:
+                db.execute(
+                    "INSERT OR REPLACE INTO client_rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        run_id,
+                        round_,
+                        str(o["node_id"]),
+                        o["status"],
+                        o.get("reason"),
+                        o.get("weight"),
+                        o.get("epsilon"),
+                        o.get("delta"),
+                        o.get("noise_multiplier"),
+                        o.get("sample_rate"),
+                        o.get("steps"),
+                    ),
+                )
+
+    def record_evaluation(self, run_id: int, round_: int, metrics: dict[str, float]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO evaluations VALUES (?,?,?)", (run_id, round_, json.dumps(metrics)))
+
+    # -- reads ----------------------------------------------------------------
+    def run(self, run_id: int) -> dict[str, Any]:
+        row = self._db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no run {run_id}", where=str(self.path), fix="list runs with `fedguard runs`")
+        return dict(row)
+
+    def runs(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM runs ORDER BY run_id")]
+
+    def rounds(self, run_id: int) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM rounds WHERE run_id=? ORDER BY round", (run_id,))]
+
+    def client_rounds(self, run_id: int) -> list[dict[str, Any]]:
+        rows = [
+            dict(r) for r in self._db.execute("SELECT * FROM client_rounds WHERE run_id=? ORDER BY round", (run_id,))
+        ]
+        for r in rows:
+            r["node_id"] = int(r["node_id"])
+        return sorted(rows, key=lambda r: (r["round"], r["node_id"]))
+
+    def evaluations(self, run_id: int) -> dict[int, dict[str, float]]:
+        return {
+            int(r["round"]): json.loads(r["metrics_json"])
+            for r in self._db.execute("SELECT * FROM evaluations WHERE run_id=? ORDER BY round", (run_id,))
+        }

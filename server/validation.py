@@ -1,0 +1,94 @@
+"""Check every reply before it can touch the global model.
+
+One bad reply must never end a run: it is classified, recorded with its reason and left out.
+(Flower's own FedAvg raises ``InconsistentMessageReplies`` on a mixed set of replies.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+
+from common import records as R
+from common.codec import record_to_numpy
+
+_METRIC_FIELDS = {
+    R.EPSILON: "epsilon",
+    R.DELTA: "delta",
+    R.NOISE_MULTIPLIER: "noise_multiplier",
+    R.SAMPLE_RATE: "sample_rate",
+    R.STEPS: "steps",
+}
+
+
+@dataclass
+class Outcome:
+    """What became of one sampled node in one round."""
+
+    node_id: int
+    status: str  # see server.store.STATUSES
+    reason: str | None = None
+    weight: float | None = None
+    values: dict[str, Any] = field(default_factory=dict)  # accounting values the node reported
+    state: OrderedDict[str, np.ndarray] | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "status": self.status,
+            "reason": self.reason,
+            "weight": self.weight,
+            **self.values,
+        }
+
+
+def _reject(node: int, reason: str) -> Outcome:
+    return Outcome(node, "rejected", reason)
+
+
+def classify_reply(msg: Message, reference: OrderedDict[str, np.ndarray], max_weight: float) -> Outcome:
+    """Accept a reply only if it matches the global model exactly in structure and is finite."""
+    node = int(msg.metadata.src_node_id)
+    if msg.has_error():
+        return Outcome(node, "failed", f"error {msg.error.code}: {msg.error.reason}")
+    content = msg.content
+    if R.REFUSAL in content:
+        ref = content[R.REFUSAL]
+        return Outcome(
+            node, "refused", f"{ref.get(R.REFUSAL_CODE, '?')} (node log id {ref.get(R.REFUSAL_LOG_ID, '?')})"
+        )
+    names = set(content.keys())
+    if names != {R.ARRAYS, R.METRICS}:
+        return _reject(node, f"unexpected records {sorted(names)}; expected {[R.ARRAYS, R.METRICS]}")
+    try:
+        state = record_to_numpy(content[R.ARRAYS])
+        metrics = dict(content[R.METRICS])
+    except (TypeError, ValueError, KeyError) as exc:
+        return _reject(node, f"undecodable reply: {type(exc).__name__}")
+    missing, extra = set(reference) - set(state), set(state) - set(reference)
+    if missing or extra:
+        return _reject(node, f"tensor keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    for key, ref in reference.items():
+        arr = state[key]
+        if arr.shape != ref.shape:
+            return _reject(node, f"wrong shape for {key}: {arr.shape}, expected {ref.shape}")
+        if arr.dtype != ref.dtype:
+            return _reject(node, f"wrong dtype for {key}: {arr.dtype}, expected {ref.dtype}")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            return _reject(node, f"non-finite values (NaN/Inf) in {key}")
+    weight = metrics.get(R.NUM_EXAMPLES)
+    if not isinstance(weight, int | float) or not math.isfinite(weight) or not 0 < weight <= max_weight:
+        return _reject(node, f"weight {R.NUM_EXAMPLES}={weight!r} outside (0, {max_weight:g}]")
+    values: dict[str, Any] = {}
+    for key, column in _METRIC_FIELDS.items():
+        v = metrics.get(key)
+        if v is not None:
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                return _reject(node, f"invalid {key}={v!r}")
+            values[column] = v
+    return Outcome(node, "accepted", None, float(weight), values, state)

@@ -1,0 +1,115 @@
+"""Local DP-SGD on the real ClientApp, in process: noise, accounting, refusals, allow-list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app as client_app
+from common import records as R
+from common.codec import numpy_to_record, record_to_numpy, state_to_numpy
+from common.config import RunConfig
+from common.models import build_model
+from common.privacy import epsilon_spent
+from tests.helpers import tabular_config
+
+
+def global_state(cfg: RunConfig):
+    torch.manual_seed(cfg.seed)
+    return state_to_numpy(build_model(cfg.model.name, cfg.data.schema_, cfg.model.params))
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Messages built in-process need the identity Flower's runtime sets for a ServerApp task."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def train_message(cfg: RunConfig, state, rnd: int = 1) -> Message:
+    content = RecordDict(
+        {
+            R.ARRAYS: numpy_to_record(state),
+            R.CONFIG: ConfigRecord({R.RUN_CONFIG: cfg.to_json(), R.ROUND: rnd}),
+        }
+    )
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def node_context(csv: Path, workdir: Path) -> Context:
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-path": str(csv), "workdir": str(workdir)},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def test_dp_training_changes_model_and_stays_within_target(tabular_csv: Path, tmp_path: Path) -> None:
+    cfg = tabular_config()
+    state = global_state(cfg)
+    ctx = node_context(tabular_csv, tmp_path / "node")
+    eps = []
+    for rnd in (1, 2):
+        reply = client_app(train_message(cfg, state, rnd), ctx)
+        assert set(reply.content.keys()) == {R.ARRAYS, R.METRICS}
+        new = record_to_numpy(reply.content[R.ARRAYS])
+        assert any(not np.allclose(new[k], state[k]) for k in state), "DP training left the model unchanged"
+        metrics = reply.content[R.METRICS]
+        eps.append(metrics[R.EPSILON])
+        state = new
+    assert 0 < eps[0] < eps[1] <= cfg.dp.target_epsilon
+    # The reported ε is what Opacus's accountant gives for the recorded history.
+    sigma, q = metrics[R.NOISE_MULTIPLIER], metrics[R.SAMPLE_RATE]
+    assert eps[1] == pytest.approx(epsilon_spent([(sigma, q, 2 * int(metrics[R.STEPS]))], cfg.dp.delta))
+    # The exact training-set size never leaves: the weight is rounded to 100.
+    assert metrics[R.NUM_EXAMPLES] % 100 == 0
+    log = (tmp_path / "node" / "node.log").read_text(encoding="utf-8")
+    assert "DP plan" in log and "round 2" in log
+
+
+def test_same_seed_draws_different_noise(tabular_csv: Path, tmp_path: Path) -> None:
+    cfg = tabular_config()
+    state = global_state(cfg)
+    updates = []
+    for i in range(2):
+        reply = client_app(train_message(cfg, state), node_context(tabular_csv, tmp_path / f"n{i}"))
+        updates.append(record_to_numpy(reply.content[R.ARRAYS]))
+    assert any(not np.allclose(updates[0][k], updates[1][k]) for k in state)
+
+
+def test_infeasible_plan_is_refused_without_sending_a_model(tabular_csv: Path, tmp_path: Path) -> None:
+    cfg = tabular_config(dp={"target_epsilon": 4.0, "delta": 0.05})  # δ > 1/(10·n)
+    reply = client_app(train_message(cfg, global_state(cfg)), node_context(tabular_csv, tmp_path / "node"))
+    assert set(reply.content.keys()) == {R.REFUSAL}
+    refusal = reply.content[R.REFUSAL]
+    assert refusal[R.REFUSAL_CODE] == "privacy-plan-infeasible"
+    # The reason stays in the node's log, found by the log id that was sent.
+    log = (tmp_path / "node" / "node.log").read_text(encoding="utf-8")
+    assert str(refusal[R.REFUSAL_LOG_ID]) in log and "larger than 1/(10·n)" in log
+
+
+def test_bad_data_is_refused_with_a_code_not_its_text(tmp_path: Path) -> None:
+    csv = tmp_path / "bad.csv"
+    csv.write_text("a,b,c,group,y\n1,2,x,g1,0\nsecret-value,2,x,g1,1\n", encoding="utf-8")
+    cfg = tabular_config()
+    reply = client_app(train_message(cfg, global_state(cfg)), node_context(csv, tmp_path / "node"))
+    refusal = reply.content[R.REFUSAL]
+    assert refusal[R.REFUSAL_CODE] == "data-invalid"
+    assert "secret-value" not in repr(dict(refusal))
+
+
+def test_allow_list_blocks_unexpected_keys() -> None:
+    R.check_reply_keys({R.METRICS: [R.NUM_EXAMPLES, R.EPSILON], R.ARRAYS: ["w"]})
+    with pytest.raises(R.BlockedReplyError, match="train-loss"):
+        R.check_reply_keys({R.METRICS: [R.NUM_EXAMPLES, "train-loss"]})
+    with pytest.raises(R.BlockedReplyError, match="raw-rows"):
+        R.check_reply_keys({"raw-rows": []})

@@ -1,0 +1,99 @@
+"""Real simulated federations on Flower's simulation engine (Ray), each in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.store import RunStore
+from tests.helpers import ROOT, make_tabular, tabular_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+
+
+def test_cli_simulation_records_both_rounds(tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    make_tabular(500).to_csv(data, index=False)
+    cfg = tabular_config(data)
+    toml = tmp_path / "run.toml"
+    schema = cfg.data.schema_
+    features = ", ".join(
+        "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in f.model_dump(exclude_none=True).items()) + "}"
+        for f in schema.features
+    )
+    toml.write_text(
+        f"""name = "two-by-two"
+seed = 3
+rounds = 2
+clients_per_round = 2
+[model]
+name = "ft-transformer"
+params = {{ d_model = 16, layers = 1, heads = 2 }}
+[train]
+batch_size = 32
+optimizer = "adam"
+learning_rate = 0.01
+[dp]
+target_epsilon = 4.0
+delta = 1e-4
+[data]
+validation_fraction = 0.2
+[data.schema]
+task = "tabular"
+label = "y"
+classes = ["0", "1"]
+sensitive = ["group"]
+features = [{features}]
+[simulation]
+num_clients = 2
+data_path = "data.csv"
+""",
+        encoding="utf-8",
+    )
+    proc = run(["-m", "fedguard.cli", "simulate", "--config", str(toml), "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "finished"
+    with RunStore(summary["store"]) as store:
+        rounds = store.rounds(summary["run_id"])
+        clients = store.client_rounds(summary["run_id"])
+        evals = store.evaluations(summary["run_id"])
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["accepted"] == 2 and r["aggregated"] == 1 for r in rounds)
+    assert len(clients) == 4 and all(0 < c["epsilon"] <= 4.0 for c in clients)
+    assert sorted(evals) == [0, 1, 2]
+    assert "round 2/2" in proc.stdout
+
+
+def test_bad_replies_are_left_out_and_the_round_completes(tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    make_tabular(600).to_csv(data, index=False)
+    cfg = tabular_config(data, clients_per_round=3, simulation={"num_clients": 3, "data_path": str(data)})
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(cfg.to_json(), encoding="utf-8")
+    proc = run(["-m", "tests.malicious_sim", str(tmp_path / "work"), str(cfg_file)], ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_id = int(proc.stdout.split("RUN_ID=")[1].split()[0])
+    with RunStore(tmp_path / "work" / "runs.db") as store:
+        rounds = store.rounds(run_id)
+        clients = store.client_rounds(run_id)
+        evals = store.evaluations(run_id)
+        assert store.run(run_id)["status"] == "finished"
+    assert [(r["round"], r["accepted"], r["rejected"], r["aggregated"]) for r in rounds] == [
+        (1, 2, 1, 1),
+        (2, 2, 1, 1),
+    ]
+    reasons = [c["reason"] for c in clients if c["status"] == "rejected"]
+    assert "non-finite values" in reasons[0] and "wrong shape" in reasons[1]
+    assert np.isfinite(evals[2]["loss"])
