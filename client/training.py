@@ -82,6 +82,17 @@ def train_local(
             trained, optimizer, criterion, loader = wrapped
         else:
             trained, optimizer, loader = wrapped
+        # Fail closed: the releases must be exactly the ones the plan was calibrated for.
+        actual_q = getattr(loader, "sample_rate", None)
+        if (
+            actual_q is None
+            or abs(actual_q - plan.sample_rate) > 1e-12
+            or len(loader) != plan.steps_per_round // cfg.train.local_epochs
+        ):
+            raise RuntimeError(
+                f"Opacus sampling (q={actual_q}, {len(loader)} steps) differs from the DP plan "
+                f"(q={plan.sample_rate}, {plan.steps_per_round // cfg.train.local_epochs} steps); nothing was trained"
+            )
     steps = 0
     for _ in range(cfg.train.local_epochs):
         for xb, yb in loader:

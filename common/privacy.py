@@ -7,6 +7,7 @@ local epochs and planned rounds. ε is always recomputed from the full history o
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -39,9 +40,14 @@ class DPPlan:
         )
 
 
-def steps_per_epoch(sample_rate: float) -> int:
-    """Opacus's Poisson loader yields int(1/q) batches per epoch."""
-    return max(1, int(1 / sample_rate))
+def poisson_schedule(n_train: int, batch_size: int) -> tuple[float, int]:
+    """(q, steps per epoch) exactly as Opacus's DPDataLoader derives them from a DataLoader.
+
+    ``DPDataLoader.from_data_loader`` uses q = 1/len(loader) = 1/ceil(n/B) and yields 1/q
+    batches per epoch; planning with B/n instead would under-count ε.
+    """
+    batches = math.ceil(n_train / batch_size)
+    return 1.0 / batches, batches
 
 
 def plan_dp(n_train: int, dp: DPConfig, *, batch_size: int, local_epochs: int, rounds: int) -> DPPlan:
@@ -55,8 +61,8 @@ def plan_dp(n_train: int, dp: DPConfig, *, batch_size: int, local_epochs: int, r
             where="dp.delta",
             fix=f"set dp.delta ≤ {max_delta:.1g}",
         )
-    q = min(1.0, batch_size / n_train)
-    steps = steps_per_epoch(q) * local_epochs
+    q, per_epoch = poisson_schedule(n_train, batch_size)
+    steps = per_epoch * local_epochs
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the")

@@ -66,7 +66,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve()
     t0 = time.perf_counter()
     data = write_demo_data(workdir)
-    print(f"FedGuard demo: credit scoring (modeldata::credit_data) → {data}")
+    print(f"FedGuard demo: income above the median from the General Social Survey (gss_wages) → {data}")
     cfg = demo_config(data, rounds=args.rounds, clients=args.clients, epsilon=args.epsilon)
     print(
         f"{cfg.simulation.num_clients} clients × {cfg.rounds} rounds, DP-SGD target ε={cfg.dp.target_epsilon}, "

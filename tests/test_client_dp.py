@@ -113,3 +113,19 @@ def test_allow_list_blocks_unexpected_keys() -> None:
         R.check_reply_keys({R.METRICS: [R.NUM_EXAMPLES, "train-loss"]})
     with pytest.raises(R.BlockedReplyError, match="raw-rows"):
         R.check_reply_keys({"raw-rows": []})
+
+
+@pytest.mark.parametrize(("n", "batch"), [(8924, 256), (1057, 64), (480, 32)])
+def test_plan_matches_opacus_sampling_so_epsilon_stays_within_target(n: int, batch: int) -> None:
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from common.config import DPConfig
+    from common.privacy import plan_dp
+
+    dp = DPConfig(target_epsilon=8.0, delta=1e-5)
+    plan = plan_dp(n, dp, batch_size=batch, local_epochs=2, rounds=3)
+    loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch))
+    assert loader.sample_rate == pytest.approx(plan.sample_rate) and 2 * len(loader) == plan.steps_per_round
+    eps = epsilon_spent([(plan.noise_multiplier, loader.sample_rate, 3 * 2 * len(loader))], dp.delta)
+    assert eps <= dp.target_epsilon

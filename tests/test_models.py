@@ -1,0 +1,263 @@
+"""Built-in models: shapes, Opacus compatibility, padding invariance, registry errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.errors import ModelError
+from common.models import (
+    MODELS,
+    FTTransformer,
+    TextTransformer,
+    build_model,
+    count_parameters,
+    describe_model,
+    model_max_len,
+    pick_device,
+)
+from common.schema import DataSchema
+from common.tokenizer import CLS_ID, PAD_ID, encode_texts
+
+SMALL_TEXT = {"d_model": 16, "layers": 2, "heads": 2, "max_len": 32}
+TEXTS = ["a fine product, works well", "这个产品很好用，推荐购买！", "bad", "质量太差了"]
+
+
+def text_schema(classes: int = 2) -> DataSchema:
+    return DataSchema(task="text", text_column="review", label="y", classes=[f"c{i}" for i in range(classes)])
+
+
+def tab_schema(kinds: str = "ncnc") -> DataSchema:
+    """``kinds``: one letter per feature, n = numeric, c = categorical (3 categories)."""
+    feats = [
+        {"name": f"f{i}", "type": "categorical", "categories": ["a", "b", "c"]} if k == "c" else {"name": f"f{i}"}
+        for i, k in enumerate(kinds)
+    ]
+    return DataSchema(task="tabular", features=feats, label="y", classes=["no", "yes", "maybe"])
+
+
+def tab_inputs(schema: DataSchema, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cols = [
+        torch.randint(0, len(f.categories), (n, 1), generator=g).float()
+        if f.categories
+        else torch.randn(n, 1, generator=g)
+        for f in schema.features
+    ]
+    return torch.cat(cols, dim=1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_one_thread() -> Iterator[None]:
+    """Deterministic init; one torch thread (tiny models, shared CPUs: more threads only thrash)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def test_text_model_english_and_chinese_shapes() -> None:
+    tokens = encode_texts(TEXTS, 32)
+    assert tokens[:, 0].eq(CLS_ID).all() and tokens.dtype == torch.long
+    model = build_model("text-transformer", text_schema(3), SMALL_TEXT)
+    assert isinstance(model, TextTransformer)
+    logits = model(tokens)
+    assert logits.shape == (4, 3) and torch.isfinite(logits).all()
+
+
+def test_text_model_rejects_too_long_input() -> None:
+    model = build_model("text-transformer", text_schema(), SMALL_TEXT)
+    with pytest.raises(ValueError, match="≤32"):
+        model(encode_texts(TEXTS, 33))
+
+
+@pytest.mark.parametrize("kinds", ["ncnc", "nnn", "cc"])
+def test_tabular_model_shapes(kinds: str) -> None:
+    schema = tab_schema(kinds)
+    model = build_model("ft-transformer", schema)
+    assert isinstance(model, FTTransformer)
+    logits = model(tab_inputs(schema, 5))
+    assert logits.shape == (5, 3) and torch.isfinite(logits).all()
+
+
+def test_tabular_model_rejects_undeclared_category_and_wrong_width() -> None:
+    schema = tab_schema("nc")
+    model = build_model("ft-transformer", schema)
+    with pytest.raises(ValueError, match="declared categories"):
+        model(torch.tensor([[0.5, 3.0]]))
+    with pytest.raises(ValueError, match=r"\(batch, 2\)"):
+        model(torch.zeros(1, 3))
+
+
+def test_tabular_categories_matter() -> None:
+    """Each categorical value reads its own embedding row (offsets do not collide)."""
+    schema = tab_schema("cc")
+    model = build_model("ft-transformer", schema).eval()
+    outs = model(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+
+
+def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        return (model.eval()(x).argmax(1) == y).float().mean().item()
+
+
+def test_models_can_learn() -> None:
+    """Gradients reach every part: the text model tells Chinese from English bytes; the tabular model
+    learns a rule mixing a categorical and a numeric feature."""
+    texts = [f"review number {i} is fine" for i in range(16)] + [f"第{i}条评论还不错" for i in range(16)]
+    y = torch.tensor([0] * 16 + [1] * 16)
+    model = build_model("text-transformer", text_schema(), SMALL_TEXT)
+    assert _fit(model, encode_texts(texts, 32), y, 40) == 1.0
+    schema = tab_schema("nc")
+    x = tab_inputs(schema, 128)
+    y = ((x[:, 1] == 1) ^ (x[:, 0] > 0)).long()
+    assert _fit(build_model("ft-transformer", schema), x, y, 100) >= 0.95
+
+
+# --------------------------------------------------------------------------- padding invariance
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_text_padding_does_not_change_logits(pooling: str) -> None:
+    model = build_model("text-transformer", text_schema(), {**SMALL_TEXT, "max_len": 64, "pooling": pooling}).eval()
+    short = encode_texts(TEXTS, 40)
+    long = encode_texts(TEXTS, 64)
+    assert long[:, 40:].eq(PAD_ID).all()  # texts fit in 40 tokens, so the rest is only padding
+    with torch.no_grad():
+        torch.testing.assert_close(model(short), model(long), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- Opacus
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_models_pass_opacus_validator_without_fix(name: str) -> None:
+    schema = text_schema() if MODELS[name].task == "text" else tab_schema()
+    model = build_model(name, schema)
+    ModuleValidator.validate(model, strict=True)
+
+
+def _dp_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> None:
+    """One Opacus DP-SGD step with Poisson sampling; checks grad_sample shapes and that weights move."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    crit = nn.CrossEntropyLoss()
+    kw = dict(module=model, optimizer=opt, data_loader=loader, noise_multiplier=0.5, max_grad_norm=1.0)
+    if mode == "ghost":
+        dp_model, dp_opt, crit, dp_loader = PrivacyEngine().make_private(criterion=crit, grad_sample_mode=mode, **kw)
+    else:
+        dp_model, dp_opt, dp_loader = PrivacyEngine().make_private(grad_sample_mode=mode, **kw)
+    xb, yb = next((xb, yb) for xb, yb in dp_loader if len(xb) > 0)  # Poisson batches may be empty
+    dp_opt.zero_grad()
+    crit(dp_model(xb), yb).backward()
+    if mode != "ghost":  # ghost clipping computes per-sample norms, not per-sample gradients
+        for p in model.parameters():
+            assert p.grad_sample.shape == (len(xb), *p.shape)
+    dp_opt.step()
+    moved = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert moved == list(before), f"parameters not updated: {sorted(set(before) - set(moved))}"
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # hooks mode, integer inputs: benign
+@pytest.mark.parametrize("mode", ["hooks", "ew", "ghost"])
+def test_ft_transformer_dp_step(mode: str) -> None:
+    schema = tab_schema()
+    x = tab_inputs(schema, 64)
+    _dp_step(build_model("ft-transformer", schema), x, torch.randint(0, 3, (64,)), mode)
+
+
+@pytest.mark.parametrize("mode", ["ew", "ghost"])
+def test_text_transformer_dp_step(mode: str) -> None:
+    x = encode_texts(TEXTS * 16, 32)
+    _dp_step(build_model("text-transformer", text_schema(), SMALL_TEXT), x, torch.randint(0, 2, (64,)), mode)
+
+
+def test_default_modes_are_opacus_modes() -> None:
+    for spec in MODELS.values():
+        assert spec.default_grad_sample_mode in {"hooks", "ew", "ghost", "functorch"}
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(ModelError, match="unknown model 'bert'") as exc:
+        build_model("bert", tab_schema())
+    assert "ft-transformer" in str(exc.value) and "text-transformer" in str(exc.value)
+
+
+def test_model_task_must_match_schema() -> None:
+    with pytest.raises(ModelError, match="is for text data but the schema's task is 'tabular'") as exc:
+        build_model("text-transformer", tab_schema())
+    assert "use: ft-transformer" in str(exc.value)
+
+
+def test_unknown_hyper_parameter_lists_valid_keys() -> None:
+    with pytest.raises(ModelError, match=r"unknown hyper-parameter\(s\) \['depth'\]") as exc:
+        build_model("ft-transformer", tab_schema(), {"depth": 3})
+    assert "d_model, dropout, ffn_mult, heads, layers" in str(exc.value)
+
+
+def test_d_model_must_divide_by_heads() -> None:
+    with pytest.raises(ModelError, match=r"d_model \(30\) is not divisible by heads \(4\)"):
+        build_model("ft-transformer", tab_schema(), {"d_model": 30})
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"layers": 0}, "layers must be a positive integer"),
+        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
+        ({"pooling": "max"}, r"pooling must be one of \['cls', 'mean'\]"),
+        ({"max_len": 1}, "max_len must be ≥ 2"),
+    ],
+)
+def test_bad_hyper_parameter_values(params: dict, message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        build_model("text-transformer", text_schema(), params)
+
+
+def test_model_max_len() -> None:
+    assert model_max_len("text-transformer") == 128
+    assert model_max_len("text-transformer", {"max_len": 256}) == 256
+    assert model_max_len("ft-transformer") == 128  # no max_len: the encoder default
+    with pytest.raises(ModelError, match="unknown model"):
+        model_max_len("nope")
+
+
+def test_count_and_describe() -> None:
+    model = build_model("ft-transformer", tab_schema(), {"d_model": 16, "heads": 2})
+    n = count_parameters(model)
+    assert n == sum(p.numel() for p in model.parameters())
+    model.head.weight.requires_grad_(False)
+    assert count_parameters(model) == n - model.head.weight.numel()
+    line = describe_model("ft-transformer", model)
+    assert line.startswith(f"ft-transformer: {count_parameters(model):,} trainable parameters")
+    assert "d_model=16" in line and "\n" not in line
+
+
+def test_pick_device() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ModelError, match="unknown device 'gpu'"):
+        pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            pick_device("cuda:0")
