@@ -1,0 +1,40 @@
+"""The CLI turns user mistakes into one clear message and exit code 2, never a stack trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedguard.cli import main
+
+
+def test_config_check_reports_field_and_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "run.toml"
+    bad.write_text('rounds = "many"\n[data.schema]\ntask = "tabular"\n', encoding="utf-8")
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedguard: error:")
+    assert "rounds: Input should be a valid integer" in err
+    assert "data.schema.label: Field required" in err
+    assert "Traceback" not in err
+
+
+def test_simulate_with_missing_data_file_fails_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        '[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\n'
+        'features = [{name = "a"}]\n[simulation]\ndata_path = "missing.csv"\n',
+        encoding="utf-8",
+    )
+    assert main(["simulate", "--config", str(cfg), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.csv" in err and "not found" in err.lower()
+
+
+def test_models_lists_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "ft-transformer" in out and "text-transformer" in out
