@@ -130,6 +130,8 @@ class TextTransformer(nn.Module):
     is masked out of attention and pooling, so extra padding does not change the logits.
     """
 
+    positions: torch.Tensor
+
     def __init__(
         self,
         num_classes: int,
@@ -180,6 +182,12 @@ class FTTransformer(nn.Module):
     embeddings but not for a bare ``nn.Parameter``, and one table is one hook instead of four.
     The last block computes only the [CLS] token (the only output the head reads).
     """
+
+    fixed_ids: torch.Tensor
+    num_pos: torch.Tensor
+    cat_pos: torch.Tensor
+    cat_offsets: torch.Tensor
+    cat_sizes: torch.Tensor
 
     def __init__(
         self,
