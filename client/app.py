@@ -13,7 +13,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.node import declared_weight, new_log_id, node_logger, node_settings
+from client.node import NodeSettings, declared_weight, new_log_id, node_logger, node_settings
 from client.training import resolve_grad_sample_mode, train_local
 from common import records as R
 from common.codec import load_numpy_state, numpy_to_record, record_to_numpy, state_to_numpy
@@ -28,18 +28,21 @@ app = ClientApp()
 _DP_STATE = "fedguard-dp"
 
 
-def _load_history(context: Context) -> tuple[float | None, History]:
+def _load_history(context: Context) -> tuple[tuple[int, float] | None, History]:
+    """This run's earlier (n, σ) calibration on this node, and its DP releases so far."""
     rec = context.state.get(_DP_STATE)
     if rec is None:
         return None, []
     sig, qs, steps = rec["sigmas"], rec["rates"], rec["steps"]
-    return float(rec["planned-sigma"]), [(float(a), float(b), int(c)) for a, b, c in zip(sig, qs, steps, strict=True)]
+    history = [(float(a), float(b), int(c)) for a, b, c in zip(sig, qs, steps, strict=True)]
+    return (int(rec["planned-n"]), float(rec["planned-sigma"])), history
 
 
-def _save_history(context: Context, planned_sigma: float, history: History) -> None:
+def _save_history(context: Context, plan: DPPlan, history: History) -> None:
     context.state[_DP_STATE] = ConfigRecord(
         {
-            "planned-sigma": planned_sigma,
+            "planned-n": plan.n_train,
+            "planned-sigma": plan.noise_multiplier,
             "sigmas": [h[0] for h in history],
             "rates": [h[1] for h in history],
             "steps": [h[2] for h in history],
@@ -56,12 +59,15 @@ def refusal(msg: Message, code: str, log_id: str) -> Message:
     return _reply(msg, RecordDict({R.REFUSAL: ConfigRecord({R.REFUSAL_CODE: code, R.REFUSAL_LOG_ID: log_id})}))
 
 
+def _settings(msg: Message, context: Context, cfg: RunConfig) -> NodeSettings:
+    sim_dir = msg.content[R.CONFIG].get(R.SIM_DATA_DIR)
+    return node_settings(dict(context.node_config), cfg, str(sim_dir) if sim_dir else None)
+
+
 def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    instructions = msg.content[R.CONFIG]
-    sim_dir = instructions.get(R.SIM_DATA_DIR)
-    settings = node_settings(dict(context.node_config), cfg, str(sim_dir) if sim_dir else None)
+    settings = _settings(msg, context, cfg)
     log = node_logger(settings.workdir)
-    round_ = int(instructions[R.ROUND])
+    round_ = int(msg.content[R.CONFIG][R.ROUND])
     torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
 
@@ -77,17 +83,19 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     model = build_model(cfg.model.name, settings.schema, cfg.model.params)
     load_numpy_state(model, record_to_numpy(msg.content[R.ARRAYS]))
 
-    planned_sigma, history = _load_history(context)
+    earlier, history = _load_history(context)
     plan: DPPlan | None = None
     if cfg.dp.enabled:
+        same_size = earlier is not None and earlier[0] == len(train)
         plan = plan_dp(
             len(train),
             cfg.dp,
             batch_size=cfg.train.batch_size,
             local_epochs=cfg.train.local_epochs,
             rounds=cfg.rounds,
+            noise_multiplier=earlier[1] if same_size and earlier else None,
         )
-        if planned_sigma is None:
+        if not same_size:
             print(f"[{settings.workdir.name}] {plan.describe()}", flush=True)
             log.info("%s; grad_sample_mode=%s", plan.describe(), resolve_grad_sample_mode(cfg))
 
@@ -100,7 +108,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     }
     if plan is not None:
         eps = epsilon_spent(history, plan.delta, plan.accountant)
-        _save_history(context, plan.noise_multiplier, history)
+        _save_history(context, plan, history)
         metrics |= {
             R.EPSILON: eps,
             R.DELTA: plan.delta,
@@ -141,9 +149,7 @@ def _log_failure(context: Context, msg: Message, log_id: str, exc: BaseException
     text = "".join(traceback.format_exception(exc))
     try:
         cfg = config_from_json(str(msg.content[R.CONFIG][R.RUN_CONFIG]))
-        sim_dir = msg.content[R.CONFIG].get(R.SIM_DATA_DIR)
-        settings = node_settings(dict(context.node_config), cfg, str(sim_dir) if sim_dir else None)
-        node_logger(settings.workdir).error("log-id %s: %s", log_id, text)
+        node_logger(_settings(msg, context, cfg).workdir).error("log-id %s: %s", log_id, text)
     except Exception:  # noqa: BLE001
         import sys
 

@@ -8,8 +8,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-State = "OrderedDict[str, np.ndarray]"
-
 
 def state_to_numpy(module: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
     """The module's state dict as float32/int numpy arrays (CPU copies)."""

@@ -50,8 +50,20 @@ def poisson_schedule(n_train: int, batch_size: int) -> tuple[float, int]:
     return 1.0 / batches, batches
 
 
-def plan_dp(n_train: int, dp: DPConfig, *, batch_size: int, local_epochs: int, rounds: int) -> DPPlan:
-    """Calibrate σ so that ``rounds`` rounds of local DP-SGD reach at most the target ε."""
+def plan_dp(
+    n_train: int,
+    dp: DPConfig,
+    *,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    noise_multiplier: float | None = None,
+) -> DPPlan:
+    """Calibrate σ so that ``rounds`` rounds of local DP-SGD reach at most the target ε.
+
+    ``noise_multiplier``: σ this node already calibrated for the same run and size; it skips
+    the (≈1 s) search on later rounds. The δ and schedule checks still run.
+    """
     if n_train < 2:
         raise PrivacyPlanError(f"only {n_train} training record(s) on this node", fix="DP-SGD needs a real dataset")
     max_delta = 1 / (10 * n_train)
@@ -66,13 +78,17 @@ def plan_dp(n_train: int, dp: DPConfig, *, batch_size: int, local_epochs: int, r
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the")
-            sigma = get_noise_multiplier(
-                target_epsilon=dp.target_epsilon,
-                target_delta=dp.delta,
-                sample_rate=q,
-                steps=steps * rounds,
-                accountant=dp.accountant,
-                epsilon_tolerance=0.01,
+            sigma = (
+                noise_multiplier
+                if noise_multiplier is not None
+                else get_noise_multiplier(
+                    target_epsilon=dp.target_epsilon,
+                    target_delta=dp.delta,
+                    sample_rate=q,
+                    steps=steps * rounds,
+                    accountant=dp.accountant,
+                    epsilon_tolerance=0.01,
+                )
             )
     except ValueError as exc:
         raise PrivacyPlanError(
