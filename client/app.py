@@ -1,62 +1,88 @@
-"""The FedGuard ClientApp: local DP-SGD on the node's private data.
+"""The FedGuard ClientApp: local DP-SGD on the node's private data, within its privacy budget.
 
-Only allow-listed values leave (see ``common.records``): the DP-SGD model, the declared
-public size used as the FedAvg weight, and the accounting of the DP mechanism. Failures
-leave as an error code plus a node-local log id; their text stays in the node's log.
+Every DP release is reserved in the node's ledger (``client.ledger``) before training, so a
+round that would overspend is refused before any data is touched, and nothing leaves the node
+unaccounted. Only allow-listed values leave (``common.records``): the DP-SGD model, the declared
+public size used as the FedAvg weight, and the accounting of the DP mechanism. Every reply is
+logged locally (``client.sent_log``). Failures leave as an error code plus a node-local log id;
+their text stays in the node's log.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.ledger import Budget, Ledger, Release
 from client.node import NodeSettings, declared_weight, new_log_id, node_logger, node_settings
+from client.sent_log import log_sent
 from client.training import resolve_grad_sample_mode, train_local
 from common import records as R
 from common.codec import load_numpy_state, numpy_to_record, record_to_numpy, state_to_numpy
 from common.config import RunConfig, config_from_json
-from common.data import load_encoded, split_indices
+from common.data import Encoded, load_encoded, split_indices
 from common.errors import FedGuardError
 from common.models import build_model, model_max_len, pick_device
-from common.privacy import DPPlan, History, epsilon_spent, plan_dp
+from common.privacy import DPPlan, epsilon_spent, group_privacy, plan_dp
 
 app = ClientApp()
 
 _DP_STATE = "fedguard-dp"
 
 
-def _load_history(context: Context) -> tuple[tuple[int, float] | None, History]:
-    """This run's earlier (n, σ) calibration on this node, and its DP releases so far."""
+def _earlier_calibration(context: Context) -> tuple[int, float] | None:
+    """This run's (n, σ) calibration on this node, if it already made one."""
     rec = context.state.get(_DP_STATE)
-    if rec is None:
-        return None, []
-    sig, qs, steps = rec["sigmas"], rec["rates"], rec["steps"]
-    history = [(float(a), float(b), int(c)) for a, b, c in zip(sig, qs, steps, strict=True)]
-    return (int(rec["planned-n"]), float(rec["planned-sigma"])), history
+    return None if rec is None else (int(rec["planned-n"]), float(rec["planned-sigma"]))
 
 
-def _save_history(context: Context, plan: DPPlan, history: History) -> None:
-    context.state[_DP_STATE] = ConfigRecord(
-        {
-            "planned-n": plan.n_train,
-            "planned-sigma": plan.noise_multiplier,
-            "sigmas": [h[0] for h in history],
-            "rates": [h[1] for h in history],
-            "steps": [h[2] for h in history],
-        }
+def _plan(context: Context, cfg: RunConfig, n_train: int) -> DPPlan:
+    """σ for this run; calibrated once per run and node (≈1 s), reused while the size is unchanged."""
+    earlier = _earlier_calibration(context)
+    same = earlier is not None and earlier[0] == n_train
+    plan = plan_dp(
+        n_train,
+        cfg.dp,
+        batch_size=cfg.train.batch_size,
+        local_epochs=cfg.train.local_epochs,
+        rounds=cfg.rounds,
+        noise_multiplier=earlier[1] if same and earlier else None,
     )
+    context.state[_DP_STATE] = ConfigRecord({"planned-n": n_train, "planned-sigma": plan.noise_multiplier})
+    return plan
 
 
-def _reply(msg: Message, content: RecordDict) -> Message:
+def _run_key(msg: Message) -> str:
+    return str(msg.content[R.CONFIG].get(R.RUN_UID, f"flower-{msg.metadata.run_id}"))
+
+
+def _round(msg: Message) -> int | None:
+    value = msg.content[R.CONFIG].get(R.ROUND)
+    return None if value is None else int(value)
+
+
+def _reply(msg: Message, content: RecordDict, settings: NodeSettings | None = None) -> Message:
+    """Check every key against the allow-list, log what leaves, and build the reply."""
     R.check_reply_keys({name: list(rec.keys()) for name, rec in content.items()})
+    if settings is not None:
+        log_sent(
+            settings.workdir,
+            run_id=_run_key(msg),
+            round_=_round(msg),
+            reply_to=msg.metadata.message_id,
+            content=content,
+        )
     return Message(content, reply_to=msg)
 
 
-def refusal(msg: Message, code: str, log_id: str) -> Message:
-    return _reply(msg, RecordDict({R.REFUSAL: ConfigRecord({R.REFUSAL_CODE: code, R.REFUSAL_LOG_ID: log_id})}))
+def refusal(msg: Message, code: str, log_id: str, settings: NodeSettings | None = None) -> Message:
+    return _reply(
+        msg, RecordDict({R.REFUSAL: ConfigRecord({R.REFUSAL_CODE: code, R.REFUSAL_LOG_ID: log_id})}), settings
+    )
 
 
 def _settings(msg: Message, context: Context, cfg: RunConfig) -> NodeSettings:
@@ -64,13 +90,7 @@ def _settings(msg: Message, context: Context, cfg: RunConfig) -> NodeSettings:
     return node_settings(dict(context.node_config), cfg, str(sim_dir) if sim_dir else None)
 
 
-def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    settings = _settings(msg, context, cfg)
-    log = node_logger(settings.workdir)
-    round_ = int(msg.content[R.CONFIG][R.ROUND])
-    torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-
+def _training_split(settings: NodeSettings, cfg: RunConfig) -> Encoded:
     data = load_encoded(
         settings.data_path,
         settings.schema,
@@ -78,79 +98,153 @@ def _train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         cache_dir=settings.workdir / "cache",
     )
     train_idx, _ = split_indices(len(data), cfg.data.validation_fraction, cfg.seed)
-    train = data.subset(train_idx)
+    return data.subset(train_idx)
+
+
+def _budget(settings: NodeSettings) -> Budget:
+    return Budget(settings.budget_epsilon, settings.budget_delta)
+
+
+def _unit_values(settings: NodeSettings, eps_total: float) -> dict[str, float | int]:
+    if not settings.schema.privacy_unit:
+        return {}
+    k = settings.schema.max_records_per_unit
+    eps_unit, delta_unit = group_privacy(eps_total, settings.budget_delta, k)
+    return {R.UNIT_CAP: k, R.UNIT_EPSILON: eps_unit, R.UNIT_DELTA: delta_unit}
+
+
+def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    log = node_logger(settings.workdir)
+    round_ = int(msg.content[R.CONFIG][R.ROUND])
+    torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    train = _training_split(settings, cfg)
 
     model = build_model(cfg.model.name, settings.schema, cfg.model.params)
     load_numpy_state(model, record_to_numpy(msg.content[R.ARRAYS]))
 
-    earlier, history = _load_history(context)
     plan: DPPlan | None = None
+    ledger: Ledger | None = None
+    metrics: dict[str, float | int] = {R.NUM_EXAMPLES: declared_weight(settings, len(train))}
     if cfg.dp.enabled:
-        same_size = earlier is not None and earlier[0] == len(train)
-        plan = plan_dp(
-            len(train),
-            cfg.dp,
-            batch_size=cfg.train.batch_size,
-            local_epochs=cfg.train.local_epochs,
-            rounds=cfg.rounds,
-            noise_multiplier=earlier[1] if same_size and earlier else None,
-        )
-        if not same_size:
+        first = _earlier_calibration(context) is None
+        plan = _plan(context, cfg, len(train))
+        if first:
             print(f"[{settings.workdir.name}] {plan.describe()}", flush=True)
             log.info("%s; grad_sample_mode=%s", plan.describe(), resolve_grad_sample_mode(cfg))
+        ledger = Ledger(settings.ledger_path, settings.marker_dir)
+        # A message without an id (built in-process, never by Flower) is still a new release.
+        release_id = msg.metadata.message_id or f"local-{new_log_id()}"
+        release = Release(
+            dataset_id=settings.dataset_id,
+            run_id=_run_key(msg),
+            round=round_,
+            message_id=release_id,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps_per_round,
+            delta=plan.delta,
+            max_grad_norm=plan.max_grad_norm,
+            accountant=plan.accountant,
+        )
+        # Recorded (and the budget checked) before any training: a crash from here on over-counts.
+        eps_total = ledger.reserve(release, _budget(settings))
 
     t0 = time.perf_counter()
-    result = train_local(model, train, cfg, plan, device)
-    history += result.history
-    metrics: dict[str, float | int] = {
-        R.NUM_EXAMPLES: declared_weight(settings, len(train)),
-        R.STEPS: result.steps,
-    }
-    if plan is not None:
-        eps = epsilon_spent(history, plan.delta, plan.accountant)
-        _save_history(context, plan, history)
-        metrics |= {
-            R.EPSILON: eps,
-            R.DELTA: plan.delta,
-            R.NOISE_MULTIPLIER: plan.noise_multiplier,
-            R.SAMPLE_RATE: plan.sample_rate,
-            R.MAX_GRAD_NORM: plan.max_grad_norm,
-        }
+    try:
+        result = train_local(model, train, cfg, plan, device)
+        if ledger is not None and plan is not None:
+            ledger.confirm(release_id)
+            eps_run = epsilon_spent(ledger.history(settings.dataset_id, _run_key(msg)), plan.delta, plan.accountant)
+            metrics |= {
+                R.EPSILON: eps_run,
+                R.DELTA: plan.delta,
+                R.NOISE_MULTIPLIER: plan.noise_multiplier,
+                R.SAMPLE_RATE: plan.sample_rate,
+                R.MAX_GRAD_NORM: plan.max_grad_norm,
+                R.EPSILON_TOTAL: eps_total,
+                R.BUDGET_EPSILON: settings.budget_epsilon,
+                R.BUDGET_DELTA: settings.budget_delta,
+                **_unit_values(settings, eps_total),
+            }
+    finally:
+        if ledger is not None:
+            ledger.close()
+    metrics[R.STEPS] = result.steps
     log.info(
-        "round %d: trained %d steps in %.1fs on %d records; sent %s",
+        "round %d: trained %d steps in %.1fs on %d records (dataset %s)",
         round_,
         result.steps,
         time.perf_counter() - t0,
         len(train),
-        {k: v for k, v in metrics.items() if k != R.STEPS},
+        settings.dataset_id,
     )
     content = RecordDict({R.ARRAYS: numpy_to_record(state_to_numpy(model)), R.METRICS: MetricRecord(metrics)})
-    return _reply(msg, content)
+    return _reply(msg, content, settings)
+
+
+def _plan_reply(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    """What the planned run would cost this node, from its own size and ledger; nothing is spent."""
+    train = _training_split(settings, cfg)
+    plan = _plan(context, cfg, len(train))
+    round_h = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+    with Ledger(settings.ledger_path, settings.marker_dir) as ledger:
+        ledger.check_continuity(settings.dataset_id)
+        spent = ledger.would_spend(settings.dataset_id, [], settings.budget_delta, plan.accountant)
+        after = ledger.would_spend(settings.dataset_id, round_h * cfg.rounds, settings.budget_delta, plan.accountant)
+    values: dict[str, float | int] = {
+        R.NOISE_MULTIPLIER: plan.noise_multiplier,
+        R.SAMPLE_RATE: plan.sample_rate,
+        R.PLAN_STEPS: plan.steps_per_round,
+        R.DELTA: plan.delta,
+        R.PLAN_EPSILON_ROUND: epsilon_spent(round_h, plan.delta, plan.accountant),
+        R.PLAN_EPSILON_RUN: epsilon_spent(round_h * cfg.rounds, plan.delta, plan.accountant),
+        R.EPSILON_TOTAL: spent,
+        R.PLAN_EPSILON_AFTER: after,
+        R.BUDGET_EPSILON: settings.budget_epsilon,
+        R.BUDGET_DELTA: settings.budget_delta,
+        R.PLAN_AFFORDABLE: int(after <= settings.budget_epsilon),
+    }
+    return _reply(msg, RecordDict({R.PLAN: MetricRecord(values)}), settings)
+
+
+Work = Callable[[Message, Context, RunConfig, NodeSettings], Message]
+
+
+def _handle(msg: Message, context: Context, work: Work) -> Message:
+    """Run ``work``; any failure becomes an explicit refusal with a code and a local log id."""
+    log_id = new_log_id()
+    settings: NodeSettings | None = None
+    try:
+        cfg = config_from_json(str(msg.content[R.CONFIG][R.RUN_CONFIG]))
+        settings = _settings(msg, context, cfg)
+        return work(msg, context, cfg, settings)
+    except FedGuardError as exc:
+        _log_failure(settings, log_id, exc)
+        return refusal(msg, exc.code, log_id, settings)
+    except Exception as exc:  # noqa: BLE001 - the text may quote private data: it stays local
+        _log_failure(settings, log_id, exc)
+        return refusal(msg, "internal-error", log_id, settings)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    log_id = new_log_id()
-    try:
-        cfg = config_from_json(str(msg.content[R.CONFIG][R.RUN_CONFIG]))
-        return _train(msg, context, cfg)
-    except FedGuardError as exc:
-        _log_failure(context, msg, log_id, exc)
-        return refusal(msg, exc.code, log_id)
-    except Exception as exc:  # noqa: BLE001 - the text may quote private data: it stays local
-        _log_failure(context, msg, log_id, exc)
-        return refusal(msg, "internal-error", log_id)
+    return _handle(msg, context, _train)
 
 
-def _log_failure(context: Context, msg: Message, log_id: str, exc: BaseException) -> None:
+@app.query("plan")
+def plan(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _plan_reply)
+
+
+def _log_failure(settings: NodeSettings | None, log_id: str, exc: BaseException) -> None:
     """Write the full error to the node's own log (or stderr when no workdir is known)."""
     import traceback
 
-    text = "".join(traceback.format_exception(exc))
-    try:
-        cfg = config_from_json(str(msg.content[R.CONFIG][R.RUN_CONFIG]))
-        node_logger(_settings(msg, context, cfg).workdir).error("log-id %s: %s", log_id, text)
-    except Exception:  # noqa: BLE001
+    text = exc.render() if isinstance(exc, FedGuardError) else "".join(traceback.format_exception(exc))
+    if settings is not None:
+        node_logger(settings.workdir).error("log-id %s: %s", log_id, text)
+    else:
         import sys
 
         print(f"[fedguard node] log-id {log_id}: {text}", file=sys.stderr, flush=True)

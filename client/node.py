@@ -1,7 +1,8 @@
 """A node's local settings, work directory and log: what it trains on and where it writes.
 
 In deployment the owner sets these in the SuperNode's node config (``data-path``,
-``schema-path``, ``workdir``, ``declared-size``); in simulation Flower injects
+``schema-path``, ``workdir``, ``declared-size``, and for the privacy ledger ``dataset-id``,
+``ledger-path``, ``budget-epsilon``, ``budget-delta``); in simulation Flower injects
 ``partition-id`` and the node reads its partition file from the simulation folder.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from common.config import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON, RunConfig
 from common.errors import ConfigError
 from common.schema import DataSchema, load_schema
 
@@ -27,6 +28,16 @@ class NodeSettings:
     workdir: Path
     schema: DataSchema
     declared_size: int | None
+    #: The owner's name for this dataset: the ledger's key (appending rows keeps the budget).
+    dataset_id: str
+    #: One ledger per host; its high-water markers live in ``workdir``.
+    ledger_path: Path
+    budget_epsilon: float
+    budget_delta: float
+
+    @property
+    def marker_dir(self) -> Path:
+        return self.workdir / "ledger-markers"
 
 
 def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str | None) -> NodeSettings:
@@ -35,6 +46,12 @@ def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"]))
         workdir = Path(str(node_config.get("workdir", data_path.parent / "fedguard-node")))
+        dataset_id = str(node_config.get("dataset-id", data_path.resolve()))
+        ledger_path = Path(str(node_config.get("ledger-path", workdir / "ledger.db")))
+        budget = (
+            float(node_config.get("budget-epsilon", DEFAULT_BUDGET_EPSILON)),
+            float(node_config.get("budget-delta", DEFAULT_BUDGET_DELTA)),
+        )
         if "schema-path" in node_config:
             own = load_schema(str(node_config["schema-path"]))
             for field in _MODEL_FIELDS:
@@ -50,6 +67,10 @@ def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str
         data_path = Path(sim_data_dir) / f"partition-{pid}.parquet"
         workdir = Path(sim_data_dir) / f"node-{pid}"
         schema = schema.model_copy(update={"format": "parquet"})
+        # Simulated owners: one host, one ledger; budgets from the run's simulation section.
+        dataset_id = f"sim-partition-{pid}"
+        ledger_path = Path(sim_data_dir) / "ledger.db"
+        budget = (cfg.simulation.budget_for(pid), DEFAULT_BUDGET_DELTA)
     else:
         raise ConfigError(
             "this node has no data: node config lacks 'data-path'",
@@ -61,6 +82,10 @@ def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str
         workdir=workdir,
         schema=schema,
         declared_size=int(declared) if declared is not None else None,
+        dataset_id=dataset_id,
+        ledger_path=ledger_path,
+        budget_epsilon=budget[0],
+        budget_delta=budget[1],
     )
 
 

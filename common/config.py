@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.errors import ConfigError
 from common.schema import DataSchema, format_validation_error
 
+#: A node's budget per dataset when its owner sets none: one default run (ε=8) fits, a second does not.
+DEFAULT_BUDGET_EPSILON = 10.0
+DEFAULT_BUDGET_DELTA = 1e-5
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -53,6 +57,21 @@ class DPConfig(_Strict):
     grad_sample_mode: Literal["auto", "hooks", "ew", "ghost", "functorch"] = "auto"
 
 
+class CentralDPConfig(_Strict):
+    """User-level (central) DP at the server, on top of the clients' record-level DP-SGD.
+
+    Each accepted update is clipped to ``clipping_norm`` around the global model, the updates are
+    averaged with equal weights, and Gaussian noise with std σ·C/m is added (m accepted replies).
+    Accounted with Opacus's RDP accountant without sampling amplification (client selection is
+    seeded, hence not secret).
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, gt=0)
+    clipping_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
 class DataConfig(_Strict):
     schema_: DataSchema = Field(alias="schema")
     #: Fraction of each node's rows kept for local validation (deterministic by seed).
@@ -87,6 +106,12 @@ class SimulationConfig(_Strict):
     holdout_fraction: float = Field(0.2, ge=0, lt=1)
     #: CPUs Ray reserves per virtual client.
     client_cpus: float = Field(1, gt=0)
+    #: Simulated owners' privacy budgets (ε per dataset): one value for all, or one per client.
+    budget_epsilon: float | list[float] = DEFAULT_BUDGET_EPSILON
+
+    def budget_for(self, partition: int) -> float:
+        b = self.budget_epsilon
+        return float(b[partition % len(b)]) if isinstance(b, list) else float(b)
 
 
 class RunConfig(_Strict):
@@ -102,9 +127,18 @@ class RunConfig(_Strict):
     data: DataConfig
     server: ServerConfig = Field(default_factory=ServerConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    central_dp: CentralDPConfig = Field(default_factory=CentralDPConfig)
+    #: ``homomorphic``: clients encrypt updates and the server sums ciphertexts (TenSEAL CKKS).
+    secure_aggregation: Literal["none", "homomorphic"] = "none"
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if self.central_dp.enabled and self.secure_aggregation == "homomorphic":
+            raise ValueError(
+                "central_dp needs the server to clip each client's plaintext update, but in homomorphic mode "
+                "the server only sees ciphertexts; the clients' DP-SGD already protects every record: "
+                "disable central_dp or use secure_aggregation = \"none\""
+            )
         if self.server.min_replies > self.clients_per_round:
             raise ValueError(
                 f"server.min_replies ({self.server.min_replies}) exceeds clients_per_round ({self.clients_per_round})"
@@ -131,14 +165,16 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a run config TOML; relative data paths resolve against its folder."""
+    """Read and validate a run config (TOML, or JSON as ``to_json`` writes it); relative data paths
+    resolve against its folder."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config file not found", where=str(p), fix="pass the path of an existing TOML file")
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not valid TOML: {exc}", where=str(p)) from None
+        text = p.read_text(encoding="utf-8")
+        raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {exc}", where=str(p)) from None
     cfg = parse_config(raw, str(p))
     base = p.resolve().parent
     if cfg.simulation.data_path and not Path(cfg.simulation.data_path).is_absolute():

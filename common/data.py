@@ -460,7 +460,17 @@ def encode(
             cols[:, j] = enc(df[feat.name], feat, source)
         x = torch.from_numpy(cols)
     groups = {col: group_keys(df[col]) for col in schema.sensitive}
-    return Encoded(x=x, y=y, groups=groups)
+    encoded = Encoded(x=x, y=y, groups=groups)
+    if schema.privacy_unit:
+        encoded = encoded.subset(np.flatnonzero(unit_cap_mask(df[schema.privacy_unit], schema, source)))
+    return encoded
+
+
+def unit_cap_mask(units: pd.Series, schema: DataSchema, source: str) -> np.ndarray:
+    """Keep the first ``max_records_per_unit`` records of each privacy unit (file order)."""
+    col = schema.privacy_unit or ""
+    _check_missing(units, units.to_numpy(dtype=object), col, "privacy unit", source)
+    return (units.groupby(units, sort=False).cumcount() < schema.max_records_per_unit).to_numpy()
 
 
 def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

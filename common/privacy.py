@@ -131,3 +131,10 @@ def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> fl
         # RDP's default orders are what the noise was planned with; a tighter bound is not claimed.
         warnings.filterwarnings("ignore", message="Optimal order is the")
         return float(acc.get_epsilon(delta=delta))
+
+
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """(ε, δ) for a unit contributing up to ``k`` records: (kε, k·e^{(k−1)ε}·δ), the group-privacy bound."""
+    if k <= 1:
+        return epsilon, delta
+    return k * epsilon, min(1.0, k * math.exp((k - 1) * epsilon) * delta)

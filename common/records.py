@@ -15,11 +15,13 @@ ARRAYS = "arrays"  # global model (server → node) or DP-SGD result (node → s
 CONFIG = "config"  # train instructions (server → node)
 METRICS = "metrics"  # per-reply values (node → server)
 REFUSAL = "refusal"  # explicit refusal or failure, with a code and a node-local log id
+PLAN = "plan"  # a node's answer to a privacy-planning query
 
 # Keys of the CONFIG record.
 ROUND = "round"
 RUN_CONFIG = "run-config"  # the validated RunConfig as JSON (never holds secrets)
 RUN_ID = "fedguard-run-id"
+RUN_UID = "fedguard-run-uid"  # random per run: the node ledger's run key
 SIM_DATA_DIR = "sim-data-dir"  # simulation only: folder of per-partition data files
 
 # Keys of the METRICS record.
@@ -30,12 +32,32 @@ NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 STEPS = "steps"
 MAX_GRAD_NORM = "max-grad-norm"
+EPSILON_TOTAL = "epsilon-total"  # the dataset's ε over all runs, from the node's ledger (at the budget δ)
+BUDGET_EPSILON = "budget-epsilon"
+BUDGET_DELTA = "budget-delta"
+UNIT_CAP = "unit-cap"  # records kept per privacy unit (schema privacy_unit)
+UNIT_EPSILON = "unit-epsilon"  # group-privacy ε for one unit, from epsilon-total
+UNIT_DELTA = "unit-delta"
+
+# Keys of the PLAN record (answers to the "plan" query; no exact sizes).
+PLAN_EPSILON_ROUND = "epsilon-round"  # ε of one round's release alone
+PLAN_EPSILON_RUN = "epsilon-run"  # ε of the whole planned run alone
+PLAN_EPSILON_AFTER = "epsilon-after"  # the dataset's total after the planned run
+PLAN_AFFORDABLE = "affordable"  # 1 if the remaining budget covers the planned run
+PLAN_STEPS = "steps-per-round"
 
 # Keys of the REFUSAL record.
 REFUSAL_CODE = "code"
 REFUSAL_LOG_ID = "log-id"
 
 PrivacyClass = Literal["dp", "public", "accounting"]
+
+#: How reports name each class (DESIGN §4).
+CLASS_LABELS: dict[str, str] = {
+    "dp": "DP-protected",
+    "public": "declared public",
+    "accounting": "DP accounting",
+}
 
 #: record name → key → class. ``*`` under ARRAYS: every model tensor is DP-protected.
 REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
@@ -48,6 +70,25 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         SAMPLE_RATE: "accounting",
         STEPS: "accounting",
         MAX_GRAD_NORM: "accounting",
+        EPSILON_TOTAL: "accounting",
+        BUDGET_EPSILON: "public",
+        BUDGET_DELTA: "public",
+        UNIT_CAP: "public",
+        UNIT_EPSILON: "accounting",
+        UNIT_DELTA: "accounting",
+    },
+    PLAN: {
+        NOISE_MULTIPLIER: "accounting",
+        SAMPLE_RATE: "accounting",
+        PLAN_STEPS: "accounting",
+        DELTA: "accounting",
+        PLAN_EPSILON_ROUND: "accounting",
+        PLAN_EPSILON_RUN: "accounting",
+        EPSILON_TOTAL: "accounting",
+        PLAN_EPSILON_AFTER: "accounting",
+        BUDGET_EPSILON: "public",
+        BUDGET_DELTA: "public",
+        PLAN_AFFORDABLE: "accounting",
     },
     REFUSAL: {REFUSAL_CODE: "public", REFUSAL_LOG_ID: "public"},
 }
@@ -68,3 +109,8 @@ def check_reply_keys(records: dict[str, list[str]]) -> None:
         extra = sorted(set(keys) - set(allowed))
         if extra:
             raise BlockedReplyError(f"record {name!r} carries keys not on the allow-list: {extra}")
+
+
+def key_class(record: str, key: str) -> PrivacyClass | None:
+    allowed = REPLY_ALLOWLIST.get(record, {})
+    return allowed.get(key, allowed.get("*"))

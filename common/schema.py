@@ -70,6 +70,11 @@ class DataSchema(BaseModel):
     format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
     #: Text encoding for CSV and JSONL files.
     encoding: str = "utf-8"
+    #: Optional column naming the person a record is about (e.g. a patient id). Each unit keeps at
+    #: most ``max_records_per_unit`` records (the first ones in file order), and reports add the
+    #: group-privacy ε for a whole unit to the record-level ε.
+    privacy_unit: str | None = None
+    max_records_per_unit: int = Field(5, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _check_task(self) -> DataSchema:
@@ -91,6 +96,8 @@ class DataSchema(BaseModel):
             raise ValueError(f"feature names repeated: {sorted(dup)}")
         if self.label in names:
             raise ValueError(f"label column {self.label!r} is also listed as a feature")
+        if self.privacy_unit is not None and self.privacy_unit in {*names, self.label, self.text_column}:
+            raise ValueError(f"privacy_unit column {self.privacy_unit!r} must not be a model input or the label")
         leaked = sorted(set(self.sensitive) & set(names))
         if leaked and not self.sensitive_as_features:
             raise ValueError(
@@ -104,7 +111,7 @@ class DataSchema(BaseModel):
         return len(self.classes)
 
     def required_columns(self) -> list[str]:
-        cols = [self.label, *self.sensitive]
+        cols = [self.label, *self.sensitive, *([self.privacy_unit] if self.privacy_unit else [])]
         cols += [self.text_column] if self.text_column else [f.name for f in self.features]
         return list(dict.fromkeys(cols))
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from common.errors import FedGuardError
+from fedguard.provision import add_client_init, add_provision_commands
 
 
 def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
@@ -60,7 +61,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fedguard.demo import demo_config, write_demo_data
+    from fedguard.demo import demo_config, fresh_demo_ledger, write_demo_data
     from fedguard.simulate import simulate
 
     workdir = Path(args.workdir).resolve()
@@ -72,11 +73,135 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{cfg.simulation.num_clients} clients × {cfg.rounds} rounds, DP-SGD target ε={cfg.dp.target_epsilon}, "
         f"δ={cfg.dp.delta:g}; sensitive attributes {cfg.data.schema_.sensitive} are never model inputs"
     )
+    fresh_demo_ledger(workdir)
     result = simulate(cfg, workdir)
     _print_summary(result.store_path, result.run_id, args.json)
+    report = workdir / f"privacy-report-run-{result.run_id}.html"
+    from server.privacy_report import build_privacy_report, render
+
+    report.write_text(render(build_privacy_report(result.store_path, result.run_id), "html"), encoding="utf-8")
     if not args.json:
         print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+        print(f"privacy report: {report}")
     return 0
+
+
+def cmd_run_plan(args: argparse.Namespace) -> int:
+    from common.config import load_config
+    from fedguard.simulate import plan
+    from server.planning import plan_table
+
+    cfg = load_config(args.config)
+    workdir = Path(args.workdir or Path(args.config).with_suffix("").name + "-sim")
+    plans = plan(cfg, workdir)
+    if args.json:
+        print(json.dumps([{"node_id": p.node_id, "status": p.status, "reason": p.reason, **p.values} for p in plans]))
+    else:
+        print(plan_table(plans, cfg))
+    short = [p for p in plans if not p.affordable]
+    if short and not args.json:
+        print(f"{len(short)} node(s) cannot take part in this run as planned; they would refuse their rounds")
+    return 0
+
+
+def _ledger_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    workdir = Path(args.workdir)
+    ledger = Path(args.ledger) if args.ledger else workdir / "ledger.db"
+    return ledger, workdir / "ledger-markers"
+
+
+def _open_ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from client.ledger import Ledger
+
+    ledger, markers = _ledger_paths(args)
+    if not ledger.exists():
+        raise FedGuardError(
+            "no privacy ledger here",
+            where=str(ledger),
+            fix="pass the node's --workdir (or --ledger PATH); a node creates its ledger on its first DP round",
+        )
+    return Ledger(ledger, markers)
+
+
+def cmd_client_budget(args: argparse.Namespace) -> int:
+    from client.ledger import summary_dict
+
+    with _open_ledger(args) as ledger:
+        summaries = ledger.summaries()
+    if args.json:
+        print(json.dumps([summary_dict(s) for s in summaries]))
+        return 0
+    print(f"{'dataset':40s} {'releases':>8} {'pending':>7} {'spent ε':>8} {'budget ε':>8} {'remaining':>9}  δ")
+    for s in summaries:
+        budget = f"{s.budget.epsilon:8.3f}" if s.budget else f"{'-':>8}"
+        remaining = f"{s.remaining:9.3f}" if s.remaining is not None else f"{'-':>9}"
+        counts = f"{s.releases:8d} {s.pending:7d} {s.epsilon:8.3f}"
+        print(f"{s.dataset_id[-40:]:40s} {counts} {budget} {remaining}  {s.delta:g}")
+    return 0
+
+
+def cmd_ledger_export(args: argparse.Namespace) -> int:
+    key = Path(args.key) if args.key else Path(args.workdir) / "node.key"
+    if not key.is_file():
+        raise FedGuardError(
+            "node key not found",
+            where=str(key),
+            fix="pass --key with the node's private key, or create one with `fedguard client init --workdir DIR`",
+        )
+    with _open_ledger(args) as ledger:
+        doc = ledger.export(key.read_bytes())
+    out = Path(args.out)
+    out.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    print(f"signed ledger export written to {out} (key {doc['export']['public_key_fingerprint']})")  # type: ignore[index]
+    return 0
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from common.ledger_export import verify_export
+
+    body = verify_export(args.file, args.fingerprint)
+    print(f"{args.file}: signature valid ({body.public_key_fingerprint}); ε recomputed with Opacus:")
+    for ds in body.datasets:
+        print(
+            f"  {ds.dataset_id}: {len(ds.releases)} release(s), ε={ds.epsilon:.4f} at δ={ds.delta:g} [{ds.accountant}]"
+        )
+    return 0
+
+
+def cmd_ledger_backup(args: argparse.Namespace) -> int:
+    with _open_ledger(args) as ledger:
+        dest = ledger.backup(args.out)
+    print(f"ledger backed up to {dest}")
+    return 0
+
+
+def cmd_ledger_restore(args: argparse.Namespace) -> int:
+    from client.ledger import restore
+
+    ledger, markers = _ledger_paths(args)
+    summaries = restore(ledger, args.file, markers)
+    print(f"ledger restored from {args.file} to {ledger}: {len(summaries)} dataset(s)")
+    return 0
+
+
+def cmd_report_privacy(args: argparse.Namespace) -> int:
+    from server.privacy_report import build_privacy_report, render
+
+    report = build_privacy_report(_existing_store(args.store), args.run_id)
+    text = render(report, args.format)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"privacy report written to {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _existing_store(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FedGuardError("run store not found", where=str(p), fix="pass --store PATH")
+    return p
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -98,12 +223,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from server.store import RunStore
 
-    store_path = Path(args.store)
+    store_path = _existing_store(args.store)
     if args.run_id is not None:
         _print_summary(store_path, args.run_id, args.json)
         return 0
-    if not store_path.exists():
-        raise FedGuardError("run store not found", where=str(store_path), fix="pass --store PATH")
     with RunStore(store_path) as store:
         runs = store.runs()
     if args.json:
@@ -146,6 +269,57 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--store", default="fedguard-demo/runs.db")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_runs)
+
+    run = sub.add_parser("run", help="plan and manage runs")
+    runsub = run.add_subparsers(dest="run_command", required=True)
+    rp = runsub.add_parser("plan", help="ask every node what a run would cost its privacy budget")
+    rp.add_argument("--config", required=True)
+    rp.add_argument("--workdir", help="simulation folder (default: <config>-sim)")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_run_plan)
+
+    add_provision_commands(sub)
+
+    cl = sub.add_parser("client", help="node-side tools (run next to the private data)")
+    clsub = cl.add_subparsers(dest="client_command", required=True)
+    add_client_init(clsub)
+
+    def node_dirs(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--workdir", required=True, help="the node's work directory")
+        q.add_argument("--ledger", help="ledger file (default: <workdir>/ledger.db)")
+
+    b = clsub.add_parser("budget", help="privacy budget spent and remaining per dataset")
+    node_dirs(b)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_client_budget)
+    lg = clsub.add_parser("ledger", help="export, verify, back up or restore the privacy ledger")
+    lgsub = lg.add_subparsers(dest="ledger_command", required=True)
+    le = lgsub.add_parser("export", help="write a node-signed export a reviewer can recompute ε from")
+    node_dirs(le)
+    le.add_argument("--key", help="the node's private key (default: <workdir>/node.key from `client init`)")
+    le.add_argument("--out", required=True)
+    le.set_defaults(func=cmd_ledger_export)
+    lv = lgsub.add_parser("verify", help="check an export's signature and recompute its ε")
+    lv.add_argument("file")
+    lv.add_argument("--fingerprint", help="expected node key fingerprint (SHA256:...)")
+    lv.set_defaults(func=cmd_ledger_verify)
+    lb = lgsub.add_parser("backup", help="write a consistent copy of the ledger")
+    node_dirs(lb)
+    lb.add_argument("--out", required=True)
+    lb.set_defaults(func=cmd_ledger_backup)
+    lr = lgsub.add_parser("restore", help="install a backup (refused if older than the node's history)")
+    node_dirs(lr)
+    lr.add_argument("--file", required=True)
+    lr.set_defaults(func=cmd_ledger_restore)
+
+    rep = sub.add_parser("report", help="reports for reviewers")
+    repsub = rep.add_subparsers(dest="report_command", required=True)
+    rpv = repsub.add_parser("privacy", help="the privacy report of a run")
+    rpv.add_argument("run_id", type=int)
+    rpv.add_argument("--store", default="fedguard-demo/runs.db")
+    rpv.add_argument("--format", choices=["html", "json", "md"], default="html")
+    rpv.add_argument("--out", help="write to this file (default: stdout)")
+    rpv.set_defaults(func=cmd_report_privacy)
     return p
 
 

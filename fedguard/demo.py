@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import lzma
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -88,3 +89,17 @@ def write_demo_data(workdir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     demo_frame().to_csv(path, index=False)
     return path
+
+
+def fresh_demo_ledger(workdir: Path) -> None:
+    """Each demo is a new throw-away federation: its simulated nodes start with unspent budgets.
+
+    Only the demo does this; a real node's ledger is never reset (``fedguard simulate`` keeps it
+    too, so budgets compose across runs).
+    """
+    sim = workdir / "partitions"
+    for path in [*sim.glob("ledger.db*"), *sim.glob("node-*/ledger-markers")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

@@ -10,13 +10,16 @@ import logging
 import os
 from pathlib import Path
 
+from flwr.app import Context
 from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.data import read_table, split_indices
 from common.errors import ConfigError
 from common.partition import partition_frame
 from server.app import Progress, RunResult, make_server_app
+from server.planning import NodePlan, plan_federation
 
 
 def prepare_partitions(cfg: RunConfig, workdir: Path, progress: Progress) -> RunConfig:
@@ -67,8 +70,29 @@ def simulate(
     store_path = (store_path or workdir / "runs.db").resolve()
     results: list[RunResult] = []
     server_app = make_server_app(run_cfg, store_path, str(workdir / "partitions"), results.append)
+    run_on_simulation(run_cfg, server_app, client_app)
+    if not results:
+        raise RuntimeError("the simulation ended without a result; see the log above")
+    return results[0]
 
-    # Offline and quiet: no telemetry, no update checks, no Ray dashboard.
+
+def plan(cfg: RunConfig, workdir: Path, progress: Progress = print) -> list[NodePlan]:
+    """Ask the simulated nodes for their privacy plan (nothing is trained or spent)."""
+    workdir = workdir.resolve()
+    run_cfg = prepare_partitions(cfg, workdir, progress)
+    plans: list[NodePlan] = []
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        plans.extend(plan_federation(grid, run_cfg, str(workdir / "partitions"), progress))
+
+    run_on_simulation(run_cfg, app)
+    return plans
+
+
+def run_on_simulation(run_cfg: RunConfig, server_app: ServerApp, client_app: ClientApp | None = None) -> None:
+    """Flower's simulation engine, offline and quiet: no telemetry, update checks or Ray dashboard."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -94,6 +118,3 @@ def simulate(
             "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
         },
     )
-    if not results:
-        raise RuntimeError("the simulation ended without a result; see the log above")
-    return results[0]

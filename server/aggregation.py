@@ -1,10 +1,15 @@
-"""FedAvg as a streaming weighted sum: memory stays at one model, however many replies."""
+"""FedAvg as a streaming weighted sum: memory stays at one model, however many replies.
+
+With central DP the same sum runs over clipped updates with equal weights, then noise is added.
+"""
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict
 
 import numpy as np
+from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
 
 
 class WeightedMean:
@@ -30,4 +35,41 @@ class WeightedMean:
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for k, ref in self._ref.items():
             out[k] = (self._sum[k] / self.total_weight).astype(ref.dtype) if k in self._sum else ref.copy()
+        return out
+
+
+class CentralDPMean:
+    """User-level DP FedAvg: clip each update to ``C`` (Flower's FlatClip), equal weights, noise σ·C/m.
+
+    Flower's DP strategy wrappers draw noise from NumPy's global RNG and size it for the
+    configured number of sampled clients; here the generator is seeded from the OS CSPRNG and
+    ``m`` is the number of updates actually averaged, so a dropout never leaves the mean under-noised.
+    """
+
+    def __init__(self, reference: OrderedDict[str, np.ndarray], noise_multiplier: float, clipping_norm: float) -> None:
+        self._ref = reference
+        self._keys = [k for k, v in reference.items() if np.issubdtype(v.dtype, np.floating)]
+        self._mean = WeightedMean(reference)
+        self.noise_multiplier = noise_multiplier
+        self.clipping_norm = clipping_norm
+        self.stdv = 0.0
+
+    @property
+    def count(self) -> int:
+        return self._mean.count
+
+    def add(self, state: OrderedDict[str, np.ndarray], weight: float = 1.0) -> None:
+        del weight  # equal weights: a declared size must not change a user's sensitivity
+        params = [state[k].astype(np.float64) for k in self._keys]
+        compute_clip_model_update(params, [self._ref[k].astype(np.float64) for k in self._keys], self.clipping_norm)
+        clipped = OrderedDict(state)
+        clipped.update(zip(self._keys, params, strict=True))
+        self._mean.add(clipped, 1.0)
+
+    def result(self) -> OrderedDict[str, np.ndarray]:
+        out = self._mean.result()
+        self.stdv = compute_stdv(self.noise_multiplier, self.clipping_norm, self._mean.count)
+        rng = np.random.default_rng(secrets.randbits(128))
+        for k in self._keys:
+            out[k] = (out[k] + rng.normal(0.0, self.stdv, out[k].shape)).astype(self._ref[k].dtype)
         return out

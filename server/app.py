@@ -7,7 +7,10 @@ declared public size, evaluate on the held-out split, record everything in the r
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,8 @@ from common.config import RunConfig, load_config
 from common.data import load_encoded
 from common.errors import ConfigError, FedGuardError
 from common.models import build_model, describe_model, model_max_len
-from server.aggregation import WeightedMean
+from common.privacy import epsilon_spent
+from server.aggregation import CentralDPMean, WeightedMean
 from server.evaluation import evaluate
 from server.store import RunStore
 from server.validation import Outcome, classify_reply
@@ -38,7 +42,7 @@ class RunResult:
     final_metrics: dict[str, float]
 
 
-def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, progress: Progress) -> list[int]:
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float, progress: Progress) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(int(n) for n in grid.get_node_ids())
@@ -48,7 +52,7 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, progress: Progress)
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
 
-def _collect(
+def collect_replies(
     grid: Grid, messages: list[Message], timeout: float, poll: float
 ) -> tuple[list[Message], set[int], set[int]]:
     """Push, then poll until all replies arrive or ``timeout``; return replies, silent and unreachable nodes."""
@@ -64,6 +68,35 @@ def _collect(
         if pending:
             time.sleep(poll)
     return replies, {int(dst[m]) for m in pending}, unreachable
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of everything that shapes a run's results: the reproducibility manifest."""
+    out = {"python": platform.python_version()}
+    for dist in ("fedguard", "flwr", "torch", "opacus", "tenseal", "numpy", "cryptography"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _run_meta(cfg: RunConfig, simulated: bool) -> dict[str, object]:
+    return {
+        "engine": "simulation (Flower simulation engine, Ray; all nodes in one trust domain)"
+        if simulated
+        else "deployment (Flower SuperLink and SuperNodes)",
+        "transport": "in-process (simulation: no network)" if simulated else "TLS with SuperNode authentication",
+        "secure_aggregation": cfg.secure_aggregation,
+        "central_dp": cfg.central_dp.model_dump() if cfg.central_dp.enabled else None,
+        "versions": software_versions(),
+    }
+
+
+def _central_dp_epsilon(cfg: RunConfig, releases: int) -> float:
+    """User-level ε after ``releases`` noised aggregates (RDP, no sampling amplification: q = 1)."""
+    dp = cfg.central_dp
+    return epsilon_spent([(dp.noise_multiplier, 1.0, releases)], dp.delta, "rdp")
 
 
 def run_federation(
@@ -90,12 +123,20 @@ def run_federation(
             cache_dir=None,
         )
     store = RunStore(store_path)
-    run_id = store.create_run(cfg.name, cfg.to_json(), cfg.digest(), flower_run_id)
+    if cfg.secure_aggregation == "homomorphic":
+        raise ConfigError(
+            "homomorphic aggregation is not available in this FedGuard version",
+            where="secure_aggregation",
+            fix='set secure_aggregation = "none"',
+        )
+    run_id = store.create_run(
+        cfg.name, cfg.to_json(), cfg.digest(), flower_run_id, _run_meta(cfg, simulated=sim_data_dir is not None)
+    )
     progress(f"run {run_id} recorded in {store_path}")
     rng = np.random.default_rng(cfg.seed)
     metrics: dict[str, float] = {}
     try:
-        nodes = _wait_for_nodes(grid, cfg.clients_per_round, cfg.server.wait_for_nodes, progress)
+        nodes = wait_for_nodes(grid, cfg.clients_per_round, cfg.server.wait_for_nodes, progress)
         if len(nodes) < cfg.server.min_replies:
             raise ConfigError(
                 f"only {len(nodes)} node(s) connected within {cfg.server.wait_for_nodes:g}s; "
@@ -106,9 +147,10 @@ def run_federation(
             metrics = evaluate(model, holdout)
             store.record_evaluation(run_id, 0, metrics)
             progress(f"round 0: held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.3f}")
-        base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_ID: run_id}
+        base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_ID: run_id, R.RUN_UID: uuid.uuid4().hex}
         if sim_data_dir:
             base[R.SIM_DATA_DIR] = sim_data_dir
+        central_releases = 0
         for rnd in range(1, cfg.rounds + 1):
             started = time.time()
             online = sorted(int(n) for n in grid.get_node_ids())
@@ -126,19 +168,35 @@ def run_federation(
                 for node in sampled
             ]
             progress(f"round {rnd}/{cfg.rounds}: training on {len(sampled)} node(s)")
-            replies, silent, unreachable = _collect(grid, messages, cfg.server.round_timeout, cfg.server.poll_interval)
+            replies, silent, unreachable = collect_replies(
+                grid, messages, cfg.server.round_timeout, cfg.server.poll_interval
+            )
             outcomes = [classify_reply(r, global_state, cfg.server.max_weight) for r in replies]
             outcomes += [Outcome(n, "dropped", f"no reply within {cfg.server.round_timeout:g}s") for n in silent]
             outcomes += [Outcome(n, "failed", "the message could not be delivered") for n in unreachable]
-            mean = WeightedMean(global_state)
+            central = cfg.central_dp
+            mean: WeightedMean | CentralDPMean = (
+                CentralDPMean(global_state, central.noise_multiplier, central.clipping_norm)
+                if central.enabled
+                else WeightedMean(global_state)
+            )
             for o in outcomes:
                 if o.status == "accepted" and o.state is not None:
                     mean.add(o.state, o.weight or 0.0)
                     o.state = None  # free the update as soon as it is summed
             aggregated = mean.count >= cfg.server.min_replies
+            round_meta: dict[str, object] = {}
             if aggregated:
                 global_state = mean.result()
-            store.record_round(run_id, rnd, started, [o.row() for o in outcomes], aggregated)
+                if isinstance(mean, CentralDPMean):
+                    central_releases += 1
+                    round_meta["central_dp"] = {
+                        "noise_stdv": mean.stdv,
+                        "clipped_updates": mean.count,
+                        "epsilon": _central_dp_epsilon(cfg, central_releases),
+                        "delta": central.delta,
+                    }
+            store.record_round(run_id, rnd, started, [o.row() for o in outcomes], aggregated, round_meta)
             progress(_round_line(rnd, cfg, outcomes, aggregated, time.time() - started))
             if holdout is not None:
                 load_numpy_state(model, global_state)
@@ -159,7 +217,7 @@ def run_federation(
 
 def _round_line(rnd: int, cfg: RunConfig, outcomes: list[Outcome], aggregated: bool, secs: float) -> str:
     acc = [o for o in outcomes if o.status == "accepted"]
-    eps = ", ".join(f"node {o.node_id}: ε={o.values['epsilon']:.2f}" for o in acc if "epsilon" in o.values)
+    eps = ", ".join(f"node {o.node_id}: ε={o.values[R.EPSILON]:.2f}" for o in acc if R.EPSILON in o.values)
     lines = [
         f"  round {rnd}: {len(acc)}/{len(outcomes)} accepted in {secs:.1f}s"
         + ("" if aggregated else f" — fewer than {cfg.server.min_replies}, global model unchanged")

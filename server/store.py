@@ -1,7 +1,8 @@
 """The run store: one SQLite file recording runs, rounds, per-node outcomes and evaluations.
 
 Only values that may leave a node are stored per node (DESIGN §4): its status, the declared
-public weight, the ε its accountant reported, and the DP parameters it used.
+public weight, the ε its accountant reported, the DP parameters it used, and the list of every
+record key it sent (so reports can show each value's privacy class).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS runs (
     flower_run_id TEXT,            -- Flower run ids are uint64
     started_at  REAL NOT NULL,
     finished_at REAL,
-    error       TEXT
+    error       TEXT,
+    meta_json   TEXT            -- engine, transport, secure aggregation, software versions
 );
 CREATE TABLE IF NOT EXISTS rounds (
     run_id      INTEGER NOT NULL REFERENCES runs(run_id),
@@ -44,6 +46,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     dropped     INTEGER NOT NULL,
     failed      INTEGER NOT NULL,
     aggregated  INTEGER NOT NULL,         -- 1 when the global model was updated
+    meta_json   TEXT,                     -- server-side mechanisms of the round (central DP)
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS client_rounds (
@@ -58,6 +61,8 @@ CREATE TABLE IF NOT EXISTS client_rounds (
     noise_multiplier REAL,
     sample_rate REAL,
     steps       INTEGER,
+    values_json TEXT,                     -- every accounting/public value the node reported
+    received_json TEXT,                   -- "record.key" of everything the node sent
     PRIMARY KEY (run_id, round, node_id)
 );
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -81,6 +86,7 @@ class RunStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            self._migrate()
         except (sqlite3.DatabaseError, OSError) as exc:
             raise StoreError(
                 f"cannot open the run store: {exc}",
@@ -88,6 +94,19 @@ class RunStore:
                 fix="pass --store with a writable path to a FedGuard run store (SQLite)",
             ) from None
         self._db.row_factory = sqlite3.Row
+
+    def _migrate(self) -> None:
+        """Add columns that newer versions introduced to a store an older FedGuard created."""
+        for table, column in (
+            ("runs", "meta_json"),
+            ("rounds", "meta_json"),
+            ("client_rounds", "values_json"),
+            ("client_rounds", "received_json"),
+        ):
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        self._db.commit()
 
     def close(self) -> None:
         self._db.close()
@@ -104,12 +123,26 @@ class RunStore:
             yield self._db
 
     # -- writes ---------------------------------------------------------------
-    def create_run(self, name: str, config_json: str, config_hash: str, flower_run_id: int | None) -> int:
+    def create_run(
+        self,
+        name: str,
+        config_json: str,
+        config_hash: str,
+        flower_run_id: int | None,
+        meta: dict[str, Any] | None = None,
+    ) -> int:
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO runs(name, status, config_json, config_hash, flower_run_id, started_at) "
-                "VALUES (?, 'running', ?, ?, ?, ?)",
-                (name, config_json, config_hash, None if flower_run_id is None else str(flower_run_id), time.time()),
+                "INSERT INTO runs(name, status, config_json, config_hash, flower_run_id, started_at, meta_json) "
+                "VALUES (?, 'running', ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    config_json,
+                    config_hash,
+                    None if flower_run_id is None else str(flower_run_id),
+                    time.time(),
+                    json.dumps(meta or {}),
+                ),
             )
             return int(cur.lastrowid or 0)
 
@@ -121,13 +154,19 @@ class RunStore:
             )
 
     def record_round(
-        self, run_id: int, round_: int, started_at: float, outcomes: list[dict[str, Any]], aggregated: bool
+        self,
+        run_id: int,
+        round_: int,
+        started_at: float,
+        outcomes: list[dict[str, Any]],
+        aggregated: bool,
+        meta: dict[str, Any] | None = None,
     ) -> None:
         """Write a round and its per-node outcomes in one transaction."""
         count = {s: sum(o["status"] == s for o in outcomes) for s in STATUSES}
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     run_id,
                     round_,
@@ -140,11 +179,13 @@ class RunStore:
                     count["dropped"],
                     count["failed"],
                     int(aggregated),
+                    json.dumps(meta or {}),
                 ),
             )
             for o in outcomes:
+                values = o.get("values") or {}
                 db.execute(
-                    "INSERT OR REPLACE INTO client_rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR REPLACE INTO client_rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         run_id,
                         round_,
@@ -152,11 +193,13 @@ class RunStore:
                         o["status"],
                         o.get("reason"),
                         o.get("weight"),
-                        o.get("epsilon"),
-                        o.get("delta"),
-                        o.get("noise_multiplier"),
-                        o.get("sample_rate"),
-                        o.get("steps"),
+                        values.get("epsilon"),
+                        values.get("delta"),
+                        values.get("noise-multiplier"),
+                        values.get("sample-rate"),
+                        values.get("steps"),
+                        json.dumps(values),
+                        json.dumps(o.get("received") or []),
                     ),
                 )
 
@@ -169,13 +212,18 @@ class RunStore:
         row = self._db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
         if row is None:
             raise StoreError(f"no run {run_id}", where=str(self.path), fix="list runs with `fedguard runs`")
-        return dict(row)
+        out = dict(row)
+        out["meta"] = json.loads(out.pop("meta_json") or "{}")
+        return out
 
     def runs(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._db.execute("SELECT * FROM runs ORDER BY run_id")]
 
     def rounds(self, run_id: int) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._db.execute("SELECT * FROM rounds WHERE run_id=? ORDER BY round", (run_id,))]
+        rows = [dict(r) for r in self._db.execute("SELECT * FROM rounds WHERE run_id=? ORDER BY round", (run_id,))]
+        for r in rows:
+            r["meta"] = json.loads(r.pop("meta_json") or "{}")
+        return rows
 
     def client_rounds(self, run_id: int) -> list[dict[str, Any]]:
         rows = [
@@ -183,6 +231,8 @@ class RunStore:
         ]
         for r in rows:
             r["node_id"] = int(r["node_id"])
+            r["values"] = json.loads(r.pop("values_json") or "{}")
+            r["received"] = json.loads(r.pop("received_json") or "[]")
         return sorted(rows, key=lambda r: (r["round"], r["node_id"]))
 
     def evaluations(self, run_id: int) -> dict[int, dict[str, float]]:

@@ -12,18 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
 from common import records as R
 from common.codec import record_to_numpy
 
-_METRIC_FIELDS = {
-    R.EPSILON: "epsilon",
-    R.DELTA: "delta",
-    R.NOISE_MULTIPLIER: "noise_multiplier",
-    R.SAMPLE_RATE: "sample_rate",
-    R.STEPS: "steps",
-}
+#: Accounting and public values a train reply may carry besides its weight (all numeric, ≥ 0).
+_METRIC_KEYS = [k for k in R.REPLY_ALLOWLIST[R.METRICS] if k != R.NUM_EXAMPLES]
 
 
 @dataclass
@@ -34,7 +29,8 @@ class Outcome:
     status: str  # see server.store.STATUSES
     reason: str | None = None
     weight: float | None = None
-    values: dict[str, Any] = field(default_factory=dict)  # accounting values the node reported
+    values: dict[str, Any] = field(default_factory=dict)  # record key → accounting/public value reported
+    received: list[str] = field(default_factory=list)  # "record.key" of every value that left the node
     state: OrderedDict[str, np.ndarray] | None = None
 
     def row(self) -> dict[str, Any]:
@@ -43,8 +39,15 @@ class Outcome:
             "status": self.status,
             "reason": self.reason,
             "weight": self.weight,
-            **self.values,
+            "values": self.values,
+            "received": self.received,
         }
+
+
+def refusal_reason(content: RecordDict) -> str:
+    """A refusal as the operator sees it: the node's code and the log id to ask its owner about."""
+    ref = content[R.REFUSAL]
+    return f"{ref.get(R.REFUSAL_CODE, '?')} (node log id {ref.get(R.REFUSAL_LOG_ID, '?')})"
 
 
 def _reject(node: int, reason: str) -> Outcome:
@@ -58,9 +61,8 @@ def classify_reply(msg: Message, reference: OrderedDict[str, np.ndarray], max_we
         return Outcome(node, "failed", f"error {msg.error.code}: {msg.error.reason}")
     content = msg.content
     if R.REFUSAL in content:
-        ref = content[R.REFUSAL]
         return Outcome(
-            node, "refused", f"{ref.get(R.REFUSAL_CODE, '?')} (node log id {ref.get(R.REFUSAL_LOG_ID, '?')})"
+            node, "refused", refusal_reason(content), received=[f"{R.REFUSAL}.{k}" for k in content[R.REFUSAL].keys()]
         )
     names = set(content.keys())
     if names != {R.ARRAYS, R.METRICS}:
@@ -84,11 +86,15 @@ def classify_reply(msg: Message, reference: OrderedDict[str, np.ndarray], max_we
     weight = metrics.get(R.NUM_EXAMPLES)
     if not isinstance(weight, int | float) or not math.isfinite(weight) or not 0 < weight <= max_weight:
         return _reject(node, f"weight {R.NUM_EXAMPLES}={weight!r} outside (0, {max_weight:g}]")
+    unexpected = sorted(set(metrics) - set(R.REPLY_ALLOWLIST[R.METRICS]))
+    if unexpected:
+        return _reject(node, f"metrics outside the reply allow-list: {unexpected}")
     values: dict[str, Any] = {}
-    for key, column in _METRIC_FIELDS.items():
+    for key in _METRIC_KEYS:
         v = metrics.get(key)
         if v is not None:
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 return _reject(node, f"invalid {key}={v!r}")
-            values[column] = v
-    return Outcome(node, "accepted", None, float(weight), values, state)
+            values[key] = v
+    received = [f"{R.ARRAYS}.*"] + [f"{R.METRICS}.{k}" for k in metrics]
+    return Outcome(node, "accepted", None, float(weight), values, received, state)

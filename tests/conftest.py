@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 from tests.helpers import make_tabular
 
@@ -14,3 +15,12 @@ def tabular_csv(tmp_path: Path) -> Path:
     path = tmp_path / "data.csv"
     make_tabular().to_csv(path, index=False)
     return path
+
+
+@pytest.fixture
+def server_identity():
+    """Messages built in-process need the identity Flower's runtime sets for a ServerApp task."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

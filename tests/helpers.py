@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+from common import records as R
+from common.codec import numpy_to_record, state_to_numpy
 from common.config import RunConfig, parse_config
+from common.models import build_model
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -60,3 +67,31 @@ def tabular_config(data_path: Path | None = None, **overrides: object) -> RunCon
         else:
             raw[section] = value
     return parse_config(raw, "test config")
+
+
+# -- the real ClientApp, in process ---------------------------------------------------------
+def global_state(cfg: RunConfig) -> OrderedDict[str, np.ndarray]:
+    torch.manual_seed(cfg.seed)
+    return state_to_numpy(build_model(cfg.model.name, cfg.data.schema_, cfg.model.params))
+
+
+def train_message(cfg: RunConfig, state: OrderedDict[str, np.ndarray], rnd: int = 1, run_uid: str = "run-a") -> Message:
+    content = RecordDict(
+        {
+            R.ARRAYS: numpy_to_record(state),
+            R.CONFIG: ConfigRecord({R.RUN_CONFIG: cfg.to_json(), R.ROUND: rnd, R.RUN_UID: run_uid}),
+        }
+    )
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def node_context(data: Path, workdir: Path, **node_config: Any) -> Context:
+    """A node's context; ``node_config`` keys use underscores for Flower's dashes (budget_epsilon=...)."""
+    extra = {k.replace("_", "-"): v for k, v in node_config.items()}
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-path": str(data), "workdir": str(workdir), **extra},
+        state=RecordDict(),
+        run_config={},
+    )

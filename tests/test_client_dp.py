@@ -7,50 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from common import records as R
-from common.codec import numpy_to_record, record_to_numpy, state_to_numpy
-from common.config import RunConfig
-from common.models import build_model
+from common.codec import record_to_numpy
 from common.privacy import epsilon_spent
-from tests.helpers import tabular_config
+from tests.helpers import global_state, node_context, tabular_config, train_message
 
-
-def global_state(cfg: RunConfig):
-    torch.manual_seed(cfg.seed)
-    return state_to_numpy(build_model(cfg.model.name, cfg.data.schema_, cfg.model.params))
-
-
-@pytest.fixture(autouse=True)
-def server_identity():
-    """Messages built in-process need the identity Flower's runtime sets for a ServerApp task."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-def train_message(cfg: RunConfig, state, rnd: int = 1) -> Message:
-    content = RecordDict(
-        {
-            R.ARRAYS: numpy_to_record(state),
-            R.CONFIG: ConfigRecord({R.RUN_CONFIG: cfg.to_json(), R.ROUND: rnd}),
-        }
-    )
-    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
-
-
-def node_context(csv: Path, workdir: Path) -> Context:
-    return Context(
-        run_id=1,
-        node_id=1,
-        node_config={"data-path": str(csv), "workdir": str(workdir)},
-        state=RecordDict(),
-        run_config={},
-    )
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def test_dp_training_changes_model_and_stays_within_target(tabular_csv: Path, tmp_path: Path) -> None:

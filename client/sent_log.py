@@ -1,0 +1,66 @@
+"""The node's local log of everything it sent: one JSON line per reply (``workdir/sent.jsonl``).
+
+Owners and auditors read it to see exactly what left the node: run, round, record names, each
+key's privacy class, tensor shapes, dtypes and byte counts, and the ε attached. Values of
+tensors are never logged; scalar metrics are (they left the node anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, RecordDict
+
+from common.records import key_class
+
+
+def describe(content: RecordDict) -> tuple[dict[str, Any], int]:
+    """Per record and key: class, and shape/dtype/bytes for arrays or the value for scalars."""
+    out: dict[str, Any] = {}
+    total = 0
+    for name, record in content.items():
+        entry: dict[str, Any] = {}
+        if isinstance(record, ArrayRecord):
+            for key, arr in record.items():
+                size = len(arr.data)
+                total += size
+                entry[key] = {
+                    "class": key_class(name, key),
+                    "shape": list(arr.shape),
+                    "dtype": arr.dtype,
+                    "bytes": size,
+                }
+        else:
+            for key, value in record.items():
+                size = len(value) if isinstance(value, bytes | str) else 8
+                total += size
+                shown = value if isinstance(value, int | float | str) else f"<{type(value).__name__}>"
+                entry[key] = {"class": key_class(name, key), "value": shown, "bytes": size}
+        out[name] = entry
+    return out, total
+
+
+def log_sent(workdir: Path, *, run_id: str, round_: int | None, reply_to: str, content: RecordDict) -> None:
+    records, total = describe(content)
+    line = {
+        "time": time.time(),
+        "run": run_id,
+        "round": round_,
+        "reply_to": reply_to,
+        "bytes": total,
+        "records": records,
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "sent.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+
+
+def read_sent(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / "sent.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,80 @@
+"""``run plan``: ask every online node what a run would cost it, before anything is trained.
+
+Each node answers a ``query.plan`` message from its own size and ledger: its noise multiplier,
+ε per round and for the whole run, what its dataset has spent, and whether its remaining budget
+covers the run. Exact dataset sizes never leave a node (the sampling rate reveals n only to
+within one batch).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import records as R
+from common.config import RunConfig
+from server.app import Progress, collect_replies, wait_for_nodes
+from server.validation import refusal_reason
+
+
+@dataclass
+class NodePlan:
+    node_id: int
+    status: str  # planned | refused | failed | silent
+    values: dict[str, float]
+    reason: str | None = None
+
+    @property
+    def affordable(self) -> bool:
+        return self.status == "planned" and bool(self.values.get(R.PLAN_AFFORDABLE))
+
+
+def plan_federation(grid: Grid, cfg: RunConfig, sim_data_dir: str | None, progress: Progress = print) -> list[NodePlan]:
+    nodes = wait_for_nodes(grid, cfg.clients_per_round, cfg.server.wait_for_nodes, progress)
+    base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_UID: f"plan-{uuid.uuid4().hex}"}
+    if sim_data_dir:
+        base[R.SIM_DATA_DIR] = sim_data_dir
+    messages = [
+        Message(RecordDict({R.CONFIG: ConfigRecord(base)}), dst_node_id=node, message_type="query.plan")
+        for node in nodes
+    ]
+    progress(f"asking {len(nodes)} node(s) for their privacy plan")
+    replies, silent, unreachable = collect_replies(grid, messages, cfg.server.round_timeout, cfg.server.poll_interval)
+    plans = []
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            plans.append(NodePlan(node, "failed", {}, f"error {reply.error.code}: {reply.error.reason}"))
+        elif R.REFUSAL in reply.content:
+            plans.append(NodePlan(node, "refused", {}, refusal_reason(reply.content)))
+        elif R.PLAN in reply.content:
+            values = {k: float(v) for k, v in reply.content[R.PLAN].items() if isinstance(v, int | float)}
+            plans.append(NodePlan(node, "planned", values))
+        else:
+            plans.append(NodePlan(node, "failed", {}, "reply without a plan record"))
+    plans += [NodePlan(n, "silent", {}, "no reply in time") for n in silent | unreachable]
+    return sorted(plans, key=lambda p: p.node_id)
+
+
+def plan_table(plans: list[NodePlan], cfg: RunConfig) -> str:
+    lines = [
+        f"privacy plan for {cfg.rounds} round(s), target ε={cfg.dp.target_epsilon} per run, δ={cfg.dp.delta:g} "
+        f"[{cfg.dp.accountant}]",
+        f"{'node':>22}  {'σ':>6}  {'q':>7}  {'steps':>5}  {'ε/round':>8}  {'ε run':>6}  {'spent':>6}  "
+        f"{'after':>6}  {'budget':>6}  verdict",
+    ]
+    for p in plans:
+        v = p.values
+        if p.status != "planned":
+            lines.append(f"{p.node_id:>22}  {p.status}: {p.reason}")
+            continue
+        verdict = "ok" if p.affordable else "CANNOT AFFORD: remaining budget too small"
+        lines.append(
+            f"{p.node_id:>22}  {v[R.NOISE_MULTIPLIER]:6.3f}  {v[R.SAMPLE_RATE]:7.4f}  {int(v[R.PLAN_STEPS]):5d}  "
+            f"{v[R.PLAN_EPSILON_ROUND]:8.3f}  {v[R.PLAN_EPSILON_RUN]:6.2f}  {v[R.EPSILON_TOTAL]:6.2f}  "
+            f"{v[R.PLAN_EPSILON_AFTER]:6.2f}  {v[R.BUDGET_EPSILON]:6.2f}  {verdict}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,454 @@
+"""The privacy report of one run: what each node spent, what left it, and what protected it.
+
+Built only from the run store (what the server received and recorded) and the run's config;
+rendered as JSON (validated by the pydantic models below), Markdown, or one self-contained HTML
+file with an inline SVG plot of every client's ε per round.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from common import records as R
+from common.config import RunConfig, config_from_json
+from server.store import RunStore
+
+THREAT_MODEL = (
+    "Each client trains with DP-SGD (Opacus: Poisson sampling, per-sample gradient clipping, Gaussian noise), so "
+    "every model update it sends is (ε, δ)-differentially private for each of its records, composed over every "
+    "round and every run that used the dataset (recomputed by the node's ledger with a real accountant). The "
+    "aggregation server is trusted to run the protocol but not with raw data: it receives only the values listed "
+    "per client below. Raw records, exact dataset sizes, per-sample gradients, secret keys and error texts never "
+    "leave a node. Sampling and noise come from the node's OS CSPRNG, never from the config seed. Composition "
+    "across clients that share the same people is outside any single node's ledger and is not covered by these "
+    "numbers."
+)
+
+_SECURE_AGG = {
+    "none": (
+        "none: plaintext FedAvg. The server sees each client's DP-protected update; no homomorphic "
+        "encryption keys exist for this run."
+    ),
+    "homomorphic": (
+        "homomorphic (TenSEAL CKKS): the server sums ciphertexts and holds only a public context; the evaluator "
+        "holds the secret key. The server colluding with any one key holder can read individual updates, which "
+        "DP-SGD still bounds per record."
+    ),
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RoundPrivacy(_Model):
+    round: int
+    status: str
+    reason: str | None
+    epsilon_run: float | None  # this run's ε for the node's dataset after the round
+    epsilon_total: float | None  # the dataset's ε over all runs (node ledger, at the budget δ)
+
+
+class SentValue(_Model):
+    key: str  # "record.key"
+    privacy_class: str
+
+
+class ClientPrivacy(_Model):
+    node_id: str
+    mechanism: str
+    noise_multiplier: float | None
+    clipping_norm: float | None
+    sample_rate: float | None
+    steps_per_round: int | None
+    delta: float | None
+    accountant: str
+    rounds: list[RoundPrivacy]
+    epsilon_run: float | None
+    epsilon_total: float | None
+    budget_epsilon: float | None
+    budget_delta: float | None
+    budget_remaining: float | None
+    unit_cap: int | None
+    unit_epsilon: float | None
+    unit_delta: float | None
+    refusals: int
+    sent: list[SentValue]
+
+
+class CentralDPRound(_Model):
+    round: int
+    noise_stdv: float
+    clipped_updates: int
+    epsilon: float
+    delta: float
+
+
+class CentralDP(_Model):
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float
+    accountant: str
+    rounds: list[CentralDPRound]
+    epsilon: float | None
+
+
+class PrivacyReport(_Model):
+    format: Literal["fedguard-privacy-report/1"] = "fedguard-privacy-report/1"
+    generated_at: float
+    run_id: int
+    run_name: str
+    status: str
+    config_hash: str
+    seed: int
+    seed_note: str
+    rounds_planned: int
+    target_epsilon: float | None
+    target_delta: float | None
+    engine: str
+    transport: str
+    secure_aggregation: str
+    threat_model: str
+    central_dp: CentralDP | None
+    versions: dict[str, str]
+    clients: list[ClientPrivacy]
+
+
+def _num(values: dict[str, object], key: str) -> float | None:
+    v = values.get(key)
+    return float(v) if isinstance(v, int | float) else None
+
+
+def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
+    with RunStore(store_path) as store:
+        run = store.run(run_id)
+        client_rows = store.client_rounds(run_id)
+        round_rows = store.rounds(run_id)
+    cfg: RunConfig = config_from_json(run["config_json"])
+    meta = run["meta"]
+    by_node: dict[int, list[dict[str, object]]] = {}
+    for row in client_rows:
+        by_node.setdefault(int(row["node_id"]), []).append(row)
+    clients = []
+    for node, rows in sorted(by_node.items()):
+        accepted = [r for r in rows if r["status"] == "accepted"]
+        last: dict[str, object] = accepted[-1]["values"] if accepted else {}  # type: ignore[assignment]
+        sent = sorted({k for r in rows for k in r["received"]})  # type: ignore[attr-defined]
+        budget_eps = _num(last, R.BUDGET_EPSILON)
+        total = _num(last, R.EPSILON_TOTAL)
+        steps = _num(last, R.STEPS)
+        unit_cap = _num(last, R.UNIT_CAP)
+        clients.append(
+            ClientPrivacy(
+                node_id=str(node),
+                mechanism="DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise)"
+                if cfg.dp.enabled
+                else "none (DP disabled in the run config: updates are NOT differentially private)",
+                noise_multiplier=_num(last, R.NOISE_MULTIPLIER),
+                clipping_norm=_num(last, R.MAX_GRAD_NORM),
+                sample_rate=_num(last, R.SAMPLE_RATE),
+                steps_per_round=int(steps) if steps is not None else None,
+                delta=_num(last, R.DELTA),
+                accountant=cfg.dp.accountant,
+                rounds=[
+                    RoundPrivacy(
+                        round=int(r["round"]),  # type: ignore[call-overload]
+                        status=str(r["status"]),
+                        reason=r["reason"],  # type: ignore[arg-type]
+                        epsilon_run=_num(r["values"], R.EPSILON),  # type: ignore[arg-type]
+                        epsilon_total=_num(r["values"], R.EPSILON_TOTAL),  # type: ignore[arg-type]
+                    )
+                    for r in rows
+                ],
+                epsilon_run=_num(last, R.EPSILON),
+                epsilon_total=total,
+                budget_epsilon=budget_eps,
+                budget_delta=_num(last, R.BUDGET_DELTA),
+                budget_remaining=None if budget_eps is None or total is None else max(0.0, budget_eps - total),
+                unit_cap=int(unit_cap) if unit_cap is not None else None,
+                unit_epsilon=_num(last, R.UNIT_EPSILON),
+                unit_delta=_num(last, R.UNIT_DELTA),
+                refusals=sum(r["status"] == "refused" for r in rows),
+                sent=[SentValue(key=k, privacy_class=_class_label(k)) for k in sent],
+            )
+        )
+    central = None
+    if cfg.central_dp.enabled:
+        central_rounds = [
+            CentralDPRound(round=int(r["round"]), **r["meta"]["central_dp"])
+            for r in round_rows
+            if "central_dp" in r["meta"]
+        ]
+        central = CentralDP(
+            noise_multiplier=cfg.central_dp.noise_multiplier,
+            clipping_norm=cfg.central_dp.clipping_norm,
+            delta=cfg.central_dp.delta,
+            accountant="rdp (no sampling amplification)",
+            rounds=central_rounds,
+            epsilon=central_rounds[-1].epsilon if central_rounds else None,
+        )
+    return PrivacyReport(
+        generated_at=time.time(),
+        run_id=run_id,
+        run_name=run["name"],
+        status=run["status"],
+        config_hash=run["config_hash"],
+        seed=cfg.seed,
+        seed_note="the config seed drives data splits, model initialisation and client selection only; "
+        "DP sampling and noise come from each node's OS CSPRNG",
+        rounds_planned=cfg.rounds,
+        target_epsilon=cfg.dp.target_epsilon if cfg.dp.enabled else None,
+        target_delta=cfg.dp.delta if cfg.dp.enabled else None,
+        engine=str(meta.get("engine", "unknown")),
+        transport=str(meta.get("transport", "unknown")),
+        secure_aggregation=_SECURE_AGG.get(cfg.secure_aggregation, cfg.secure_aggregation),
+        threat_model=THREAT_MODEL,
+        central_dp=central,
+        versions={str(k): str(v) for k, v in meta.get("versions", {}).items()},
+        clients=clients,
+    )
+
+
+def _class_label(key: str) -> str:
+    record, _, name = key.partition(".")
+    cls = R.key_class(record, name)
+    return R.CLASS_LABELS.get(cls or "", "unclassified")
+
+
+def _fmt(v: float | int | None, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+# -- rendering -----------------------------------------------------------------------------
+Block = tuple[str, object]  # ("h1"|"h2"|"h3", text) | ("p", text) | ("ul", [items]) | ("table", (header, rows))
+
+
+def _blocks(rep: PrivacyReport) -> list[Block]:
+    """The report once, as neutral blocks; Markdown and HTML render the same content."""
+    rounds = _rounds(rep)
+    blocks: list[Block] = [
+        ("h1", f"Privacy report — run {rep.run_id} ({rep.run_name})"),
+        (
+            "ul",
+            [
+                f"Status: {rep.status}; {rep.rounds_planned} rounds planned",
+                f"Target per client and run: ε={_fmt(rep.target_epsilon, 'g')}, δ={_fmt(rep.target_delta, 'g')}",
+                f"Engine: {rep.engine}",
+                f"Transport: {rep.transport}",
+                f"Secure aggregation and key custody: {rep.secure_aggregation}",
+                f"Config hash: {rep.config_hash}; seed {rep.seed} ({rep.seed_note})",
+                "Software: " + ", ".join(f"{k} {v}" for k, v in rep.versions.items()),
+            ],
+        ),
+        ("h2", "Threat model"),
+        ("p", rep.threat_model),
+        ("h2", "Clients"),
+        (
+            "table",
+            (
+                [
+                    "node",
+                    "mechanism",
+                    "σ",
+                    "C",
+                    "q",
+                    "steps/round",
+                    "δ",
+                    "accountant",
+                    "ε this run",
+                    "ε total",
+                    "budget ε",
+                    "remaining",
+                    "refusals",
+                ],
+                [
+                    [
+                        c.node_id,
+                        c.mechanism.split(" (")[0],
+                        _fmt(c.noise_multiplier),
+                        _fmt(c.clipping_norm, "g"),
+                        _fmt(c.sample_rate, ".4f"),
+                        _fmt(c.steps_per_round, "d"),
+                        _fmt(c.delta, "g"),
+                        c.accountant,
+                        _fmt(c.epsilon_run),
+                        _fmt(c.epsilon_total),
+                        _fmt(c.budget_epsilon, "g"),
+                        _fmt(c.budget_remaining),
+                        str(c.refusals),
+                    ]
+                    for c in rep.clients
+                ],
+            ),
+        ),
+        ("h3", "ε after each round (this run)"),
+        (
+            "table",
+            (
+                ["node", *[f"round {r}" for r in rounds]],
+                [[c.node_id, *[_round_cell(c, r) for r in rounds]] for c in rep.clients],
+            ),
+        ),
+    ]
+    units = [c for c in rep.clients if c.unit_cap]
+    if units:
+        blocks += [
+            ("h3", "Privacy units (group privacy)"),
+            (
+                "ul",
+                [
+                    f"node {c.node_id}: at most {c.unit_cap} records per unit → ε={_fmt(c.unit_epsilon)} "
+                    f"at δ={_fmt(c.unit_delta, '.2g')} per unit"
+                    for c in units
+                ],
+            ),
+        ]
+    blocks += [
+        ("h3", "Values that left each node, by privacy class"),
+        ("ul", [f"node {c.node_id}: {_sent_by_class(c)}" for c in rep.clients]),
+    ]
+    if rep.central_dp:
+        cd = rep.central_dp
+        blocks += [
+            ("h2", "Central (user-level) DP"),
+            (
+                "p",
+                f"σ={cd.noise_multiplier}, clipping norm {cd.clipping_norm}, δ={cd.delta:g}, {cd.accountant}: "
+                f"user-level ε={_fmt(cd.epsilon)} after {len(cd.rounds)} noised aggregate(s). This is separate "
+                "from (and in addition to) the clients' record-level ε above.",
+            ),
+        ]
+    return blocks
+
+
+def _sent_by_class(c: ClientPrivacy) -> str:
+    by_class: dict[str, list[str]] = {}
+    for v in c.sent:
+        by_class.setdefault(v.privacy_class, []).append(v.key)
+    return "; ".join(f"{cls}: {', '.join(keys)}" for cls, keys in by_class.items()) or "nothing"
+
+
+def _round_cell(c: ClientPrivacy, rnd: int) -> str:
+    for r in c.rounds:
+        if r.round == rnd:
+            return _fmt(r.epsilon_run) if r.status == "accepted" else r.status
+    return "–"
+
+
+def to_markdown(rep: PrivacyReport) -> str:
+    out: list[str] = []
+    for kind, value in _blocks(rep):
+        if kind.startswith("h"):
+            out += ["#" * int(kind[1]) + f" {value}", ""]
+        elif kind == "p":
+            out += [str(value), ""]
+        elif kind == "ul":
+            out += [f"- {item}" for item in value] + [""]  # type: ignore[attr-defined]
+        else:
+            header, rows = value  # type: ignore[misc]
+            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    return "\n".join(out)
+
+
+def _rounds(rep: PrivacyReport) -> list[int]:
+    return sorted({r.round for c in rep.clients for r in c.rounds})
+
+
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
+
+
+def _svg_plot(rep: PrivacyReport) -> str:
+    """ε (this run) per client after each round, as an inline SVG line chart."""
+    rounds = _rounds(rep)
+    series = {c.node_id: [(r.round, r.epsilon_run) for r in c.rounds if r.epsilon_run is not None] for c in rep.clients}
+    top = max([e for pts in series.values() for _, e in pts] + [rep.target_epsilon or 0.0, 1e-9])
+    w, h, pad = 640, 300, 48
+    last = max(rounds + [1])
+
+    def xy(rnd: int, eps: float) -> str:
+        x = pad + (w - 2 * pad) * (rnd / last)
+        y = h - pad - (h - 2 * pad) * (eps / top)
+        return f"{x:.1f},{y:.1f}"
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
+        'aria-label="epsilon per round for each client">',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
+        f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">round</text>',
+        f'<text x="12" y="{h / 2}" font-size="12" transform="rotate(-90 12 {h / 2})">ε (this run)</text>',
+        f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end" font-size="11">{top:.2f}</text>',
+        f'<text x="{pad - 4}" y="{h - pad}" text-anchor="end" font-size="11">0</text>',
+    ]
+    for rnd in rounds:
+        x = xy(rnd, 0).split(",")[0]
+        parts.append(f'<text x="{x}" y="{h - pad + 16}" text-anchor="middle" font-size="11">{rnd}</text>')
+    if rep.target_epsilon:
+        y = xy(0, rep.target_epsilon).split(",")[1]
+        parts.append(f'<line x1="{pad}" y1="{y}" x2="{w - pad}" y2="{y}" stroke="#999" stroke-dasharray="4 3"/>')
+        parts.append(f'<text x="{w - pad}" y="{float(y) - 4}" text-anchor="end" font-size="11">target</text>')
+    for i, (node, pts) in enumerate(series.items()):
+        color = _COLORS[i % len(_COLORS)]
+        coords = " ".join(xy(0, 0).split() + [xy(r, e) for r, e in pts])
+        parts.append(
+            f'<polyline class="eps-series" data-node="{html.escape(node)}" fill="none" stroke="{color}" '
+            f'stroke-width="2" points="{coords}"/>'
+        )
+        for r, e in pts:
+            cx, cy = xy(r, e).split(",")
+            parts.append(
+                f'<circle cx="{cx}" cy="{cy}" r="3" fill="{color}"><title>node {html.escape(node)} round {r}: '
+                f"ε={e:.3f}</title></circle>"
+            )
+        parts.append(
+            f'<text x="{w - pad + 4}" y="{pad + 14 * i}" font-size="11" fill="{color}">node …{html.escape(node[-6:])}'
+            "</text>"
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def to_html(rep: PrivacyReport) -> str:
+    """One self-contained page (no scripts, no external resources) readable offline."""
+    esc = html.escape
+    body: list[str] = []
+    for i, (kind, value) in enumerate(_blocks(rep)):
+        if kind.startswith("h"):
+            body.append(f"<{kind}>{esc(str(value))}</{kind}>")
+            if i == 0:
+                body.append(_svg_plot(rep))
+        elif kind == "p":
+            body.append(f"<p>{esc(str(value))}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in value) + "</ul>")  # type: ignore[attr-defined]
+        else:
+            header, rows = value  # type: ignore[misc]
+            head = "".join(f"<th>{esc(h)}</th>" for h in header)
+            cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+    data = esc(rep.model_dump_json(), quote=False)
+    body.append(f'<script type="application/json" id="report-data">{data}</script>')
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}"
+        "th{background:#f3f3f3}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>FedGuard privacy report {rep.run_id}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def render(rep: PrivacyReport, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rep.model_dump(mode="json"), indent=2) + "\n"
+    if fmt == "md":
+        return to_markdown(rep)
+    return to_html(rep)

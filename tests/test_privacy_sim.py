@@ -1,0 +1,115 @@
+"""Budgets, planning, composition across runs and the privacy report, on real simulated federations.
+
+One workdir is shared: run 1 (one node's budget too small), ``run plan``, then run 2 with central
+DP on the same datasets; each step runs the real CLI in its own process (Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.ledger import Ledger
+from common.privacy import epsilon_spent
+from server.privacy_report import PrivacyReport
+from server.store import RunStore
+from tests.helpers import ROOT, make_tabular, tabular_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def fedguard(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedguard.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("privacy-sim")
+    data = tmp / "data.csv"
+    make_tabular(700).to_csv(data, index=False)
+    work = tmp / "work"
+    base = {"num_clients": 2, "data_path": str(data), "budget_epsilon": [20.0, 0.5]}
+    cfg1 = tabular_config(data, server={"min_replies": 1, "round_timeout": 120, "wait_for_nodes": 60}, simulation=base)
+    (tmp / "run1.json").write_text(cfg1.to_json())
+    run1 = json.loads(
+        fedguard("simulate", "--config", "run1.json", "--workdir", str(work), "--json", cwd=tmp).stdout.splitlines()[-1]
+    )
+    plan = json.loads(
+        fedguard("run", "plan", "--config", "run1.json", "--workdir", str(work), "--json", cwd=tmp).stdout.splitlines()[
+            -1
+        ]
+    )
+    cfg2 = cfg1.model_copy(
+        update={"central_dp": cfg1.central_dp.model_copy(update={"enabled": True, "noise_multiplier": 0.5})}
+    )
+    (tmp / "run2.json").write_text(cfg2.to_json())
+    run2 = json.loads(
+        fedguard("simulate", "--config", "run2.json", "--workdir", str(work), "--json", cwd=tmp).stdout.splitlines()[-1]
+    )
+    return {"tmp": tmp, "work": work, "run1": run1, "run2": run2, "plan": plan, "store": run1["store"]}
+
+
+def test_a_node_out_of_budget_refuses_and_the_run_continues(federation: dict) -> None:
+    with RunStore(federation["store"]) as store:
+        run = federation["run1"]["run_id"]
+        rounds = store.rounds(run)
+        clients = store.client_rounds(run)
+        assert store.run(run)["status"] == "finished"
+    assert [(r["accepted"], r["refused"], r["aggregated"]) for r in rounds] == [(1, 1, 1), (1, 1, 1)]
+    refused = [c for c in clients if c["status"] == "refused"]
+    assert len(refused) == 2 and all("budget-exhausted" in c["reason"] for c in refused)
+    assert all(c["received"] == ["refusal.code", "refusal.log-id"] for c in refused)
+
+
+def test_plan_shows_spent_budget_and_who_cannot_afford(federation: dict) -> None:
+    plans = sorted(federation["plan"], key=lambda p: p["budget-epsilon"])
+    poor, rich = plans
+    assert poor["status"] == "planned" and poor["affordable"] == 0 and poor["budget-epsilon"] == 0.5
+    assert rich["affordable"] == 1 and rich["epsilon-total"] > 0
+    # The node's answer is its ledger's history (run 1) composed with the planned run, at its budget δ.
+    with Ledger(federation["work"] / "partitions" / "ledger.db") as ledger:
+        run1 = ledger.history("sim-partition-0")[:2]
+    planned = [(rich["noise-multiplier"], rich["sample-rate"], int(rich["steps-per-round"]))] * 2
+    assert rich["epsilon-total"] == pytest.approx(epsilon_spent(run1, rich["budget-delta"]))
+    assert rich["epsilon-after"] == pytest.approx(epsilon_spent(run1 + planned, rich["budget-delta"]))
+    assert "num-examples" not in rich  # sizes never leave a node
+
+
+def test_epsilon_composes_across_runs(federation: dict) -> None:
+    with RunStore(federation["store"]) as store:
+        first = [c for c in store.client_rounds(federation["run1"]["run_id"]) if c["status"] == "accepted"]
+        second = [c for c in store.client_rounds(federation["run2"]["run_id"]) if c["status"] == "accepted"]
+    end_of_run1 = first[-1]["values"]["epsilon-total"]
+    start_of_run2 = second[0]["values"]
+    assert start_of_run2["epsilon-total"] > end_of_run1  # run 2 starts from run 1's total
+    assert start_of_run2["epsilon"] < end_of_run1  # while the run's own ε starts afresh
+
+
+def test_privacy_report_json_and_html(federation: dict) -> None:
+    tmp, store, run2 = federation["tmp"], federation["store"], federation["run2"]["run_id"]
+    fedguard("report", "privacy", str(run2), "--store", store, "--format", "json", "--out", "r.json", cwd=tmp)
+    report = PrivacyReport.model_validate_json((tmp / "r.json").read_text())
+    assert len(report.clients) == 2 and report.config_hash and report.versions["opacus"]
+    assert report.central_dp is not None and report.central_dp.epsilon and len(report.central_dp.rounds) == 2
+    accepted = next(c for c in report.clients if c.refusals == 0)
+    assert accepted.epsilon_total and accepted.budget_remaining == pytest.approx(20.0 - accepted.epsilon_total)
+    assert {v.privacy_class for v in accepted.sent} >= {"DP-protected", "declared public", "DP accounting"}
+    fedguard("report", "privacy", str(run2), "--store", store, "--format", "html", "--out", "r.html", cwd=tmp)
+    page = (tmp / "r.html").read_text()
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "<script src" not in page
+    assert page.count('class="eps-series"') == 2
+    for client in report.clients:
+        for rnd in client.rounds:
+            if rnd.epsilon_run is not None:
+                assert f"{rnd.epsilon_run:.3f}" in page
+    assert "Central (user-level) DP" in page
