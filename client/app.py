@@ -28,6 +28,7 @@ from common.data import Encoded, load_encoded, split_indices
 from common.errors import FedGuardError
 from common.models import build_model, model_max_len, pick_device
 from common.privacy import DPPlan, epsilon_spent, group_privacy, plan_dp
+from common.reply_signing import sign_reply
 
 app = ClientApp()
 
@@ -66,8 +67,10 @@ def _round(msg: Message) -> int | None:
 
 
 def _reply(msg: Message, content: RecordDict, settings: NodeSettings | None = None) -> Message:
-    """Check every key against the allow-list, log what leaves, and build the reply."""
+    """Check every key against the allow-list, sign, log what leaves, and build the reply."""
     R.check_reply_keys({name: list(rec.keys()) for name, rec in content.items()})
+    if settings is not None and settings.auth_key is not None:
+        sign_reply(content, settings.auth_key.read_bytes(), msg.metadata.run_id, _round(msg), msg.metadata.message_id)
     if settings is not None:
         log_sent(
             settings.workdir,
@@ -219,12 +222,14 @@ def _handle(msg: Message, context: Context, work: Work) -> Message:
         cfg = config_from_json(str(msg.content[R.CONFIG][R.RUN_CONFIG]))
         settings = _settings(msg, context, cfg)
         return work(msg, context, cfg, settings)
-    except FedGuardError as exc:
-        _log_failure(settings, log_id, exc)
-        return refusal(msg, exc.code, log_id, settings)
     except Exception as exc:  # noqa: BLE001 - the text may quote private data: it stays local
+        code = exc.code if isinstance(exc, FedGuardError) else "internal-error"
         _log_failure(settings, log_id, exc)
-        return refusal(msg, "internal-error", log_id, settings)
+    try:
+        return refusal(msg, code, log_id, settings)
+    except Exception as exc:  # noqa: BLE001 - e.g. an unreadable key: unsigned, so the server drops it
+        _log_failure(settings, log_id, exc)
+        return refusal(msg, code, log_id)
 
 
 @app.train()

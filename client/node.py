@@ -1,9 +1,10 @@
 """A node's local settings, work directory and log: what it trains on and where it writes.
 
 In deployment the owner sets these in the SuperNode's node config (``data-path``,
-``schema-path``, ``workdir``, ``declared-size``, and for the privacy ledger ``dataset-id``,
-``ledger-path``, ``budget-epsilon``, ``budget-delta``); in simulation Flower injects
-``partition-id`` and the node reads its partition file from the simulation folder.
+``schema-path``, ``workdir``, ``declared-size``; for the privacy ledger ``dataset-id``,
+``ledger-path``, ``budget-epsilon``, ``budget-delta``; ``auth-key-path`` to sign replies); in
+simulation Flower injects ``partition-id`` and the node reads its partition file from the
+simulation folder.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class NodeSettings:
     ledger_path: Path
     budget_epsilon: float
     budget_delta: float
+    #: The node's authentication key (the SuperNode's): it signs every reply. None in simulation.
+    auth_key: Path | None = None
 
     @property
     def marker_dir(self) -> Path:
@@ -86,6 +89,7 @@ def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str
         ledger_path=ledger_path,
         budget_epsilon=budget[0],
         budget_delta=budget[1],
+        auth_key=Path(str(node_config["auth-key-path"])) if "auth-key-path" in node_config else None,
     )
 
 

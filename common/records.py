@@ -16,6 +16,7 @@ CONFIG = "config"  # train instructions (server → node)
 METRICS = "metrics"  # per-reply values (node → server)
 REFUSAL = "refusal"  # explicit refusal or failure, with a code and a node-local log id
 PLAN = "plan"  # a node's answer to a privacy-planning query
+SIGNATURE = "signature"  # the node's signature over the reply (common.reply_signing)
 
 # Keys of the CONFIG record.
 ROUND = "round"
@@ -45,6 +46,9 @@ PLAN_EPSILON_RUN = "epsilon-run"  # ε of the whole planned run alone
 PLAN_EPSILON_AFTER = "epsilon-after"  # the dataset's total after the planned run
 PLAN_AFFORDABLE = "affordable"  # 1 if the remaining budget covers the planned run
 PLAN_STEPS = "steps-per-round"
+
+# Keys of the SIGNATURE record.
+SIGNATURE_VALUE = "ecdsa-p384-sha384"  # base64 signature by the node's authentication key
 
 # Keys of the REFUSAL record.
 REFUSAL_CODE = "code"
@@ -91,6 +95,7 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         PLAN_AFFORDABLE: "accounting",
     },
     REFUSAL: {REFUSAL_CODE: "public", REFUSAL_LOG_ID: "public"},
+    SIGNATURE: {SIGNATURE_VALUE: "public"},
 }
 
 

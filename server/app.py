@@ -8,6 +8,7 @@ declared public size, evaluate on the held-out split, record everything in the r
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import platform
 import time
 import uuid
@@ -30,9 +31,10 @@ from common.privacy import epsilon_spent
 from server.aggregation import CentralDPMean, WeightedMean
 from server.evaluation import evaluate
 from server.store import RunStore
-from server.validation import Outcome, classify_reply
+from server.validation import Outcome, check_signature, classify_reply
 
 Progress = Callable[[str], None]
+log = logging.getLogger("fedguard.server")
 
 
 @dataclass
@@ -63,6 +65,9 @@ def collect_replies(
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):
+            if reply.metadata.reply_to_message_id not in pending:
+                log.warning("dropped a duplicate reply to message %s", reply.metadata.reply_to_message_id)
+                continue  # only the first reply to a message counts
             pending.discard(reply.metadata.reply_to_message_id)
             replies.append(reply)
         if pending:
@@ -151,8 +156,12 @@ def run_federation(
         if sim_data_dir:
             base[R.SIM_DATA_DIR] = sim_data_dir
         central_releases = 0
+        # Deployment: every reply must be signed by the key the SuperLink registered for its node.
+        node_keys = None if sim_data_dir else registered_keys(grid)
         for rnd in range(1, cfg.rounds + 1):
             started = time.time()
+            if node_keys is not None:
+                node_keys = registered_keys(grid)  # nodes may have joined since
             online = sorted(int(n) for n in grid.get_node_ids())
             k = min(cfg.clients_per_round, len(online))
             # Sample by position: node ids are uint64 and would lose precision in a numpy array.
@@ -171,7 +180,7 @@ def run_federation(
             replies, silent, unreachable = collect_replies(
                 grid, messages, cfg.server.round_timeout, cfg.server.poll_interval
             )
-            outcomes = [classify_reply(r, global_state, cfg.server.max_weight) for r in replies]
+            outcomes = [_classify(r, global_state, cfg, node_keys, flower_run_id, rnd) for r in replies]
             outcomes += [Outcome(n, "dropped", f"no reply within {cfg.server.round_timeout:g}s") for n in silent]
             outcomes += [Outcome(n, "failed", "the message could not be delivered") for n in unreachable]
             central = cfg.central_dp
@@ -213,6 +222,27 @@ def run_federation(
     finally:
         store.close()
     return RunResult(run_id=run_id, store_path=store_path, final_metrics=metrics)
+
+
+def registered_keys(grid: Grid) -> dict[int, bytes]:
+    """Node id → the public key the SuperLink authenticated it with (empty without node auth)."""
+    return {int(n.node_id): bytes(n.public_key) for n in grid.get_nodes()}
+
+
+def _classify(
+    reply: Message,
+    reference: dict[str, np.ndarray],
+    cfg: RunConfig,
+    node_keys: dict[int, bytes] | None,
+    flower_run_id: int | None,
+    rnd: int,
+) -> Outcome:
+    if node_keys is not None:
+        bad = check_signature(reply, node_keys, int(flower_run_id or 0), rnd)
+        if bad is not None:
+            log.warning("node %s: %s", bad.node_id, bad.reason)
+            return bad
+    return classify_reply(reply, reference, cfg.server.max_weight)
 
 
 def _round_line(rnd: int, cfg: RunConfig, outcomes: list[Outcome], aggregated: bool, secs: float) -> str:

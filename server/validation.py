@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from common import records as R
 from common.codec import record_to_numpy
+from common.reply_signing import verify_reply
 
 #: Accounting and public values a train reply may carry besides its weight (all numeric, ≥ 0).
 _METRIC_KEYS = [k for k in R.REPLY_ALLOWLIST[R.METRICS] if k != R.NUM_EXAMPLES]
@@ -44,10 +45,30 @@ class Outcome:
         }
 
 
+def received_keys(content: RecordDict) -> list[str]:
+    """``record.key`` of every value a node sent (``record.*`` for model tensors)."""
+    out = []
+    for name, record in content.items():
+        out += [f"{name}.*"] if isinstance(record, ArrayRecord) else [f"{name}.{k}" for k in record.keys()]
+    return out
+
+
 def refusal_reason(content: RecordDict) -> str:
     """A refusal as the operator sees it: the node's code and the log id to ask its owner about."""
     ref = content[R.REFUSAL]
     return f"{ref.get(R.REFUSAL_CODE, '?')} (node log id {ref.get(R.REFUSAL_LOG_ID, '?')})"
+
+
+def check_signature(msg: Message, node_keys: dict[int, bytes], run_id: int, round_: int | None) -> Outcome | None:
+    """Reject a reply not signed by the key the SuperLink registered for its node (None: it is)."""
+    node = int(msg.metadata.src_node_id)
+    if msg.has_error():
+        return None  # Flower's own error replies carry no content to sign
+    key = node_keys.get(node)
+    if not key:
+        return _reject(node, "no registered public key for this node; its replies cannot be verified")
+    reason = verify_reply(msg.content, key, run_id, round_, msg.metadata.reply_to_message_id)
+    return None if reason is None else _reject(node, reason)
 
 
 def _reject(node: int, reason: str) -> Outcome:
@@ -61,10 +82,8 @@ def classify_reply(msg: Message, reference: OrderedDict[str, np.ndarray], max_we
         return Outcome(node, "failed", f"error {msg.error.code}: {msg.error.reason}")
     content = msg.content
     if R.REFUSAL in content:
-        return Outcome(
-            node, "refused", refusal_reason(content), received=[f"{R.REFUSAL}.{k}" for k in content[R.REFUSAL].keys()]
-        )
-    names = set(content.keys())
+        return Outcome(node, "refused", refusal_reason(content), received=received_keys(content))
+    names = set(content.keys()) - {R.SIGNATURE}
     if names != {R.ARRAYS, R.METRICS}:
         return _reject(node, f"unexpected records {sorted(names)}; expected {[R.ARRAYS, R.METRICS]}")
     try:
@@ -96,5 +115,4 @@ def classify_reply(msg: Message, reference: OrderedDict[str, np.ndarray], max_we
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 return _reject(node, f"invalid {key}={v!r}")
             values[key] = v
-    received = [f"{R.ARRAYS}.*"] + [f"{R.METRICS}.{k}" for k in metrics]
-    return Outcome(node, "accepted", None, float(weight), values, received, state)
+    return Outcome(node, "accepted", None, float(weight), values, received_keys(content), state)
