@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,31 @@ class TrainConfig(_Strict):
     device: str = "auto"
     #: torch threads per client; 1 is fastest when several nodes share a machine.
     threads: int = Field(1, ge=1)
+    #: FedProx μ: after every optimizer step, w ← w − lr·μ·(w − w_global). Applied as a step, not a
+    #: loss term, because Opacus's DP optimizer overwrites gradients with the clipped, noised
+    #: per-sample sum (a loss term would be silently lost). Data-independent: costs no privacy.
+    proximal_mu: float = Field(0.0, ge=0)
+    #: Linear learning-rate warm-up over the first k optimizer steps of every round (0 = off): the
+    #: optimizer restarts each round, and its first, noisiest steps under DP-SGD move the most.
+    warmup_steps: int = Field(0, ge=0)
+    #: Largest batch actually run through the model (Opacus BatchMemoryManager): a large logical
+    #: ``batch_size`` is split into physical batches, one DP step per logical batch. Accounting is
+    #: unchanged (q comes from the logical batch). None = no split.
+    physical_batch_size: int | None = Field(None, ge=1)
+    #: Each node's logical batch follows its own size: batch = max(batch_size, ⌈sample_rate·n⌉), so
+    #: large nodes take proportionally larger batches (same q, hence the same σ, on every node) and
+    #: small ones keep at least ``batch_size``. None = ``batch_size`` on every node.
+    sample_rate: float | None = Field(None, gt=0, le=1)
+    #: Public per-class loss weights, in schema class order (e.g. 1/(C·p_c) for a published class
+    #: prior p). Never computed from a node's own label counts: those are private, and weights that
+    #: depend on other records change each record's gradient outside DP-SGD's per-record bound.
+    class_weights: list[float] | None = None
+
+    def logical_batch_size(self, n_train: int) -> int:
+        """The expected DP batch on a node with ``n_train`` records (see ``sample_rate``)."""
+        if self.sample_rate is None:
+            return self.batch_size
+        return max(self.batch_size, math.ceil(self.sample_rate * n_train))
 
 
 class DPConfig(_Strict):
@@ -82,6 +108,48 @@ class DataConfig(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class ServerOptimizerConfig(_Strict):
+    """How the server turns the aggregated client models into the next global model.
+
+    ``fedavg`` takes the aggregate as is; the others treat ``aggregate − global`` as a pseudo-gradient
+    (Reddi et al. 2021; Flower's FedAvgM, FedAdagrad, FedAdam, FedYogi strategies). Unset fields take
+    Flower's defaults for the chosen optimizer (``server.optimizers.FLOWER_DEFAULTS``).
+    """
+
+    name: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = "fedavg"
+    #: Server learning rate (η; FedAvgM's ``server_learning_rate``).
+    learning_rate: float | None = Field(None, gt=0)
+    #: FedAvgM's server momentum; β₁ for FedAdam and FedYogi.
+    momentum: float | None = Field(None, ge=0, lt=1)
+    #: β₂ for FedAdam and FedYogi.
+    beta_2: float | None = Field(None, ge=0, lt=1)
+    #: τ, the adaptivity floor of FedAdagrad, FedAdam and FedYogi.
+    tau: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> ServerOptimizerConfig:
+        takes = _SERVER_OPTIMIZER_FIELDS[self.name]
+        extra = [k for k in ("learning_rate", "momentum", "beta_2", "tau") if getattr(self, k) is not None]
+        extra = [k for k in extra if k not in takes]
+        if extra:
+            raise ValueError(
+                f"server.optimizer {self.name!r} takes "
+                + (", ".join(takes) if takes else "no parameters")
+                + f"; remove {', '.join(extra)}"
+            )
+        return self
+
+
+#: The ``[server.optimizer]`` fields each optimizer uses.
+_SERVER_OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedavgm": ("learning_rate", "momentum"),
+    "fedadagrad": ("learning_rate", "tau"),
+    "fedadam": ("learning_rate", "momentum", "beta_2", "tau"),
+    "fedyogi": ("learning_rate", "momentum", "beta_2", "tau"),
+}
+
+
 class ServerConfig(_Strict):
     #: Cap on a node's declared size used as its FedAvg weight; larger weights are rejected.
     max_weight: float = Field(1_000_000, gt=0)
@@ -93,6 +161,19 @@ class ServerConfig(_Strict):
     wait_for_nodes: float = Field(120, gt=0)
     #: Poll interval for replies (Flower's built-in send_and_receive sleeps 3 s).
     poll_interval: float = Field(0.2, gt=0)
+    #: ``[server.optimizer]``: FedAvg by default.
+    optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
+    #: Fewest accepted replies as a fraction of the nodes sampled in a round (on top of min_replies).
+    min_fraction: float = Field(0.0, ge=0, le=1)
+    #: Times a round that got too few accepted replies is tried again before the run fails.
+    round_retries: int = Field(1, ge=0, le=10)
+    #: Reject an update whose L2 distance from the global model exceeds this (None: no bound).
+    max_update_norm: float | None = Field(None, gt=0)
+    #: ``fedavg`` (weighted, streaming), or robust ``median`` / ``trimmed-mean`` (coordinate-wise,
+    #: unweighted, hold every update in memory; plaintext mode only, not with central DP).
+    aggregation: Literal["fedavg", "median", "trimmed-mean"] = "fedavg"
+    #: Fraction cut from each end per coordinate for ``trimmed-mean``.
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
 
 
 class SimulationConfig(_Strict):
@@ -133,11 +214,36 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if self.server.aggregation != "fedavg" and self.secure_aggregation == "homomorphic":
+            raise ValueError(
+                f"server.aggregation = {self.server.aggregation!r} needs every plaintext update at the server; "
+                'in homomorphic mode the server only sums ciphertexts: use "fedavg"'
+            )
+        if self.server.aggregation != "fedavg" and self.central_dp.enabled:
+            raise ValueError(
+                "central_dp's noise is calibrated to a mean of clipped updates; a median or trimmed mean has "
+                'a different sensitivity: use server.aggregation = "fedavg" with central_dp'
+            )
         if self.central_dp.enabled and self.secure_aggregation == "homomorphic":
             raise ValueError(
                 "central_dp needs the server to clip each client's plaintext update, but in homomorphic mode "
                 "the server only sees ciphertexts; the clients' DP-SGD already protects every record: "
                 "disable central_dp or use secure_aggregation = \"none\""
+            )
+        weights = self.train.class_weights
+        if weights is not None:
+            classes = self.data.schema_.num_classes
+            if len(weights) != classes or not all(math.isfinite(w) and w > 0 for w in weights):
+                raise ValueError(
+                    f"train.class_weights needs {classes} positive weights (one per class in "
+                    f"data.schema.classes order), got {weights}"
+                )
+        pbs = self.train.physical_batch_size
+        if pbs is not None and self.dp.enabled and self.dp.grad_sample_mode == "ew":
+            raise ValueError(
+                "train.physical_batch_size splits a logical batch and accumulates per-sample gradients "
+                'across physical batches, which the "ew" mode cannot do: use dp.grad_sample_mode = '
+                '"hooks", "ghost" or "auto"'
             )
         if self.server.min_replies > self.clients_per_round:
             raise ValueError(

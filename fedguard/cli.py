@@ -104,6 +104,20 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_resume(args: argparse.Namespace) -> int:
+    from fedguard.simulate import simulate
+    from server.app import resume_point
+
+    store = _existing_store(args.store).resolve()
+    cfg, ckpt = resume_point(store, args.run_id)
+    t0 = time.perf_counter()
+    result = simulate(cfg, Path(args.workdir) if args.workdir else store.parent, store, resume=ckpt)
+    _print_summary(result.store_path, result.run_id, args.json)
+    if not args.json:
+        print(f"wall time {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
 def _ledger_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     workdir = Path(args.workdir)
     ledger = Path(args.ledger) if args.ledger else workdir / "ledger.db"
@@ -277,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--workdir", help="simulation folder (default: <config>-sim)")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_run_plan)
+    rr = runsub.add_parser("resume", help="continue a crashed or stopped run from its last complete round")
+    rr.add_argument("run_id", type=int)
+    rr.add_argument("--store", default="fedguard-demo/runs.db")
+    rr.add_argument("--workdir", help="simulation folder holding the partitions (default: the store's folder)")
+    rr.add_argument("--json", action="store_true")
+    rr.set_defaults(func=cmd_run_resume)
 
     add_provision_commands(sub)
 

@@ -19,6 +19,7 @@ from common.data import read_table, split_indices
 from common.errors import ConfigError
 from common.partition import partition_frame
 from server.app import Progress, RunResult, make_server_app
+from server.checkpoint import Checkpoint
 from server.planning import NodePlan, plan_federation
 
 
@@ -63,13 +64,17 @@ def simulate(
     store_path: Path | None = None,
     progress: Progress = print,
     client_app: ClientApp | None = None,
+    resume: Checkpoint | None = None,
 ) -> RunResult:
-    """Run the whole federation in simulation; ``client_app`` overrides FedGuard's (tests only)."""
+    """Run the whole federation in simulation; ``client_app`` overrides FedGuard's (tests only).
+
+    With ``resume`` the run continues after the checkpoint's round, on the same partitions.
+    """
     workdir = workdir.resolve()
-    run_cfg = prepare_partitions(cfg, workdir, progress)
+    run_cfg = cfg if resume is not None else prepare_partitions(cfg, workdir, progress)
     store_path = (store_path or workdir / "runs.db").resolve()
     results: list[RunResult] = []
-    server_app = make_server_app(run_cfg, store_path, str(workdir / "partitions"), results.append)
+    server_app = make_server_app(run_cfg, store_path, str(workdir / "partitions"), results.append, resume)
     run_on_simulation(run_cfg, server_app, client_app)
     if not results:
         raise RuntimeError("the simulation ended without a result; see the log above")

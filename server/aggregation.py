@@ -73,3 +73,43 @@ class CentralDPMean:
         for k in self._keys:
             out[k] = (out[k] + rng.normal(0.0, self.stdv, out[k].shape)).astype(self._ref[k].dtype)
         return out
+
+
+class CoordinateRobust:
+    """Coordinate-wise median or trimmed mean of the updates, unweighted (weights are ignored).
+
+    Unlike FedAvg this holds every accepted update until the round ends: memory grows with the
+    number of replies. Allowed in plaintext mode only, and not with central DP.
+    """
+
+    def __init__(self, reference: OrderedDict[str, np.ndarray], method: str, trim_fraction: float = 0.2) -> None:
+        self._ref = reference
+        self._method = method
+        self._trim = trim_fraction
+        self._states: list[OrderedDict[str, np.ndarray]] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._states)
+
+    def add(self, state: OrderedDict[str, np.ndarray], weight: float = 1.0) -> None:
+        del weight
+        self._states.append(state)
+
+    def result(self) -> OrderedDict[str, np.ndarray]:
+        if not self._states:
+            raise ValueError("no update to aggregate")
+        out: OrderedDict[str, np.ndarray] = OrderedDict()
+        for k, ref in self._ref.items():
+            if not np.issubdtype(ref.dtype, np.floating):
+                out[k] = ref.copy()
+                continue
+            stack = np.stack([s[k] for s in self._states]).astype(np.float64)
+            if self._method == "median":
+                agg = np.median(stack, axis=0)
+            else:
+                n = stack.shape[0]
+                cut = int(np.floor(self._trim * n))
+                agg = np.sort(stack, axis=0)[cut : n - cut].mean(axis=0)
+            out[k] = agg.astype(ref.dtype)
+        return out

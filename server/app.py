@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import platform
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +25,20 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import records as R
 from common.codec import load_numpy_state, numpy_to_record, state_to_numpy
-from common.config import RunConfig, load_config
+from common.config import RunConfig, config_from_json, load_config
 from common.data import load_encoded
 from common.errors import ConfigError, FedGuardError
 from common.models import build_model, describe_model, model_max_len
 from common.privacy import epsilon_spent
-from server.aggregation import CentralDPMean, WeightedMean
+from server.aggregation import CentralDPMean, CoordinateRobust, WeightedMean
+from server.checkpoint import Checkpoint, checkpoint_dir, latest_good
+from server.checkpoint import save as save_checkpoint
 from server.evaluation import evaluate
 from server.store import RunStore
 from server.validation import Outcome, check_signature, classify_reply
 
 Progress = Callable[[str], None]
+Aggregator = WeightedMean | CentralDPMean | CoordinateRobust
 log = logging.getLogger("fedguard.server")
 
 
@@ -104,6 +109,23 @@ def _central_dp_epsilon(cfg: RunConfig, releases: int) -> float:
     return epsilon_spent([(dp.noise_multiplier, 1.0, releases)], dp.delta, "rdp")
 
 
+class RoundFailed(FedGuardError):
+    code = "round-failed"
+
+
+def _aggregator(cfg: RunConfig, global_state: OrderedDict[str, np.ndarray]) -> Aggregator:
+    if cfg.central_dp.enabled:
+        return CentralDPMean(global_state, cfg.central_dp.noise_multiplier, cfg.central_dp.clipping_norm)
+    if cfg.server.aggregation != "fedavg":
+        return CoordinateRobust(global_state, cfg.server.aggregation, cfg.server.trim_fraction)
+    return WeightedMean(global_state)
+
+
+def _needed(cfg: RunConfig, sampled: int) -> int:
+    """Fewest accepted replies that let a round update the model."""
+    return max(cfg.server.min_replies, math.ceil(cfg.server.min_fraction * sampled))
+
+
 def run_federation(
     grid: Grid,
     cfg: RunConfig,
@@ -112,13 +134,18 @@ def run_federation(
     sim_data_dir: str | None = None,
     flower_run_id: int | None = None,
     progress: Progress = print,
+    resume: Checkpoint | None = None,
 ) -> RunResult:
-    """Run ``cfg.rounds`` rounds of DP federated training; one bad reply never ends the run."""
+    """Run ``cfg.rounds`` rounds of DP federated training; one bad reply never ends the run.
+
+    With ``resume`` (a checkpoint of an earlier run) it continues after that checkpoint's round
+    as a new run linked to the original; no round is run or recorded twice.
+    """
     torch.manual_seed(cfg.seed)
     schema = cfg.data.schema_
     model = build_model(cfg.model.name, schema, cfg.model.params)
     progress(describe_model(cfg.model.name, model))
-    global_state = state_to_numpy(model)
+    global_state = state_to_numpy(model) if resume is None else resume.state
     holdout = None
     if cfg.data.evaluation_path:
         holdout = load_encoded(
@@ -127,18 +154,30 @@ def run_federation(
             max_len=model_max_len(cfg.model.name, cfg.model.params),
             cache_dir=None,
         )
-    store = RunStore(store_path)
     if cfg.secure_aggregation == "homomorphic":
         raise ConfigError(
             "homomorphic aggregation is not available in this FedGuard version",
             where="secure_aggregation",
             fix='set secure_aggregation = "none"',
         )
+    store = RunStore(store_path)
     run_id = store.create_run(
-        cfg.name, cfg.to_json(), cfg.digest(), flower_run_id, _run_meta(cfg, simulated=sim_data_dir is not None)
+        cfg.name,
+        cfg.to_json(),
+        cfg.digest(),
+        flower_run_id,
+        _run_meta(cfg, simulated=sim_data_dir is not None),
+        resumed_from=resume.run_id if resume else None,
     )
-    progress(f"run {run_id} recorded in {store_path}")
+    ckpt_dir = checkpoint_dir(store_path, run_id)
+    progress(f"run {run_id} recorded in {store_path}" + (f" (resumes run {resume.run_id})" if resume else ""))
     rng = np.random.default_rng(cfg.seed)
+    central_releases = 0
+    first_round = 1
+    if resume is not None:
+        rng.bit_generator.state = resume.rng_state
+        central_releases = int(resume.extra.get("central_releases", 0))
+        first_round = resume.round + 1
     metrics: dict[str, float] = {}
     try:
         nodes = wait_for_nodes(grid, cfg.clients_per_round, cfg.server.wait_for_nodes, progress)
@@ -148,65 +187,76 @@ def run_federation(
                 f"server.min_replies is {cfg.server.min_replies}",
                 fix="start more nodes or lower server.min_replies",
             )
-        if holdout is not None:
+        if holdout is not None and resume is None:
             metrics = evaluate(model, holdout)
             store.record_evaluation(run_id, 0, metrics)
             progress(f"round 0: held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.3f}")
         base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_ID: run_id, R.RUN_UID: uuid.uuid4().hex}
         if sim_data_dir:
             base[R.SIM_DATA_DIR] = sim_data_dir
-        central_releases = 0
         # Deployment: every reply must be signed by the key the SuperLink registered for its node.
-        node_keys = None if sim_data_dir else registered_keys(grid)
-        for rnd in range(1, cfg.rounds + 1):
-            started = time.time()
-            if node_keys is not None:
-                node_keys = registered_keys(grid)  # nodes may have joined since
-            online = sorted(int(n) for n in grid.get_node_ids())
-            k = min(cfg.clients_per_round, len(online))
-            # Sample by position: node ids are uint64 and would lose precision in a numpy array.
-            sampled = sorted(online[i] for i in rng.permutation(len(online))[:k])
-            arrays = numpy_to_record(global_state)
-            messages = [
-                Message(
-                    RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**base, R.ROUND: rnd})}),
-                    dst_node_id=node,
-                    message_type=MessageType.TRAIN,
-                    group_id=str(rnd),
+        signed = sim_data_dir is None
+        for rnd in range(first_round, cfg.rounds + 1):
+            for attempt in range(1, cfg.server.round_retries + 2):
+                started = time.time()
+                node_keys = registered_keys(grid) if signed else None
+                online = sorted(int(n) for n in grid.get_node_ids())
+                k = min(cfg.clients_per_round, len(online))
+                # Sample by position: node ids are uint64 and would lose precision in a numpy array.
+                sampled = sorted(online[i] for i in rng.permutation(len(online))[:k])
+                arrays = numpy_to_record(global_state)
+                messages = [
+                    Message(
+                        RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**base, R.ROUND: rnd})}),
+                        dst_node_id=node,
+                        message_type=MessageType.TRAIN,
+                        group_id=str(rnd),
+                    )
+                    for node in sampled
+                ]
+                progress(
+                    f"round {rnd}/{cfg.rounds}: training on {len(sampled)} node(s)"
+                    + (f" (attempt {attempt})" if attempt > 1 else "")
                 )
-                for node in sampled
-            ]
-            progress(f"round {rnd}/{cfg.rounds}: training on {len(sampled)} node(s)")
-            replies, silent, unreachable = collect_replies(
-                grid, messages, cfg.server.round_timeout, cfg.server.poll_interval
+                replies, silent, unreachable = collect_replies(
+                    grid, messages, cfg.server.round_timeout, cfg.server.poll_interval
+                )
+                outcomes = [_classify(r, global_state, cfg, node_keys, flower_run_id, rnd) for r in replies]
+                outcomes += [Outcome(n, "dropped", f"no reply within {cfg.server.round_timeout:g}s") for n in silent]
+                outcomes += [Outcome(n, "failed", "the message could not be delivered") for n in unreachable]
+                agg = _aggregator(cfg, global_state)
+                for o in outcomes:
+                    if o.status == "accepted" and o.state is not None:
+                        agg.add(o.state, o.weight or 0.0)
+                        o.state = None  # free the update as soon as it is summed
+                needed = _needed(cfg, len(sampled))
+                aggregated = agg.count >= needed
+                round_meta: dict[str, object] = {"attempt": attempt, "needed": needed}
+                if aggregated:
+                    global_state = agg.result()
+                    if isinstance(agg, CentralDPMean):
+                        central_releases += 1
+                        round_meta["central_dp"] = {
+                            "noise_stdv": agg.stdv,
+                            "clipped_updates": agg.count,
+                            "epsilon": _central_dp_epsilon(cfg, central_releases),
+                            "delta": cfg.central_dp.delta,
+                        }
+                store.record_round(run_id, rnd, started, [o.row() for o in outcomes], aggregated, round_meta)
+                progress(_round_line(rnd, needed, outcomes, aggregated, time.time() - started))
+                if aggregated:
+                    break
+            else:
+                raise RoundFailed(
+                    f"round {rnd}: fewer than {needed} accepted update(s) in {cfg.server.round_retries + 1} attempt(s)",
+                    fix="check the node logs for the refusals and rejections above, start more nodes, or lower "
+                    "server.min_replies / server.min_fraction; then `fedguard run resume` continues from the "
+                    "last complete round",
+                )
+            save_checkpoint(
+                ckpt_dir,
+                Checkpoint(run_id, rnd, global_state, rng.bit_generator.state, {"central_releases": central_releases}),
             )
-            outcomes = [_classify(r, global_state, cfg, node_keys, flower_run_id, rnd) for r in replies]
-            outcomes += [Outcome(n, "dropped", f"no reply within {cfg.server.round_timeout:g}s") for n in silent]
-            outcomes += [Outcome(n, "failed", "the message could not be delivered") for n in unreachable]
-            central = cfg.central_dp
-            mean: WeightedMean | CentralDPMean = (
-                CentralDPMean(global_state, central.noise_multiplier, central.clipping_norm)
-                if central.enabled
-                else WeightedMean(global_state)
-            )
-            for o in outcomes:
-                if o.status == "accepted" and o.state is not None:
-                    mean.add(o.state, o.weight or 0.0)
-                    o.state = None  # free the update as soon as it is summed
-            aggregated = mean.count >= cfg.server.min_replies
-            round_meta: dict[str, object] = {}
-            if aggregated:
-                global_state = mean.result()
-                if isinstance(mean, CentralDPMean):
-                    central_releases += 1
-                    round_meta["central_dp"] = {
-                        "noise_stdv": mean.stdv,
-                        "clipped_updates": mean.count,
-                        "epsilon": _central_dp_epsilon(cfg, central_releases),
-                        "delta": central.delta,
-                    }
-            store.record_round(run_id, rnd, started, [o.row() for o in outcomes], aggregated, round_meta)
-            progress(_round_line(rnd, cfg, outcomes, aggregated, time.time() - started))
             if holdout is not None:
                 load_numpy_state(model, global_state)
                 metrics = evaluate(model, holdout)
@@ -242,19 +292,30 @@ def _classify(
         if bad is not None:
             log.warning("node %s: %s", bad.node_id, bad.reason)
             return bad
-    return classify_reply(reply, reference, cfg.server.max_weight)
+    return classify_reply(reply, reference, cfg.server.max_weight, cfg.server.max_update_norm)
 
 
-def _round_line(rnd: int, cfg: RunConfig, outcomes: list[Outcome], aggregated: bool, secs: float) -> str:
+def _round_line(rnd: int, needed: int, outcomes: list[Outcome], aggregated: bool, secs: float) -> str:
     acc = [o for o in outcomes if o.status == "accepted"]
     eps = ", ".join(f"node {o.node_id}: ε={o.values[R.EPSILON]:.2f}" for o in acc if R.EPSILON in o.values)
     lines = [
         f"  round {rnd}: {len(acc)}/{len(outcomes)} accepted in {secs:.1f}s"
-        + ("" if aggregated else f" — fewer than {cfg.server.min_replies}, global model unchanged")
+        + ("" if aggregated else f" — fewer than {needed} needed, global model unchanged")
         + (f"; {eps}" if eps else "")
     ]
     lines += [f"  node {o.node_id} {o.status}: {o.reason}" for o in outcomes if o.status != "accepted"]
     return "\n".join(lines)
+
+
+def resume_point(store_path: Path, run_id: int, progress: Progress = print) -> tuple[RunConfig, Checkpoint]:
+    """The config and last good checkpoint of ``run_id``, to continue it as a new run."""
+    with RunStore(store_path) as store:
+        run = store.run(run_id)
+    if run["status"] == "finished":
+        raise ConfigError(f"run {run_id} already finished; nothing to resume", where=str(store_path))
+    ckpt = latest_good(checkpoint_dir(store_path, run_id), progress)
+    progress(f"resuming run {run_id} after round {ckpt.round} (checkpoint {ckpt.path})")
+    return config_from_json(run["config_json"]), ckpt
 
 
 def make_server_app(
@@ -262,24 +323,31 @@ def make_server_app(
     store_path: Path | None = None,
     sim_data_dir: str | None = None,
     on_result: Callable[[RunResult], None] | None = None,
+    resume: Checkpoint | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to ``cfg``; without it, the config comes from the run config's ``config-path``."""
+    """A ServerApp bound to ``cfg``; without it, the config comes from the run config: ``config-path``
+    (and ``resume-run-id`` to continue a run from its last checkpoint in ``store-path``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg
+        run_cfg, checkpoint = cfg, resume
+        path = store_path or Path(str(context.run_config.get("store-path", "fedguard-runs.db")))
         if run_cfg is None:
-            path = str(context.run_config.get("config-path", ""))
-            if not path:
-                raise ConfigError("no FedGuard config", fix="flwr run ... -c 'config-path=\"/path/run.toml\"'")
-            run_cfg = load_config(path)
+            if "resume-run-id" in context.run_config:
+                run_cfg, checkpoint = resume_point(path, int(context.run_config["resume-run-id"]))
+            else:
+                config_path = str(context.run_config.get("config-path", ""))
+                if not config_path:
+                    raise ConfigError("no FedGuard config", fix="flwr run ... -c 'config-path=\"/path/run.toml\"'")
+                run_cfg = load_config(config_path)
         result = run_federation(
             grid,
             run_cfg,
-            store_path or Path(str(context.run_config.get("store-path", "fedguard-runs.db"))),
+            path,
             sim_data_dir=sim_data_dir,
             flower_run_id=int(context.run_id),
+            resume=checkpoint,
         )
         if on_result is not None:
             on_result(result)

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at  REAL NOT NULL,
     finished_at REAL,
     error       TEXT,
-    meta_json   TEXT            -- engine, transport, secure aggregation, software versions
+    meta_json   TEXT,           -- engine, transport, secure aggregation, software versions
+    resumed_from INTEGER        -- the run this one continues (fedguard run resume)
 );
 CREATE TABLE IF NOT EXISTS rounds (
     run_id      INTEGER NOT NULL REFERENCES runs(run_id),
@@ -99,6 +100,7 @@ class RunStore:
         """Add columns that newer versions introduced to a store an older FedGuard created."""
         for table, column in (
             ("runs", "meta_json"),
+            ("runs", "resumed_from"),
             ("rounds", "meta_json"),
             ("client_rounds", "values_json"),
             ("client_rounds", "received_json"),
@@ -130,11 +132,12 @@ class RunStore:
         config_hash: str,
         flower_run_id: int | None,
         meta: dict[str, Any] | None = None,
+        resumed_from: int | None = None,
     ) -> int:
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO runs(name, status, config_json, config_hash, flower_run_id, started_at, meta_json) "
-                "VALUES (?, 'running', ?, ?, ?, ?, ?)",
+                "INSERT INTO runs(name, status, config_json, config_hash, flower_run_id, started_at, meta_json, "
+                "resumed_from) VALUES (?, 'running', ?, ?, ?, ?, ?, ?)",
                 (
                     name,
                     config_json,
@@ -142,6 +145,7 @@ class RunStore:
                     None if flower_run_id is None else str(flower_run_id),
                     time.time(),
                     json.dumps(meta or {}),
+                    resumed_from,
                 ),
             )
             return int(cur.lastrowid or 0)

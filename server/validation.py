@@ -75,8 +75,22 @@ def _reject(node: int, reason: str) -> Outcome:
     return Outcome(node, "rejected", reason)
 
 
-def classify_reply(msg: Message, reference: OrderedDict[str, np.ndarray], max_weight: float) -> Outcome:
-    """Accept a reply only if it matches the global model exactly in structure and is finite."""
+def update_norm(state: OrderedDict[str, np.ndarray], reference: OrderedDict[str, np.ndarray]) -> float:
+    """L2 norm of (state − reference) over the float tensors."""
+    total = 0.0
+    for k, ref in reference.items():
+        if np.issubdtype(ref.dtype, np.floating):
+            total += float(np.sum((state[k].astype(np.float64) - ref) ** 2))
+    return math.sqrt(total)
+
+
+def classify_reply(
+    msg: Message,
+    reference: OrderedDict[str, np.ndarray],
+    max_weight: float,
+    max_update_norm: float | None = None,
+) -> Outcome:
+    """Accept a reply only if it matches the global model exactly in structure, is finite and in bounds."""
     node = int(msg.metadata.src_node_id)
     if msg.has_error():
         return Outcome(node, "failed", f"error {msg.error.code}: {msg.error.reason}")
@@ -102,6 +116,10 @@ def classify_reply(msg: Message, reference: OrderedDict[str, np.ndarray], max_we
             return _reject(node, f"wrong dtype for {key}: {arr.dtype}, expected {ref.dtype}")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             return _reject(node, f"non-finite values (NaN/Inf) in {key}")
+    if max_update_norm is not None:
+        norm = update_norm(state, reference)
+        if norm > max_update_norm:
+            return _reject(node, f"update norm {norm:.3g} exceeds server.max_update_norm={max_update_norm:g}")
     weight = metrics.get(R.NUM_EXAMPLES)
     if not isinstance(weight, int | float) or not math.isfinite(weight) or not 0 < weight <= max_weight:
         return _reject(node, f"weight {R.NUM_EXAMPLES}={weight!r} outside (0, {max_weight:g}]")

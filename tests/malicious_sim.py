@@ -1,4 +1,5 @@
-"""A simulated federation in which partition 1 sends a NaN update (round 1) and a wrong shape (round 2).
+"""A simulated federation in which partition 1 sends a NaN update (round 1), a wrong shape (round 2)
+and a huge-norm update (round 3).
 
 Run as ``python -m tests.malicious_sim WORKDIR CONFIG_JSON``; a test ClientApp variant that
 wraps FedGuard's real ClientApp and corrupts one node's replies after training.
@@ -29,10 +30,13 @@ def train(msg: Message, context: Context) -> Message:
         return reply
     state = record_to_numpy(reply.content[R.ARRAYS])
     first = next(iter(state))
-    if int(msg.content[R.CONFIG][R.ROUND]) == 1:
+    rnd = int(msg.content[R.CONFIG][R.ROUND])
+    if rnd == 1:
         state[first] = np.full_like(state[first], np.nan)
-    else:
+    elif rnd == 2:
         state[first] = np.zeros((*state[first].shape, 2), state[first].dtype)
+    else:
+        state[first] = state[first] + 1e3  # finite, right shape, far from the global model
     reply.content[R.ARRAYS] = numpy_to_record(state)
     return reply
 

@@ -79,7 +79,13 @@ data_path = "data.csv"
 def test_bad_replies_are_left_out_and_the_round_completes(tmp_path: Path) -> None:
     data = tmp_path / "data.csv"
     make_tabular(600).to_csv(data, index=False)
-    cfg = tabular_config(data, clients_per_round=3, simulation={"num_clients": 3, "data_path": str(data)})
+    cfg = tabular_config(
+        data,
+        rounds=3,
+        clients_per_round=3,
+        simulation={"num_clients": 3, "data_path": str(data)},
+        server={"max_update_norm": 100.0, "round_timeout": 120, "wait_for_nodes": 60},
+    )
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.to_json(), encoding="utf-8")
     proc = run(["-m", "tests.malicious_sim", str(tmp_path / "work"), str(cfg_file)], ROOT)
@@ -93,7 +99,40 @@ def test_bad_replies_are_left_out_and_the_round_completes(tmp_path: Path) -> Non
     assert [(r["round"], r["accepted"], r["rejected"], r["aggregated"]) for r in rounds] == [
         (1, 2, 1, 1),
         (2, 2, 1, 1),
+        (3, 2, 1, 1),
     ]
     reasons = [c["reason"] for c in clients if c["status"] == "rejected"]
-    assert "non-finite values" in reasons[0] and "wrong shape" in reasons[1]
-    assert np.isfinite(evals[2]["loss"])
+    assert (
+        "non-finite values" in reasons[0]
+        and "wrong shape" in reasons[1]
+        and "exceeds server.max_update_norm" in reasons[2]
+    )
+    # A +1000 shift on any tensor would send the loss far above this; DP noise alone does not.
+    assert np.isfinite(evals[3]["loss"]) and evals[3]["loss"] < 3.0
+
+
+def test_a_failed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    make_tabular(500).to_csv(data, index=False)
+    cfg = tabular_config(data, rounds=3, server={"round_retries": 0, "round_timeout": 120, "wait_for_nodes": 60})
+    cfg_file, marker, work = tmp_path / "cfg.json", tmp_path / "fail-round-2", tmp_path / "work"
+    cfg_file.write_text(cfg.to_json(), encoding="utf-8")
+    marker.touch()
+    proc = run(["-m", "tests.flaky_sim", str(work), str(cfg_file), str(marker)], ROOT)
+    assert "FAILED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with RunStore(work / "runs.db") as store:
+        (first,) = store.runs()
+        assert first["status"] == "failed" and "round 2" in first["error"]
+    assert (work / "checkpoints" / "run-1" / "round-00001.ckpt").exists()
+
+    marker.unlink()
+    proc = run(["-m", "fedguard.cli", "run", "resume", "1", "--store", str(work / "runs.db"), "--json"], ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    with RunStore(work / "runs.db") as store:
+        second = store.run(summary["run_id"])
+        rounds = store.rounds(summary["run_id"])
+        evals = store.evaluations(summary["run_id"])
+    assert second["status"] == "finished" and int(second["resumed_from"]) == 1
+    assert [(r["round"], r["aggregated"]) for r in rounds] == [(2, 1), (3, 1)]  # round 1 is not run again
+    assert sorted(evals) == [2, 3]
