@@ -1,0 +1,612 @@
+"""The fairness report of one run: group metrics over rounds, findings, suppressed groups, provenance.
+
+Built from audits that were already computed (``common.fairness.audit`` per round on the held-out
+set, optionally a federated audit from summed client counts and a client-level spread); rendered
+as JSON (validated by the pydantic models below), Markdown, or one self-contained HTML file with
+inline SVG plots of selection rate and TPR per group over rounds. Same neutral-block rendering
+as the privacy report, so Markdown and HTML always say the same thing.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from collections.abc import Sequence
+from typing import Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.fairness import (
+    AttributeAudit,
+    Audit,
+    FairnessConfig,
+    FederatedAudit,
+    Finding,
+    GroupMetrics,
+    findings,
+    merge_findings,
+    track_findings,
+)
+
+DEFINITIONS = [
+    "Per group: accuracy (tp+tn)/n, selection rate (tp+fp)/n, true-positive rate tp/(tp+fn), false-positive "
+    "rate fp/(fp+tn), precision tp/(tp+fp); a rate with a zero denominator is undefined (–) and left out of "
+    "disparities.",
+    "Disparities over the groups of one attribute that are not suppressed: demographic-parity difference "
+    "(max − min selection rate) and ratio (min / max), equal-opportunity difference (max − min TPR), "
+    "equalized-odds difference (the larger of the TPR and FPR differences), as fairlearn defines them.",
+    "Confidence intervals: percentile bootstrap, resampling the evaluation rows with replacement (fixed seed).",
+    "ROC-AUC: Mann–Whitney statistic with mid-ranks (ties count ½). Calibration error (ECE): top-label, "
+    "equal-width bins, Σ (n_b/n)·|accuracy_b − confidence_b|. Log loss: mean binary cross-entropy.",
+    "Suppressed: a group with fewer rows than the minimum group size; neither its metrics nor its exact size "
+    "are shown, and it is left out of disparities — it is never dropped silently.",
+    "Degenerate-model findings: a model whose selection rate is far from the base rate, or whose TPR is low for "
+    "every group, can show little disparity without being fair.",
+]
+
+FEDERATED_NOTE = (
+    "The federated view sums per-group confusion counts that each client computed for the global model on its "
+    "own validation split. Counts left a node only encrypted (homomorphic mode) or with Laplace noise charged to "
+    "the node's privacy ledger (plaintext mode); a group below a node's minimum size never left that node, so "
+    "federated group sizes are lower bounds. It describes the clients' validation data, not the held-out set."
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Provenance(_Model):
+    evaluation_size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # common.fairness.dataset_fingerprint or the file's hash
+    source: str | None = None  # e.g. "holdout.csv" or "20% held out of gss_wages (seed 7)"
+
+
+class RoundAudit(_Model):
+    round: int
+    audit: Audit
+
+
+class ClientSpread(_Model):
+    """Per-client accuracy of the global model, as a distribution: no client ids, no client groups."""
+
+    clients: int
+    worst: float
+    best: float
+    mean: float
+    spread: float
+    std: float
+
+
+class SuppressedGroup(_Model):
+    view: Literal["central", "federated"]
+    attribute: str
+    group: str
+    rounds: list[int]
+
+
+class FairnessReport(_Model):
+    format: Literal["fedguard-fairness-report/1"] = "fedguard-fairness-report/1"
+    generated_at: float
+    run_id: int
+    run_name: str
+    config: FairnessConfig
+    provenance: Provenance
+    rounds: list[RoundAudit]
+    findings: list[Finding]
+    suppressed: list[SuppressedGroup]
+    federated: FederatedAudit | None = None
+    client_spread: ClientSpread | None = None
+    definitions: list[str] = Field(default_factory=lambda: list(DEFINITIONS))
+
+
+def build_fairness_report(
+    run_id: int,
+    run_name: str,
+    audits_by_round: Sequence[tuple[int, Audit]],
+    provenance: Provenance | dict[str, object],
+    federated: FederatedAudit | None = None,
+    client_spread: ClientSpread | dict[str, float | int] | None = None,
+    cfg: FairnessConfig | None = None,
+) -> FairnessReport:
+    """Assemble the report; findings are computed here from the audits, with the round each was first seen.
+
+    ``cfg`` must be the config the audits were computed with (its thresholds make the findings).
+    """
+    cfg = cfg or FairnessConfig()
+    rounds = sorted(audits_by_round, key=lambda item: item[0])
+    found = track_findings((rnd, findings(a, cfg, rnd)) for rnd, a in rounds)
+    if federated is not None:
+        fed_round = federated.round if federated.round is not None else (rounds[-1][0] if rounds else 0)
+        found = merge_findings(found, findings(federated, cfg, fed_round, view="federated"), fed_round)
+    suppressed: dict[tuple[str, str, str], list[int]] = {}
+    for rnd, a in rounds:
+        for att in a.attributes:
+            for g in att.groups:
+                if g.suppressed:
+                    suppressed.setdefault(("central", att.name, g.group), []).append(rnd)
+    if federated is not None:
+        for att in federated.attributes:
+            for g in att.groups:
+                if g.suppressed:
+                    seen = suppressed.setdefault(("federated", att.name, g.group), [])
+                    seen += [] if federated.round is None else [federated.round]
+    severity_order = {"critical": 0, "warning": 1}
+    return FairnessReport(
+        generated_at=time.time(),
+        run_id=run_id,
+        run_name=run_name,
+        config=cfg,
+        provenance=provenance if isinstance(provenance, Provenance) else Provenance.model_validate(provenance),
+        rounds=[RoundAudit(round=rnd, audit=a) for rnd, a in rounds],
+        findings=sorted(found, key=lambda f: (severity_order[f.severity], f.first_seen_round or 0, f.attribute)),
+        suppressed=[
+            SuppressedGroup(view=v, attribute=att, group=g, rounds=rs)  # type: ignore[arg-type]
+            for (v, att, g), rs in suppressed.items()
+        ],
+        federated=federated,
+        client_spread=client_spread
+        if client_spread is None or isinstance(client_spread, ClientSpread)
+        else ClientSpread.model_validate(client_spread),
+    )
+
+
+# -- rendering -----------------------------------------------------------------------------
+# ("h1"|"h2"|"h3", text) | ("p", text) | ("ul", [items]) | ("table", (header, rows)) | ("plot", Plot)
+# Markdown skips plots (the same numbers are in the tables next to them).
+Block = tuple[str, object]
+Table = tuple[list[str], list[list[str]]]
+Series = dict[str, list[tuple[int, float]]]
+
+
+class Plot(_Model):
+    title: str
+    ylabel: str
+    series: dict[str, list[tuple[int, float]]]
+
+
+def _fmt(v: float | int | None, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _latest(rep: FairnessReport) -> RoundAudit | None:
+    return rep.rounds[-1] if rep.rounds else None
+
+
+def _group_cells(g: GroupMetrics, min_size: int) -> list[str]:
+    if g.suppressed:
+        return [
+            g.group,
+            f"< {min_size}",
+            "suppressed",
+            "suppressed",
+            "suppressed",
+            "suppressed",
+            "suppressed",
+            "suppressed",
+        ]
+    return [
+        g.group,
+        _fmt(g.size, "d"),
+        _fmt(g.base_rate),
+        _fmt(g.accuracy),
+        _fmt(g.selection_rate),
+        _fmt(g.tpr),
+        _fmt(g.fpr),
+        _fmt(g.precision),
+    ]
+
+
+_GROUP_HEADER = ["group", "size", "base rate", "accuracy", "selection rate", "TPR", "FPR", "precision"]
+_DISPARITIES = [
+    ("demographic_parity_difference", "demographic-parity difference"),
+    ("demographic_parity_ratio", "demographic-parity ratio"),
+    ("equalized_odds_difference", "equalized-odds difference"),
+    ("equal_opportunity_difference", "equal-opportunity difference"),
+]
+
+
+def _attribute_blocks(att: AttributeAudit, level: str, confidence: float | None, min_size: int) -> list[Block]:
+    rows = [_group_cells(g, min_size) for g in att.groups]
+    blocks: list[Block] = [("h" + level, att.name), ("table", (_GROUP_HEADER, rows))]
+    if att.disparities is None:
+        blocks.append(("p", att.note or "no disparities"))
+        return blocks
+    header = ["disparity", "value"]
+    if confidence is not None:
+        header.append(f"{confidence:.0%} CI")
+    header.append("groups")
+    rows = []
+    for key, label in _DISPARITIES:
+        d = getattr(att.disparities, key)
+        row = [label, _fmt(d.value)]
+        if confidence is not None:
+            row.append("–" if d.ci_low is None else f"{d.ci_low:.3f} – {d.ci_high:.3f}")
+        row.append(" vs ".join(d.groups) or "–")
+        rows.append(row)
+    blocks.append(("table", (header, rows)))
+    return blocks
+
+
+def _series(rep: FairnessReport, attribute: str, metric: str) -> Series:
+    out: Series = {}
+    for ra in rep.rounds:
+        for att in ra.audit.attributes:
+            if att.name != attribute:
+                continue
+            for g in att.groups:
+                v = getattr(g, metric)
+                if not g.suppressed and v is not None:
+                    out.setdefault(g.group, []).append((ra.round, float(v)))
+    return out
+
+
+def _finding_row(f: Finding) -> list[str]:
+    ci = "–" if f.ci_low is None else f"{f.ci_low:.3f} – {f.ci_high:.3f}"
+    return [
+        f.severity,
+        f.view,
+        f.kind.replace("_", " "),
+        f.attribute,
+        ", ".join(f.groups) or "all",
+        _fmt(f.value),
+        _fmt(f.threshold, "g"),
+        ci,
+        _fmt(f.first_seen_round, "d"),
+        _fmt(f.last_seen_round, "d"),
+    ]
+
+
+def _blocks(rep: FairnessReport) -> list[Block]:
+    """The report once, as neutral blocks; Markdown and HTML render the same content."""
+    cfg, prov = rep.config, rep.provenance
+    latest = _latest(rep)
+    last_round = latest.round if latest else None
+    blocks: list[Block] = [
+        ("h1", f"Fairness report — run {rep.run_id} ({rep.run_name})"),
+        (
+            "ul",
+            [
+                f"Rounds audited: {', '.join(str(r.round) for r in rep.rounds) or 'none'}",
+                f"Evaluation set: {prov.evaluation_size} rows"
+                + (f" ({prov.source})" if prov.source else "")
+                + f"; SHA-256 {prov.sha256}",
+                f"Minimum group size: {cfg.min_group_size} (smaller groups are shown as suppressed)",
+                f"Thresholds: demographic-parity ratio ≥ {cfg.dp_ratio_min:g}, equalized-odds difference ≤ "
+                f"{cfg.eo_diff_max:g}, equal-opportunity difference ≤ {cfg.eopp_diff_max:g}"
+                + (f", demographic-parity difference ≤ {cfg.dp_diff_max:g}" if cfg.dp_diff_max is not None else "")
+                + f"; critical beyond {cfg.critical_factor:g}× the allowed gap",
+                f"Bootstrap: {cfg.bootstrap_n} replicates, {cfg.confidence:.0%} percentile intervals, seed "
+                f"{cfg.bootstrap_seed}",
+            ],
+        ),
+        ("h2", "Findings"),
+    ]
+    if rep.findings:
+        active = [f for f in rep.findings if f.last_seen_round == last_round or f.view == "federated"]
+        blocks += [
+            ("p", f"{len(rep.findings)} finding(s), {len(active)} present in the latest round."),
+            (
+                "table",
+                (
+                    [
+                        "severity",
+                        "view",
+                        "finding",
+                        "attribute",
+                        "groups",
+                        "value",
+                        "threshold",
+                        "CI",
+                        "first seen",
+                        "last seen",
+                    ],
+                    [_finding_row(f) for f in rep.findings],
+                ),
+            ),
+            ("ul", [f"{f.severity}: {f.message}" for f in rep.findings]),
+        ]
+    else:
+        blocks.append(("p", "No findings: every disparity is within its threshold and the model is not degenerate."))
+
+    blocks += [("h2", "Overall metrics per round")]
+    blocks.append(
+        (
+            "table",
+            (
+                [
+                    "round",
+                    "n",
+                    "accuracy",
+                    "F1",
+                    "ROC-AUC",
+                    "ECE",
+                    "log loss",
+                    "base rate",
+                    "selection rate",
+                    "TPR",
+                    "FPR",
+                ],
+                [
+                    [
+                        str(r.round),
+                        str(o.n),
+                        _fmt(o.accuracy),
+                        _fmt(o.f1),
+                        _fmt(o.roc_auc),
+                        _fmt(o.ece),
+                        _fmt(o.log_loss),
+                        _fmt(o.base_rate),
+                        _fmt(o.selection_rate),
+                        _fmt(o.tpr),
+                        _fmt(o.fpr),
+                    ]
+                    for r in rep.rounds
+                    for o in [r.audit.overall]
+                ],
+            ),
+        )
+    )
+
+    if latest is not None:
+        blocks.append(("h2", f"Groups and disparities — round {latest.round} (central, held-out set)"))
+        for att in latest.audit.attributes:
+            confidence = latest.audit.confidence if latest.audit.bootstrap_n else None
+            blocks += _attribute_blocks(att, "3", confidence, latest.audit.min_group_size)
+
+        blocks.append(("h2", "Selection rate and TPR per group over rounds"))
+        rounds = [r.round for r in rep.rounds]
+        for att in latest.audit.attributes:
+            sel, tpr = _series(rep, att.name, "selection_rate"), _series(rep, att.name, "tpr")
+            blocks += [
+                ("h3", att.name),
+                ("plot", Plot(title=f"{att.name}: selection rate", ylabel="selection rate", series=sel)),
+                ("plot", Plot(title=f"{att.name}: true-positive rate", ylabel="TPR", series=tpr)),
+                (
+                    "table",
+                    (
+                        ["group (selection rate / TPR)", *[f"round {r}" for r in rounds]],
+                        [
+                            [g.group, *[_over_round(sel, tpr, g.group, r) for r in rounds]]
+                            for g in att.groups
+                            if not g.suppressed
+                        ],
+                    ),
+                ),
+            ]
+
+    blocks.append(("h2", "Suppressed groups"))
+    if rep.suppressed:
+        blocks.append(
+            (
+                "ul",
+                [
+                    f"{s.view} — {s.attribute}: {s.group} (fewer than {cfg.min_group_size} rows)"
+                    + (f", rounds {', '.join(map(str, s.rounds))}" if s.rounds else "")
+                    for s in rep.suppressed
+                ],
+            )
+        )
+    else:
+        blocks.append(("p", f"None: every group has at least {cfg.min_group_size} rows."))
+
+    blocks.append(("h2", "Central vs federated view"))
+    if rep.federated is None:
+        blocks.append(("p", "No federated view for this run (clients did not report per-group counts)."))
+    else:
+        fed = rep.federated
+        blocks.append(("p", FEDERATED_NOTE))
+        blocks.append(
+            (
+                "ul",
+                [
+                    f"Round {_fmt(fed.round, 'd')}; clients: {_fmt(fed.clients, 'd')}; "
+                    f"noise: {fed.noise or 'not stated'}",
+                    "Overall (federated): "
+                    + (
+                        "suppressed"
+                        if fed.overall is None or fed.overall.suppressed
+                        else f"n ≥ {fed.overall.size}, accuracy {_fmt(fed.overall.accuracy)}, selection rate "
+                        f"{_fmt(fed.overall.selection_rate)}, TPR {_fmt(fed.overall.tpr)}"
+                    ),
+                ],
+            )
+        )
+        central = {a.name: a for a in latest.audit.attributes} if latest else {}
+        rows = []
+        for att in fed.attributes:
+            c_groups = {g.group: g for g in central[att.name].groups} if att.name in central else {}
+            names = sorted({g.group for g in att.groups} | set(c_groups))
+            f_groups = {g.group: g for g in att.groups}
+            for name in names:
+                c, f = c_groups.get(name), f_groups.get(name)
+                rows.append(
+                    [
+                        att.name,
+                        name,
+                        _cmp_cell(c, "selection_rate"),
+                        _cmp_cell(f, "selection_rate"),
+                        _cmp_cell(c, "tpr"),
+                        _cmp_cell(f, "tpr"),
+                        _cmp_cell(c, "fpr"),
+                        _cmp_cell(f, "fpr"),
+                    ]
+                )
+        blocks.append(
+            (
+                "table",
+                (
+                    [
+                        "attribute",
+                        "group",
+                        "selection (central)",
+                        "selection (federated)",
+                        "TPR (central)",
+                        "TPR (federated)",
+                        "FPR (central)",
+                        "FPR (federated)",
+                    ],
+                    rows,
+                ),
+            )
+        )
+        blocks.append(("h3", "Federated disparities"))
+        for att in fed.attributes:
+            blocks += _attribute_blocks(att, "4", None, fed.min_group_size)
+
+    blocks.append(("h2", "Client-level fairness"))
+    if rep.client_spread is None:
+        blocks.append(("p", "Not reported for this run."))
+    else:
+        cs = rep.client_spread
+        blocks.append(
+            (
+                "p",
+                f"Accuracy of the global model on each of {cs.clients} clients' validation splits: worst "
+                f"{cs.worst:.3f}, best {cs.best:.3f}, mean {cs.mean:.3f}, spread {cs.spread:.3f}, std {cs.std:.3f}. "
+                "Reported as a distribution only: no client is named and no client's groups are shown.",
+            )
+        )
+
+    blocks += [("h2", "Definitions"), ("ul", list(rep.definitions))]
+    return blocks
+
+
+def _over_round(sel: Series, tpr: Series, group: str, rnd: int) -> str:
+    s = dict(sel.get(group, [])).get(rnd)
+    t = dict(tpr.get(group, [])).get(rnd)
+    return "–" if s is None and t is None else f"{_fmt(s)} / {_fmt(t)}"
+
+
+def _cmp_cell(g: GroupMetrics | None, metric: str) -> str:
+    if g is None:
+        return "–"
+    if g.suppressed:
+        return "suppressed"
+    return _fmt(getattr(g, metric))
+
+
+def to_markdown(rep: FairnessReport) -> str:
+    out: list[str] = []
+    for kind, value in _blocks(rep):
+        if kind.startswith("h"):
+            out += ["#" * int(kind[1]) + f" {value}", ""]
+        elif kind == "p":
+            out += [str(value), ""]
+        elif kind == "ul":
+            out += [f"- {item}" for item in value] + [""]  # type: ignore[attr-defined]
+        elif kind == "table":
+            header, rows = cast(Table, value)
+            out += ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows] + [""]
+    return "\n".join(out)
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
+
+
+def _svg_plot(plot: Plot) -> str:
+    """Values in [0, 1] per group over rounds, as an inline SVG line chart (one polyline per group)."""
+    esc = html.escape
+    rounds = sorted({r for pts in plot.series.values() for r, _ in pts})
+    w, h, pad, legend = 640, 260, 44, 170
+    lo, hi = (rounds[0], rounds[-1]) if rounds else (0, 1)
+    span = max(hi - lo, 1)
+
+    def x(rnd: int) -> float:
+        return pad + (w - 2 * pad) * (0.5 if hi == lo else (rnd - lo) / span)
+
+    def y(v: float) -> float:
+        return h - pad - (h - 2 * pad) * min(max(v, 0.0), 1.0)
+
+    parts = [
+        f'<svg class="fairness-plot" width="{w + legend}" height="{h}" role="img" aria-label="{esc(plot.title)}">',
+        f'<text x="{pad}" y="16" font-size="13" font-weight="bold">{esc(plot.title)}</text>',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
+        f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle" font-size="12">round</text>',
+        f'<text x="12" y="{h / 2}" font-size="12" transform="rotate(-90 12 {h / 2})">{esc(plot.ylabel)}</text>',
+    ]
+    for tick in (0.0, 0.5, 1.0):
+        parts.append(f'<text x="{pad - 4}" y="{y(tick) + 4:.1f}" text-anchor="end" font-size="11">{tick:g}</text>')
+        parts.append(
+            f'<line x1="{pad}" y1="{y(tick):.1f}" x2="{w - pad}" y2="{y(tick):.1f}" stroke="#eee"/>' if tick else ""
+        )
+    for rnd in rounds:
+        parts.append(f'<text x="{x(rnd):.1f}" y="{h - pad + 16}" text-anchor="middle" font-size="11">{rnd}</text>')
+    for i, (group, pts) in enumerate(plot.series.items()):
+        color = _COLORS[i % len(_COLORS)]
+        coords = " ".join(f"{x(r):.1f},{y(v):.1f}" for r, v in pts)
+        parts.append(
+            f'<polyline class="group-series" data-group="{esc(group)}" fill="none" stroke="{color}" '
+            f'stroke-width="2" points="{coords}"/>'
+        )
+        for r, v in pts:
+            parts.append(
+                f'<circle cx="{x(r):.1f}" cy="{y(v):.1f}" r="3" fill="{color}"><title>{esc(group)} round {r}: '
+                f"{v:.3f}</title></circle>"
+            )
+        parts.append(f'<text x="{w - pad + 8}" y="{pad + 14 * i}" font-size="11" fill="{color}">{esc(group)}</text>')
+    if not plot.series:
+        parts.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle" font-size="12">no values</text>')
+    parts.append("</svg>")
+    return "\n".join(p for p in parts if p)
+
+
+def _json_for_script(rep: FairnessReport) -> str:
+    """The report JSON, safe inside <script type="application/json">: no '<', '>' or '&' (JSON escapes)."""
+    raw = rep.model_dump_json()
+    return raw.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def to_html(rep: FairnessReport) -> str:
+    """One self-contained page readable offline: inline CSS and SVG, no external resources, no executable script."""
+    esc = html.escape
+    body: list[str] = []
+    for kind, value in _blocks(rep):
+        if kind.startswith("h"):
+            body.append(f"<{kind}>{esc(str(value))}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{esc(str(value))}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in value) + "</ul>")  # type: ignore[attr-defined]
+        elif kind == "plot":
+            body.append(_svg_plot(value))  # type: ignore[arg-type]
+        else:
+            header, rows = cast(Table, value)
+            head = "".join(f"<th>{esc(h)}</th>" for h in header)
+            cells = "".join(
+                "<tr>" + "".join(f"<td{_cell_class(c)}>{esc(c)}</td>" for c in row) + "</tr>" for row in rows
+            )
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+    body.append(f'<script type="application/json" id="report-data">{_json_for_script(rep)}</script>')
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}"
+        "th{background:#f3f3f3}td.suppressed{color:#888;font-style:italic}td.critical{color:#b00;font-weight:bold}"
+        "td.warning{color:#a60}svg.fairness-plot{display:block;margin:.5em 0}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>FedGuard fairness report {rep.run_id}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def _cell_class(text: str) -> str:
+    return f' class="{text}"' if text in ("suppressed", "critical", "warning") else ""
+
+
+def render(rep: FairnessReport, fmt: str) -> str:
+    """``fmt``: "json", "md" or "html"."""
+    if fmt == "json":
+        return json.dumps(rep.model_dump(mode="json"), indent=2) + "\n"
+    if fmt == "md":
+        return to_markdown(rep)
+    if fmt == "html":
+        return to_html(rep)
+    raise ValueError(f"unknown report format {fmt!r}: use json, md or html")
