@@ -10,6 +10,7 @@ their text stays in the node's log.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from common.codec import load_numpy_state, numpy_to_record, record_to_numpy, sta
 from common.config import RunConfig, config_from_json
 from common.data import Encoded, load_encoded, split_indices
 from common.errors import FedGuardError
+from common.evaluation import evaluate_and_audit, provenance
 from common.models import build_model, model_max_len, pick_device
 from common.privacy import DPPlan, epsilon_spent, group_privacy, plan_dp
 from common.reply_signing import sign_reply
@@ -232,14 +234,65 @@ def _handle(msg: Message, context: Context, work: Work) -> Message:
         return refusal(msg, code, log_id)
 
 
+def _role_reply(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    return _reply(msg, RecordDict({R.ROLE: ConfigRecord({R.ROLE_NAME: settings.role})}), settings)
+
+
+def _evaluate(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    """The evaluator scores and audits the global model on its held-out set; results leave rounded."""
+    if settings.role != "evaluator":
+        raise RoleError("this node is not the federation's evaluator", fix="send evaluate messages to the evaluator")
+    torch.set_num_threads(cfg.train.threads)
+    data = load_encoded(
+        settings.data_path,
+        settings.schema,
+        max_len=model_max_len(cfg.model.name, cfg.model.params),
+        cache_dir=settings.workdir / "cache",
+    )
+    model = build_model(cfg.model.name, settings.schema, cfg.model.params)
+    load_numpy_state(model, record_to_numpy(msg.content[R.ARRAYS]))
+    metrics, audit = evaluate_and_audit(model, data, cfg.fairness)
+    node_logger(settings.workdir).info("round %s: evaluated %d held-out rows: %s", _round(msg), len(data), metrics)
+    audit_record = ConfigRecord(
+        {
+            R.AUDIT_JSON: audit.model_dump_json() if audit is not None else "",
+            R.PROVENANCE_JSON: json.dumps(provenance(data, settings.data_path.name)),
+        }
+    )
+    return _reply(msg, RecordDict({R.EVALUATION: MetricRecord(metrics), R.AUDIT: audit_record}), settings)
+
+
+class RoleError(FedGuardError):
+    code = "wrong-role"
+
+
+def _clients_only(work: Work) -> Work:
+    def run(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+        if settings.role != "client":
+            raise RoleError("the evaluator never trains or spends a privacy budget")
+        return work(msg, context, cfg, settings)
+
+    return run
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _train)
+    return _handle(msg, context, _clients_only(_train))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _evaluate)
 
 
 @app.query("plan")
 def plan(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _plan_reply)
+    return _handle(msg, context, _clients_only(_plan_reply))
+
+
+@app.query("role")
+def role(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _role_reply)
 
 
 def _log_failure(settings: NodeSettings | None, log_id: str, exc: BaseException) -> None:

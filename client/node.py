@@ -37,6 +37,8 @@ class NodeSettings:
     budget_delta: float
     #: The node's authentication key (the SuperNode's): it signs every reply. None in simulation.
     auth_key: Path | None = None
+    #: ``client`` trains; ``evaluator`` holds the central held-out set and scores global models.
+    role: str = "client"
 
     @property
     def marker_dir(self) -> Path:
@@ -46,6 +48,9 @@ class NodeSettings:
 def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str | None) -> NodeSettings:
     """Resolve where this node's data and work directory are, from node config."""
     schema = cfg.data.schema_
+    role = str(node_config.get("role", "client"))
+    if role not in ("client", "evaluator"):
+        raise ConfigError(f"unknown node role {role!r}", where="node config 'role'", fix="use client or evaluator")
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"]))
         workdir = Path(str(node_config.get("workdir", data_path.parent / "fedguard-node")))
@@ -68,8 +73,11 @@ def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str
     elif "partition-id" in node_config and sim_data_dir:
         pid = int(node_config["partition-id"])
         data_path = Path(sim_data_dir) / f"partition-{pid}.parquet"
+        if pid == cfg.simulation.num_clients and cfg.data.evaluation_path:  # the extra simulated node
+            role, data_path = "evaluator", Path(cfg.data.evaluation_path)
         workdir = Path(sim_data_dir) / f"node-{pid}"
-        schema = schema.model_copy(update={"format": "parquet"})
+        if role == "client":  # partition files are Parquet; the evaluator's file keeps the schema's format
+            schema = schema.model_copy(update={"format": "parquet"})
         # Simulated owners: one host, one ledger; budgets from the run's simulation section.
         dataset_id = f"sim-partition-{pid}"
         ledger_path = Path(sim_data_dir) / "ledger.db"
@@ -90,6 +98,7 @@ def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str
         budget_epsilon=budget[0],
         budget_delta=budget[1],
         auth_key=Path(str(node_config["auth-key-path"])) if "auth-key-path" in node_config else None,
+        role=role,
     )
 
 

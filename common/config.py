@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import ConfigError
+from common.fairness import FairnessConfig
 from common.schema import DataSchema, format_validation_error
 
 #: A node's budget per dataset when its owner sets none: one default run (ε=8) fits, a second does not.
@@ -187,6 +188,8 @@ class SimulationConfig(_Strict):
     holdout_fraction: float = Field(0.2, ge=0, lt=1)
     #: CPUs Ray reserves per virtual client.
     client_cpus: float = Field(1, gt=0)
+    #: Add an evaluator node holding the held-out set (it scores and audits every round's model).
+    evaluator: bool = True
     #: Simulated owners' privacy budgets (ε per dataset): one value for all, or one per client.
     budget_epsilon: float | list[float] = DEFAULT_BUDGET_EPSILON
 
@@ -209,6 +212,8 @@ class RunConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     central_dp: CentralDPConfig = Field(default_factory=CentralDPConfig)
+    #: Fairness audit of every round's global model over the schema's sensitive columns.
+    fairness: FairnessConfig = Field(default_factory=FairnessConfig)
     #: ``homomorphic``: clients encrypt updates and the server sums ciphertexts (TenSEAL CKKS).
     secure_aggregation: Literal["none", "homomorphic"] = "none"
 
@@ -228,7 +233,7 @@ class RunConfig(_Strict):
             raise ValueError(
                 "central_dp needs the server to clip each client's plaintext update, but in homomorphic mode "
                 "the server only sees ciphertexts; the clients' DP-SGD already protects every record: "
-                "disable central_dp or use secure_aggregation = \"none\""
+                'disable central_dp or use secure_aggregation = "none"'
             )
         weights = self.train.class_weights
         if weights is not None:

@@ -17,6 +17,9 @@ METRICS = "metrics"  # per-reply values (node → server)
 REFUSAL = "refusal"  # explicit refusal or failure, with a code and a node-local log id
 PLAN = "plan"  # a node's answer to a privacy-planning query
 SIGNATURE = "signature"  # the node's signature over the reply (common.reply_signing)
+ROLE = "role"  # a node's answer to the role query: client or evaluator
+EVALUATION = "evaluation"  # the evaluator's metrics of the global model on its held-out set
+AUDIT = "audit"  # the evaluator's fairness audit of the global model (JSON) and the set's provenance
 
 # Keys of the CONFIG record.
 ROUND = "round"
@@ -47,6 +50,11 @@ PLAN_EPSILON_AFTER = "epsilon-after"  # the dataset's total after the planned ru
 PLAN_AFFORDABLE = "affordable"  # 1 if the remaining budget covers the planned run
 PLAN_STEPS = "steps-per-round"
 
+# Keys of the ROLE and AUDIT records.
+ROLE_NAME = "role"
+AUDIT_JSON = "audit-json"
+PROVENANCE_JSON = "provenance-json"
+
 # Keys of the SIGNATURE record.
 SIGNATURE_VALUE = "ecdsa-p384-sha384"  # base64 signature by the node's authentication key
 
@@ -54,13 +62,14 @@ SIGNATURE_VALUE = "ecdsa-p384-sha384"  # base64 signature by the node's authenti
 REFUSAL_CODE = "code"
 REFUSAL_LOG_ID = "log-id"
 
-PrivacyClass = Literal["dp", "public", "accounting"]
+PrivacyClass = Literal["dp", "public", "accounting", "evaluation"]
 
 #: How reports name each class (DESIGN §4).
 CLASS_LABELS: dict[str, str] = {
     "dp": "DP-protected",
     "public": "declared public",
     "accounting": "DP accounting",
+    "evaluation": "central evaluation (the evaluator's held-out set, small groups suppressed)",
 }
 
 #: record name → key → class. ``*`` under ARRAYS: every model tensor is DP-protected.
@@ -96,6 +105,9 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
     },
     REFUSAL: {REFUSAL_CODE: "public", REFUSAL_LOG_ID: "public"},
     SIGNATURE: {SIGNATURE_VALUE: "public"},
+    ROLE: {ROLE_NAME: "public"},
+    EVALUATION: {"accuracy": "evaluation", "loss": "evaluation", "macro_f1": "evaluation", "n": "evaluation"},
+    AUDIT: {AUDIT_JSON: "evaluation", PROVENANCE_JSON: "evaluation"},
 }
 
 

@@ -76,12 +76,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fresh_demo_ledger(workdir)
     result = simulate(cfg, workdir)
     _print_summary(result.store_path, result.run_id, args.json)
-    report = workdir / f"privacy-report-run-{result.run_id}.html"
-    from server.privacy_report import build_privacy_report, render
+    from server import fairness_report, privacy_report
 
-    report.write_text(render(build_privacy_report(result.store_path, result.run_id), "html"), encoding="utf-8")
+    report = workdir / f"privacy-report-run-{result.run_id}.html"
+    report.write_text(
+        privacy_report.render(privacy_report.build_privacy_report(result.store_path, result.run_id), "html"),
+        encoding="utf-8",
+    )
+    fairness = fairness_report.fairness_report_from_store(result.store_path, result.run_id)
+    fair_path = workdir / f"fairness-report-run-{result.run_id}.html"
+    fair_path.write_text(fairness_report.render(fairness, "html"), encoding="utf-8")
     if not args.json:
+        last = max((r.round for r in fairness.rounds), default=0)
+        current = [f for f in fairness.findings if f.last_seen_round == last]
+        print(f"fairness findings for the final model ({len(current)}; full history in the report):")
+        for f in current:
+            print(f"  [{f.severity}] {f.message}")
         print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+        print(f"fairness report: {fair_path}")
         print(f"privacy report: {report}")
     return 0
 
@@ -206,6 +218,18 @@ def cmd_report_privacy(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
         print(f"privacy report written to {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_report_fairness(args: argparse.Namespace) -> int:
+    from server.fairness_report import fairness_report_from_store, render
+
+    text = render(fairness_report_from_store(_existing_store(args.store), args.run_id), args.format)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"fairness report written to {args.out}")
     else:
         sys.stdout.write(text)
     return 0
@@ -340,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     rpv.add_argument("--format", choices=["html", "json", "md"], default="html")
     rpv.add_argument("--out", help="write to this file (default: stdout)")
     rpv.set_defaults(func=cmd_report_privacy)
+    rfv = repsub.add_parser("fairness", help="the fairness report of a run (per-group metrics, findings)")
+    rfv.add_argument("run_id", type=int)
+    rfv.add_argument("--store", default="fedguard-demo/runs.db")
+    rfv.add_argument("--format", choices=["html", "json", "md"], default="html")
+    rfv.add_argument("--out", help="write to this file (default: stdout)")
+    rfv.set_defaults(func=cmd_report_fairness)
     return p
 
 

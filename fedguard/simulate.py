@@ -96,6 +96,11 @@ def plan(cfg: RunConfig, workdir: Path, progress: Progress = print) -> list[Node
     return plans
 
 
+def has_evaluator(cfg: RunConfig) -> bool:
+    """One extra simulated node holds the held-out set and scores every round's model."""
+    return cfg.simulation.evaluator and cfg.data.evaluation_path is not None
+
+
 def run_on_simulation(run_cfg: RunConfig, server_app: ServerApp, client_app: ClientApp | None = None) -> None:
     """Flower's simulation engine, offline and quiet: no telemetry, update checks or Ray dashboard."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -117,7 +122,7 @@ def run_on_simulation(run_cfg: RunConfig, server_app: ServerApp, client_app: Cli
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=run_cfg.simulation.num_clients,
+        num_supernodes=run_cfg.simulation.num_clients + int(has_evaluator(run_cfg)),
         backend_config={
             "client_resources": {"num_cpus": run_cfg.simulation.client_cpus, "num_gpus": 0.0},
             "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},

@@ -24,20 +24,19 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common import records as R
-from common.codec import load_numpy_state, numpy_to_record, state_to_numpy
+from common.codec import numpy_to_record, state_to_numpy
 from common.config import RunConfig, config_from_json, load_config
-from common.data import load_encoded
 from common.errors import ConfigError, FedGuardError
-from common.models import build_model, describe_model, model_max_len
+from common.models import build_model, describe_model
 from common.privacy import epsilon_spent
 from server.aggregation import CentralDPMean, CoordinateRobust, WeightedMean
 from server.checkpoint import Checkpoint, checkpoint_dir, latest_good
 from server.checkpoint import save as save_checkpoint
-from server.evaluation import evaluate
+from server.grid_io import Progress, collect_replies, discover_roles, registered_keys, wait_for_nodes
+from server.scoring import Scorer
 from server.store import RunStore
 from server.validation import Outcome, check_signature, classify_reply
 
-Progress = Callable[[str], None]
 Aggregator = WeightedMean | CentralDPMean | CoordinateRobust
 log = logging.getLogger("fedguard.server")
 
@@ -47,37 +46,6 @@ class RunResult:
     run_id: int
     store_path: Path
     final_metrics: dict[str, float]
-
-
-def wait_for_nodes(grid: Grid, wanted: int, timeout: float, progress: Progress) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(int(n) for n in grid.get_node_ids())
-        if len(nodes) >= wanted or time.monotonic() > deadline:
-            return nodes
-        progress(f"waiting for nodes: {len(nodes)}/{wanted} online")
-        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
-
-
-def collect_replies(
-    grid: Grid, messages: list[Message], timeout: float, poll: float
-) -> tuple[list[Message], set[int], set[int]]:
-    """Push, then poll until all replies arrive or ``timeout``; return replies, silent and unreachable nodes."""
-    pushed = list(zip(grid.push_messages(messages), messages, strict=True))
-    unreachable = {int(m.metadata.dst_node_id) for mid, m in pushed if not mid}
-    dst = {mid: m.metadata.dst_node_id for mid, m in pushed if mid}
-    pending, replies = set(dst), []
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
-            if reply.metadata.reply_to_message_id not in pending:
-                log.warning("dropped a duplicate reply to message %s", reply.metadata.reply_to_message_id)
-                continue  # only the first reply to a message counts
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
-        if pending:
-            time.sleep(poll)
-    return replies, {int(dst[m]) for m in pending}, unreachable
 
 
 def software_versions() -> dict[str, str]:
@@ -146,14 +114,6 @@ def run_federation(
     model = build_model(cfg.model.name, schema, cfg.model.params)
     progress(describe_model(cfg.model.name, model))
     global_state = state_to_numpy(model) if resume is None else resume.state
-    holdout = None
-    if cfg.data.evaluation_path:
-        holdout = load_encoded(
-            cfg.data.evaluation_path,
-            schema,
-            max_len=model_max_len(cfg.model.name, cfg.model.params),
-            cache_dir=None,
-        )
     if cfg.secure_aggregation == "homomorphic":
         raise ConfigError(
             "homomorphic aggregation is not available in this FedGuard version",
@@ -187,20 +147,38 @@ def run_federation(
                 f"server.min_replies is {cfg.server.min_replies}",
                 fix="start more nodes or lower server.min_replies",
             )
-        if holdout is not None and resume is None:
-            metrics = evaluate(model, holdout)
-            store.record_evaluation(run_id, 0, metrics)
-            progress(f"round 0: held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.3f}")
         base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_ID: run_id, R.RUN_UID: uuid.uuid4().hex}
         if sim_data_dir:
             base[R.SIM_DATA_DIR] = sim_data_dir
         # Deployment: every reply must be signed by the key the SuperLink registered for its node.
         signed = sim_data_dir is None
+        node_keys = registered_keys(grid) if signed else None
+        poll, query_timeout = cfg.server.poll_interval, min(cfg.server.round_timeout, 120.0)
+        roles = discover_roles(grid, nodes, {}, base, query_timeout, poll, node_keys, flower_run_id)
+        evaluators = sorted(n for n, r in roles.items() if r == "evaluator")
+        scorer = Scorer(cfg, evaluators[0] if evaluators else None)
+        progress(scorer.describe())
+
+        def score(rnd: int) -> None:
+            nonlocal metrics
+            result = scorer.score(grid, rnd, global_state, base, node_keys, flower_run_id)
+            if result is not None:
+                scorer.record(store, run_id, rnd, result)
+                metrics = result.metrics
+                progress(
+                    f"  round {rnd} held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.3f}, "
+                    f"macro-F1 {metrics['macro_f1']:.3f}"
+                )
+
+        if resume is None:
+            score(0)
         for rnd in range(first_round, cfg.rounds + 1):
             for attempt in range(1, cfg.server.round_retries + 2):
                 started = time.time()
                 node_keys = registered_keys(grid) if signed else None
                 online = sorted(int(n) for n in grid.get_node_ids())
+                roles = discover_roles(grid, online, roles, base, query_timeout, poll, node_keys, flower_run_id)
+                online = [n for n in online if roles.get(n) == "client"]  # the evaluator never trains
                 k = min(cfg.clients_per_round, len(online))
                 # Sample by position: node ids are uint64 and would lose precision in a numpy array.
                 sampled = sorted(online[i] for i in rng.permutation(len(online))[:k])
@@ -257,14 +235,7 @@ def run_federation(
                 ckpt_dir,
                 Checkpoint(run_id, rnd, global_state, rng.bit_generator.state, {"central_releases": central_releases}),
             )
-            if holdout is not None:
-                load_numpy_state(model, global_state)
-                metrics = evaluate(model, holdout)
-                store.record_evaluation(run_id, rnd, metrics)
-                progress(
-                    f"  held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.3f}, "
-                    f"macro-F1 {metrics['macro_f1']:.3f}"
-                )
+            score(rnd)
         store.finish_run(run_id, "finished")
     except BaseException as exc:
         store.finish_run(run_id, "failed", str(exc) if isinstance(exc, FedGuardError) else type(exc).__name__)
@@ -272,11 +243,6 @@ def run_federation(
     finally:
         store.close()
     return RunResult(run_id=run_id, store_path=store_path, final_metrics=metrics)
-
-
-def registered_keys(grid: Grid) -> dict[int, bytes]:
-    """Node id → the public key the SuperLink authenticated it with (empty without node auth)."""
-    return {int(n.node_id): bytes(n.public_key) for n in grid.get_nodes()}
 
 
 def _classify(

@@ -13,10 +13,12 @@ import html
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.errors import StoreError
 from common.fairness import (
     AttributeAudit,
     Audit,
@@ -610,3 +612,23 @@ def render(rep: FairnessReport, fmt: str) -> str:
     if fmt == "html":
         return to_html(rep)
     raise ValueError(f"unknown report format {fmt!r}: use json, md or html")
+
+
+def fairness_report_from_store(store_path: str | Path, run_id: int) -> FairnessReport:
+    """The report of a recorded run: every round's audit as the evaluator (or server) stored it."""
+    from common.config import config_from_json
+    from server.store import RunStore
+
+    with RunStore(store_path) as store:
+        run = store.run(run_id)
+        rows = store.audits(run_id)
+    if not rows:
+        raise StoreError(
+            f"run {run_id} has no fairness audits",
+            where=str(store_path),
+            fix="audits need a binary task with sensitive columns and an evaluator node or data.evaluation_path",
+        )
+    cfg = config_from_json(run["config_json"])
+    audits = [(r["round"], Audit.model_validate_json(r["audit_json"])) for r in rows]
+    prov = rows[-1]["provenance"] or {"evaluation_size": audits[-1][1].overall.n, "sha256": "0" * 64}
+    return build_fairness_report(run_id, run["name"], audits, prov, cfg=cfg.fairness)

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 
 from common import records as R
 from common.config import RunConfig
-from server.app import Progress, collect_replies, wait_for_nodes
+from server.grid_io import Progress, collect_replies, discover_roles, wait_for_nodes
 from server.validation import refusal_reason
 
 
@@ -34,9 +34,11 @@ class NodePlan:
 
 def plan_federation(grid: Grid, cfg: RunConfig, sim_data_dir: str | None, progress: Progress = print) -> list[NodePlan]:
     nodes = wait_for_nodes(grid, cfg.clients_per_round, cfg.server.wait_for_nodes, progress)
-    base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_UID: f"plan-{uuid.uuid4().hex}"}
+    base: dict[str, object] = {R.RUN_CONFIG: cfg.to_json(), R.RUN_UID: f"plan-{uuid.uuid4().hex}"}
     if sim_data_dir:
         base[R.SIM_DATA_DIR] = sim_data_dir
+    roles = discover_roles(grid, nodes, {}, base, cfg.server.round_timeout, cfg.server.poll_interval, None, None)
+    nodes = [n for n in nodes if roles.get(n, "client") == "client"]  # the evaluator spends no budget
     messages = [
         Message(RecordDict({R.CONFIG: ConfigRecord(base)}), dst_node_id=node, message_type="query.plan")
         for node in nodes

@@ -70,6 +70,9 @@ CREATE TABLE IF NOT EXISTS evaluations (
     run_id      INTEGER NOT NULL REFERENCES runs(run_id),
     round       INTEGER NOT NULL,
     metrics_json TEXT NOT NULL,
+    audit_json  TEXT,                     -- fairness audit of the round's global model (common.fairness)
+    provenance_json TEXT,                 -- evaluation-set size and fingerprint
+    evaluated_by TEXT,                    -- "server" or "evaluator node <id>"
     PRIMARY KEY (run_id, round)
 );
 """
@@ -104,6 +107,9 @@ class RunStore:
             ("rounds", "meta_json"),
             ("client_rounds", "values_json"),
             ("client_rounds", "received_json"),
+            ("evaluations", "audit_json"),
+            ("evaluations", "provenance_json"),
+            ("evaluations", "evaluated_by"),
         ):
             have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
@@ -207,9 +213,27 @@ class RunStore:
                     ),
                 )
 
-    def record_evaluation(self, run_id: int, round_: int, metrics: dict[str, float]) -> None:
+    def record_evaluation(
+        self,
+        run_id: int,
+        round_: int,
+        metrics: dict[str, float],
+        audit_json: str | None = None,
+        provenance: dict[str, Any] | None = None,
+        evaluated_by: str = "server",
+    ) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO evaluations VALUES (?,?,?)", (run_id, round_, json.dumps(metrics)))
+            db.execute(
+                "INSERT OR REPLACE INTO evaluations VALUES (?,?,?,?,?,?)",
+                (
+                    run_id,
+                    round_,
+                    json.dumps(metrics),
+                    audit_json or None,
+                    json.dumps(provenance) if provenance else None,
+                    evaluated_by,
+                ),
+            )
 
     # -- reads ----------------------------------------------------------------
     def run(self, run_id: int) -> dict[str, Any]:
@@ -238,6 +262,23 @@ class RunStore:
             r["values"] = json.loads(r.pop("values_json") or "{}")
             r["received"] = json.loads(r.pop("received_json") or "[]")
         return sorted(rows, key=lambda r: (r["round"], r["node_id"]))
+
+    def audits(self, run_id: int) -> list[dict[str, Any]]:
+        """Rounds with a fairness audit: round, audit JSON, provenance, who evaluated."""
+        rows = self._db.execute(
+            "SELECT round, audit_json, provenance_json, evaluated_by FROM evaluations "
+            "WHERE run_id=? AND audit_json IS NOT NULL ORDER BY round",
+            (run_id,),
+        )
+        return [
+            {
+                "round": int(r["round"]),
+                "audit_json": r["audit_json"],
+                "provenance": json.loads(r["provenance_json"] or "{}"),
+                "evaluated_by": r["evaluated_by"],
+            }
+            for r in rows
+        ]
 
     def evaluations(self, run_id: int) -> dict[int, dict[str, float]]:
         return {

@@ -10,24 +10,24 @@ import sys
 from pathlib import Path
 
 from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 
 from client.app import app as real_app
 from common import records as R
 from common.config import config_from_json
 from common.errors import FedGuardError
 from fedguard.simulate import simulate
+from tests.helpers import with_train
 
-flaky = ClientApp()
 MARKER = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("/nonexistent")
 
 
-@flaky.train()
 def train(msg: Message, context: Context) -> Message:
     if int(msg.content[R.CONFIG][R.ROUND]) == 2 and MARKER.exists():
         raise RuntimeError("injected node failure")
     return real_app(msg, context)
 
+
+flaky = with_train(train)
 
 if __name__ == "__main__":
     workdir, cfg_json = Path(sys.argv[1]), Path(sys.argv[2]).read_text(encoding="utf-8")

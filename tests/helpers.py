@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
 
 from common import records as R
 from common.codec import numpy_to_record, state_to_numpy
@@ -95,3 +97,15 @@ def node_context(data: Path, workdir: Path, **node_config: Any) -> Context:
         state=RecordDict(),
         run_config={},
     )
+
+
+def with_train(train: Callable[[Message, Context], Message]) -> ClientApp:
+    """FedGuard's real ClientApp with its train handler replaced (fault-injection tests)."""
+    from client import app as real
+
+    app = ClientApp()
+    app.train()(train)
+    app.evaluate()(real.evaluate)
+    app.query("role")(real.role)
+    app.query("plan")(real.plan)
+    return app

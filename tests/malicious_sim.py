@@ -12,18 +12,15 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 
 from client.app import app as real_app
 from common import records as R
 from common.codec import numpy_to_record, record_to_numpy
 from common.config import config_from_json
 from fedguard.simulate import simulate
+from tests.helpers import with_train
 
-bad_app = ClientApp()
 
-
-@bad_app.train()
 def train(msg: Message, context: Context) -> Message:
     reply = real_app(msg, context)
     if int(context.node_config["partition-id"]) != 1 or R.ARRAYS not in reply.content:
@@ -40,6 +37,8 @@ def train(msg: Message, context: Context) -> Message:
     reply.content[R.ARRAYS] = numpy_to_record(state)
     return reply
 
+
+bad_app = with_train(train)
 
 if __name__ == "__main__":
     workdir, cfg_json = Path(sys.argv[1]), Path(sys.argv[2]).read_text(encoding="utf-8")

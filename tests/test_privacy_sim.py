@@ -16,6 +16,7 @@ import pytest
 
 from client.ledger import Ledger
 from common.privacy import epsilon_spent
+from server.fairness_report import FairnessReport
 from server.privacy_report import PrivacyReport
 from server.store import RunStore
 from tests.helpers import ROOT, make_tabular, tabular_config
@@ -113,3 +114,18 @@ def test_privacy_report_json_and_html(federation: dict) -> None:
             if rnd.epsilon_run is not None:
                 assert f"{rnd.epsilon_run:.3f}" in page
     assert "Central (user-level) DP" in page
+
+
+def test_the_evaluator_node_scores_and_audits_every_round(federation: dict) -> None:
+    tmp, store_path, run1 = federation["tmp"], federation["store"], federation["run1"]["run_id"]
+    with RunStore(store_path) as store:
+        audits = store.audits(run1)
+        clients = store.client_rounds(run1)
+    assert [a["round"] for a in audits] == [0, 1, 2]
+    assert all(a["evaluated_by"].startswith("evaluator node") for a in audits)
+    evaluator = int(audits[0]["evaluated_by"].split()[-1])
+    assert evaluator not in {c["node_id"] for c in clients}  # it never trains
+    assert audits[-1]["provenance"]["evaluation_size"] == 140 and len(audits[-1]["provenance"]["sha256"]) == 64
+    fedguard("report", "fairness", str(run1), "--store", store_path, "--format", "json", "--out", "f.json", cwd=tmp)
+    report = FairnessReport.model_validate_json((tmp / "f.json").read_text())
+    assert [r.round for r in report.rounds] == [0, 1, 2] and report.provenance.evaluation_size == 140

@@ -1,0 +1,73 @@
+"""Scoring a global model on a held-out set: metrics and the fairness audit, in one pass.
+
+Used by the evaluator node (client/) and, when no evaluator node takes part, by the server on
+its own held-out file; both must compute exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.data import Encoded
+from common.fairness import Audit, FairnessConfig, audit, dataset_fingerprint
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Encoded, batch_size: int = 512) -> tuple[np.ndarray, float]:
+    """Class probabilities for every row, and the mean cross-entropy loss."""
+    model.eval()
+    probs, loss = [], 0.0
+    for i in range(0, len(data), batch_size):
+        logits = model(data.x[i : i + batch_size])
+        loss += nn.functional.cross_entropy(logits, data.y[i : i + batch_size], reduction="sum").item()
+        probs.append(torch.softmax(logits, -1))
+    return torch.cat(probs).numpy(), loss / len(data)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    f1s = []
+    for c in np.unique(np.concatenate([y_true, y_pred])):
+        tp = np.sum((y_pred == c) & (y_true == c))
+        denom = np.sum(y_pred == c) + np.sum(y_true == c)
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(f1s))
+
+
+def _metrics(y_true: np.ndarray, y_pred: np.ndarray, loss: float) -> dict[str, float]:
+    return {
+        "accuracy": float(np.mean(y_true == y_pred)),
+        "loss": float(loss),
+        "macro_f1": macro_f1(y_true, y_pred),
+        "n": float(len(y_true)),
+    }
+
+
+def evaluate(model: nn.Module, data: Encoded, batch_size: int = 512) -> dict[str, float]:
+    """Accuracy, mean cross-entropy loss and macro-F1 on ``data``."""
+    probs, loss = predict(model, data, batch_size)
+    return _metrics(data.y.numpy(), probs.argmax(-1), loss)
+
+
+def evaluate_and_audit(
+    model: nn.Module, data: Encoded, fairness: FairnessConfig
+) -> tuple[dict[str, float], Audit | None]:
+    """Metrics plus the fairness audit over the sensitive groups (binary tasks with sensitive columns)."""
+    probs, loss = predict(model, data)
+    y_true, y_pred = data.y.numpy(), probs.argmax(-1)
+    metrics = _metrics(y_true, y_pred, loss)
+    if probs.shape[1] != 2 or not data.groups:
+        return metrics, None
+    return metrics, audit(y_true, y_pred, probs[:, 1], data.groups, fairness)
+
+
+def provenance(data: Encoded, source: str) -> dict[str, Any]:
+    """Evaluation-set size and fingerprint, so a report names exactly what it was computed on."""
+    return {
+        "evaluation_size": len(data),
+        "sha256": dataset_fingerprint(data.x.numpy(), data.y.numpy(), data.groups),
+        "source": source,
+    }

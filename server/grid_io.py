@@ -1,0 +1,91 @@
+"""Talking to nodes through Flower's Grid: waiting for them, pushing and polling, learning their roles.
+
+FedGuard polls for replies itself (Flower's ``send_and_receive`` sleeps 3 s between pulls).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import records as R
+from server.validation import check_signature
+
+Progress = Callable[[str], None]
+log = logging.getLogger("fedguard.server")
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float, progress: Progress) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) >= wanted or time.monotonic() > deadline:
+            return nodes
+        progress(f"waiting for nodes: {len(nodes)}/{wanted} online")
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def collect_replies(
+    grid: Grid, messages: list[Message], timeout: float, poll: float
+) -> tuple[list[Message], set[int], set[int]]:
+    """Push, then poll until all replies arrive or ``timeout``; return replies, silent and unreachable nodes."""
+    pushed = list(zip(grid.push_messages(messages), messages, strict=True))
+    unreachable = {int(m.metadata.dst_node_id) for mid, m in pushed if not mid}
+    dst = {mid: m.metadata.dst_node_id for mid, m in pushed if mid}
+    pending, replies = set(dst), []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            if reply.metadata.reply_to_message_id not in pending:
+                log.warning("dropped a duplicate reply to message %s", reply.metadata.reply_to_message_id)
+                continue  # only the first reply to a message counts
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+        if pending:
+            time.sleep(poll)
+    return replies, {int(dst[m]) for m in pending}, unreachable
+
+
+def registered_keys(grid: Grid) -> dict[int, bytes]:
+    """Node id → the public key the SuperLink authenticated it with (empty without node auth)."""
+    return {int(n.node_id): bytes(n.public_key) for n in grid.get_nodes()}
+
+
+def discover_roles(
+    grid: Grid,
+    nodes: list[int],
+    known: dict[int, str],
+    base: dict[str, object],
+    timeout: float,
+    poll: float,
+    node_keys: dict[int, bytes] | None,
+    flower_run_id: int | None,
+) -> dict[int, str]:
+    """Ask nodes not yet known for their role (client or evaluator).
+
+    A node whose ClientApp has no role handler (Flower replies with an error) counts as a client;
+    silent nodes and replies with a bad signature stay unknown and are asked again next round.
+    """
+    unknown = [n for n in nodes if n not in known]
+    if unknown:
+        messages = [
+            Message(RecordDict({R.CONFIG: ConfigRecord(dict(base))}), dst_node_id=n, message_type="query.role")
+            for n in unknown
+        ]
+        replies, _, _ = collect_replies(grid, messages, timeout, poll)
+        for reply in replies:
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                known[node] = "client"
+                continue
+            if R.ROLE not in reply.content:
+                continue
+            if node_keys is not None and check_signature(reply, node_keys, int(flower_run_id or 0), None):
+                log.warning("node %s: role reply with a bad signature ignored", node)
+                continue
+            known[node] = str(reply.content[R.ROLE].get(R.ROLE_NAME, "client"))
+    return known

@@ -1,0 +1,120 @@
+"""Scoring every round's global model: metrics and the fairness audit, recorded in the run store.
+
+When an evaluator node takes part (a node holding the central held-out set, DESIGN §2), the
+server sends it the global model and stores what it returns; the server never needs the
+held-out data. Without one, a server-side held-out file (``data.evaluation_path``) is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from common import records as R
+from common.codec import load_numpy_state, numpy_to_record
+from common.config import RunConfig
+from common.data import Encoded, load_encoded
+from common.evaluation import evaluate_and_audit, provenance
+from common.models import build_model, model_max_len
+from server.grid_io import collect_replies
+from server.store import RunStore
+from server.validation import check_signature
+
+log = logging.getLogger("fedguard.server")
+
+
+@dataclass
+class Score:
+    metrics: dict[str, float]
+    audit_json: str | None
+    provenance: dict[str, object] | None
+    evaluated_by: str
+    findings: list[str] = field(default_factory=list)
+
+
+class Scorer:
+    """Scores a global model on the evaluator node, or on the server's own held-out file."""
+
+    def __init__(self, cfg: RunConfig, evaluator: int | None) -> None:
+        self.cfg = cfg
+        self.evaluator = evaluator
+        self._holdout: Encoded | None = None
+        if evaluator is None and cfg.data.evaluation_path:
+            self._holdout = load_encoded(
+                cfg.data.evaluation_path,
+                cfg.data.schema_,
+                max_len=model_max_len(cfg.model.name, cfg.model.params),
+                cache_dir=None,
+            )
+
+    @property
+    def active(self) -> bool:
+        return self.evaluator is not None or self._holdout is not None
+
+    def describe(self) -> str:
+        if self.evaluator is not None:
+            return f"evaluator node {self.evaluator} scores and audits every round's model"
+        if self._holdout is not None:
+            return f"the server scores every round's model on {self.cfg.data.evaluation_path}"
+        return "no evaluation: no evaluator node and no data.evaluation_path"
+
+    def score(
+        self,
+        grid: object,
+        rnd: int,
+        state: OrderedDict[str, np.ndarray],
+        base: dict[str, object],
+        node_keys: dict[int, bytes] | None,
+        flower_run_id: int | None,
+    ) -> Score | None:
+        if self.evaluator is not None:
+            return self._remote(grid, rnd, state, base, node_keys, flower_run_id)
+        if self._holdout is None:
+            return None
+        model = build_model(self.cfg.model.name, self.cfg.data.schema_, self.cfg.model.params)
+        load_numpy_state(model, state)
+        metrics, audit = evaluate_and_audit(model, self._holdout, self.cfg.fairness)
+        source = str(self.cfg.data.evaluation_path)
+        return Score(metrics, audit.model_dump_json() if audit else None, provenance(self._holdout, source), "server")
+
+    def _remote(
+        self,
+        grid: object,
+        rnd: int,
+        state: OrderedDict[str, np.ndarray],
+        base: dict[str, object],
+        node_keys: dict[int, bytes] | None,
+        flower_run_id: int | None,
+    ) -> Score | None:
+        node = int(self.evaluator or 0)
+        msg = Message(
+            RecordDict({R.ARRAYS: numpy_to_record(state), R.CONFIG: ConfigRecord({**base, R.ROUND: rnd})}),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+            group_id=str(rnd),
+        )
+        replies, _, _ = collect_replies(grid, [msg], self.cfg.server.round_timeout, self.cfg.server.poll_interval)  # type: ignore[arg-type]
+        if not replies:
+            log.warning("round %d: the evaluator did not reply in time", rnd)
+            return None
+        reply = replies[0]
+        if node_keys is not None and (bad := check_signature(reply, node_keys, int(flower_run_id or 0), rnd)):
+            log.warning("round %d: evaluator reply rejected: %s", rnd, bad.reason)
+            return None
+        content = reply.content
+        if reply.has_error() or R.EVALUATION not in content:
+            reason = reply.error.reason if reply.has_error() else f"records {sorted(content.keys())}"
+            log.warning("round %d: evaluator failed: %s", rnd, reason)
+            return None
+        metrics = {k: float(v) for k, v in content[R.EVALUATION].items() if isinstance(v, int | float)}
+        audit = str(content[R.AUDIT].get(R.AUDIT_JSON, "")) if R.AUDIT in content else ""
+        prov = json.loads(str(content[R.AUDIT].get(R.PROVENANCE_JSON, "{}"))) if R.AUDIT in content else None
+        return Score(metrics, audit or None, prov, f"evaluator node {node}")
+
+    def record(self, store: RunStore, run_id: int, rnd: int, score: Score) -> None:
+        store.record_evaluation(run_id, rnd, score.metrics, score.audit_json, score.provenance, score.evaluated_by)
