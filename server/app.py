@@ -300,7 +300,7 @@ def make_server_app(
         run_cfg, checkpoint = cfg, resume
         path = store_path or Path(str(context.run_config.get("store-path", "fedguard-runs.db")))
         if run_cfg is None:
-            if "resume-run-id" in context.run_config:
+            if int(context.run_config.get("resume-run-id", 0) or 0) > 0:
                 run_cfg, checkpoint = resume_point(path, int(context.run_config["resume-run-id"]))
             else:
                 config_path = str(context.run_config.get("config-path", ""))

@@ -109,3 +109,20 @@ def with_train(train: Callable[[Message, Context], Message]) -> ClientApp:
     app.query("role")(real.role)
     app.query("plan")(real.plan)
     return app
+
+
+def write_run_toml(cfg: RunConfig, path: Path) -> Path:
+    """The config as a TOML run file (``None`` values left out, as TOML has no null)."""
+    import json
+
+    import tomli_w
+
+    def strip(x: object) -> object:
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    path.write_text(tomli_w.dumps(strip(json.loads(cfg.to_json()))), encoding="utf-8")  # type: ignore[arg-type]
+    return path

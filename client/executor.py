@@ -1,0 +1,536 @@
+"""FedGuard's node executor: run only the ClientApp installed on this node, never the server's code.
+
+Flower nodes normally install the app bundle (FAB) the server sends and import the ClientApp
+from it (``flwr-clientapp`` → ``install_from_fab``): whoever runs the server decides what code
+touches the node's private data. With ``flower-supernode --isolation process`` the SuperNode
+starts nothing itself; this long-lived process takes that role. For each task it
+
+1. acquires the task from the SuperNode's local Runtime API (HMAC-signed with the node's
+   SuperExec secret, so no other local process can take tasks),
+2. pulls the task input: message, context, run and FAB (bytes only — nothing is installed),
+3. checks that the FAB declares the same app (publisher/name/version and ClientApp reference)
+   as the FedGuard distribution installed here, and refuses the task otherwise,
+4. runs the *installed* ``client.app:app`` in this process (torch and the model code stay
+   imported across rounds: no process start or import per message), and
+5. pushes the reply and the updated context (``context.state`` carries DP history).
+
+The FAB's own code is never written to disk, put on ``sys.path`` or imported. Refusals leave as
+a Flower ``Error`` reply (``INVALID_FAB``) whose reason carries no node data; crashes leave as a
+code plus a local log id (exception text can quote private data and stays in the local log).
+
+Flower's Runtime API client and the pull/push helpers are Flower internals: FedGuard pins
+``flwr==1.42.*`` and touches them only in the ``_flwr_*`` functions below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import tomllib
+import traceback
+import uuid
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from common.errors import FedGuardError
+
+log = logging.getLogger("fedguard.executor")
+
+#: The distribution whose installed code the node runs, and the app id it must match.
+DISTRIBUTION = "fedguard"
+PUBLISHER = "fedguard"
+CLIENTAPP_REF = "client.app:app"
+
+#: Flower error codes (``flwr.common.constant.ErrorCode``) used in replies.
+_INVALID_FAB = 7
+_CLIENT_APP_RAISED_EXCEPTION = 2
+
+_HEARTBEAT_SECONDS = 10.0  # Flower expires a task token 30 s after claim / 60 s after a heartbeat
+
+
+class ExecutorError(FedGuardError):
+    """The executor cannot serve its SuperNode (wrong secret, app not installed, ...)."""
+
+    code = "executor-error"
+
+
+class FabRefused(FedGuardError):
+    """The server asked this node to run an app bundle that is not the installed FedGuard ClientApp."""
+
+    code = "app-bundle-refused"
+
+
+@dataclass(frozen=True)
+class AppIdentity:
+    """What an app bundle claims to be: ``publisher/name==version`` and its ClientApp reference."""
+
+    publisher: str
+    name: str
+    version: str
+    clientapp: str
+
+    @property
+    def fab_id(self) -> str:
+        return f"{self.publisher}/{self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.fab_id}=={self.version} ({self.clientapp})"
+
+
+def installed_identity() -> AppIdentity:
+    """The identity of the FedGuard ClientApp installed on this node (from package metadata)."""
+    try:
+        version = importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise FedGuardError(
+            f"the {DISTRIBUTION!r} distribution is not installed in {sys.prefix}",
+            fix="install FedGuard on the node (pip install fedguard) and start the executor from that environment",
+        ) from exc
+    return AppIdentity(PUBLISHER, DISTRIBUTION, version, CLIENTAPP_REF)
+
+
+def fab_identity(fab_content: bytes) -> AppIdentity:
+    """Read a FAB's declared identity from its ``pyproject.toml`` — parsing only, never installing."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab_content)) as fab:
+            config = tomllib.loads(fab.read("pyproject.toml").decode("utf-8"))
+        project, flwr_app = config["project"], config["tool"]["flwr"]["app"]
+        return AppIdentity(
+            publisher=str(flwr_app["publisher"]),
+            name=str(project["name"]),
+            version=str(project["version"]),
+            clientapp=str(flwr_app["components"]["clientapp"]),
+        )
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise FabRefused(f"the app bundle is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def check_fab(
+    fab_content: bytes, expected: AppIdentity, run_fab_id: str = "", run_fab_version: str = ""
+) -> AppIdentity:
+    """Accept a FAB only if it names exactly the installed app; raise ``FabRefused`` otherwise.
+
+    The run's own ``fab_id``/``fab_version`` (what the SuperLink recorded) must agree with the
+    bundle too, so the log and the server see one consistent identity.
+    """
+    got = fab_identity(fab_content)
+    if got != expected:
+        raise FabRefused(
+            f"the server's app bundle is {got}, but this node runs only the installed {expected}",
+            fix="run the FedGuard release installed on the nodes, or upgrade the nodes to the run's version",
+        )
+    if (run_fab_id and run_fab_id != expected.fab_id) or (run_fab_version and run_fab_version != expected.version):
+        raise FabRefused(f"the run declares {run_fab_id}=={run_fab_version}, but this node runs only {expected}")
+    return got
+
+
+@dataclass
+class TaskRecord:
+    """One task as the executor saw it; appended to the events file (JSON lines) for audits and benches."""
+
+    task_id: int
+    run_id: int
+    message_type: str
+    group_id: str
+    status: str  # completed | refused | failed
+    reason: str | None
+    acquired_at: float
+    pull_seconds: float
+    app_seconds: float
+    push_seconds: float
+    total_seconds: float
+
+
+# --- Flower internals (flwr 1.42.*) -------------------------------------------------------------
+
+
+def _flwr_retry_invoker() -> Any:
+    """Retry transport errors and 502/503/504 for up to 30 s; give up on any other HTTP status.
+
+    Flower's ``make_simple_http_retry_invoker`` is made for one-task processes: on a 401 it sends
+    SIGINT to its own process and it retries transport errors forever. A long-lived executor must
+    survive an expired task token and report a rejected SuperExec secret instead.
+    """
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential, full_jitter
+
+    def give_up(exc: Exception) -> bool:
+        return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code not in (502, 503, 504)
+
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(base_delay=0.2, max_delay=2),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=None,
+        max_time=30.0,
+        jitter=full_jitter,
+        should_giveup=give_up,
+    )
+
+
+def _flwr_runtime_client(address: str, interceptors: list[Any]) -> Any:
+    """A protobuf-over-HTTP client for the SuperNode's local Runtime API (plain HTTP on loopback)."""
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
+        retry_invoker=_flwr_retry_invoker(),
+    )
+
+
+def _flwr_acquire_client(address: str, auth_secret: bytes | None) -> Any:
+    """The client that acquires tasks; AcquireTask is HMAC-signed when the node uses a SuperExec secret."""
+    interceptors: list[Any] = []
+    if auth_secret:
+        from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+
+        interceptors.append(
+            SuperExecAuthHttpInterceptor(
+                master_secret=auth_secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})
+            )
+        )
+    return _flwr_runtime_client(address, interceptors)
+
+
+def _flwr_task_client(address: str, token: str) -> Any:
+    """A client bound to one claimed task by its token."""
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
+
+    return _flwr_runtime_client(address, [RuntimeTokenHttpInterceptor(token)])
+
+
+def _flwr_acquire_task(client: Any) -> tuple[str, int, int] | None:
+    """Claim the oldest pending ClientApp task: (token, task id, run id), or None when idle."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+
+    try:
+        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code in (401, 403):
+            raise ExecutorError(
+                f"the SuperNode's Runtime API rejected this executor (HTTP {exc.response.status_code})",
+                fix="start the executor with the same --superexec-auth-secret-file as the SuperNode",
+            ) from None
+        raise
+    if not res.HasField("task") or not res.token:
+        return None
+    return res.token, int(res.task.task_id), int(res.task.run_id)
+
+
+def _flwr_pull_task_input(client: Any) -> tuple[Message, Context, Any, Any]:
+    """Message, context, run and FAB of the claimed task. Pulls bytes only; installs nothing.
+
+    Mirrors ``flwr.supernode.runtime.run_clientapp.pull_task_input`` but retries objects that the
+    SuperNode is still downloading after 20 ms instead of Flower's 1 s initial backoff (a task is
+    claimable before its message body has arrived; a fresh ``flwr-clientapp`` hid that wait).
+    """
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+    t0 = time.perf_counter()
+    res = client.PullTaskInput(PullTaskInputRequest())
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode returned no message for this task")
+    t1 = time.perf_counter()
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        max_tries_per_object=None,  # bounded by Flower's max_time (2 h) instead
+        initial_backoff=0.02,
+        backoff_cap=0.5,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # a deflated message lacks its own id
+    log.debug("task input %.3fs, message objects %.3fs", t1 - t0, time.perf_counter() - t1)
+    return message, context, run, fab
+
+
+def _flwr_push_reply(client: Any, reply: Message, context: Context) -> None:
+    from flwr.supernode.runtime.run_clientapp import push_message
+
+    push_message(client, reply, context)
+
+
+def _flwr_push_task_output(client: Any, context: Context | None, completed: bool, details: str) -> None:
+    """Finish the task; the SuperNode stores ``context`` as the run's node state for the next message."""
+    from flwr.common.constant import SubStatus
+    from flwr.supernode.runtime.run_clientapp import push_task_output
+
+    push_task_output(client, context, SubStatus.COMPLETED if completed else SubStatus.FAILED, details)
+
+
+def _flwr_heartbeat(client: Any) -> bool:
+    """Keep the task token alive; False when the SuperNode no longer knows the task."""
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
+
+    return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def load_installed_clientapp(ref: str = CLIENTAPP_REF) -> ClientApp:
+    """Import the installed ClientApp (never from a FAB directory: those are never on ``sys.path``)."""
+    module_name, _, attr = ref.partition(":")
+    app = getattr(importlib.import_module(module_name), attr)
+    if not isinstance(app, ClientApp):
+        raise FedGuardError(f"{ref} is not a flwr ClientApp", fix="reinstall FedGuard on the node")
+    return app
+
+
+class _Heartbeat:
+    """Background heartbeats for one task (Flower's own sender SIGINTs the process on failure)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client, self._stop = client, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(_HEARTBEAT_SECONDS):
+            try:
+                if not _flwr_heartbeat(self._client):
+                    log.warning("the SuperNode no longer knows this task (token expired)")
+            except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not kill the task
+                log.warning("task heartbeat failed: %s", exc)
+
+
+class NodeExecutor:
+    """Acquire tasks from one SuperNode and run the installed ClientApp for each, one at a time."""
+
+    def __init__(
+        self,
+        runtime_api_address: str,
+        *,
+        auth_secret: bytes | None = None,
+        poll_interval: float = 0.2,
+        expected: AppIdentity | None = None,
+        client_app: ClientApp | None = None,
+        events_path: Path | None = None,
+    ) -> None:
+        self.address = runtime_api_address
+        self.poll_interval = poll_interval
+        self.expected = expected or installed_identity()
+        self.client_app = client_app or load_installed_clientapp()
+        self.events_path = events_path
+        self._acquirer = _flwr_acquire_client(runtime_api_address, auth_secret)
+
+    def close(self) -> None:
+        self._acquirer.close()
+
+    def run_forever(self, stop: threading.Event, on_task: Callable[[TaskRecord], None] | None = None) -> None:
+        """Serve tasks until ``stop`` is set; a failing SuperNode connection is retried, never fatal."""
+        log.info("FedGuard executor serving %s on %s", self.expected, self.address)
+        while not stop.is_set():
+            try:
+                record = self.run_once()
+            except ExecutorError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep serving; the SuperNode may be restarting
+                log.warning("runtime API unavailable at %s: %s", self.address, exc)
+                stop.wait(max(1.0, self.poll_interval))
+                continue
+            if record is None:
+                stop.wait(self.poll_interval)
+            elif on_task is not None:
+                on_task(record)
+
+    def run_once(self) -> TaskRecord | None:
+        """Acquire and execute one pending task; None when there is none."""
+        claimed = _flwr_acquire_task(self._acquirer)
+        if claimed is None:
+            return None
+        token, task_id, run_id = claimed
+        t0 = time.perf_counter()
+        client = _flwr_task_client(self.address, token)
+        try:
+            with _Heartbeat(client):
+                record = self._execute(client, task_id, run_id, t0)
+        finally:
+            client.close()
+        record.total_seconds = time.perf_counter() - t0
+        self._record(record)
+        return record
+
+    def _execute(self, client: Any, task_id: int, run_id: int, t0: float) -> TaskRecord:
+        acquired_at = time.time()
+        message: Message | None = None
+        context: Context | None = None
+        status: str = "failed"
+        reason: str | None = "task input could not be pulled"
+        reply: Message | None = None
+        pull_s = app_s = push_s = 0.0
+        try:
+            message, context, run, fab = _flwr_pull_task_input(client)
+            pull_s = time.perf_counter() - t0
+            try:
+                check_fab(fab.content, self.expected, str(run.fab_id), str(run.fab_version))
+            except FabRefused as exc:
+                status, reason = "refused", exc.what
+                log.error("task %d of run %d refused: %s", task_id, run_id, exc.render())
+                reply = Message(
+                    Error(_INVALID_FAB, f"FedGuard node refused the app bundle: {exc.what}"), reply_to=message
+                )
+            else:
+                t1 = time.perf_counter()
+                reply, status, reason = self._call_app(message, context)
+                app_s = time.perf_counter() - t1
+        except Exception as exc:  # noqa: BLE001
+            log_id = uuid.uuid4().hex[:12]
+            log.error("task %d of run %d failed (log-id %s):\n%s", task_id, run_id, log_id, traceback.format_exc())
+            reason = f"{type(exc).__name__} (node log id {log_id})"
+            if message is not None and reply is None:
+                reply = Message(Error(_CLIENT_APP_RAISED_EXCEPTION, f"FedGuard executor: {reason}"), reply_to=message)
+        t2 = time.perf_counter()
+        if reply is not None and context is not None:
+            try:
+                _flwr_push_reply(client, reply, context)
+            except Exception as exc:  # noqa: BLE001
+                status, reason = "failed", f"reply could not be pushed: {type(exc).__name__}"
+                log.error("task %d: %s", task_id, exc)
+        try:
+            _flwr_push_task_output(
+                client, context if status == "completed" else None, status == "completed", reason or ""
+            )
+        except Exception as exc:  # noqa: BLE001 - the SuperNode expires the task itself
+            log.error("task %d: task output could not be pushed: %s", task_id, exc)
+        push_s = time.perf_counter() - t2
+        md = message.metadata if message is not None else None
+        return TaskRecord(
+            task_id=task_id,
+            run_id=run_id,
+            message_type=str(md.message_type) if md else "",
+            group_id=str(md.group_id) if md else "",
+            status=status,
+            reason=reason,
+            acquired_at=acquired_at,
+            pull_seconds=pull_s,
+            app_seconds=app_s,
+            push_seconds=push_s,
+            total_seconds=0.0,
+        )
+
+    def _call_app(self, message: Message, context: Context) -> tuple[Message, str, str | None]:
+        """Run the installed ClientApp; an exception leaves as its type and a local log id only."""
+        try:
+            return self.client_app(message=message, context=context), "completed", None
+        except Exception as exc:  # noqa: BLE001 - the text may quote private data: it stays local
+            log_id = uuid.uuid4().hex[:12]
+            log.error("ClientApp raised (log-id %s):\n%s", log_id, traceback.format_exc())
+            reason = f"ClientApp raised {type(exc).__name__} (node log id {log_id})"
+            return Message(Error(_CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message), "failed", reason
+
+    def _record(self, record: TaskRecord) -> None:
+        log.info(
+            "task %d run %d %s %s: %s in %.2fs (pull %.2fs, app %.2fs, push %.2fs)",
+            record.task_id,
+            record.run_id,
+            record.message_type,
+            record.group_id,
+            record.status,
+            record.total_seconds,
+            record.pull_seconds,
+            record.app_seconds,
+            record.push_seconds,
+        )
+        if self.events_path is not None:
+            with self.events_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(record)) + "\n")
+
+
+def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
+    """Stop when the launcher is gone, so an orphaned executor never keeps serving tasks."""
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                log.warning("launcher %d is gone; stopping", parent_pid)
+                stop.set()
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="FedGuard node executor (serves one SuperNode's Runtime API)")
+    parser.add_argument(
+        "--runtime-api-address", required=True, help="the SuperNode's --host:--port, e.g. 127.0.0.1:9094"
+    )
+    parser.add_argument("--superexec-auth-secret-file", type=Path, help="the secret the SuperNode was started with")
+    parser.add_argument("--poll-interval", type=float, default=0.2, help="seconds between task polls when idle")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    parser.add_argument("--events", type=Path, help="append one JSON line per task here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if args.parent_pid:
+        _watch_parent(args.parent_pid, stop)
+    try:
+        secret = args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
+        t0 = time.perf_counter()
+        executor = NodeExecutor(
+            args.runtime_api_address, auth_secret=secret, poll_interval=args.poll_interval, events_path=args.events
+        )
+        log.info("installed ClientApp loaded in %.1fs", time.perf_counter() - t0)
+    except (FedGuardError, OSError) as exc:
+        print(f"fedguard executor: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print("FEDGUARD-EXECUTOR-READY", flush=True)
+    try:
+        executor.run_forever(stop)
+    except ExecutorError as exc:
+        print(f"fedguard executor: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        executor.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,406 @@
+"""Start and stop one FedGuard node: Flower's SuperNode plus FedGuard's executor.
+
+The SuperNode (``flower-supernode --isolation process``) keeps the authenticated TLS link to
+the SuperLink and serves a local Runtime API on a free loopback port; it starts no app code
+itself. FedGuard's executor (``client/executor.py``) is the only process that takes tasks
+from that API (every AcquireTask is HMAC-signed with a per-node secret the SuperNode checks),
+and it runs the ClientApp installed on this node, never the bundle the server sent.
+
+The executor is a companion *process*, not a thread in this launcher: it imports torch and
+the node's training code once and keeps them across rounds (the point of the exercise),
+while a crash or a runaway training step cannot take down the launcher or the SuperNode;
+each node gets its own interpreter (torch thread settings, GIL, memory) exactly as it would
+on its own host; and it watches the launcher's PID so it never outlives it.
+
+Files in the node's ``workdir``: ``supernode.log``, ``executor.log``, ``executor-events.jsonl``
+(one line per task: status, pull/app/push seconds), ``node-config.toml`` (what the ClientApp
+sees as ``context.node_config``) and ``superexec.secret`` (0600).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import tomli_w
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from common.errors import FedGuardError
+
+_READY_SUPERNODE = re.compile(r"SuperNode ID: (\d+)")
+_READY_EXECUTOR = "FEDGUARD-EXECUTOR-READY"
+_LOG_TAIL_LINES = 20
+
+
+class SuperNodeError(FedGuardError):
+    """The node could not join the federation (unreachable server, wrong CA, unregistered key, ...)."""
+
+    code = "supernode-error"
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty log)"
+
+
+def _flwr_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            "PYTHONUNBUFFERED": "1",
+            "NO_COLOR": "1",
+        }
+    )
+    return env
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.is_file() else shutil.which(name)
+    if not found:
+        raise SuperNodeError(f"{name!r} not found next to {sys.executable}", fix="pip install flwr==1.42.*")
+    return found
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM our child, SIGKILL after ``timeout``, and reap it (PID only: we started it)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def check_private_key(path: Path) -> None:
+    """The node key must exist, be private to its owner (like ssh) and be an EC key in OpenSSH format."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuperNodeError("node private key not found", where=str(path), fix="generate one: fedguard client keygen")
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        raise SuperNodeError("node private key is readable by other users", where=str(path), fix=f"chmod 600 {path}")
+    try:
+        key = load_ssh_private_key(path.read_bytes(), None)
+    except OSError as exc:
+        raise SuperNodeError(f"node private key not readable: {exc.strerror}", where=str(path)) from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise SuperNodeError(
+            f"not an unencrypted OpenSSH private key ({exc})", where=str(path), fix="ssh-keygen -t ecdsa -b 384 -N ''"
+        ) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SuperNodeError("node key must be an EC key (P-384)", where=str(path), fix="ssh-keygen -t ecdsa -b 384")
+
+
+def diagnose(log: str, superlink: str) -> tuple[str, str] | None:
+    """Map a SuperNode log to (what went wrong, how to fix it), or None when nothing is recognised."""
+    lowered = log.lower()
+    if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
+        return (
+            f"TLS handshake with the SuperLink at {superlink} failed: its certificate is not signed by the "
+            "CA this node trusts (CERTIFICATE_VERIFY_FAILED)",
+            "use the federation CA certificate from your kit (check its fingerprint with the operator out of band)",
+        )
+    if "failed to activate supernode" in lowered or "no supernode found with the given public key" in lowered:
+        return (
+            f"the SuperLink at {superlink} refused this node: its public key is not registered",
+            "send the node's .pub file to the operator to register it, then start again",
+        )
+    if "unable to parse the private key" in lowered:
+        return ("the SuperNode could not parse the node private key", "use an EC P-384 key in OpenSSH format")
+    if "address already in use" in lowered:
+        return ("the local Runtime API port is already in use", "start the node again (a free port is picked)")
+    unreachable = ("connection attempt failed", "connection refused", "connecterror", "name or service not known")
+    if any(term in lowered for term in unreachable):
+        return (
+            f"cannot reach the SuperLink at {superlink}",
+            "check the address and that the server is running and reachable from this host",
+        )
+    return None
+
+
+def node_config_file(workdir: Path, node_config: dict[str, Any]) -> Path:
+    """Write the node config as TOML (Flower's --node-config accepts a .toml path; no quoting pitfalls)."""
+    path = workdir / "node-config.toml"
+    path.write_text(tomli_w.dumps(node_config), encoding="utf-8")
+    return path
+
+
+class SuperNode:
+    """One node: ``flower-supernode --isolation process`` and the FedGuard executor next to it."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        superlink: str,
+        root_certificates: Path,
+        private_key: Path,
+        node_config: dict[str, Any],
+        runtime_port: int | None = None,
+        executor: bool = True,
+        isolation: str = "process",
+        poll_interval: float = 0.2,
+        fleet_poll_interval: float | None = None,
+    ) -> None:
+        """``node_config`` is what the ClientApp reads (``data-path``, ``workdir``, ...); ``auth-key-path``
+        is added so replies are signed with the node key. ``executor=False`` starts the SuperNode
+        alone (nothing takes its tasks: handshake tests). ``isolation="subprocess"`` (with
+        ``executor=False``) is Flower's default, which installs and runs the server's app bundle:
+        for baseline benchmarks only, never for a FedGuard node. ``fleet_poll_interval``
+        (experimental, off by default) shortens the SuperNode's fixed 3 s idle wait between pulls
+        from the SuperLink and its object-retry backoff (a patch of Flower internals); measured by
+        bench/round_overhead.py with no clear gain on 2 shared cores, where object transfers dominate."""
+        self.workdir = Path(workdir).resolve()
+        self.superlink = superlink
+        self.root_certificates = Path(root_certificates).resolve()
+        self.private_key = Path(private_key).resolve()
+        # The ClientApp signs every reply with the node's authentication key (DESIGN §5).
+        self.node_config = {"auth-key-path": str(self.private_key), **node_config}
+        self.runtime_port = runtime_port or _free_port()
+        if isolation not in ("process", "subprocess") or (executor and isolation != "process"):
+            raise SuperNodeError(
+                f"unsupported combination executor={executor}, isolation={isolation!r}",
+                fix="FedGuard's executor needs isolation='process'",
+            )
+        self.with_executor = executor
+        self.isolation = isolation
+        self.poll_interval = poll_interval
+        self.fleet_poll_interval = fleet_poll_interval
+        self.node_id: int | None = None
+        self._sn: subprocess.Popen[bytes] | None = None
+        self._ex: subprocess.Popen[bytes] | None = None
+        self._logs: list[IO[bytes]] = []
+
+    @property
+    def runtime_address(self) -> str:
+        return f"127.0.0.1:{self.runtime_port}"
+
+    @property
+    def supernode_log(self) -> Path:
+        return self.workdir / "supernode.log"
+
+    @property
+    def executor_log(self) -> Path:
+        return self.workdir / "executor.log"
+
+    @property
+    def events_path(self) -> Path:
+        return self.workdir / "executor-events.jsonl"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.workdir / "superexec.secret"
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in (self._sn, self._ex) if p is not None]
+
+    def _secret(self) -> Path:
+        if not self.secret_path.is_file():
+            fd = os.open(self.secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        return self.secret_path
+
+    def supernode_command(self) -> list[str]:
+        args = [
+            "--superlink",
+            self.superlink,
+            "--root-certificates",
+            str(self.root_certificates),
+            "--auth-supernode-private-key",
+            str(self.private_key),
+            "--node-config",
+            str(node_config_file(self.workdir, self.node_config)),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.runtime_port),
+        ]
+        args += ["--isolation", self.isolation]
+        if self.with_executor:
+            args += ["--superexec-auth-secret-file", str(self._secret())]
+        if self.fleet_poll_interval is not None:
+            return [
+                sys.executable,
+                "-P",  # nothing in the node's workdir can shadow installed code
+                "-m",
+                "client.supernode",
+                "--fleet-poll-interval",
+                str(self.fleet_poll_interval),
+                *args,
+            ]
+        return [_bin("flower-supernode"), *args]
+
+    def executor_command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-P",  # never put the working directory on sys.path: only installed code is importable
+            "-m",
+            "client.executor",
+            "--runtime-api-address",
+            self.runtime_address,
+            "--superexec-auth-secret-file",
+            str(self._secret()),
+            "--poll-interval",
+            str(self.poll_interval),
+            "--parent-pid",
+            str(os.getpid()),
+            "--events",
+            str(self.events_path),
+        ]
+
+    def _spawn(self, cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+        f = log.open("ab")
+        self._logs.append(f)
+        return subprocess.Popen(
+            cmd,
+            cwd=self.workdir,
+            env=_flwr_env(self.workdir / "flwr-home"),
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+
+    def start(self, timeout: float = 90.0) -> SuperNode:
+        """Start both processes; return once the node is connected and the executor is serving."""
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the processes without waiting (start several nodes, then ``wait_ready`` each)."""
+        check_private_key(self.private_key)
+        if not self.root_certificates.is_file():
+            raise SuperNodeError("federation CA certificate not found", where=str(self.root_certificates))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for log in (self.supernode_log, self.executor_log):
+            log.write_bytes(b"")
+        self._sn = self._spawn(self.supernode_command(), self.supernode_log)
+        if self.with_executor:
+            self._ex = self._spawn(self.executor_command(), self.executor_log)
+
+    def wait_ready(self, timeout: float = 90.0) -> SuperNode:
+        """Wait for "SuperNode ID" in its log and the executor's ready line; a diagnosed error otherwise."""
+        if self._sn is None:
+            raise SuperNodeError("the node was not started", fix="call start() or spawn() first")
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                sn_log = self.supernode_log.read_text(encoding="utf-8", errors="replace")
+                if self.node_id is None and (m := _READY_SUPERNODE.search(sn_log)):
+                    self.node_id = int(m.group(1))
+                ex_ready = not self.with_executor or _READY_EXECUTOR in self.executor_log.read_text(
+                    encoding="utf-8", errors="replace"
+                )
+                if self.node_id is not None and ex_ready:
+                    return self
+                if self._sn.poll() is not None:
+                    self._fail(f"the SuperNode exited (code {self._sn.returncode})", self.supernode_log)
+                if self._ex is not None and self._ex.poll() is not None:
+                    self._fail(f"the FedGuard executor exited (code {self._ex.returncode})", self.executor_log)
+                if time.monotonic() > deadline:
+                    self._fail(f"the node did not connect within {timeout:g}s", self.supernode_log)
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _fail(self, what: str, log: Path) -> None:
+        tail = _tail(log)
+        known = diagnose(tail, self.superlink)
+        if known:
+            raise SuperNodeError(f"{known[0]} ({what})", where=str(log), fix=known[1])
+        raise SuperNodeError(f"{what}; last log lines:\n{tail}", where=str(log))
+
+    def running(self) -> bool:
+        procs = [self._sn, self._ex] if self.with_executor else [self._sn]
+        return all(p is not None and p.poll() is None for p in procs)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the executor, then the SuperNode (it deactivates itself at the SuperLink on SIGTERM)."""
+        _stop(self._ex, timeout)
+        _stop(self._sn, timeout)
+        self._ex = self._sn = None
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+    def __enter__(self) -> SuperNode:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+# --- experimental: a SuperNode with a shorter idle wait between Fleet pulls (Flower internal) -------
+
+
+def _run_supernode_with_fleet_poll(interval: float, argv: list[str]) -> None:
+    """Run ``flower-supernode`` in this process with its hard-coded sleeps shortened.
+
+    flwr 1.42 ``supernode/start_client_internal.py`` sleeps 3 s after an empty pull and 0.5 s
+    while waiting for a reply (module-level ``time.sleep`` calls), and retries message objects
+    the ServerApp is still uploading after 1 s, 2 s, 4 s ... (``pull_objects``); all three are
+    shortened here, in this process only.
+    """
+    import functools
+    import time as _time
+
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supernode.cli import flower_supernode
+
+    class _Clock:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(_time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            _time.sleep(interval if seconds >= 3 else min(seconds, 0.1))
+
+    sci.time = _Clock()  # type: ignore[assignment]
+    sci.pull_objects = functools.partial(  # type: ignore[assignment]
+        sci.pull_objects, initial_backoff=0.05, backoff_cap=1.0
+    )
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--fleet-poll-interval":
+        _run_supernode_with_fleet_poll(float(sys.argv[2]), sys.argv[3:])
+    else:
+        print(
+            "usage: python -m client.supernode --fleet-poll-interval SECONDS <flower-supernode args>", file=sys.stderr
+        )
+        raise SystemExit(2)
