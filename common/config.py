@@ -64,6 +64,10 @@ class TrainConfig(_Strict):
     #: prior p). Never computed from a node's own label counts: those are private, and weights that
     #: depend on other records change each record's gradient outside DP-SGD's per-record bound.
     class_weights: list[float] | None = None
+    #: Without DP, clip each batch's gradient to ``dp.max_grad_norm``: DP-SGD's clipped, averaged
+    #: gradient never exceeds that norm, so a learning rate chosen for DP (e.g. SGD at 0.5) would
+    #: diverge on raw gradients once DP is switched off. No effect when DP is on.
+    clip_without_dp: bool = False
 
     def logical_batch_size(self, n_train: int) -> int:
         """The expected DP batch on a node with ``n_train`` records (see ``sample_rate``)."""
@@ -258,6 +262,19 @@ class RunConfig(_Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
+
+    def to_toml(self) -> str:
+        """The config as a run file (unset optional values are left out: TOML has no null)."""
+        import tomli_w
+
+        def strip(x: Any) -> Any:
+            if isinstance(x, dict):
+                return {k: strip(v) for k, v in x.items() if v is not None}
+            if isinstance(x, list):
+                return [strip(v) for v in x]
+            return x
+
+        return tomli_w.dumps(strip(json.loads(self.to_json())))
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON: the reproducibility manifest's config hash."""

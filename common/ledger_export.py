@@ -8,7 +8,6 @@ check that the releases came from that node and recompute ε with Opacus's accou
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.errors import FedGuardError
+from common.kit import fingerprint_public_key
 from common.privacy import epsilon_spent
 
 
@@ -70,9 +70,7 @@ class LedgerExport(BaseModel):
 
 def ssh_fingerprint(public_openssh: str | bytes) -> str:
     """``SHA256:...`` fingerprint of an OpenSSH public key line, as ``ssh-keygen -lf`` prints it."""
-    text = public_openssh.decode() if isinstance(public_openssh, bytes) else public_openssh
-    blob = base64.b64decode(text.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return fingerprint_public_key(public_openssh.decode() if isinstance(public_openssh, bytes) else public_openssh)
 
 
 def _canonical(body: LedgerExport) -> bytes:

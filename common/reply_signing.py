@@ -58,6 +58,16 @@ def load_node_public_key(data: bytes) -> ec.EllipticCurvePublicKey:
     return key
 
 
+def key_fingerprint(public_key: bytes) -> str:
+    """``SHA256:...`` (ssh-keygen style) of a node key as the SuperLink reports it, to match kit entries."""
+    from common.kit import fingerprint_public_key
+
+    line = load_node_public_key(public_key).public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return fingerprint_public_key(line.decode())
+
+
 def verify_reply(content: RecordDict, public_key: bytes, run_id: int, round_: int | None, reply_to: str) -> str | None:
     """None if the reply is signed by ``public_key`` for this run, round and message; else why not."""
     if SIGNATURE not in content:

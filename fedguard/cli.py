@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from common.errors import FedGuardError
+from fedguard.deploy import add_commands as add_deployment_commands
 from fedguard.provision import add_client_init, add_provision_commands
 
 
@@ -73,18 +74,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{cfg.simulation.num_clients} clients × {cfg.rounds} rounds, DP-SGD target ε={cfg.dp.target_epsilon}, "
         f"δ={cfg.dp.delta:g}; sensitive attributes {cfg.data.schema_.sensitive} are never model inputs"
     )
-    fresh_demo_ledger(workdir)
-    result = simulate(cfg, workdir)
-    _print_summary(result.store_path, result.run_id, args.json)
+    if args.simulate:
+        fresh_demo_ledger(workdir)
+        result = simulate(cfg, workdir)
+        store_path, run_id = result.store_path, result.run_id
+    else:
+        from fedguard.demo_deploy import deployed_demo
+
+        store_path, run_id = deployed_demo(cfg, workdir)
+    _print_summary(store_path, run_id, args.json)
     from server import fairness_report, privacy_report
 
-    report = workdir / f"privacy-report-run-{result.run_id}.html"
+    report = workdir / f"privacy-report-run-{run_id}.html"
     report.write_text(
-        privacy_report.render(privacy_report.build_privacy_report(result.store_path, result.run_id), "html"),
-        encoding="utf-8",
+        privacy_report.render(privacy_report.build_privacy_report(store_path, run_id), "html"), encoding="utf-8"
     )
-    fairness = fairness_report.fairness_report_from_store(result.store_path, result.run_id)
-    fair_path = workdir / f"fairness-report-run-{result.run_id}.html"
+    fairness = fairness_report.fairness_report_from_store(store_path, run_id)
+    fair_path = workdir / f"fairness-report-run-{run_id}.html"
     fair_path.write_text(fairness_report.render(fairness, "html"), encoding="utf-8")
     if not args.json:
         last = max((r.round for r in fairness.rounds), default=0)
@@ -284,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--clients", type=int, default=3)
     d.add_argument("--epsilon", type=float, default=8.0, help="target ε per client for the whole run")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.add_argument(
+        "--simulate",
+        action="store_true",
+        help="use Flower's simulation engine (one process) instead of real server and node processes",
+    )
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("simulate", help="run a federation from a config on Flower's simulation engine")
@@ -355,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     node_dirs(lr)
     lr.add_argument("--file", required=True)
     lr.set_defaults(func=cmd_ledger_restore)
+
+    add_deployment_commands(sub, clsub, runsub)
 
     rep = sub.add_parser("report", help="reports for reviewers")
     repsub = rep.add_subparsers(dest="report_command", required=True)

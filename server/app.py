@@ -29,10 +29,12 @@ from common.config import RunConfig, config_from_json, load_config
 from common.errors import ConfigError, FedGuardError
 from common.models import build_model, describe_model
 from common.privacy import epsilon_spent
+from common.reply_signing import key_fingerprint
 from server.aggregation import CentralDPMean, CoordinateRobust, WeightedMean
 from server.checkpoint import Checkpoint, checkpoint_dir, latest_good
 from server.checkpoint import save as save_checkpoint
 from server.grid_io import Progress, collect_replies, discover_roles, registered_keys, wait_for_nodes
+from server.optimizers import make_server_optimizer
 from server.scoring import Scorer
 from server.store import RunStore
 from server.validation import Outcome, check_signature, classify_reply
@@ -103,11 +105,14 @@ def run_federation(
     flower_run_id: int | None = None,
     progress: Progress = print,
     resume: Checkpoint | None = None,
+    evaluator_key: str = "",
 ) -> RunResult:
     """Run ``cfg.rounds`` rounds of DP federated training; one bad reply never ends the run.
 
     With ``resume`` (a checkpoint of an earlier run) it continues after that checkpoint's round
-    as a new run linked to the original; no round is run or recorded twice.
+    as a new run linked to the original; no round is run or recorded twice. In deployment a node
+    is trusted as the evaluator only if its registered key has the fingerprint ``evaluator_key``
+    (the server kit's evaluator); any other node claiming that role is treated as a client.
     """
     torch.manual_seed(cfg.seed)
     schema = cfg.data.schema_
@@ -134,9 +139,12 @@ def run_federation(
     rng = np.random.default_rng(cfg.seed)
     central_releases = 0
     first_round = 1
+    # The server optimizer (FedAvg, FedAvgM, FedAdam, ...) turns each aggregate into the next global model.
+    optimizer = make_server_optimizer(cfg.server.optimizer)
     if resume is not None:
         rng.bit_generator.state = resume.rng_state
         central_releases = int(resume.extra.get("central_releases", 0))
+        optimizer.load(resume.extra.get("optimizer", {}), resume.extra_arrays)
         first_round = resume.round + 1
     metrics: dict[str, float] = {}
     try:
@@ -156,6 +164,8 @@ def run_federation(
         poll, query_timeout = cfg.server.poll_interval, min(cfg.server.round_timeout, 120.0)
         roles = discover_roles(grid, nodes, {}, base, query_timeout, poll, node_keys, flower_run_id)
         evaluators = sorted(n for n, r in roles.items() if r == "evaluator")
+        if signed:
+            evaluators = [n for n in evaluators if _is_bound_evaluator(n, node_keys or {}, evaluator_key, progress)]
         scorer = Scorer(cfg, evaluators[0] if evaluators else None)
         progress(scorer.describe())
 
@@ -211,7 +221,7 @@ def run_federation(
                 aggregated = agg.count >= needed
                 round_meta: dict[str, object] = {"attempt": attempt, "needed": needed}
                 if aggregated:
-                    global_state = agg.result()
+                    global_state = optimizer.step(global_state, agg.result())
                     if isinstance(agg, CentralDPMean):
                         central_releases += 1
                         round_meta["central_dp"] = {
@@ -233,7 +243,14 @@ def run_federation(
                 )
             save_checkpoint(
                 ckpt_dir,
-                Checkpoint(run_id, rnd, global_state, rng.bit_generator.state, {"central_releases": central_releases}),
+                Checkpoint(
+                    run_id,
+                    rnd,
+                    global_state,
+                    rng.bit_generator.state,
+                    {"central_releases": central_releases, "optimizer": optimizer.scalars()},
+                    optimizer.arrays(),
+                ),
             )
             score(rnd)
         store.finish_run(run_id, "finished")
@@ -243,6 +260,18 @@ def run_federation(
     finally:
         store.close()
     return RunResult(run_id=run_id, store_path=store_path, final_metrics=metrics)
+
+
+def _is_bound_evaluator(node: int, node_keys: dict[int, bytes], expected: str, progress: Progress) -> bool:
+    """Only the key enrolled as the evaluator may act as one (DESIGN §5: roles bound to keys)."""
+    try:
+        actual = key_fingerprint(node_keys.get(node, b""))
+    except ValueError:
+        actual = "unknown"
+    if expected and actual == expected:
+        return True
+    progress(f"node {node} claims the evaluator role but its key {actual} is not the enrolled evaluator's; ignored")
+    return False
 
 
 def _classify(
@@ -314,6 +343,7 @@ def make_server_app(
             sim_data_dir=sim_data_dir,
             flower_run_id=int(context.run_id),
             resume=checkpoint,
+            evaluator_key=str(context.run_config.get("evaluator-key", "")),
         )
         if on_result is not None:
             on_result(result)

@@ -36,7 +36,12 @@ from common.errors import FedGuardError
 #: Top-level packages that make up the FedGuard app bundle.
 APP_PACKAGES = ("common", "server", "client")
 #: Run-config keys the FedGuard ServerApp reads; Flower rejects overrides of undeclared keys.
-RUN_CONFIG_DEFAULTS: dict[str, str | int] = {"config-path": "", "store-path": "fedguard-runs.db", "resume-run-id": 0}
+RUN_CONFIG_DEFAULTS: dict[str, str | int] = {
+    "config-path": "",
+    "store-path": "fedguard-runs.db",
+    "resume-run-id": 0,
+    "evaluator-key": "",
+}
 CONNECTION = "fedguard"
 _CLI_TIMEOUT = 120.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -203,11 +208,13 @@ def start_run(
     store_path: Path,
     flwr_home: Path,
     resume_run_id: int = 0,
+    evaluator_key: str = "",
 ) -> int:
     """Submit a FedGuard run to the SuperLink; return Flower's run id.
 
     ``config_path`` and ``store_path`` are paths on the server host (the ServerApp runs there);
-    ``resume_run_id`` > 0 continues that FedGuard run from its last checkpoint instead.
+    ``resume_run_id`` > 0 continues that FedGuard run from its last checkpoint instead;
+    ``evaluator_key`` is the enrolled evaluator's key fingerprint (the only node trusted in that role).
     """
     config_path, store_path = Path(config_path).resolve(), Path(store_path).resolve()
     if not config_path.is_file():
@@ -218,7 +225,12 @@ def start_run(
         overrides = Path(tmp) / "run-overrides.toml"
         overrides.write_text(
             tomli_w.dumps(
-                {"config-path": str(config_path), "store-path": str(store_path), "resume-run-id": resume_run_id}
+                {
+                    "config-path": str(config_path),
+                    "store-path": str(store_path),
+                    "resume-run-id": resume_run_id,
+                    "evaluator-key": evaluator_key,
+                }
             ),
             encoding="utf-8",
         )

@@ -112,17 +112,5 @@ def with_train(train: Callable[[Message, Context], Message]) -> ClientApp:
 
 
 def write_run_toml(cfg: RunConfig, path: Path) -> Path:
-    """The config as a TOML run file (``None`` values left out, as TOML has no null)."""
-    import json
-
-    import tomli_w
-
-    def strip(x: object) -> object:
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if v is not None}
-        if isinstance(x, list):
-            return [strip(v) for v in x]
-        return x
-
-    path.write_text(tomli_w.dumps(strip(json.loads(cfg.to_json()))), encoding="utf-8")  # type: ignore[arg-type]
+    path.write_text(cfg.to_toml(), encoding="utf-8")
     return path

@@ -1,0 +1,121 @@
+"""``fedguard demo`` as a real deployment: a throw-away federation of separate processes on 127.0.0.1.
+
+Provisions a federation (CA, server certificate, one key per node), starts the SuperLink with TLS
+and node authentication, one SuperNode + FedGuard executor per client and one evaluator, submits
+the run through Flower's control API and follows it in the run store; everything is stopped at
+the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from client.supernode import SuperNode
+from common.config import RunConfig
+from common.kit import Federation, NodeSpec, init_federation, verify_kit
+from fedguard.simulate import prepare_partitions
+from server.grid_io import Progress
+from server.runs import run_logs, run_status, start_run
+from server.store import RunStore
+from server.superlink import SuperLink, TlsFiles
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _follow(store_path: Path, seen: set[tuple[str, int]], progress: Progress) -> None:
+    """Print rounds and evaluations as the ServerApp records them."""
+    if not store_path.exists():
+        return
+    with RunStore(store_path) as store:
+        runs = store.runs()
+        if not runs:
+            return
+        run_id = runs[-1]["run_id"]
+        for r in store.rounds(run_id):
+            if ("round", r["round"]) not in seen:
+                seen.add(("round", r["round"]))
+                progress(f"  round {r['round']}: {r['accepted']}/{r['sampled']} accepted")
+        for rnd, m in store.evaluations(run_id).items():
+            if ("eval", rnd) not in seen:
+                seen.add(("eval", rnd))
+                progress(f"  round {rnd}: held-out accuracy {m['accuracy']:.3f} (evaluator node)")
+
+
+def deployed_demo(cfg: RunConfig, workdir: Path, progress: Progress = print, timeout: float = 1200) -> tuple[Path, int]:
+    """Run ``cfg`` on real processes; return the run store and the FedGuard run id."""
+    workdir = workdir.resolve()
+    run_cfg = prepare_partitions(cfg, workdir, progress)
+    sim_dir = workdir / "partitions"
+    deploy_dir = workdir / "deployment"
+    if deploy_dir.exists():
+        shutil.rmtree(deploy_dir)  # a throw-away federation: fresh kits, ledgers and node state
+    n = run_cfg.simulation.num_clients
+    names = [f"org-{i}" for i in range(n)]
+    federation = Federation(
+        name="fedguard-demo",
+        nodes=[NodeSpec(name=name, organisation=f"Demo organisation {i}") for i, name in enumerate(names)]
+        + [NodeSpec(name="evaluator", organisation="Demo review board", role="evaluator")],
+    )
+    kits = init_federation(federation, deploy_dir / "kits", generate_node_keys=True)
+    server_kit = verify_kit(kits.server_kit, kits.ca_fingerprint)
+    progress(f"provisioned a throw-away federation (CA {kits.ca_fingerprint[:23]}...) in {deploy_dir / 'kits'}")
+    superlink = SuperLink(
+        deploy_dir / "server",
+        TlsFiles(server_kit.ca_cert, server_kit.server_cert, server_kit.server_key),  # type: ignore[arg-type]
+    )
+    nodes: list[SuperNode] = []
+    try:
+        superlink.start(timeout=120)
+        progress(f"SuperLink up on {superlink.address} (TLS, node authentication, loopback only)")
+        for node in server_kit.nodes:
+            superlink.register_node(node.public_key_file, node.name)
+        for name in [*names, "evaluator"]:
+            kit = verify_kit(kits.node_kits[name], kits.ca_fingerprint)
+            data = (
+                run_cfg.data.evaluation_path
+                if name == "evaluator"
+                else sim_dir / f"partition-{names.index(name)}.parquet"
+            )
+            node = SuperNode(
+                deploy_dir / name,
+                superlink=superlink.address,
+                root_certificates=kit.ca_cert,
+                private_key=kit.node_private_key or kits.node_kits[name] / "node.key",
+                node_config={
+                    "data-path": str(data),
+                    "workdir": str(deploy_dir / name),
+                    "dataset-id": f"demo-{name}",
+                    "role": "evaluator" if name == "evaluator" else "client",
+                },
+            )
+            node.spawn()
+            nodes.append(node)
+        progress(f"starting {n} client nodes and the evaluator (each a SuperNode + FedGuard executor)...")
+        for node in nodes:
+            node.wait_ready(timeout=240)
+        progress("all nodes joined; submitting the run")
+        run_file = deploy_dir / "run.toml"
+        run_file.write_text(run_cfg.to_toml(), encoding="utf-8")
+        store_path = workdir / "runs.db"
+        flower_run = start_run(superlink.address, server_kit.ca_cert, ROOT, run_file, store_path, superlink.flwr_home)
+        seen: set[tuple[str, int]] = set()
+        deadline = time.monotonic() + timeout
+        while True:
+            _follow(store_path, seen, progress)
+            status = run_status(flower_run, superlink.address, server_kit.ca_cert, superlink.flwr_home)
+            if status.finished or time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+        _follow(store_path, seen, progress)
+        if not status.succeeded:
+            progress(run_logs(flower_run, superlink.address, server_kit.ca_cert, superlink.flwr_home)[-3000:])
+            raise RuntimeError(f"the demo run ended {status.status}: {status.details}")
+        with RunStore(store_path) as store:
+            run_id = int(store.runs()[-1]["run_id"])
+        return store_path, run_id
+    finally:
+        for node in nodes:
+            node.stop()
+        superlink.stop()
