@@ -22,9 +22,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,55 +36,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.errors import FedGuardError
+from common.processes import bin_path, flwr_env, free_port, log_tail
 
 _READY_SUPERNODE = re.compile(r"SuperNode ID: (\d+)")
 _READY_EXECUTOR = "FEDGUARD-EXECUTOR-READY"
-_LOG_TAIL_LINES = 20
 
 
 class SuperNodeError(FedGuardError):
     """The node could not join the federation (unreachable server, wrong CA, unregistered key, ...)."""
 
     code = "supernode-error"
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty log)"
-
-
-def _flwr_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-            "PYTHONUNBUFFERED": "1",
-            "NO_COLOR": "1",
-        }
-    )
-    return env
-
-
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    found = str(candidate) if candidate.is_file() else shutil.which(name)
-    if not found:
-        raise SuperNodeError(f"{name!r} not found next to {sys.executable}", fix="pip install flwr==1.42.*")
-    return found
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
@@ -185,7 +144,7 @@ class SuperNode:
         self.private_key = Path(private_key).resolve()
         # The ClientApp signs every reply with the node's authentication key (DESIGN §5).
         self.node_config = {"auth-key-path": str(self.private_key), **node_config}
-        self.runtime_port = runtime_port or _free_port()
+        self.runtime_port = runtime_port or free_port()
         if isolation not in ("process", "subprocess") or (executor and isolation != "process"):
             raise SuperNodeError(
                 f"unsupported combination executor={executor}, isolation={isolation!r}",
@@ -259,7 +218,7 @@ class SuperNode:
                 str(self.fleet_poll_interval),
                 *args,
             ]
-        return [_bin("flower-supernode"), *args]
+        return [bin_path("flower-supernode"), *args]
 
     def executor_command(self) -> list[str]:
         return [
@@ -285,7 +244,7 @@ class SuperNode:
         return subprocess.Popen(
             cmd,
             cwd=self.workdir,
-            env=_flwr_env(self.workdir / "flwr-home"),
+            env=flwr_env(self.workdir / "flwr-home"),
             stdin=subprocess.DEVNULL,
             stdout=f,
             stderr=subprocess.STDOUT,
@@ -335,7 +294,7 @@ class SuperNode:
             raise
 
     def _fail(self, what: str, log: Path) -> None:
-        tail = _tail(log)
+        tail = log_tail(log)
         known = diagnose(tail, self.superlink)
         if known:
             raise SuperNodeError(f"{known[0]} ({what})", where=str(log), fix=known[1])

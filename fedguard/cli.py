@@ -216,29 +216,27 @@ def cmd_ledger_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit(text: str, out: str | None, what: str) -> int:
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        print(f"{what} written to {out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_report_privacy(args: argparse.Namespace) -> int:
     from server.privacy_report import build_privacy_report, render
 
     report = build_privacy_report(_existing_store(args.store), args.run_id)
-    text = render(report, args.format)
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-        print(f"privacy report written to {args.out}")
-    else:
-        sys.stdout.write(text)
-    return 0
+    return _emit(render(report, args.format), args.out, "privacy report")
 
 
 def cmd_report_fairness(args: argparse.Namespace) -> int:
     from server.fairness_report import fairness_report_from_store, render
 
     text = render(fairness_report_from_store(_existing_store(args.store), args.run_id), args.format)
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-        print(f"fairness report written to {args.out}")
-    else:
-        sys.stdout.write(text)
-    return 0
+    return _emit(text, args.out, "fairness report")
 
 
 def _existing_store(path: str) -> Path:

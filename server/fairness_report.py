@@ -30,6 +30,7 @@ from common.fairness import (
     merge_findings,
     track_findings,
 )
+from server.report_blocks import to_markdown as blocks_to_markdown
 
 DEFINITIONS = [
     "Per group: accuracy (tp+tn)/n, selection rate (tp+fp)/n, true-positive rate tp/(tp+fn), false-positive "
@@ -490,23 +491,7 @@ def _cmp_cell(g: GroupMetrics | None, metric: str) -> str:
 
 
 def to_markdown(rep: FairnessReport) -> str:
-    out: list[str] = []
-    for kind, value in _blocks(rep):
-        if kind.startswith("h"):
-            out += ["#" * int(kind[1]) + f" {value}", ""]
-        elif kind == "p":
-            out += [str(value), ""]
-        elif kind == "ul":
-            out += [f"- {item}" for item in value] + [""]  # type: ignore[attr-defined]
-        elif kind == "table":
-            header, rows = cast(Table, value)
-            out += ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows] + [""]
-    return "\n".join(out)
-
-
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return blocks_to_markdown(_blocks(rep))
 
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]

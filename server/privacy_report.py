@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from common import records as R
 from common.config import RunConfig, config_from_json
+from server.report_blocks import to_markdown as blocks_to_markdown
 from server.store import RunStore
 
 THREAT_MODEL = (
@@ -342,19 +343,7 @@ def _round_cell(c: ClientPrivacy, rnd: int) -> str:
 
 
 def to_markdown(rep: PrivacyReport) -> str:
-    out: list[str] = []
-    for kind, value in _blocks(rep):
-        if kind.startswith("h"):
-            out += ["#" * int(kind[1]) + f" {value}", ""]
-        elif kind == "p":
-            out += [str(value), ""]
-        elif kind == "ul":
-            out += [f"- {item}" for item in value] + [""]  # type: ignore[attr-defined]
-        else:
-            header, rows = value  # type: ignore[misc]
-            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            out += ["| " + " | ".join(row) + " |" for row in rows] + [""]
-    return "\n".join(out)
+    return blocks_to_markdown(_blocks(rep))
 
 
 def _rounds(rep: PrivacyReport) -> list[int]:

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import tomllib
@@ -32,6 +31,7 @@ from typing import Any
 import tomli_w
 
 from common.errors import FedGuardError
+from common.processes import bin_path, flwr_env
 
 #: Top-level packages that make up the FedGuard app bundle.
 APP_PACKAGES = ("common", "server", "client")
@@ -70,40 +70,6 @@ class RunStatus:
     @property
     def succeeded(self) -> bool:
         return self.status == "finished:completed"
-
-
-def bin_path(name: str) -> str:
-    """A Flower console script from the environment FedGuard runs in (never a different install)."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if not found:
-        raise FedGuardError(
-            f"{name!r} not found next to {sys.executable} or on PATH",
-            fix="install flwr==1.42.* in FedGuard's environment (pip install -e .)",
-        )
-    return found
-
-
-def flwr_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for every Flower process: offline, quiet, own FLWR_HOME, this venv first on PATH."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            # Flower starts flower-superexec / flwr-serverapp / flwr-clientapp by name.
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-            "PYTHONUNBUFFERED": "1",
-            "NO_COLOR": "1",
-            "TERM": "dumb",
-        }
-    )
-    env.update(extra or {})
-    return env
 
 
 def ensure_connection(flwr_home: Path, superlink_address: str, ca: Path, name: str = CONNECTION) -> None:

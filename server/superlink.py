@@ -19,7 +19,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -32,9 +31,8 @@ from cryptography import x509
 
 from common.errors import FedGuardError
 from common.kit import fingerprint_public_key, parse_node_public_key
-from server.runs import CONNECTION, RunError, bin_path, ensure_connection, flwr_env, flwr_json
-
-_LOG_TAIL_LINES = 25
+from common.processes import bin_path, flwr_env, free_port, log_tail, port_in_use
+from server.runs import CONNECTION, RunError, ensure_connection, flwr_json
 
 
 class SuperLinkError(FedGuardError):
@@ -59,30 +57,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on ``host`` (the OS picks; small race until the child binds it)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty log)"
 
 
 def check_tls_files(tls: TlsFiles) -> None:

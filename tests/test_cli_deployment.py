@@ -15,8 +15,8 @@ import pytest
 import tomli_w
 
 from common.kit import fingerprint_cert
+from common.processes import free_port
 from server.store import RunStore
-from server.superlink import free_port
 from tests.helpers import ROOT, TABULAR_SCHEMA, make_tabular, tabular_config, write_run_toml
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
