@@ -3,16 +3,32 @@
 Each step Poisson-samples the whole training split (Opacus's DPDataLoader) and clips and
 noises per-sample gradients. Sampling and noise draw from generators seeded from
 ``os.urandom`` — never from the config seed — so the server cannot predict the noise.
+
+Utility options (``[train]``), none of which touches the privacy accounting:
+
+- ``proximal_mu`` (FedProx): after every optimizer step ``w ← w − lr·μ·(w − w_global)``, with
+  ``w_global`` the model this round started from. Opacus's DP optimizer replaces ``p.grad`` with
+  the clipped, noised per-sample sum, computed by layer hooks that never see a parameter-only
+  loss term, so FedProx's usual loss penalty would silently do nothing under DP-SGD.
+- ``warmup_steps``: linear learning-rate warm-up at the start of every round.
+- ``physical_batch_size``: Opacus's BatchMemoryManager runs a large logical (Poisson) batch as
+  several physical batches and takes one DP step per logical batch ("virtual steps").
+- ``class_weights``: public per-class loss weights, applied per sample so that one record's
+  gradient never depends on the other records in its batch.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -48,20 +64,86 @@ def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.train.learning_rate, momentum=cfg.train.momentum)
 
 
+class PerSampleWeightedCE(nn.Module):
+    """Cross-entropy with public class weights, weighted per sample and averaged over the batch count.
+
+    ``nn.CrossEntropyLoss(weight=…)`` divides by the batch's summed weights, which depend on the
+    other records' labels: a record's gradient would then change with its neighbours, outside the
+    per-record bound that DP-SGD's clipping and accounting assume. Here record i's loss is
+    ``w[y_i]·ce_i`` whatever else is in the batch. ``reduction`` is read and set by Opacus's ghost
+    clipping wrapper ("none" gives the per-sample losses).
+    """
+
+    weight: torch.Tensor
+
+    def __init__(self, weights: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.tensor(weights, dtype=torch.float32))
+        self.reduction = "mean"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_sample = F.cross_entropy(logits, target, reduction="none") * self.weight[target]
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
+
+
+def make_criterion(cfg: RunConfig, device: torch.device) -> nn.Module:
+    if cfg.train.class_weights is None:
+        return nn.CrossEntropyLoss()
+    return PerSampleWeightedCE(cfg.train.class_weights).to(device)
+
+
+def loader_batch_size(n_train: int, plan: DPPlan) -> int:
+    """A DataLoader batch size whose Opacus schedule is exactly the plan's (q = 1/k, k batches per epoch).
+
+    Opacus derives q = 1/len(loader) = 1/⌈n/b⌉; for the k = ⌈n/B⌉ of any planned batch B,
+    b = ⌈n/k⌉ gives ⌈n/b⌉ = k again. Deriving b from the plan (not from the config) keeps training
+    on the schedule that was accounted, however the planner chose the batch.
+    """
+    k = round(1.0 / plan.sample_rate)
+    return math.ceil(n_train / k)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _physical_batches(
+    xb: torch.Tensor, yb: torch.Tensor, size: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if size is None or len(yb) <= size:
+        yield xb, yb
+        return
+    for i in range(0, len(yb), size):
+        yield xb[i : i + size], yb[i : i + size]
+
+
 def train_local(
     model: nn.Module, data: Encoded, cfg: RunConfig, plan: DPPlan | None, device: torch.device
 ) -> LocalResult:
-    """Train ``model`` in place for ``cfg.train.local_epochs``; with ``plan``, under DP-SGD."""
+    """Train ``model`` in place for ``cfg.train.local_epochs``; with ``plan``, under DP-SGD.
+
+    ``model`` arrives holding the global model; FedProx pulls towards that snapshot.
+    """
     model.to(device).train()
+    tc = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if tc.proximal_mu > 0 else []
     dataset = TensorDataset(data.x, data.y)
     sampling = secure_generator(torch.device("cpu"))
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=plan is None, generator=sampling)
+    batch = loader_batch_size(len(data), plan) if plan is not None else tc.logical_batch_size(len(data))
+    loader = DataLoader(dataset, batch_size=batch, shuffle=plan is None, generator=sampling)
     optimizer = _optimizer(model, cfg)
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    criterion: nn.Module = make_criterion(cfg, device)
     engine: PrivacyEngine | None = None
     trained: nn.Module = model
+    physical = tc.physical_batch_size
     if plan is not None:
         mode = resolve_grad_sample_mode(cfg)
+        if physical is not None and mode == "ew":
+            mode = "hooks"  # ew cannot accumulate per-sample gradients over physical batches
         with warnings.catch_warnings():
             # Opacus warns that secure_mode is off; its CSPRNG (torchcsprng) has no build for this
             # torch, so the sampling and noise generators above are seeded from os.urandom instead.
@@ -87,21 +169,56 @@ def train_local(
         if (
             actual_q is None
             or abs(actual_q - plan.sample_rate) > 1e-12
-            or len(loader) != plan.steps_per_round // cfg.train.local_epochs
+            or len(loader) != plan.steps_per_round // tc.local_epochs
         ):
             raise RuntimeError(
                 f"Opacus sampling (q={actual_q}, {len(loader)} steps) differs from the DP plan "
-                f"(q={plan.sample_rate}, {plan.steps_per_round // cfg.train.local_epochs} steps); nothing was trained"
+                f"(q={plan.sample_rate}, {plan.steps_per_round // tc.local_epochs} steps); nothing was trained"
             )
     steps = 0
-    for _ in range(cfg.train.local_epochs):
+
+    def after_step() -> None:
+        """One logical step was taken: warm-up schedule and FedProx's proximal step."""
+        nonlocal steps
+        lr = tc.learning_rate * (min(1.0, (steps + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        if anchor:
+            pull = min(1.0, lr * tc.proximal_mu)  # ≥ 1 would overshoot w_global
+            with torch.no_grad():
+                for p, g in zip(params, anchor, strict=True):
+                    p.sub_(pull * (p - g))
+        steps += 1
+        if tc.warmup_steps:
+            _set_lr(optimizer, tc.learning_rate * min(1.0, (steps + 1) / tc.warmup_steps))
+
+    if tc.warmup_steps:
+        _set_lr(optimizer, tc.learning_rate / tc.warmup_steps)
+    for _ in range(tc.local_epochs):
+        if engine is not None and physical is not None:
+            with BatchMemoryManager(
+                data_loader=loader,
+                max_physical_batch_size=physical,
+                optimizer=optimizer,  # type: ignore[arg-type]
+            ) as physical_loader:
+                for xb, yb in physical_loader:
+                    xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    criterion(trained(xb), yb).backward()
+                    optimizer.step()
+                    if not getattr(optimizer, "_is_last_step_skipped", False):
+                        after_step()
+            continue
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(trained(xb), yb)
-            loss.backward()
+            if engine is None and physical is not None and len(yb) > physical:
+                for xp, yp in _physical_batches(xb, yb, physical):  # plain gradient accumulation
+                    (criterion(trained(xp), yp) * (len(yp) / len(yb))).backward()
+            else:
+                criterion(trained(xb), yb).backward()
+            if engine is None and tc.clip_without_dp:
+                nn.utils.clip_grad_norm_(params, cfg.dp.max_grad_norm)
             optimizer.step()
-            steps += 1
+            after_step()
     if engine is not None:
         if hasattr(trained, "_close"):
             trained._close()  # remove Opacus hooks from the original module

@@ -1,0 +1,394 @@
+"""Utility options: server optimizers, FedProx, warm-up, virtual steps, public class weights.
+
+Most tests drive the real ClientApp in process (``client_app(message, context)``), with a small
+round loop doing what server/app.py's loop does (``WeightedMean``, then the server optimizer);
+the one test through the real ServerApp on Flower's simulation engine is marked and runs once
+server/app.py calls ``server.optimizers.make_server_optimizer``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from opacus.accountants import RDPAccountant
+
+from client.app import app as client_app
+from client.training import PerSampleWeightedCE, loader_batch_size, train_local
+from common import records as R
+from common.codec import record_to_numpy
+from common.config import ServerOptimizerConfig
+from common.data import encode
+from common.errors import ConfigError
+from common.models import build_model
+from common.privacy import epsilon_spent, plan_dp
+from server.aggregation import WeightedMean
+from server.optimizers import FLOWER_DEFAULTS, make_server_optimizer
+from tests.helpers import ROOT, global_state, make_tabular, node_context, tabular_config, train_message
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+State = OrderedDict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _distance(a: State, b: State) -> float:
+    return math.sqrt(sum(float(((a[k].astype(np.float64) - b[k]) ** 2).sum()) for k in a))
+
+
+def _federation(cfg, datasets: list[Path], workdir: Path) -> tuple[list[State], list[State], list[list[float]]]:
+    """``cfg.rounds`` rounds on the real ClientApp, aggregated as server/app.py does.
+
+    Returns the global model before each round and after the last, each round's weighted mean,
+    and each round's client distances from the global model they started from.
+    """
+    state = global_state(cfg)
+    opt = make_server_optimizer(cfg.server.optimizer)
+    contexts = [node_context(d, workdir / f"node{i}") for i, d in enumerate(datasets)]
+    globals_, means, distances = [state], [], []
+    for rnd in range(1, cfg.rounds + 1):
+        mean = WeightedMean(state)
+        dist = []
+        for ctx in contexts:
+            reply = client_app(train_message(cfg, state, rnd), ctx)
+            assert R.ARRAYS in reply.content, reply.content
+            update = record_to_numpy(reply.content[R.ARRAYS])
+            dist.append(_distance(update, state))
+            mean.add(update, float(reply.content[R.METRICS][R.NUM_EXAMPLES]))
+        means.append(mean.result())
+        state = opt.step(state, means[-1])
+        globals_.append(state)
+        distances.append(dist)
+    return globals_, means, distances
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path) -> list[Path]:
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"node{i}.csv"
+        make_tabular(500, seed=i).to_csv(p, index=False)
+        paths.append(p)
+    return paths
+
+
+def _flower_reply(state: State) -> Message:
+    ins = Message(RecordDict(), dst_node_id=5, message_type=MessageType.TRAIN)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()}),
+            "metrics": MetricRecord({"num-examples": 1}),
+        }
+    )
+    return Message(content, reply_to=ins)
+
+
+def _flower_strategy(name: str, **p: float):
+    if name == "fedavgm":
+        return FedAvgM(server_learning_rate=p["learning_rate"], server_momentum=p["momentum"])
+    if name == "fedadagrad":
+        return FedAdagrad(eta=p["learning_rate"], tau=p["tau"])
+    cls = FedAdam if name == "fedadam" else FedYogi
+    return cls(eta=p["learning_rate"], beta_1=p["momentum"], beta_2=p["beta_2"], tau=p["tau"])
+
+
+def _flower_step(strategy, rnd: int, global_state: State, aggregate: State) -> State:
+    """One round of Flower's own strategy: it sees ``global_state`` sent and ``aggregate`` as the mean."""
+    if isinstance(strategy, FedAvgM):
+        if strategy.current_arrays is None:
+            strategy.current_arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in global_state.items()})
+    else:
+        strategy.current_arrays = {k: np.asarray(v) for k, v in global_state.items()}
+    arrays, _ = strategy.aggregate_train(rnd, [_flower_reply(aggregate)])
+    return OrderedDict((k, arrays[k].numpy()) for k in global_state)
+
+
+# --------------------------------------------------------------------------- server optimizers
+
+OPTIMIZERS = {
+    "fedavgm": {"learning_rate": 1.0, "momentum": 0.9},
+    "fedadagrad": {"learning_rate": 0.05},
+    "fedadam": {"learning_rate": 0.05},
+    "fedyogi": {"learning_rate": 0.05},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_server_optimizer_matches_flower_strategy(name: str) -> None:
+    """Same inputs, same outputs as Flower 1.42's strategy, over several rounds (state carried)."""
+    rng = np.random.default_rng(0)
+    cfg = ServerOptimizerConfig(name=name, **OPTIMIZERS[name])  # type: ignore[arg-type]
+    ours = make_server_optimizer(cfg)
+    params = {**FLOWER_DEFAULTS[name], **OPTIMIZERS[name]}
+    flower = _flower_strategy(name, **params)
+    state: State = OrderedDict(w=rng.normal(size=(4, 3)).astype(np.float32), b=rng.normal(size=3).astype(np.float32))
+    for rnd in range(1, 5):
+        aggregate = OrderedDict(
+            (k, (v + rng.normal(scale=0.1, size=v.shape)).astype(np.float32)) for k, v in state.items()
+        )
+        expected = _flower_step(flower, rnd, state, aggregate)
+        state = ours.step(state, aggregate)
+        for k in state:
+            assert state[k].dtype == np.float32
+            np.testing.assert_allclose(state[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fedavg", *sorted(OPTIMIZERS)])
+def test_two_round_federation_moves_the_model_as_each_optimizer_should(
+    name: str, two_nodes: list[Path], tmp_path: Path
+) -> None:
+    """Two rounds of DP training on the real ClientApp; the global model follows the optimizer's rule."""
+    opt = {"name": name, **OPTIMIZERS.get(name, {})}
+    cfg = tabular_config(server={"optimizer": opt})
+    globals_, means, _ = _federation(cfg, two_nodes, tmp_path)
+    assert all(_distance(globals_[r + 1], globals_[r]) > 0 for r in range(2)), "a round left the model unchanged"
+    if name == "fedavg":
+        for r in range(2):  # FedAvg: the mean becomes the global model
+            assert _distance(globals_[r + 1], means[r]) == 0
+        return
+    # The same rounds through Flower's own strategy give the same global models.
+    flower = _flower_strategy(name, **{**FLOWER_DEFAULTS[name], **OPTIMIZERS[name]})
+    for r in range(2):
+        expected = _flower_step(flower, r + 1, globals_[r], means[r])
+        for k in expected:
+            np.testing.assert_allclose(globals_[r + 1][k], expected[k], rtol=1e-5, atol=1e-6)
+    # ... and differ from plain FedAvg (the mean) in round 2, where state has built up.
+    assert _distance(globals_[2], means[1]) > 1e-4
+
+
+def test_server_optimizer_state_survives_a_checkpoint() -> None:
+    rng = np.random.default_rng(1)
+    cfg = ServerOptimizerConfig(name="fedadam", learning_rate=0.1)
+    a = make_server_optimizer(cfg)
+    state: State = OrderedDict(w=rng.normal(size=5).astype(np.float32))
+    aggs = [OrderedDict(w=(state["w"] + rng.normal(size=5)).astype(np.float32)) for _ in range(3)]
+    s1 = a.step(state, aggs[0])
+    saved = json.loads(json.dumps(a.scalars())), {k: v.copy() for k, v in a.arrays().items()}
+    expected = a.step(s1, aggs[1])["w"]
+    resumed = make_server_optimizer(cfg)
+    resumed.load(*saved)
+    np.testing.assert_array_equal(resumed.step(s1, aggs[1])["w"], expected)
+    assert not np.array_equal(make_server_optimizer(cfg).step(s1, aggs[1])["w"], expected)  # state matters
+
+
+def test_server_optimizer_config_is_validated() -> None:
+    assert tabular_config().server.optimizer.name == "fedavg"  # backwards compatible default
+    with pytest.raises(ConfigError, match="fedavg' takes no parameters; remove learning_rate"):
+        tabular_config(server={"optimizer": {"name": "fedavg", "learning_rate": 0.1}})
+    with pytest.raises(ConfigError, match="fedavgm' takes learning_rate, momentum; remove tau"):
+        tabular_config(server={"optimizer": {"name": "fedavgm", "tau": 0.1}})
+    with pytest.raises(ConfigError, match="server.optimizer.name"):
+        tabular_config(server={"optimizer": {"name": "sgd"}})
+
+
+# --------------------------------------------------------------------------- FedProx
+
+
+def test_fedprox_keeps_client_models_closer_to_the_global_model(two_nodes: list[Path], tmp_path: Path) -> None:
+    """Two DP rounds with and without a large μ: the proximal step pulls every update towards the global model."""
+    plain = tabular_config()
+    prox = tabular_config(train={**plain.train.model_dump(), "proximal_mu": 50.0})  # lr·μ = 0.5 per step
+    _, _, d_plain = _federation(plain, two_nodes, tmp_path / "plain")
+    _, _, d_prox = _federation(prox, two_nodes, tmp_path / "prox")
+    for r in range(2):
+        for a, b in zip(d_prox[r], d_plain[r], strict=True):
+            assert a < 0.5 * b, (d_prox, d_plain)
+
+
+def test_fedprox_costs_no_privacy(tabular_csv: Path, tmp_path: Path) -> None:
+    eps = []
+    for mu in (0.0, 10.0):
+        cfg = tabular_config(train={**tabular_config().train.model_dump(), "proximal_mu": mu})
+        reply = client_app(train_message(cfg, global_state(cfg)), node_context(tabular_csv, tmp_path / f"mu{mu}"))
+        eps.append(reply.content[R.METRICS][R.EPSILON])
+    assert eps[0] == eps[1]
+
+
+def test_fedprox_step_is_applied_after_the_optimizer_step(tabular_csv: Path) -> None:
+    """μ with lr·μ ≥ 1 puts the model back on w_global after every step: nothing moves."""
+    cfg = tabular_config(train={**tabular_config().train.model_dump(), "proximal_mu": 1000.0})
+    data = encode(make_tabular(400), cfg.data.schema_)
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_dp(len(data), cfg.dp, batch_size=32, local_epochs=1, rounds=2)
+    train_local(model, data, cfg, plan, torch.device("cpu"))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+# --------------------------------------------------------------------------- DP-aware training choices
+
+
+def test_virtual_steps_report_the_accountants_epsilon_for_the_logical_batch(tmp_path: Path) -> None:
+    """Logical batch 512 in physical batches of ≤ 64: one DP step per logical batch, q = 1/⌈n/512⌉."""
+    data_path = tmp_path / "big.csv"
+    make_tabular(3000).to_csv(data_path, index=False)
+    base = tabular_config(dp={"target_epsilon": 4.0, "delta": 1e-5})
+    cfg = tabular_config(
+        dp={"target_epsilon": 4.0, "delta": 1e-5},
+        train={**base.train.model_dump(), "batch_size": 512, "physical_batch_size": 64},
+    )
+    seen: list[int] = []
+    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+    model.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].shape[0])))
+    data = encode(make_tabular(3000), cfg.data.schema_)
+    plan = plan_dp(len(data), cfg.dp, batch_size=512, local_epochs=1, rounds=2)
+    result = train_local(model, data, cfg, plan, torch.device("cpu"))
+    assert plan.sample_rate == 1 / math.ceil(3000 / 512)
+    assert result.steps == plan.steps_per_round == 6
+    assert result.history == [(plan.noise_multiplier, plan.sample_rate, 6)]
+    assert max(seen) <= 64 and len(seen) > result.steps  # several physical batches per DP step
+    acc = RDPAccountant()
+    acc.history = [(plan.noise_multiplier, plan.sample_rate, 12)]
+    assert epsilon_spent(result.history * 2, cfg.dp.delta) == pytest.approx(acc.get_epsilon(cfg.dp.delta))
+    # Through the real ClientApp: the ε it reports is the accountant's for the logical batch.
+    ctx = node_context(data_path, tmp_path / "node")
+    state = global_state(cfg)
+    for rnd in (1, 2):
+        metrics = client_app(train_message(cfg, state, rnd), ctx).content[R.METRICS]
+    n_train = round(3000 * (1 - cfg.data.validation_fraction))
+    q = 1 / math.ceil(n_train / 512)
+    assert metrics[R.SAMPLE_RATE] == pytest.approx(q)
+    acc = RDPAccountant()
+    acc.history = [(metrics[R.NOISE_MULTIPLIER], q, 2 * int(metrics[R.STEPS]))]
+    assert metrics[R.EPSILON] == pytest.approx(acc.get_epsilon(cfg.dp.delta))
+    assert metrics[R.EPSILON] <= cfg.dp.target_epsilon
+
+
+def test_physical_batches_refuse_the_ew_mode() -> None:
+    base = tabular_config()
+    with pytest.raises(ConfigError, match='"ew" mode cannot'):
+        tabular_config(dp={"grad_sample_mode": "ew"}, train={**base.train.model_dump(), "physical_batch_size": 8})
+
+
+@pytest.mark.parametrize(("n", "batch"), [(8924, 256), (1057, 64), (480, 32), (10, 3), (7, 256), (5000, 1024)])
+def test_loader_batch_realizes_the_planned_schedule(n: int, batch: int) -> None:
+    from common.config import DPConfig
+
+    plan = plan_dp(n, DPConfig(delta=1 / (10 * n)), batch_size=batch, local_epochs=1, rounds=1)
+    assert math.ceil(n / loader_batch_size(n, plan)) == plan.steps_per_round == round(1 / plan.sample_rate)
+
+
+def test_per_node_batch_follows_the_sample_rate() -> None:
+    base = tabular_config()
+    cfg = tabular_config(train={**base.train.model_dump(), "batch_size": 64, "sample_rate": 0.05})
+    assert cfg.train.logical_batch_size(10_000) == 500
+    assert cfg.train.logical_batch_size(600) == 64  # never below batch_size
+    assert base.train.logical_batch_size(10_000) == base.train.batch_size
+
+
+def test_warmup_slows_the_first_steps() -> None:
+    base = tabular_config()
+    data = encode(make_tabular(400), base.data.schema_)
+    moved = []
+    for warmup in (0, 1_000_000):
+        cfg = tabular_config(train={**base.train.model_dump(), "warmup_steps": warmup})
+        torch.manual_seed(0)
+        model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+        before = [p.detach().clone() for p in model.parameters()]
+        train_local(model, data, cfg, None, torch.device("cpu"))
+        with torch.no_grad():
+            moved.append(sum(float((p - b).norm()) for p, b in zip(model.parameters(), before, strict=True)))
+    assert moved[1] < 0.01 * moved[0]
+
+
+def test_clip_without_dp_bounds_non_private_steps() -> None:
+    """Without DP, one SGD step moves the model by at most lr·C when clip_without_dp is on."""
+    data = encode(make_tabular(400), tabular_config().data.schema_)
+    moved = {}
+    for clip in (False, True):
+        cfg = tabular_config(
+            dp={"enabled": False, "max_grad_norm": 0.01},
+            train={"optimizer": "sgd", "learning_rate": 1.0, "batch_size": 400, "clip_without_dp": clip},
+        )
+        torch.manual_seed(0)
+        model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+        before = [p.detach().clone() for p in model.parameters()]
+        result = train_local(model, data, cfg, None, torch.device("cpu"))
+        assert result.steps == 1
+        with torch.no_grad():
+            moved[clip] = math.sqrt(
+                sum(float(((p - b) ** 2).sum()) for p, b in zip(model.parameters(), before, strict=True))
+            )
+    assert moved[True] <= 0.01 * (1 + 1e-4) < moved[False]
+
+
+# --------------------------------------------------------------------------- class weights
+
+
+def test_class_weighted_loss_is_per_record() -> None:
+    """A record's weighted loss does not depend on which other records share its batch."""
+    crit = PerSampleWeightedCE([1.0, 3.0])
+    logits = torch.randn(6, 2)
+    y = torch.tensor([0, 1, 1, 0, 1, 1])
+    per = torch.nn.functional.cross_entropy(logits, y, reduction="none") * torch.tensor([1.0, 3.0])[y]
+    assert crit(logits, y).item() == pytest.approx(per.mean().item())
+    assert crit(logits[:2], y[:2]).item() == pytest.approx(per[:2].mean().item())
+    crit.reduction = "none"  # how Opacus's ghost clipping asks for per-sample losses
+    torch.testing.assert_close(crit(logits, y), per)
+
+
+@pytest.mark.parametrize("mode", ["ew", "ghost"])
+def test_class_weights_train_under_dp(mode: str, tabular_csv: Path, tmp_path: Path) -> None:
+    base = tabular_config()
+    cfg = tabular_config(
+        dp={**base.dp.model_dump(), "grad_sample_mode": mode},
+        train={**base.train.model_dump(), "class_weights": [1.0, 2.0]},
+    )
+    reply = client_app(train_message(cfg, global_state(cfg)), node_context(tabular_csv, tmp_path / "node"))
+    assert R.ARRAYS in reply.content and reply.content[R.METRICS][R.EPSILON] > 0
+    with pytest.raises(ConfigError, match="class_weights needs 2 positive weights"):
+        tabular_config(train={**base.train.model_dump(), "class_weights": [1.0]})
+
+
+# --------------------------------------------------------------------------- the real ServerApp
+
+_HOOKED = "make_server_optimizer" in (ROOT / "server" / "app.py").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.skipif(not _HOOKED, reason="needs the server/app.py hook that calls server.optimizers")
+def test_server_app_applies_the_server_optimizer(tmp_path: Path) -> None:
+    """Real ServerApp on Flower's simulation engine, 2 rounds: with a server learning rate of 1e-9
+    the global model (hence the held-out loss) stays where it started; with FedAvg it moves."""
+    data = tmp_path / "data.csv"
+    make_tabular(500).to_csv(data, index=False)
+    losses = {}
+    for name, opt in {"frozen": {"name": "fedavgm", "learning_rate": 1e-9}, "fedavg": {"name": "fedavg"}}.items():
+        cfg = tabular_config(data, server={"round_timeout": 120, "wait_for_nodes": 60, "optimizer": opt})
+        cfg_file = tmp_path / f"{name}.json"
+        cfg_file.write_text(cfg.to_json(), encoding="utf-8")
+        code = (
+            "import sys; from pathlib import Path; from common.config import load_config; "
+            "from fedguard.simulate import simulate; from server.store import RunStore; "
+            "r = simulate(load_config(sys.argv[1]), Path(sys.argv[2]), progress=lambda s: None); "
+            "evals = RunStore(r.store_path).evaluations(r.run_id); "
+            "print('LOSSES', [e['loss'] for _, e in sorted(evals.items())])"
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(cfg_file), str(tmp_path / name)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        losses[name] = json.loads(proc.stdout.split("LOSSES")[1].strip().splitlines()[0])
+    assert losses["frozen"][2] == pytest.approx(losses["frozen"][0], abs=1e-6)
+    assert abs(losses["fedavg"][2] - losses["fedavg"][0]) > 1e-4
