@@ -30,7 +30,7 @@ deployed one, and it is much faster on 2 cores.
                             [--splits iid dir0.5 dir0.1] [--epsilons 1 3 8 inf] [--data gss.csv]
                             [--select [--only NAME ...] [--recipe FILE]] [--out bench/results/utility.json]
 
-The grid runs with ``--seeds`` (default one seed: about 20 minutes on 2 cores); the target cell
+The grid runs with ``--seeds`` (default one seed: 31 runs, about 15 minutes on 2 cores); the target cell
 (ε=8, Dirichlet 0.5, both methods) and the central reference with ``--target-seeds``.
 """
 

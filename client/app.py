@@ -50,7 +50,7 @@ def _plan(context: Context, cfg: RunConfig, n_train: int) -> DPPlan:
     plan = plan_dp(
         n_train,
         cfg.dp,
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.logical_batch_size(n_train),
         local_epochs=cfg.train.local_epochs,
         rounds=cfg.rounds,
         noise_multiplier=earlier[1] if same and earlier else None,
