@@ -61,11 +61,11 @@ from client.training import train_local  # noqa: E402
 from common.codec import load_numpy_state, state_to_numpy  # noqa: E402
 from common.config import RunConfig, parse_config  # noqa: E402
 from common.data import Encoded, encode, split_indices  # noqa: E402
+from common.evaluation import evaluate  # noqa: E402
 from common.models import build_model  # noqa: E402
 from common.partition import dirichlet, iid  # noqa: E402
 from common.privacy import epsilon_spent, plan_dp  # noqa: E402
 from server.aggregation import WeightedMean  # noqa: E402
-from server.evaluation import evaluate  # noqa: E402
 from server.optimizers import describe, make_server_optimizer  # noqa: E402
 
 NUM_CLIENTS = 5

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.errors import FedGuardError
-from common.processes import bin_path, flwr_env, free_port, log_tail
+from common.processes import bin_path, flwr_env, free_port, log_tail, stop_child
 
 _READY_SUPERNODE = re.compile(r"SuperNode ID: (\d+)")
 _READY_EXECUTOR = "FEDGUARD-EXECUTOR-READY"
@@ -46,18 +45,6 @@ class SuperNodeError(FedGuardError):
     """The node could not join the federation (unreachable server, wrong CA, unregistered key, ...)."""
 
     code = "supernode-error"
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    """SIGTERM our child, SIGKILL after ``timeout``, and reap it (PID only: we started it)."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def check_private_key(path: Path) -> None:
@@ -306,8 +293,8 @@ class SuperNode:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the executor, then the SuperNode (it deactivates itself at the SuperLink on SIGTERM)."""
-        _stop(self._ex, timeout)
-        _stop(self._sn, timeout)
+        stop_child(self._ex, timeout)
+        stop_child(self._sn, timeout)
         self._ex = self._sn = None
         for f in self._logs:
             f.close()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +75,15 @@ def flwr_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, 
     )
     env.update(extra or {})
     return env
+
+
+def stop_child(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM a child we started, SIGKILL after ``timeout``, and reap it (by PID only: we started it)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

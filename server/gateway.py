@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import FedGuardError
+from common.processes import stop_child
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "deploy" / "gateway"
 
@@ -93,11 +94,5 @@ class Gateway:
         raise GatewayError(f"nginx did not listen on port {self.settings.listen_port} within {timeout:g}s")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()  # nginx's master reaps its worker on SIGTERM
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_child(self._proc)  # nginx's master reaps its worker on SIGTERM
         self._proc = None
