@@ -22,7 +22,7 @@ epoch with the best validation accuracy is reported on the hold-out).
 The federation is an in-process loop over FedGuard's real pieces: ``common.privacy.plan_dp``
 (σ from Opacus's accountant), ``client.training.train_local`` (Opacus DP-SGD), the server's
 ``WeightedMean`` with FedGuard's public weights (sizes rounded to 100) and
-``server.optimizers``; ε is recomputed from each client's release history with
+``common.optimizers``; ε is recomputed from each client's release history with
 ``common.privacy.epsilon_spent``. No Ray, no message passing: the arithmetic of a round is the
 deployed one, and it is much faster on 2 cores.
 
@@ -63,10 +63,10 @@ from common.config import RunConfig, parse_config  # noqa: E402
 from common.data import Encoded, encode, split_indices  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.models import build_model  # noqa: E402
+from common.optimizers import describe, make_server_optimizer  # noqa: E402
 from common.partition import dirichlet, iid  # noqa: E402
 from common.privacy import epsilon_spent, plan_dp  # noqa: E402
 from server.aggregation import WeightedMean  # noqa: E402
-from server.optimizers import describe, make_server_optimizer  # noqa: E402
 
 NUM_CLIENTS = 5
 HOLDOUT_FRACTION = 0.2

@@ -12,24 +12,32 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import he_node
+from client.admission import PolicyViolation, check_policy, check_request, record
 from client.ledger import Budget, Ledger, Release
 from client.node import NodeSettings, declared_weight, new_log_id, node_logger, node_settings
 from client.sent_log import log_sent
 from client.training import resolve_grad_sample_mode, train_local
+from common import he
 from common import records as R
 from common.codec import load_numpy_state, numpy_to_record, record_to_numpy, state_to_numpy
 from common.config import RunConfig, config_from_json
 from common.data import Encoded, load_encoded, split_indices
 from common.errors import FedGuardError
-from common.evaluation import evaluate_and_audit, provenance
+from common.evaluation import evaluate_and_audit, predict, provenance
+from common.fairness import group_confusion_counts, noisy_counts
 from common.models import build_model, model_max_len, pick_device
-from common.privacy import DPPlan, epsilon_spent, group_privacy, plan_dp
+from common.optimizers import make_server_optimizer
+from common.policy import Purpose
+from common.privacy import DPPlan, History, epsilon_spent, group_privacy, plan_dp
 from common.reply_signing import sign_reply
 
 app = ClientApp()
@@ -59,6 +67,16 @@ def _plan(context: Context, cfg: RunConfig, n_train: int) -> DPPlan:
     return plan
 
 
+def _count_release(cfg: RunConfig) -> History:
+    """The federated-fairness counts release this run will ask for after its last round, if any."""
+    return [(cfg.fairness.count_noise_multiplier, 1.0, 1)] if cfg.wants_federated_counts else []
+
+
+def _planned_run(plan: DPPlan, cfg: RunConfig, settings: NodeSettings) -> History:
+    """Every release the run would make on this node: its DP-SGD rounds and the fairness counts."""
+    return [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * cfg.rounds + _count_release(cfg)
+
+
 def _run_key(msg: Message) -> str:
     return str(msg.content[R.CONFIG].get(R.RUN_UID, f"flower-{msg.metadata.run_id}"))
 
@@ -84,10 +102,11 @@ def _reply(msg: Message, content: RecordDict, settings: NodeSettings | None = No
     return Message(content, reply_to=msg)
 
 
-def refusal(msg: Message, code: str, log_id: str, settings: NodeSettings | None = None) -> Message:
-    return _reply(
-        msg, RecordDict({R.REFUSAL: ConfigRecord({R.REFUSAL_CODE: code, R.REFUSAL_LOG_ID: log_id})}), settings
-    )
+def refusal(
+    msg: Message, code: str, log_id: str, settings: NodeSettings | None = None, rule: str | None = None
+) -> Message:
+    values = {R.REFUSAL_CODE: code, R.REFUSAL_LOG_ID: log_id} | ({R.REFUSAL_RULE: rule} if rule else {})
+    return _reply(msg, RecordDict({R.REFUSAL: ConfigRecord(values)}), settings)
 
 
 def _settings(msg: Message, context: Context, cfg: RunConfig) -> NodeSettings:
@@ -95,13 +114,18 @@ def _settings(msg: Message, context: Context, cfg: RunConfig) -> NodeSettings:
     return node_settings(dict(context.node_config), cfg, str(sim_dir) if sim_dir else None)
 
 
-def _training_split(settings: NodeSettings, cfg: RunConfig) -> Encoded:
-    data = load_encoded(
+def _node_data(settings: NodeSettings, cfg: RunConfig) -> Encoded:
+    """The node's whole data file, encoded for the run's model (cached in the node's workdir)."""
+    return load_encoded(
         settings.data_path,
         settings.schema,
         max_len=model_max_len(cfg.model.name, cfg.model.params),
         cache_dir=settings.workdir / "cache",
     )
+
+
+def _training_split(settings: NodeSettings, cfg: RunConfig) -> Encoded:
+    data = _node_data(settings, cfg)
     train_idx, _ = split_indices(len(data), cfg.data.validation_fraction, cfg.seed)
     return data.subset(train_idx)
 
@@ -126,7 +150,14 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     train = _training_split(settings, cfg)
 
     model = build_model(cfg.model.name, settings.schema, cfg.model.params)
-    load_numpy_state(model, record_to_numpy(msg.content[R.ARRAYS]))
+    homomorphic = cfg.secure_aggregation == "homomorphic"
+    if homomorphic:  # decrypt only what the pinned evaluator signed, with the context the admin approved
+        ctx = he_node.client_context(msg, cfg, settings)
+        blobs = he.record_to_blobs(msg.content[R.ARRAYS], where="global model")
+        global_state = he_node.decrypt_global(ctx, cfg, blobs, msg.content[R.CONFIG], _run_key(msg), round_ - 1)
+    else:
+        global_state = record_to_numpy(msg.content[R.ARRAYS])
+    load_numpy_state(model, global_state)
 
     plan: DPPlan | None = None
     ledger: Ledger | None = None
@@ -134,6 +165,13 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     if cfg.dp.enabled:
         first = _earlier_calibration(context) is None
         plan = _plan(context, cfg, len(train))
+        check_policy(
+            cfg,
+            settings,
+            "train",
+            plan=plan,
+            epsilon_run=epsilon_spent(_planned_run(plan, cfg, settings), plan.delta, plan.accountant),
+        )
         if first:
             print(f"[{settings.workdir.name}] {plan.describe()}", flush=True)
             log.info("%s; grad_sample_mode=%s", plan.describe(), resolve_grad_sample_mode(cfg))
@@ -184,6 +222,17 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
         len(train),
         settings.dataset_id,
     )
+    if homomorphic:  # w·Δ with w = declared size over the config's cap (≤ 1), clipped to ±B
+        weight = min(1.0, float(metrics[R.NUM_EXAMPLES]) / cfg.server.max_weight)
+        blobs, secs = he_node.encrypt_delta(ctx, cfg, state_to_numpy(model), global_state, weight)
+        content = RecordDict(
+            {
+                R.ARRAYS: he.blobs_to_record(blobs),
+                R.METRICS: MetricRecord(metrics),
+                R.HE: ConfigRecord({R.HE_ENCRYPT_SECONDS: secs}),
+            }
+        )
+        return _reply(msg, content, settings)
     content = RecordDict({R.ARRAYS: numpy_to_record(state_to_numpy(model)), R.METRICS: MetricRecord(metrics)})
     return _reply(msg, content, settings)
 
@@ -193,17 +242,20 @@ def _plan_reply(msg: Message, context: Context, cfg: RunConfig, settings: NodeSe
     train = _training_split(settings, cfg)
     plan = _plan(context, cfg, len(train))
     round_h = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+    planned = _planned_run(plan, cfg, settings)
+    eps_run = epsilon_spent(planned, plan.delta, plan.accountant)
+    check_policy(cfg, settings, "plan", plan=plan, epsilon_run=eps_run)
     with Ledger(settings.ledger_path, settings.marker_dir) as ledger:
         ledger.check_continuity(settings.dataset_id)
         spent = ledger.would_spend(settings.dataset_id, [], settings.budget_delta, plan.accountant)
-        after = ledger.would_spend(settings.dataset_id, round_h * cfg.rounds, settings.budget_delta, plan.accountant)
+        after = ledger.would_spend(settings.dataset_id, planned, settings.budget_delta, plan.accountant)
     values: dict[str, float | int] = {
         R.NOISE_MULTIPLIER: plan.noise_multiplier,
         R.SAMPLE_RATE: plan.sample_rate,
         R.PLAN_STEPS: plan.steps_per_round,
         R.DELTA: plan.delta,
         R.PLAN_EPSILON_ROUND: epsilon_spent(round_h, plan.delta, plan.accountant),
-        R.PLAN_EPSILON_RUN: epsilon_spent(round_h * cfg.rounds, plan.delta, plan.accountant),
+        R.PLAN_EPSILON_RUN: eps_run,
         R.EPSILON_TOTAL: spent,
         R.PLAN_EPSILON_AFTER: after,
         R.BUDGET_EPSILON: settings.budget_epsilon,
@@ -216,50 +268,196 @@ def _plan_reply(msg: Message, context: Context, cfg: RunConfig, settings: NodeSe
 Work = Callable[[Message, Context, RunConfig, NodeSettings], Message]
 
 
-def _handle(msg: Message, context: Context, work: Work) -> Message:
-    """Run ``work``; any failure becomes an explicit refusal with a code and a local log id."""
+def _handle(msg: Message, context: Context, work: Work, purpose: Purpose | None) -> Message:
+    """Admit the request, run ``work``; any failure becomes an explicit refusal with a code and a log id.
+
+    Admission (signed run, owner's policy) comes before any data is read; every decision lands in
+    the node's request log.
+    """
     log_id = new_log_id()
     settings: NodeSettings | None = None
+    what = purpose or "role"
     try:
         cfg = config_from_json(str(msg.content[R.CONFIG][R.RUN_CONFIG]))
         settings = _settings(msg, context, cfg)
-        return work(msg, context, cfg, settings)
+        check_request(msg, cfg, settings)
+        if purpose is not None:
+            check_policy(cfg, settings, purpose)  # rules that need no data; σ and ε follow the plan
+        reply = work(msg, context, cfg, settings)
+        if R.REFUSAL not in reply.content:
+            record(settings, msg, what, accepted=True)
+        return reply
     except Exception as exc:  # noqa: BLE001 - the text may quote private data: it stays local
         code = exc.code if isinstance(exc, FedGuardError) else "internal-error"
+        rule = exc.rule if isinstance(exc, PolicyViolation) else None
         _log_failure(settings, log_id, exc)
+        if settings is not None:
+            record(settings, msg, what, accepted=False, code=code, reason=_local_reason(exc, log_id))
     try:
-        return refusal(msg, code, log_id, settings)
+        return refusal(msg, code, log_id, settings, rule)
     except Exception as exc:  # noqa: BLE001 - e.g. an unreadable key: unsigned, so the server drops it
         _log_failure(settings, log_id, exc)
-        return refusal(msg, code, log_id)
+        return refusal(msg, code, log_id, rule=rule)
+
+
+def _local_reason(exc: BaseException, log_id: str) -> str:
+    """For the node's own request log (never sent): the error's first line."""
+    text = exc.what if isinstance(exc, FedGuardError) else type(exc).__name__
+    return f"{text} (log id {log_id})"
 
 
 def _role_reply(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
     return _reply(msg, RecordDict({R.ROLE: ConfigRecord({R.ROLE_NAME: settings.role})}), settings)
 
 
-def _evaluate(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
-    """The evaluator scores and audits the global model on its held-out set; results leave rounded."""
-    if settings.role != "evaluator":
-        raise RoleError("this node is not the federation's evaluator", fix="send evaluate messages to the evaluator")
+def _score(model: torch.nn.Module, cfg: RunConfig, settings: NodeSettings, round_: int | None) -> RecordDict:
+    """The evaluator's metrics and fairness audit of ``model`` on its held-out set."""
     torch.set_num_threads(cfg.train.threads)
-    data = load_encoded(
-        settings.data_path,
-        settings.schema,
-        max_len=model_max_len(cfg.model.name, cfg.model.params),
-        cache_dir=settings.workdir / "cache",
-    )
-    model = build_model(cfg.model.name, settings.schema, cfg.model.params)
-    load_numpy_state(model, record_to_numpy(msg.content[R.ARRAYS]))
+    data = _node_data(settings, cfg)
     metrics, audit = evaluate_and_audit(model, data, cfg.fairness)
-    node_logger(settings.workdir).info("round %s: evaluated %d held-out rows: %s", _round(msg), len(data), metrics)
+    node_logger(settings.workdir).info("round %s: evaluated %d held-out rows: %s", round_, len(data), metrics)
     audit_record = ConfigRecord(
         {
             R.AUDIT_JSON: audit.model_dump_json() if audit is not None else "",
             R.PROVENANCE_JSON: json.dumps(provenance(data, settings.data_path.name)),
         }
     )
-    return _reply(msg, RecordDict({R.EVALUATION: MetricRecord(metrics), R.AUDIT: audit_record}), settings)
+    return RecordDict({R.EVALUATION: MetricRecord(metrics), R.AUDIT: audit_record})
+
+
+def _evaluator_only(settings: NodeSettings) -> None:
+    if settings.role != "evaluator":
+        raise RoleError("this node is not the federation's evaluator", fix="send evaluate messages to the evaluator")
+
+
+def _evaluate(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    """The evaluator scores and audits the global model on its held-out set; results leave rounded."""
+    _evaluator_only(settings)
+    model = build_model(cfg.model.name, settings.schema, cfg.model.params)
+    load_numpy_state(model, record_to_numpy(msg.content[R.ARRAYS]))
+    return _reply(msg, _score(model, cfg, settings, _round(msg)), settings)
+
+
+def _he_step(
+    msg: Message, cfg: RunConfig, settings: NodeSettings, state: OrderedDict[str, np.ndarray], timings: dict[str, float]
+) -> Message:
+    """Score ``state``, then hand it out re-encrypted and signed for the next round."""
+    ctx = he_node.evaluator_context(cfg, settings)
+    model = build_model(cfg.model.name, settings.schema, cfg.model.params)
+    load_numpy_state(model, state)
+    content = _score(model, cfg, settings, _round(msg))
+    record, sig = he_node.signed_global(ctx, cfg, settings, state, _run_key(msg), int(_round(msg) or 0))
+    content[R.ARRAYS] = record
+    content[R.HE] = ConfigRecord({R.HE_SIGNATURE: sig, **timings})
+    return _reply(msg, content, settings)
+
+
+def _he_init(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    """Homomorphic mode, round 0: the evaluator encrypts and signs the initial model (from the seed)."""
+    _evaluator_only(settings)
+    return _he_step(msg, cfg, settings, he_node.template(cfg), {})
+
+
+def _he_aggregate(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    """Homomorphic mode: check and decrypt the server's sum, step the model, evaluate, re-encrypt, sign."""
+    _evaluator_only(settings)
+    ctx = he_node.evaluator_context(cfg, settings)
+    round_ = int(msg.content[R.CONFIG][R.ROUND])
+    current, delta, timings = he_node.aggregate(
+        msg, ctx, cfg, settings, _run_key(msg), round_, int(msg.metadata.run_id)
+    )
+    optimizer = make_server_optimizer(cfg.server.optimizer)
+    saved = context.state.get(_OPTIMIZER_STATE)
+    if saved is not None:
+        optimizer.load(json.loads(str(saved["scalars"])), record_to_numpy(context.state[_OPTIMIZER_ARRAYS]))
+    aggregated = OrderedDict((k, current[k] + delta[k] if k in delta else current[k]) for k in current)
+    new = optimizer.step(current, aggregated)
+    context.state[_OPTIMIZER_STATE] = ConfigRecord({"scalars": json.dumps(optimizer.scalars())})
+    context.state[_OPTIMIZER_ARRAYS] = numpy_to_record(optimizer.arrays())
+    return _he_step(msg, cfg, settings, new, timings)
+
+
+_OPTIMIZER_STATE, _OPTIMIZER_ARRAYS = "fedguard-he-optimizer", "fedguard-he-optimizer-arrays"
+
+
+class CountsNotRequested(FedGuardError):
+    code = "counts-not-in-run-config"
+
+
+def _fairness_counts(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    """Per-group confusion counts of the global model on the validation split, Gaussian-noised.
+
+    The release is reserved in the ledger (one Gaussian release, q = 1) before the counts are
+    computed; groups below the larger of the run's and the owner's minimum never leave.
+    """
+    if not _count_release(cfg):
+        raise CountsNotRequested("the signed run config does not ask for federated fairness counts")
+    fc = cfg.fairness
+    torch.set_num_threads(cfg.train.threads)
+    data = _node_data(settings, cfg)
+    _, val_idx = split_indices(len(data), cfg.data.validation_fraction, cfg.seed)
+    val = data.subset(val_idx)
+    model = build_model(cfg.model.name, settings.schema, cfg.model.params)
+    load_numpy_state(model, record_to_numpy(msg.content[R.ARRAYS]))
+    min_size = max(fc.min_group_size, settings.policy.min_group_size if settings.policy else 1)
+    probs, _ = predict(model, val)
+    counts = group_confusion_counts(val.y.numpy(), probs.argmax(-1), val.groups, min_size, fc.intersections)
+    release_id = msg.metadata.message_id or f"local-{new_log_id()}"
+    with Ledger(settings.ledger_path, settings.marker_dir) as ledger:
+        eps_total = ledger.reserve(
+            Release(
+                dataset_id=settings.dataset_id,
+                run_id=_run_key(msg),
+                round=int(msg.content[R.CONFIG][R.ROUND]),
+                message_id=release_id,
+                noise_multiplier=fc.count_noise_multiplier,
+                sample_rate=1.0,
+                steps=1,
+                delta=settings.budget_delta,
+                max_grad_norm=float(len(counts)) ** 0.5,  # the L2 sensitivity: one cell per table
+                accountant=cfg.dp.accountant,
+                mechanism="gaussian-counts",
+            ),
+            _budget(settings),
+        )
+        noisy = noisy_counts(
+            counts, fc.count_noise_multiplier, min_group_size=min_size, selection_delta=fc.count_selection_delta
+        )
+        ledger.confirm(release_id)
+        eps_run = epsilon_spent(
+            ledger.history(settings.dataset_id, _run_key(msg)), settings.budget_delta, cfg.dp.accountant
+        )
+    node_logger(settings.workdir).info(
+        "round %s: released noised counts of %d group(s) (σ=%.1f per cell); ε this run %.3f, dataset total %.3f",
+        _round(msg),
+        sum(len(rows) for rows in noisy.counts.values()),
+        noisy.sigma,
+        eps_run,
+        eps_total,
+    )
+    content = RecordDict(
+        {
+            R.FAIRNESS_COUNTS: ConfigRecord(
+                {
+                    R.COUNTS_JSON: json.dumps(noisy.counts),
+                    R.COUNT_SIGMA: noisy.sigma,
+                    R.COUNT_THRESHOLD: noisy.threshold,
+                    R.COUNT_SELECTION_DELTA: noisy.selection_delta,
+                }
+            ),
+            R.METRICS: MetricRecord(
+                {
+                    R.EPSILON: eps_run,
+                    R.DELTA: settings.budget_delta,
+                    R.NOISE_MULTIPLIER: fc.count_noise_multiplier,
+                    R.EPSILON_TOTAL: eps_total,
+                    R.BUDGET_EPSILON: settings.budget_epsilon,
+                    R.BUDGET_DELTA: settings.budget_delta,
+                }
+            ),
+        }
+    )
+    return _reply(msg, content, settings)
 
 
 class RoleError(FedGuardError):
@@ -277,22 +475,37 @@ def _clients_only(work: Work) -> Work:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _clients_only(_train))
+    return _handle(msg, context, _clients_only(_train), "train")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _evaluate)
+    return _handle(msg, context, _evaluate, "evaluate")
 
 
 @app.query("plan")
 def plan(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _clients_only(_plan_reply))
+    return _handle(msg, context, _clients_only(_plan_reply), "plan")
+
+
+@app.query("fairness")
+def fairness(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _clients_only(_fairness_counts), "fairness-counts")
+
+
+@app.query("he_init")
+def he_init(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _he_init, "evaluate")
+
+
+@app.query("he_aggregate")
+def he_aggregate(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _he_aggregate, "evaluate")
 
 
 @app.query("role")
 def role(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _role_reply)
+    return _handle(msg, context, _role_reply, None)
 
 
 def _log_failure(settings: NodeSettings | None, log_id: str, exc: BaseException) -> None:

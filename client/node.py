@@ -2,7 +2,9 @@
 
 In deployment the owner sets these in the SuperNode's node config (``data-path``,
 ``schema-path``, ``workdir``, ``declared-size``; for the privacy ledger ``dataset-id``,
-``ledger-path``, ``budget-epsilon``, ``budget-delta``; ``auth-key-path`` to sign replies); in
+``ledger-path``, ``budget-epsilon``, ``budget-delta``; ``auth-key-path`` to sign replies;
+``run-signing-pub-path``, the kit's pinned key that every run must be signed with;
+``policy-path``, the owner's ``policy.toml`` or ``default`` for the built-in safe policy); in
 simulation Flower injects ``partition-id`` and the node reads its partition file from the
 simulation folder.
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 from common.config import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON, RunConfig
 from common.errors import ConfigError
+from common.policy import NodePolicy, load_policy
 from common.schema import DataSchema, load_schema
 
 #: Schema fields that shape the model: a node's own schema must agree on them.
@@ -39,6 +42,13 @@ class NodeSettings:
     auth_key: Path | None = None
     #: ``client`` trains; ``evaluator`` holds the central held-out set and scores global models.
     role: str = "client"
+    #: The kit's pinned run-signing key: runs without a valid token are refused. None in simulation.
+    run_signing_pub: Path | None = None
+    #: The owner's policy; None in simulation (one trust domain) and in-process tests.
+    policy: NodePolicy | None = None
+    #: The kit's federation and node name: a sealed HE context must be addressed to exactly these.
+    federation: str | None = None
+    node_name: str | None = None
 
     @property
     def marker_dir(self) -> Path:
@@ -99,7 +109,21 @@ def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str
         budget_delta=budget[1],
         auth_key=Path(str(node_config["auth-key-path"])) if "auth-key-path" in node_config else None,
         role=role,
+        run_signing_pub=Path(str(node_config["run-signing-pub-path"]))
+        if "run-signing-pub-path" in node_config
+        else None,
+        policy=_policy(node_config, role),
+        federation=str(node_config["federation"]) if "federation" in node_config else None,
+        node_name=str(node_config["node-name"]) if "node-name" in node_config else None,
     )
+
+
+def _policy(node_config: dict[str, Any], role: str) -> NodePolicy | None:
+    """Read on every message, so an owner's edit applies to the next round (and a broken file refuses)."""
+    value = node_config.get("policy-path")
+    if value is None:
+        return None
+    return NodePolicy.default_for(role) if str(value) == "default" else load_policy(str(value))
 
 
 def node_logger(workdir: Path) -> logging.Logger:

@@ -1,10 +1,12 @@
 """Start and stop one FedGuard node: Flower's SuperNode plus FedGuard's executor.
 
-The SuperNode (``flower-supernode --isolation process``) keeps the authenticated TLS link to
-the SuperLink and serves a local Runtime API on a free loopback port; it starts no app code
-itself. FedGuard's executor (``client/executor.py``) is the only process that takes tasks
-from that API (every AcquireTask is HMAC-signed with a per-node secret the SuperNode checks),
-and it runs the ClientApp installed on this node, never the bundle the server sent.
+The SuperNode (``flower-supernode --isolation process``, run through ``python -m
+client.supernode`` for FedGuard's patches of Flower internals: see ``run_supernode``) keeps the
+authenticated TLS link to the SuperLink, reconnecting for as long as the SuperLink is away, and
+serves a local Runtime API on a free loopback port; it starts no app code itself.
+FedGuard's executor (``client/executor.py``) is the only process that takes tasks from that API
+(every AcquireTask is HMAC-signed with a per-node secret the SuperNode checks), and it runs the
+ClientApp installed on this node, never the bundle the server sent.
 
 The executor is a companion *process*, not a thread in this launcher: it imports torch and
 the node's training code once and keeps them across rounds (the point of the exercise),
@@ -14,14 +16,17 @@ on its own host; and it watches the launcher's PID so it never outlives it.
 
 Files in the node's ``workdir``: ``supernode.log``, ``executor.log``, ``executor-events.jsonl``
 (one line per task: status, pull/app/push seconds), ``node-config.toml`` (what the ClientApp
-sees as ``context.node_config``) and ``superexec.secret`` (0600).
+sees as ``context.node_config``), ``superexec.secret`` (0600) and, while the node is connected,
+``supernode.session`` (left behind by a crash, it lets the restarted node take its place at once).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.errors import FedGuardError
-from common.processes import bin_path, flwr_env, free_port, log_tail, stop_child
+from common.processes import flwr_env, free_port, log_tail, stop_child
 
 _READY_SUPERNODE = re.compile(r"SuperNode ID: (\d+)")
 _READY_EXECUTOR = "FEDGUARD-EXECUTOR-READY"
@@ -77,8 +82,9 @@ def diagnose(log: str, superlink: str) -> tuple[str, str] | None:
         )
     if "failed to activate supernode" in lowered or "no supernode found with the given public key" in lowered:
         return (
-            f"the SuperLink at {superlink} refused this node: its public key is not registered",
-            "send the node's .pub file to the operator to register it, then start again",
+            f"the SuperLink at {superlink} refused this node: its public key is not registered, or a node "
+            "with this key is still connected (another instance)",
+            "send the node's .pub file to the operator to register it (or stop the other instance), then start again",
         )
     if "unable to parse the private key" in lowered:
         return ("the SuperNode could not parse the node private key", "use an EC P-384 key in OpenSSH format")
@@ -142,6 +148,7 @@ class SuperNode:
         self.poll_interval = poll_interval
         self.fleet_poll_interval = fleet_poll_interval
         self.node_id: int | None = None
+        self._take_over: int | None = None  # node id of a crashed session of this workdir to take over
         self._sn: subprocess.Popen[bytes] | None = None
         self._ex: subprocess.Popen[bytes] | None = None
         self._logs: list[IO[bytes]] = []
@@ -161,6 +168,26 @@ class SuperNode:
     @property
     def events_path(self) -> Path:
         return self.workdir / "executor-events.jsonl"
+
+    @property
+    def session_path(self) -> Path:
+        """Present from when the node joins until it signs off: left behind, it means a crash."""
+        return self.workdir / "supernode.session"
+
+    def _crashed_session(self) -> int | None:
+        """The node id of this workdir's previous SuperNode if it crashed (never signed off), else None."""
+        try:
+            session = json.loads(self.session_path.read_text(encoding="utf-8"))
+            node_id, pid = int(session["node_id"]), int(session["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:  # still running (not a crash): leave its session alone
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"client.supernode" in cmdline and str(self.workdir).encode() in cmdline:
+                return None
+        except OSError:
+            pass
+        return node_id
 
     @property
     def secret_path(self) -> Path:
@@ -195,17 +222,12 @@ class SuperNode:
         args += ["--isolation", self.isolation]
         if self.with_executor:
             args += ["--superexec-auth-secret-file", str(self._secret())]
-        if self.fleet_poll_interval is not None:
-            return [
-                sys.executable,
-                "-P",  # nothing in the node's workdir can shadow installed code
-                "-m",
-                "client.supernode",
-                "--fleet-poll-interval",
-                str(self.fleet_poll_interval),
-                *args,
-            ]
-        return [bin_path("flower-supernode"), *args]
+        # Flower's SuperNode, run through this module for FedGuard's patches (see run_supernode).
+        ours = [] if self.fleet_poll_interval is None else ["--fleet-poll-interval", str(self.fleet_poll_interval)]
+        if self._take_over is not None:
+            ours += ["--take-over-session", str(self._take_over)]
+        # -P: nothing in the node's workdir can shadow installed code.
+        return [sys.executable, "-P", "-m", "client.supernode", *ours, *args]
 
     def executor_command(self) -> list[str]:
         return [
@@ -250,6 +272,8 @@ class SuperNode:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for log in (self.supernode_log, self.executor_log):
             log.write_bytes(b"")
+        # A node of this workdir that crashed is still online at the SuperLink for up to a minute.
+        self._take_over = self._crashed_session()
         self._sn = self._spawn(self.supernode_command(), self.supernode_log)
         if self.with_executor:
             self._ex = self._spawn(self.executor_command(), self.executor_log)
@@ -263,7 +287,9 @@ class SuperNode:
             while True:
                 sn_log = self.supernode_log.read_text(encoding="utf-8", errors="replace")
                 if self.node_id is None and (m := _READY_SUPERNODE.search(sn_log)):
-                    self.node_id = int(m.group(1))
+                    self.node_id = int(m.group(1))  # activated: online at the SuperLink from now on
+                    session = {"node_id": self.node_id, "pid": self._sn.pid, "superlink": self.superlink}
+                    self.session_path.write_text(json.dumps(session), encoding="utf-8")
                 ex_ready = not self.with_executor or _READY_EXECUTOR in self.executor_log.read_text(
                     encoding="utf-8", errors="replace"
                 )
@@ -293,8 +319,12 @@ class SuperNode:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the executor, then the SuperNode (it deactivates itself at the SuperLink on SIGTERM)."""
+        sn = self._sn
+        signs_off = self.node_id is not None and sn is not None and sn.poll() is None
         stop_child(self._ex, timeout)
         stop_child(self._sn, timeout)
+        if signs_off and sn is not None and sn.returncode != -signal.SIGKILL:
+            self.session_path.unlink(missing_ok=True)
         self._ex = self._sn = None
         for f in self._logs:
             f.close()
@@ -309,22 +339,93 @@ class SuperNode:
         self.stop()
 
 
-# --- experimental: a SuperNode with a shorter idle wait between Fleet pulls (Flower internal) -------
+# --- Flower's SuperNode, with FedGuard's patches of its internals (flwr 1.42) -------------------------
 
 
-def _run_supernode_with_fleet_poll(interval: float, argv: list[str]) -> None:
-    """Run ``flower-supernode`` in this process with its hard-coded sleeps shortened.
+def _clean_up_receives_of_stopped_runs() -> None:
+    """A message whose run stops while its body is being received must not wedge the node.
+
+    flwr 1.42 ``supernode/start_client_internal._pull_and_store_message`` creates the task and
+    stores the (empty) message *before* pulling the message's objects. When the SuperLink then
+    says the run is no longer running (it crashed mid-round and was restarted, or the run was
+    stopped), ``RunNotRunningException`` (a ``BaseException``) skips the clean-up that every other
+    failure gets: the task stays claimable and its objects stay announced but never arrive, so
+    the executor that claimed it waits for them (for up to two hours) and the node takes no
+    further message. Turning that exception into an ordinary error once the task exists runs
+    Flower's own clean-up (delete the message and its objects, finish the task as failed).
+    """
+    import functools
+
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supercore.run import RunNotRunningException
+
+    if getattr(sci._pull_and_store_message, "_fedguard_patched", False):
+        return
+    original = sci._pull_and_store_message
+
+    def as_error(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except RunNotRunningException:
+                raise RuntimeError("the run is no longer running at the SuperLink") from None
+
+        return call
+
+    @functools.wraps(original)
+    def pull_and_store(*args: Any, **kwargs: Any) -> Any:
+        # Both are called only after the task was created (pull_object via pull_objects).
+        for name in ("pull_object", "confirm_message_received"):
+            if name in kwargs:
+                kwargs[name] = as_error(kwargs[name])
+        return original(*args, **kwargs)
+
+    pull_and_store._fedguard_patched = True  # type: ignore[attr-defined]
+    sci._pull_and_store_message = pull_and_store  # type: ignore[assignment]
+
+
+def _take_over_crashed_session(node_id: int) -> None:
+    """Let a node restarted after a crash in at once, instead of a minute later.
+
+    The SuperLink (flwr 1.42) activates a node only if it is not online, and a node that was
+    killed stays online until it misses two 30 s heartbeats. A launcher that finds its own
+    crashed session (``SuperNode._crashed_session``) starts the SuperNode with this patch: if
+    activation is refused, the node signs its old session off (DeactivateNode for its own node
+    id, signed with its own key) and activates again. Never used when the previous SuperNode of
+    the workdir is still running, so one live instance is never pushed out by another.
+    """
+    import httpx
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=E0611
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    original = FleetHttpClient.ActivateNode
+
+    def activate(self: FleetHttpClient, request: Any) -> Any:
+        try:
+            return original(self, request)
+        except httpx.HTTPStatusError as refused:
+            try:
+                self.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+            except httpx.HTTPError:
+                raise refused from None
+            return original(self, request)
+
+    FleetHttpClient.ActivateNode = activate  # type: ignore[method-assign]
+
+
+def _shorten_fleet_poll(interval: float) -> None:
+    """Experimental: shorten flower-supernode's hard-coded sleeps, in this process only.
 
     flwr 1.42 ``supernode/start_client_internal.py`` sleeps 3 s after an empty pull and 0.5 s
     while waiting for a reply (module-level ``time.sleep`` calls), and retries message objects
     the ServerApp is still uploading after 1 s, 2 s, 4 s ... (``pull_objects``); all three are
-    shortened here, in this process only.
+    shortened here.
     """
     import functools
     import time as _time
 
     import flwr.supernode.start_client_internal as sci
-    from flwr.supernode.cli import flower_supernode
 
     class _Clock:
         def __getattr__(self, name: str) -> Any:
@@ -338,15 +439,33 @@ def _run_supernode_with_fleet_poll(interval: float, argv: list[str]) -> None:
     sci.pull_objects = functools.partial(  # type: ignore[assignment]
         sci.pull_objects, initial_backoff=0.05, backoff_cap=1.0
     )
+
+
+def run_supernode(argv: list[str]) -> None:
+    """Run ``flower-supernode`` in this process with FedGuard's patches of its internals.
+
+    ``argv``: FedGuard's options first (``--fleet-poll-interval SECONDS``, experimental;
+    ``--take-over-session NODE_ID``, set by the launcher after a crash), then flower-supernode's.
+    """
+    from flwr.supernode.cli import flower_supernode
+
+    _clean_up_receives_of_stopped_runs()
+    while argv[:1] in (["--fleet-poll-interval"], ["--take-over-session"]) and len(argv) > 1:
+        option, value, argv = argv[0], argv[1], argv[2:]
+        if option == "--fleet-poll-interval":
+            _shorten_fleet_poll(float(value))
+        else:
+            _take_over_crashed_session(int(value))
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--fleet-poll-interval":
-        _run_supernode_with_fleet_poll(float(sys.argv[2]), sys.argv[3:])
-    else:
+    if len(sys.argv) < 2:
         print(
-            "usage: python -m client.supernode --fleet-poll-interval SECONDS <flower-supernode args>", file=sys.stderr
+            "usage: python -m client.supernode [--fleet-poll-interval SECONDS] [--take-over-session NODE_ID] "
+            "<flower-supernode args>",
+            file=sys.stderr,
         )
         raise SystemExit(2)
+    run_supernode(sys.argv[1:])

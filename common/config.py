@@ -118,7 +118,7 @@ class ServerOptimizerConfig(_Strict):
 
     ``fedavg`` takes the aggregate as is; the others treat ``aggregate − global`` as a pseudo-gradient
     (Reddi et al. 2021; Flower's FedAvgM, FedAdagrad, FedAdam, FedYogi strategies). Unset fields take
-    Flower's defaults for the chosen optimizer (``server.optimizers.FLOWER_DEFAULTS``).
+    Flower's defaults for the chosen optimizer (``common.optimizers.FLOWER_DEFAULTS``).
     """
 
     name: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = "fedavg"
@@ -202,6 +202,27 @@ class SimulationConfig(_Strict):
         return float(b[partition % len(b)]) if isinstance(b, list) else float(b)
 
 
+class HomomorphicConfig(_Strict):
+    """The federation's CKKS context in homomorphic mode, pinned by the admin-signed run config.
+
+    ``fedguard evaluator keygen`` prints the values; the server reads the bundle (public context,
+    contexts sealed to each node) from ``bundle`` on its own host.
+    """
+
+    #: SHA-256 fingerprint of the public context: a node refuses any other context before training.
+    context_fingerprint: str = ""
+    #: The keygen bundle's folder on the server host (``fedguard evaluator keygen --out``).
+    bundle: str = ""
+    #: The evaluator's key fingerprint (``SHA256:...``): clients decrypt only global models it signed.
+    evaluator_key: str = ""
+    #: B: largest |value| of a weighted update or a global-model weight (the CKKS overflow bound);
+    #: a client clips its update to ±B before encrypting (post-processing of the DP output).
+    bound: float = Field(100.0, gt=0)
+    #: L2 bound on the decrypted mean update: a larger aggregate (a foreign-key or bit-flipped
+    #: ciphertext decrypts to garbage) is discarded and the round reported.
+    max_aggregate_norm: float = Field(100.0, gt=0)
+
+
 class RunConfig(_Strict):
     name: str = "fedguard-run"
     #: Drives data splits, model initialisation and client selection — never DP noise.
@@ -220,6 +241,7 @@ class RunConfig(_Strict):
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
     #: ``homomorphic``: clients encrypt updates and the server sums ciphertexts (TenSEAL CKKS).
     secure_aggregation: Literal["none", "homomorphic"] = "none"
+    homomorphic: HomomorphicConfig = Field(default_factory=HomomorphicConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -258,10 +280,23 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"server.min_replies ({self.server.min_replies}) exceeds clients_per_round ({self.clients_per_round})"
             )
+        he = self.homomorphic
+        if self.secure_aggregation == "homomorphic" and not (he.context_fingerprint and he.bundle and he.evaluator_key):
+            raise ValueError(
+                "homomorphic mode needs homomorphic.context_fingerprint, homomorphic.bundle and "
+                "homomorphic.evaluator_key: run `fedguard evaluator keygen` and copy what it prints"
+            )
         return self
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
+
+    @property
+    def wants_federated_counts(self) -> bool:
+        """Clients send noised per-group counts after the last round (binary tasks with sensitive columns)."""
+        schema = self.data.schema_
+        plaintext = self.secure_aggregation == "none"  # encrypted counts in homomorphic mode: not yet
+        return plaintext and self.fairness.federated_counts and bool(schema.sensitive) and len(schema.classes) == 2
 
     def to_toml(self) -> str:
         """The config as a run file (unset optional values are left out: TOML has no null)."""

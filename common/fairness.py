@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
@@ -92,6 +93,17 @@ class FairnessConfig(_Model):
     ece_bins: int = Field(15, ge=1, le=1000)
     intersections: list[tuple[str, str]] | None = Field(
         None, description="attribute pairs to intersect; None: all pairs of sensitive columns; []: none"
+    )
+    federated_counts: bool = Field(
+        True,
+        description="after the last round, each client sends noised per-group confusion counts of the final "
+        "model on its validation split (charged to its privacy ledger) for the federated view",
+    )
+    count_noise_multiplier: float = Field(
+        5.0, gt=0.0, description="z of the counts' Gaussian mechanism: σ = z·√(tables) per cell"
+    )
+    count_selection_delta: float = Field(
+        1e-7, gt=0.0, lt=1e-3, description="δ added by releasing only groups whose noisy size clears a threshold"
     )
 
     @model_validator(mode="after")
@@ -169,7 +181,7 @@ class FederatedAudit(_Model):
     attributes: list[AttributeAudit]
     min_group_size: int
     clients: int | None = None
-    noise: str | None = None  # e.g. "Laplace, ε=1 per client" or "none (homomorphic sum)"
+    noise: str | None = None  # e.g. "Gaussian, σ=10 per cell per client" or "none (homomorphic sum)"
 
 
 class Finding(_Model):
@@ -189,15 +201,15 @@ class Finding(_Model):
 
 
 class NoisyCounts(_Model):
-    """Counts that may leave a node in plaintext mode, and the privacy cost to charge to its ledger."""
+    """Counts that may leave a node in plaintext mode, and the Gaussian mechanism that noised them."""
 
     counts: Counts
-    epsilon: float
-    delta: float
-    mechanism: Literal["laplace"] = "laplace"
-    sensitivity: int  # L1 sensitivity of the whole table set (add/remove one record)
-    scale: float  # Laplace scale b = sensitivity / ε
+    mechanism: Literal["gaussian"] = "gaussian"
+    noise_multiplier: float  # z: the ledger charges one Gaussian release with this multiplier, q = 1
+    sensitivity: float  # L2 sensitivity of the whole table set (add/remove one record): √tables
+    sigma: float  # std of every cell's noise: z · sensitivity
     threshold: float  # a group leaves only if its noisy size reaches this
+    selection_delta: float  # what the threshold adds to δ (the choice of released groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,61 +700,67 @@ def group_confusion_counts(
     return out
 
 
-def release_threshold(min_group_size: int, scale: float, delta: float, tables: int) -> float:
-    """Noisy size a group must reach to leave a node, so the *choice* of groups costs at most δ.
+def release_threshold(min_group_size: int, sigma: float, selection_delta: float, tables: int) -> float:
+    """Noisy size a group must reach to leave a node, so the *choice* of groups costs at most δ_sel.
 
     A neighbouring dataset can move at most one group per table across the true-size cut at
     ``min_group_size``; such a group (true size = minimum) passes only if the sum of its four
-    Laplace(b) noises reaches ``threshold − min_group_size``. Chernoff with the Laplace MGF
-    ``1/(1 − λ²b²)`` bounds that by ``exp(−λt)(1 − λ²b²)^−4`` for every ``0 < λb < 1``; we take the
-    best λ on a grid and ask for ``δ / tables`` per table (union bound).
+    Gaussian noises, N(0, 4σ²), reaches ``threshold − min_group_size``. Asking for
+    ``selection_delta / tables`` per table (union bound) gives ``min + 2σ·Φ⁻¹(1 − δ_sel/T)``.
     """
-    u = np.linspace(0.01, 0.99, 99)  # u = λ·b
-    t = scale * np.min((math.log(tables / delta) - 4.0 * np.log1p(-(u**2))) / u)
-    return float(min_group_size + t)
+    z = statistics.NormalDist().inv_cdf(1.0 - selection_delta / max(1, tables))
+    return float(min_group_size + 2.0 * sigma * z)
 
 
 def noisy_counts(
     counts: Counts,
-    epsilon: float,
+    noise_multiplier: float,
     rng: np.random.Generator | None = None,
     *,
     min_group_size: int,
-    delta: float = 1e-6,
+    selection_delta: float = 1e-7,
 ) -> NoisyCounts:
-    """Laplace mechanism on a node's confusion tables; returns the counts to send and the (ε, δ) to charge.
+    """Gaussian mechanism on a node's confusion tables: the counts to send and what to charge.
 
     Sensitivity: under add/remove-one-record adjacency (the DP-SGD unit), a record falls in exactly
-    one cell of one group in each table, so the L1 sensitivity of all tables together is the number
-    of tables ``T`` (attributes + intersections + the all-rows table); every cell gets independent
-    Laplace noise of scale ``T/ε``: ε-DP for the counts. The set of groups released would leak
-    through the true-size cut, so a group also needs a noisy size (sum of its noised cells) of at
-    least :func:`release_threshold`; that makes the whole release (ε, δ)-DP. Noisy cells are
-    rounded to integers (post-processing; blunts floating-point attacks on Laplace noise) and not
-    clipped at zero, so sums over clients stay unbiased.
+    one cell of one group in each table, so the L2 sensitivity of all ``T`` tables together
+    (attributes + intersections + the all-rows table) is ``√T``; every cell gets independent
+    N(0, σ²) noise with ``σ = z·√T``. That is one Gaussian release with noise multiplier ``z`` and
+    no subsampling, so the node's ledger composes it with its DP-SGD releases through the same
+    RDP accountant (``Release(noise_multiplier=z, sample_rate=1, steps=1)``). The set of groups
+    released would leak through the true-size cut, so a group also needs a noisy size (sum of its
+    noised cells) of at least :func:`release_threshold`, which adds ``selection_delta`` to δ.
+    Noisy cells are rounded to integers (post-processing) and not clipped at zero, so sums over
+    clients stay unbiased.
 
     ``rng`` must be seeded from OS entropy on the node (the default), never from the config seed:
     seeded noise is predictable and not private.
     """
-    if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
+    if not 0.0 < selection_delta < 1.0:
+        raise ValueError(f"selection_delta must be in (0, 1), got {selection_delta}")
     rng = rng if rng is not None else np.random.default_rng()  # OS entropy
-    sensitivity = max(1, len(counts))
-    scale = sensitivity / epsilon
-    threshold = release_threshold(min_group_size, scale, delta, sensitivity)
+    tables = max(1, len(counts))
+    sensitivity = math.sqrt(tables)
+    sigma = noise_multiplier * sensitivity
+    threshold = release_threshold(min_group_size, sigma, selection_delta, tables)
     out: Counts = {}
     for table, rows in counts.items():
         out[table] = {}
         for group, cells in rows.items():
             if sum(cells) < min_group_size:
                 continue  # the node's own cut; group_confusion_counts already applies it
-            noisy = np.asarray(cells, dtype=np.float64) + rng.laplace(0.0, scale, size=4)
+            noisy = np.asarray(cells, dtype=np.float64) + rng.normal(0.0, sigma, size=4)
             if noisy.sum() >= threshold:
                 out[table][group] = [int(v) for v in np.rint(noisy)]
     return NoisyCounts(
-        counts=out, epsilon=epsilon, delta=delta, sensitivity=sensitivity, scale=scale, threshold=threshold
+        counts=out,
+        noise_multiplier=noise_multiplier,
+        sensitivity=sensitivity,
+        sigma=sigma,
+        threshold=threshold,
+        selection_delta=selection_delta,
     )
 
 

@@ -57,6 +57,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.errors import ConfigError, FedGuardError
+from common.files import atomic_write, fsync_dir, group_or_world_readable
 from common.schema import format_validation_error
 
 __all__ = [
@@ -514,38 +515,8 @@ def _make_server_cert(
 # --- atomic files and directories ---------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Temp file + fsync + rename: a crash leaves the old file or the new one, never half of either.
-
-    Private files are created 0600 (mkstemp), so a key is never readable by others, not even briefly.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600 if private else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
 
 @contextlib.contextmanager
@@ -589,7 +560,7 @@ def _swap_in(stage: Path, moves: list[tuple[Path, Path]]) -> None:
                     os.rename(old, dst)
         raise
     for _src, dst, _old in done:
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
 
 
 # --- registry, manifest -------------------------------------------------------------------------
@@ -703,8 +674,8 @@ def _sign_kit(
     )
     body = (json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
     signature = ca_key.sign(body, ec.ECDSA(hashes.SHA384()))
-    _atomic_write(kit / MANIFEST, body)
-    _atomic_write(kit / MANIFEST_SIG, base64.b64encode(signature) + b"\n")
+    atomic_write(kit / MANIFEST, body)
+    atomic_write(kit / MANIFEST_SIG, base64.b64encode(signature) + b"\n")
 
 
 @dataclass(frozen=True)
@@ -773,15 +744,15 @@ def _stage_server_kit(
 ) -> None:
     reg = adm.registry
     kit.mkdir(parents=True, mode=0o700)
-    _atomic_write(kit / CA_CERT, _pem_cert(adm.ca_cert))
-    _atomic_write(kit / SERVER_CERT, _pem_cert(server_cert))
-    _atomic_write(kit / SERVER_KEY, server_key_pem, private=True)
-    _atomic_write(kit / RUN_SIGNING_PUB, adm.run_signing_pub)
+    atomic_write(kit / CA_CERT, _pem_cert(adm.ca_cert))
+    atomic_write(kit / SERVER_CERT, _pem_cert(server_cert))
+    atomic_write(kit / SERVER_KEY, server_key_pem, private=True)
+    atomic_write(kit / RUN_SIGNING_PUB, adm.run_signing_pub)
     _write_json(kit / FEDERATION_JSON, _federation_json(reg))
     nodes = []
     for n in reg.nodes:
         rel = f"{ENROLLED_DIR}/{n.name}.pub"
-        _atomic_write(kit / rel, f"{n.public_key} fedguard:{reg.federation}/{n.name}\n".encode())
+        atomic_write(kit / rel, f"{n.public_key} fedguard:{reg.federation}/{n.name}\n".encode())
         nodes.append(
             {
                 "name": n.name,
@@ -811,13 +782,13 @@ def _stage_server_kit(
 def _stage_node_kit(kit: Path, adm: _Admin, node: _Enrolled, private_key: bytes | None, now: dt.datetime) -> None:
     reg = adm.registry
     kit.mkdir(parents=True, mode=0o700)
-    _atomic_write(kit / CA_CERT, _pem_cert(adm.ca_cert))
-    _atomic_write(kit / NODE_PUB, f"{node.public_key} fedguard:{reg.federation}/{node.name}\n".encode())
+    atomic_write(kit / CA_CERT, _pem_cert(adm.ca_cert))
+    atomic_write(kit / NODE_PUB, f"{node.public_key} fedguard:{reg.federation}/{node.name}\n".encode())
     private = []
     if private_key is not None:
-        _atomic_write(kit / NODE_KEY, private_key, private=True)
+        atomic_write(kit / NODE_KEY, private_key, private=True)
         private.append(NODE_KEY)
-    _atomic_write(kit / RUN_SIGNING_PUB, adm.run_signing_pub)
+    atomic_write(kit / RUN_SIGNING_PUB, adm.run_signing_pub)
     _write_json(kit / FEDERATION_JSON, _federation_json(reg))
     _sign_kit(
         kit,
@@ -1068,10 +1039,10 @@ def init_federation(
 
         admin = stage / ADMIN_DIR
         admin.mkdir(mode=0o700)
-        _atomic_write(admin / CA_KEY, _pem_private(ca_key), private=True)
-        _atomic_write(admin / CA_CERT, _pem_cert(ca_cert))
-        _atomic_write(admin / RUN_SIGNING_KEY, _pem_private(run_key), private=True)
-        _atomic_write(admin / RUN_SIGNING_PUB, run_pub)
+        atomic_write(admin / CA_KEY, _pem_private(ca_key), private=True)
+        atomic_write(admin / CA_CERT, _pem_cert(ca_cert))
+        atomic_write(admin / RUN_SIGNING_KEY, _pem_private(run_key), private=True)
+        atomic_write(admin / RUN_SIGNING_PUB, run_pub)
         _write_json(admin / REGISTRY, reg.model_dump(mode="json"))
 
         say(f"issuing the server certificate for {', '.join(reg.server_addresses)}")
@@ -1270,8 +1241,8 @@ def init_node_keys(workdir: str | Path, *, force: bool = False) -> NodeIdentity:
     wd.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = _new_ec_key()
     line = _ssh_pub_line(key.public_key())
-    _atomic_write(priv, _ssh_private(key), private=True)
-    _atomic_write(pub, f"{line} fedguard-node\n".encode())
+    atomic_write(priv, _ssh_private(key), private=True)
+    atomic_write(pub, f"{line} fedguard-node\n".encode())
     return NodeIdentity(private_key=priv, public_key=pub, openssh=line, fingerprint=fingerprint_public_key(line))
 
 
@@ -1487,9 +1458,9 @@ def check_node_private_key(kit_or_public_key: Kit | str, key_path: str | Path) -
             where=str(path),
             fix="pass the node.key made by `fedguard client init` on this node",
         )
-    if os.name == "posix" and path.stat().st_mode & 0o077:
+    if mode := group_or_world_readable(path):
         raise KitError(
-            f"private key readable by other users (mode {stat.S_IMODE(path.stat().st_mode):04o})",
+            f"private key readable by other users (mode {mode})",
             where=str(path),
             fix=f"chmod 600 {path}",
         )

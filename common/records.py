@@ -20,6 +20,8 @@ SIGNATURE = "signature"  # the node's signature over the reply (common.reply_sig
 ROLE = "role"  # a node's answer to the role query: client or evaluator
 EVALUATION = "evaluation"  # the evaluator's metrics of the global model on its held-out set
 AUDIT = "audit"  # the evaluator's fairness audit of the global model (JSON) and the set's provenance
+FAIRNESS_COUNTS = "fairness-counts"  # a client's noised per-group confusion counts of the final model
+HE = "he"  # homomorphic mode: the evaluator's signature over a global model, and timings
 
 # Keys of the CONFIG record.
 ROUND = "round"
@@ -27,6 +29,12 @@ RUN_CONFIG = "run-config"  # the validated RunConfig as JSON (never holds secret
 RUN_ID = "fedguard-run-id"
 RUN_UID = "fedguard-run-uid"  # random per run: the node ledger's run key
 SIM_DATA_DIR = "sim-data-dir"  # simulation only: folder of per-partition data files
+RUN_SIGNATURE = "run-signature"  # the admin's signed approval of this run (common.run_signing)
+# Homomorphic mode (server → node): the evaluator's signature over the encrypted global model, its
+# public key (checked against the signed config's pin), and this node's sealed HE context.
+HE_GLOBAL_SIGNATURE = "he-global-signature"
+HE_EVALUATOR_KEY = "he-evaluator-key"
+HE_SEALED_CONTEXT = "he-sealed-context"
 
 # Keys of the METRICS record.
 NUM_EXAMPLES = "num-examples"  # declared public size, the FedAvg weight (Flower's key name)
@@ -55,12 +63,25 @@ ROLE_NAME = "role"
 AUDIT_JSON = "audit-json"
 PROVENANCE_JSON = "provenance-json"
 
+# Keys of the FAIRNESS_COUNTS record (Gaussian mechanism, charged to the node's ledger).
+COUNTS_JSON = "counts-json"  # table → group → noised [tp, fp, fn, tn]
+COUNT_SIGMA = "sigma"  # std of each cell's noise
+COUNT_THRESHOLD = "threshold"  # noisy size a group needed to leave
+COUNT_SELECTION_DELTA = "selection-delta"
+
+# Keys of the HE record (node → server).
+HE_SIGNATURE = "global-signature"  # the evaluator's signature over the next encrypted global model
+HE_ENCRYPT_SECONDS = "encrypt-seconds"
+HE_VERIFY_SECONDS = "verify-seconds"  # the evaluator's recomputation of the sum and signature checks
+HE_DECRYPT_SECONDS = "decrypt-seconds"
+
 # Keys of the SIGNATURE record.
 SIGNATURE_VALUE = "ecdsa-p384-sha384"  # base64 signature by the node's authentication key
 
 # Keys of the REFUSAL record.
 REFUSAL_CODE = "code"
 REFUSAL_LOG_ID = "log-id"
+REFUSAL_RULE = "rule"  # the node policy rule a run broke (a policy field name)
 
 PrivacyClass = Literal["dp", "public", "accounting", "evaluation"]
 
@@ -103,11 +124,23 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         BUDGET_DELTA: "public",
         PLAN_AFFORDABLE: "accounting",
     },
-    REFUSAL: {REFUSAL_CODE: "public", REFUSAL_LOG_ID: "public"},
+    REFUSAL: {REFUSAL_CODE: "public", REFUSAL_LOG_ID: "public", REFUSAL_RULE: "public"},
     SIGNATURE: {SIGNATURE_VALUE: "public"},
     ROLE: {ROLE_NAME: "public"},
     EVALUATION: {"accuracy": "evaluation", "loss": "evaluation", "macro_f1": "evaluation", "n": "evaluation"},
     AUDIT: {AUDIT_JSON: "evaluation", PROVENANCE_JSON: "evaluation"},
+    HE: {
+        HE_SIGNATURE: "public",
+        HE_ENCRYPT_SECONDS: "public",
+        HE_VERIFY_SECONDS: "public",
+        HE_DECRYPT_SECONDS: "public",
+    },
+    FAIRNESS_COUNTS: {
+        COUNTS_JSON: "dp",
+        COUNT_SIGMA: "accounting",
+        COUNT_THRESHOLD: "accounting",
+        COUNT_SELECTION_DELTA: "accounting",
+    },
 }
 
 

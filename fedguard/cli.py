@@ -10,6 +10,8 @@ from pathlib import Path
 
 from common.errors import FedGuardError
 from fedguard.deploy import add_commands as add_deployment_commands
+from fedguard.deploy import add_signing_args
+from fedguard.evaluate import add_command as add_evaluate_command
 from fedguard.provision import add_client_init, add_provision_commands
 
 
@@ -74,6 +76,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{cfg.simulation.num_clients} clients × {cfg.rounds} rounds, DP-SGD target ε={cfg.dp.target_epsilon}, "
         f"δ={cfg.dp.delta:g}; sensitive attributes {cfg.data.schema_.sensitive} are never model inputs"
     )
+    if args.simulate and args.he:
+        raise FedGuardError(
+            "--he needs real nodes: each opens the HE context sealed to its own key", fix="drop --simulate"
+        )
     if args.simulate:
         fresh_demo_ledger(workdir)
         result = simulate(cfg, workdir)
@@ -81,7 +87,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         from fedguard.demo_deploy import deployed_demo
 
-        store_path, run_id = deployed_demo(cfg, workdir)
+        store_path, run_id = deployed_demo(cfg, workdir, homomorphic=args.he)
     _print_summary(store_path, run_id, args.json)
     from server import fairness_report, privacy_report
 
@@ -126,7 +132,11 @@ def cmd_run_resume(args: argparse.Namespace) -> int:
     from fedguard.simulate import simulate
     from server.app import resume_point
 
-    store = _existing_store(args.store).resolve()
+    if args.server_workdir:  # a deployed run: submit the continuation to this host's SuperLink
+        from fedguard.deploy import cmd_run_resume as resume_deployed
+
+        return resume_deployed(args)
+    store = _existing_store(args.store or "fedguard-demo/runs.db").resolve()
     cfg, ckpt = resume_point(store, args.run_id)
     t0 = time.perf_counter()
     result = simulate(cfg, Path(args.workdir) if args.workdir else store.parent, store, resume=ckpt)
@@ -158,17 +168,56 @@ def _open_ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_client_budget(args: argparse.Namespace) -> int:
     from client.ledger import summary_dict
 
+    if args.json:
+        with _open_ledger(args) as ledger:
+            print(json.dumps([summary_dict(s) for s in ledger.summaries()]))
+        return 0
+    print("\n".join(_budget_table(args)))
+    return 0
+
+
+def _budget_table(args: argparse.Namespace) -> list[str]:
     with _open_ledger(args) as ledger:
         summaries = ledger.summaries()
-    if args.json:
-        print(json.dumps([summary_dict(s) for s in summaries]))
-        return 0
-    print(f"{'dataset':40s} {'releases':>8} {'pending':>7} {'spent ε':>8} {'budget ε':>8} {'remaining':>9}  δ")
+    lines = [f"{'dataset':40s} {'releases':>8} {'pending':>7} {'spent ε':>8} {'budget ε':>8} {'remaining':>9}  δ"]
     for s in summaries:
         budget = f"{s.budget.epsilon:8.3f}" if s.budget else f"{'-':>8}"
         remaining = f"{s.remaining:9.3f}" if s.remaining is not None else f"{'-':>9}"
         counts = f"{s.releases:8d} {s.pending:7d} {s.epsilon:8.3f}"
-        print(f"{s.dataset_id[-40:]:40s} {counts} {budget} {remaining}  {s.delta:g}")
+        lines.append(f"{s.dataset_id[-40:]:40s} {counts} {budget} {remaining}  {s.delta:g}")
+    return lines
+
+
+def cmd_client_inspect(args: argparse.Namespace) -> int:
+    """What the node's owner needs at a glance: the policy in force, budgets, recent decisions."""
+    from client.admission import read_requests
+    from common.policy import NodePolicy, describe, load_policy
+
+    workdir = Path(args.workdir)
+    if not workdir.is_dir():
+        raise FedGuardError(
+            "no node work directory here", where=str(workdir), fix="pass the --workdir of `client start`"
+        )
+    started = workdir / "node-start.json"
+    info = json.loads(started.read_text(encoding="utf-8")) if started.is_file() else {}
+    source, role = info.get("policy", "default"), info.get("role", "client")
+    policy = NodePolicy.default_for(role) if source == "default" else load_policy(source)
+    print(f"policy ({'built-in defaults for a ' + role if source == 'default' else source}):")
+    for line in describe(policy):
+        print(f"  {line}")
+    print("\nprivacy budget:")
+    if (Path(args.ledger) if args.ledger else workdir / "ledger.db").exists():
+        for line in _budget_table(args):
+            print(f"  {line}")
+    else:
+        print("  no ledger yet (nothing released)")
+    entries = [e for e in read_requests(workdir) if e.get("purpose") != "role"]
+    print(f"\nlast {min(args.last, len(entries))} of {len(entries)} request(s):")
+    for e in entries[-args.last :]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+        rnd = f" round {e['round']}" if e.get("round") is not None else ""
+        verdict = "accepted" if e["accepted"] else f"REFUSED {e['code']}: {e['reason']}"
+        print(f"  {when} run {e['flower_run']} {e['run_name']!r} {e['purpose']}{rnd}: {verdict}")
     return 0
 
 
@@ -293,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use Flower's simulation engine (one process) instead of real server and node processes",
     )
+    d.add_argument(
+        "--he",
+        action="store_true",
+        help="homomorphic aggregation: clients send CKKS-encrypted updates, the server only sums ciphertexts",
+    )
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("simulate", help="run a federation from a config on Flower's simulation engine")
@@ -326,8 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_run_plan)
     rr = runsub.add_parser("resume", help="continue a crashed or stopped run from its last complete round")
     rr.add_argument("run_id", type=int)
-    rr.add_argument("--store", default="fedguard-demo/runs.db")
+    rr.add_argument("--store", help="run store (default: fedguard-demo/runs.db; deployed: <server workdir>/runs.db)")
     rr.add_argument("--workdir", help="simulation folder holding the partitions (default: the store's folder)")
+    rr.add_argument("--server-workdir", help="a deployed run: the running server's workdir (submits to its SuperLink)")
+    rr.add_argument("--follow", action="store_true", help="deployed: wait for the run and print its log")
+    rr.add_argument("--timeout", type=float, default=3600.0)
+    add_signing_args(rr)
     rr.add_argument("--json", action="store_true")
     rr.set_defaults(func=cmd_run_resume)
 
@@ -345,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     node_dirs(b)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_client_budget)
+    ci = clsub.add_parser("inspect", help="the node's policy, privacy budget and the runs it accepted or refused")
+    node_dirs(ci)
+    ci.add_argument("--last", type=int, default=20, help="how many recent requests to show")
+    ci.set_defaults(func=cmd_client_inspect)
     lg = clsub.add_parser("ledger", help="export, verify, back up or restore the privacy ledger")
     lgsub = lg.add_subparsers(dest="ledger_command", required=True)
     le = lgsub.add_parser("export", help="write a node-signed export a reviewer can recompute ε from")
@@ -366,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     lr.set_defaults(func=cmd_ledger_restore)
 
     add_deployment_commands(sub, clsub, runsub)
+
+    add_evaluate_command(sub)
 
     rep = sub.add_parser("report", help="reports for reviewers")
     repsub = rep.add_subparsers(dest="report_command", required=True)

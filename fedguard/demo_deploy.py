@@ -2,8 +2,9 @@
 
 Provisions a federation (CA, server certificate, one key per node), starts the SuperLink with TLS
 and node authentication, one SuperNode + FedGuard executor per client and one evaluator, submits
-the run through Flower's control API and follows it in the run store; everything is stopped at
-the end, whatever happens.
+the run through Flower's control API, signed with the federation's run-signing key, and follows
+it in the run store; everything is stopped at the end, whatever happens. Each node runs under an
+owner policy that lets the demo's sensitive columns be used for noised fairness counts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 
 from client.supernode import SuperNode
 from common.config import RunConfig
-from common.kit import Federation, NodeSpec, init_federation, verify_kit
+from common.he_custody import keygen, write_bundle
+from common.kit import RUN_SIGNING_KEY, Federation, NodeSpec, ProvisionResult, init_federation, verify_kit
+from common.run_signing import load_signing_key, sign_run
 from fedguard.simulate import prepare_partitions
 from server.grid_io import Progress
 from server.runs import run_logs, run_status, start_run
@@ -43,7 +46,28 @@ def _follow(store_path: Path, seen: set[tuple[str, int]], progress: Progress) ->
                 progress(f"  round {rnd}: held-out accuracy {m['accuracy']:.3f} (evaluator node)")
 
 
-def deployed_demo(cfg: RunConfig, workdir: Path, progress: Progress = print, timeout: float = 1200) -> tuple[Path, int]:
+def _homomorphic(run_cfg: RunConfig, kits: ProvisionResult, deploy_dir: Path, progress: Progress) -> RunConfig:
+    """The evaluator makes the HE key (it never reaches the server) and seals it to every node."""
+    from fedguard.he_cli import read_recipients
+
+    federation, recipients, _ = read_recipients(kits.server_kit, ca_fingerprint=kits.ca_fingerprint)
+    bundle = keygen(federation, {r.name: r.public_key for r in recipients}, max_clients=100, bound=100.0)
+    server_bundle = deploy_dir / "server" / "he"
+    write_bundle(bundle, deploy_dir / "evaluator", server_bundle)
+    evaluator = next(r.fingerprint for r in recipients if r.role == "evaluator")
+    progress(
+        f"homomorphic mode: the evaluator made CKKS context {bundle.fingerprint[:16]}… and sealed it to "
+        f"{len(recipients)} node keys; the server holds only the public context ({server_bundle})"
+    )
+    he_cfg = run_cfg.homomorphic.model_copy(
+        update={"context_fingerprint": bundle.fingerprint, "bundle": str(server_bundle), "evaluator_key": evaluator}
+    )
+    return run_cfg.model_copy(update={"secure_aggregation": "homomorphic", "homomorphic": he_cfg})
+
+
+def deployed_demo(
+    cfg: RunConfig, workdir: Path, progress: Progress = print, timeout: float = 1200, homomorphic: bool = False
+) -> tuple[Path, int]:
     """Run ``cfg`` on real processes; return the run store and the FedGuard run id."""
     workdir = workdir.resolve()
     run_cfg = prepare_partitions(cfg, workdir, progress)
@@ -60,11 +84,16 @@ def deployed_demo(cfg: RunConfig, workdir: Path, progress: Progress = print, tim
     )
     kits = init_federation(federation, deploy_dir / "kits", generate_node_keys=True)
     server_kit = verify_kit(kits.server_kit, kits.ca_fingerprint)
+    if homomorphic:
+        run_cfg = _homomorphic(run_cfg, kits, deploy_dir, progress)
     progress(f"provisioned a throw-away federation (CA {kits.ca_fingerprint[:23]}...) in {deploy_dir / 'kits'}")
     superlink = SuperLink(
         deploy_dir / "server",
         TlsFiles(server_kit.ca_cert, server_kit.server_cert, server_kit.server_key),  # type: ignore[arg-type]
     )
+    policy = deploy_dir / "policy.toml"
+    sensitive = ", ".join(f'"{c}"' for c in run_cfg.data.schema_.sensitive)
+    policy.write_text(f"# the demo owners' policy (see `fedguard client inspect`)\nfairness_columns = [{sensitive}]\n")
     nodes: list[SuperNode] = []
     try:
         superlink.start(timeout=120)
@@ -88,6 +117,10 @@ def deployed_demo(cfg: RunConfig, workdir: Path, progress: Progress = print, tim
                     "workdir": str(deploy_dir / name),
                     "dataset-id": f"demo-{name}",
                     "role": "evaluator" if name == "evaluator" else "client",
+                    "run-signing-pub-path": str(kit.run_signing_public_key),
+                    "policy-path": "default" if name == "evaluator" else str(policy),
+                    "federation": kit.federation,
+                    "node-name": name,
                 },
             )
             node.spawn()
@@ -99,7 +132,18 @@ def deployed_demo(cfg: RunConfig, workdir: Path, progress: Progress = print, tim
         run_file = deploy_dir / "run.toml"
         run_file.write_text(run_cfg.to_toml(), encoding="utf-8")
         store_path = workdir / "runs.db"
-        flower_run = start_run(superlink.address, server_kit.ca_cert, ROOT, run_file, store_path, superlink.flwr_home)
+        token = sign_run(run_cfg.to_json(), load_signing_key(kits.admin_dir / RUN_SIGNING_KEY))
+        evaluator = next(n.fingerprint for n in server_kit.nodes if n.role == "evaluator")
+        flower_run = start_run(
+            superlink.address,
+            server_kit.ca_cert,
+            ROOT,
+            run_file,
+            store_path,
+            superlink.flwr_home,
+            evaluator_key=evaluator,
+            run_signature=token,
+        )
         seen: set[tuple[str, int]] = set()
         deadline = time.monotonic() + timeout
         while True:

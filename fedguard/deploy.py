@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, FedGuardError
+from fedguard.he_cli import add_command as add_he_keygen
 
 _STATE = "server.json"  # written by `server start` in its workdir; read by `run ...` and `node revoke`
 
@@ -75,6 +76,7 @@ def cmd_node_start(args: argparse.Namespace, role: str) -> int:
     from client.supernode import SuperNode
     from common.data import load_encoded
     from common.kit import check_node_private_key, verify_kit
+    from common.policy import NodePolicy, load_policy
     from common.schema import load_schema
 
     kit = verify_kit(args.kit, args.ca_fingerprint)
@@ -83,14 +85,21 @@ def cmd_node_start(args: argparse.Namespace, role: str) -> int:
     workdir = Path(args.workdir).resolve()
     key = Path(args.key) if args.key else (kit.node_private_key or workdir / "node.key")
     check_node_private_key(kit, key)
+    policy = load_policy(args.policy) if args.policy else NodePolicy.default_for(role)  # a bad file fails here
+    print(f"{role} {kit.participant}: policy {args.policy or '(built-in defaults)'}", flush=True)
     schema = load_schema(args.schema)
     data = load_encoded(args.data, schema, cache_dir=workdir / "cache")  # bad data fails here, before joining
     print(f"{role} {kit.participant}: {len(data)} rows of {args.data} match the schema", flush=True)
+    check_server_identity(args.superlink, policy)
     node_config: dict[str, Any] = {
         "data-path": str(Path(args.data).resolve()),
         "schema-path": str(Path(args.schema).resolve()),
         "workdir": str(workdir),
         "role": role,
+        "run-signing-pub-path": str(Path(kit.run_signing_public_key).resolve()),
+        "policy-path": str(Path(args.policy).resolve()) if args.policy else "default",
+        "federation": kit.federation,
+        "node-name": kit.participant,
     }
     for flag, key_name in (
         ("dataset_id", "dataset-id"),
@@ -100,6 +109,8 @@ def cmd_node_start(args: argparse.Namespace, role: str) -> int:
     ):
         if getattr(args, flag, None) is not None:
             node_config[key_name] = getattr(args, flag)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "node-start.json").write_text(json.dumps({"role": role, "policy": node_config["policy-path"]}))
     node = SuperNode(
         workdir, superlink=args.superlink, root_certificates=kit.ca_cert, private_key=key, node_config=node_config
     )
@@ -114,6 +125,30 @@ def cmd_node_start(args: argparse.Namespace, role: str) -> int:
     return 0
 
 
+def check_server_identity(superlink: str, policy: Any) -> None:
+    """With ``allowed_servers`` in the policy, connect only to a server presenting one of those certificates."""
+    if not policy.allowed_servers:
+        return
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    host, _, port = superlink.rpartition(":")
+    try:
+        pem = ssl.get_server_certificate((host.strip("[]"), int(port)), timeout=15)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the server's certificate: {exc}", where=superlink) from None
+    fp = x509.load_pem_x509_certificate(pem.encode()).fingerprint(hashes.SHA256()).hex(":").upper()
+    if fp not in policy.allowed_servers:
+        raise ConfigError(
+            f"the server presents certificate {fp}, which the node policy does not allow",
+            where="policy allowed_servers",
+            fix="check you are connecting to the right server; the owner adds its fingerprint to allowed_servers",
+        )
+    print(f"server certificate {fp} is allowed by the policy", flush=True)
+
+
 def _server_state(workdir: str) -> dict[str, Any]:
     path = Path(workdir) / _STATE
     if not path.is_file():
@@ -123,35 +158,82 @@ def _server_state(workdir: str) -> dict[str, Any]:
     return dict(json.loads(path.read_text(encoding="utf-8")))
 
 
-def cmd_run_start(args: argparse.Namespace) -> int:
-    from common.config import load_config
+def _run_token(args: argparse.Namespace, config_json: str) -> str:
+    """The admin's approval of this run: signed here with the key, or a token from `fedguard run sign`."""
+    from common.run_signing import load_signing_key, sign_run
+
+    if getattr(args, "signature", None):
+        return Path(args.signature).read_text(encoding="utf-8").strip()
+    if getattr(args, "signing_key", None):
+        return sign_run(config_json, load_signing_key(args.signing_key))
+    raise ConfigError(
+        "nodes accept only runs signed with the federation's run-signing key",
+        fix="pass --signing-key <admin>/run-signing.key, or --signature FILE from `fedguard run sign` "
+        "(the admin can sign offline)",
+    )
+
+
+def _submit(args: argparse.Namespace, config: Path | None, config_json: str, what: str, resume_run_id: int = 0) -> int:
+    """Submit a signed run (or the continuation of one) to this host's SuperLink; follow it if asked."""
     from common.kit import verify_kit
     from server.runs import run_logs, start_run, wait_for_run
 
+    token = _run_token(args, config_json)
+
     state = _server_state(args.server_workdir)
-    cfg = load_config(args.config)  # refuse a bad config before anything is submitted
     store = Path(args.store or Path(args.server_workdir) / "runs.db").resolve()
     root = Path(__file__).resolve().parents[1]
     kit = verify_kit(state["kit"], None)
     evaluator = next((n.fingerprint for n in kit.nodes if n.role == "evaluator"), "")
+    address, ca, home = state["address"], Path(state["ca_cert"]), Path(state["flwr_home"])
     run_id = start_run(
-        state["address"],
-        Path(state["ca_cert"]),
+        address,
+        ca,
         root,
-        Path(args.config),
+        config,
         store,
-        Path(state["flwr_home"]),
+        home,
+        resume_run_id=resume_run_id,
         evaluator_key=evaluator,
+        run_signature=token,
     )
-    print(f"submitted run {cfg.name!r} as Flower run {run_id}; run store {store}", flush=True)
+    print(f"submitted {what} as Flower run {run_id}; run store {store}", flush=True)
     if not args.follow:
         return 0
-    status = wait_for_run(
-        run_id, state["address"], Path(state["ca_cert"]), Path(state["flwr_home"]), timeout=args.timeout
-    )
-    print(run_logs(run_id, state["address"], Path(state["ca_cert"]), Path(state["flwr_home"])))
+    status = wait_for_run(run_id, address, ca, home, timeout=args.timeout)
+    print(run_logs(run_id, address, ca, home))
     print(f"run {run_id}: {status.status}")
     return 0 if status.succeeded else 1
+
+
+def cmd_run_start(args: argparse.Namespace) -> int:
+    from common.config import load_config
+
+    cfg = load_config(args.config)  # refuse a bad config before anything is submitted
+    return _submit(args, Path(args.config), cfg.to_json(), f"signed run {cfg.name!r}")
+
+
+def cmd_run_sign(args: argparse.Namespace) -> int:
+    """Sign a run config offline (the admin's machine); `run start --signature` submits it."""
+    from common.config import load_config
+    from common.run_signing import load_signing_key, sign_run
+
+    cfg = load_config(args.config)
+    token = sign_run(cfg.to_json(), load_signing_key(args.key))
+    out = Path(args.out)
+    out.write_text(token + "\n", encoding="utf-8")
+    print(f"signed run {cfg.name!r} (config sha256 {cfg.digest()[:16]}…) → {out}")
+    return 0
+
+
+def cmd_run_resume(args: argparse.Namespace) -> int:
+    """Continue a crashed or stopped deployed run from its last good checkpoint, as a new Flower run."""
+    from server.app import resume_point
+
+    store = Path(args.store or Path(args.server_workdir) / "runs.db").resolve()
+    cfg, ckpt = resume_point(store, args.run_id)  # fails here, before submitting, if nothing can resume
+    what = f"the continuation of run {args.run_id} ({cfg.name!r}) after round {ckpt.round}"
+    return _submit(args, None, cfg.to_json(), what, args.run_id)
 
 
 def cmd_run_status(args: argparse.Namespace) -> int:
@@ -198,6 +280,12 @@ def cmd_node_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_signing_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--signing-key", help="sign the run here with <admin>/run-signing.key")
+    g.add_argument("--signature", help="a token from `fedguard run sign` (signed offline by the admin)")
+
+
 def add_commands(
     sub: argparse._SubParsersAction, client_sub: argparse._SubParsersAction, run_sub: argparse._SubParsersAction
 ) -> None:  # type: ignore[type-arg]
@@ -221,6 +309,9 @@ def add_commands(
         p.add_argument("--superlink", required=True, help="HOST:PORT of the server (or its gateway)")
         p.add_argument("--ca-fingerprint", required=True, help="the federation CA fingerprint you got out of band")
         p.add_argument("--key", help="the node's private key (default: from the kit, else <workdir>/node.key)")
+        p.add_argument(
+            "--policy", help="your node policy (policy.toml): which runs this node accepts (default: the safe defaults)"
+        )
         if role == "client":
             p.add_argument("--dataset-id", help="your name for this dataset: the ledger's key")
             p.add_argument("--budget-epsilon", type=float)
@@ -230,7 +321,9 @@ def add_commands(
 
     node_parser(client_sub, "client")
     ev = sub.add_parser("evaluator", help="the evaluator node (central held-out set)")
-    node_parser(ev.add_subparsers(dest="evaluator_command", required=True), "evaluator")
+    ev_sub = ev.add_subparsers(dest="evaluator_command", required=True)
+    node_parser(ev_sub, "evaluator")
+    add_he_keygen(ev_sub)
 
     rs = run_sub.add_parser("start", help="submit a run to the server")
     rs.add_argument("--config", required=True)
@@ -238,7 +331,13 @@ def add_commands(
     rs.add_argument("--store", help="run store (default: <server workdir>/runs.db)")
     rs.add_argument("--follow", action="store_true", help="wait for the run and print its log")
     rs.add_argument("--timeout", type=float, default=3600.0)
+    add_signing_args(rs)
     rs.set_defaults(func=cmd_run_start)
+    sg = run_sub.add_parser("sign", help="sign a run config with the run-signing key (the admin, offline)")
+    sg.add_argument("--config", required=True)
+    sg.add_argument("--key", required=True, help="<admin>/run-signing.key from `fedguard provision init`")
+    sg.add_argument("--out", required=True, help="token file for `run start --signature`")
+    sg.set_defaults(func=cmd_run_sign)
     for name, fn, text in (
         ("status", cmd_run_status, "a run's status at the SuperLink"),
         ("stop", cmd_run_stop, "stop a run"),

@@ -28,13 +28,15 @@ from common.codec import numpy_to_record, state_to_numpy
 from common.config import RunConfig, config_from_json, load_config
 from common.errors import ConfigError, FedGuardError
 from common.models import build_model, describe_model
+from common.optimizers import make_server_optimizer
 from common.privacy import epsilon_spent
 from common.reply_signing import key_fingerprint
+from server import federated_fairness
 from server.aggregation import CentralDPMean, CoordinateRobust, WeightedMean
 from server.checkpoint import Checkpoint, checkpoint_dir, latest_good
 from server.checkpoint import save as save_checkpoint
 from server.grid_io import Progress, collect_replies, discover_roles, registered_keys, wait_for_nodes
-from server.optimizers import make_server_optimizer
+from server.homomorphic import EvaluatorFailed, HomomorphicRounds, record_score
 from server.scoring import Scorer
 from server.store import RunStore
 from server.validation import Outcome, check_signature, classify_reply
@@ -106,6 +108,7 @@ def run_federation(
     progress: Progress = print,
     resume: Checkpoint | None = None,
     evaluator_key: str = "",
+    run_signature: str = "",
 ) -> RunResult:
     """Run ``cfg.rounds`` rounds of DP federated training; one bad reply never ends the run.
 
@@ -113,17 +116,20 @@ def run_federation(
     as a new run linked to the original; no round is run or recorded twice. In deployment a node
     is trusted as the evaluator only if its registered key has the fingerprint ``evaluator_key``
     (the server kit's evaluator); any other node claiming that role is treated as a client.
+    ``run_signature`` is the admin's token approving this config; nodes refuse runs without one.
     """
     torch.manual_seed(cfg.seed)
     schema = cfg.data.schema_
     model = build_model(cfg.model.name, schema, cfg.model.params)
     progress(describe_model(cfg.model.name, model))
     global_state = state_to_numpy(model) if resume is None else resume.state
-    if cfg.secure_aggregation == "homomorphic":
+    homomorphic = cfg.secure_aggregation == "homomorphic"
+    if homomorphic and (sim_data_dir is not None or resume is not None):
         raise ConfigError(
-            "homomorphic aggregation is not available in this FedGuard version",
+            "homomorphic aggregation runs on a deployment (nodes open their sealed HE contexts with their own "
+            "keys) and cannot resume a run (the server holds no plaintext model to checkpoint)",
             where="secure_aggregation",
-            fix='set secure_aggregation = "none"',
+            fix='deploy real nodes (`fedguard demo --he` shows how), or set secure_aggregation = "none"',
         )
     store = RunStore(store_path)
     run_id = store.create_run(
@@ -156,6 +162,8 @@ def run_federation(
                 fix="start more nodes or lower server.min_replies",
             )
         base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_ID: run_id, R.RUN_UID: uuid.uuid4().hex}
+        if run_signature:
+            base[R.RUN_SIGNATURE] = run_signature
         if sim_data_dir:
             base[R.SIM_DATA_DIR] = sim_data_dir
         # Deployment: every reply must be signed by the key the SuperLink registered for its node.
@@ -180,7 +188,21 @@ def run_federation(
                     f"macro-F1 {metrics['macro_f1']:.3f}"
                 )
 
-        if resume is None:
+        he_rounds: HomomorphicRounds | None = None
+        if homomorphic:
+            if not evaluators:
+                raise ConfigError(
+                    "homomorphic mode needs the enrolled evaluator node: it holds the key and steps the model",
+                    fix="start the evaluator (`fedguard evaluator start`) before the run",
+                )
+            he_rounds = HomomorphicRounds(
+                grid, cfg, global_state, evaluators[0], node_keys or {}, int(flower_run_id or 0), progress
+            )
+            progress(he_rounds.describe())
+            encrypted, first = he_rounds.initial(base)
+            record_score(store, run_id, 0, first)
+            metrics = first.metrics
+        elif resume is None:
             score(0)
         for rnd in range(first_round, cfg.rounds + 1):
             for attempt in range(1, cfg.server.round_retries + 2):
@@ -192,16 +214,20 @@ def run_federation(
                 k = min(cfg.clients_per_round, len(online))
                 # Sample by position: node ids are uint64 and would lose precision in a numpy array.
                 sampled = sorted(online[i] for i in rng.permutation(len(online))[:k])
-                arrays = numpy_to_record(global_state)
-                messages = [
-                    Message(
-                        RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**base, R.ROUND: rnd})}),
-                        dst_node_id=node,
-                        message_type=MessageType.TRAIN,
-                        group_id=str(rnd),
-                    )
-                    for node in sampled
-                ]
+                skipped: list[Outcome] = []
+                if he_rounds is not None:
+                    messages, skipped = he_rounds.train_messages(encrypted, base, rnd, sampled, node_keys or {})
+                else:
+                    arrays = numpy_to_record(global_state)
+                    messages = [
+                        Message(
+                            RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**base, R.ROUND: rnd})}),
+                            dst_node_id=node,
+                            message_type=MessageType.TRAIN,
+                            group_id=str(rnd),
+                        )
+                        for node in sampled
+                    ]
                 progress(
                     f"round {rnd}/{cfg.rounds}: training on {len(sampled)} node(s)"
                     + (f" (attempt {attempt})" if attempt > 1 else "")
@@ -209,18 +235,37 @@ def run_federation(
                 replies, silent, unreachable = collect_replies(
                     grid, messages, cfg.server.round_timeout, cfg.server.poll_interval
                 )
-                outcomes = [_classify(r, global_state, cfg, node_keys, flower_run_id, rnd) for r in replies]
+                needed = _needed(cfg, len(sampled))
+                round_meta: dict[str, object] = {"attempt": attempt, "needed": needed}
+                discarded = False
+                if he_rounds is not None:
+                    t_sum = time.perf_counter()
+                    outcomes, total, accepted = he_rounds.add_replies(replies, node_keys or {}, rnd)
+                    count, sum_seconds = len(accepted), time.perf_counter() - t_sum
+                else:
+                    outcomes = [_classify(r, global_state, cfg, node_keys, flower_run_id, rnd) for r in replies]
+                    agg = _aggregator(cfg, global_state)
+                    for o in outcomes:
+                        if o.status == "accepted" and o.state is not None:
+                            agg.add(o.state, o.weight or 0.0)
+                            o.state = None  # free the update as soon as it is summed
+                    count = agg.count
                 outcomes += [Outcome(n, "dropped", f"no reply within {cfg.server.round_timeout:g}s") for n in silent]
                 outcomes += [Outcome(n, "failed", "the message could not be delivered") for n in unreachable]
-                agg = _aggregator(cfg, global_state)
-                for o in outcomes:
-                    if o.status == "accepted" and o.state is not None:
-                        agg.add(o.state, o.weight or 0.0)
-                        o.state = None  # free the update as soon as it is summed
-                needed = _needed(cfg, len(sampled))
-                aggregated = agg.count >= needed
-                round_meta: dict[str, object] = {"attempt": attempt, "needed": needed}
-                if aggregated:
+                outcomes += skipped
+                aggregated = count >= needed
+                if aggregated and he_rounds is not None:
+                    round_meta |= he_rounds.round_meta(outcomes)
+                    try:
+                        encrypted, he_score, timings = he_rounds.aggregate(
+                            encrypted, total, accepted, node_keys or {}, base, rnd, needed
+                        )
+                        round_meta["homomorphic"] |= {"sum_seconds": sum_seconds, **timings}  # type: ignore[operator]
+                    except EvaluatorFailed as exc:  # e.g. a foreign-key update: the round is discarded
+                        aggregated, discarded = False, True
+                        round_meta["discarded"] = exc.what
+                        progress(f"  round {rnd} discarded, global model unchanged: {exc.what}")
+                elif aggregated:
                     global_state = optimizer.step(global_state, agg.result())
                     if isinstance(agg, CentralDPMean):
                         central_releases += 1
@@ -232,7 +277,7 @@ def run_federation(
                         }
                 store.record_round(run_id, rnd, started, [o.row() for o in outcomes], aggregated, round_meta)
                 progress(_round_line(rnd, needed, outcomes, aggregated, time.time() - started))
-                if aggregated:
+                if aggregated or discarded:
                     break
             else:
                 raise RoundFailed(
@@ -241,6 +286,12 @@ def run_federation(
                     "server.min_replies / server.min_fraction; then `fedguard run resume` continues from the "
                     "last complete round",
                 )
+            if he_rounds is not None:
+                if aggregated:
+                    record_score(store, run_id, rnd, he_score)
+                    metrics = he_score.metrics
+                    progress(f"  round {rnd} held-out accuracy {metrics['accuracy']:.3f} (evaluator, decrypted there)")
+                continue  # the server holds no plaintext model: nothing to checkpoint or score here
             save_checkpoint(
                 ckpt_dir,
                 Checkpoint(
@@ -253,6 +304,20 @@ def run_federation(
                 ),
             )
             score(rnd)
+        if cfg.wants_federated_counts:
+            clients = [n for n in sorted(int(n) for n in grid.get_node_ids()) if roles.get(n) == "client"]
+            progress(f"federated fairness: asking {len(clients)} client(s) for noised per-group counts")
+            view = federated_fairness.collect(
+                grid, cfg, global_state, base, clients, cfg.rounds, node_keys, flower_run_id
+            )
+            store.record_federated(
+                run_id,
+                cfg.rounds,
+                view.audit.model_dump_json() if view.audit else None,
+                view.spread,
+                [o.row() for o in view.outcomes],
+            )
+            progress(_federated_line(view))
         store.finish_run(run_id, "finished")
     except BaseException as exc:
         store.finish_run(run_id, "failed", str(exc) if isinstance(exc, FedGuardError) else type(exc).__name__)
@@ -288,6 +353,13 @@ def _classify(
             log.warning("node %s: %s", bad.node_id, bad.reason)
             return bad
     return classify_reply(reply, reference, cfg.server.max_weight, cfg.server.max_update_norm)
+
+
+def _federated_line(view: federated_fairness.FederatedView) -> str:
+    sent = sum(o.status == "accepted" for o in view.outcomes)
+    lines = [f"  federated fairness: {sent}/{len(view.outcomes)} client(s) sent noised counts"]
+    lines += [f"  node {o.node_id} {o.status}: {o.reason}" for o in view.outcomes if o.status != "accepted"]
+    return "\n".join(lines)
 
 
 def _round_line(rnd: int, needed: int, outcomes: list[Outcome], aggregated: bool, secs: float) -> str:
@@ -344,6 +416,7 @@ def make_server_app(
             flower_run_id=int(context.run_id),
             resume=checkpoint,
             evaluator_key=str(context.run_config.get("evaluator-key", "")),
+            run_signature=str(context.run_config.get("run-signature", "")),
         )
         if on_result is not None:
             on_result(result)

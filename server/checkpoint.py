@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import FedGuardError
+from common.files import fsync_dir
 
 _MAGIC = "fedguard-checkpoint/1"
 KEEP = 2
@@ -43,14 +44,6 @@ class Checkpoint:
 
 def checkpoint_dir(store_path: Path, run_id: int) -> Path:
     return store_path.parent / "checkpoints" / f"run-{run_id}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(directory: Path, ckpt: Checkpoint) -> Path:
@@ -87,7 +80,7 @@ def save(directory: Path, ckpt: Checkpoint) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     for old in sorted(directory.glob("round-*.ckpt"))[:-KEEP]:
         old.unlink()
     return final

@@ -607,6 +607,7 @@ def fairness_report_from_store(store_path: str | Path, run_id: int) -> FairnessR
     with RunStore(store_path) as store:
         run = store.run(run_id)
         rows = store.audits(run_id)
+        fed = store.federated(run_id)
     if not rows:
         raise StoreError(
             f"run {run_id} has no fairness audits",
@@ -616,4 +617,8 @@ def fairness_report_from_store(store_path: str | Path, run_id: int) -> FairnessR
     cfg = config_from_json(run["config_json"])
     audits = [(r["round"], Audit.model_validate_json(r["audit_json"])) for r in rows]
     prov = rows[-1]["provenance"] or {"evaluation_size": audits[-1][1].overall.n, "sha256": "0" * 64}
-    return build_fairness_report(run_id, run["name"], audits, prov, cfg=cfg.fairness)
+    federated = FederatedAudit.model_validate_json(fed["audit_json"]) if fed and fed["audit_json"] else None
+    spread = fed["spread"] if fed else None
+    return build_fairness_report(
+        run_id, run["name"], audits, prov, federated=federated, client_spread=spread, cfg=cfg.fairness
+    )

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common import records as R
-from server.validation import check_signature
+from server.validation import check_signature, refusal_reason
 
 Progress = Callable[[str], None]
 log = logging.getLogger("fedguard.server")
@@ -36,6 +36,7 @@ def collect_replies(
     pushed = list(zip(grid.push_messages(messages), messages, strict=True))
     unreachable = {int(m.metadata.dst_node_id) for mid, m in pushed if not mid}
     dst = {mid: m.metadata.dst_node_id for mid, m in pushed if mid}
+    sent = {mid: m for mid, m in pushed if mid}
     pending, replies = set(dst), []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -43,7 +44,12 @@ def collect_replies(
             if reply.metadata.reply_to_message_id not in pending:
                 log.warning("dropped a duplicate reply to message %s", reply.metadata.reply_to_message_id)
                 continue  # only the first reply to a message counts
-            pending.discard(reply.metadata.reply_to_message_id)
+            rid = reply.metadata.reply_to_message_id
+            pending.discard(rid)
+            if reply.has_error() and int(reply.metadata.src_node_id) != int(dst[rid]):
+                # The SuperLink answers for a node it lost ("Node Unavailable") under its own id:
+                # file the failure under the node the message was for.
+                reply = Message(reply.error, reply_to=sent[rid])
             replies.append(reply)
         if pending:
             time.sleep(poll)
@@ -67,8 +73,10 @@ def discover_roles(
 ) -> dict[int, str]:
     """Ask nodes not yet known for their role (client or evaluator).
 
-    A node whose ClientApp has no role handler (Flower replies with an error) counts as a client;
-    silent nodes and replies with a bad signature stay unknown and are asked again next round.
+    A node whose ClientApp has no role handler (Flower replies with an error) counts as a client,
+    and so does a node that refuses (an unsigned run, its policy): it then refuses its training
+    messages too, each refusal recorded with its reason in the run store where the operator sees
+    it. Silent nodes and replies with a bad signature stay unknown and are asked again next round.
     """
     unknown = [n for n in nodes if n not in known]
     if unknown:
@@ -82,10 +90,12 @@ def discover_roles(
             if reply.has_error():
                 known[node] = "client"
                 continue
-            if R.ROLE not in reply.content:
-                continue
             if node_keys is not None and check_signature(reply, node_keys, int(flower_run_id or 0), None):
                 log.warning("node %s: role reply with a bad signature ignored", node)
                 continue
-            known[node] = str(reply.content[R.ROLE].get(R.ROLE_NAME, "client"))
+            if R.REFUSAL in reply.content:
+                log.warning("node %s refused the run: %s", node, refusal_reason(reply.content))
+                known[node] = "client"
+            elif R.ROLE in reply.content:
+                known[node] = str(reply.content[R.ROLE].get(R.ROLE_NAME, "client"))
     return known

@@ -37,9 +37,13 @@ _SECURE_AGG = {
         "encryption keys exist for this run."
     ),
     "homomorphic": (
-        "homomorphic (TenSEAL CKKS): the server sums ciphertexts and holds only a public context; the evaluator "
-        "holds the secret key. The server colluding with any one key holder can read individual updates, which "
-        "DP-SGD still bounds per record."
+        "homomorphic (TenSEAL CKKS, add-only): the server holds only the public context (no secret key, no "
+        "Galois keys) and relays the contexts the evaluator sealed to each node's own key, unopened. It sees "
+        "ciphertexts, their sizes and timings, which nodes replied, and the DP accounting values; it never sees "
+        "an update or the global model, and the evaluator decrypts only a sum it recomputed from updates signed "
+        "by distinct enrolled clients. Every key holder (each client and the evaluator) shares one key: the "
+        "server colluding with any one of them can read individual updates, which DP-SGD still bounds per "
+        "record. Threshold (multiparty) HE would remove that and is not implemented."
     ),
 }
 
@@ -81,6 +85,19 @@ class ClientPrivacy(_Model):
     unit_delta: float | None
     refusals: int
     sent: list[SentValue]
+    #: The federated-fairness counts release after the last round (Gaussian, in the same ledger).
+    count_release: CountRelease | None = None
+
+
+class CountRelease(_Model):
+    status: str
+    reason: str | None
+    noise_multiplier: float | None
+    sigma: float | None
+    epsilon_run: float | None  # the run's ε on this node after the counts left
+
+
+ClientPrivacy.model_rebuild()
 
 
 class CentralDPRound(_Model):
@@ -131,6 +148,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         run = store.run(run_id)
         client_rows = store.client_rounds(run_id)
         round_rows = store.rounds(run_id)
+        counts = {int(r["node_id"]): r for r in store.count_releases(run_id)}
     cfg: RunConfig = config_from_json(run["config_json"])
     meta = run["meta"]
     by_node: dict[int, list[dict[str, object]]] = {}
@@ -140,9 +158,13 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
     for node, rows in sorted(by_node.items()):
         accepted = [r for r in rows if r["status"] == "accepted"]
         last: dict[str, object] = accepted[-1]["values"] if accepted else {}  # type: ignore[assignment]
-        sent = sorted({k for r in rows for k in r["received"]})  # type: ignore[attr-defined]
-        budget_eps = _num(last, R.BUDGET_EPSILON)
-        total = _num(last, R.EPSILON_TOTAL)
+        count = counts.get(node)
+        rows_sent = [*rows, count] if count else rows
+        sent = sorted({k for r in rows_sent for k in r["received"]})  # type: ignore[attr-defined]
+        after = dict(count["values"]) if count and count["status"] == "accepted" else {}
+        last_total = after or last  # the counts release came last: its totals include every release
+        budget_eps = _num(last_total, R.BUDGET_EPSILON)
+        total = _num(last_total, R.EPSILON_TOTAL)
         steps = _num(last, R.STEPS)
         unit_cap = _num(last, R.UNIT_CAP)
         clients.append(
@@ -167,7 +189,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
                     )
                     for r in rows
                 ],
-                epsilon_run=_num(last, R.EPSILON),
+                epsilon_run=_num(last_total, R.EPSILON),
                 epsilon_total=total,
                 budget_epsilon=budget_eps,
                 budget_delta=_num(last, R.BUDGET_DELTA),
@@ -177,6 +199,15 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
                 unit_delta=_num(last, R.UNIT_DELTA),
                 refusals=sum(r["status"] == "refused" for r in rows),
                 sent=[SentValue(key=k, privacy_class=_class_label(k)) for k in sent],
+                count_release=None
+                if count is None
+                else CountRelease(
+                    status=str(count["status"]),
+                    reason=count["reason"],
+                    noise_multiplier=_num(after, R.NOISE_MULTIPLIER),
+                    sigma=_num(after, "count-sigma"),
+                    epsilon_run=_num(after, R.EPSILON),
+                ),
             )
         )
     central = None
@@ -307,6 +338,32 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
                     f"node {c.node_id}: at most {c.unit_cap} records per unit → ε={_fmt(c.unit_epsilon)} "
                     f"at δ={_fmt(c.unit_delta, '.2g')} per unit"
                     for c in units
+                ],
+            ),
+        ]
+    released = [c for c in rep.clients if c.count_release]
+    if released:
+        blocks += [
+            ("h3", "Federated fairness counts (after the last round)"),
+            (
+                "p",
+                "Each client sent per-group confusion counts of the final model on its validation split, every "
+                "cell with Gaussian noise (one release, no subsampling), charged to its ledger with the DP-SGD "
+                "rounds through the same accountant; groups below the minimum size never left. ε this run and "
+                "ε total above include it.",
+            ),
+            (
+                "ul",
+                [
+                    f"node {c.node_id}: "
+                    + (
+                        f"z={_fmt(c.count_release.noise_multiplier, 'g')}, σ={_fmt(c.count_release.sigma, '.1f')} "
+                        f"per cell; ε this run after it {_fmt(c.count_release.epsilon_run)}"
+                        if c.count_release.status == "accepted"
+                        else f"{c.count_release.status}: {c.count_release.reason}"
+                    )
+                    for c in released
+                    if c.count_release
                 ],
             ),
         ]

@@ -41,6 +41,7 @@ RUN_CONFIG_DEFAULTS: dict[str, str | int] = {
     "store-path": "fedguard-runs.db",
     "resume-run-id": 0,
     "evaluator-key": "",
+    "run-signature": "",
 }
 CONNECTION = "fedguard"
 _CLI_TIMEOUT = 120.0
@@ -170,21 +171,24 @@ def start_run(
     superlink_address: str,
     ca: Path,
     app_dir: Path,
-    config_path: Path,
+    config_path: Path | None,
     store_path: Path,
     flwr_home: Path,
     resume_run_id: int = 0,
     evaluator_key: str = "",
+    run_signature: str = "",
 ) -> int:
     """Submit a FedGuard run to the SuperLink; return Flower's run id.
 
     ``config_path`` and ``store_path`` are paths on the server host (the ServerApp runs there);
     ``resume_run_id`` > 0 continues that FedGuard run from its last checkpoint instead;
-    ``evaluator_key`` is the enrolled evaluator's key fingerprint (the only node trusted in that role).
+    ``evaluator_key`` is the enrolled evaluator's key fingerprint (the only node trusted in that role);
+    ``run_signature`` the admin's token approving the config (``common.run_signing``).
     """
-    config_path, store_path = Path(config_path).resolve(), Path(store_path).resolve()
-    if not config_path.is_file():
+    store_path = Path(store_path).resolve()
+    if resume_run_id <= 0 and (config_path is None or not Path(config_path).is_file()):
         raise RunError("run config not found", where=str(config_path), fix="pass an existing run TOML")
+    config = str(Path(config_path).resolve()) if config_path is not None else ""
     ensure_connection(Path(flwr_home), superlink_address, Path(ca))
     with tempfile.TemporaryDirectory(prefix="fedguard-app-") as tmp:
         staged = stage_app(app_dir, Path(tmp))
@@ -192,10 +196,11 @@ def start_run(
         overrides.write_text(
             tomli_w.dumps(
                 {
-                    "config-path": str(config_path),
+                    "config-path": config,
                     "store-path": str(store_path),
                     "resume-run-id": resume_run_id,
                     "evaluator-key": evaluator_key,
+                    "run-signature": run_signature,
                 }
             ),
             encoding="utf-8",

@@ -37,6 +37,14 @@ class Score:
     findings: list[str] = field(default_factory=list)
 
 
+def score_from_reply(content: RecordDict, node: int) -> Score:
+    """The evaluator's metrics, audit and provenance, as the run store keeps them."""
+    metrics = {k: float(v) for k, v in content[R.EVALUATION].items() if isinstance(v, int | float)}
+    audit = str(content[R.AUDIT].get(R.AUDIT_JSON, "")) if R.AUDIT in content else ""
+    prov = json.loads(str(content[R.AUDIT].get(R.PROVENANCE_JSON, "{}"))) if R.AUDIT in content else None
+    return Score(metrics, audit or None, prov, f"evaluator node {node}")
+
+
 class Scorer:
     """Scores a global model on the evaluator node, or on the server's own held-out file."""
 
@@ -111,10 +119,7 @@ class Scorer:
             reason = reply.error.reason if reply.has_error() else f"records {sorted(content.keys())}"
             log.warning("round %d: evaluator failed: %s", rnd, reason)
             return None
-        metrics = {k: float(v) for k, v in content[R.EVALUATION].items() if isinstance(v, int | float)}
-        audit = str(content[R.AUDIT].get(R.AUDIT_JSON, "")) if R.AUDIT in content else ""
-        prov = json.loads(str(content[R.AUDIT].get(R.PROVENANCE_JSON, "{}"))) if R.AUDIT in content else None
-        return Score(metrics, audit or None, prov, f"evaluator node {node}")
+        return score_from_reply(content, node)
 
     def record(self, store: RunStore, run_id: int, rnd: int, score: Score) -> None:
         store.record_evaluation(run_id, rnd, score.metrics, score.audit_json, score.provenance, score.evaluated_by)

@@ -75,6 +75,23 @@ CREATE TABLE IF NOT EXISTS evaluations (
     evaluated_by TEXT,                    -- "server" or "evaluator node <id>"
     PRIMARY KEY (run_id, round)
 );
+CREATE TABLE IF NOT EXISTS federated_audits (
+    run_id      INTEGER NOT NULL REFERENCES runs(run_id),
+    round       INTEGER NOT NULL,
+    audit_json  TEXT,                     -- metrics from the summed noised counts (no client's counts)
+    spread_json TEXT,                     -- per-client accuracy: worst, best, spread (no client named)
+    PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS count_releases (
+    run_id      INTEGER NOT NULL REFERENCES runs(run_id),
+    round       INTEGER NOT NULL,
+    node_id     TEXT NOT NULL,
+    status      TEXT NOT NULL,            -- accepted | rejected | refused | failed | dropped
+    reason      TEXT,
+    values_json TEXT,                     -- the node's accounting values (ε, σ), never its counts
+    received_json TEXT,
+    PRIMARY KEY (run_id, round, node_id)
+);
 """
 
 
@@ -235,6 +252,29 @@ class RunStore:
                 ),
             )
 
+    def record_federated(
+        self, run_id: int, round_: int, audit_json: str | None, spread: dict[str, Any] | None, outcomes: list[dict]
+    ) -> None:
+        """The federated view of one round and every node's answer (accounting only) in one transaction."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO federated_audits VALUES (?,?,?,?)",
+                (run_id, round_, audit_json, json.dumps(spread) if spread else None),
+            )
+            for o in outcomes:
+                db.execute(
+                    "INSERT OR REPLACE INTO count_releases VALUES (?,?,?,?,?,?,?)",
+                    (
+                        run_id,
+                        round_,
+                        str(o["node_id"]),
+                        o["status"],
+                        o.get("reason"),
+                        json.dumps(o.get("values") or {}),
+                        json.dumps(o.get("received") or []),
+                    ),
+                )
+
     # -- reads ----------------------------------------------------------------
     def run(self, run_id: int) -> dict[str, Any]:
         row = self._db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
@@ -279,6 +319,29 @@ class RunStore:
             }
             for r in rows
         ]
+
+    def federated(self, run_id: int) -> dict[str, Any] | None:
+        """The latest federated fairness view of a run (audit JSON, client spread), if any."""
+        row = self._db.execute(
+            "SELECT * FROM federated_audits WHERE run_id=? ORDER BY round DESC LIMIT 1", (run_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return {
+            "round": int(row["round"]),
+            "audit_json": row["audit_json"],
+            "spread": json.loads(row["spread_json"] or "null"),
+        }
+
+    def count_releases(self, run_id: int) -> list[dict[str, Any]]:
+        rows = [
+            dict(r) for r in self._db.execute("SELECT * FROM count_releases WHERE run_id=? ORDER BY round", (run_id,))
+        ]
+        for r in rows:
+            r["node_id"] = int(r["node_id"])
+            r["values"] = json.loads(r.pop("values_json") or "{}")
+            r["received"] = json.loads(r.pop("received_json") or "[]")
+        return rows
 
     def evaluations(self, run_id: int) -> dict[int, dict[str, float]]:
         return {

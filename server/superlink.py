@@ -19,6 +19,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -31,7 +32,7 @@ from cryptography import x509
 
 from common.errors import FedGuardError
 from common.kit import fingerprint_public_key, parse_node_public_key
-from common.processes import bin_path, flwr_env, free_port, log_tail, port_in_use
+from common.processes import bin_path, descendants, flwr_env, free_port, log_tail
 from server.runs import CONNECTION, RunError, ensure_connection, flwr_json
 
 
@@ -115,29 +116,25 @@ def local_name(server_cert: Path, host: str) -> str:
     )
 
 
+def listener_on(host: str, port: int) -> bool:
+    """True when something listens on ``host:port``.
+
+    Binds with ``SO_REUSEADDR``, as the SuperLink's own server does: connections a killed
+    SuperLink left in TIME_WAIT do not block its restart on the same port (a plain bind fails
+    for about a minute after a crash), while a live listener still does.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def key_fingerprint(public_key: Path) -> str:
     """``SHA256:...`` of an OpenSSH public key file, as ``ssh-keygen -lf`` prints it."""
     return fingerprint_public_key(Path(public_key).read_text(encoding="utf-8"))
-
-
-def _descendants(pid: int) -> list[int]:
-    """PIDs of all live descendants of ``pid`` (from /proc; Flower detaches some into new sessions)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _start_time(pid: int) -> str | None:
@@ -154,7 +151,7 @@ def stop_process_tree(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> N
     """
     if proc.poll() is not None:
         return
-    tree = {pid: _start_time(pid) for pid in _descendants(proc.pid)}
+    tree = {pid: _start_time(pid) for pid in descendants(proc.pid)}
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=timeout)
@@ -259,7 +256,7 @@ class SuperLink:
             return self
         check_tls_files(self.tls)
         self.local_host = local_name(self.tls.server_cert, self.host)
-        if port_in_use(self.host, self.port):
+        if listener_on(self.host, self.port):
             raise SuperLinkError(
                 f"port {self.port} on {self.host} is already in use",
                 fix="stop whatever listens there, or start the server on another port",

@@ -56,7 +56,8 @@ def received_keys(content: RecordDict) -> list[str]:
 def refusal_reason(content: RecordDict) -> str:
     """A refusal as the operator sees it: the node's code and the log id to ask its owner about."""
     ref = content[R.REFUSAL]
-    return f"{ref.get(R.REFUSAL_CODE, '?')} (node log id {ref.get(R.REFUSAL_LOG_ID, '?')})"
+    rule = f" [rule {ref[R.REFUSAL_RULE]}]" if R.REFUSAL_RULE in ref else ""
+    return f"{ref.get(R.REFUSAL_CODE, '?')}{rule} (node log id {ref.get(R.REFUSAL_LOG_ID, '?')})"
 
 
 def check_signature(msg: Message, node_keys: dict[int, bytes], run_id: int, round_: int | None) -> Outcome | None:

@@ -325,26 +325,26 @@ def test_small_groups_never_leave_a_node() -> None:
 def test_noisy_counts_sum_within_tolerance_and_state_their_cost() -> None:
     d = _planted(bias=True, n=9000)
     clients = _split(d, 3)
-    eps, delta = 2.0, 1e-6
+    z, sel = 2.0, 1e-7
     rng = np.random.default_rng(123)  # a test may seed; a node must not (DESIGN §4)
     releases = []
     for c in clients:
         counts = group_confusion_counts(c["y"], c["pred"], c["groups"], 20)
-        releases.append(noisy_counts(counts, eps, rng, min_group_size=20, delta=delta))
+        releases.append(noisy_counts(counts, z, rng, min_group_size=20, selection_delta=sel))
     r0 = releases[0]
-    assert (r0.epsilon, r0.delta, r0.mechanism) == (eps, delta, "laplace")
-    assert r0.sensitivity == 4  # sex, region, sex × region, all rows: one cell per table per record
-    assert r0.scale == pytest.approx(4 / eps)
-    assert r0.threshold == pytest.approx(release_threshold(20, 4 / eps, delta, 4))
+    assert (r0.noise_multiplier, r0.selection_delta, r0.mechanism) == (z, sel, "gaussian")
+    assert r0.sensitivity == pytest.approx(2.0)  # √4 tables: sex, region, sex × region, all rows
+    assert r0.sigma == pytest.approx(z * 2.0)
+    assert r0.threshold == pytest.approx(release_threshold(20, z * 2.0, sel, 4))
     totals = merge_counts(r.counts for r in releases)
     exact = group_confusion_counts(d["y"], d["pred"], d["groups"], 1)
-    # each released cell is the sum of 3 Laplace(b) draws (sd b·√6); 6 sd is a 1e-6-ish tail per cell
-    tol = 6 * r0.scale * math.sqrt(6)
+    # each released cell is the sum of 3 N(0, σ²) draws (sd σ·√3); 6 sd is a 1e-9-ish tail per cell
+    tol = 6 * r0.sigma * math.sqrt(3)
     for table, rows in exact.items():
         assert set(totals[table]) == set(rows)  # every group here is far above the release threshold
         for group, cells in rows.items():
             assert np.all(np.abs(np.subtract(totals[table][group], cells)) <= tol), (table, group)
-    fed = metrics_from_counts(totals, round=1, clients=3, noise=f"Laplace, ε={eps} per client")
+    fed = metrics_from_counts(totals, round=1, clients=3, noise=f"Gaussian, z={z} per client")
     cen = _run(d, FairnessConfig(bootstrap_n=0))
     sex_f = next(a for a in fed.attributes if a.name == "sex").disparities
     sex_c = cen.attributes[0].disparities
@@ -353,16 +353,23 @@ def test_noisy_counts_sum_within_tolerance_and_state_their_cost() -> None:
     assert any(f.kind == "demographic_parity_ratio" for f in findings(fed, FairnessConfig(), 1, view="federated"))
 
 
+def test_threshold_bounds_the_chance_a_group_at_the_cut_leaves() -> None:
+    sigma, sel, tables = 4.0, 1e-3, 4
+    t = release_threshold(20, sigma, sel, tables)
+    draws = np.random.default_rng(5).normal(0.0, 2 * sigma, size=400_000) + 20  # a group of exactly 20 rows
+    assert np.mean(draws >= t) <= 1.5 * sel / tables  # per table, the union bound's share of δ_sel
+
+
 def test_noisy_release_drops_groups_near_the_minimum() -> None:
     y = np.array([1, 0] * 12 + [1, 0] * 300)
     groups = {"g": np.array(["small"] * 24 + ["large"] * 600)}
     counts = group_confusion_counts(y, y, groups, 20)
     assert set(counts["g"]) == {"small", "large"}  # 24 ≥ 20 on the node ...
-    rel = noisy_counts(counts, 1.0, np.random.default_rng(0), min_group_size=20)
+    rel = noisy_counts(counts, 2.0, np.random.default_rng(0), min_group_size=20)
     assert rel.threshold > 24 + 20  # ... but too close to the cut to leave without leaking it
     assert set(rel.counts["g"]) == {"large"}
     assert all(isinstance(v, int) for cells in rel.counts["g"].values() for v in cells)
-    with pytest.raises(ValueError, match="epsilon"):
+    with pytest.raises(ValueError, match="noise_multiplier"):
         noisy_counts(counts, 0.0, min_group_size=20)
 
 

@@ -79,8 +79,10 @@ def test_plan_shows_spent_budget_and_who_cannot_afford(federation: dict) -> None
     assert rich["affordable"] == 1 and rich["epsilon-total"] > 0
     # The node's answer is its ledger's history (run 1) composed with the planned run, at its budget δ.
     with Ledger(federation["work"] / "partitions" / "ledger.db") as ledger:
-        run1 = ledger.history("sim-partition-0")[:2]
-    planned = [(rich["noise-multiplier"], rich["sample-rate"], int(rich["steps-per-round"]))] * 2
+        run1 = ledger.history("sim-partition-0")[:3]  # 2 DP-SGD rounds and the fairness counts
+    assert run1[2] == (tabular_config().fairness.count_noise_multiplier, 1.0, 1)  # one Gaussian release, q = 1
+    # the planned run: its 2 rounds and the counts after the last one
+    planned = [(rich["noise-multiplier"], rich["sample-rate"], int(rich["steps-per-round"]))] * 2 + [run1[2]]
     assert rich["epsilon-total"] == pytest.approx(epsilon_spent(run1, rich["budget-delta"]))
     assert rich["epsilon-after"] == pytest.approx(epsilon_spent(run1 + planned, rich["budget-delta"]))
     assert "num-examples" not in rich  # sizes never leave a node
@@ -129,3 +131,9 @@ def test_the_evaluator_node_scores_and_audits_every_round(federation: dict) -> N
     fedguard("report", "fairness", str(run1), "--store", store_path, "--format", "json", "--out", "f.json", cwd=tmp)
     report = FairnessReport.model_validate_json((tmp / "f.json").read_text())
     assert [r.round for r in report.rounds] == [0, 1, 2] and report.provenance.evaluation_size == 140
+    # The federated view: the node with budget left sent noised counts; the exhausted one refused.
+    with RunStore(store_path) as store:
+        releases = sorted((r["status"], r["reason"] or "") for r in store.count_releases(run1))
+    assert [s for s, _ in releases] == ["accepted", "refused"] and "budget" in releases[1][1]
+    assert report.federated is not None and report.federated.clients == 1
+    assert report.federated.noise is not None and "Gaussian" in report.federated.noise

@@ -3,7 +3,7 @@
 Most tests drive the real ClientApp in process (``client_app(message, context)``), with a small
 round loop doing what server/app.py's loop does (``WeightedMean``, then the server optimizer);
 the one test through the real ServerApp on Flower's simulation engine is marked and runs once
-server/app.py calls ``server.optimizers.make_server_optimizer``.
+server/app.py calls ``common.optimizers.make_server_optimizer``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from common.config import ServerOptimizerConfig
 from common.data import encode
 from common.errors import ConfigError
 from common.models import build_model
+from common.optimizers import FLOWER_DEFAULTS, make_server_optimizer
 from common.privacy import epsilon_spent, plan_dp
 from server.aggregation import WeightedMean
-from server.optimizers import FLOWER_DEFAULTS, make_server_optimizer
 from tests.helpers import ROOT, global_state, make_tabular, node_context, tabular_config, train_message
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -361,7 +361,7 @@ _HOOKED = "make_server_optimizer" in (ROOT / "server" / "app.py").read_text(enco
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-@pytest.mark.skipif(not _HOOKED, reason="needs the server/app.py hook that calls server.optimizers")
+@pytest.mark.skipif(not _HOOKED, reason="needs the server/app.py hook that calls common.optimizers")
 def test_server_app_applies_the_server_optimizer(tmp_path: Path) -> None:
     """Real ServerApp on Flower's simulation engine, 2 rounds: with a server learning rate of 1e-9
     the global model (hence the held-out loss) stays where it started; with FedAvg it moves."""

@@ -1,0 +1,400 @@
+"""``fedguard evaluate``: score and fairness-audit any saved global model on any data file.
+
+A checkpoint (``server.checkpoint``) holds the weights but not the architecture: the run config
+comes from ``--config``, or else from the run store next to the checkpoint (checkpoints live in
+``<store folder>/checkpoints/run-<id>/round-NNNNN.ckpt``, see ``checkpoint_dir``). The weights are
+checked against the model the config builds, the data file is encoded with the given schema (which
+must agree with the run's on every field that shapes the model; its sensitive columns may differ),
+and the same ``evaluate_and_audit`` the evaluator node runs computes metrics and the audit. The
+fairness report has one "round": the checkpoint's.
+
+The evaluation helpers run on the CPU (``common.evaluation.predict`` returns CPU arrays and takes no
+device), so this command does too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sqlite3
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.errors import ConfigError, FedGuardError
+from common.files import atomic_write
+
+if TYPE_CHECKING:  # imported where used: `fedguard --help` stays fast
+    from common.config import RunConfig
+    from common.schema import DataSchema
+    from server.checkpoint import Checkpoint
+    from server.fairness_report import FairnessReport
+
+Progress = Callable[[str], None]
+
+#: Schema fields that shape the model (as ``client.node._MODEL_FIELDS``): they must match the run's.
+MODEL_FIELDS = ("task", "text_column", "features", "label", "classes")
+
+_RUN_DIR = re.compile(r"^run-(\d+)$")
+_DEFAULT_STORE = "runs.db"
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Evaluation:
+    """Everything one ``fedguard evaluate`` computed (``evaluate_checkpoint`` returns the first two)."""
+
+    metrics: dict[str, float]
+    report: FairnessReport | None
+    checkpoint: Checkpoint
+    config: RunConfig
+    config_source: str
+    data_path: Path
+    #: Why there is no fairness report (None when there is one).
+    no_audit_reason: str | None = None
+
+
+# -- finding the run config ------------------------------------------------------------------
+
+
+def _has_runs_table(path: Path) -> bool:
+    """Whether ``path`` is an SQLite file with a ``runs`` table; opened read-only, never created or changed."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            row = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return row is not None
+
+
+def _store_candidates(folder: Path) -> list[Path]:
+    """Run stores in ``folder``: ``runs.db`` first (the default name), then any other ``*.db`` with a runs table."""
+    named = folder / _DEFAULT_STORE
+    others = sorted(p for p in folder.glob("*.db") if p.is_file() and p.name != _DEFAULT_STORE)
+    return [p for p in ([named] if named.is_file() else []) + others if _has_runs_table(p)]
+
+
+def _config_from_store(ckpt: Checkpoint, ckpt_path: Path, store_path: Path | None) -> tuple[RunConfig, str]:
+    """The run config recorded for the checkpoint's run, from ``store_path`` or the store next to it."""
+    from common.config import config_from_json
+    from server.store import RunStore
+
+    fix = "pass --config with the run's config file (TOML or JSON)"
+    if store_path is None:
+        run_dir = ckpt_path.resolve().parent
+        m = _RUN_DIR.match(run_dir.name)
+        if m is None or run_dir.parent.name != "checkpoints":
+            raise ConfigError(
+                "cannot tell which run wrote this checkpoint: it is not in a run store's checkpoints/run-<id>/ folder",
+                where=str(ckpt_path),
+                fix=fix,
+            )
+        if int(m.group(1)) != ckpt.run_id:
+            raise ConfigError(
+                f"the checkpoint says run {ckpt.run_id} but lies in the folder of run {m.group(1)}",
+                where=str(ckpt_path),
+                fix=fix,
+            )
+        folder = run_dir.parent.parent
+        candidates = _store_candidates(folder)
+        if not candidates:
+            raise ConfigError(
+                f"no run store found next to the checkpoint (looked for {folder / _DEFAULT_STORE} and other "
+                "*.db files there); the checkpoint alone does not say which model it holds",
+                where=str(ckpt_path),
+                fix=fix + ", or --store with the run store's path",
+            )
+    else:
+        if not store_path.is_file() or not _has_runs_table(store_path):
+            raise ConfigError("not a FedGuard run store", where=str(store_path), fix=fix + ", or a valid --store")
+        candidates = [store_path]
+    for candidate in candidates:
+        with RunStore(candidate) as store:
+            try:
+                run = store.run(ckpt.run_id)
+            except FedGuardError:
+                continue
+        return config_from_json(run["config_json"]), f"run {ckpt.run_id} in {candidate}"
+    raise ConfigError(
+        f"run {ckpt.run_id} is not recorded in {', '.join(str(c) for c in candidates)}",
+        where=str(ckpt_path),
+        fix=fix,
+    )
+
+
+# -- checks ----------------------------------------------------------------------------------
+
+
+def _describe_features(schema: DataSchema) -> list[str]:
+    return [f.name + (f" ({f.type})" if f.type != "numeric" else "") for f in schema.features]
+
+
+def check_schema(schema: DataSchema, run_schema: DataSchema, source: str) -> None:
+    """The schema must agree with the run's on every field that shapes the model (sensitive columns may differ)."""
+    for name in MODEL_FIELDS:
+        mine, theirs = getattr(schema, name), getattr(run_schema, name)
+        if mine == theirs:
+            continue
+        detail = f"{theirs!r} in the run, {mine!r} here"
+        if name == "features":
+            detail = f"{_describe_features(run_schema)} in the run, {_describe_features(schema)} here"
+            for i, (a, b) in enumerate(zip(theirs, mine, strict=False)):
+                if a != b:
+                    detail += f"; the first difference is feature {i + 1} ({b.name!r} here, {a.name!r} in the run)"
+                    break
+            else:
+                detail += f"; the run has {len(theirs)} feature(s), this schema {len(mine)}"
+        raise ConfigError(
+            f"the schema differs from the run's in {name!r}: {detail}",
+            where=source,
+            fix="evaluate with a schema that declares the same task, text_column, features, label and classes as "
+            "the run that trained the model (sensitive columns may differ)",
+        )
+
+
+def check_state(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], model_name: str, where: str) -> None:
+    """The checkpoint's model arrays must be exactly the model's tensors, by name and shape, in order."""
+    from server.checkpoint import CheckpointError
+
+    fix = "pass the --config of the run that wrote this checkpoint"
+    got = list(ckpt.state.items())
+    names = list(expected)
+    for i, name in enumerate(names):
+        if i >= len(got):
+            raise CheckpointError(
+                f"the checkpoint does not fit the {model_name} model the config builds: tensor {name!r} "
+                f"{expected[name]} is missing (the checkpoint has {len(got)} tensor(s), the model {len(names)})",
+                where=where,
+                fix=fix,
+            )
+        key, arr = got[i]
+        if key != name:
+            raise CheckpointError(
+                f"the checkpoint does not fit the {model_name} model the config builds: tensor {i + 1} is "
+                f"{key!r} in the checkpoint but {name!r} in the model",
+                where=where,
+                fix=fix,
+            )
+        if tuple(arr.shape) != expected[name]:
+            raise CheckpointError(
+                f"the checkpoint does not fit the {model_name} model the config builds: tensor {name!r} has "
+                f"shape {tuple(arr.shape)} in the checkpoint but {expected[name]} in the model",
+                where=where,
+                fix=fix,
+            )
+    if len(got) > len(names):
+        raise CheckpointError(
+            f"the checkpoint does not fit the {model_name} model the config builds: tensor {got[len(names)][0]!r} "
+            "is not in the model",
+            where=where,
+            fix=fix,
+        )
+
+
+def _read_checkpoint(path: Path, progress: Progress) -> Checkpoint:
+    from server.checkpoint import CheckpointError, latest_good, load
+
+    if path.is_dir():
+        ckpt = latest_good(path, warn=progress)
+        progress(f"using the newest good checkpoint in {path}: {ckpt.path}")
+        return ckpt
+    if not path.is_file():
+        raise CheckpointError(
+            "checkpoint file not found",
+            where=str(path),
+            fix="pass --model with a round-NNNNN.ckpt file from <store folder>/checkpoints/run-<id>/",
+        )
+    return load(path)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+def run_evaluation(
+    model_path: Path,
+    data_path: Path,
+    schema_path: Path,
+    config_path: Path | None = None,
+    *,
+    store_path: Path | None = None,
+    progress: Progress = _stderr,
+) -> Evaluation:
+    """Load, check and evaluate a checkpoint; see the module docstring."""
+    from common.codec import load_numpy_state
+    from common.config import load_config
+    from common.data import load_encoded
+    from common.evaluation import evaluate_and_audit, provenance
+    from common.models import build_model, model_max_len
+    from common.schema import load_schema
+    from server.fairness_report import build_fairness_report
+
+    model_path, data_path, schema_path = Path(model_path), Path(data_path), Path(schema_path)
+    schema = load_schema(schema_path)  # cheap checks first: a bad schema fails before anything heavy
+    ckpt = _read_checkpoint(model_path, progress)
+    ckpt_path = ckpt.path or model_path
+    if config_path is not None:
+        cfg, source = load_config(config_path), str(config_path)
+    else:
+        cfg, source = _config_from_store(ckpt, ckpt_path, store_path)
+    run_schema = cfg.data.schema_
+    check_schema(schema, run_schema, str(schema_path))
+
+    model = build_model(cfg.model.name, run_schema, cfg.model.params)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state(ckpt, expected, cfg.model.name, str(ckpt_path))
+    load_numpy_state(model, ckpt.state)
+    progress(f"checkpoint {ckpt_path}: run {ckpt.run_id} ({cfg.name}), round {ckpt.round}; config from {source}")
+
+    progress(f"loading {data_path} ...")
+    data = load_encoded(data_path, schema, max_len=model_max_len(cfg.model.name, cfg.model.params), cache_dir=None)
+    progress(f"evaluating on {len(data)} rows ...")
+    metrics, audit = evaluate_and_audit(model, data, cfg.fairness)
+
+    report, reason = None, None
+    if audit is not None:
+        report = build_fairness_report(
+            ckpt.run_id, cfg.name, [(ckpt.round, audit)], provenance(data, data_path.name), cfg=cfg.fairness
+        )
+    elif schema.num_classes != 2:
+        reason = f"the task has {schema.num_classes} classes; the fairness audit is for binary tasks"
+    else:
+        reason = "the schema declares no sensitive columns"
+    return Evaluation(metrics, report, ckpt, cfg, source, data_path, reason)
+
+
+def evaluate_checkpoint(
+    model_path: Path,
+    data_path: Path,
+    schema_path: Path,
+    config_path: Path | None = None,
+    *,
+    store_path: Path | None = None,
+    progress: Progress = _stderr,
+) -> tuple[dict[str, float], FairnessReport | None]:
+    """Metrics of a saved global model on ``data_path``, and its fairness report (None without an audit)."""
+    ev = run_evaluation(model_path, data_path, schema_path, config_path, store_path=store_path, progress=progress)
+    return ev.metrics, ev.report
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _metrics_document(ev: Evaluation, fmt: str) -> str:
+    """What --out gets when there is no fairness report: the metrics and why there is no audit."""
+    import html
+    import json
+
+    m, ck = ev.metrics, ev.checkpoint
+    if fmt == "json":
+        doc: dict[str, Any] = {
+            "format": "fedguard-evaluation/1",
+            "run_id": ck.run_id,
+            "run_name": ev.config.name,
+            "round": ck.round,
+            "data": ev.data_path.name,
+            "metrics": m,
+            "fairness_report": None,
+            "note": ev.no_audit_reason,
+        }
+        return json.dumps(doc, indent=2) + "\n"
+    title = f"Evaluation — run {ck.run_id} ({ev.config.name}), round {ck.round}"
+    lines = [
+        f"Evaluation set: {int(m['n'])} rows ({ev.data_path.name})",
+        f"Accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, macro-F1 {m['macro_f1']:.4f}",
+        f"No fairness audit: {ev.no_audit_reason}.",
+    ]
+    if fmt == "md":
+        return f"# {title}\n\n" + "".join(f"- {line}\n" for line in lines)
+    esc = html.escape
+    items = "".join(f"<li>{esc(line)}</li>" for line in lines)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title></head>"
+        f"<body><h1>{esc(title)}</h1><ul>{items}</ul></body></html>\n"
+    )
+
+
+def render(ev: Evaluation, fmt: str) -> str:
+    from server.fairness_report import render as render_report
+
+    return render_report(ev.report, fmt) if ev.report is not None else _metrics_document(ev, fmt)
+
+
+def summary(ev: Evaluation) -> str:
+    m, ck = ev.metrics, ev.checkpoint
+    lines = [
+        f"run {ck.run_id} ({ev.config.name}), round {ck.round}, on {ev.data_path.name} ({int(m['n'])} rows): "
+        f"accuracy {m['accuracy']:.3f}  loss {m['loss']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+    ]
+    if ev.report is None:
+        lines.append(f"no fairness audit: {ev.no_audit_reason}")
+    elif ev.report.findings:
+        lines.append(f"fairness findings ({len(ev.report.findings)}):")
+        lines += [f"  [{f.severity}] {f.message}" for f in ev.report.findings]
+    else:
+        lines.append("fairness findings: none (every disparity is within its threshold)")
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write the report via a temp file and a rename: never a half-written report."""
+    try:
+        atomic_write(path, text.encode("utf-8"))
+    except OSError as exc:
+        raise FedGuardError(
+            f"cannot write the report: {exc.strerror or exc}",
+            where=str(path),
+            fix="pass --out with a path in an existing, writable folder",
+        ) from None
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # fail before the evaluation, not after
+        raise FedGuardError(
+            "the folder for the report does not exist", where=str(args.out), fix="create it or pass another --out"
+        )
+    ev = run_evaluation(
+        Path(args.model),
+        Path(args.data),
+        Path(args.schema),
+        Path(args.config) if args.config else None,
+        store_path=Path(args.store) if getattr(args, "store", None) else None,
+    )
+    text = render(ev, args.format)
+    if args.out:
+        out = Path(args.out)
+        write_atomic(out, text)
+        print(summary(ev))
+        print(f"{'fairness report' if ev.report is not None else 'evaluation'} written to {out}")
+    else:
+        _stderr(summary(ev))
+        sys.stdout.write(text)
+    return 0
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    e = sub.add_parser(
+        "evaluate",
+        help="score and fairness-audit a saved global model (a round checkpoint) on a data file",
+        description="Evaluate a round checkpoint on any data file that matches the run's schema: accuracy, loss, "
+        "macro-F1 and, for binary tasks with sensitive columns, a fairness report. The run config comes from "
+        "--config or from the run store next to the checkpoint.",
+    )
+    e.add_argument("--model", required=True, help="checkpoint file (<store folder>/checkpoints/run-N/round-R.ckpt)")
+    e.add_argument("--data", required=True, help="data file to evaluate on (CSV, Parquet or JSONL)")
+    e.add_argument("--schema", required=True, help="data schema TOML of --data (its sensitive columns are audited)")
+    e.add_argument("--config", help="the run's config (TOML or JSON); default: read from the run store")
+    e.add_argument("--store", help="run store holding the run (default: the store next to the checkpoint)")
+    e.add_argument("--format", choices=["html", "json", "md"], default="md")
+    e.add_argument("--out", help="write the report to this file (default: stdout)")
+    e.set_defaults(func=cmd_evaluate)

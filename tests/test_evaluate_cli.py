@@ -1,0 +1,244 @@
+"""``fedguard evaluate``: a real round checkpoint from a simulated federation, scored and audited ad hoc.
+
+One simulation (1 round, 2 clients, DP off so one round learns the task) runs once for the module
+in its own process (Ray); every test evaluates its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+
+from common.codec import load_numpy_state
+from common.config import config_from_json
+from common.data import load_encoded
+from common.evaluation import evaluate_and_audit
+from common.models import build_model, model_max_len
+from common.schema import load_schema
+from fedguard.cli import main
+from fedguard.evaluate import evaluate_checkpoint
+from server.checkpoint import load
+from server.fairness_report import FairnessReport
+from server.store import RunStore
+from tests.helpers import ROOT, TABULAR_SCHEMA, make_tabular, tabular_config, write_run_toml
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+def _write_schema(path: Path, **changes: object) -> Path:
+    path.write_bytes(tomli_w.dumps({**TABULAR_SCHEMA, **changes}).encode())
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("evaluate")
+    data = tmp / "data.csv"
+    make_tabular(600).to_csv(data, index=False)
+    cfg = tabular_config(
+        data,
+        rounds=1,
+        dp={"enabled": False},
+        train={"local_epochs": 3, "batch_size": 32, "learning_rate": 0.02, "optimizer": "adam"},
+    )
+    (tmp / "run.json").write_text(cfg.to_json(), encoding="utf-8")
+    code = (
+        "import sys; from pathlib import Path; from common.config import load_config; "
+        "from fedguard.simulate import simulate; "
+        "r = simulate(load_config(sys.argv[1]), Path(sys.argv[2]), progress=lambda s: None); "
+        "print('RESULT', r.run_id, r.store_path)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp / "run.json"), str(tmp / "work")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_id, store = proc.stdout.split("RESULT")[1].split()
+    assert run_id == "1"
+    evaluation = tmp / "eval.csv"
+    make_tabular(400, seed=11).to_csv(evaluation, index=False)
+    return {
+        "tmp": tmp,
+        "store": Path(store),
+        "ckpt": tmp / "work" / "checkpoints" / "run-1" / "round-00001.ckpt",
+        "data": evaluation,
+        "schema": _write_schema(tmp / "schema.toml"),
+        "toml": write_run_toml(cfg, tmp / "run.toml"),
+    }
+
+
+def _direct(trained: dict[str, Path], data: Path) -> tuple[dict[str, float], object]:
+    """The same checkpoint scored with the evaluation helpers, no evaluate command involved."""
+    with RunStore(trained["store"]) as store:
+        cfg = config_from_json(store.run(1)["config_json"])
+    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+    load_numpy_state(model, load(trained["ckpt"]).state)
+    enc = load_encoded(data, load_schema(trained["schema"]), max_len=model_max_len(cfg.model.name, cfg.model.params))
+    return evaluate_and_audit(model, enc, cfg.fairness)
+
+
+def _args(trained: dict[str, Path], **over: object) -> list[str]:
+    opts = {"model": trained["ckpt"], "data": trained["data"], "schema": trained["schema"], **over}
+    return ["evaluate", *[x for k, v in opts.items() if v is not None for x in (f"--{k}", str(v))]]
+
+
+def test_metrics_equal_direct_evaluation_and_json_report_is_written(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report.json"
+    assert main(_args(trained, format="json", out=out)) == 0
+    stdout = capsys.readouterr().out
+    assert "accuracy" in stdout and "macro-F1" in stdout and f"written to {out}" in stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left behind
+
+    want, audit = _direct(trained, trained["data"])
+    metrics, report = evaluate_checkpoint(trained["ckpt"], trained["data"], trained["schema"], progress=lambda s: None)
+    assert metrics.keys() == want.keys()
+    for key in want:
+        assert metrics[key] == pytest.approx(want[key], abs=1e-6)
+    assert want["accuracy"] > 0.75  # the fixture's model learned the task (the bias test relies on it)
+    assert report is not None and audit is not None
+
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    parsed = FairnessReport.model_validate(doc)
+    assert parsed.run_id == 1 and [r.round for r in parsed.rounds] == [1]
+    assert isinstance(doc["findings"], list)
+    groups = {g.group for a in parsed.rounds[0].audit.attributes for g in a.groups}
+    assert groups == {"g1", "g2"}
+    assert parsed.rounds[0].audit.overall.accuracy == pytest.approx(audit.overall.accuracy, abs=1e-6)  # type: ignore[attr-defined]
+    assert parsed.provenance.evaluation_size == 400 and parsed.provenance.source == "eval.csv"
+
+    # Without --out the report alone goes to stdout (progress and summary go to stderr).
+    assert main(_args(trained, format="json")) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["run_id"] == 1
+    assert "evaluating on 400 rows" in captured.err
+
+
+def test_planted_bias_yields_a_finding(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The label follows the sensitive attribute (and so do the features the model reads)."""
+    df = make_tabular(400, seed=5)
+    g1 = df["group"] == "g1"
+    rng = np.random.default_rng(5)
+    df["a"] = np.where(g1, rng.uniform(1.0, 3.0, len(df)), rng.uniform(-3.0, -1.0, len(df)))
+    df["y"] = g1.astype(int)
+    biased = tmp_path / "biased.csv"
+    df.to_csv(biased, index=False)
+    out = tmp_path / "report.md"
+    assert main(_args(trained, data=biased, out=out)) == 0
+    stdout = capsys.readouterr().out
+    _, report = evaluate_checkpoint(trained["ckpt"], biased, trained["schema"], progress=lambda s: None)
+    assert report is not None
+    kinds = {f.kind for f in report.findings if f.attribute == "group"}
+    assert "demographic_parity_ratio" in kinds
+    assert "[critical]" in stdout or "[warning]" in stdout
+    assert "## Findings" in out.read_text(encoding="utf-8") and "demographic parity ratio" in out.read_text()
+
+
+def test_damaged_checkpoint_is_refused(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "checkpoints" / "run-1" / "round-00001.ckpt"
+    bad.parent.mkdir(parents=True)
+    raw = bytearray(trained["ckpt"].read_bytes())
+    raw[-1] ^= 0x01
+    bad.write_bytes(bytes(raw))
+    assert main(_args(trained, model=bad, config=trained["toml"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedguard: error:") and "checksum mismatch" in err and str(bad) in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "named"),
+    [
+        ({"features": [*TABULAR_SCHEMA["features"][:1], {"name": "d", "type": "numeric"}]}, "features", "'d'"),  # type: ignore[index]
+        ({"classes": ["no", "yes"]}, "classes", "'no'"),
+        ({"label": "outcome"}, "label", "'outcome'"),
+    ],
+)
+def test_schema_that_shapes_another_model_is_refused(
+    trained: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    changes: dict[str, object],
+    field: str,
+    named: str,
+) -> None:
+    schema = _write_schema(tmp_path / "other.toml", **changes)
+    assert main(_args(trained, schema=schema)) == 2
+    err = capsys.readouterr().err
+    assert f"differs from the run's in {field!r}" in err and named in err and str(schema) in err
+
+
+def test_other_sensitive_columns_are_allowed_and_none_means_no_report(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    schema = _write_schema(tmp_path / "plain.toml", sensitive=[])
+    out = tmp_path / "eval.json"
+    assert main(_args(trained, schema=schema, format="json", out=out)) == 0
+    assert "no fairness audit: the schema declares no sensitive columns" in capsys.readouterr().out
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert doc["fairness_report"] is None and doc["round"] == 1
+    want, _ = _direct(trained, trained["data"])
+    assert doc["metrics"]["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+
+
+def test_config_whose_model_differs_names_the_tensor(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tabular_config(trained["tmp"] / "data.csv", model={"name": "ft-transformer", "params": {"d_model": 8}})
+    toml = write_run_toml(cfg, tmp_path / "other-run.toml")
+    assert main(_args(trained, config=toml)) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the ft-transformer model" in err and "shape" in err and "tensor '" in err
+
+
+def test_without_a_store_the_error_asks_for_config(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loose = tmp_path / "loose.ckpt"
+    shutil.copy(trained["ckpt"], loose)
+    assert main(_args(trained, model=loose)) == 2
+    assert "pass --config" in capsys.readouterr().err
+
+    # The run-store layout without a store file.
+    copied = tmp_path / "server" / "checkpoints" / "run-1" / "round-00001.ckpt"
+    copied.parent.mkdir(parents=True)
+    shutil.copy(trained["ckpt"], copied)
+    assert main(_args(trained, model=copied)) == 2
+    err = capsys.readouterr().err
+    assert "no run store found" in err and "pass --config" in err
+    assert not (tmp_path / "server" / "runs.db").exists()  # looking never creates a store
+
+    # The real exit status and message, in a process of its own.
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedguard.evaluate", *_args(trained, model=copied)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("fedguard: error:") and "--config" in proc.stderr
+
+    # With --config the same checkpoint evaluates to the same numbers.
+    metrics, report = evaluate_checkpoint(
+        copied, trained["data"], trained["schema"], trained["toml"], progress=lambda s: None
+    )
+    want, _ = _direct(trained, trained["data"])
+    assert metrics == pytest.approx(want, abs=1e-6) and report is not None
