@@ -227,7 +227,7 @@ def test_without_a_store_the_error_asks_for_config(
 
     # The real exit status and message, in a process of its own.
     proc = subprocess.run(
-        [sys.executable, "-m", "fedguard.evaluate", *_args(trained, model=copied)],
+        [sys.executable, "-m", "fedguard.cli", *_args(trained, model=copied)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
