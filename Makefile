@@ -19,8 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedguard demo
 
+# Two workers, one test file each: real-process tests mostly wait on Flower's polls, so two
+# files overlap well even on two cores; module fixtures (one federation per file) stay intact.
 test: $(STAMP)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check common server client fedguard tests bench

@@ -7,7 +7,7 @@ both alike, and compares round times from the run store: from one round's start 
 both modes include the same work (training, aggregation, the evaluator's scoring; in homomorphic
 mode also encryption, the server's sum, the evaluator's verification, decryption and re-encryption).
 
-    python bench/he_round.py [--rounds 3] [--clients 2] [--repeats 1] [--out bench/results/he_round.json]
+    python bench/he_round.py [--rounds 3] [--clients 3] [--repeats 1] [--out bench/results/he_round.json]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _round_seconds(store_path: Path, run_id: int) -> list[float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "he_round.json"))
     args = ap.parse_args()

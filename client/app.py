@@ -72,7 +72,7 @@ def _count_release(cfg: RunConfig) -> History:
     return [(cfg.fairness.count_noise_multiplier, 1.0, 1)] if cfg.wants_federated_counts else []
 
 
-def _planned_run(plan: DPPlan, cfg: RunConfig, settings: NodeSettings) -> History:
+def _planned_run(plan: DPPlan, cfg: RunConfig) -> History:
     """Every release the run would make on this node: its DP-SGD rounds and the fairness counts."""
     return [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * cfg.rounds + _count_release(cfg)
 
@@ -147,8 +147,6 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     round_ = int(msg.content[R.CONFIG][R.ROUND])
     torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
-    train = _training_split(settings, cfg)
-
     model = build_model(cfg.model.name, settings.schema, cfg.model.params)
     homomorphic = cfg.secure_aggregation == "homomorphic"
     if homomorphic:  # decrypt only what the pinned evaluator signed, with the context the admin approved
@@ -158,6 +156,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     else:
         global_state = record_to_numpy(msg.content[R.ARRAYS])
     load_numpy_state(model, global_state)
+    train = _training_split(settings, cfg)
 
     plan: DPPlan | None = None
     ledger: Ledger | None = None
@@ -170,7 +169,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
             settings,
             "train",
             plan=plan,
-            epsilon_run=epsilon_spent(_planned_run(plan, cfg, settings), plan.delta, plan.accountant),
+            epsilon_run=epsilon_spent(_planned_run(plan, cfg), plan.delta, plan.accountant),
         )
         if first:
             print(f"[{settings.workdir.name}] {plan.describe()}", flush=True)
@@ -242,7 +241,7 @@ def _plan_reply(msg: Message, context: Context, cfg: RunConfig, settings: NodeSe
     train = _training_split(settings, cfg)
     plan = _plan(context, cfg, len(train))
     round_h = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
-    planned = _planned_run(plan, cfg, settings)
+    planned = _planned_run(plan, cfg)
     eps_run = epsilon_spent(planned, plan.delta, plan.accountant)
     check_policy(cfg, settings, "plan", plan=plan, epsilon_run=eps_run)
     with Ledger(settings.ledger_path, settings.marker_dir) as ledger:
