@@ -66,6 +66,13 @@ class HomomorphicRounds:
                 where=cfg.homomorphic.bundle,
                 fix="point homomorphic.bundle at the evaluator's current keygen output",
             )
+        if cfg.homomorphic.bound > self.bundle.info.bound:
+            raise ConfigError(
+                f"homomorphic.bound {cfg.homomorphic.bound:g} exceeds the bound {self.bundle.info.bound:g} the key "
+                f"was made for: sums of {self.bundle.info.max_clients} updates could overflow",
+                where="homomorphic.bound",
+                fix="lower homomorphic.bound, or re-run `fedguard evaluator keygen --bound` with a larger one",
+            )
         self.public_ctx = self.bundle.load_context()
         self.n_params = int(sum(state[k].size for k in trainable_keys(state)))
         self.evaluator_key = node_keys[evaluator].decode()

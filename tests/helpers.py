@@ -114,3 +114,16 @@ def with_train(train: Callable[[Message, Context], Message]) -> ClientApp:
 def write_run_toml(cfg: RunConfig, path: Path) -> Path:
     path.write_text(cfg.to_toml(), encoding="utf-8")
     return path
+
+
+def node_keypair() -> tuple[bytes, bytes]:
+    """A node authentication key as FedGuard uses them: EC P-384, (OpenSSH private, OpenSSH public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from common import he
 from common.sealing import SealedForAnotherKeyError, SealingError, SealTamperedError, key_id, seal, sealing_aad, unseal
+from tests.helpers import node_keypair
 
 B = 1.0  # per-coordinate update bound used throughout
 N_PARAMS = 5000  # 5000 values + weight slot = 2 ciphertexts of 4096 slots
@@ -296,18 +297,9 @@ def test_encrypt_refuses_out_of_bound_updates(ctx) -> None:
 # --------------------------------------------------------------------------- sealing
 
 
-def _keypair() -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return private, public
-
-
 @pytest.fixture(scope="module")
 def node_keys() -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
-    return _keypair(), _keypair()
+    return node_keypair(), node_keypair()
 
 
 def test_sealed_he_context_round_trip(ctx, pub_bytes, node_keys) -> None:

@@ -6,11 +6,9 @@ ciphertext), so the whole file runs in seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import stat
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import numpy as np
 import pytest
 import tenseal as ts  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from common import he
 from common import he_custody as hc
@@ -26,6 +23,8 @@ from common.errors import FedGuardError
 from common.kit import Federation, KitError, NodeSpec, fingerprint_public_key, init_federation, verify_kit
 from common.sealing import SealedForAnotherKeyError, SealTamperedError
 from fedguard import he_cli
+from fedguard.cli import main
+from tests.helpers import node_keypair
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,18 +34,9 @@ N_PARAMS = 100
 NAMES = ("alpha", "beta", "eval")
 
 
-def _keypair() -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return private, public
-
-
 @pytest.fixture(scope="module")
 def keys() -> dict[str, tuple[bytes, bytes]]:
-    return {name: _keypair() for name in NAMES}
+    return {name: node_keypair() for name in NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -346,17 +336,7 @@ def test_flatten_and_unflatten_round_trip() -> None:
 
 
 def run_cli(argv: list[str]) -> int:
-    """What fedguard/cli.py's main does: FedGuardError → "fedguard: error: ..." and exit 2."""
-    parser = argparse.ArgumentParser(prog="fedguard")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("evaluator")
-    he_cli.add_command(ev.add_subparsers(dest="evaluator_command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except FedGuardError as exc:
-        print(f"fedguard: error: {exc}", file=sys.stderr)
-        return 2
+    return main(argv)
 
 
 @pytest.fixture(scope="module")

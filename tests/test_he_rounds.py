@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.app import app as client_app
@@ -23,7 +21,7 @@ from common.he_custody import flatten_state, keygen, load_server_bundle, trainab
 from common.kit import fingerprint_public_key
 from common.reply_signing import sign_reply
 from server.homomorphic import EncryptedGlobal, HomomorphicRounds, aggregate_content
-from tests.helpers import make_tabular, node_context, tabular_config
+from tests.helpers import make_tabular, node_context, node_keypair, tabular_config
 
 pytestmark = [pytest.mark.usefixtures("server_identity"), pytest.mark.timeout(300)]
 
@@ -31,11 +29,9 @@ EVALUATOR, CLIENTS = 99, {"alpha": 11, "beta": 12}
 
 
 def _key(path: Path) -> bytes:
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-    )
-    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    private, public = node_keypair()
+    path.write_bytes(private)
+    return public
 
 
 @pytest.fixture
