@@ -103,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         current = [f for f in fairness.findings if f.last_seen_round == last]
         print(f"fairness findings for the final model ({len(current)}; full history in the report):")
         for f in current:
-            print(f"  [{f.severity}] {f.message}")
+            print(f"  [{f.severity}]{' (federated view)' if f.view == 'federated' else ''} {f.message}")
         print(f"demo finished in {time.perf_counter() - t0:.0f}s")
         print(f"fairness report: {fair_path}")
         print(f"privacy report: {report}")
