@@ -31,6 +31,7 @@ from common.codec import state_to_numpy
 from common.config import RunConfig
 from common.errors import FedGuardError
 from common.he_custody import (
+    EvaluatorKey,
     flatten_state,
     load_evaluator_key,
     open_context,
@@ -43,7 +44,8 @@ from common.he_custody import (
 from common.models import build_model
 from common.reply_signing import key_fingerprint, verify_reply
 
-#: Opened contexts per (fingerprint, key file): the executor is long-lived; opening costs ~0.3 s.
+#: Opened contexts (and the evaluator's key) per (fingerprint, key file or workdir): the executor is
+#: long-lived; opening costs ~0.3 s.
 _CONTEXTS: dict[tuple[str, str], Any] = {}
 
 
@@ -126,13 +128,16 @@ def encrypt_delta(
 # -- the evaluator ---------------------------------------------------------------------------------
 
 
-def evaluator_context(cfg: RunConfig, settings: NodeSettings) -> Any:
+def _evaluator_key(cfg: RunConfig, settings: NodeSettings) -> EvaluatorKey:
+    """The evaluator's secret context and key description, read once per executor."""
     key = (cfg.homomorphic.context_fingerprint, str(settings.workdir))
     if key not in _CONTEXTS:
-        _CONTEXTS[key] = load_evaluator_key(
-            settings.workdir, expected_fingerprint=cfg.homomorphic.context_fingerprint
-        ).context
+        _CONTEXTS[key] = load_evaluator_key(settings.workdir, expected_fingerprint=cfg.homomorphic.context_fingerprint)
     return _CONTEXTS[key]
+
+
+def evaluator_context(cfg: RunConfig, settings: NodeSettings) -> Any:
+    return _evaluator_key(cfg, settings).context
 
 
 def signed_global(
@@ -160,9 +165,7 @@ def aggregate(
     size = int(sum(current[k].size for k in keys))
     t0 = time.perf_counter()
     count = int(config["he-contributions"])  # type: ignore[arg-type]
-    enrolled = set(load_evaluator_key(settings.workdir).info.recipients.values()) - {
-        key_fingerprint(own_public_key(settings))
-    }
+    enrolled = set(_evaluator_key(cfg, settings).info.recipients.values()) - {key_fingerprint(own_public_key(settings))}
     updates, signers = [], set()
     for i in range(count):
         key = str(config[f"c{i}-key"]).encode()
