@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from common.errors import FedGuardError
+from fedguard.control_cli import add_commands as add_control_commands
 from fedguard.deploy import add_commands as add_deployment_commands
 from fedguard.deploy import add_signing_args
 from fedguard.evaluate import add_command as add_evaluate_command
@@ -107,7 +108,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo finished in {time.perf_counter() - t0:.0f}s")
         print(f"fairness report: {fair_path}")
         print(f"privacy report: {report}")
+    if args.serve:
+        serve_dashboard(workdir, store_path, args.control_port)
     return 0
+
+
+def serve_dashboard(workdir: Path, store_path: Path, port: int) -> None:
+    """Keep the demo's dashboard up (HTTPS, read-only: the throw-away federation is gone) until Ctrl-C."""
+    import threading
+
+    from common.kit import verify_kit
+    from fedguard.deploy import _wait_for_signal
+    from server.control.serve import ControlServer, self_signed
+    from server.control.service import ControlService, create_app
+    from server.control.users import ControlError
+    from server.superlink import SuperLinkError, local_name
+
+    service = ControlService(workdir, store_path)
+    kit_dir = workdir / "deployment" / "kits" / "server"
+    if kit_dir.is_dir():  # a deployed demo: serve with its server certificate (signed by the demo's CA)
+        kit = verify_kit(kit_dir, None)
+        cert, key, ca = kit.server_cert, kit.server_key, str(kit.ca_cert)
+        whose = "the demo federation's own CA"
+    else:
+        cert, key = self_signed(workdir / "dashboard-tls")
+        ca, whose = str(cert), "a certificate the demo made for itself"
+    try:
+        service.users.revoke("demo-reviewer")  # the previous demo's token stops working
+    except ControlError:
+        pass
+    _, token = service.users.add("demo-reviewer", "reviewer")
+    try:
+        name = local_name(Path(cert), "127.0.0.1")  # a name the certificate carries, for the printed URL
+    except SuperLinkError:
+        name = "127.0.0.1"
+    server = ControlServer(create_app(service), cert, key, host="127.0.0.1", port=port, name=name)  # type: ignore[arg-type]
+    server.start()
+    try:
+        print(f"\ndashboard: {server.url}/  (your browser will warn: {whose}, {ca})")
+        print(f"reviewer token (shown once): {token}")
+        print(f"API: curl --cacert {ca} -H 'Authorization: Bearer <token>' {server.url}/api/runs")
+        print("Ctrl-C stops the dashboard", flush=True)
+        _wait_for_signal(threading.Event())
+    finally:
+        server.stop()
+        print("dashboard stopped")
 
 
 def cmd_run_plan(args: argparse.Namespace) -> int:
@@ -347,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="homomorphic aggregation: clients send CKKS-encrypted updates, the server only sums ciphertexts",
     )
+    d.add_argument(
+        "--serve", action="store_true", help="afterwards keep the dashboard up (HTTPS) and print a reviewer token"
+    )
+    d.add_argument("--control-port", type=int, default=8443, help="with --serve: the dashboard's port (0: any free)")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("simulate", help="run a federation from a config on Flower's simulation engine")
@@ -428,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     lr.set_defaults(func=cmd_ledger_restore)
 
     add_deployment_commands(sub, clsub, runsub)
+    add_control_commands(sub)
 
     add_evaluate_command(sub)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -35,10 +36,16 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     kit = verify_kit(args.kit, args.ca_fingerprint)
     if kit.role != "server":
         raise ConfigError(f"this is a {kit.role} kit, not the server's", where=str(args.kit))
+    signing_key = None
+    if args.run_signing_key:  # fail before anything starts
+        from common.run_signing import load_signing_key
+
+        signing_key = load_signing_key(args.run_signing_key)
     workdir = Path(args.workdir).resolve()
     superlink = SuperLink(workdir, TlsFiles(kit.ca_cert, kit.server_cert, kit.server_key), port=args.port)  # type: ignore[arg-type]
     print(f"starting the SuperLink for federation {kit.federation!r} on 127.0.0.1:{superlink.port} ...", flush=True)
     superlink.start(timeout=args.timeout)
+    control = None
     try:
         for node in kit.nodes:
             node_id = superlink.register_node(node.public_key_file, node.name)
@@ -48,6 +55,9 @@ def cmd_server_start(args: argparse.Namespace) -> int:
                 superlink.unregister_node(_write_pub(workdir, revoked.name, revoked.public_key))
             except FedGuardError:
                 pass  # never registered here
+        control = start_control_service(
+            workdir, kit, superlink, args.control_host, args.control_port, signing_key=signing_key
+        )
         state = {
             "address": superlink.address,
             "port": superlink.port,
@@ -55,14 +65,39 @@ def cmd_server_start(args: argparse.Namespace) -> int:
             "flwr_home": str(superlink.flwr_home),
             "kit": str(Path(args.kit).resolve()),
             "pid": superlink.pid,
+            "control_url": control.url,
         }
         (workdir / _STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        signing = "runs are signed by the service" if signing_key else "runs need a `fedguard run sign` token"
+        print(f"control service (API + dashboard): {control.url} ({signing})", flush=True)
+        print(f"  add people with `fedguard user add NAME --role reviewer|operator|admin --server-workdir {workdir}`")
         print(f"server ready: {superlink.address} (log {superlink.log_path}); Ctrl-C stops it", flush=True)
         _wait_for_signal(threading.Event())
     finally:
+        if control is not None:
+            control.stop()
         superlink.stop()
         print("server stopped")
     return 0
+
+
+def start_control_service(
+    workdir: Path, kit: Any, superlink: Any | None, host: str, port: int, *, signing_key: Any = None
+) -> Any:
+    """The HTTPS API + dashboard in this process, with the server kit's certificate (``server.control``)."""
+    from server.control.federation import SuperLinkFederation
+    from server.control.serve import ControlServer
+    from server.control.service import ControlService, create_app
+    from server.superlink import SuperLinkError, local_name
+
+    store = workdir / "runs.db"
+    federation = SuperLinkFederation(kit, superlink, store) if superlink is not None else None
+    service = ControlService(workdir, store, federation, signing_key)
+    try:
+        name = local_name(kit.server_cert, "127.0.0.1" if host in ("0.0.0.0", "::") else host)
+    except SuperLinkError:
+        name = host
+    return ControlServer(create_app(service), kit.server_cert, kit.server_key, host=host, port=port, name=name).start()
 
 
 def _write_pub(workdir: Path, name: str, line: str) -> Path:
@@ -298,6 +333,21 @@ def add_commands(
     ss.add_argument("--port", type=int, help="HTTPS port on 127.0.0.1 (default: a free port)")
     ss.add_argument("--ca-fingerprint", help="the federation CA's SHA-256 fingerprint, if you have it out of band")
     ss.add_argument("--timeout", type=float, default=90.0)
+    ss.add_argument(
+        "--control-port",
+        type=int,
+        default=int(os.environ.get("FEDGUARD_CONTROL_PORT", "8443")),
+        help="HTTPS port of the control service (API + dashboard); 0: any free port "
+        "(default: $FEDGUARD_CONTROL_PORT, else 8443)",
+    )
+    ss.add_argument(
+        "--control-host", default="127.0.0.1", help="address the control service binds (default: loopback only)"
+    )
+    ss.add_argument(
+        "--run-signing-key",
+        help="<admin>/run-signing.key: let the control service sign runs operators start (else each run needs "
+        "a token from `fedguard run sign`)",
+    )
     ss.set_defaults(func=cmd_server_start)
 
     def node_parser(parent: argparse._SubParsersAction, role: str) -> None:  # type: ignore[type-arg]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from tests.helpers import make_tabular
+
+# `fedguard server start` serves the control service on 8443 by default; test servers run side by
+# side (pytest-xdist), so each takes a free port (inherited by the server processes tests start).
+os.environ.setdefault("FEDGUARD_CONTROL_PORT", "0")
 
 
 @pytest.fixture
