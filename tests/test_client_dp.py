@@ -93,3 +93,23 @@ def test_plan_matches_opacus_sampling_so_epsilon_stays_within_target(n: int, bat
     assert loader.sample_rate == pytest.approx(plan.sample_rate) and 2 * len(loader) == plan.steps_per_round
     eps = epsilon_spent([(plan.noise_multiplier, loader.sample_rate, 3 * 2 * len(loader))], dp.delta)
     assert eps <= dp.target_epsilon
+
+
+def test_remembered_accounting_equals_opacus_exactly() -> None:
+    """The cached RDP curves and σ search give Opacus's own numbers, bit for bit (they are reported as ε)."""
+    import random
+
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from common.privacy import calibrate_sigma, compact
+
+    rng = random.Random(3)
+    for _ in range(10):
+        history = [(rng.uniform(0.6, 3.0), rng.choice([0.01, 0.06, 1.0]), rng.randint(1, 40)) for _ in range(3)]
+        acc = RDPAccountant()
+        acc.history = compact(history)
+        assert epsilon_spent(history, 1e-5) == acc.get_epsilon(delta=1e-5)
+    expected = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.06, steps=34)
+    assert calibrate_sigma(8.0, 1e-5, 0.06, 34, "rdp") == expected
+    assert calibrate_sigma(8.0, 1e-5, 0.06, 34, "rdp") == expected  # remembered
