@@ -14,35 +14,41 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import he_node
 from client.admission import PolicyViolation, check_policy, check_request, record
 from client.ledger import Budget, Ledger, Release
 from client.node import NodeSettings, declared_weight, new_log_id, node_logger, node_settings
-from client.sent_log import log_sent
-from client.training import resolve_grad_sample_mode, train_local
+from client.sent_log import log_sent, log_usage
+from client.training import resolve_grad_sample_mode, run_preflight, train_local
 from common import he
 from common import records as R
 from common.codec import load_numpy_state, numpy_to_record, record_to_numpy, state_to_numpy
 from common.config import RunConfig, config_from_json
 from common.data import Encoded, load_encoded, split_indices
+from common.devices import node_device
 from common.errors import FedGuardError
 from common.evaluation import evaluate_and_audit, predict, provenance
 from common.fairness import group_confusion_counts, noisy_counts
-from common.models import build_model, model_max_len, pick_device
+from common.models import build_model, model_max_len
 from common.optimizers import make_server_optimizer
-from common.policy import Purpose
+from common.policy import Purpose, sends_resource_figures
 from common.privacy import DPPlan, History, epsilon_spent, group_privacy, plan_dp
 from common.reply_signing import sign_reply
+from common.resources import EnergyModel, Meter, message_bytes, wire_figures
 
 app = ClientApp()
 
 _DP_STATE = "fedguard-dp"
+
+#: The meter of the message being handled (started in ``_handle``, read in ``_reply``).
+_METER: ContextVar[Meter | None] = ContextVar("fedguard_meter", default=None)
 
 
 def _earlier_calibration(context: Context) -> tuple[int, float] | None:
@@ -87,7 +93,23 @@ def _round(msg: Message) -> int | None:
 
 
 def _reply(msg: Message, content: RecordDict, settings: NodeSettings | None = None) -> Message:
-    """Check every key against the allow-list, sign, log what leaves, and build the reply."""
+    """Check every key against the allow-list, sign, log what leaves, and build the reply.
+
+    The message's cost is metered up to here: its exact figures go to the node's own
+    ``resources.jsonl``; a training reply carries coarsened ones only if the owner's policy allows.
+    """
+    meter = _METER.get()
+    usage = meter.stop() if meter is not None and settings is not None else None
+    figures: dict[str, float | int] = {}
+    if (
+        usage is not None
+        and msg.metadata.message_type == MessageType.TRAIN
+        and R.METRICS in content
+        and sends_resource_figures(settings.policy if settings else None)
+    ):
+        figures = wire_figures(usage)
+        for key, value in figures.items():
+            content[R.METRICS][key] = value
     R.check_reply_keys({name: list(rec.keys()) for name, rec in content.items()})
     if settings is not None and settings.auth_key is not None:
         sign_reply(content, settings.auth_key.read_bytes(), msg.metadata.run_id, _round(msg), msg.metadata.message_id)
@@ -99,7 +121,19 @@ def _reply(msg: Message, content: RecordDict, settings: NodeSettings | None = No
             reply_to=msg.metadata.message_id,
             content=content,
         )
-    return Message(content, reply_to=msg)
+    reply = Message(content, reply_to=msg)
+    if usage is not None and settings is not None:
+        usage.bytes_received, usage.bytes_sent = message_bytes(msg), message_bytes(reply)
+        log_usage(
+            settings.workdir,
+            run_id=_run_key(msg),
+            round_=_round(msg),
+            purpose=msg.metadata.message_type,
+            reply_to=msg.metadata.message_id,
+            usage=usage.to_dict(),
+            sent=figures,
+        )
+    return reply
 
 
 def refusal(
@@ -142,11 +176,26 @@ def _unit_values(settings: NodeSettings, eps_total: float) -> dict[str, float | 
     return {R.UNIT_CAP: k, R.UNIT_EPSILON: eps_unit, R.UNIT_DELTA: delta_unit}
 
 
+class RoundClosed(FedGuardError):
+    """The server stopped waiting for this round (the message outlived its TTL): training it would
+    spend privacy budget on an update nobody aggregates."""
+
+    code = "round-closed"
+
+
+def _check_round_open(msg: Message) -> None:
+    meta = msg.metadata
+    if meta.created_at and meta.ttl and time.time() > meta.created_at + meta.ttl:
+        late = time.time() - meta.created_at - meta.ttl
+        raise RoundClosed(f"the round closed {late:.0f}s before this node got to it; nothing trained or spent")
+
+
 def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
     log = node_logger(settings.workdir)
     round_ = int(msg.content[R.CONFIG][R.ROUND])
+    _check_round_open(msg)
     torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
+    device = node_device(context.node_config, cfg.train.device)  # the owner's --device wins
     model = build_model(cfg.model.name, settings.schema, cfg.model.params)
     homomorphic = cfg.secure_aggregation == "homomorphic"
     if homomorphic:  # decrypt only what the pinned evaluator signed, with the context the admin approved
@@ -156,6 +205,9 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     else:
         global_state = record_to_numpy(msg.content[R.ARRAYS])
     load_numpy_state(model, global_state)
+    # Pretrained models: one DP step on made-up text proves per-sample gradients are right before
+    # any record is read or any budget reserved (client.preflight).
+    run_preflight(model, cfg, resolve_grad_sample_mode(cfg), device)
     train = _training_split(settings, cfg)
 
     plan: DPPlan | None = None
@@ -213,6 +265,9 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
         if ledger is not None:
             ledger.close()
     metrics[R.STEPS] = result.steps
+    meter = _METER.get()
+    if meter is not None:  # each epoch visits the split once (DP: Poisson sampling, in expectation)
+        meter.examples = cfg.train.local_epochs * len(train)
     log.info(
         "round %d: trained %d steps in %.1fs on %d records (dataset %s)",
         round_,
@@ -273,12 +328,23 @@ def _handle(msg: Message, context: Context, work: Work, purpose: Purpose | None)
     Admission (signed run, owner's policy) comes before any data is read; every decision lands in
     the node's request log.
     """
-    log_id = new_log_id()
+    meter = Meter()  # the message's cost: time, CPU, memory, energy (common.resources)
+    token = _METER.set(meter)
+    try:
+        return _admit_and_work(msg, context, work, purpose, new_log_id(), meter)
+    finally:
+        _METER.reset(token)
+
+
+def _admit_and_work(
+    msg: Message, context: Context, work: Work, purpose: Purpose | None, log_id: str, meter: Meter
+) -> Message:
     settings: NodeSettings | None = None
     what = purpose or "role"
     try:
         cfg = config_from_json(str(msg.content[R.CONFIG][R.RUN_CONFIG]))
         settings = _settings(msg, context, cfg)
+        meter.model = EnergyModel.from_config(dict(context.node_config))
         check_request(msg, cfg, settings)
         if purpose is not None:
             check_policy(cfg, settings, purpose)  # rules that need no data; σ and ε follow the plan

@@ -4,9 +4,10 @@ In deployment the owner sets these in the SuperNode's node config (``data-path``
 ``schema-path``, ``workdir``, ``declared-size``; for the privacy ledger ``dataset-id``,
 ``ledger-path``, ``budget-epsilon``, ``budget-delta``; ``auth-key-path`` to sign replies;
 ``run-signing-pub-path``, the kit's pinned key that every run must be signed with;
-``policy-path``, the owner's ``policy.toml`` or ``default`` for the built-in safe policy); in
-simulation Flower injects ``partition-id`` and the node reads its partition file from the
-simulation folder.
+``policy-path``, the owner's ``policy.toml`` or ``default`` for the built-in safe policy; for the
+cost accounting ``watts-per-core``, ``gpu-watts`` and ``carbon-intensity`` in gCO2e/kWh of the
+node's grid, see ``common.resources``); in simulation Flower injects ``partition-id`` and the node
+reads its partition file from the simulation folder.
 """
 
 from __future__ import annotations

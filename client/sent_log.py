@@ -2,7 +2,9 @@
 
 Owners and auditors read it to see exactly what left the node: run, round, record names, each
 key's privacy class, tensor shapes, dtypes and byte counts, and the ε attached. Values of
-tensors are never logged; scalar metrics are (they left the node anyway).
+tensors are never logged; scalar metrics are (they left the node anyway). The exact cost of each
+handled message (time, memory, energy, bytes) goes to ``workdir/resources.jsonl``, which never
+leaves the node; only coarsened figures the owner allows are sent.
 """
 
 from __future__ import annotations
@@ -61,6 +63,43 @@ def log_sent(workdir: Path, *, run_id: str, round_: int | None, reply_to: str, c
 
 def read_sent(workdir: Path) -> list[dict[str, Any]]:
     path = workdir / "sent.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def log_usage(
+    workdir: Path,
+    *,
+    run_id: str,
+    round_: int | None,
+    purpose: str,
+    reply_to: str,
+    usage: dict[str, Any],
+    sent: dict[str, float],
+) -> None:
+    """Append the exact cost of one handled message to ``workdir/resources.jsonl`` (never sent).
+
+    ``usage``: common.resources.Usage as a dict (time, CPU, memory, energy and its label, emissions,
+    bytes received and sent); ``sent``: the coarsened figures that left with the reply ({} if none).
+    """
+    line = {
+        "time": time.time(),
+        "run": run_id,
+        "round": round_,
+        "purpose": purpose,
+        "reply_to": reply_to,
+        "usage": usage,
+        "sent": sent,
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "resources.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+
+
+def read_usage(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / "resources.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

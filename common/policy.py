@@ -89,6 +89,15 @@ class NodePolicy(BaseModel):
         raise ValueError(f"unknown node role {role!r}: expected 'client' or 'evaluator'")
 
 
+def sends_resource_figures(policy: NodePolicy | None) -> bool:
+    """Whether coarsened resource figures (time, memory, examples, energy) may leave with a training reply.
+
+    They track the dataset's size, so a node's policy must allow ``"resource-figures"``; the built-in
+    default does not. Without a policy (simulation: every node in one trust domain) they are sent.
+    """
+    return policy is None or "resource-figures" in policy.allow_values
+
+
 def load_policy(path: str | Path) -> NodePolicy:
     """Read and validate a ``policy.toml``; every problem is a ``PolicyError`` naming the file and field."""
     p = Path(path)
@@ -232,7 +241,9 @@ max_local_epochs = 10
 # Refuse runs that do not use homomorphic secure aggregation.
 require_homomorphic = false
 
-# Non-private values that may leave: "evaluation-metrics", "resource-figures".
+# Non-private values that may leave: "evaluation-metrics", "resource-figures" (a training round's time,
+# memory, examples processed and energy, rounded up to 2 significant digits; exact figures stay in the
+# node's resources.jsonl).
 allow_values = []
 
 # Sensitive columns that (noisy) federated fairness counts may use.

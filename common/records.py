@@ -2,8 +2,9 @@
 
 Every key a node may put in a reply is listed here with its privacy class (DESIGN §4):
 ``dp`` values are outputs of a mechanism charged to the node's budget, ``public`` values the
-owner declares, ``accounting`` values describe the DP mechanism itself. Anything else is
-blocked on the node before it is sent.
+owner declares, ``accounting`` values describe the DP mechanism itself, ``resource`` values are
+coarsened compute/energy figures the owner's policy lets leave. Anything else is blocked on the
+node before it is sent.
 """
 
 from __future__ import annotations
@@ -50,6 +51,30 @@ BUDGET_DELTA = "budget-delta"
 UNIT_CAP = "unit-cap"  # records kept per privacy unit (schema privacy_unit)
 UNIT_EPSILON = "unit-epsilon"  # group-privacy ε for one unit, from epsilon-total
 UNIT_DELTA = "unit-delta"
+# Resource figures of a training round (common.resources), coarsened to 2 significant digits (rounded
+# up) and sent only when the owner's policy allows "resource-figures": they track the dataset's size.
+WALL_SECONDS = "wall-seconds"
+CPU_SECONDS = "cpu-seconds"
+PEAK_RAM_MB = "peak-ram-mb"
+GPU_SECONDS = "gpu-seconds"
+GPU_PEAK_MB = "gpu-peak-mb"
+EXAMPLES_PROCESSED = "examples-processed"
+ENERGY_WH = "energy-wh"
+ENERGY_MEASURED = "energy-measured"  # 1: read from RAPL/NVML; 0: estimated (CPU time × W per core)
+EMISSIONS_G = "emissions-g"  # gCO2e = energy × the node's declared grid carbon intensity
+CARBON_INTENSITY = "carbon-intensity"  # gCO2e/kWh the owner declared for the node's grid
+RESOURCE_KEYS = (
+    WALL_SECONDS,
+    CPU_SECONDS,
+    PEAK_RAM_MB,
+    GPU_SECONDS,
+    GPU_PEAK_MB,
+    EXAMPLES_PROCESSED,
+    ENERGY_WH,
+    ENERGY_MEASURED,
+    EMISSIONS_G,
+    CARBON_INTENSITY,
+)
 
 # Keys of the PLAN record (answers to the "plan" query; no exact sizes).
 PLAN_EPSILON_ROUND = "epsilon-round"  # ε of one round's release alone
@@ -83,7 +108,7 @@ REFUSAL_CODE = "code"
 REFUSAL_LOG_ID = "log-id"
 REFUSAL_RULE = "rule"  # the node policy rule a run broke (a policy field name)
 
-PrivacyClass = Literal["dp", "public", "accounting", "evaluation"]
+PrivacyClass = Literal["dp", "public", "accounting", "evaluation", "resource"]
 
 #: How reports name each class (DESIGN §4).
 CLASS_LABELS: dict[str, str] = {
@@ -91,7 +116,10 @@ CLASS_LABELS: dict[str, str] = {
     "public": "declared public",
     "accounting": "DP accounting",
     "evaluation": "central evaluation (the evaluator's held-out set, small groups suppressed)",
+    "resource": "resource figures (owner-approved, rounded up to 2 significant digits)",
 }
+
+_RESOURCE_CLASSES: dict[str, PrivacyClass] = dict.fromkeys(RESOURCE_KEYS, "resource")
 
 #: record name → key → class. ``*`` under ARRAYS: every model tensor is DP-protected.
 REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
@@ -110,6 +138,7 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         UNIT_CAP: "public",
         UNIT_EPSILON: "accounting",
         UNIT_DELTA: "accounting",
+        **_RESOURCE_CLASSES,
     },
     PLAN: {
         NOISE_MULTIPLIER: "accounting",

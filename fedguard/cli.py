@@ -57,7 +57,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     workdir = Path(args.workdir or Path(args.config).with_suffix("").name + "-sim")
     t0 = time.perf_counter()
-    result = simulate(cfg, workdir, Path(args.store) if args.store else None)
+    result = simulate(cfg, workdir, Path(args.store) if args.store else None, ray_address=args.ray_address)
     _print_summary(result.store_path, result.run_id, args.json)
     if not args.json:
         print(f"wall time {time.perf_counter() - t0:.0f}s")
@@ -70,12 +70,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     workdir = Path(args.workdir).resolve()
     t0 = time.perf_counter()
-    data = write_demo_data(workdir)
-    print(f"FedGuard demo: income above the median from the General Social Survey (gss_wages) → {data}")
-    cfg = demo_config(data, rounds=args.rounds, clients=args.clients, epsilon=args.epsilon)
+    data = write_demo_data(workdir, model=args.model)
+    if args.model == "minilm-lora":
+        print(f"FedGuard demo: tweet source (Android or iPhone) with pretrained MiniLM + LoRA under DP → {data}")
+    else:
+        print(f"FedGuard demo: income above the median from the General Social Survey (gss_wages) → {data}")
+    cfg = demo_config(data, rounds=args.rounds, clients=args.clients, epsilon=args.epsilon, model=args.model)
+    sensitive = cfg.data.schema_.sensitive
     print(
         f"{cfg.simulation.num_clients} clients × {cfg.rounds} rounds, DP-SGD target ε={cfg.dp.target_epsilon}, "
-        f"δ={cfg.dp.delta:g}; sensitive attributes {cfg.data.schema_.sensitive} are never model inputs"
+        f"δ={cfg.dp.delta:g}" + (f"; sensitive attributes {sensitive} are never model inputs" if sensitive else "")
     )
     if args.simulate and args.he:
         raise FedGuardError(
@@ -99,15 +103,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fairness = fairness_report.fairness_report_from_store(store_path, run_id)
     fair_path = workdir / f"fairness-report-run-{run_id}.html"
     fair_path.write_text(fairness_report.render(fairness, "html"), encoding="utf-8")
+    from server import cost_report
+
+    cost_path = workdir / f"cost-report-run-{run_id}.html"
+    costs = cost_report.build_cost_report(store_path, run_id)
+    cost_path.write_text(cost_report.render(costs, "html"), encoding="utf-8")
     if not args.json:
         last = max((r.round for r in fairness.rounds), default=0)
         current = [f for f in fairness.findings if f.last_seen_round == last]
         print(f"fairness findings for the final model ({len(current)}; full history in the report):")
         for f in current:
             print(f"  [{f.severity}]{' (federated view)' if f.view == 'federated' else ''} {f.message}")
+        for line in cost_report.summary_lines(store_path, run_id):
+            print(line)
         print(f"demo finished in {time.perf_counter() - t0:.0f}s")
         print(f"fairness report: {fair_path}")
         print(f"privacy report: {report}")
+        print(f"cost report: {cost_path}")
     if args.serve:
         serve_dashboard(workdir, store_path, args.control_port)
     return 0
@@ -333,6 +345,13 @@ def cmd_report_fairness(args: argparse.Namespace) -> int:
     return _emit(text, args.out, "fairness report")
 
 
+def cmd_report_cost(args: argparse.Namespace) -> int:
+    from server.cost_report import build_cost_report, render
+
+    report = build_cost_report(_existing_store(args.store), args.run_id)
+    return _emit(render(report, args.format), args.out, "cost report")
+
+
 def _existing_store(path: str) -> Path:
     p = Path(path)
     if not p.exists():
@@ -379,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run a complete DP federation offline on real data")
     d.add_argument("--workdir", default="fedguard-demo", help="where data, partitions and the run store go")
     d.add_argument("--rounds", type=int, default=3)
+    d.add_argument(
+        "--model",
+        default="ft-transformer",
+        help="ft-transformer: income from survey data (default); minilm-lora: pretrained MiniLM + LoRA on tweets",
+    )
     d.add_argument("--clients", type=int, default=3)
     d.add_argument("--epsilon", type=float, default=8.0, help="target ε per client for the whole run")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -402,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="run config TOML")
     s.add_argument("--workdir", help="where partitions and node caches go (default: <config>-sim)")
     s.add_argument("--store", help="run store path (default: <workdir>/runs.db)")
+    s.add_argument(
+        "--ray-address",
+        help="attach to a running Ray cluster (auto, or HEAD:6379) instead of a private local one; "
+        "see deploy/ray/README.md",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_simulate)
 
@@ -483,18 +512,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="reports for reviewers")
     repsub = rep.add_subparsers(dest="report_command", required=True)
-    rpv = repsub.add_parser("privacy", help="the privacy report of a run")
-    rpv.add_argument("run_id", type=int)
-    rpv.add_argument("--store", default="fedguard-demo/runs.db")
-    rpv.add_argument("--format", choices=["html", "json", "md"], default="html")
-    rpv.add_argument("--out", help="write to this file (default: stdout)")
-    rpv.set_defaults(func=cmd_report_privacy)
-    rfv = repsub.add_parser("fairness", help="the fairness report of a run (per-group metrics, findings)")
-    rfv.add_argument("run_id", type=int)
-    rfv.add_argument("--store", default="fedguard-demo/runs.db")
-    rfv.add_argument("--format", choices=["html", "json", "md"], default="html")
-    rfv.add_argument("--out", help="write to this file (default: stdout)")
-    rfv.set_defaults(func=cmd_report_fairness)
+    for name, text, func in (
+        ("privacy", "the privacy report of a run", cmd_report_privacy),
+        ("fairness", "the fairness report of a run (per-group metrics, findings)", cmd_report_fairness),
+        ("cost", "the cost report of a run (time, bytes, energy, emissions per round and node)", cmd_report_cost),
+    ):
+        rep = repsub.add_parser(name, help=text)
+        rep.add_argument("run_id", type=int)
+        rep.add_argument("--store", default="fedguard-demo/runs.db")
+        rep.add_argument("--format", choices=["html", "json", "md"], default="html")
+        rep.add_argument("--out", help="write to this file (default: stdout)")
+        rep.set_defaults(func=func)
     return p
 
 

@@ -141,9 +141,20 @@ def cmd_node_start(args: argparse.Namespace, role: str) -> int:
         ("budget_epsilon", "budget-epsilon"),
         ("budget_delta", "budget-delta"),
         ("declared_size", "declared-size"),
+        ("device", "device"),
+        ("watts_per_core", "watts-per-core"),
+        ("gpu_watts", "gpu-watts"),
+        ("carbon_intensity", "carbon-intensity"),
     ):
         if getattr(args, flag, None) is not None:
             node_config[key_name] = getattr(args, flag)
+    # Owner settings fail here, before joining, rather than on the first message.
+    from common.devices import resolve_device
+    from common.resources import EnergyModel
+
+    if args.device:
+        resolve_device(args.device, where="--device")
+    EnergyModel.from_config(node_config, where="client start")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "node-start.json").write_text(json.dumps({"role": role, "policy": node_config["policy-path"]}))
     node = SuperNode(
@@ -367,6 +378,10 @@ def add_commands(
             p.add_argument("--budget-epsilon", type=float)
             p.add_argument("--budget-delta", type=float)
             p.add_argument("--declared-size", type=int, help="public size used as the FedAvg weight")
+        p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda or cuda:N: this node's GPU")
+        p.add_argument("--watts-per-core", type=float, help="energy model: watts per busy CPU core (default 10)")
+        p.add_argument("--gpu-watts", type=float, help="energy model: watts per busy GPU (default 250)")
+        p.add_argument("--carbon-intensity", type=float, help="your grid's gCO2e per kWh (default 475)")
         p.set_defaults(func=lambda a: cmd_node_start(a, role))
 
     node_parser(client_sub, "client")

@@ -2,7 +2,9 @@
 
 Only values that may leave a node are stored per node (DESIGN §4): its status, the declared
 public weight, the ε its accountant reported, the DP parameters it used, and the list of every
-record key it sent (so reports can show each value's privacy class).
+record key it sent (so reports can show each value's privacy class). The server's own figures
+are stored exactly: per round its time, aggregation time and energy (``round_costs``), per node
+and round the bytes it sent to and received from the node (``node_traffic``).
 """
 
 from __future__ import annotations
@@ -92,6 +94,26 @@ CREATE TABLE IF NOT EXISTS count_releases (
     received_json TEXT,
     PRIMARY KEY (run_id, round, node_id)
 );
+CREATE TABLE IF NOT EXISTS round_costs (
+    run_id      INTEGER NOT NULL REFERENCES runs(run_id),
+    round       INTEGER NOT NULL,         -- 0: setup (role discovery, scoring the initial model)
+    wall_seconds REAL,                    -- the server's time for the round, retries and scoring included
+    aggregation_seconds REAL,             -- validating and aggregating replies, stepping the model
+    bytes_sent  INTEGER NOT NULL DEFAULT 0,     -- to every node, Flower wire format (common.resources)
+    bytes_received INTEGER NOT NULL DEFAULT 0,
+    server_json TEXT,                     -- the server's own usage (CPU, memory, energy and its label)
+    PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS node_traffic (
+    run_id      INTEGER NOT NULL REFERENCES runs(run_id),
+    round       INTEGER NOT NULL,
+    node_id     TEXT NOT NULL,
+    role        TEXT,                     -- client | evaluator (as the server learnt it)
+    bytes_sent  INTEGER NOT NULL DEFAULT 0,     -- server → node
+    bytes_received INTEGER NOT NULL DEFAULT 0,  -- node → server
+    messages    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, round, node_id)
+);
 """
 
 
@@ -117,7 +139,11 @@ class RunStore:
         self._db.row_factory = sqlite3.Row
 
     def _migrate(self) -> None:
-        """Add columns that newer versions introduced to a store an older FedGuard created."""
+        """Add columns that newer versions introduced to a store an older FedGuard created.
+
+        New tables (``round_costs``, ``node_traffic``) need no step here: ``SCHEMA`` creates them
+        when an older store is opened.
+        """
         for table, column in (
             ("runs", "meta_json"),
             ("runs", "resumed_from"),
@@ -275,6 +301,52 @@ class RunStore:
                     ),
                 )
 
+    def record_costs(
+        self,
+        run_id: int,
+        round_: int,
+        traffic: dict[int, dict[str, int]],
+        roles: dict[int, str],
+        *,
+        server: dict[str, Any] | None = None,
+        wall_seconds: float | None = None,
+        aggregation_seconds: float | None = None,
+    ) -> None:
+        """Add a round's traffic (node → sent/received/messages) and the server's usage, in one transaction.
+
+        Bytes accumulate, so traffic after a round (e.g. the fairness counts after the last one) can
+        be added to it later; time and the server's usage are replaced when given.
+        """
+        sent = sum(t["sent"] for t in traffic.values())
+        received = sum(t["received"] for t in traffic.values())
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO round_costs(run_id, round, wall_seconds, aggregation_seconds, bytes_sent, bytes_received,"
+                " server_json) VALUES (?,?,?,?,?,?,?) ON CONFLICT(run_id, round) DO UPDATE SET"
+                " bytes_sent = bytes_sent + excluded.bytes_sent,"
+                " bytes_received = bytes_received + excluded.bytes_received,"
+                " wall_seconds = COALESCE(excluded.wall_seconds, wall_seconds),"
+                " aggregation_seconds = COALESCE(excluded.aggregation_seconds, aggregation_seconds),"
+                " server_json = COALESCE(excluded.server_json, server_json)",
+                (
+                    run_id,
+                    round_,
+                    wall_seconds,
+                    aggregation_seconds,
+                    sent,
+                    received,
+                    json.dumps(server) if server is not None else None,
+                ),
+            )
+            for node, t in traffic.items():
+                db.execute(
+                    "INSERT INTO node_traffic VALUES (?,?,?,?,?,?,?) ON CONFLICT(run_id, round, node_id) DO UPDATE SET"
+                    " bytes_sent = bytes_sent + excluded.bytes_sent,"
+                    " bytes_received = bytes_received + excluded.bytes_received,"
+                    " messages = messages + excluded.messages, role = COALESCE(excluded.role, role)",
+                    (run_id, round_, str(node), roles.get(node), t["sent"], t["received"], t["messages"]),
+                )
+
     # -- reads ----------------------------------------------------------------
     def run(self, run_id: int) -> dict[str, Any]:
         row = self._db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
@@ -348,3 +420,17 @@ class RunStore:
             int(r["round"]): json.loads(r["metrics_json"])
             for r in self._db.execute("SELECT * FROM evaluations WHERE run_id=? ORDER BY round", (run_id,))
         }
+
+    def round_costs(self, run_id: int) -> list[dict[str, Any]]:
+        """The server's own figures per round (round 0: setup), oldest first."""
+        rows = [dict(r) for r in self._db.execute("SELECT * FROM round_costs WHERE run_id=? ORDER BY round", (run_id,))]
+        for r in rows:
+            r["server"] = json.loads(r.pop("server_json") or "{}")
+        return rows
+
+    def node_traffic(self, run_id: int) -> list[dict[str, Any]]:
+        """Bytes the server sent to and received from each node, per round."""
+        rows = [dict(r) for r in self._db.execute("SELECT * FROM node_traffic WHERE run_id=?", (run_id,))]
+        for r in rows:
+            r["node_id"] = int(r["node_id"])
+        return sorted(rows, key=lambda r: (r["round"], r["node_id"]))
