@@ -65,17 +65,20 @@ def simulate(
     progress: Progress = print,
     client_app: ClientApp | None = None,
     resume: Checkpoint | None = None,
+    ray_address: str | None = None,
 ) -> RunResult:
     """Run the whole federation in simulation; ``client_app`` overrides FedGuard's (tests only).
 
     With ``resume`` the run continues after the checkpoint's round, on the same partitions.
+    ``ray_address`` attaches to an existing Ray cluster (``auto`` or ``HOST:PORT``) instead of
+    starting a local one (see ``deploy/ray/README.md``).
     """
     workdir = workdir.resolve()
     run_cfg = cfg if resume is not None else prepare_partitions(cfg, workdir, progress)
     store_path = (store_path or workdir / "runs.db").resolve()
     results: list[RunResult] = []
     server_app = make_server_app(run_cfg, store_path, str(workdir / "partitions"), results.append, resume)
-    run_on_simulation(run_cfg, server_app, client_app)
+    run_on_simulation(run_cfg, server_app, client_app, ray_address)
     if not results:
         raise RuntimeError("the simulation ended without a result; see the log above")
     return results[0]
@@ -101,8 +104,15 @@ def has_evaluator(cfg: RunConfig) -> bool:
     return cfg.simulation.evaluator and cfg.data.evaluation_path is not None
 
 
-def run_on_simulation(run_cfg: RunConfig, server_app: ServerApp, client_app: ClientApp | None = None) -> None:
-    """Flower's simulation engine, offline and quiet: no telemetry, update checks or Ray dashboard."""
+def run_on_simulation(
+    run_cfg: RunConfig, server_app: ServerApp, client_app: ClientApp | None = None, ray_address: str | None = None
+) -> None:
+    """Flower's simulation engine, offline and quiet: no telemetry, update checks or Ray dashboard.
+
+    Flower's Ray backend runs one actor per ``simulation.client_cpus`` CPUs and feeds it virtual
+    nodes; only sampled nodes do work, so a round costs time in the nodes sampled, not in
+    ``num_clients``. On an existing cluster the actors spread over its hosts.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -118,13 +128,46 @@ def run_on_simulation(run_cfg: RunConfig, server_app: ServerApp, client_app: Cli
     if client_app is None:
         from client.app import app as client_app
 
-    cpus = os.cpu_count() or 1
+    if ray_address:
+        init_args: dict[str, object] = {"address": _check_ray_address(ray_address)}
+    else:
+        # "local": a new Ray instance even when a cluster runs on this host (Ray would attach to it).
+        init_args = {"address": "local", "num_cpus": os.cpu_count() or 1}
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=run_cfg.simulation.num_clients + int(has_evaluator(run_cfg)),
         backend_config={
             "client_resources": {"num_cpus": run_cfg.simulation.client_cpus, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
+            "init_args": {**init_args, "include_dashboard": False, "logging_level": logging.ERROR},
         },
     )
+
+
+def _check_ray_address(address: str) -> str:
+    """Fail fast when the cluster cannot be reached: Ray itself retries for minutes."""
+    import socket
+
+    problem = None
+    if address == "auto":
+        import ray
+
+        try:
+            ray.init(address="auto", include_dashboard=False, logging_level=logging.ERROR)
+            ray.shutdown()  # reachable: Flower's backend attaches again with its own runtime environment
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            problem = str(exc)
+    else:
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except (OSError, ValueError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        raise ConfigError(
+            f"cannot attach to the Ray cluster at {address!r}: {problem}",
+            where="--ray-address",
+            fix="start the cluster first (`ray start --head` on the head host, `ray start --address HEAD:6379` on "
+            "the others); pass `auto` on a cluster host, or HEAD:6379",
+        )
+    return address

@@ -13,10 +13,12 @@ import math
 import platform
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -31,11 +33,12 @@ from common.models import build_model, describe_model
 from common.optimizers import make_server_optimizer
 from common.privacy import epsilon_spent
 from common.reply_signing import key_fingerprint
+from common.resources import EnergyModel, Meter
 from server import federated_fairness
 from server.aggregation import CentralDPMean, CoordinateRobust, WeightedMean
 from server.checkpoint import Checkpoint, checkpoint_dir, latest_good
 from server.checkpoint import save as save_checkpoint
-from server.grid_io import Progress, collect_replies, discover_roles, registered_keys, wait_for_nodes
+from server.grid_io import MeteredGrid, Progress, collect_replies, discover_roles, registered_keys, wait_for_nodes
 from server.homomorphic import EvaluatorFailed, HomomorphicRounds, record_score
 from server.scoring import Scorer
 from server.store import RunStore
@@ -109,6 +112,7 @@ def run_federation(
     resume: Checkpoint | None = None,
     evaluator_key: str = "",
     run_signature: str = "",
+    energy: EnergyModel | None = None,
 ) -> RunResult:
     """Run ``cfg.rounds`` rounds of DP federated training; one bad reply never ends the run.
 
@@ -117,6 +121,8 @@ def run_federation(
     is trusted as the evaluator only if its registered key has the fingerprint ``evaluator_key``
     (the server kit's evaluator); any other node claiming that role is treated as a client.
     ``run_signature`` is the admin's token approving this config; nodes refuse runs without one.
+    Every round's cost (the server's time, aggregation time and energy under ``energy``, and the
+    bytes of every message to and from each node) is recorded in the run store.
     """
     torch.manual_seed(cfg.seed)
     schema = cfg.data.schema_
@@ -141,6 +147,25 @@ def run_federation(
         resumed_from=resume.run_id if resume else None,
     )
     ckpt_dir = checkpoint_dir(store_path, run_id)
+    metered = MeteredGrid(grid)
+    grid = cast(Grid, metered)
+    meter = Meter(energy)
+    roles: dict[int, str] = {}
+
+    def record_costs(rnd: int, aggregation_seconds: float | None) -> None:
+        """The round's traffic and the server's usage since the last call (round 0: setup)."""
+        usage = meter.stop()
+        store.record_costs(
+            run_id,
+            rnd,
+            metered.take(),
+            roles,
+            server=usage.to_dict(),
+            wall_seconds=usage.wall_seconds,
+            aggregation_seconds=aggregation_seconds,
+        )
+        meter.restart()
+
     progress(f"run {run_id} recorded in {store_path}" + (f" (resumes run {resume.run_id})" if resume else ""))
     rng = np.random.default_rng(cfg.seed)
     central_releases = 0
@@ -204,7 +229,9 @@ def run_federation(
             metrics = first.metrics
         elif resume is None:
             score(0)
+        record_costs(0, None)
         for rnd in range(first_round, cfg.rounds + 1):
+            agg_seconds = 0.0
             for attempt in range(1, cfg.server.round_retries + 2):
                 started = time.time()
                 node_keys = registered_keys(grid) if signed else None
@@ -225,6 +252,9 @@ def run_federation(
                             dst_node_id=node,
                             message_type=MessageType.TRAIN,
                             group_id=str(rnd),
+                            # The round closes after round_timeout: a node that gets the message
+                            # later (a cut link, a backlog) refuses it instead of spending budget.
+                            ttl=cfg.server.round_timeout,
                         )
                         for node in sampled
                     ]
@@ -232,28 +262,36 @@ def run_federation(
                     f"round {rnd}/{cfg.rounds}: training on {len(sampled)} node(s)"
                     + (f" (attempt {attempt})" if attempt > 1 else "")
                 )
-                replies, silent, unreachable = collect_replies(
-                    grid, messages, cfg.server.round_timeout, cfg.server.poll_interval
-                )
                 needed = _needed(cfg, len(sampled))
                 round_meta: dict[str, object] = {"attempt": attempt, "needed": needed}
                 discarded = False
                 if he_rounds is not None:
-                    t_sum = time.perf_counter()
+                    replies, silent, unreachable = collect_replies(
+                        grid, messages, cfg.server.round_timeout, cfg.server.poll_interval
+                    )
+                    t_agg = time.perf_counter()
                     outcomes, total, accepted = he_rounds.add_replies(replies, node_keys or {}, rnd)
-                    count, sum_seconds = len(accepted), time.perf_counter() - t_sum
+                    count, sum_seconds = len(accepted), time.perf_counter() - t_agg
+                    agg_seconds += sum_seconds
                 else:
-                    outcomes = [_classify(r, global_state, cfg, node_keys, flower_run_id, rnd) for r in replies]
-                    agg = _aggregator(cfg, global_state)
-                    for o in outcomes:
-                        if o.status == "accepted" and o.state is not None:
-                            agg.add(o.state, o.weight or 0.0)
-                            o.state = None  # free the update as soon as it is summed
+                    # Streaming: each reply is validated and summed as it arrives, then dropped, so
+                    # server memory does not grow with the number of clients in a round.
+                    intake = _Intake(
+                        _aggregator(cfg, global_state),
+                        partial(_classify, reference=global_state, cfg=cfg, node_keys=node_keys,
+                                flower_run_id=flower_run_id, rnd=rnd),
+                    )  # fmt: skip
+                    _, silent, unreachable = collect_replies(
+                        grid, messages, cfg.server.round_timeout, cfg.server.poll_interval, on_reply=intake
+                    )
+                    agg, outcomes = intake.agg, intake.outcomes
+                    agg_seconds += intake.seconds
                     count = agg.count
                 outcomes += [Outcome(n, "dropped", f"no reply within {cfg.server.round_timeout:g}s") for n in silent]
                 outcomes += [Outcome(n, "failed", "the message could not be delivered") for n in unreachable]
                 outcomes += skipped
                 aggregated = count >= needed
+                t_agg = time.perf_counter()
                 if aggregated and he_rounds is not None:
                     round_meta |= he_rounds.round_meta(outcomes)
                     try:
@@ -275,6 +313,7 @@ def run_federation(
                             "epsilon": _central_dp_epsilon(cfg, central_releases),
                             "delta": cfg.central_dp.delta,
                         }
+                agg_seconds += time.perf_counter() - t_agg
                 store.record_round(run_id, rnd, started, [o.row() for o in outcomes], aggregated, round_meta)
                 progress(_round_line(rnd, needed, outcomes, aggregated, time.time() - started))
                 if aggregated or discarded:
@@ -291,6 +330,7 @@ def run_federation(
                     record_score(store, run_id, rnd, he_score)
                     metrics = he_score.metrics
                     progress(f"  round {rnd} held-out accuracy {metrics['accuracy']:.3f} (evaluator, decrypted there)")
+                record_costs(rnd, agg_seconds)
                 continue  # the server holds no plaintext model: nothing to checkpoint or score here
             save_checkpoint(
                 ckpt_dir,
@@ -304,6 +344,7 @@ def run_federation(
                 ),
             )
             score(rnd)
+            record_costs(rnd, agg_seconds)
         if cfg.wants_federated_counts:
             clients = [n for n in sorted(int(n) for n in grid.get_node_ids()) if roles.get(n) == "client"]
             progress(f"federated fairness: asking {len(clients)} client(s) for noised per-group counts")
@@ -318,6 +359,7 @@ def run_federation(
                 [o.row() for o in view.outcomes],
             )
             progress(_federated_line(view))
+            store.record_costs(run_id, cfg.rounds, metered.take(), roles)  # the counts' bytes join the last round
         store.finish_run(run_id, "finished")
     except BaseException as exc:
         store.finish_run(run_id, "failed", str(exc) if isinstance(exc, FedGuardError) else type(exc).__name__)
@@ -362,15 +404,48 @@ def _federated_line(view: federated_fairness.FederatedView) -> str:
     return "\n".join(lines)
 
 
+#: Above this many nodes a round's progress line summarizes (ε range, counts per reason).
+_LIST_NODES = 10
+
+
+@dataclass
+class _Intake:
+    """Validates each reply and adds an accepted update to the running sum as it arrives, then drops
+    it: a round's server memory does not grow with its number of clients (streaming FedAvg)."""
+
+    agg: Aggregator
+    classify: Callable[[Message], Outcome]
+    outcomes: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __call__(self, reply: Message) -> None:
+        t0 = time.perf_counter()
+        o = self.classify(reply)
+        if o.status == "accepted" and o.state is not None:
+            self.agg.add(o.state, o.weight or 0.0)
+            o.state = None
+        self.outcomes.append(o)
+        self.seconds += time.perf_counter() - t0
+
+
 def _round_line(rnd: int, needed: int, outcomes: list[Outcome], aggregated: bool, secs: float) -> str:
     acc = [o for o in outcomes if o.status == "accepted"]
-    eps = ", ".join(f"node {o.node_id}: ε={o.values[R.EPSILON]:.2f}" for o in acc if R.EPSILON in o.values)
+    eps_values = [o.values[R.EPSILON] for o in acc if R.EPSILON in o.values]
+    if len(eps_values) > _LIST_NODES:
+        eps = f"ε {min(eps_values):.2f}–{max(eps_values):.2f} over {len(eps_values)} nodes"
+    else:
+        eps = ", ".join(f"node {o.node_id}: ε={o.values[R.EPSILON]:.2f}" for o in acc if R.EPSILON in o.values)
     lines = [
         f"  round {rnd}: {len(acc)}/{len(outcomes)} accepted in {secs:.1f}s"
         + ("" if aggregated else f" — fewer than {needed} needed, global model unchanged")
         + (f"; {eps}" if eps else "")
     ]
-    lines += [f"  node {o.node_id} {o.status}: {o.reason}" for o in outcomes if o.status != "accepted"]
+    others = [o for o in outcomes if o.status != "accepted"]
+    if len(others) > _LIST_NODES:  # the run store has every node's line
+        reasons = Counter(f"{o.status}: {o.reason}" for o in others)
+        lines += [f"  {n} node(s) {reason}" for reason, n in reasons.most_common()]
+    else:
+        lines += [f"  node {o.node_id} {o.status}: {o.reason}" for o in others]
     return "\n".join(lines)
 
 
@@ -417,6 +492,7 @@ def make_server_app(
             resume=checkpoint,
             evaluator_key=str(context.run_config.get("evaluator-key", "")),
             run_signature=str(context.run_config.get("run-signature", "")),
+            energy=EnergyModel.from_config(dict(context.run_config), where="run config"),
         )
         if on_result is not None:
             on_result(result)

@@ -1,22 +1,79 @@
 """Talking to nodes through Flower's Grid: waiting for them, pushing and polling, learning their roles.
 
 FedGuard polls for replies itself (Flower's ``send_and_receive`` sleeps 3 s between pulls).
+``MeteredGrid`` counts the bytes of every message pushed to and pulled from each node.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common import records as R
+from common.resources import message_bytes
 from server.validation import check_signature, refusal_reason
 
 Progress = Callable[[str], None]
 log = logging.getLogger("fedguard.server")
+
+
+class MeteredGrid:
+    """A Grid that counts, per node, the bytes of every message pushed to it and every reply pulled from it.
+
+    Sizes are Flower's wire format (``common.resources.message_bytes``); everything else is the
+    wrapped Grid's. ``take()`` hands over the counts since the last call: the server's exact,
+    own figures for a round.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._sent: dict[int, int] = defaultdict(int)
+        self._received: dict[int, int] = defaultdict(int)
+        self._messages: dict[int, int] = defaultdict(int)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
+        ids = list(self._grid.push_messages(messages))
+        pushed = {str(i) for i in ids if i}
+        for msg in messages:
+            if msg.metadata.message_id in pushed:
+                node = int(msg.metadata.dst_node_id)
+                self._sent[node] += message_bytes(msg)
+                self._messages[node] += 1
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        for reply in replies:
+            node = int(reply.metadata.src_node_id)
+            self._received[node] += message_bytes(reply)
+            self._messages[node] += 1
+        return replies
+
+    def take(self) -> dict[int, dict[str, int]]:
+        """Node → {"sent", "received", "messages"} since the last ``take`` (bytes from the server's side)."""
+        nodes = set(self._sent) | set(self._received)
+        out = {
+            n: {
+                "sent": self._sent.get(n, 0),
+                "received": self._received.get(n, 0),
+                "messages": self._messages.get(n, 0),
+            }
+            for n in sorted(nodes)
+        }
+        self._sent.clear()
+        self._received.clear()
+        self._messages.clear()
+        return out
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, progress: Progress) -> list[int]:
@@ -30,9 +87,17 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, progress: Progress) 
 
 
 def collect_replies(
-    grid: Grid, messages: list[Message], timeout: float, poll: float
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    poll: float,
+    on_reply: Callable[[Message], None] | None = None,
 ) -> tuple[list[Message], set[int], set[int]]:
-    """Push, then poll until all replies arrive or ``timeout``; return replies, silent and unreachable nodes."""
+    """Push, then poll until all replies arrive or ``timeout``; return replies, silent and unreachable nodes.
+
+    With ``on_reply`` each reply is handed over as it arrives and not kept (the returned list is
+    empty): the caller can validate and sum updates without holding a round's worth of them.
+    """
     pushed = list(zip(grid.push_messages(messages), messages, strict=True))
     unreachable = {int(m.metadata.dst_node_id) for mid, m in pushed if not mid}
     dst = {mid: m.metadata.dst_node_id for mid, m in pushed if mid}
@@ -50,7 +115,10 @@ def collect_replies(
                 # The SuperLink answers for a node it lost ("Node Unavailable") under its own id:
                 # file the failure under the node the message was for.
                 reply = Message(reply.error, reply_to=sent[rid])
-            replies.append(reply)
+            if on_reply is not None:
+                on_reply(reply)
+            else:
+                replies.append(reply)
         if pending:
             time.sleep(poll)
     return replies, {int(dst[m]) for m in pending}, unreachable

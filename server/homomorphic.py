@@ -140,7 +140,15 @@ class HomomorphicRounds:
                 R.HE_SEALED_CONTEXT: sealed,
             }
             content = RecordDict({R.ARRAYS: glob.record, R.CONFIG: ConfigRecord(config)})
-            messages.append(Message(content, dst_node_id=node, message_type="train", group_id=str(rnd)))
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=node,
+                    message_type="train",
+                    group_id=str(rnd),
+                    ttl=self.cfg.server.round_timeout,  # a node never trains for a closed round
+                )
+            )
         return messages, skipped
 
     def add_replies(

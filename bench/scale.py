@@ -1,0 +1,165 @@
+"""Scale of a simulated federation: time per round and server memory for 10, 100 and 1,000 virtual clients.
+
+Why: operators size large simulations (and the server) from how a round's cost grows. Each
+size runs in its own process on Flower's simulation engine (Ray), with FedGuard's ServerApp and
+ClientApp unchanged: the demo data (gss_wages) split IID over N virtual clients, 10% sampled per
+round, each training the demo FT-Transformer with DP-SGD (Opacus, target ε per client) and
+charging its own ledger. What is measured, per size:
+
+- time per round: the ServerApp's round time (run store: push, the sampled clients' DP training
+  on Ray's actors, validation, streaming FedAvg), median over rounds 2..R. Round 1 is shown
+  apart: it also asks every one of the N nodes its role once (client or evaluator).
+- time per client call: round time / clients per round (with ``actors`` = cores in parallel).
+- server memory: the driver process's peak RSS (ServerApp, run store, Ray driver; the clients run
+  in Ray's worker processes), and its growth from the start of round 1 to the end of the run —
+  the part that would grow with the number of clients if updates were held rather than summed.
+
+    python bench/scale.py [--clients 10 100 1000] [--rounds 3] [--ray-address auto]
+                          [--out bench/results/scale.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class RssSampler(threading.Thread):
+    """Peak resident memory of this process, sampled every 50 ms; ``mark()`` notes the current value."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = self.at_mark = _rss_mb()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            self.peak = max(self.peak, _rss_mb())
+
+    def mark(self) -> None:
+        self.at_mark = _rss_mb()
+        self.peak = max(self.peak, self.at_mark)
+
+
+def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None) -> dict[str, Any]:
+    """Run one simulated federation of ``n`` clients in this process and measure it."""
+    from common.config import parse_config
+    from fedguard.demo import demo_config, fresh_demo_ledger, write_demo_data
+    from fedguard.simulate import simulate
+    from server.store import RunStore
+
+    sampler = RssSampler()
+    sampler.start()
+    data = write_demo_data(workdir)
+    raw = demo_config(data, rounds=rounds, clients=n).model_dump(by_alias=True)
+    per_round = max(1, n // 10)
+    raw["clients_per_round"] = per_round
+    raw["train"]["batch_size"] = 16  # ~27 training rows per client at n = 1,000
+    raw["server"]["min_replies"] = 1
+    raw["fairness"]["federated_counts"] = False  # would query all n clients once at the end
+    cfg = parse_config(raw, f"scale bench, {n} clients")
+    fresh_demo_ledger(workdir)
+
+    def progress(line: str) -> None:
+        if line.startswith("round 1/"):
+            sampler.mark()  # model built, run recorded, Ray up, round 0 scored
+        print(f"  [{n}] {line[:160]}", flush=True)
+
+    t0 = time.perf_counter()
+    result = simulate(cfg, workdir, progress=progress, ray_address=ray_address)
+    wall = time.perf_counter() - t0
+    sampler.stop.set()
+    with RunStore(result.store_path) as store:
+        rows = store.rounds(result.run_id)
+        clients = store.client_rounds(result.run_id)
+    times = [r["finished_at"] - r["started_at"] for r in rows]
+    later = times[1:] or times
+    accepted = sum(c["status"] == "accepted" for c in clients)
+    return {
+        "clients": n,
+        "clients_per_round": per_round,
+        "rounds": rounds,
+        "round1_s": times[0],
+        "round_s": statistics.median(later),
+        "per_client_call_s": statistics.median(later) / per_round,
+        "accepted": accepted,
+        "sampled": sum(r["sampled"] for r in rows),
+        "server_peak_rss_mb": sampler.peak,
+        "server_rss_growth_mb": sampler.peak - sampler.at_mark,
+        "wall_s": wall,
+        "final_accuracy": result.final_metrics.get("accuracy"),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ray-address", help="attach to an existing Ray cluster (auto or HOST:PORT)")
+    ap.add_argument("--workdir", default="/tmp/fedguard-bench-scale")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size, print JSON
+    args = ap.parse_args()
+    if args.one:
+        row = one_size(args.one, args.rounds, Path(args.workdir) / f"n{args.one}", args.ray_address)
+        print("RESULT " + json.dumps(row), flush=True)
+        return 0
+    rows = []
+    for n in args.clients:
+        print(f"{n} virtual clients, {max(1, n // 10)} sampled per round, {args.rounds} rounds ...", flush=True)
+        cmd = [sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds), "--workdir", args.workdir]
+        if args.ray_address:
+            cmd += ["--ray-address", args.ray_address]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not result:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"the {n}-client simulation failed (exit {proc.returncode})")
+        rows.append(json.loads(result[-1][len("RESULT ") :]))
+    base = rows[0]
+    print()
+    header = (
+        "| clients | per round | round 1 s (+roles) | s/round | s/client call | × clients/round | × s/round"
+        " | server peak RSS MB | RSS growth MB |"
+    )
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for r in rows:
+        r["x_clients_per_round"] = r["clients_per_round"] / base["clients_per_round"]
+        r["x_round_s"] = r["round_s"] / base["round_s"]
+        print(
+            f"| {r['clients']:,} | {r['clients_per_round']} | {r['round1_s']:.1f} | {r['round_s']:.1f} | "
+            f"{r['per_client_call_s']:.2f} | {r['x_clients_per_round']:.0f}× | {r['x_round_s']:.1f}× | "
+            f"{r['server_peak_rss_mb']:.0f} | {r['server_rss_growth_mb']:.0f} |"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "rounds": args.rounds}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1), encoding="utf-8")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
