@@ -40,8 +40,16 @@ def demo_toml(tmp: Path) -> str:
     return demo_config(tmp / "data" / "gss_wages.csv", rounds=3, clients=3).to_toml()
 
 
+# resource figures nodes 101 and 202 let leave each round they trained (303 keeps its own: bytes only)
+FIGURES = {"energy-wh": 0.5, "emissions-g": 0.1, "energy-measured": 0, "cpu-seconds": 12.0, "wall-seconds": 9.0}
+
+
 def fill_store(store_path: Path, tmp: Path) -> None:
-    """A finished 3-round run with ε per node, metrics and fairness audits, and a running deployed run."""
+    """A finished 3-round run with ε per node, metrics, fairness audits and costs, and a running deployed run.
+
+    Costs (``RunStore.record_costs``): setup round 0 at 0.1 Wh, rounds 1-3 at 0.2 Wh on the server
+    plus 0.5 Wh from each of nodes 101 and 202: 3.7 Wh in all, for +10 accuracy points.
+    """
     cfg_path = tmp / "recorded.toml"
     cfg_path.write_text(demo_toml(tmp), encoding="utf-8")
     cfg = load_config(cfg_path)
@@ -67,6 +75,7 @@ def fill_store(store_path: Path, tmp: Path) -> None:
                         "sample-rate": 0.05,
                         "steps": 20,
                         "budget-epsilon": 10.0,
+                        **(FIGURES if node != 303 else {}),
                     },
                     "received": ["arrays.model", "metrics.epsilon"],
                 }
@@ -83,6 +92,17 @@ def fill_store(store_path: Path, tmp: Path) -> None:
                 {"evaluation_size": n, "sha256": "ab" * 32},
                 "evaluator node 404",
             )
+        roles = {101: "client", 202: "client", 303: "client", 404: "evaluator"}
+        for rnd in (0, 1, 2, 3):
+            traffic = {
+                node: {"sent": 100, "received": 50, "messages": 1}
+                if rnd == 0
+                else {"sent": 40_000, "received": 200 if node == 404 else 40_000, "messages": 1}
+                for node in roles
+            }
+            server = {"energy_wh": 0.1 if rnd == 0 else 0.2, "emissions_g": 0.02 if rnd == 0 else 0.04}
+            server |= {"energy_label": "estimated", "energy_source": "CPU time x 10 W per core"}
+            store.record_costs(run, rnd, traffic, roles, server=server, wall_seconds=10.0, aggregation_seconds=0.5)
         store.finish_run(run, "finished")
         store.create_run("second", cfg.to_json(), cfg.digest(), 77, {"engine": "deployment"})
 
@@ -169,6 +189,7 @@ def _calls(w: dict[str, Any]) -> dict[str, list[tuple[str, str, Any]]]:
             ("GET", "/api/runs/1/rounds", None),
             ("GET", "/api/runs/1/privacy", None),
             ("GET", "/api/runs/1/fairness?format=html", None),
+            ("GET", "/api/runs/1/cost", None),
             ("GET", "/api/me", None),
             ("GET", "/openapi.json", None),
         ],
@@ -320,6 +341,45 @@ def test_actions_denials_and_downloads_are_audited_with_head_in_exports(world: d
     assert log["verified"] and log["entries"][0]["action"] == "report.fairness"
 
 
+def test_cost_report_download_is_audited_and_the_run_page_shows_the_cost(world: dict[str, Any]) -> None:
+    svc, client = world["svc"], world["client"]
+    rev = bearer(world["tokens"]["reviewer"])
+    doc = client.get("/api/runs/1/cost", headers=rev).json()
+    e = svc.audit.entries(limit=1)[0]
+    assert (e.actor, e.action, e.target, e.outcome) == ("the-reviewer", "report.cost", "run 1 (json)", "ok")
+    assert doc["audit_chain"]["head"] == e.mac and svc.audit.verify(expect_head=e.mac).ok
+    t = doc["totals"]
+    assert t["energy_wh"] == pytest.approx(3.7) and t["energy_label"] == "estimated"
+    assert t["clients_not_reporting"] == 1  # node 303: bytes only
+    assert doc["accuracy_gain_points"] == pytest.approx(10.0) and doc["wh_per_point"] == pytest.approx(0.37)
+    assert [r["round"] for r in doc["rounds"]] == [0, 1, 2, 3]
+    assert doc["rounds"][-1]["cumulative_energy_wh"] == pytest.approx(3.7)
+    nodes = {c["node_id"]: c for c in doc["clients"]}
+    assert nodes["101"]["energy_share"] == pytest.approx(1.5 / 3.7) and nodes["303"]["energy_wh"] is None
+    assert sum(c["bytes_share"] for c in nodes.values()) == pytest.approx(1.0)
+    r = client.get("/api/runs/1/cost?format=html", headers=rev)
+    assert r.headers["content-disposition"] == 'attachment; filename="cost-report-run-1.html"'
+    assert re.search(r"fedguard-audit-head: ([0-9a-f]{64})", r.text).group(1) == svc.audit.head()  # type: ignore[union-attr]
+    assert svc.audit.entries(limit=1)[0].target == "run 1 (html)"
+    assert client.get("/api/runs/999/cost", headers=rev).status_code == 404
+    assert svc.audit.entries(limit=1)[0].outcome.startswith("failed")
+
+    browser, _ = _browser_session(svc, world["tokens"]["reviewer"])
+    page = browser.get("/runs/1").text
+    cost = page[page.index('id="cost"') :]
+    assert 'id="chart-energy"' in cost and 'data-series="cumulative Wh"' in cost and "round 3: 3.7<" in cost
+    assert "3.7 Wh</strong> (estimated)" in cost and "0.37 Wh</strong>" in cost  # total, per accuracy point
+    rows = re.findall(r"<tr><td>(setup|\d)</td>.*?</tr>", cost[: cost.index('id="cost-nodes"')], re.S)
+    assert rows == ["setup", "1", "2", "3"]
+    assert cost.count('<td class="energy-label">estimated</td>') == 4 + 2  # every round; nodes 101, 202
+    assert '<td class="energy-label">not sent</td>' in cost and "40.5%" in cost  # 303; 101's share of energy
+    assert 'href="/api/runs/1/cost?format=html"' in page and 'id="dl-cost-json"' in page
+    assert "Cost not recorded" not in page
+    old = browser.get("/runs/2").text  # a run with no cost rows (as before resource accounting)
+    assert 'id="cost-not-recorded"' in old and 'id="chart-energy"' not in old
+    assert client.get("/api/runs/2/cost", headers=rev).json()["rounds"] == []
+
+
 def _login_page(client: TestClient) -> str:
     r = client.get("/login")
     return re.search(r'name="csrf_token" value="([^"]+)"', r.text).group(1)  # type: ignore[union-attr]
@@ -441,6 +501,7 @@ def test_openapi_lists_every_endpoint(world: dict[str, Any]) -> None:
         "/api/runs/{run_id}/rounds",
         "/api/runs/{run_id}/privacy",
         "/api/runs/{run_id}/fairness",
+        "/api/runs/{run_id}/cost",
         "/api/runs/plan",
         "/api/runs/{run_id}/stop",
         "/api/nodes",

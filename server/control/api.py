@@ -130,6 +130,15 @@ def fairness(run_id: RunId, p: Reviewer, svc: Svc, format: Fmt = "json", downloa
     return _report(svc, p, "fairness", run_id, format, download)
 
 
+@runs.get(
+    "/{run_id}/cost",
+    summary="the cost report: time, bytes, energy and emissions per round and node, cost per accuracy point "
+    "(reviewer; audited; embeds the audit chain head)",
+)
+def cost(run_id: RunId, p: Reviewer, svc: Svc, format: Fmt = "json", download: Download = False) -> Response:
+    return _report(svc, p, "cost", run_id, format, download)
+
+
 @runs.post(
     "",
     status_code=201,

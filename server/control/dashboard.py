@@ -30,6 +30,7 @@ from server.control.auth import (
 )
 from server.control.charts import line_chart
 from server.control.service import ControlService
+from server.cost_report import fmt_bytes
 
 _BASE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>{% block title %}FedGuard{% endblock %} · FedGuard control</title>
@@ -46,6 +47,7 @@ th{background:#eef2f6;text-align:left}.charts{display:flex;flex-wrap:wrap;gap:1e
 .btn,button{background:#17324d;color:#fff;border:0;padding:.4em .9em;border-radius:3px;text-decoration:none;
 cursor:pointer;display:inline-block;margin:.2em}.error{color:#b00020;white-space:pre-wrap}
 textarea{width:100%;font-family:monospace}.ok{color:#176b2c}form.inline{display:inline}
+table.cost td,table.cost th{font-size:.85em;padding:.2em .4em}
 </style></head><body>
 <header><strong>FedGuard</strong>
 {% if p %}<a href="/">Runs</a>{% if operator %}<a href="/runs/new">Start run</a><a href="/nodes">Nodes</a>{% endif %}
@@ -88,7 +90,10 @@ _RUN = """{% extends "base" %}{% block title %}Run {{ run.run_id }}{% endblock %
 report (JSON)</a>
 <a class="btn" id="dl-fairness-html" href="/api/runs/{{ run.run_id }}/fairness?format=html">Fairness report (HTML)</a>
 <a class="btn" id="dl-fairness-json" href="/api/runs/{{ run.run_id }}/fairness?format=json&amp;download=true">Fairness
-report (JSON)</a></p>
+report (JSON)</a>
+<a class="btn" id="dl-cost-html" href="/api/runs/{{ run.run_id }}/cost?format=html">Cost report (HTML)</a>
+<a class="btn" id="dl-cost-json" href="/api/runs/{{ run.run_id }}/cost?format=json&amp;download=true">Cost report
+(JSON)</a></p>
 {% if operator and run.status == "running" and run.flower_run_id %}
 <form method="post" action="/runs/{{ run.run_id }}/stop"><input type="hidden" name="csrf_token" value="{{ p.csrf }}">
 <button type="submit" id="stop-run">Stop this run</button></form>{% endif %}
@@ -109,11 +114,53 @@ title="{{ c.reason or '' if c else '' }}">{% if c %}{{ c.status }}{% if c.epsilo
 </tbody></table>
 <h2>Time and bytes per round</h2>
 <table id="round-costs"><thead><tr><th>round</th><th>sampled</th><th>accepted</th><th>aggregated</th><th>seconds</th>
-<th>bytes sent by nodes</th></tr></thead><tbody>{% for r in rounds %}<tr><td>{{ r.round }}</td>
+<th>ciphertext bytes sent by nodes</th></tr></thead><tbody>{% for r in rounds %}<tr><td>{{ r.round }}</td>
 <td>{{ r.sampled if r.sampled is not none else "–" }}</td><td>{{ r.accepted if r.accepted is not none else "–" }}</td>
 <td>{{ "yes" if r.aggregated else "no" }}</td>
 <td>{{ '%.1f'|format(r.seconds) if r.seconds is not none else "–" }}</td>
-<td>{{ "{:,}".format(r.bytes_sent) if r.bytes_sent else "not recorded" }}</td></tr>{% endfor %}</tbody></table>
+<td>{{ "{:,}".format(r.bytes_sent) if r.bytes_sent else ("– (see Cost)" if cost else "not recorded") }}</td></tr>
+{% endfor %}</tbody></table>
+<h2 id="cost">Cost: time, bytes, energy and emissions</h2>
+{% if not cost %}<p id="cost-not-recorded">Cost not recorded: this run was recorded before FedGuard kept resource
+accounts (no time, byte or energy figures in the run store).</p>{% else %}{% set t = cost.totals %}
+<p id="cost-totals">Total: <strong>{{ num(t.energy_wh) }} Wh</strong> ({{ t.energy_label }}),
+{{ num(t.emissions_g) }} gCO2e; {{ nbytes(t.bytes_sent) }} sent to nodes, {{ nbytes(t.bytes_received) }} received;
+{{ num(t.wall_seconds, ".1f") }} s on the server (aggregation {{ num(t.aggregation_seconds, ".2f") }} s).
+Server {{ num(t.server_energy_wh) }} Wh, clients {{ num(t.client_energy_wh) }} Wh.
+{% if t.clients_not_reporting %}<span class="warning">{{ t.clients_not_reporting }} client(s) kept their resource
+figures local: bytes only, their energy is not in the totals.</span>{% endif %}</p>
+<p id="cost-per-point">Cost per accuracy point gained{% if cost.accuracy_gain_points is not none %}
+({{ num(cost.accuracy_start, ".3f") }} → {{ num(cost.accuracy_end, ".3f") }},
+{{ num(cost.accuracy_gain_points, "+.1f") }} points){% endif %}:
+{% if cost.wh_per_point is not none %}<strong>{{ num(cost.wh_per_point) }} Wh</strong>,
+{{ num(cost.emissions_g_per_point) }} gCO2e, {{ nbytes(cost.bytes_per_point) }},
+{{ num(cost.seconds_per_point, ".1f") }} s per point{% else %}n/a (held-out accuracy did not improve, or no
+evaluation){% endif %}</p>
+<div class="charts">{{ charts.energy|safe }}</div>
+<table id="cost-rounds" class="cost"><thead><tr><th>round</th>
+<th>time s</th><th>aggregation s</th><th>sent</th><th>received</th>
+<th>energy Wh</th><th>gCO2e</th><th>energy is</th><th>clients reporting</th><th>cum. energy Wh</th><th>cum. gCO2e</th>
+<th>cum. bytes</th><th>cum. time s</th><th>accuracy gain (points)</th></tr></thead><tbody>
+{% for r in cost.rounds %}<tr><td>{{ "setup" if r.round == 0 else r.round }}</td>
+<td>{{ num(r.wall_seconds, ".1f") }}</td><td>{{ num(r.aggregation_seconds, ".3f") }}</td>
+<td>{{ nbytes(r.bytes_sent) }}</td><td>{{ nbytes(r.bytes_received) }}</td>
+<td>{{ num(r.energy_wh) }}</td><td>{{ num(r.emissions_g) }}</td>
+<td class="energy-label">{{ r.energy_label or "not recorded" }}</td>
+<td>{{ r.clients_reporting }}/{{ r.clients_trained }}</td><td>{{ num(r.cumulative_energy_wh) }}</td>
+<td>{{ num(r.cumulative_emissions_g) }}</td><td>{{ nbytes(r.cumulative_bytes) }}</td>
+<td>{{ num(r.cumulative_seconds, ".1f") }}</td><td>{{ num(r.accuracy_gain_points, "+.1f") }}</td></tr>{% endfor %}
+</tbody></table>
+<table id="cost-nodes" class="cost"><thead><tr><th>node</th>
+<th>role</th><th>rounds trained</th><th>bytes (both ways)</th>
+<th>share of bytes</th><th>CPU s</th><th>energy Wh</th><th>gCO2e</th><th>share of energy</th><th>energy is</th></tr>
+</thead><tbody>{% for c in cost.clients %}<tr><td>{{ c.node_id }}</td><td>{{ c.role }}</td>
+<td>{{ c.rounds_trained }}</td>
+<td>{{ nbytes(c.bytes_sent + c.bytes_received) }}</td><td>{{ pct(c.bytes_share) }}</td><td>{{ num(c.cpu_seconds) }}</td>
+<td>{{ num(c.energy_wh) }}</td><td>{{ num(c.emissions_g) }}</td><td>{{ pct(c.energy_share) }}</td>
+<td class="energy-label">{{ c.energy_label or ("not sent" if c.role == "client" else "–") }}</td></tr>{% endfor %}
+</tbody></table>
+<p>Bytes are the server's exact figures (Flower wire format); a client's time and energy appear only where its owner's
+policy lets coarsened figures leave. Details and method: the cost report.</p>{% endif %}
 {% endblock %}"""
 
 _NODES = """{% extends "base" %}{% block title %}Nodes{% endblock %}{% block body %}
@@ -190,7 +237,15 @@ def _fmt_time(t: float | None) -> str:
     return "–" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
 
 
-_env.globals["fmt_time"] = _fmt_time
+def _num(v: float | None, spec: str = ".3g") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+_env.globals.update(fmt_time=_fmt_time, num=_num, pct=_pct, nbytes=fmt_bytes)
 
 
 def page(name: str, p: Principal | None, status: int = 200, **ctx: Any) -> HTMLResponse:
@@ -322,6 +377,16 @@ def _run_charts(detail: dict[str, Any], rounds: list[dict[str, Any]], svc: Contr
     }
 
 
+def _energy_chart(cost: dict[str, Any] | None) -> str:
+    """Energy per round and its running total (round 0: setup), in Wh."""
+    rounds = (cost or {}).get("rounds") or []
+    series = {
+        "cumulative Wh": [(r["round"], float(r["cumulative_energy_wh"])) for r in rounds],
+        "Wh this round": [(r["round"], float(r["energy_wh"])) for r in rounds],
+    }
+    return line_chart("chart-energy", "Energy per round and cumulative", series, ylabel="Wh", y_min=0.0)
+
+
 @router.get("/runs/new")
 def start_form(p: Who, svc: Svc) -> HTMLResponse:
     if not has_role(p, "operator"):
@@ -363,7 +428,9 @@ def run_page(run_id: RunId, p: Who, svc: Svc) -> HTMLResponse:
     def cell(r: dict[str, Any], node: int) -> dict[str, Any] | None:
         return next((c for c in r["clients"] if c["node_id"] == node), None)
 
-    return page("run", p, run=detail, rounds=rounds, nodes=nodes, cell=cell, charts=_run_charts(detail, rounds, svc))
+    cost = views.run_costs(svc.store_path, run_id)
+    charts = _run_charts(detail, rounds, svc) | {"energy": _energy_chart(cost)}
+    return page("run", p, run=detail, rounds=rounds, nodes=nodes, cell=cell, charts=charts, cost=cost)
 
 
 @router.post("/runs/{run_id}/stop")

@@ -95,13 +95,17 @@ class ControlService:
 
     # -- reports -------------------------------------------------------------------------------------------------
     def report(self, p: Principal, kind: str, run_id: int, fmt: str) -> tuple[str, str]:
-        """The privacy or fairness report of a run (``json`` or ``html``), audited, with the chain head embedded."""
+        """A run's privacy, fairness or cost report (``json`` or ``html``), audited, with the chain head embedded."""
         target = f"run {run_id} ({fmt})"
         try:
             if kind == "privacy":
                 from server import privacy_report
 
                 text = privacy_report.render(privacy_report.build_privacy_report(self.store_path, run_id), fmt)
+            elif kind == "cost":
+                from server import cost_report
+
+                text = cost_report.render(cost_report.build_cost_report(self.store_path, run_id), fmt)
             else:
                 from server import fairness_report
 

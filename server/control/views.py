@@ -2,7 +2,8 @@
 
 Everything here reads ``server.store.RunStore`` only: per round the global model's metrics, each
 node's status and ε, the fairness audit's disparities and findings, duration, and the bytes a
-node sent where the store has them (homomorphic rounds record ciphertext sizes).
+node sent where the store has them (homomorphic rounds record ciphertext sizes), and the cost
+report's figures (time, bytes, energy, emissions per round and node).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from common import records as R
 from common.config import config_from_json
 from common.errors import ConfigError
 from common.fairness import Audit, findings
+from server.cost_report import build_cost_report
 from server.store import RunStore
 
 DISPARITIES = (
@@ -139,3 +142,31 @@ def run_rounds(store_path: Path, run_id: int) -> dict[str, Any]:
             }
         )
     return {"run_id": run_id, "status": run["status"], "rounds": out}
+
+
+def _energy_label(labels: set[str]) -> str | None:
+    return None if not labels else next(iter(labels)) if len(labels) == 1 else "mixed"
+
+
+def run_costs(store_path: Path, run_id: int) -> dict[str, Any] | None:
+    """The run's cost report (``server.cost_report``) with each round's energy labelled measured/estimated/mixed.
+
+    ``None`` when the run has no cost rows (a run recorded before resource accounting): the
+    dashboard says "not recorded" rather than showing zeros that look like a free run.
+    """
+    rep = build_cost_report(store_path, run_id)
+    if not rep.rounds:
+        return None
+    with RunStore(store_path) as store:
+        server = {int(c["round"]): c["server"] for c in store.round_costs(run_id)}
+        clients = store.client_rounds(run_id)
+    out = rep.model_dump(mode="json")
+    for r in out["rounds"]:
+        labels = {str(server[r["round"]]["energy_label"])} if server.get(r["round"], {}).get("energy_label") else set()
+        labels |= {
+            "measured" if c["values"].get(R.ENERGY_MEASURED) else "estimated"
+            for c in clients
+            if c["round"] == r["round"] and c["status"] == "accepted" and R.ENERGY_WH in c["values"]
+        }
+        r["energy_label"] = _energy_label(labels)
+    return out
