@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
+import os
 import platform
+import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -146,6 +148,8 @@ def run_federation(
         _run_meta(cfg, simulated=sim_data_dir is not None),
         resumed_from=resume.run_id if resume else None,
     )
+    if flower_run_id is not None and sim_data_dir is None:
+        _fail_if_orphaned(store_path, run_id)
     ckpt_dir = checkpoint_dir(store_path, run_id)
     metered = MeteredGrid(grid)
     grid = cast(Grid, metered)
@@ -406,6 +410,31 @@ def _federated_line(view: federated_fairness.FederatedView) -> str:
 
 #: Above this many nodes a round's progress line summarizes (ε range, counts per reason).
 _LIST_NODES = 10
+
+
+def _fail_if_orphaned(store_path: Path, run_id: int, poll: float = 1.0) -> None:
+    """In a deployment, end this ServerApp process once the SuperLink that launched it is gone.
+
+    Flower's ServerApp retries its runtime-API calls (and heartbeats) indefinitely, so a ServerApp
+    whose SuperLink was killed would wait forever, its run shown as ``running``, and could resume
+    talking to a restarted SuperLink. Its launcher (Flower's SuperExec) exits with the SuperLink;
+    the process is then re-parented, which this watchdog notices: it records the run as failed
+    (``fedguard run resume`` continues it from its last checkpoint) and exits.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        try:
+            with RunStore(store_path) as store:
+                if store.run(run_id)["status"] == "running":
+                    store.finish_run(run_id, "failed", "the SuperLink stopped during the run")
+        finally:
+            log.error("run %s: the SuperLink is gone; this ServerApp exits", run_id)
+            os._exit(1)
+
+    threading.Thread(target=watch, name="fedguard-orphan-watch", daemon=True).start()
 
 
 @dataclass

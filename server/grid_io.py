@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common import records as R
@@ -86,6 +87,10 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, progress: Progress) 
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
 
+#: Flower's answers for a message that expired before its node replied (TTL = the round's timeout).
+_EXPIRED = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+
+
 def collect_replies(
     grid: Grid,
     messages: list[Message],
@@ -102,7 +107,7 @@ def collect_replies(
     unreachable = {int(m.metadata.dst_node_id) for mid, m in pushed if not mid}
     dst = {mid: m.metadata.dst_node_id for mid, m in pushed if mid}
     sent = {mid: m for mid, m in pushed if mid}
-    pending, replies = set(dst), []
+    pending, replies, expired = set(dst), [], set()
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):
@@ -111,6 +116,9 @@ def collect_replies(
                 continue  # only the first reply to a message counts
             rid = reply.metadata.reply_to_message_id
             pending.discard(rid)
+            if reply.has_error() and reply.error.code in _EXPIRED:
+                expired.add(rid)  # the message outlived its TTL (the round's timeout): no reply in time
+                continue
             if reply.has_error() and int(reply.metadata.src_node_id) != int(dst[rid]):
                 # The SuperLink answers for a node it lost ("Node Unavailable") under its own id:
                 # file the failure under the node the message was for.
@@ -121,7 +129,7 @@ def collect_replies(
                 replies.append(reply)
         if pending:
             time.sleep(poll)
-    return replies, {int(dst[m]) for m in pending}, unreachable
+    return replies, {int(dst[m]) for m in pending | expired}, unreachable
 
 
 def registered_keys(grid: Grid) -> dict[int, bytes]:
