@@ -100,24 +100,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report.write_text(
         privacy_report.render(privacy_report.build_privacy_report(store_path, run_id), "html"), encoding="utf-8"
     )
-    fairness = fairness_report.fairness_report_from_store(store_path, run_id)
+    # The text demo has no sensitive attributes: nothing to audit, so no fairness report.
+    audited = bool(cfg.data.schema_.sensitive)
+    fairness = fairness_report.fairness_report_from_store(store_path, run_id) if audited else None
     fair_path = workdir / f"fairness-report-run-{run_id}.html"
-    fair_path.write_text(fairness_report.render(fairness, "html"), encoding="utf-8")
+    if fairness is not None:
+        fair_path.write_text(fairness_report.render(fairness, "html"), encoding="utf-8")
     from server import cost_report
 
     cost_path = workdir / f"cost-report-run-{run_id}.html"
     costs = cost_report.build_cost_report(store_path, run_id)
     cost_path.write_text(cost_report.render(costs, "html"), encoding="utf-8")
     if not args.json:
-        last = max((r.round for r in fairness.rounds), default=0)
-        current = [f for f in fairness.findings if f.last_seen_round == last]
-        print(f"fairness findings for the final model ({len(current)}; full history in the report):")
-        for f in current:
-            print(f"  [{f.severity}]{' (federated view)' if f.view == 'federated' else ''} {f.message}")
+        if fairness is not None:
+            last = max((r.round for r in fairness.rounds), default=0)
+            current = [f for f in fairness.findings if f.last_seen_round == last]
+            print(f"fairness findings for the final model ({len(current)}; full history in the report):")
+            for f in current:
+                print(f"  [{f.severity}]{' (federated view)' if f.view == 'federated' else ''} {f.message}")
         for line in cost_report.summary_lines(store_path, run_id):
             print(line)
         print(f"demo finished in {time.perf_counter() - t0:.0f}s")
-        print(f"fairness report: {fair_path}")
+        if fairness is not None:
+            print(f"fairness report: {fair_path}")
         print(f"privacy report: {report}")
         print(f"cost report: {cost_path}")
     if args.serve:
