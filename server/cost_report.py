@@ -10,15 +10,15 @@ Energy is labelled measured (RAPL/NVML) or estimated (CPU time × watts per core
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from common import records as R
-from server.report_blocks import Block, Table
+from server.report_blocks import Block
+from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
 from server.store import RunStore
 
@@ -399,31 +399,8 @@ def to_markdown(rep: CostReport) -> str:
 
 def to_html(rep: CostReport) -> str:
     """One self-contained page (no scripts, no external resources) readable offline."""
-    esc = html.escape
-    body: list[str] = []
-    for kind, value in _blocks(rep):
-        if kind.startswith("h"):
-            body.append(f"<{kind}>{esc(str(value))}</{kind}>")
-        elif kind == "p":
-            body.append(f"<p>{esc(str(value))}</p>")
-        elif kind == "ul":
-            body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in cast(list[str], value)) + "</ul>")
-        else:
-            header, rows = cast(Table, value)
-            head = "".join(f"<th>{esc(h)}</th>" for h in header)
-            cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-            body.append(f'<table class="cost"><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>')
-    data = esc(rep.model_dump_json(), quote=False)
-    body.append(f'<script type="application/json" id="report-data">{data}</script>')
-    style = (
-        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}"
-        "th{background:#f3f3f3}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>FedGuard cost report {rep.run_id}</title>"
-        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    )
+    return blocks_to_html(_blocks(rep), f"FedGuard cost report {rep.run_id}", rep.model_dump_json())
+
 
 
 def render(rep: CostReport, fmt: str) -> str:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from common import records as R
 from common.config import RunConfig, config_from_json
+from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
 from server.store import RunStore
 
@@ -463,33 +464,10 @@ def _svg_plot(rep: PrivacyReport) -> str:
 
 def to_html(rep: PrivacyReport) -> str:
     """One self-contained page (no scripts, no external resources) readable offline."""
-    esc = html.escape
-    body: list[str] = []
-    for i, (kind, value) in enumerate(_blocks(rep)):
-        if kind.startswith("h"):
-            body.append(f"<{kind}>{esc(str(value))}</{kind}>")
-            if i == 0:
-                body.append(_svg_plot(rep))
-        elif kind == "p":
-            body.append(f"<p>{esc(str(value))}</p>")
-        elif kind == "ul":
-            body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in value) + "</ul>")  # type: ignore[attr-defined]
-        else:
-            header, rows = value  # type: ignore[misc]
-            head = "".join(f"<th>{esc(h)}</th>" for h in header)
-            cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-    data = esc(rep.model_dump_json(), quote=False)
-    body.append(f'<script type="application/json" id="report-data">{data}</script>')
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}"
-        "th{background:#f3f3f3}"
+    return blocks_to_html(
+        _blocks(rep), f"FedGuard privacy report {rep.run_id}", rep.model_dump_json(), after_title=_svg_plot(rep)
     )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>FedGuard privacy report {rep.run_id}</title>"
-        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    )
+
 
 
 def render(rep: PrivacyReport, fmt: str) -> str:

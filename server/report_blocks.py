@@ -6,6 +6,7 @@ A block is ``("h1"|"h2"|"h3", text)``, ``("p", text)``, ``("ul", [items])`` or
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable
 from typing import cast
 
@@ -31,3 +32,37 @@ def to_markdown(blocks: Iterable[Block]) -> str:
             out += ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
             out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows] + [""]
     return "\n".join(out)
+
+
+def to_html(blocks: Iterable[Block], title: str, data_json: str, after_title: str = "") -> str:
+    """One self-contained page (no scripts run, no external resources) readable offline.
+
+    ``data_json`` (the report as JSON) is embedded for tools; ``after_title`` is raw HTML placed
+    under the first heading (e.g. an inline SVG chart).
+    """
+    esc = html.escape
+    body: list[str] = []
+    for i, (kind, value) in enumerate(blocks):
+        if kind.startswith("h"):
+            body.append(f"<{kind}>{esc(str(value))}</{kind}>")
+            if i == 0 and after_title:
+                body.append(after_title)
+        elif kind == "p":
+            body.append(f"<p>{esc(str(value))}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in cast(list[str], value)) + "</ul>")
+        else:
+            header, rows = cast(Table, value)
+            head = "".join(f"<th>{esc(h)}</th>" for h in header)
+            cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+    body.append(f'<script type="application/json" id="report-data">{esc(data_json, quote=False)}</script>')
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}"
+        "th{background:#f3f3f3}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -127,3 +128,22 @@ def node_keypair() -> tuple[bytes, bytes]:
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return private, public
+
+
+def text(path: Path) -> str:
+    """A log file's text so far (empty before the process created it)."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 180, poll: float = 0.1, alive: tuple = ()) -> Any:
+    """Poll ``check`` until it returns something truthy; fail early if a process in ``alive`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        for proc, log in alive:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what}: process exited ({proc.returncode}):\n{text(log)[-3000:]}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")

@@ -44,7 +44,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,7 +59,7 @@ from common.kit import fingerprint_cert
 from common.processes import descendants, free_port
 from server.checkpoint import checkpoint_dir, latest_good
 from server.store import RunStore
-from tests.helpers import ROOT, TABULAR_SCHEMA, make_tabular, tabular_config, write_run_toml
+from tests.helpers import ROOT, TABULAR_SCHEMA, make_tabular, tabular_config, text, wait_until, write_run_toml
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -85,24 +85,6 @@ def spawn(log: Path, *args: str) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-
-
-def text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 180, poll: float = 0.1, alive: tuple = ()) -> Any:
-    """Poll ``check`` until it returns something truthy; fail early if a process in ``alive`` exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        for proc, log in alive:
-            if proc.poll() is not None:
-                raise AssertionError(f"{what}: process exited ({proc.returncode}):\n{text(log)[-3000:]}")
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def pid_alive(pid: int) -> bool:

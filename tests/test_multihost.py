@@ -36,7 +36,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ import tomli_w
 from common.kit import fingerprint_cert
 from server.gateway import GatewaySettings, render
 from server.store import RunStore
-from tests.helpers import ROOT, TABULAR_SCHEMA, make_tabular, tabular_config, write_run_toml
+from tests.helpers import ROOT, TABULAR_SCHEMA, make_tabular, tabular_config, text, wait_until, write_run_toml
 from tests.netns import Lab, NetnsError, unavailable_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -57,24 +57,6 @@ VICTIM = "beta"
 SUPERLINK_PORT = 9093  # in the server namespace, on 127.0.0.1 only (each lab has its own ports)
 GATEWAY_PORT = 8443  # in the server namespace, on its lab address
 ROUND_TIMEOUT = 30.0
-
-
-def text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 180, poll: float = 0.1, alive: tuple = ()) -> Any:
-    """Poll ``check`` until it returns something truthy; fail early if a process in ``alive`` exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        for proc, log in alive:
-            if proc.poll() is not None:
-                raise AssertionError(f"{what}: process exited ({proc.returncode}):\n{text(log)[-3000:]}")
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def require_namespaces() -> None:
