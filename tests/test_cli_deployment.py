@@ -343,7 +343,10 @@ def test_a_homomorphic_run_sums_ciphertexts_the_server_cannot_read(federation: d
     secret = (base / "judge" / "he-secret.ctx").read_bytes()
     probes = [secret[i : i + 48] for i in range(len(secret) // 4, len(secret) - 48, len(secret) // 10)]
     for path in [p for p in (base / "srv").rglob("*") if p.is_file()]:
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # a live server's SQLite -wal/-shm, folded into runs.db when it closes
+            continue
         assert not any(p in data for p in probes), path
 
 
