@@ -68,6 +68,7 @@ def _plan(context: Context, cfg: RunConfig, n_train: int) -> DPPlan:
         local_epochs=cfg.train.local_epochs,
         rounds=cfg.rounds,
         noise_multiplier=earlier[1] if same and earlier else None,
+        also=_count_release(cfg),
     )
     context.state[_DP_STATE] = ConfigRecord({"planned-n": n_train, "planned-sigma": plan.noise_multiplier})
     return plan

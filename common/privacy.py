@@ -61,11 +61,14 @@ def plan_dp(
     local_epochs: int,
     rounds: int,
     noise_multiplier: float | None = None,
+    also: History | None = None,
 ) -> DPPlan:
     """Calibrate σ so that ``rounds`` rounds of local DP-SGD reach at most the target ε.
 
-    ``noise_multiplier``: σ this node already calibrated for the same run and size; it skips
-    the (≈1 s) search on later rounds. The δ and schedule checks still run.
+    ``also``: the run's other releases on this node (the fairness counts after the last round);
+    σ is calibrated for their composition, so the whole run, not only its training, stays within
+    the target. ``noise_multiplier``: σ this node already calibrated for the same run and size;
+    it skips the (≈1 s) search on later rounds. The δ and schedule checks still run.
     """
     if n_train < 2:
         raise PrivacyPlanError(f"only {n_train} training record(s) on this node", fix="DP-SGD needs a real dataset")
@@ -78,13 +81,22 @@ def plan_dp(
         )
     q, per_epoch = poisson_schedule(n_train, batch_size)
     steps = per_epoch * local_epochs
+    others = tuple(compact(also or []))
+    if others and epsilon_spent(list(others), dp.delta, dp.accountant) >= dp.target_epsilon:
+        raise PrivacyPlanError(
+            f"the run's other releases {list(others)} (σ, q, steps) alone spend "
+            f"ε={epsilon_spent(list(others), dp.delta, dp.accountant):.3f} ≥ the target ε={dp.target_epsilon}, "
+            "leaving nothing for training",
+            where="dp.target_epsilon",
+            fix="raise dp.target_epsilon or fairness.count_noise_multiplier, or set fairness.federated_counts = false",
+        )
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the")
             sigma = (
                 noise_multiplier
                 if noise_multiplier is not None
-                else calibrate_sigma(dp.target_epsilon, dp.delta, q, steps * rounds, dp.accountant)
+                else calibrate_sigma(dp.target_epsilon, dp.delta, q, steps * rounds, dp.accountant, others)
             )
     except ValueError as exc:
         raise PrivacyPlanError(
@@ -118,16 +130,24 @@ def compact(history: History) -> History:
 
 
 @functools.lru_cache(maxsize=256)
-def calibrate_sigma(target_epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+def calibrate_sigma(
+    target_epsilon: float,
+    delta: float,
+    q: float,
+    steps: int,
+    accountant: str,
+    others: tuple[tuple[float, float, int], ...] = (),
+) -> float:
     """σ reaching ``target_epsilon`` after ``steps`` steps at rate ``q``: Opacus's search, remembered.
 
     The search is Opacus's ``get_noise_multiplier`` step for step (same σ candidates, same
-    tolerance, so the same result); for RDP each candidate's ε comes from :func:`epsilon_spent`,
-    whose per-step RDP curves are cached. Nodes of equal size plan identical runs, so in a large
-    simulation a worker searches once per size instead of once per client call (seconds each at
-    large q: Opacus's fractional-order series converge slowly there).
+    tolerance, so the same result), composed with ``others`` (fixed releases of the same run)
+    when given; each candidate's ε comes from :func:`epsilon_spent`, whose per-step RDP curves
+    are cached. Nodes of equal size plan identical runs, so in a large simulation a worker
+    searches once per size instead of once per client call (seconds each at large q: Opacus's
+    fractional-order series converge slowly there).
     """
-    if accountant != "rdp":
+    if accountant != "rdp" and not others:
         return float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon,
@@ -138,15 +158,19 @@ def calibrate_sigma(target_epsilon: float, delta: float, q: float, steps: int, a
                 epsilon_tolerance=0.01,
             )
         )
+
+    def run_epsilon(sigma: float) -> float:
+        return epsilon_spent([(sigma, q, steps), *others], delta, accountant)
+
     eps_high, sigma_low, sigma_high = math.inf, 0.0, 10.0
     while eps_high > target_epsilon:
         sigma_high = 2 * sigma_high
-        eps_high = epsilon_spent([(sigma_high, q, steps)], delta)
+        eps_high = run_epsilon(sigma_high)
         if sigma_high > MAX_SIGMA:
             raise ValueError("The privacy budget is too low.")
     while target_epsilon - eps_high > 0.01:
         sigma = (sigma_low + sigma_high) / 2
-        eps = epsilon_spent([(sigma, q, steps)], delta)
+        eps = run_epsilon(sigma)
         if eps < target_epsilon:
             sigma_high, eps_high = sigma, eps
         else:

@@ -113,3 +113,30 @@ def test_remembered_accounting_equals_opacus_exactly() -> None:
     expected = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.06, steps=34)
     assert calibrate_sigma(8.0, 1e-5, 0.06, 34, "rdp") == expected
     assert calibrate_sigma(8.0, 1e-5, 0.06, 34, "rdp") == expected  # remembered
+
+
+def test_a_run_with_fairness_counts_stays_within_its_target_epsilon() -> None:
+    """σ is calibrated for the whole run — its DP-SGD rounds and the counts release after them."""
+    from common.config import DPConfig
+    from common.errors import PrivacyPlanError
+    from common.privacy import plan_dp
+
+    dp = DPConfig(target_epsilon=8.0, delta=1e-5)
+    counts = [(5.0, 1.0, 1)]  # the demo's counts release: z = 5, once
+    alone = plan_dp(3000, dp, batch_size=256, local_epochs=1, rounds=3)
+    plan = plan_dp(3000, dp, batch_size=256, local_epochs=1, rounds=3, also=counts)
+    run = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * 3 + counts
+    assert 7.95 <= epsilon_spent(run, dp.delta) <= 8.0  # spent up to the target, never above it
+    training_only = [(alone.noise_multiplier, alone.sample_rate, alone.steps_per_round)] * 3
+    assert epsilon_spent(training_only + counts, dp.delta) > 8.0  # what calibrating without the counts did
+    assert plan.noise_multiplier > alone.noise_multiplier
+    with pytest.raises(PrivacyPlanError, match="alone spend") as err:
+        plan_dp(
+            3000,
+            DPConfig(target_epsilon=1.0, delta=1e-5),
+            batch_size=256,
+            local_epochs=1,
+            rounds=3,
+            also=[(1.0, 1.0, 1)],
+        )
+    assert "fairness.count_noise_multiplier" in err.value.fix
