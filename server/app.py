@@ -24,6 +24,7 @@ from typing import cast
 
 import numpy as np
 import torch
+from cryptography.exceptions import UnsupportedAlgorithm
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -201,6 +202,7 @@ def run_federation(
         poll, query_timeout = cfg.server.poll_interval, min(cfg.server.round_timeout, 120.0)
         roles = discover_roles(grid, nodes, {}, base, query_timeout, poll, node_keys, flower_run_id)
         evaluators = sorted(n for n, r in roles.items() if r == "evaluator")
+        vetted = set(evaluators)  # evaluator claims already checked (each is reported once)
         if signed:
             evaluators = [n for n in evaluators if _is_bound_evaluator(n, node_keys or {}, evaluator_key, progress)]
         scorer = Scorer(cfg, evaluators[0] if evaluators else None)
@@ -242,6 +244,8 @@ def run_federation(
                 online = sorted(int(n) for n in grid.get_node_ids())
                 roles = discover_roles(grid, online, roles, base, query_timeout, poll, node_keys, flower_run_id)
                 online = [n for n in online if roles.get(n) == "client"]  # the evaluator never trains
+                if scorer.evaluator is None and he_rounds is None:
+                    scorer = _late_evaluator(scorer, roles, vetted, node_keys, evaluator_key, progress)
                 k = min(cfg.clients_per_round, len(online))
                 # Sample by position: node ids are uint64 and would lose precision in a numpy array.
                 sampled = sorted(online[i] for i in rng.permutation(len(online))[:k])
@@ -373,11 +377,30 @@ def run_federation(
     return RunResult(run_id=run_id, store_path=store_path, final_metrics=metrics)
 
 
+def _late_evaluator(
+    scorer: Scorer,
+    roles: dict[int, str],
+    vetted: set[int],
+    node_keys: dict[int, bytes] | None,
+    evaluator_key: str,
+    progress: Progress,
+) -> Scorer:
+    """An evaluator whose role reply came late (it joined after the start, a slow host) scores from now on."""
+    late = sorted(n for n, r in roles.items() if r == "evaluator" and n not in vetted)
+    vetted.update(late)
+    if node_keys is not None:
+        late = [n for n in late if _is_bound_evaluator(n, node_keys, evaluator_key, progress)]
+    if not late:
+        return scorer
+    progress(f"evaluator node {late[0]} answered late; it scores and audits the rounds from now on")
+    return Scorer(scorer.cfg, late[0])
+
+
 def _is_bound_evaluator(node: int, node_keys: dict[int, bytes], expected: str, progress: Progress) -> bool:
     """Only the key enrolled as the evaluator may act as one (DESIGN §5: roles bound to keys)."""
     try:
         actual = key_fingerprint(node_keys.get(node, b""))
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):  # no key, or one that is not an EC key
         actual = "unknown"
     if expected and actual == expected:
         return True

@@ -136,3 +136,38 @@ def test_a_failed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     assert second["status"] == "finished" and int(second["resumed_from"]) == 1
     assert [(r["round"], r["aggregated"]) for r in rounds] == [(2, 1), (3, 1)]  # round 1 is not run again
     assert sorted(evals) == [2, 3]
+
+
+def test_an_evaluator_that_answers_late_scores_from_then_on() -> None:
+    """A slow evaluator (its role reply missed the start) is picked up, not silently replaced by the server."""
+    from server.app import _late_evaluator
+    from server.scoring import Scorer
+
+    lines: list[str] = []
+    scorer = Scorer(tabular_config(), None)
+    assert not scorer.active
+    roles = {11: "client", 12: "client"}
+    vetted: set[int] = set()
+    assert _late_evaluator(scorer, roles, vetted, None, "", lines.append) is scorer  # nobody new
+    roles[13] = "evaluator"
+    late = _late_evaluator(scorer, roles, vetted, None, "", lines.append)
+    assert late.evaluator == 13 and late.active
+    assert lines == ["evaluator node 13 answered late; it scores and audits the rounds from now on"]
+    # Deployment: a claim from a key that is not the enrolled evaluator's is refused, and reported once.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from common.reply_signing import key_fingerprint
+
+    def pem() -> bytes:
+        key = ec.generate_private_key(ec.SECP384R1()).public_key()
+        return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    enrolled, other = pem(), pem()
+    roles[14] = "evaluator"
+    keys = {14: other, 15: enrolled}
+    assert _late_evaluator(scorer, roles, vetted, keys, key_fingerprint(enrolled), lines.append) is scorer
+    assert _late_evaluator(scorer, roles, vetted, keys, key_fingerprint(enrolled), lines.append) is scorer
+    assert len(lines) == 2 and "not the enrolled evaluator" in lines[1]
+    roles[15] = "evaluator"
+    assert _late_evaluator(scorer, roles, vetted, keys, key_fingerprint(enrolled), lines.append).evaluator == 15
