@@ -4,7 +4,8 @@ Provisions a federation (CA, server certificate, one key per node), starts the S
 and node authentication, one SuperNode + FedGuard executor per client and one evaluator, submits
 the run through Flower's control API, signed with the federation's run-signing key, and follows
 it in the run store; everything is stopped at the end, whatever happens. Each node runs under an
-owner policy that lets the demo's sensitive columns be used for noised fairness counts.
+owner policy that lets the demo's sensitive columns be used for noised fairness counts and its
+coarsened resource figures be sent.
 """
 
 from __future__ import annotations
@@ -93,7 +94,11 @@ def deployed_demo(
     )
     policy = deploy_dir / "policy.toml"
     sensitive = ", ".join(f'"{c}"' for c in run_cfg.data.schema_.sensitive)
-    policy.write_text(f"# the demo owners' policy (see `fedguard client inspect`)\nfairness_columns = [{sensitive}]\n")
+    policy.write_text(
+        "# the demo owners' policy (see `fedguard client inspect`): noised fairness counts over these\n"
+        "# columns, and coarsened time/energy figures for the run's cost report\n"
+        f'fairness_columns = [{sensitive}]\nallow_values = ["resource-figures"]\n'
+    )
     nodes: list[SuperNode] = []
     try:
         superlink.start(timeout=120)
