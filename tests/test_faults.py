@@ -423,7 +423,10 @@ def test_client_node_killed_in_round_2_is_dropped_and_rejoins_for_round_3(fed: F
     print(f"[{time.monotonic() - t0:.0f}s] gamma rejoined")
     run = store_run(fed, flower_id)
     assert run is not None
-    assert [r["round"] for r in fed.rounds(run["run_id"])] == [1], "round 2 ended before gamma was back"
+    # Signing the crashed session off (client.supernode._take_over_crashed_session) makes the
+    # SuperLink answer its round-2 message with an error at once, so round 2 may close before the
+    # test sees the node back; round 3 must not have closed without it.
+    assert [r["round"] for r in fed.rounds(run["run_id"])] in ([1], [1, 2]), "round 3 ended before gamma was back"
 
     run = wait_until(
         lambda: (r := store_run(fed, flower_id)) and r["status"] != "running" and r, "the run to end", timeout=300
