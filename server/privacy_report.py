@@ -128,6 +128,7 @@ class PrivacyReport(_Model):
     seed: int
     seed_note: str
     rounds_planned: int
+    resumed_from: int | None = None  # the interrupted run this one continues (fedguard run resume)
     target_epsilon: float | None
     target_delta: float | None
     engine: str
@@ -236,6 +237,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         seed_note="the config seed drives data splits, model initialisation and client selection only; "
         "DP sampling and noise come from each node's OS CSPRNG",
         rounds_planned=cfg.rounds,
+        resumed_from=run.get("resumed_from"),
         target_epsilon=cfg.dp.target_epsilon if cfg.dp.enabled else None,
         target_delta=cfg.dp.delta if cfg.dp.enabled else None,
         engine=str(meta.get("engine", "unknown")),
@@ -271,6 +273,15 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
             "ul",
             [
                 f"Status: {rep.status}; {rep.rounds_planned} rounds planned",
+                *(
+                    [
+                        f"Resumes run {rep.resumed_from}: the rounds before the interruption, and every "
+                        f"release they made, are in run {rep.resumed_from}'s report; each node's ε total "
+                        "(its ledger) includes both"
+                    ]
+                    if rep.resumed_from is not None
+                    else []
+                ),
                 f"Target per client and run: ε={_fmt(rep.target_epsilon, 'g')}, δ={_fmt(rep.target_delta, 'g')}",
                 f"Engine: {rep.engine}",
                 f"Transport: {rep.transport}",
@@ -467,7 +478,6 @@ def to_html(rep: PrivacyReport) -> str:
     return blocks_to_html(
         _blocks(rep), f"FedGuard privacy report {rep.run_id}", rep.model_dump_json(), after_title=_svg_plot(rep)
     )
-
 
 
 def render(rep: PrivacyReport, fmt: str) -> str:

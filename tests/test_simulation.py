@@ -136,6 +136,12 @@ def test_a_failed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     assert second["status"] == "finished" and int(second["resumed_from"]) == 1
     assert [(r["round"], r["aggregated"]) for r in rounds] == [(2, 1), (3, 1)]  # round 1 is not run again
     assert sorted(evals) == [2, 3]
+    # The reviewer of the resumed run is pointed at the interrupted one, whose releases count too.
+    from server.privacy_report import build_privacy_report, render
+
+    report = build_privacy_report(work / "runs.db", summary["run_id"])
+    assert report.resumed_from == 1
+    assert "Resumes run 1: the rounds before the interruption" in render(report, "md")
 
 
 def test_an_evaluator_that_answers_late_scores_from_then_on() -> None:
