@@ -82,11 +82,11 @@ def plan_dp(
     q, per_epoch = poisson_schedule(n_train, batch_size)
     steps = per_epoch * local_epochs
     others = tuple(compact(also or []))
-    if others and epsilon_spent(list(others), dp.delta, dp.accountant) >= dp.target_epsilon:
+    fixed = epsilon_spent(list(others), dp.delta, dp.accountant)
+    if fixed >= dp.target_epsilon:
         raise PrivacyPlanError(
             f"the run's other releases {list(others)} (σ, q, steps) alone spend "
-            f"ε={epsilon_spent(list(others), dp.delta, dp.accountant):.3f} ≥ the target ε={dp.target_epsilon}, "
-            "leaving nothing for training",
+            f"ε={fixed:.3f} ≥ the target ε={dp.target_epsilon}, leaving nothing for training",
             where="dp.target_epsilon",
             fix="raise dp.target_epsilon or fairness.count_noise_multiplier, or set fairness.federated_counts = false",
         )
