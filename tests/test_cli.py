@@ -38,3 +38,32 @@ def test_models_lists_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "ft-transformer" in out and "text-transformer" in out
+
+
+def test_text_demo_ends_without_a_fairness_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The text demo has no sensitive attributes: its reporting must finish, privacy and cost reports only.
+
+    The federation itself is replaced by a finished run in a real store (training MiniLM takes
+    minutes; tests/test_pretrained.py covers it); everything after it is the demo's own code.
+    """
+    pytest.importorskip("transformers")
+    import fedguard.simulate
+    from server.app import RunResult
+    from server.store import RunStore
+
+    def finished_run(cfg, workdir, **_):  # type: ignore[no-untyped-def]
+        assert not cfg.data.schema_.sensitive
+        store_path = workdir / "runs.db"
+        with RunStore(store_path) as store:
+            run_id = store.create_run(cfg.name, cfg.to_json(), "hash", None)
+            store.finish_run(run_id, "finished")
+        return RunResult(run_id=run_id, store_path=store_path, final_metrics={})
+
+    monkeypatch.setattr(fedguard.simulate, "simulate", finished_run)
+    assert main(["demo", "--model", "minilm-lora", "--simulate", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "privacy report:" in out and "cost report:" in out
+    assert "fairness report" not in out and "fairness findings" not in out
+    assert (tmp_path / "privacy-report-run-1.html").exists() and not (tmp_path / "fairness-report-run-1.html").exists()
