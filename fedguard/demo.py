@@ -160,35 +160,20 @@ def demo_config(
     ``model="minilm-lora"``: the text demo (tweets, pretrained MiniLM + LoRA, ``TEXT_UTILITY_DEFAULTS``).
     """
     _check_model(model)
-    if model == "minilm-lora":
-        t = TEXT_UTILITY_DEFAULTS
-        return parse_config(
-            {
-                "name": "fedguard-demo-minilm-lora",
-                "seed": 7,
-                "rounds": rounds,
-                "clients_per_round": clients,
-                "model": {"name": "minilm-lora"},
-                "train": dict(t["train"]),
-                "dp": {"enabled": True, "target_epsilon": epsilon, "delta": 1e-5, **t["dp"]},
-                "data": {"schema": TEXT_DEMO_SCHEMA, "validation_fraction": 0.1},
-                "server": {"min_replies": min(2, clients), "round_timeout": 900, **t["server"]},
-                "simulation": {"num_clients": clients, "data_path": str(data_path), "partitioner": "iid"},
-            },
-            "demo config",
-        )
-    u = UTILITY_DEFAULTS
+    text = model == "minilm-lora"
+    defaults = TEXT_UTILITY_DEFAULTS if text else UTILITY_DEFAULTS
     return parse_config(
         {
-            "name": "fedguard-demo",
+            "name": "fedguard-demo-minilm-lora" if text else "fedguard-demo",
             "seed": 7,
             "rounds": rounds,
             "clients_per_round": clients,
-            "model": {"name": "ft-transformer"},
-            "train": dict(u["train"]),
-            "dp": {"enabled": True, "target_epsilon": epsilon, "delta": 1e-5, **u["dp"]},
-            "data": {"schema": DEMO_SCHEMA, "validation_fraction": 0.1},
-            "server": {"min_replies": min(2, clients), "round_timeout": 300, **u["server"]},
+            "model": {"name": model},
+            "train": dict(defaults["train"]),
+            "dp": {"enabled": True, "target_epsilon": epsilon, "delta": 1e-5, **defaults["dp"]},
+            "data": {"schema": TEXT_DEMO_SCHEMA if text else DEMO_SCHEMA, "validation_fraction": 0.1},
+            # a pretrained model's round takes minutes on 2 CPU cores
+            "server": {"min_replies": min(2, clients), "round_timeout": 900 if text else 300, **defaults["server"]},
             "simulation": {"num_clients": clients, "data_path": str(data_path), "partitioner": "iid"},
         },
         "demo config",
