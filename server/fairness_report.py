@@ -30,6 +30,7 @@ from common.fairness import (
     merge_findings,
     track_findings,
 )
+from server.control.charts import line_chart
 from server.report_blocks import to_markdown as blocks_to_markdown
 
 DEFINITIONS = [
@@ -494,55 +495,9 @@ def to_markdown(rep: FairnessReport) -> str:
     return blocks_to_markdown(_blocks(rep))
 
 
-_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
-
-
-def _svg_plot(plot: Plot) -> str:
-    """Values in [0, 1] per group over rounds, as an inline SVG line chart (one polyline per group)."""
-    esc = html.escape
-    rounds = sorted({r for pts in plot.series.values() for r, _ in pts})
-    w, h, pad, legend = 640, 260, 44, 170
-    lo, hi = (rounds[0], rounds[-1]) if rounds else (0, 1)
-    span = max(hi - lo, 1)
-
-    def x(rnd: int) -> float:
-        return pad + (w - 2 * pad) * (0.5 if hi == lo else (rnd - lo) / span)
-
-    def y(v: float) -> float:
-        return h - pad - (h - 2 * pad) * min(max(v, 0.0), 1.0)
-
-    parts = [
-        f'<svg class="fairness-plot" width="{w + legend}" height="{h}" role="img" aria-label="{esc(plot.title)}">',
-        f'<text x="{pad}" y="16" font-size="13" font-weight="bold">{esc(plot.title)}</text>',
-        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
-        f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle" font-size="12">round</text>',
-        f'<text x="12" y="{h / 2}" font-size="12" transform="rotate(-90 12 {h / 2})">{esc(plot.ylabel)}</text>',
-    ]
-    for tick in (0.0, 0.5, 1.0):
-        parts.append(f'<text x="{pad - 4}" y="{y(tick) + 4:.1f}" text-anchor="end" font-size="11">{tick:g}</text>')
-        parts.append(
-            f'<line x1="{pad}" y1="{y(tick):.1f}" x2="{w - pad}" y2="{y(tick):.1f}" stroke="#eee"/>' if tick else ""
-        )
-    for rnd in rounds:
-        parts.append(f'<text x="{x(rnd):.1f}" y="{h - pad + 16}" text-anchor="middle" font-size="11">{rnd}</text>')
-    for i, (group, pts) in enumerate(plot.series.items()):
-        color = _COLORS[i % len(_COLORS)]
-        coords = " ".join(f"{x(r):.1f},{y(v):.1f}" for r, v in pts)
-        parts.append(
-            f'<polyline class="group-series" data-group="{esc(group)}" fill="none" stroke="{color}" '
-            f'stroke-width="2" points="{coords}"/>'
-        )
-        for r, v in pts:
-            parts.append(
-                f'<circle cx="{x(r):.1f}" cy="{y(v):.1f}" r="3" fill="{color}"><title>{esc(group)} round {r}: '
-                f"{v:.3f}</title></circle>"
-            )
-        parts.append(f'<text x="{w - pad + 8}" y="{pad + 14 * i}" font-size="11" fill="{color}">{esc(group)}</text>')
-    if not plot.series:
-        parts.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle" font-size="12">no values</text>')
-    parts.append("</svg>")
-    return "\n".join(p for p in parts if p)
+def _svg_plot(plot: Plot, index: int) -> str:
+    """Values in [0, 1] per group over rounds: the dashboard's inline SVG chart, one polyline per group."""
+    return line_chart(f"fairness-plot-{index}", plot.title, plot.series, ylabel=plot.ylabel, y_min=0.0, y_max=1.0)
 
 
 def _json_for_script(rep: FairnessReport) -> str:
@@ -563,7 +518,7 @@ def to_html(rep: FairnessReport) -> str:
         elif kind == "ul":
             body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in value) + "</ul>")  # type: ignore[attr-defined]
         elif kind == "plot":
-            body.append(_svg_plot(value))  # type: ignore[arg-type]
+            body.append(_svg_plot(value, len(body)))  # type: ignore[arg-type]
         else:
             header, rows = cast(Table, value)
             head = "".join(f"<th>{esc(h)}</th>" for h in header)
@@ -576,7 +531,7 @@ def to_html(rep: FairnessReport) -> str:
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}"
         "th{background:#f3f3f3}td.suppressed{color:#888;font-style:italic}td.critical{color:#b00;font-weight:bold}"
-        "td.warning{color:#a60}svg.fairness-plot{display:block;margin:.5em 0}"
+        "td.warning{color:#a60}svg.chart{display:block;margin:.5em 0}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>FedGuard fairness report {rep.run_id}</title>"

@@ -430,7 +430,7 @@ def test_report_markdown_and_html_show_the_group_values() -> None:
     assert rep.provenance.sha256 in md and rep.provenance.sha256 in page
     assert "Central vs federated view" in md and "Client-level fairness" in page
     # one selection-rate and one TPR plot per attribute, one polyline per reported group
-    lines = re.findall(r'<polyline class="group-series" data-group="([^"]+)"', page)
+    lines = re.findall(r'<polyline class="series" data-series="([^"]+)"', page)
     assert lines.count("m") == 2 and lines.count(f"m{SEP}north") == 2
     assert "x" not in lines and f"f{SEP}x" not in lines  # suppressed groups are not plotted
     assert page.count("<svg") == 2 * len(last.attributes)

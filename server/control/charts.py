@@ -1,4 +1,4 @@
-"""Inline SVG line charts for the dashboard: rendered on the server, no scripts, readable offline.
+"""Inline SVG line charts for the dashboard and the HTML reports: rendered on the server, no scripts, readable offline.
 
 One function, :func:`line_chart`, draws several named series over rounds. Every series is a
 ``<polyline>`` with ``data-series`` naming it and every point a ``<circle>`` with a ``<title>``
@@ -43,7 +43,7 @@ def line_chart(
     points = [(r, v) for pts in series.values() for r, v in pts if math.isfinite(v)]
     head = (
         f'<svg id="{esc(chart_id)}" class="chart" role="img" aria-label="{esc(title)}" '
-        f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
         f"<title>{esc(title)}</title>"
     )
     if not points:
