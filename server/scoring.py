@@ -1,6 +1,6 @@
 """Scoring every round's global model: metrics and the fairness audit, recorded in the run store.
 
-When an evaluator node takes part (a node holding the central held-out set, DESIGN §2), the
+When an evaluator node takes part (a node holding the central held-out set), the
 server sends it the global model and stores what it returns; the server never needs the
 held-out data. Without one, a server-side held-out file (``data.evaluation_path``) is used.
 """
@@ -23,7 +23,7 @@ from common.evaluation import evaluate_and_audit, provenance
 from common.models import build_model, model_max_len
 from server.grid_io import collect_replies
 from server.store import RunStore
-from server.validation import check_signature
+from server.validation import Envelope
 
 log = logging.getLogger("fedguard.server")
 
@@ -106,18 +106,17 @@ class Scorer:
             message_type=MessageType.EVALUATE,
             group_id=str(rnd),
         )
+        gate = Envelope([msg], node_keys, int(flower_run_id or 0), rnd)
         replies, _, _ = collect_replies(grid, [msg], self.cfg.server.round_timeout, self.cfg.server.poll_interval)  # type: ignore[arg-type]
         if not replies:
             log.warning("round %d: the evaluator did not reply in time", rnd)
             return None
-        reply = replies[0]
-        if node_keys is not None and (bad := check_signature(reply, node_keys, int(flower_run_id or 0), rnd)):
-            log.warning("round %d: evaluator reply rejected: %s", rnd, bad.reason)
+        if (left_out := gate.check(replies[0])) is not None:
+            log.warning("round %d: evaluator reply %s: %s", rnd, left_out.status, left_out.reason)
             return None
-        content = reply.content
-        if reply.has_error() or R.EVALUATION not in content:
-            reason = reply.error.reason if reply.has_error() else f"records {sorted(content.keys())}"
-            log.warning("round %d: evaluator failed: %s", rnd, reason)
+        content = replies[0].content
+        if R.EVALUATION not in content:
+            log.warning("round %d: evaluator reply without an evaluation: records %s", rnd, sorted(content.keys()))
             return None
         return score_from_reply(content, node)
 

@@ -1,13 +1,20 @@
-"""Check every reply before it can touch the global model.
+"""The one reply validator: a shared envelope check, then a payload check per aggregation mode.
 
 One bad reply must never end a run: it is classified, recorded with its reason and left out.
 (Flower's own FedAvg raises ``InconsistentMessageReplies`` on a mixed set of replies.)
+
+:class:`Envelope` checks what every reply of a round must satisfy whatever the mode: it answers a
+message of this round, sent to the node that answers; it is the first answer to that message; it
+is signed by the node's registered key for this run, round and message. Errors and refusals stop
+there. Each round protocol then checks its own payload with :func:`check_records`,
+:func:`check_metrics` and its update check (:func:`check_plain_update` for plaintext models).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +24,6 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from common import records as R
 from common.codec import record_to_numpy
 from common.reply_signing import verify_reply
-
-#: Accounting and public values a train reply may carry besides its weight (all numeric, ≥ 0).
-_METRIC_KEYS = [k for k in R.REPLY_ALLOWLIST[R.METRICS] if k != R.NUM_EXAMPLES]
 
 
 @dataclass
@@ -43,6 +47,10 @@ class Outcome:
             "values": self.values,
             "received": self.received,
         }
+
+
+class Rejected(Exception):
+    """A payload check failed; the message is the reason recorded for the node."""
 
 
 def received_keys(content: RecordDict) -> list[str]:
@@ -76,6 +84,79 @@ def _reject(node: int, reason: str) -> Outcome:
     return Outcome(node, "rejected", reason)
 
 
+def status_of(msg: Message) -> Outcome | None:
+    """A Flower error reply or an explicit refusal, as recorded; None for a reply with a payload."""
+    node = int(msg.metadata.src_node_id)
+    if msg.has_error():
+        return Outcome(node, "failed", f"error {msg.error.code}: {msg.error.reason}")
+    if R.REFUSAL in msg.content:
+        return Outcome(node, "refused", refusal_reason(msg.content), received=received_keys(msg.content))
+    return None
+
+
+class Envelope:
+    """The checks every reply of one round passes before any mode looks at its payload.
+
+    ``node_keys`` is None in simulation (no node authentication: every node is in one trust
+    domain); in deployment every reply must be signed by its node's registered key.
+    """
+
+    def __init__(
+        self, messages: Iterable[Message], node_keys: dict[int, bytes] | None, run_id: int, round_: int
+    ) -> None:
+        self._messages = list(messages)  # their ids are assigned when they are pushed
+        self._sent: dict[str, int] | None = None
+        self._answered: set[str] = set()
+        self.node_keys, self.run_id, self.round = node_keys, run_id, round_
+
+    def check(self, msg: Message) -> Outcome | None:
+        """Why ``msg`` is left out (rejected, failed or refused), or None: check its payload."""
+        if self._sent is None:
+            self._sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._messages}
+        node, answered = int(msg.metadata.src_node_id), msg.metadata.reply_to_message_id
+        if not answered or answered not in self._sent:
+            return _reject(node, f"answers no message of round {self.round}")
+        if answered in self._answered:
+            return _reject(node, "a second reply to the same message (only the first counts)")
+        if node != self._sent[answered]:
+            return _reject(node, f"answers a message sent to node {self._sent[answered]}")
+        self._answered.add(answered)
+        if self.node_keys is not None and (bad := check_signature(msg, self.node_keys, self.run_id, self.round)):
+            return bad
+        return status_of(msg)
+
+
+def check_records(content: RecordDict, expected: set[str]) -> None:
+    """Exactly the records a mode's reply carries (besides the signature), each key allow-listed."""
+    names = set(content.keys()) - {R.SIGNATURE}
+    if names != expected:
+        raise Rejected(f"unexpected records {sorted(names)}; expected {sorted(expected)}")
+    for name in names:
+        allowed = R.REPLY_ALLOWLIST[name]
+        extra = [] if "*" in allowed else sorted(set(content[name].keys()) - set(allowed))
+        if extra:
+            raise Rejected(f"{name} keys outside the reply allow-list: {extra}")
+
+
+def check_values(record: Any, name: str) -> dict[str, float]:
+    """Every value of an allow-listed record is a finite number ≥ 0 (accounting, public or timing)."""
+    values: dict[str, float] = {}
+    for key, v in record.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise Rejected(f"invalid {name}.{key}={v!r}: expected a finite number ≥ 0")
+        values[key] = v
+    return values
+
+
+def check_metrics(content: RecordDict, max_weight: float) -> tuple[float, dict[str, float]]:
+    """The declared weight in (0, ``max_weight``] and every other metric finite and ≥ 0."""
+    values = check_values(content[R.METRICS], R.METRICS)
+    weight = values.pop(R.NUM_EXAMPLES, None)
+    if weight is None or not 0 < weight <= max_weight:
+        raise Rejected(f"weight {R.NUM_EXAMPLES}={weight!r} outside (0, {max_weight:g}]")
+    return float(weight), values
+
+
 def update_norm(state: OrderedDict[str, np.ndarray], reference: OrderedDict[str, np.ndarray]) -> float:
     """L2 norm of (state − reference) over the float tensors."""
     total = 0.0
@@ -85,53 +166,46 @@ def update_norm(state: OrderedDict[str, np.ndarray], reference: OrderedDict[str,
     return math.sqrt(total)
 
 
+def check_plain_update(
+    content: RecordDict, reference: OrderedDict[str, np.ndarray], max_update_norm: float | None
+) -> OrderedDict[str, np.ndarray]:
+    """A plaintext model that matches the global one exactly in structure, finite and within the norm bound."""
+    try:
+        state = record_to_numpy(content[R.ARRAYS])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise Rejected(f"undecodable reply: {type(exc).__name__}") from None
+    missing, extra = set(reference) - set(state), set(state) - set(reference)
+    if missing or extra:
+        raise Rejected(f"tensor keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    for key, ref in reference.items():
+        arr = state[key]
+        if arr.shape != ref.shape:
+            raise Rejected(f"wrong shape for {key}: {arr.shape}, expected {ref.shape}")
+        if arr.dtype != ref.dtype:
+            raise Rejected(f"wrong dtype for {key}: {arr.dtype}, expected {ref.dtype}")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise Rejected(f"non-finite values (NaN/Inf) in {key}")
+    if max_update_norm is not None:
+        norm = update_norm(state, reference)
+        if norm > max_update_norm:
+            raise Rejected(f"update norm {norm:.3g} exceeds server.max_update_norm={max_update_norm:g}")
+    return state
+
+
 def classify_reply(
     msg: Message,
     reference: OrderedDict[str, np.ndarray],
     max_weight: float,
     max_update_norm: float | None = None,
 ) -> Outcome:
-    """Accept a reply only if it matches the global model exactly in structure, is finite and in bounds."""
-    node = int(msg.metadata.src_node_id)
-    if msg.has_error():
-        return Outcome(node, "failed", f"error {msg.error.code}: {msg.error.reason}")
-    content = msg.content
-    if R.REFUSAL in content:
-        return Outcome(node, "refused", refusal_reason(content), received=received_keys(content))
-    names = set(content.keys()) - {R.SIGNATURE}
-    if names != {R.ARRAYS, R.METRICS}:
-        return _reject(node, f"unexpected records {sorted(names)}; expected {[R.ARRAYS, R.METRICS]}")
+    """The plaintext payload check of one reply (after its envelope): accepted with its state, or why not."""
+    if (status := status_of(msg)) is not None:
+        return status
+    node, content = int(msg.metadata.src_node_id), msg.content
     try:
-        state = record_to_numpy(content[R.ARRAYS])
-        metrics = dict(content[R.METRICS])
-    except (TypeError, ValueError, KeyError) as exc:
-        return _reject(node, f"undecodable reply: {type(exc).__name__}")
-    missing, extra = set(reference) - set(state), set(state) - set(reference)
-    if missing or extra:
-        return _reject(node, f"tensor keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
-    for key, ref in reference.items():
-        arr = state[key]
-        if arr.shape != ref.shape:
-            return _reject(node, f"wrong shape for {key}: {arr.shape}, expected {ref.shape}")
-        if arr.dtype != ref.dtype:
-            return _reject(node, f"wrong dtype for {key}: {arr.dtype}, expected {ref.dtype}")
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            return _reject(node, f"non-finite values (NaN/Inf) in {key}")
-    if max_update_norm is not None:
-        norm = update_norm(state, reference)
-        if norm > max_update_norm:
-            return _reject(node, f"update norm {norm:.3g} exceeds server.max_update_norm={max_update_norm:g}")
-    weight = metrics.get(R.NUM_EXAMPLES)
-    if not isinstance(weight, int | float) or not math.isfinite(weight) or not 0 < weight <= max_weight:
-        return _reject(node, f"weight {R.NUM_EXAMPLES}={weight!r} outside (0, {max_weight:g}]")
-    unexpected = sorted(set(metrics) - set(R.REPLY_ALLOWLIST[R.METRICS]))
-    if unexpected:
-        return _reject(node, f"metrics outside the reply allow-list: {unexpected}")
-    values: dict[str, Any] = {}
-    for key in _METRIC_KEYS:
-        v = metrics.get(key)
-        if v is not None:
-            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                return _reject(node, f"invalid {key}={v!r}")
-            values[key] = v
-    return Outcome(node, "accepted", None, float(weight), values, received_keys(content), state)
+        check_records(content, {R.ARRAYS, R.METRICS})
+        weight, values = check_metrics(content, max_weight)
+        state = check_plain_update(content, reference, max_update_norm)
+    except Rejected as exc:
+        return _reject(node, str(exc))
+    return Outcome(node, "accepted", None, weight, values, received_keys(content), state)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from client.app import app as client_app
 from client.he_node import template
@@ -20,7 +20,9 @@ from common.config import RunConfig
 from common.he_custody import flatten_state, keygen, load_server_bundle, trainable_keys, write_bundle
 from common.kit import fingerprint_public_key
 from common.reply_signing import sign_reply
-from server.homomorphic import EncryptedGlobal, HomomorphicRounds, aggregate_content
+from server.rounds.base import Federation
+from server.rounds.homomorphic import EncryptedGlobal, HomomorphicRounds, aggregate_content
+from server.scoring import Scorer
 from tests.helpers import make_tabular, node_context, node_keypair, tabular_config
 
 pytestmark = [pytest.mark.usefixtures("server_identity"), pytest.mark.timeout(300)]
@@ -66,7 +68,12 @@ def fed(tmp_path: Path) -> dict:
         for i, name in enumerate([*CLIENTS, "judge"])
     }
     node_keys = {**{CLIENTS[n]: pubs[n] for n in CLIENTS}, EVALUATOR: pubs["judge"]}
-    rounds = HomomorphicRounds(None, cfg, template(cfg), EVALUATOR, node_keys, 1, print)  # type: ignore[arg-type]
+    # The protocol's view of the federation; messages go straight to the ClientApp, so no grid or store.
+    federation = Federation(
+        None, cfg, None, 1, 1, base(cfg), signed=True, evaluator_key="", meter=None, progress=print,  # type: ignore[arg-type]
+        rng=np.random.default_rng(0), node_keys=node_keys, scorer=Scorer(cfg, EVALUATOR),
+    )  # fmt: skip
+    rounds = HomomorphicRounds(federation, template(cfg))
     return {"cfg": cfg, "ctx": ctx, "keys": node_keys, "rounds": rounds, "tmp": tmp_path, "secret": bundle}
 
 
@@ -81,8 +88,21 @@ def initial(fed: dict) -> EncryptedGlobal:
     return EncryptedGlobal(reply.content[R.ARRAYS], str(reply.content[R.HE][R.HE_SIGNATURE]))
 
 
+def train_messages(fed: dict, glob: EncryptedGlobal, rnd: int, nodes: list[int]) -> tuple[list[Message], list]:
+    fed["rounds"].glob = glob
+    return fed["rounds"].configure_train(rnd, nodes)
+
+
+def add_replies(fed: dict, replies: list[Message]) -> tuple[list, he.CiphertextSum, list]:
+    """A fresh round's intake: each reply through the protocol's payload check and running sum."""
+    rounds = fed["rounds"]
+    rounds.configure_train(1, [])
+    outcomes = [rounds.accept(r) for r in replies]
+    return outcomes, rounds.total, rounds.accepted
+
+
 def train_round(fed: dict, glob: EncryptedGlobal) -> tuple[list[Message], list[Message]]:
-    messages, skipped = fed["rounds"].train_messages(glob, base(fed["cfg"]), 1, list(CLIENTS.values()), fed["keys"])
+    messages, skipped = train_messages(fed, glob, 1, list(CLIENTS.values()))
     assert not skipped
     return messages, [client_app(msg, fed["ctx"][name]) for msg, name in zip(messages, CLIENTS, strict=True)]
 
@@ -102,7 +122,7 @@ def resign(msg: Message, reply: Message, key: Path, arrays: list[bytes]) -> Mess
 def test_a_round_decrypts_to_the_plaintext_weighted_fedavg(fed: dict) -> None:
     glob = initial(fed)
     _, replies = train_round(fed, glob)
-    outcomes, total, accepted = fed["rounds"].add_replies(replies, fed["keys"], 1)
+    outcomes, total, accepted = add_replies(fed, replies)
     assert [o.status for o in outcomes] == ["accepted", "accepted"]
     config = {**base(fed["cfg"]), R.ROUND: 1, R.HE_EVALUATOR_KEY: fed["keys"][EVALUATOR].decode()}
     reply = ask_evaluator(fed, aggregate_content(glob, total.result(), accepted, fed["keys"], config, 2))
@@ -130,7 +150,7 @@ def test_malformed_and_foreign_key_updates_never_reach_the_model(fed: dict) -> N
     tmp = fed["tmp"]
     blobs = he.record_to_blobs(b.content[R.ARRAYS])
     truncated = resign(to_b, b, tmp / "beta.key", [blobs[0][:-100], *blobs[1:]])
-    outcomes, _, accepted = fed["rounds"].add_replies([a, truncated], fed["keys"], 1)
+    outcomes, _, accepted = add_replies(fed, [a, truncated])
     assert [o.status for o in outcomes] == ["accepted", "rejected"] and len(accepted) == 1
     assert "encrypted update refused" in str(outcomes[1].reason)
     # Under a foreign key (same parameters): the server cannot tell, the evaluator's bound does.
@@ -139,17 +159,48 @@ def test_malformed_and_foreign_key_updates_never_reach_the_model(fed: dict) -> N
     n = sum(v.size for k, v in template(fed["cfg"]).items() if k in trainable_keys(template(fed["cfg"])))
     garbage = he.encrypt_update(other, np.full(n, 0.01), 0.5, bound=100.0)
     forged = resign(to_b, b, tmp / "beta.key", garbage)
-    outcomes, total, accepted = fed["rounds"].add_replies([a, forged], fed["keys"], 1)
+    outcomes, total, accepted = add_replies(fed, [a, forged])
     assert [o.status for o in outcomes] == ["accepted", "accepted"]
     config = {**base(fed["cfg"]), R.ROUND: 1, R.HE_EVALUATOR_KEY: fed["keys"][EVALUATOR].decode()}
     reply = ask_evaluator(fed, aggregate_content(glob, total.result(), accepted, fed["keys"], config, 2))
     assert reply.content[R.REFUSAL][R.REFUSAL_CODE] == "he-aggregate-refused"
 
 
+def test_a_homomorphic_reply_gets_the_same_record_and_metric_checks_as_a_plaintext_one(fed: dict) -> None:
+    """NaN or undeclared values in an encrypted reply never reach the run store (one validator for every mode)."""
+    glob = initial(fed)
+    (to_a, _), (a, _) = train_round(fed, glob)
+    key = fed["tmp"] / "alpha.key"
+
+    def altered(**records: object) -> Message:
+        content = RecordDict({k: v for k, v in a.content.items() if k != R.SIGNATURE})
+        for name, record in records.items():
+            content[name] = record
+        sign_reply(content, key.read_bytes(), int(to_a.metadata.run_id), 1, to_a.metadata.message_id)
+        return Message(content, reply_to=to_a)
+
+    nan = MetricRecord({**dict(a.content[R.METRICS]), R.EPSILON: float("nan")})
+    undeclared = ConfigRecord({"rows": "alice,42,positive"})
+    extra_metric = MetricRecord({**dict(a.content[R.METRICS]), "exact-count": 417})
+    extra_he = ConfigRecord({**dict(a.content[R.HE]), "note": "x"})
+    outcomes, _, accepted = add_replies(
+        fed, [altered(metrics=nan), altered(leak=undeclared), altered(metrics=extra_metric), altered(he=extra_he)]
+    )
+    assert [o.status for o in outcomes] == ["rejected"] * 4 and not accepted
+    reasons = [str(o.reason) for o in outcomes]
+    assert "invalid metrics.epsilon=nan" in reasons[0]
+    assert "unexpected records" in reasons[1] and "leak" in reasons[1]
+    assert "metrics keys outside the reply allow-list: ['exact-count']" in reasons[2]
+    assert "he keys outside the reply allow-list: ['note']" in reasons[3]
+    # The unaltered reply passes the same checks.
+    outcomes, _, accepted = add_replies(fed, [a])
+    assert outcomes[0].status == "accepted" and len(accepted) == 1
+
+
 def test_one_clients_ciphertext_passed_off_as_the_aggregate_is_refused(fed: dict) -> None:
     glob = initial(fed)
     _, (a, b) = train_round(fed, glob)
-    outcomes, total, accepted = fed["rounds"].add_replies([a, b], fed["keys"], 1)
+    outcomes, total, accepted = add_replies(fed, [a, b])
     config = {**base(fed["cfg"]), R.ROUND: 1, R.HE_EVALUATOR_KEY: fed["keys"][EVALUATOR].decode()}
     lone = he.record_to_blobs(a.content[R.ARRAYS])
     # ... to the evaluator, as the sum: it recomputes the sum from the signed updates
@@ -157,7 +208,7 @@ def test_one_clients_ciphertext_passed_off_as_the_aggregate_is_refused(fed: dict
     assert reply.content[R.REFUSAL][R.REFUSAL_CODE] == "he-aggregate-refused"
     # ... to a client, as the next global model: only what the evaluator signed is decrypted
     fake = EncryptedGlobal(a.content[R.ARRAYS], glob.signature)
-    (msg,), _ = fed["rounds"].train_messages(fake, base(fed["cfg"]), 2, [CLIENTS["alpha"]], fed["keys"])
+    (msg,), _ = train_messages(fed, fake, 2, [CLIENTS["alpha"]])
     reply = client_app(msg, fed["ctx"]["alpha"])
     assert reply.content[R.REFUSAL][R.REFUSAL_CODE] == "global-model-signature-invalid"
 

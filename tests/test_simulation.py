@@ -146,18 +146,27 @@ def test_a_failed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
 
 def test_an_evaluator_that_answers_late_scores_from_then_on() -> None:
     """A slow evaluator (its role reply missed the start) is picked up, not silently replaced by the server."""
-    from server.app import _late_evaluator
-    from server.scoring import Scorer
+    import numpy as np
+
+    from server.rounds.base import Federation
 
     lines: list[str] = []
-    scorer = Scorer(tabular_config(), None)
-    assert not scorer.active
-    roles = {11: "client", 12: "client"}
-    vetted: set[int] = set()
-    assert _late_evaluator(scorer, roles, vetted, None, "", lines.append) is scorer  # nobody new
-    roles[13] = "evaluator"
-    late = _late_evaluator(scorer, roles, vetted, None, "", lines.append)
-    assert late.evaluator == 13 and late.active
+
+    def federation(signed: bool, evaluator_key: str = "") -> Federation:
+        return Federation(
+            None, tabular_config(), None, 1, 1, {}, signed=signed, evaluator_key=evaluator_key, meter=None,  # type: ignore[arg-type]
+            progress=lines.append, rng=np.random.default_rng(0), roles={11: "client", 12: "client"},
+        )  # fmt: skip
+
+    fed = federation(signed=False)
+    fed.adopt_evaluator()
+    assert fed.scorer is not None and not fed.scorer.active  # nobody new: the server scores (or nobody)
+    first = fed.scorer
+    fed.adopt_evaluator()
+    assert fed.scorer is first
+    fed.roles[13] = "evaluator"
+    fed.adopt_evaluator()
+    assert fed.evaluator == 13 and fed.scorer.active
     assert lines == ["evaluator node 13 answered late; it scores and audits the rounds from now on"]
     # Deployment: a claim from a key that is not the enrolled evaluator's is refused, and reported once.
     from cryptography.hazmat.primitives import serialization
@@ -170,10 +179,15 @@ def test_an_evaluator_that_answers_late_scores_from_then_on() -> None:
         return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     enrolled, other = pem(), pem()
-    roles[14] = "evaluator"
-    keys = {14: other, 15: enrolled}
-    assert _late_evaluator(scorer, roles, vetted, keys, key_fingerprint(enrolled), lines.append) is scorer
-    assert _late_evaluator(scorer, roles, vetted, keys, key_fingerprint(enrolled), lines.append) is scorer
-    assert len(lines) == 2 and "not the enrolled evaluator" in lines[1]
-    roles[15] = "evaluator"
-    assert _late_evaluator(scorer, roles, vetted, keys, key_fingerprint(enrolled), lines.append).evaluator == 15
+    lines.clear()
+    fed = federation(signed=True, evaluator_key=key_fingerprint(enrolled))
+    fed.node_keys = {14: other, 15: enrolled}
+    fed.adopt_evaluator()
+    fed.roles[14] = "evaluator"
+    fed.adopt_evaluator()
+    fed.adopt_evaluator()
+    assert fed.evaluator is None
+    assert len(lines) == 1 and "not the enrolled evaluator" in lines[0]
+    fed.roles[15] = "evaluator"
+    fed.adopt_evaluator()
+    assert fed.evaluator == 15
