@@ -98,11 +98,12 @@ class Envelope:
     """The checks every reply of one round passes before any mode looks at its payload.
 
     ``node_keys`` is None in simulation (no node authentication: every node is in one trust
-    domain); in deployment every reply must be signed by its node's registered key.
+    domain); in deployment every reply must be signed by its node's registered key. ``round_`` is
+    None for exchanges outside a round (the role query).
     """
 
     def __init__(
-        self, messages: Iterable[Message], node_keys: dict[int, bytes] | None, run_id: int, round_: int
+        self, messages: Iterable[Message], node_keys: dict[int, bytes] | None, run_id: int, round_: int | None
     ) -> None:
         self._messages = list(messages)  # their ids are assigned when they are pushed
         self._sent: dict[str, int] | None = None
@@ -115,7 +116,9 @@ class Envelope:
             self._sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._messages}
         node, answered = int(msg.metadata.src_node_id), msg.metadata.reply_to_message_id
         if not answered or answered not in self._sent:
-            return _reject(node, f"answers no message of round {self.round}")
+            return _reject(
+                node, "answers no message of " + ("this exchange" if self.round is None else f"round {self.round}")
+            )
         if answered in self._answered:
             return _reject(node, "a second reply to the same message (only the first counts)")
         if node != self._sent[answered]:

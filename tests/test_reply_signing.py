@@ -76,3 +76,34 @@ def test_refusals_are_signed_too(tmp_path: Path) -> None:
     reply = client_app(msg, node_context(tmp_path / "missing.csv", tmp_path / "node", auth_key_path=str(key)))
     assert reply.content[R.REFUSAL][R.REFUSAL_CODE] == "data-invalid"
     assert check_signature(reply, {int(reply.metadata.src_node_id): pem}, msg.metadata.run_id, 1) is None
+
+
+def test_the_envelope_takes_only_the_first_signed_answer_to_a_message_of_this_round(
+    tabular_csv: Path, tmp_path: Path
+) -> None:
+    """The check every mode shares: this round's message, answered by the node it went to, once, signed."""
+    from server.validation import Envelope
+
+    cfg = tabular_config()
+    state = global_state(cfg)
+    key, pem = keypair(tmp_path, "node")
+    msg = message(cfg, state, "msg-1")
+    reply = client_app(msg, node_context(tabular_csv, tmp_path / "node", auth_key_path=str(key)))
+    node = int(reply.metadata.src_node_id)
+    gate = Envelope([msg], {node: pem}, msg.metadata.run_id, 1)
+    assert gate.check(reply) is None  # its payload is the protocol's to check
+    again = gate.check(reply)
+    assert again is not None and again.status == "rejected" and "only the first counts" in str(again.reason)
+    # An answer to a message of another round (or none at all) never reaches a protocol.
+    other_round = Envelope([message(cfg, state, "msg-9", rnd=2)], {node: pem}, msg.metadata.run_id, 2)
+    assert "answers no message of round 2" in str(other_round.check(reply).reason)  # type: ignore[union-attr]
+    # A message sent to node 7, answered by this node.
+    elsewhere = message(cfg, state, "msg-1")
+    elsewhere.metadata.dst_node_id = 7
+    assert "sent to node 7" in str(Envelope([elsewhere], {node: pem}, msg.metadata.run_id, 1).check(reply).reason)  # type: ignore[union-attr]
+    # Signed by another key than the node's registered one.
+    _, other_pem = keypair(tmp_path, "other")
+    forged = Envelope([msg], {node: other_pem}, msg.metadata.run_id, 1).check(reply)
+    assert forged is not None and "bad reply signature" in str(forged.reason)
+    # Simulation (no node authentication): the same checks but the signature.
+    assert Envelope([msg], None, msg.metadata.run_id, 1).check(reply) is None
