@@ -1,11 +1,11 @@
 """The FedGuard ClientApp: local DP-SGD on the node's private data, within its privacy budget.
 
-Every DP release is reserved in the node's ledger (``client.ledger``) before training, so a
-round that would overspend is refused before any data is touched, and nothing leaves the node
-unaccounted. Only allow-listed values leave (``common.records``): the DP-SGD model, the declared
-public size used as the FedAvg weight, and the accounting of the DP mechanism. Every reply is
-logged locally (``client.sent_log``). Failures leave as an error code plus a node-local log id;
-their text stays in the node's log.
+Every DP release goes through the node's privacy facade (``client.privacy.NodePrivacy``): plan,
+owner policy, ledger reserve, release, confirm. A round that would overspend is refused before
+anything is trained, and nothing leaves the node unaccounted. Only allow-listed values leave
+(``common.records``): the DP-SGD model, the declared public size used as the FedAvg weight, and
+the accounting of the DP mechanism. Every reply is logged locally (``client.sent_log``). Failures
+leave as an error code plus a node-local log id; their text stays in the node's log.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from flwr.clientapp import ClientApp
 
 from client import he_node
 from client.admission import PolicyViolation, check_policy, check_request, record
-from client.ledger import Budget, Ledger, Release
 from client.node import NodeSettings, declared_weight, new_log_id, node_logger, node_settings
+from client.privacy import NodePrivacy
 from client.sent_log import log_sent, log_usage
-from client.training import resolve_grad_sample_mode, run_preflight, train_local
+from client.training import resolve_grad_sample_mode, run_preflight
 from common import he
 from common import records as R
 from common.codec import load_numpy_state, numpy_to_record, record_to_numpy, state_to_numpy
@@ -35,53 +35,22 @@ from common.data import Encoded, load_encoded, split_indices
 from common.devices import node_device
 from common.errors import FedGuardError
 from common.evaluation import evaluate_and_audit, predict, provenance
-from common.fairness import group_confusion_counts, noisy_counts
+from common.fairness import group_confusion_counts
 from common.models import build_model, model_max_len
 from common.optimizers import make_server_optimizer
 from common.policy import Purpose, sends_resource_figures
-from common.privacy import DPPlan, History, epsilon_spent, group_privacy, plan_dp
 from common.reply_signing import sign_reply
 from common.resources import EnergyModel, Meter, message_bytes, wire_figures
 
 app = ClientApp()
 
-_DP_STATE = "fedguard-dp"
-
 #: The meter of the message being handled (started in ``_handle``, read in ``_reply``).
 _METER: ContextVar[Meter | None] = ContextVar("fedguard_meter", default=None)
 
 
-def _earlier_calibration(context: Context) -> tuple[int, float] | None:
-    """This run's (n, σ) calibration on this node, if it already made one."""
-    rec = context.state.get(_DP_STATE)
-    return None if rec is None else (int(rec["planned-n"]), float(rec["planned-sigma"]))
-
-
-def _plan(context: Context, cfg: RunConfig, n_train: int) -> DPPlan:
-    """σ for this run; calibrated once per run and node (≈1 s), reused while the size is unchanged."""
-    earlier = _earlier_calibration(context)
-    same = earlier is not None and earlier[0] == n_train
-    plan = plan_dp(
-        n_train,
-        cfg.dp,
-        batch_size=cfg.train.logical_batch_size(n_train),
-        local_epochs=cfg.train.local_epochs,
-        rounds=cfg.rounds,
-        noise_multiplier=earlier[1] if same and earlier else None,
-        also=_count_release(cfg),
-    )
-    context.state[_DP_STATE] = ConfigRecord({"planned-n": n_train, "planned-sigma": plan.noise_multiplier})
-    return plan
-
-
-def _count_release(cfg: RunConfig) -> History:
-    """The federated-fairness counts release this run will ask for after its last round, if any."""
-    return [(cfg.fairness.count_noise_multiplier, 1.0, 1)] if cfg.wants_federated_counts else []
-
-
-def _planned_run(plan: DPPlan, cfg: RunConfig) -> History:
-    """Every release the run would make on this node: its DP-SGD rounds and the fairness counts."""
-    return [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * cfg.rounds + _count_release(cfg)
+def _privacy(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> NodePrivacy:
+    """The privacy facade for this message's run: every DP release on this node goes through it."""
+    return NodePrivacy(cfg, settings, context.state, _run_key(msg))
 
 
 def _run_key(msg: Message) -> str:
@@ -165,18 +134,6 @@ def _training_split(settings: NodeSettings, cfg: RunConfig) -> Encoded:
     return data.subset(train_idx)
 
 
-def _budget(settings: NodeSettings) -> Budget:
-    return Budget(settings.budget_epsilon, settings.budget_delta)
-
-
-def _unit_values(settings: NodeSettings, eps_total: float) -> dict[str, float | int]:
-    if not settings.schema.privacy_unit:
-        return {}
-    k = settings.schema.max_records_per_unit
-    eps_unit, delta_unit = group_privacy(eps_total, settings.budget_delta, k)
-    return {R.UNIT_CAP: k, R.UNIT_EPSILON: eps_unit, R.UNIT_DELTA: delta_unit}
-
-
 class RoundClosed(FedGuardError):
     """The server stopped waiting for this round (the message outlived its TTL): training it would
     spend privacy budget on an update nobody aggregates."""
@@ -211,60 +168,12 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     run_preflight(model, cfg, resolve_grad_sample_mode(cfg), device)
     train = _training_split(settings, cfg)
 
-    plan: DPPlan | None = None
-    ledger: Ledger | None = None
-    metrics: dict[str, float | int] = {R.NUM_EXAMPLES: declared_weight(settings, len(train))}
-    if cfg.dp.enabled:
-        first = _earlier_calibration(context) is None
-        plan = _plan(context, cfg, len(train))
-        check_policy(
-            cfg,
-            settings,
-            "train",
-            plan=plan,
-            epsilon_run=epsilon_spent(_planned_run(plan, cfg), plan.delta, plan.accountant),
-        )
-        if first:
-            print(f"[{settings.workdir.name}] {plan.describe()}", flush=True)
-            log.info("%s; grad_sample_mode=%s", plan.describe(), resolve_grad_sample_mode(cfg))
-        ledger = Ledger(settings.ledger_path, settings.marker_dir)
-        # A message without an id (built in-process, never by Flower) is still a new release.
-        release_id = msg.metadata.message_id or f"local-{new_log_id()}"
-        release = Release(
-            dataset_id=settings.dataset_id,
-            run_id=_run_key(msg),
-            round=round_,
-            message_id=release_id,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps_per_round,
-            delta=plan.delta,
-            max_grad_norm=plan.max_grad_norm,
-            accountant=plan.accountant,
-        )
-        # Recorded (and the budget checked) before any training: a crash from here on over-counts.
-        eps_total = ledger.reserve(release, _budget(settings))
-
     t0 = time.perf_counter()
-    try:
-        result = train_local(model, train, cfg, plan, device)
-        if ledger is not None and plan is not None:
-            ledger.confirm(release_id)
-            eps_run = epsilon_spent(ledger.history(settings.dataset_id, _run_key(msg)), plan.delta, plan.accountant)
-            metrics |= {
-                R.EPSILON: eps_run,
-                R.DELTA: plan.delta,
-                R.NOISE_MULTIPLIER: plan.noise_multiplier,
-                R.SAMPLE_RATE: plan.sample_rate,
-                R.MAX_GRAD_NORM: plan.max_grad_norm,
-                R.EPSILON_TOTAL: eps_total,
-                R.BUDGET_EPSILON: settings.budget_epsilon,
-                R.BUDGET_DELTA: settings.budget_delta,
-                **_unit_values(settings, eps_total),
-            }
-    finally:
-        if ledger is not None:
-            ledger.close()
+    # Plan → owner policy → ledger reserve → DP-SGD → confirm (client.privacy); refused before training.
+    result, accounting = _privacy(msg, context, cfg, settings).train(
+        model, train, device, round_=round_, message_id=msg.metadata.message_id
+    )
+    metrics: dict[str, float | int] = {R.NUM_EXAMPLES: declared_weight(settings, len(train)), **accounting}
     metrics[R.STEPS] = result.steps
     meter = _METER.get()
     if meter is not None:  # each epoch visits the split once (DP: Poisson sampling, in expectation)
@@ -294,29 +203,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
 
 def _plan_reply(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
     """What the planned run would cost this node, from its own size and ledger; nothing is spent."""
-    train = _training_split(settings, cfg)
-    plan = _plan(context, cfg, len(train))
-    round_h = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
-    planned = _planned_run(plan, cfg)
-    eps_run = epsilon_spent(planned, plan.delta, plan.accountant)
-    check_policy(cfg, settings, "plan", plan=plan, epsilon_run=eps_run)
-    with Ledger(settings.ledger_path, settings.marker_dir) as ledger:
-        ledger.check_continuity(settings.dataset_id)
-        spent = ledger.would_spend(settings.dataset_id, [], settings.budget_delta, plan.accountant)
-        after = ledger.would_spend(settings.dataset_id, planned, settings.budget_delta, plan.accountant)
-    values: dict[str, float | int] = {
-        R.NOISE_MULTIPLIER: plan.noise_multiplier,
-        R.SAMPLE_RATE: plan.sample_rate,
-        R.PLAN_STEPS: plan.steps_per_round,
-        R.DELTA: plan.delta,
-        R.PLAN_EPSILON_ROUND: epsilon_spent(round_h, plan.delta, plan.accountant),
-        R.PLAN_EPSILON_RUN: eps_run,
-        R.EPSILON_TOTAL: spent,
-        R.PLAN_EPSILON_AFTER: after,
-        R.BUDGET_EPSILON: settings.budget_epsilon,
-        R.BUDGET_DELTA: settings.budget_delta,
-        R.PLAN_AFFORDABLE: int(after <= settings.budget_epsilon),
-    }
+    values = _privacy(msg, context, cfg, settings).preview(len(_training_split(settings, cfg)))
     return _reply(msg, RecordDict({R.PLAN: MetricRecord(values)}), settings)
 
 
@@ -453,10 +340,11 @@ class CountsNotRequested(FedGuardError):
 def _fairness_counts(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
     """Per-group confusion counts of the global model on the validation split, Gaussian-noised.
 
-    The release is reserved in the ledger (one Gaussian release, q = 1) before the counts are
-    computed; groups below the larger of the run's and the owner's minimum never leave.
+    The release (one Gaussian release, q = 1) is reserved in the ledger before any noise is drawn
+    (``client.privacy``); groups below the larger of the run's and the owner's minimum never leave.
     """
-    if not _count_release(cfg):
+    privacy = _privacy(msg, context, cfg, settings)
+    if not privacy.count_release():
         raise CountsNotRequested("the signed run config does not ask for federated fairness counts")
     fc = cfg.fairness
     torch.set_num_threads(cfg.train.threads)
@@ -468,38 +356,19 @@ def _fairness_counts(msg: Message, context: Context, cfg: RunConfig, settings: N
     min_size = max(fc.min_group_size, settings.policy.min_group_size if settings.policy else 1)
     probs, _ = predict(model, val)
     counts = group_confusion_counts(val.y.numpy(), probs.argmax(-1), val.groups, min_size, fc.intersections)
-    release_id = msg.metadata.message_id or f"local-{new_log_id()}"
-    with Ledger(settings.ledger_path, settings.marker_dir) as ledger:
-        eps_total = ledger.reserve(
-            Release(
-                dataset_id=settings.dataset_id,
-                run_id=_run_key(msg),
-                round=int(msg.content[R.CONFIG][R.ROUND]),
-                message_id=release_id,
-                noise_multiplier=fc.count_noise_multiplier,
-                sample_rate=1.0,
-                steps=1,
-                delta=settings.budget_delta,
-                max_grad_norm=float(len(counts)) ** 0.5,  # the L2 sensitivity: one cell per table
-                accountant=cfg.dp.accountant,
-                mechanism="gaussian-counts",
-            ),
-            _budget(settings),
-        )
-        noisy = noisy_counts(
-            counts, fc.count_noise_multiplier, min_group_size=min_size, selection_delta=fc.count_selection_delta
-        )
-        ledger.confirm(release_id)
-        eps_run = epsilon_spent(
-            ledger.history(settings.dataset_id, _run_key(msg)), settings.budget_delta, cfg.dp.accountant
-        )
+    noisy, spend = privacy.release_counts(
+        counts,
+        round_=int(msg.content[R.CONFIG][R.ROUND]),
+        message_id=msg.metadata.message_id,
+        min_group_size=min_size,
+    )
     node_logger(settings.workdir).info(
         "round %s: released noised counts of %d group(s) (σ=%.1f per cell); ε this run %.3f, dataset total %.3f",
         _round(msg),
         sum(len(rows) for rows in noisy.counts.values()),
         noisy.sigma,
-        eps_run,
-        eps_total,
+        spend.epsilon_run,
+        spend.epsilon_total,
     )
     content = RecordDict(
         {
@@ -513,10 +382,10 @@ def _fairness_counts(msg: Message, context: Context, cfg: RunConfig, settings: N
             ),
             R.METRICS: MetricRecord(
                 {
-                    R.EPSILON: eps_run,
+                    R.EPSILON: spend.epsilon_run,
                     R.DELTA: settings.budget_delta,
                     R.NOISE_MULTIPLIER: fc.count_noise_multiplier,
-                    R.EPSILON_TOTAL: eps_total,
+                    R.EPSILON_TOTAL: spend.epsilon_total,
                     R.BUDGET_EPSILON: settings.budget_epsilon,
                     R.BUDGET_DELTA: settings.budget_delta,
                 }

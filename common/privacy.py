@@ -1,8 +1,15 @@
-"""DP-SGD planning and accounting with Opacus's accountants.
+"""Where σ is computed, and how ε is accounted: the one module for FedGuard's noise.
 
-Noise is planned before any training: from the target ε, δ, the node's own size, batch size,
-local epochs and planned rounds. ε is always recomputed from the full history of releases
-(σ, q, steps) with a real accountant — never estimated.
+Every Gaussian mechanism FedGuard runs takes its noise scale from here:
+
+- DP-SGD on a node (:func:`plan_dp`, :func:`calibrate_sigma`): σ planned before any training from
+  the target ε, δ, the node's own size, batch size, local epochs and planned rounds;
+- the federated-fairness counts release (:func:`counts_mechanism`): σ = z·√T per cell for T tables;
+- central (user-level) DP on the server (:func:`central_dp_stdv`): σ·C/m on the mean of m updates.
+
+ε is always recomputed from the full history of releases (σ, q, steps) with Opacus's accountants,
+never estimated. Opacus (and torch) load on first use, so config and report code that only needs
+the σ formulas stays light.
 """
 
 from __future__ import annotations
@@ -11,16 +18,68 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
-from common.config import DPConfig
 from common.errors import PrivacyPlanError
 
+if TYPE_CHECKING:
+    from common.config import DPConfig
+
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Gaussian mechanisms other than DP-SGD: their σ, in one place
+
+
+@dataclass(frozen=True)
+class GaussianMechanism:
+    """One Gaussian release: noise multiplier z, L2 sensitivity Δ, and the per-coordinate σ = z·Δ."""
+
+    noise_multiplier: float
+    sensitivity: float
+
+    @property
+    def sigma(self) -> float:
+        return self.noise_multiplier * self.sensitivity
+
+    def history(self) -> History:
+        """As the ledger charges it: one release with multiplier z and no subsampling (q = 1)."""
+        return [(self.noise_multiplier, 1.0, 1)]
+
+
+def counts_mechanism(noise_multiplier: float, tables: int) -> GaussianMechanism:
+    """The federated-fairness counts release over ``tables`` confusion tables.
+
+    Under add/remove-one-record adjacency a record falls in exactly one cell of each table, so
+    the L2 sensitivity of all T tables together is √T and every cell gets N(0, (z·√T)²) noise.
+    """
+    if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
+    return GaussianMechanism(float(noise_multiplier), math.sqrt(max(1, tables)))
+
+
+def counts_release(noise_multiplier: float) -> History:
+    """The ledger entry of one counts release (z, q = 1, 1 step); its ε does not depend on T."""
+    return GaussianMechanism(float(noise_multiplier), 1.0).history()
+
+
+def central_dp_stdv(noise_multiplier: float, clipping_norm: float, updates: int) -> float:
+    """σ of central DP's noise on the mean of ``updates`` updates, each clipped to ``clipping_norm``.
+
+    The mean's sensitivity to one user is C/m, so σ = z·C/m (McMahan et al. 2018, as Flower's
+    ``compute_stdv``); ``m`` is the number of updates actually averaged, so a dropout never
+    leaves the mean under-noised.
+    """
+    if updates < 1:
+        raise ValueError("central DP needs at least one update to noise")
+    return float(noise_multiplier * clipping_norm / updates)
+
+
+# --------------------------------------------------------------------------------------------
+# DP-SGD: planning σ and accounting ε
 
 
 @dataclass(frozen=True)
@@ -147,6 +206,8 @@ def calibrate_sigma(
     searches once per size instead of once per client call (seconds each at large q: Opacus's
     fractional-order series converge slowly there).
     """
+    from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
+
     if accountant != "rdp" and not others:
         return float(
             get_noise_multiplier(
@@ -178,10 +239,19 @@ def calibrate_sigma(
     return sigma_high
 
 
+def _rdp_orders() -> list[float]:
+    """Opacus's default RDP orders: what the noise is planned and accounted with."""
+    from opacus.accountants import RDPAccountant
+
+    return list(RDPAccountant.DEFAULT_ALPHAS)
+
+
 @functools.lru_cache(maxsize=4096)
 def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
     """One step's RDP at Opacus's default orders (compose by multiplying with the steps)."""
-    curve = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    curve = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=_rdp_orders())
     curve.flags.writeable = False
     return curve
 
@@ -194,12 +264,15 @@ def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> fl
     """
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     if accountant == "rdp":
         rdp = sum([_rdp_per_step(sigma, q) * steps for sigma, q, steps in compact(history)])
         with warnings.catch_warnings():
             # RDP's default orders are what the noise was planned with; a tighter bound is not claimed.
             warnings.filterwarnings("ignore", message="Optimal order is the")
-            eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+            eps, _ = rdp_analysis.get_privacy_spent(orders=_rdp_orders(), rdp=rdp, delta=delta)
         return float(eps)
     acc = create_accountant(accountant)
     acc.history = compact(history)

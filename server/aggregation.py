@@ -9,7 +9,9 @@ import secrets
 from collections import OrderedDict
 
 import numpy as np
-from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
+
+from common.flower_internals import compute_clip_model_update
+from common.privacy import central_dp_stdv
 
 
 class WeightedMean:
@@ -41,6 +43,8 @@ class WeightedMean:
 class CentralDPMean:
     """User-level DP FedAvg: clip each update to ``C`` (Flower's FlatClip), equal weights, noise σ·C/m.
 
+    The noise's standard deviation comes from :func:`common.privacy.central_dp_stdv` (σ has one home).
+
     Flower's DP strategy wrappers draw noise from NumPy's global RNG and size it for the
     configured number of sampled clients; here the generator is seeded from the OS CSPRNG and
     ``m`` is the number of updates actually averaged, so a dropout never leaves the mean under-noised.
@@ -68,7 +72,7 @@ class CentralDPMean:
 
     def result(self) -> OrderedDict[str, np.ndarray]:
         out = self._mean.result()
-        self.stdv = compute_stdv(self.noise_multiplier, self.clipping_norm, self._mean.count)
+        self.stdv = central_dp_stdv(self.noise_multiplier, self.clipping_norm, self._mean.count)
         rng = np.random.default_rng(secrets.randbits(128))
         for k in self._keys:
             out[k] = (out[k] + rng.normal(0.0, self.stdv, out[k].shape)).astype(self._ref[k].dtype)

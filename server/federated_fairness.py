@@ -23,7 +23,7 @@ from common.codec import numpy_to_record
 from common.config import RunConfig
 from common.fairness import OVERALL, Counts, FederatedAudit, client_spread, merge_counts, metrics_from_counts
 from server.grid_io import collect_replies
-from server.validation import Outcome, check_signature, received_keys, refusal_reason
+from server.validation import Envelope, Outcome, Rejected, check_records, check_values, received_keys, status_of
 
 _ACCOUNTING = (R.EPSILON, R.DELTA, R.NOISE_MULTIPLIER, R.EPSILON_TOTAL, R.BUDGET_EPSILON, R.BUDGET_DELTA)
 
@@ -53,18 +53,20 @@ def _parse_counts(raw: str) -> Counts:
 
 
 def _classify(reply: Message) -> tuple[Outcome, Counts | None]:
-    node = int(reply.metadata.src_node_id)
-    if reply.has_error():
-        return Outcome(node, "failed", f"error {reply.error.code}: {reply.error.reason}"), None
-    content = reply.content
-    if R.REFUSAL in content:
-        return Outcome(node, "refused", refusal_reason(content), received=received_keys(content)), None
+    """The payload check of a counts reply (its envelope already passed): allow-listed, finite, parsable."""
+    if (status := status_of(reply)) is not None:
+        return status, None
+    node, content = int(reply.metadata.src_node_id), reply.content
     try:
-        rec, metrics = content[R.FAIRNESS_COUNTS], dict(content[R.METRICS])
+        check_records(content, {R.FAIRNESS_COUNTS, R.METRICS})
+        metrics = check_values(content[R.METRICS], R.METRICS)
+        rec = content[R.FAIRNESS_COUNTS]
         counts = _parse_counts(str(rec[R.COUNTS_JSON]))
+    except Rejected as exc:
+        return Outcome(node, "rejected", str(exc)), None
     except (KeyError, TypeError, ValueError) as exc:
         return Outcome(node, "rejected", f"malformed fairness counts: {exc}"), None
-    values = {k: metrics[k] for k in _ACCOUNTING if isinstance(metrics.get(k), int | float)}
+    values: dict[str, Any] = {k: metrics[k] for k in _ACCOUNTING if k in metrics}
     values["count-sigma"] = float(rec.get(R.COUNT_SIGMA, math.nan))
     return Outcome(node, "accepted", values=values, received=received_keys(content)), counts
 
@@ -99,17 +101,15 @@ def collect(
         )
         for node in clients
     ]
+    gate = Envelope(messages, node_keys, int(flower_run_id or 0), rnd)
     replies, silent, unreachable = collect_replies(grid, messages, cfg.server.round_timeout, cfg.server.poll_interval)
     outcomes: list[Outcome] = []
     parts: list[Counts] = []
     accuracy: list[float] = []
     sigma = math.nan
     for reply in replies:
-        bad = check_signature(reply, node_keys, int(flower_run_id or 0), rnd) if node_keys is not None else None
-        if bad is not None:
-            outcomes.append(bad)
-            continue
-        outcome, counts = _classify(reply)
+        left_out = gate.check(reply)
+        outcome, counts = (left_out, None) if left_out is not None else _classify(reply)
         outcomes.append(outcome)
         if counts is not None:
             parts.append(counts)

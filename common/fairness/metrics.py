@@ -1,26 +1,9 @@
-"""Fairness metric math: disaggregated metrics, disparities, audit findings and federated group counts.
+"""Disaggregated metrics: one confusion table per group, the same rates for the central and federated views.
 
-One concept, as in fairlearn's ``MetricFrame``: every group metric is a function of the group's
-binary confusion table ``[tp, fp, fn, tn]``. The central audit computes those tables from
-predictions on the held-out set; the federated audit sums the (noised) tables that nodes
-computed on their validation splits; both then go through the same :func:`_rates`. So a central
-and a federated number mean the same thing, and bootstrap replicates are just resampled tables.
-
-numpy only (fairlearn is a test dependency that checks these numbers, never a runtime one).
-
-Conventions (the labels are binary, ``1`` is the positive / selected outcome):
-
-- ``accuracy = (tp+tn)/n``, ``selection_rate = (tp+fp)/n``, ``tpr = tp/(tp+fn)``,
-  ``fpr = fp/(fp+tn)``, ``precision = tp/(tp+fp)``, ``base_rate = (tp+fn)/n``.
-  A rate whose denominator is zero is *undefined* (``None``) and is left out of disparities;
-  fairlearn/scikit-learn report 0 there instead, which would make a group with no positives
-  look like a group the model never recognises.
-- Disparities over the non-suppressed groups of one attribute (fairlearn's ``between_groups``):
-  demographic-parity difference ``max - min`` and ratio ``min / max`` of selection rates,
-  equal-opportunity difference ``max - min`` of TPR, equalized-odds difference
-  ``max(TPR difference, FPR difference)`` (fairlearn's ``agg="worst_case"``).
-- Groups with fewer rows than ``min_group_size`` are *suppressed*: listed, with neither metric
-  values nor their exact size, and left out of disparities.
+Every group metric is a function of the group's binary confusion table ``[tp, fp, fn, tn]``
+(fairlearn's ``MetricFrame`` as one concept): :func:`audit` computes the tables from predictions
+on the held-out set, :func:`metrics_from_counts` from the (noised) tables nodes summed; both go
+through the same :func:`_rates`, so a central and a federated number mean the same thing.
 """
 
 from __future__ import annotations
@@ -28,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import statistics
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
+
+from common.fairness.config import FairnessConfig, _Model
 
 #: Joins the values (and attribute names) of an intersection: ``"female × married"``.
 SEP = " × "
@@ -45,73 +28,6 @@ CELLS = ("tp", "fp", "fn", "tn")
 
 #: attribute (or intersection) → group → ``[tp, fp, fn, tn]``
 Counts = dict[str, dict[str, list[int]]]
-
-Severity = Literal["warning", "critical"]
-FindingKind = Literal[
-    "demographic_parity_ratio",
-    "demographic_parity_difference",
-    "equalized_odds_difference",
-    "equal_opportunity_difference",
-    "degenerate_selection_rate",
-    "degenerate_low_tpr",
-]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-
-
-class FairnessConfig(_Model):
-    """What an audit computes and which results become findings."""
-
-    min_group_size: int = Field(20, ge=1, description="groups with fewer rows are suppressed")
-    dp_ratio_min: float = Field(0.8, gt=0.0, le=1.0, description="demographic-parity ratio below this → finding")
-    dp_diff_max: float | None = Field(None, ge=0.0, le=1.0, description="optional: DP difference above this → finding")
-    eo_diff_max: float = Field(0.1, ge=0.0, le=1.0, description="equalized-odds difference above this → finding")
-    eopp_diff_max: float = Field(0.1, ge=0.0, le=1.0, description="equal-opportunity difference above this → finding")
-    critical_factor: float = Field(
-        2.0,
-        gt=1.0,
-        description="critical when a difference exceeds factor × its maximum, or a ratio falls below "
-        "1 − factor × (1 − its minimum); warning otherwise",
-    )
-    degenerate_rate_ratio: float = Field(
-        0.25,
-        gt=0.0,
-        lt=1.0,
-        description="degenerate model: selection rate below this fraction of the base rate, or rejection "
-        "rate below this fraction of the negative rate",
-    )
-    degenerate_tpr_max: float = Field(0.1, ge=0.0, lt=1.0, description="degenerate model: TPR below this everywhere")
-    bootstrap_n: int = Field(200, ge=0, le=100_000, description="bootstrap replicates for disparity CIs; 0: none")
-    bootstrap_seed: int = Field(0, ge=0, description="fixed so a report is reproducible (not a privacy seed)")
-    confidence: float = Field(0.95, gt=0.0, lt=1.0)
-    ece_bins: int = Field(15, ge=1, le=1000)
-    intersections: list[tuple[str, str]] | None = Field(
-        None, description="attribute pairs to intersect; None: all pairs of sensitive columns; []: none"
-    )
-    federated_counts: bool = Field(
-        True,
-        description="after the last round, each client sends noised per-group confusion counts of the final "
-        "model on its validation split (charged to its privacy ledger) for the federated view",
-    )
-    count_noise_multiplier: float = Field(
-        5.0, gt=0.0, description="z of the counts' Gaussian mechanism: σ = z·√(tables) per cell"
-    )
-    count_selection_delta: float = Field(
-        1e-7, gt=0.0, lt=1e-3, description="δ added by releasing only groups whose noisy size clears a threshold"
-    )
-
-    @model_validator(mode="after")
-    def _distinct_pairs(self) -> FairnessConfig:
-        for a, b in self.intersections or []:
-            if a == b:
-                raise ValueError(f"intersection ({a!r}, {b!r}) needs two different attributes")
-        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,34 +98,6 @@ class FederatedAudit(_Model):
     min_group_size: int
     clients: int | None = None
     noise: str | None = None  # e.g. "Gaussian, σ=10 per cell per client" or "none (homomorphic sum)"
-
-
-class Finding(_Model):
-    kind: FindingKind
-    severity: Severity
-    view: Literal["central", "federated"] = "central"
-    attribute: str  # "(overall)" for degenerate-model findings
-    groups: list[str]
-    value: float
-    threshold: float
-    ci_low: float | None = None
-    ci_high: float | None = None
-    significant: bool | None = None  # the whole CI lies past the threshold (None: no CI)
-    first_seen_round: int | None = None
-    last_seen_round: int | None = None
-    message: str
-
-
-class NoisyCounts(_Model):
-    """Counts that may leave a node in plaintext mode, and the Gaussian mechanism that noised them."""
-
-    counts: Counts
-    mechanism: Literal["gaussian"] = "gaussian"
-    noise_multiplier: float  # z: the ledger charges one Gaussian release with this multiplier, q = 1
-    sensitivity: float  # L2 sensitivity of the whole table set (add/remove one record): √tables
-    sigma: float  # std of every cell's noise: z · sensitivity
-    threshold: float  # a group leaves only if its noisy size reaches this
-    selection_delta: float  # what the threshold adds to δ (the choice of released groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,273 +398,6 @@ def audit(
         bootstrap_n=cfg.bootstrap_n,
         confidence=cfg.confidence,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Findings
-
-
-_LABELS: dict[str, str] = {
-    "demographic_parity_ratio": "demographic-parity ratio",
-    "demographic_parity_difference": "demographic-parity difference",
-    "equalized_odds_difference": "equalized-odds difference",
-    "equal_opportunity_difference": "equal-opportunity difference",
-}
-
-
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}%"
-
-
-def findings(
-    result: Audit | FederatedAudit,
-    cfg: FairnessConfig | None = None,
-    round: int | None = None,
-    view: Literal["central", "federated"] = "central",
-) -> list[Finding]:
-    """Threshold breaches per attribute, plus degenerate-model findings (low disparity ≠ fairness)."""
-    cfg = cfg or FairnessConfig()
-    out: list[Finding] = []
-
-    def add(
-        kind: FindingKind, severity: Severity, attribute: str, groups: list[str], value: float, **kw: object
-    ) -> None:
-        out.append(
-            Finding(
-                kind=kind,
-                severity=severity,
-                view=view,
-                attribute=attribute,
-                groups=groups,
-                value=value,
-                first_seen_round=round,
-                last_seen_round=round,
-                **kw,  # type: ignore[arg-type]
-            )
-        )
-
-    rules: list[tuple[FindingKind, float | None, bool]] = [  # (metric, threshold, lower is worse)
-        ("demographic_parity_ratio", cfg.dp_ratio_min, True),
-        ("demographic_parity_difference", cfg.dp_diff_max, False),
-        ("equalized_odds_difference", cfg.eo_diff_max, False),
-        ("equal_opportunity_difference", cfg.eopp_diff_max, False),
-    ]
-    for att in result.attributes:
-        if att.disparities is None:
-            continue
-        for kind, limit, lower_worse in rules:
-            d: Disparity = getattr(att.disparities, kind)
-            if limit is None or d.value is None:
-                continue
-            if lower_worse:
-                breach, critical = d.value < limit, d.value < 1.0 - cfg.critical_factor * (1.0 - limit)
-                significant = None if d.ci_high is None else d.ci_high < limit
-                cmp = "below the minimum"
-            else:
-                breach, critical = d.value > limit, d.value > cfg.critical_factor * limit
-                significant = None if d.ci_low is None else d.ci_low > limit
-                cmp = "above the maximum"
-            if not breach:
-                continue
-            ci = "" if d.ci_low is None else f" ({_confidence(result):.0%} CI {d.ci_low:.3f}–{d.ci_high:.3f})"
-            add(
-                kind,
-                "critical" if critical else "warning",
-                att.name,
-                list(d.groups),
-                d.value,
-                threshold=limit,
-                ci_low=d.ci_low,
-                ci_high=d.ci_high,
-                significant=significant,
-                message=f"{_LABELS[kind]} for {att.name} is {d.value:.3f}{ci}, {cmp} {limit:g}; "
-                f"between {' and '.join(d.groups)}",
-            )
-
-    base, sel, tpr = _overall_rates(result)
-    if base is not None and sel is not None and 0.0 < base < 1.0:
-        r = cfg.degenerate_rate_ratio
-        few, many = sel < r * base, (1.0 - sel) < r * (1.0 - base)
-        if few or many:
-            constant = sel <= 0.0 or sel >= 1.0
-            what = "predicts almost no positives" if few else "predicts almost only positives"
-            if constant:
-                what = "predicts only negatives" if few else "predicts only positives"
-            add(
-                "degenerate_selection_rate",
-                "critical" if constant else "warning",
-                "(overall)",
-                [],
-                sel,
-                threshold=r * base if few else 1.0 - r * (1.0 - base),
-                message=f"the model {what}: selection rate {_pct(sel)} against a base rate of {_pct(base)}. "
-                "Low disparity from such a model is not evidence of fairness",
-            )
-    group_tprs = [g.tpr for att in result.attributes for g in att.groups if not g.suppressed and g.tpr is not None]
-    if tpr is not None and tpr < cfg.degenerate_tpr_max and all(t < cfg.degenerate_tpr_max for t in group_tprs):
-        worst = max([tpr, *group_tprs])
-        add(
-            "degenerate_low_tpr",
-            "critical" if worst <= 0.0 else "warning",
-            "(overall)",
-            [],
-            worst,
-            threshold=cfg.degenerate_tpr_max,
-            message=f"the true-positive rate is below {cfg.degenerate_tpr_max:g} overall and in every reported "
-            f"group (highest {worst:.3f}): the model misses the positives of every group, so equal rates across "
-            "groups are not evidence of fairness",
-        )
-    return out
-
-
-def _confidence(result: Audit | FederatedAudit) -> float:
-    return result.confidence if isinstance(result, Audit) else 0.95
-
-
-def _overall_rates(result: Audit | FederatedAudit) -> tuple[float | None, float | None, float | None]:
-    if isinstance(result, Audit):
-        o = result.overall
-        return o.base_rate, o.selection_rate, o.tpr
-    if result.overall is None or result.overall.suppressed:
-        return None, None, None
-    g = result.overall
-    return g.base_rate, g.selection_rate, g.tpr
-
-
-def merge_findings(previous: Sequence[Finding], current: Sequence[Finding], round: int) -> list[Finding]:
-    """Fold one round's findings into the history, keyed by (view, kind, attribute).
-
-    A finding seen again keeps its ``first_seen_round`` and takes the new values; one not seen this
-    round keeps its old ``last_seen_round`` (so a report can tell active from resolved).
-    """
-    merged = {(f.view, f.kind, f.attribute): f for f in previous}
-    for f in current:
-        key = (f.view, f.kind, f.attribute)
-        first = merged[key].first_seen_round if key in merged else round
-        merged[key] = f.model_copy(update={"first_seen_round": first, "last_seen_round": round})
-    return list(merged.values())
-
-
-def track_findings(rounds: Iterable[tuple[int, Sequence[Finding]]]) -> list[Finding]:
-    """Findings over a whole run (rounds in any order), each with the round it was first seen."""
-    history: list[Finding] = []
-    for rnd, found in sorted(rounds, key=lambda item: item[0]):
-        history = merge_findings(history, found, rnd)
-    return history
-
-
-# --------------------------------------------------------------------------------------------
-# Federated fairness: per-group counts on each node, noise, sums, metrics
-
-
-def group_confusion_counts(
-    y_true: np.ndarray | Sequence[int],
-    y_pred: np.ndarray | Sequence[int],
-    groups: Mapping[str, np.ndarray | Sequence[object]],
-    min_group_size: int,
-    intersections: list[tuple[str, str]] | None = None,
-) -> Counts:
-    """A node's confusion tables per group, per attribute and intersection, plus the all-rows table.
-
-    Every table the config defines is present (possibly empty), so the table set — and with it the
-    noise sensitivity — does not depend on the data. A group with fewer than ``min_group_size``
-    rows on this node is omitted entirely: it never leaves the node.
-    """
-    if min_group_size < 1:
-        raise ValueError("min_group_size must be at least 1")
-    y, yhat = _binary(y_true, "y_true"), _binary(y_pred, "y_pred")
-    if y.size != yhat.size:
-        raise ValueError(f"y_true has {y.size} rows and y_pred {yhat.size}")
-    cells = _cell_index(y, yhat)
-    total = np.bincount(cells, minlength=4)
-    out: Counts = {OVERALL: {OVERALL: [int(c) for c in total]} if y.size >= min_group_size else {}}
-    for name, _, labels, codes in _tables(groups, y.size, intersections):
-        tables = _confusion(codes, len(labels), cells)
-        out[name] = {
-            str(label): [int(c) for c in row]
-            for label, row in zip(labels, tables, strict=True)
-            if row.sum() >= min_group_size
-        }
-    return out
-
-
-def release_threshold(min_group_size: int, sigma: float, selection_delta: float, tables: int) -> float:
-    """Noisy size a group must reach to leave a node, so the *choice* of groups costs at most δ_sel.
-
-    A neighbouring dataset can move at most one group per table across the true-size cut at
-    ``min_group_size``; such a group (true size = minimum) passes only if the sum of its four
-    Gaussian noises, N(0, 4σ²), reaches ``threshold − min_group_size``. Asking for
-    ``selection_delta / tables`` per table (union bound) gives ``min + 2σ·Φ⁻¹(1 − δ_sel/T)``.
-    """
-    z = statistics.NormalDist().inv_cdf(1.0 - selection_delta / max(1, tables))
-    return float(min_group_size + 2.0 * sigma * z)
-
-
-def noisy_counts(
-    counts: Counts,
-    noise_multiplier: float,
-    rng: np.random.Generator | None = None,
-    *,
-    min_group_size: int,
-    selection_delta: float = 1e-7,
-) -> NoisyCounts:
-    """Gaussian mechanism on a node's confusion tables: the counts to send and what to charge.
-
-    Sensitivity: under add/remove-one-record adjacency (the DP-SGD unit), a record falls in exactly
-    one cell of one group in each table, so the L2 sensitivity of all ``T`` tables together
-    (attributes + intersections + the all-rows table) is ``√T``; every cell gets independent
-    N(0, σ²) noise with ``σ = z·√T``. That is one Gaussian release with noise multiplier ``z`` and
-    no subsampling, so the node's ledger composes it with its DP-SGD releases through the same
-    RDP accountant (``Release(noise_multiplier=z, sample_rate=1, steps=1)``). The set of groups
-    released would leak through the true-size cut, so a group also needs a noisy size (sum of its
-    noised cells) of at least :func:`release_threshold`, which adds ``selection_delta`` to δ.
-    Noisy cells are rounded to integers (post-processing) and not clipped at zero, so sums over
-    clients stay unbiased.
-
-    ``rng`` must be seeded from OS entropy on the node (the default), never from the config seed:
-    seeded noise is predictable and not private.
-    """
-    if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
-        raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
-    if not 0.0 < selection_delta < 1.0:
-        raise ValueError(f"selection_delta must be in (0, 1), got {selection_delta}")
-    rng = rng if rng is not None else np.random.default_rng()  # OS entropy
-    tables = max(1, len(counts))
-    sensitivity = math.sqrt(tables)
-    sigma = noise_multiplier * sensitivity
-    threshold = release_threshold(min_group_size, sigma, selection_delta, tables)
-    out: Counts = {}
-    for table, rows in counts.items():
-        out[table] = {}
-        for group, cells in rows.items():
-            if sum(cells) < min_group_size:
-                continue  # the node's own cut; group_confusion_counts already applies it
-            noisy = np.asarray(cells, dtype=np.float64) + rng.normal(0.0, sigma, size=4)
-            if noisy.sum() >= threshold:
-                out[table][group] = [int(v) for v in np.rint(noisy)]
-    return NoisyCounts(
-        counts=out,
-        noise_multiplier=noise_multiplier,
-        sensitivity=sensitivity,
-        sigma=sigma,
-        threshold=threshold,
-        selection_delta=selection_delta,
-    )
-
-
-def merge_counts(parts: Iterable[Counts]) -> Counts:
-    """Cell-wise sums over clients (union of tables and groups; a group a client omitted adds nothing)."""
-    totals: Counts = {}
-    for part in parts:
-        for table, rows in part.items():
-            dest = totals.setdefault(table, {})
-            for group, cells in rows.items():
-                if len(cells) != 4:
-                    raise ValueError(f"counts for {table}/{group} need 4 cells {CELLS}, got {len(cells)}")
-                acc = dest.setdefault(group, [0, 0, 0, 0])
-                for i, c in enumerate(cells):
-                    acc[i] += int(c)
-    return totals
 
 
 def metrics_from_counts(
