@@ -18,8 +18,8 @@ The FAB's own code is never written to disk, put on ``sys.path`` or imported. Re
 a Flower ``Error`` reply (``INVALID_FAB``) whose reason carries no node data; crashes leave as a
 code plus a local log id (exception text can quote private data and stays in the local log).
 
-Flower's Runtime API client and the pull/push helpers are Flower internals: FedGuard pins
-``flwr==1.42.*`` and touches them only in the ``_flwr_*`` functions below.
+Flower's Runtime API client and the pull/push helpers are Flower internals: they live in
+``common.flower_internals`` (``RuntimeApi``), pinned to the Flower release they were written for.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from common.errors import FedGuardError
+from common.flower_internals import ErrorCode, RuntimeApi, RuntimeApiRejected
 
 log = logging.getLogger("fedguard.executor")
 
@@ -55,10 +55,6 @@ log = logging.getLogger("fedguard.executor")
 DISTRIBUTION = "fedguard"
 PUBLISHER = "fedguard"
 CLIENTAPP_REF = "client.app:app"
-
-#: Flower error codes (``flwr.common.constant.ErrorCode``) used in replies.
-_INVALID_FAB = 7
-_CLIENT_APP_RAISED_EXCEPTION = 2
 
 _HEARTBEAT_SECONDS = 10.0  # Flower expires a task token 30 s after claim / 60 s after a heartbeat
 
@@ -156,150 +152,6 @@ class TaskRecord:
     total_seconds: float
 
 
-# --- Flower internals (flwr 1.42.*) -------------------------------------------------------------
-
-
-def _flwr_retry_invoker() -> Any:
-    """Retry transport errors and 502/503/504 for up to 30 s; give up on any other HTTP status.
-
-    Flower's ``make_simple_http_retry_invoker`` is made for one-task processes: on a 401 it sends
-    SIGINT to its own process and it retries transport errors forever. A long-lived executor must
-    survive an expired task token and report a rejected SuperExec secret instead.
-    """
-    import httpx
-    from flwr.supercore.retry import RetryInvoker, exponential, full_jitter
-
-    def give_up(exc: Exception) -> bool:
-        return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code not in (502, 503, 504)
-
-    return RetryInvoker(
-        wait_gen_factory=lambda: exponential(base_delay=0.2, max_delay=2),
-        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
-        max_tries=None,
-        max_time=30.0,
-        jitter=full_jitter,
-        should_giveup=give_up,
-    )
-
-
-def _flwr_runtime_client(address: str, interceptors: list[Any]) -> Any:
-    """A protobuf-over-HTTP client for the SuperNode's local Runtime API (plain HTTP on loopback)."""
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.runtime import RuntimeHttpClient
-
-    return RuntimeHttpClient.from_server_address(
-        server_address=address,
-        insecure=True,
-        root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
-        retry_invoker=_flwr_retry_invoker(),
-    )
-
-
-def _flwr_acquire_client(address: str, auth_secret: bytes | None) -> Any:
-    """The client that acquires tasks; AcquireTask is HMAC-signed when the node uses a SuperExec secret."""
-    interceptors: list[Any] = []
-    if auth_secret:
-        from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
-
-        interceptors.append(
-            SuperExecAuthHttpInterceptor(
-                master_secret=auth_secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})
-            )
-        )
-    return _flwr_runtime_client(address, interceptors)
-
-
-def _flwr_task_client(address: str, token: str) -> Any:
-    """A client bound to one claimed task by its token."""
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
-
-    return _flwr_runtime_client(address, [RuntimeTokenHttpInterceptor(token)])
-
-
-def _flwr_acquire_task(client: Any) -> tuple[str, int, int] | None:
-    """Claim the oldest pending ClientApp task: (token, task id, run id), or None when idle."""
-    import httpx
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-    from flwr.supercore.constant import TaskType
-
-    try:
-        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-    except httpx.HTTPStatusError as exc:
-        if exc.response.status_code in (401, 403):
-            raise ExecutorError(
-                f"the SuperNode's Runtime API rejected this executor (HTTP {exc.response.status_code})",
-                fix="start the executor with the same --superexec-auth-secret-file as the SuperNode",
-            ) from None
-        raise
-    if not res.HasField("task") or not res.token:
-        return None
-    return res.token, int(res.task.task_id), int(res.task.run_id)
-
-
-def _flwr_pull_task_input(client: Any) -> tuple[Message, Context, Any, Any]:
-    """Message, context, run and FAB of the claimed task. Pulls bytes only; installs nothing.
-
-    Mirrors ``flwr.supernode.runtime.run_clientapp.pull_task_input`` but retries objects that the
-    SuperNode is still downloading after 20 ms instead of Flower's 1 s initial backoff (a task is
-    claimable before its message body has arrived; a fresh ``flwr-clientapp`` hid that wait).
-    """
-    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf,
-        make_pull_object_fn_protobuf,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-
-    t0 = time.perf_counter()
-    res = client.PullTaskInput(PullTaskInputRequest())
-    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("the SuperNode returned no message for this task")
-    t1 = time.perf_counter()
-    node = Node(node_id=context.node_id)
-    tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message,
-        max_tries_per_object=None,  # bounded by Flower's max_time (2 h) instead
-        initial_backoff=0.02,
-        backoff_cap=0.5,
-    )
-    message.metadata.__dict__["_message_id"] = tree.object_id  # a deflated message lacks its own id
-    log.debug("task input %.3fs, message objects %.3fs", t1 - t0, time.perf_counter() - t1)
-    return message, context, run, fab
-
-
-def _flwr_push_reply(client: Any, reply: Message, context: Context) -> None:
-    from flwr.supernode.runtime.run_clientapp import push_message
-
-    push_message(client, reply, context)
-
-
-def _flwr_push_task_output(client: Any, context: Context | None, completed: bool, details: str) -> None:
-    """Finish the task; the SuperNode stores ``context`` as the run's node state for the next message."""
-    from flwr.common.constant import SubStatus
-    from flwr.supernode.runtime.run_clientapp import push_task_output
-
-    push_task_output(client, context, SubStatus.COMPLETED if completed else SubStatus.FAILED, details)
-
-
-def _flwr_heartbeat(client: Any) -> bool:
-    """Keep the task token alive; False when the SuperNode no longer knows the task."""
-    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
-
-    return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
-
-
-# -------------------------------------------------------------------------------------------------
-
-
 def load_installed_clientapp(ref: str = CLIENTAPP_REF) -> ClientApp:
     """Import the installed ClientApp (never from a FAB directory: those are never on ``sys.path``)."""
     module_name, _, attr = ref.partition(":")
@@ -312,8 +164,8 @@ def load_installed_clientapp(ref: str = CLIENTAPP_REF) -> ClientApp:
 class _Heartbeat:
     """Background heartbeats for one task (Flower's own sender SIGINTs the process on failure)."""
 
-    def __init__(self, client: Any) -> None:
-        self._client, self._stop = client, threading.Event()
+    def __init__(self, api: RuntimeApi) -> None:
+        self._api, self._stop = api, threading.Event()
         self._thread = threading.Thread(target=self._run, name="task-heartbeat", daemon=True)
 
     def __enter__(self) -> _Heartbeat:
@@ -327,7 +179,7 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(_HEARTBEAT_SECONDS):
             try:
-                if not _flwr_heartbeat(self._client):
+                if not self._api.heartbeat():
                     log.warning("the SuperNode no longer knows this task (token expired)")
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not kill the task
                 log.warning("task heartbeat failed: %s", exc)
@@ -351,7 +203,7 @@ class NodeExecutor:
         self.expected = expected or installed_identity()
         self.client_app = client_app or load_installed_clientapp()
         self.events_path = events_path
-        self._acquirer = _flwr_acquire_client(runtime_api_address, auth_secret)
+        self._acquirer = RuntimeApi.for_executor(runtime_api_address, auth_secret)
 
     def close(self) -> None:
         self._acquirer.close()
@@ -375,22 +227,24 @@ class NodeExecutor:
 
     def run_once(self) -> TaskRecord | None:
         """Acquire and execute one pending task; None when there is none."""
-        claimed = _flwr_acquire_task(self._acquirer)
+        try:
+            claimed = self._acquirer.acquire_task()
+        except RuntimeApiRejected as exc:
+            raise ExecutorError(exc.what, where=exc.where, fix=exc.fix) from None
         if claimed is None:
             return None
-        token, task_id, run_id = claimed
         t0 = time.perf_counter()
-        client = _flwr_task_client(self.address, token)
+        api = RuntimeApi.for_task(self.address, claimed.token)
         try:
-            with _Heartbeat(client):
-                record = self._execute(client, task_id, run_id, t0)
+            with _Heartbeat(api):
+                record = self._execute(api, claimed.task_id, claimed.run_id, t0)
         finally:
-            client.close()
+            api.close()
         record.total_seconds = time.perf_counter() - t0
         self._record(record)
         return record
 
-    def _execute(self, client: Any, task_id: int, run_id: int, t0: float) -> TaskRecord:
+    def _execute(self, api: RuntimeApi, task_id: int, run_id: int, t0: float) -> TaskRecord:
         acquired_at = time.time()
         message: Message | None = None
         context: Context | None = None
@@ -399,15 +253,16 @@ class NodeExecutor:
         reply: Message | None = None
         pull_s = app_s = push_s = 0.0
         try:
-            message, context, run, fab = _flwr_pull_task_input(client)
+            task = api.pull_task_input()
+            message, context = task.message, task.context
             pull_s = time.perf_counter() - t0
             try:
-                check_fab(fab.content, self.expected, str(run.fab_id), str(run.fab_version))
+                check_fab(task.fab_content, self.expected, task.fab_id, task.fab_version)
             except FabRefused as exc:
                 status, reason = "refused", exc.what
                 log.error("task %d of run %d refused: %s", task_id, run_id, exc.render())
                 reply = Message(
-                    Error(_INVALID_FAB, f"FedGuard node refused the app bundle: {exc.what}"), reply_to=message
+                    Error(ErrorCode.INVALID_FAB, f"FedGuard node refused the app bundle: {exc.what}"), reply_to=message
                 )
             else:
                 t1 = time.perf_counter()
@@ -418,18 +273,18 @@ class NodeExecutor:
             log.error("task %d of run %d failed (log-id %s):\n%s", task_id, run_id, log_id, traceback.format_exc())
             reason = f"{type(exc).__name__} (node log id {log_id})"
             if message is not None and reply is None:
-                reply = Message(Error(_CLIENT_APP_RAISED_EXCEPTION, f"FedGuard executor: {reason}"), reply_to=message)
+                reply = Message(
+                    Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"FedGuard executor: {reason}"), reply_to=message
+                )
         t2 = time.perf_counter()
         if reply is not None and context is not None:
             try:
-                _flwr_push_reply(client, reply, context)
+                api.push_reply(reply, context)
             except Exception as exc:  # noqa: BLE001
                 status, reason = "failed", f"reply could not be pushed: {type(exc).__name__}"
                 log.error("task %d: %s", task_id, exc)
         try:
-            _flwr_push_task_output(
-                client, context if status == "completed" else None, status == "completed", reason or ""
-            )
+            api.finish_task(context if status == "completed" else None, status == "completed", reason or "")
         except Exception as exc:  # noqa: BLE001 - the SuperNode expires the task itself
             log.error("task %d: task output could not be pushed: %s", task_id, exc)
         push_s = time.perf_counter() - t2
@@ -456,7 +311,7 @@ class NodeExecutor:
             log_id = uuid.uuid4().hex[:12]
             log.error("ClientApp raised (log-id %s):\n%s", log_id, traceback.format_exc())
             reason = f"ClientApp raised {type(exc).__name__} (node log id {log_id})"
-            return Message(Error(_CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message), "failed", reason
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message), "failed", reason
 
     def _record(self, record: TaskRecord) -> None:
         log.info(

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from common.errors import ConfigError
+from common.flower_internals import wire_object_sizes
 
 #: Node-config (and server run-config) keys an owner sets for the energy model.
 WATTS_PER_CORE_KEY = "watts-per-core"
@@ -255,7 +255,7 @@ def energy_available() -> str:
 def message_bytes(msg: Message) -> int:
     """Bytes of ``msg`` in Flower's wire format: every object of its tree, deflated (``Message.deflate``
     already leaves out the message id; the delivery time is never serialized)."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+    return sum(wire_object_sizes(msg).values())
 
 
 def coarsen(value: float, digits: int = 2) -> float:

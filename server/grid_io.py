@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common import records as R
+from common.flower_internals import ErrorCode
 from common.resources import message_bytes
-from server.validation import check_signature, refusal_reason
+from server.validation import Envelope
 
 Progress = Callable[[str], None]
 log = logging.getLogger("fedguard.server")
@@ -160,18 +160,16 @@ def discover_roles(
             Message(RecordDict({R.CONFIG: ConfigRecord(dict(base))}), dst_node_id=n, message_type="query.role")
             for n in unknown
         ]
+        gate = Envelope(messages, node_keys, int(flower_run_id or 0), None)
         replies, _, _ = collect_replies(grid, messages, timeout, poll)
         for reply in replies:
-            node = int(reply.metadata.src_node_id)
-            if reply.has_error():
-                known[node] = "client"
-                continue
-            if node_keys is not None and check_signature(reply, node_keys, int(flower_run_id or 0), None):
-                log.warning("node %s: role reply with a bad signature ignored", node)
-                continue
-            if R.REFUSAL in reply.content:
-                log.warning("node %s refused the run: %s", node, refusal_reason(reply.content))
-                known[node] = "client"
-            elif R.ROLE in reply.content:
+            node, left_out = int(reply.metadata.src_node_id), gate.check(reply)
+            if left_out is None and R.ROLE in reply.content:
                 known[node] = str(reply.content[R.ROLE].get(R.ROLE_NAME, "client"))
+            elif left_out is not None and left_out.status == "rejected":
+                log.warning("node %s: role reply ignored: %s", node, left_out.reason)
+            else:  # no role handler (a Flower error), or a refusal: a client that will refuse its training too
+                if left_out is not None and left_out.status == "refused":
+                    log.warning("node %s refused the run: %s", node, left_out.reason)
+                known[node] = "client"
     return known

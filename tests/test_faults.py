@@ -27,7 +27,7 @@ scenarios, which run in this order (the second uses the server the first restart
    under-counts); and the restarted node trains and is accepted in round 3.
 
 A third, in-process test pins the Flower 1.42 bug behind a node wedged after a SuperLink crash
-and FedGuard's patch of it (``client.supernode._clean_up_receives_of_stopped_runs``).
+and FedGuard's patch of it (``common.flower_internals.clean_up_receives_of_stopped_runs``).
 
 Faults are triggered on observed state (run store rows, SuperNode log lines, ledger rows), never
 on fixed sleeps. Data and models are tiny: the machine running these has two busy cores, where
@@ -246,7 +246,7 @@ def test_a_run_that_stops_while_a_node_receives_its_message_does_not_wedge_the_n
     from flwr.common.constant import SubStatus
     from flwr.supercore.run import RunNotRunningException
 
-    from client.supernode import _clean_up_receives_of_stopped_runs
+    from common.flower_internals import clean_up_receives_of_stopped_runs as _clean_up_receives_of_stopped_runs
 
     monkeypatch.setattr(sci, "_pull_and_store_message", sci._pull_and_store_message)  # undone after the test
     message: Any = SimpleNamespace(
@@ -423,7 +423,7 @@ def test_client_node_killed_in_round_2_is_dropped_and_rejoins_for_round_3(fed: F
     print(f"[{time.monotonic() - t0:.0f}s] gamma rejoined")
     run = store_run(fed, flower_id)
     assert run is not None
-    # Signing the crashed session off (client.supernode._take_over_crashed_session) makes the
+    # Signing the crashed session off (common.flower_internals.take_over_crashed_session) makes the
     # SuperLink answer its round-2 message with an error at once, so round 2 may close before the
     # test sees the node back; round 3 must not have closed without it.
     assert [r["round"] for r in fed.rounds(run["run_id"])] in ([1], [1, 2]), "round 3 ended before gamma was back"

@@ -1,0 +1,390 @@
+"""Every use of Flower internals, in one module pinned to the Flower release it was written for.
+
+FedGuard builds on Flower's public app API (``flwr.app``, ``flwr.serverapp``, ``flwr.clientapp``,
+``flwr.simulation``). A few things it needs exist only inside Flower, and Flower changes those
+between minor releases without notice, so they live here and nowhere else:
+
+- the SuperNode's local **Runtime API** client (``RuntimeApi``): FedGuard's node executor takes
+  tasks itself instead of ``flwr-clientapp``, so it never installs the server's app bundle;
+- three **patches of the SuperNode** (``clean_up_receives_of_stopped_runs``,
+  ``take_over_crashed_session``, ``shorten_fleet_poll``) and its entry point
+  (``run_flower_supernode``);
+- Flower's **wire format** (``wire_object_sizes``, for the bytes a message costs), its **FlatClip**
+  for central DP (``compute_clip_model_update``) and its **error-reply codes** (``ErrorCode``).
+
+Importing this module refuses any Flower but ``FLOWER_RELEASE`` (a ``FlowerVersionError`` naming
+both versions). ``tests/test_flower_internals.py`` holds one contract test per piece (the
+signature, attribute or behaviour FedGuard relies on), so a Flower upgrade fails one clear test
+per piece instead of a federation hanging in round 2. To upgrade: change ``FLOWER_RELEASE`` and
+the ``flwr`` pin in ``pyproject.toml``, run those tests, and fix what they name.
+
+Heavy internals (the Runtime API client, the SuperNode) are imported inside the functions that
+use them: the server and the ClientApp import this module too and must not pay for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import flwr
+import numpy as np
+from flwr.app import Context, Message
+
+from common.errors import FedGuardError
+
+#: The Flower release (major.minor) this module was written and tested against.
+FLOWER_RELEASE = "1.42"
+
+
+class FlowerVersionError(FedGuardError):
+    """The installed Flower is not the release FedGuard's use of its internals was written for."""
+
+    code = "flower-version"
+
+
+def installed_flower_version() -> str:
+    """The version of the Flower package this process imported."""
+    return str(flwr.__version__)
+
+
+def check_flower_version(installed: str | None = None) -> str:
+    """Return the installed Flower version; raise ``FlowerVersionError`` unless it is ``FLOWER_RELEASE``.*."""
+    version = installed_flower_version() if installed is None else installed
+    if version.split(".")[:2] != FLOWER_RELEASE.split("."):
+        raise FlowerVersionError(
+            f"Flower {version} is installed, but FedGuard is written for Flower {FLOWER_RELEASE}.* "
+            "(it relies on Flower internals that change between releases)",
+            where=f"flwr in {sys.prefix}",
+            fix=f"pip install 'flwr[simulation]=={FLOWER_RELEASE}.*' (or reinstall FedGuard, which pins it)",
+        )
+    return version
+
+
+check_flower_version()
+
+
+# --- Error-reply codes (flwr.common.constant.ErrorCode) ------------------------------------------
+
+
+class ErrorCode:
+    """The Flower error-reply codes FedGuard sends or reads.
+
+    Written out rather than imported: they travel on the wire, so a node and a server on
+    different Flower releases must agree on the numbers (the contract test checks Flower's).
+    """
+
+    CLIENT_APP_RAISED_EXCEPTION = 2
+    MESSAGE_UNAVAILABLE = 3
+    REPLY_MESSAGE_UNAVAILABLE = 4
+    INVALID_FAB = 7
+
+
+# --- Wire format and central DP ------------------------------------------------------------------
+
+
+def wire_object_sizes(message: Message) -> dict[str, int]:
+    """Object id → serialized size of each object a message travels as.
+
+    A Flower message travels as a tree of objects (its metadata, RecordDict, each record, each
+    array and its ≤5 MB chunks), each serialized by ``deflate()`` and sent once per message.
+    """
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return {object_id: len(obj.deflate()) for object_id, obj in get_all_nested_objects(message).items()}
+
+
+def compute_clip_model_update(params: list[np.ndarray], reference: list[np.ndarray], clipping_norm: float) -> None:
+    """Clip ``params - reference`` to L2 norm ``clipping_norm``, in place in ``params`` (Flower's FlatClip).
+
+    Flower's own implementation, so FedGuard's central DP clips exactly like Flower's DP strategies.
+    """
+    from flwr.supercore.differential_privacy import compute_clip_model_update as flower_clip
+
+    flower_clip(params, reference, clipping_norm)
+
+
+# --- The SuperNode's local Runtime API (what flwr-clientapp uses) --------------------------------
+
+#: The Runtime API method that a SuperExec secret signs (the SuperNode checks the signature).
+ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
+
+
+class RuntimeApiRejected(FedGuardError):
+    """The SuperNode's Runtime API refused this process's credentials (HTTP 401 or 403)."""
+
+    code = "runtime-api-rejected"
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    """A ClientApp task this process claimed: its token authenticates every later call."""
+
+    token: str
+    task_id: int
+    run_id: int
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    """What a claimed task carries: the message, the node's context, and the run's app bundle (bytes only)."""
+
+    message: Message
+    context: Context
+    fab_content: bytes
+    fab_id: str
+    fab_version: str
+
+
+def _retry_invoker() -> Any:
+    """Retry transport errors and 502/503/504 for up to 30 s; give up on any other HTTP status.
+
+    Flower's ``make_simple_http_retry_invoker`` is made for one-task processes: on a 401 it sends
+    SIGINT to its own process and it retries transport errors forever. A long-lived executor must
+    survive an expired task token and report a rejected SuperExec secret instead.
+    """
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential, full_jitter
+
+    def give_up(exc: Exception) -> bool:
+        return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code not in (502, 503, 504)
+
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(base_delay=0.2, max_delay=2),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=None,
+        max_time=30.0,
+        jitter=full_jitter,
+        should_giveup=give_up,
+    )
+
+
+class RuntimeApi:
+    """A protobuf-over-HTTP client of one SuperNode's local Runtime API (plain HTTP on loopback).
+
+    ``for_executor`` acquires tasks (HMAC-signed with the node's SuperExec secret, so no other
+    local process can take them); ``for_task`` serves one claimed task, bound by its token.
+    """
+
+    def __init__(self, address: str, interceptors: list[Any]) -> None:
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        self.address = address
+        self._client = RuntimeHttpClient.from_server_address(
+            server_address=address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
+            retry_invoker=_retry_invoker(),
+        )
+
+    @classmethod
+    def for_executor(cls, address: str, auth_secret: bytes | None) -> RuntimeApi:
+        """The client that acquires tasks; AcquireTask is signed when the node uses a SuperExec secret."""
+        interceptors: list[Any] = []
+        if auth_secret:
+            from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(
+                    master_secret=auth_secret, protected_methods=frozenset({ACQUIRE_TASK_METHOD})
+                )
+            )
+        return cls(address, interceptors)
+
+    @classmethod
+    def for_task(cls, address: str, token: str) -> RuntimeApi:
+        """A client bound to one claimed task by its token."""
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
+
+        return cls(address, [RuntimeTokenHttpInterceptor(token)])
+
+    def close(self) -> None:
+        self._client.close()
+
+    def acquire_task(self) -> ClaimedTask | None:
+        """Claim the oldest pending ClientApp task, or None when there is none."""
+        import httpx
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+        from flwr.supercore.constant import TaskType
+
+        try:
+            res = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code in (401, 403):
+                raise RuntimeApiRejected(
+                    f"the SuperNode's Runtime API rejected this process (HTTP {exc.response.status_code})",
+                    where=self.address,
+                    fix="start the executor with the same --superexec-auth-secret-file as the SuperNode",
+                ) from None
+            raise
+        if not res.HasField("task") or not res.token:
+            return None
+        return ClaimedTask(res.token, int(res.task.task_id), int(res.task.run_id))
+
+    def pull_task_input(self) -> TaskInput:
+        """Message, context and app bundle of the claimed task. Pulls bytes only; installs nothing.
+
+        Mirrors Flower's ``supernode.runtime.run_clientapp.pull_task_input`` but retries objects the
+        SuperNode is still downloading after 20 ms instead of Flower's 1 s initial backoff (a task
+        is claimable before its message body has arrived; a fresh ``flwr-clientapp`` hid that wait).
+        """
+        from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+        from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+        from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+        from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+            make_confirm_message_received_fn_protobuf,
+            make_pull_object_fn_protobuf,
+        )
+        from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+        client = self._client
+        res = client.PullTaskInput(PullTaskInputRequest())
+        context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+        pulled = client.PullMessages(PullAppMessagesRequest())
+        if not pulled.messages_list:
+            raise RuntimeError("the SuperNode returned no message for this task")
+        node = Node(node_id=context.node_id)
+        tree = pulled.message_object_trees[0]
+        message = pull_and_inflate_object_from_tree(
+            tree,
+            make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+            make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+            return_type=Message,
+            max_tries_per_object=None,  # bounded by Flower's max_time (2 h) instead
+            initial_backoff=0.02,
+            backoff_cap=0.5,
+        )
+        message.metadata.__dict__["_message_id"] = tree.object_id  # a deflated message lacks its own id
+        return TaskInput(message, context, bytes(fab.content), str(run.fab_id), str(run.fab_version))
+
+    def push_reply(self, reply: Message, context: Context) -> None:
+        """Send the reply message (and its objects) to the SuperNode."""
+        from flwr.supernode.runtime.run_clientapp import push_message
+
+        push_message(self._client, reply, context)
+
+    def finish_task(self, context: Context | None, completed: bool, details: str) -> None:
+        """Finish the task; the SuperNode stores ``context`` as the run's node state for the next message."""
+        from flwr.common.constant import SubStatus
+        from flwr.supernode.runtime.run_clientapp import push_task_output
+
+        push_task_output(self._client, context, SubStatus.COMPLETED if completed else SubStatus.FAILED, details)
+
+    def heartbeat(self) -> bool:
+        """Keep the task token alive; False when the SuperNode no longer knows the task."""
+        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
+
+        return bool(self._client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+
+
+# --- Flower's SuperNode and FedGuard's patches of it (applied in the SuperNode's own process) ----
+
+
+def clean_up_receives_of_stopped_runs() -> None:
+    """A message whose run stops while its body is being received must not wedge the node.
+
+    flwr 1.42 ``supernode/start_client_internal._pull_and_store_message`` creates the task and
+    stores the (empty) message *before* pulling the message's objects. When the SuperLink then
+    says the run is no longer running (it crashed mid-round and was restarted, or the run was
+    stopped), ``RunNotRunningException`` (a ``BaseException``) skips the clean-up that every other
+    failure gets: the task stays claimable and its objects stay announced but never arrive, so
+    the executor that claimed it waits for them (for up to two hours) and the node takes no
+    further message. Turning that exception into an ordinary error once the task exists runs
+    Flower's own clean-up (delete the message and its objects, finish the task as failed).
+    Idempotent.
+    """
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supercore.run import RunNotRunningException
+
+    if getattr(sci._pull_and_store_message, "_fedguard_patched", False):
+        return
+    original = sci._pull_and_store_message
+
+    def as_error(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except RunNotRunningException:
+                raise RuntimeError("the run is no longer running at the SuperLink") from None
+
+        return call
+
+    @functools.wraps(original)
+    def pull_and_store(*args: Any, **kwargs: Any) -> Any:
+        # Both are called only after the task was created (pull_object via pull_objects).
+        for name in ("pull_object", "confirm_message_received"):
+            if name in kwargs:
+                kwargs[name] = as_error(kwargs[name])
+        return original(*args, **kwargs)
+
+    pull_and_store._fedguard_patched = True  # type: ignore[attr-defined]
+    sci._pull_and_store_message = pull_and_store  # type: ignore[assignment]
+
+
+def take_over_crashed_session(node_id: int) -> None:
+    """Let a node restarted after a crash in at once, instead of a minute later.
+
+    The SuperLink (flwr 1.42) activates a node only if it is not online, and a node that was
+    killed stays online until it misses two 30 s heartbeats. A launcher that finds its own
+    crashed session starts the SuperNode with this patch: if activation is refused, the node
+    signs its old session off (DeactivateNode for its own node id, signed with its own key) and
+    activates again. Never used when the previous SuperNode of the workdir is still running, so
+    one live instance is never pushed out by another.
+    """
+    import httpx
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=E0611
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    original = FleetHttpClient.ActivateNode
+
+    def activate(self: FleetHttpClient, request: Any) -> Any:
+        try:
+            return original(self, request)
+        except httpx.HTTPStatusError as refused:
+            try:
+                self.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+            except httpx.HTTPError:
+                raise refused from None
+            return original(self, request)
+
+    FleetHttpClient.ActivateNode = activate  # type: ignore[method-assign]
+
+
+def shorten_fleet_poll(interval: float) -> None:
+    """Experimental: shorten flower-supernode's hard-coded sleeps, in this process only.
+
+    flwr 1.42 ``supernode/start_client_internal.py`` sleeps 3 s after an empty pull and 0.5 s
+    while waiting for a reply (module-level ``time.sleep`` calls), and retries message objects
+    the ServerApp is still uploading after 1 s, 2 s, 4 s ... (``pull_objects``); all three are
+    shortened here.
+    """
+    import time as _time
+
+    import flwr.supernode.start_client_internal as sci
+
+    class _Clock:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(_time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            _time.sleep(interval if seconds >= 3 else min(seconds, 0.1))
+
+    sci.time = _Clock()  # type: ignore[assignment]
+    sci.pull_objects = functools.partial(  # type: ignore[assignment]
+        sci.pull_objects, initial_backoff=0.05, backoff_cap=1.0
+    )
+
+
+def run_flower_supernode(argv: list[str]) -> None:
+    """Run ``flower-supernode ARGV`` in this process (after any patches above); returns when it stops."""
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()

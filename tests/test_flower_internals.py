@@ -1,0 +1,409 @@
+"""Contracts of every Flower internal FedGuard uses (``common/flower_internals.py``): one test per piece.
+
+Each test pins the signature, attribute or behaviour FedGuard relies on, against the installed
+Flower, so a Flower upgrade fails here, by name, instead of a federation hanging in round 2. The
+Runtime API tests run FedGuard's executor client against Flower's *own* SuperNode Runtime API
+(its FastAPI app and in-memory NodeState, served on loopback in this process), with the task
+stored by Flower's own ``_pull_and_store_message``: no federation, no network.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import flwr
+import httpx
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from common import flower_internals as fi
+from common.processes import flwr_env
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_ID = 42
+RUN_ID = 1  # the run of the server_identity fixture, which builds the messages
+SECRET = b"fedguard-test-superexec-secret-0123456789"
+
+
+# --- The version pin -------------------------------------------------------------------------------
+
+
+def test_the_installed_flower_is_the_release_the_module_was_written_for() -> None:
+    assert fi.check_flower_version().startswith(fi.FLOWER_RELEASE + ".")
+    assert fi.check_flower_version("1.42.7") == "1.42.7"
+
+
+def test_another_flower_release_is_refused_naming_both_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
+    with pytest.raises(fi.FlowerVersionError) as refused:
+        fi.check_flower_version()
+    assert "1.43.0" in str(refused.value) and f"{fi.FLOWER_RELEASE}.*" in str(refused.value)
+    assert refused.value.fix and "pip install" in refused.value.fix
+    for other in ("1.4.2", "1.420.0", "2.42.0"):
+        with pytest.raises(fi.FlowerVersionError):
+            fi.check_flower_version(other)
+
+
+def test_importing_the_module_under_another_flower_release_fails_at_import() -> None:
+    code = "import flwr; flwr.__version__ = '1.43.0'; import common.flower_internals"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode != 0
+    assert "FlowerVersionError" in proc.stderr and "Flower 1.43.0 is installed" in proc.stderr, proc.stderr[-2000:]
+
+
+# --- Constants, wire format, FlatClip --------------------------------------------------------------
+
+
+def test_error_codes_are_flowers() -> None:
+    from flwr.common.constant import ErrorCode
+
+    for name in ("CLIENT_APP_RAISED_EXCEPTION", "MESSAGE_UNAVAILABLE", "REPLY_MESSAGE_UNAVAILABLE", "INVALID_FAB"):
+        assert getattr(fi.ErrorCode, name) == getattr(ErrorCode, name), name
+
+
+def test_wire_object_sizes_are_flowers_deflated_objects(server_identity: None) -> None:
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+    big = np.zeros(2_000_000, np.float32)  # 8 MB: travels as two ≤5 MB chunks
+    msg = Message(RecordDict({"a": ArrayRecord({"w": Array(big)})}), dst_node_id=1, message_type="train")
+    sizes = fi.wire_object_sizes(msg)
+    objects = get_all_nested_objects(msg)
+    assert sizes == {k: len(o.deflate()) for k, o in objects.items()}
+    tree_ids: list[str] = []
+    stack = [get_object_tree(msg)]
+    while stack:
+        node = stack.pop()
+        tree_ids.append(node.object_id)
+        stack.extend(node.children)
+    assert set(sizes) == set(tree_ids)  # exactly the objects Flower sends
+    assert 8_000_000 < sum(sizes.values()) < 8_100_000
+    assert sum(1 for o in objects.values() if type(o).__name__ == "ArrayChunk") == 2
+
+
+def test_clip_model_update_is_flowers_flat_clip_in_place() -> None:
+    reference = [np.zeros(3), np.zeros(1)]
+    params = [np.array([3.0, 0.0, 0.0]), np.array([4.0])]  # update norm 5
+    fi.compute_clip_model_update(params, reference, 1.0)
+    np.testing.assert_allclose(np.concatenate(params), [0.6, 0.0, 0.0, 0.8])
+    small = [np.array([0.1, 0.0, 0.0]), np.array([0.0])]
+    fi.compute_clip_model_update(small, reference, 1.0)  # within the bound: unchanged
+    np.testing.assert_allclose(np.concatenate(small), [0.1, 0.0, 0.0, 0.0])
+
+
+# --- The SuperNode's Runtime API, served by Flower's own SuperNode app ----------------------------
+
+
+def _fab(version: str = "9.9") -> Any:
+    from flwr.supercore.fab import Fab
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(
+            "pyproject.toml",
+            f'[project]\nname = "fedguard"\nversion = "{version}"\n[tool.flwr.app]\npublisher = "fedguard"\n'
+            '[tool.flwr.app.components]\nserverapp = "server.app:app"\nclientapp = "client.app:app"\n'
+            "[tool.flwr.app.config]\nrounds = 3\n",
+        )
+    content = buf.getvalue()
+    return Fab(hashlib.sha256(content).hexdigest(), content, {})
+
+
+class _Node:
+    """Flower's SuperNode state and Runtime API, with messages delivered as Flower delivers them."""
+
+    def __init__(self) -> None:
+        import uvicorn
+        from flwr.supercore.object_store import ObjectStoreFactory
+        from flwr.supernode.main import create_app
+        from flwr.supernode.nodestate import NodeStateFactory
+
+        factory = NodeStateFactory(ObjectStoreFactory())
+        self.state, self.store = factory.state(), factory.objectstore_factory.store()
+        self.state.set_node_id(NODE_ID)
+        self.fab = _fab()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.address = f"127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app=create_app(state_factory=factory, superexec_auth_secret=SECRET),
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "Flower's Runtime API did not start"
+            time.sleep(0.05)
+
+    def deliver(self, message: Message, pull_object: Any = None) -> int | None:
+        """Store ``message`` as the SuperNode does when it pulls one from the SuperLink; the run id or None."""
+        import flwr.supernode.start_client_internal as sci
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+        from flwr.supercore.run import Run
+
+        message.metadata.__dict__["_message_id"] = message.object_id
+        objects = {k: o.deflate() for k, o in get_all_nested_objects(message).items()}
+        run = Run.create_empty(RUN_ID)
+        run.fab_id, run.fab_version, run.fab_hash = "fedguard/fedguard", "9.9", self.fab.hash_str
+        return sci._pull_and_store_message(
+            state=self.state,
+            object_store=self.store,
+            node_config={"data-path": "/nonexistent"},
+            receive=lambda: (message, get_object_tree(message)),
+            get_run=lambda run_id: run,
+            get_fab=lambda fab_hash, run_id: self.fab,
+            pull_object=pull_object or (lambda run_id, object_id: objects[object_id]),
+            confirm_message_received=lambda run_id, message_id: None,
+            trusted_entities=None,
+        )
+
+    def task(self, task_id: int) -> Any:
+        (task,) = self.state.get_tasks(task_ids=[task_id])
+        return task
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def node(server_identity: None) -> Iterator[_Node]:
+    n = _Node()
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def _train_message(server_round: int = 1) -> Message:
+    content = RecordDict(
+        {"cfg": ConfigRecord({"round": server_round}), "arrays": ArrayRecord({"w": Array(np.arange(4.0))})}
+    )
+    return Message(content, dst_node_id=NODE_ID, message_type="train", group_id=str(server_round))
+
+
+def test_runtime_api_acquire_task_is_signed_with_the_superexec_secret(node: _Node) -> None:
+    with pytest.raises(fi.RuntimeApiRejected):
+        fi.RuntimeApi.for_executor(node.address, b"another secret").acquire_task()
+    acquirer = fi.RuntimeApi.for_executor(node.address, SECRET)
+    try:
+        assert acquirer.acquire_task() is None  # nothing pending
+        assert node.deliver(_train_message()) == RUN_ID
+        claimed = acquirer.acquire_task()
+        assert claimed is not None and claimed.token and claimed.run_id == RUN_ID
+        assert node.task(claimed.task_id).status.status != "pending"  # taken: no other process gets it
+        assert acquirer.acquire_task() is None  # claimed once
+    finally:
+        acquirer.close()
+
+
+def test_runtime_api_task_round_trip(node: _Node) -> None:
+    """Pull the input (bytes only), heartbeat, push the reply and the node state, finish the task."""
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+    sent = _train_message()
+    node.deliver(sent)
+    acquirer = fi.RuntimeApi.for_executor(node.address, SECRET)
+    claimed = acquirer.acquire_task()
+    acquirer.close()
+    assert claimed is not None
+    api = fi.RuntimeApi.for_task(node.address, claimed.token)
+    try:
+        task = api.pull_task_input()
+        assert task.message.metadata.message_id == sent.object_id  # the id Flower leaves out of the tree
+        assert task.message.content["cfg"]["round"] == 1
+        np.testing.assert_array_equal(task.message.content["arrays"]["w"].numpy(), np.arange(4.0))
+        assert (task.fab_content, task.fab_id, task.fab_version) == (node.fab.content, "fedguard/fedguard", "9.9")
+        assert task.context.node_id == NODE_ID and task.context.node_config == {"data-path": "/nonexistent"}
+        assert task.context.run_config == {"rounds": 3}
+        assert api.heartbeat() is True
+
+        api.push_reply(Message(RecordDict({"m": ConfigRecord({"ok": 1})}), reply_to=task.message), task.context)
+        task.context.state["ledger"] = ConfigRecord({"spent": 7})
+        api.finish_task(task.context, True, "")
+    finally:
+        api.close()
+
+    assert node.task(claimed.task_id).status.sub_status == "completed"
+    (reply,) = node.state.get_messages_legacy(is_reply=True)
+    assert reply.metadata.reply_to_message_id == sent.object_id
+    tree = node.store.get_object_tree(reply.metadata.message_id)
+    pulled = pull_and_inflate_object_from_tree(tree, node.store.get, lambda _: None, return_type=Message)
+    assert pulled.content["m"]["ok"] == 1
+    stored = node.state.get_run_series_context(task.context.series_id)
+    assert stored is not None and stored.state["ledger"]["spent"] == 7  # next message sees it
+
+
+def test_runtime_api_failed_task_keeps_no_context(node: _Node) -> None:
+    node.deliver(_train_message())
+    acquirer = fi.RuntimeApi.for_executor(node.address, SECRET)
+    claimed = acquirer.acquire_task()
+    acquirer.close()
+    assert claimed is not None
+    api = fi.RuntimeApi.for_task(node.address, claimed.token)
+    try:
+        api.pull_task_input()
+        api.finish_task(None, False, "refused")
+    finally:
+        api.close()
+    task = node.task(claimed.task_id)
+    assert (task.status.sub_status, task.status.details) == ("failed", "refused")
+
+
+# --- Patches of the SuperNode ----------------------------------------------------------------------
+
+
+def test_a_run_stopping_while_its_message_is_received_is_cleaned_up(
+    node: _Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower 1.42's bug (a wedged task) and the patch; if Flower fixed it, this says so and the patch can go."""
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supercore.run import RunNotRunningException
+
+    monkeypatch.setattr(sci, "_pull_and_store_message", sci._pull_and_store_message)  # undone after the test
+
+    def stopped(run_id: int, object_id: str) -> bytes:
+        raise RunNotRunningException  # the restarted SuperLink: the run is no longer running
+
+    def pending() -> list[Any]:
+        return [t for t in node.state.get_tasks(run_ids=[RUN_ID]) if t.status.status in ("pending", "starting")]
+
+    wedged = _train_message(1)
+    assert node.deliver(wedged, pull_object=stopped) is None
+    assert pending(), "Flower no longer leaves the task claimable: drop clean_up_receives_of_stopped_runs"
+    assert [m.metadata.message_id for m in node.state.get_messages_legacy(is_reply=False)] == [wedged.object_id]
+    for task in pending():  # forget the wedged one
+        node.state.finish_task(task.task_id, sub_status="failed", details="test")
+
+    fi.clean_up_receives_of_stopped_runs()
+    fi.clean_up_receives_of_stopped_runs()  # idempotent
+    assert node.deliver(_train_message(2), pull_object=stopped) is None
+    assert not pending()  # finished as failed by Flower's own clean-up
+    assert not node.state.get_messages_legacy(is_reply=False)
+
+
+def test_take_over_crashed_session_signs_the_old_session_off_and_activates_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest  # pylint: disable=E0611
+    from flwr.supernode import fleet_http_connection
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    # What the patch relies on: the connection uses this class, which has both calls, taking a request.
+    assert fleet_http_connection.FleetHttpClient is FleetHttpClient
+    for name in ("ActivateNode", "DeactivateNode"):
+        assert list(inspect.signature(getattr(FleetHttpClient, name)).parameters) == ["self", "request"]
+    assert "node_id" in DeactivateNodeRequest.DESCRIPTOR.fields_by_name
+
+    calls: list[str] = []
+    refused = httpx.HTTPStatusError("412", request=httpx.Request("POST", "https://x"), response=httpx.Response(412))
+
+    def activate(self: Any, request: Any) -> str:
+        calls.append("activate")
+        if calls.count("activate") == 1:
+            raise refused
+        return "activated"
+
+    monkeypatch.setattr(FleetHttpClient, "ActivateNode", activate)  # restored after the test
+    fi.take_over_crashed_session(77)
+    client = SimpleNamespace(DeactivateNode=lambda req: calls.append(f"deactivate {req.node_id}"))
+    assert FleetHttpClient.ActivateNode(client, ActivateNodeRequest()) == "activated"
+    assert calls == ["activate", "deactivate 77", "activate"]
+
+
+def test_shorten_fleet_poll_shortens_the_supernodes_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.supernode.start_client_internal as sci
+
+    # What the patch relies on: module-level `time.sleep(3)` / `time.sleep(0.5)` and `pull_objects`.
+    assert sci.time is time
+    source = inspect.getsource(sci)
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source and "pull_objects(" in source
+    params = inspect.signature(sci.pull_objects).parameters
+    assert params["initial_backoff"].kind is params["backoff_cap"].kind is inspect.Parameter.KEYWORD_ONLY
+
+    monkeypatch.setattr(sci, "time", sci.time)
+    monkeypatch.setattr(sci, "pull_objects", sci.pull_objects)
+    fi.shorten_fleet_poll(0.01)
+    t0 = time.monotonic()
+    sci.time.sleep(3)
+    sci.time.sleep(0.5)
+    assert time.monotonic() - t0 < 0.5
+    assert abs(sci.time.time() - time.time()) < 1
+    assert sci.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
+
+
+def test_flower_supernode_entry_point_takes_every_option_fedguard_passes(tmp_path: Path) -> None:
+    """``python -m client.supernode --help`` runs the patches, then Flower's own argument parser."""
+    from client.supernode import SuperNode
+
+    key = tmp_path / "node.key"
+    node = SuperNode(
+        tmp_path,
+        superlink="127.0.0.1:1",
+        root_certificates=tmp_path / "ca.crt",
+        private_key=key,
+        node_config={"data-path": "x"},
+    )
+    command = node.supernode_command()
+    ours = command[command.index("client.supernode") + 1 :]
+    proc = subprocess.run(
+        [sys.executable, "-P", "-m", "client.supernode", "--help"],
+        cwd=ROOT,
+        env=flwr_env(tmp_path / "flwr-home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for option in (arg for arg in ours if arg.startswith("--")):
+        assert option in proc.stdout, f"flower-supernode no longer takes {option}"
+    assert "process" in proc.stdout  # --isolation process
+
+
+# --- Nothing else touches Flower internals --------------------------------------------------------
+
+#: Flower's documented app API; everything else goes through common/flower_internals.py.
+PUBLIC = ("flwr.app", "flwr.serverapp", "flwr.clientapp", "flwr.simulation")
+
+
+def test_no_product_module_outside_the_adapter_imports_flower_internals() -> None:
+    offenders: list[str] = []
+    for package in ("common", "server", "client", "fedguard"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / "common" / "flower_internals.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom) and node.level == 0
+                    else []
+                )
+                for name in names:
+                    public = name in PUBLIC or name.startswith(tuple(p + "." for p in PUBLIC))
+                    if name.split(".")[0] == "flwr" and not public:
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert not offenders, "Flower internals outside common/flower_internals.py:\n" + "\n".join(offenders)
