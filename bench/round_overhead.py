@@ -55,7 +55,8 @@ if str(ROOT) not in sys.path:
 import tomli_w  # noqa: E402
 
 from client.supernode import SuperNode  # noqa: E402
-from common.kit import Federation, NodeSpec, init_federation  # noqa: E402
+from common.kit import Federation, NodeSpec  # noqa: E402
+from fedguard.provisioning import init_federation  # noqa: E402
 from server.runs import stage_app, start_run, wait_for_run  # noqa: E402
 from server.store import RunStore  # noqa: E402
 from server.superlink import SuperLink, TlsFiles  # noqa: E402

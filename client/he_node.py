@@ -41,6 +41,7 @@ from common.he_custody import (
     unflatten,
     verify_global,
 )
+from common.kit.keys import load_node_private_key, public_line
 from common.models import build_model
 from common.reply_signing import key_fingerprint, verify_reply
 
@@ -149,10 +150,7 @@ def signed_global(
 
 
 def own_public_key(settings: NodeSettings) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_ssh_private_key(_node_key(settings), password=None)
-    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return public_line(load_node_private_key(_node_key(settings))).encode()
 
 
 def aggregate(

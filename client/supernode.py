@@ -35,11 +35,9 @@ from types import TracebackType
 from typing import IO, Any
 
 import tomli_w
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.errors import FedGuardError
+from common.kit.keys import load_node_private_key
 from common.processes import flwr_env, free_port, log_tail, stop_child
 
 _READY_SUPERNODE = re.compile(r"SuperNode ID: (\d+)")
@@ -53,22 +51,8 @@ class SuperNodeError(FedGuardError):
 
 
 def check_private_key(path: Path) -> None:
-    """The node key must exist, be private to its owner (like ssh) and be an EC key in OpenSSH format."""
-    path = Path(path)
-    if not path.is_file():
-        raise SuperNodeError("node private key not found", where=str(path), fix="generate one: fedguard client keygen")
-    if os.name == "posix" and path.stat().st_mode & 0o077:
-        raise SuperNodeError("node private key is readable by other users", where=str(path), fix=f"chmod 600 {path}")
-    try:
-        key = load_ssh_private_key(path.read_bytes(), None)
-    except OSError as exc:
-        raise SuperNodeError(f"node private key not readable: {exc.strerror}", where=str(path)) from exc
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise SuperNodeError(
-            f"not an unencrypted OpenSSH private key ({exc})", where=str(path), fix="ssh-keygen -t ecdsa -b 384 -N ''"
-        ) from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise SuperNodeError("node key must be an EC key (P-384)", where=str(path), fix="ssh-keygen -t ecdsa -b 384")
+    """The node key must exist, be private to its owner (like ssh) and be an EC P-384 key in OpenSSH format."""
+    load_node_private_key(Path(path), error=SuperNodeError, private_file=True)
 
 
 def diagnose(log: str, superlink: str) -> tuple[str, str] | None:
@@ -339,106 +323,7 @@ class SuperNode:
         self.stop()
 
 
-# --- Flower's SuperNode, with FedGuard's patches of its internals (flwr 1.42) -------------------------
-
-
-def _clean_up_receives_of_stopped_runs() -> None:
-    """A message whose run stops while its body is being received must not wedge the node.
-
-    flwr 1.42 ``supernode/start_client_internal._pull_and_store_message`` creates the task and
-    stores the (empty) message *before* pulling the message's objects. When the SuperLink then
-    says the run is no longer running (it crashed mid-round and was restarted, or the run was
-    stopped), ``RunNotRunningException`` (a ``BaseException``) skips the clean-up that every other
-    failure gets: the task stays claimable and its objects stay announced but never arrive, so
-    the executor that claimed it waits for them (for up to two hours) and the node takes no
-    further message. Turning that exception into an ordinary error once the task exists runs
-    Flower's own clean-up (delete the message and its objects, finish the task as failed).
-    """
-    import functools
-
-    import flwr.supernode.start_client_internal as sci
-    from flwr.supercore.run import RunNotRunningException
-
-    if getattr(sci._pull_and_store_message, "_fedguard_patched", False):
-        return
-    original = sci._pull_and_store_message
-
-    def as_error(fn: Any) -> Any:
-        @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except RunNotRunningException:
-                raise RuntimeError("the run is no longer running at the SuperLink") from None
-
-        return call
-
-    @functools.wraps(original)
-    def pull_and_store(*args: Any, **kwargs: Any) -> Any:
-        # Both are called only after the task was created (pull_object via pull_objects).
-        for name in ("pull_object", "confirm_message_received"):
-            if name in kwargs:
-                kwargs[name] = as_error(kwargs[name])
-        return original(*args, **kwargs)
-
-    pull_and_store._fedguard_patched = True  # type: ignore[attr-defined]
-    sci._pull_and_store_message = pull_and_store  # type: ignore[assignment]
-
-
-def _take_over_crashed_session(node_id: int) -> None:
-    """Let a node restarted after a crash in at once, instead of a minute later.
-
-    The SuperLink (flwr 1.42) activates a node only if it is not online, and a node that was
-    killed stays online until it misses two 30 s heartbeats. A launcher that finds its own
-    crashed session (``SuperNode._crashed_session``) starts the SuperNode with this patch: if
-    activation is refused, the node signs its old session off (DeactivateNode for its own node
-    id, signed with its own key) and activates again. Never used when the previous SuperNode of
-    the workdir is still running, so one live instance is never pushed out by another.
-    """
-    import httpx
-    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=E0611
-    from flwr.supernode.fleet_http_client import FleetHttpClient
-
-    original = FleetHttpClient.ActivateNode
-
-    def activate(self: FleetHttpClient, request: Any) -> Any:
-        try:
-            return original(self, request)
-        except httpx.HTTPStatusError as refused:
-            try:
-                self.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
-            except httpx.HTTPError:
-                raise refused from None
-            return original(self, request)
-
-    FleetHttpClient.ActivateNode = activate  # type: ignore[method-assign]
-
-
-def _shorten_fleet_poll(interval: float) -> None:
-    """Experimental: shorten flower-supernode's hard-coded sleeps, in this process only.
-
-    flwr 1.42 ``supernode/start_client_internal.py`` sleeps 3 s after an empty pull and 0.5 s
-    while waiting for a reply (module-level ``time.sleep`` calls), and retries message objects
-    the ServerApp is still uploading after 1 s, 2 s, 4 s ... (``pull_objects``); all three are
-    shortened here.
-    """
-    import functools
-    import time as _time
-
-    import flwr.supernode.start_client_internal as sci
-
-    class _Clock:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(_time, name)
-
-        @staticmethod
-        def sleep(seconds: float) -> None:
-            _time.sleep(interval if seconds >= 3 else min(seconds, 0.1))
-
-    sci.time = _Clock()  # type: ignore[assignment]
-    sci.pull_objects = functools.partial(  # type: ignore[assignment]
-        sci.pull_objects, initial_backoff=0.05, backoff_cap=1.0
-    )
+# --- Flower's SuperNode, with FedGuard's patches of its internals (common/flower_internals.py) ---------
 
 
 def run_supernode(argv: list[str]) -> None:
@@ -446,18 +331,18 @@ def run_supernode(argv: list[str]) -> None:
 
     ``argv``: FedGuard's options first (``--fleet-poll-interval SECONDS``, experimental;
     ``--take-over-session NODE_ID``, set by the launcher after a crash), then flower-supernode's.
+    Flower is imported only here: the launcher process never needs it.
     """
-    from flwr.supernode.cli import flower_supernode
+    from common import flower_internals
 
-    _clean_up_receives_of_stopped_runs()
+    flower_internals.clean_up_receives_of_stopped_runs()
     while argv[:1] in (["--fleet-poll-interval"], ["--take-over-session"]) and len(argv) > 1:
         option, value, argv = argv[0], argv[1], argv[2:]
         if option == "--fleet-poll-interval":
-            _shorten_fleet_poll(float(value))
+            flower_internals.shorten_fleet_poll(float(value))
         else:
-            _take_over_crashed_session(int(value))
-    sys.argv = ["flower-supernode", *argv]
-    flower_supernode()
+            flower_internals.take_over_crashed_session(int(value))
+    flower_internals.run_flower_supernode(argv)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -64,9 +64,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common import he
 from common.errors import FedGuardError
 from common.files import atomic_write, group_or_world_readable
-from common.kit import fingerprint_public_key
-from common.sealing import MAGIC as _SEAL_MAGIC
-from common.sealing import SealTamperedError, key_id, seal, sealing_aad, unseal
+from common.kit.keys import fingerprint_public_key, load_node_private_key, load_node_public_key
+from common.sealing import SealTamperedError, key_id, recipient_key_id, seal, sealing_aad, unseal
 
 __all__ = [
     "KEY_INFO_FILE",
@@ -304,10 +303,10 @@ def sealed_header(blob: bytes) -> tuple[str, str, str, str]:
     data); the server uses it to check its bundle is self-consistent. Raises ``SealTamperedError``.
     """
     names, sealed = _split_envelope(blob)
-    if len(sealed) < len(_SEAL_MAGIC) + 32 or not sealed.startswith(_SEAL_MAGIC):
-        raise SealTamperedError("the sealed HE context has no sealing header (truncated or corrupt)")
-    kid = sealed[len(_SEAL_MAGIC) : len(_SEAL_MAGIC) + 32]
-    return (*names, "SHA256:" + base64.b64encode(kid).decode("ascii").rstrip("="))
+    try:
+        return (*names, recipient_key_id(sealed))  # any sealing format version
+    except SealTamperedError:
+        raise SealTamperedError("the sealed HE context has no sealing header (truncated or corrupt)") from None
 
 
 def _split_envelope(blob: bytes) -> tuple[tuple[str, str, str], bytes]:
@@ -655,30 +654,13 @@ def sign_global(
     evaluator_private_key_openssh: bytes,
 ) -> str:
     """The evaluator's base64 ECDSA-P384-SHA384 signature over :func:`global_digest`."""
-    try:
-        key = serialization.load_ssh_private_key(evaluator_private_key_openssh, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise HECustodyError(
-            f"cannot load the evaluator's OpenSSH private key ({exc})", where="evaluator private key"
-        ) from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
-        raise HECustodyError("the evaluator key must be EC P-384", where="evaluator private key")
+    key = load_node_private_key(evaluator_private_key_openssh, where="evaluator private key", error=HECustodyError)
     digest = global_digest(blobs, run_uid=run_uid, round=round)
     return base64.b64encode(key.sign(digest, ec.ECDSA(hashes.SHA384()))).decode("ascii")
 
 
 def _load_public(data: bytes) -> ec.EllipticCurvePublicKey:
-    try:
-        key = (
-            serialization.load_pem_public_key(data)
-            if data.lstrip().startswith(b"-----")
-            else serialization.load_ssh_public_key(data.strip())
-        )
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise GlobalModelSignatureError(f"unreadable evaluator public key ({exc})", where="evaluator key") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
-        raise GlobalModelSignatureError("the evaluator key is not EC P-384", where="evaluator key")
-    return key
+    return load_node_public_key(bytes(data), where="evaluator key", error=GlobalModelSignatureError)
 
 
 def verify_global(

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.errors import FedGuardError
-from common.kit import fingerprint_public_key
+from common.kit.keys import fingerprint_public_key, load_node_private_key, load_node_public_key, public_line
 from common.privacy import epsilon_spent
 
 
@@ -78,20 +78,13 @@ def _canonical(body: LedgerExport) -> bytes:
 
 
 def sign_export(body: LedgerExport, private_key_openssh: bytes) -> dict[str, object]:
-    key = serialization.load_ssh_private_key(private_key_openssh, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ExportError("the node key is not an EC key", fix="use the key `fedguard client init` created")
+    key = load_node_private_key(private_key_openssh, where="node key", error=ExportError)
     sig = key.sign(_canonical(body), ec.ECDSA(hashes.SHA384()))
     return {"export": body.model_dump(mode="json"), "signature": base64.b64encode(sig).decode()}
 
 
 def public_openssh(private_key_openssh: bytes) -> str:
-    key = serialization.load_ssh_private_key(private_key_openssh, password=None)
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        .decode()
-    )
+    return public_line(load_node_private_key(private_key_openssh, where="node key", error=ExportError))
 
 
 def verify_export(path: str | Path, expected_fingerprint: str | None = None) -> LedgerExport:
@@ -114,9 +107,7 @@ def verify_export(path: str | Path, expected_fingerprint: str | None = None) -> 
             where=str(p),
             fix="compare with the node's registered key fingerprint (server kit)",
         )
-    key = serialization.load_ssh_public_key(body.public_key.encode())
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ExportError("the export's key is not an EC key", where=str(p))
+    key = load_node_public_key(body.public_key.encode(), where=f"{p}: public_key", error=ExportError)
     try:
         key.verify(sig, _canonical(body), ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:

@@ -13,10 +13,12 @@ import base64
 import hashlib
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, RecordDict
 
+from common.kit.keys import fingerprint_public_key, load_node_private_key, public_line
+from common.kit.keys import load_node_public_key as _load_public
 from common.records import SIGNATURE, SIGNATURE_VALUE
 
 _DOMAIN = b"fedguard-reply/1"
@@ -33,10 +35,7 @@ def reply_digest(run_id: int, round_: int | None, reply_to: str, content: Record
 
 
 def _private_key(private_openssh: bytes) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_ssh_private_key(private_openssh, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError("the node authentication key is not an EC key")
-    return key
+    return load_node_private_key(bytes(private_openssh), where="node authentication key")
 
 
 def sign_reply(content: RecordDict, private_openssh: bytes, run_id: int, round_: int | None, reply_to: str) -> None:
@@ -47,25 +46,16 @@ def sign_reply(content: RecordDict, private_openssh: bytes, run_id: int, round_:
 
 
 def load_node_public_key(data: bytes) -> ec.EllipticCurvePublicKey:
-    """The key as the SuperLink reports it (PEM SubjectPublicKeyInfo) or as an OpenSSH line."""
-    key = (
-        serialization.load_pem_public_key(data)
-        if data.lstrip().startswith(b"-----")
-        else serialization.load_ssh_public_key(data)
-    )
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError("not an EC public key")
-    return key
+    """The key as the SuperLink reports it (PEM SubjectPublicKeyInfo) or as an OpenSSH line.
+
+    Raises :class:`~common.kit.errors.NodeKeyError` (also a ``ValueError``) unless it is EC P-384.
+    """
+    return _load_public(bytes(data))
 
 
 def key_fingerprint(public_key: bytes) -> str:
     """``SHA256:...`` (ssh-keygen style) of a node key as the SuperLink reports it, to match kit entries."""
-    from common.kit import fingerprint_public_key
-
-    line = load_node_public_key(public_key).public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return fingerprint_public_key(line.decode())
+    return fingerprint_public_key(public_line(load_node_public_key(public_key)))
 
 
 def verify_reply(content: RecordDict, public_key: bytes, run_id: int, round_: int | None, reply_to: str) -> str | None:

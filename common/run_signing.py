@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from common.errors import FedGuardError
+from common.kit.keys import load_run_signing_key, load_run_verify_key
 
 _FORMAT = "fedguard-run-request/1"
 
@@ -67,28 +67,12 @@ def _signed_bytes(fields: dict[str, object]) -> bytes:
 
 def load_signing_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
     """The admin's run-signing key (``admin/run-signing.key`` from ``fedguard provision init``)."""
-    p = Path(path)
-    try:
-        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise RunSignatureError("run-signing key not found", where=str(p), fix="pass admin/run-signing.key") from None
-    except ValueError as exc:
-        raise RunSignatureError(f"not a PEM private key: {exc}", where=str(p)) from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise RunSignatureError("not an Ed25519 key", where=str(p), fix="use the federation's admin/run-signing.key")
-    return key
+    return load_run_signing_key(path, error=RunSignatureError)
 
 
 def load_verify_key(path: str | Path) -> ed25519.Ed25519PublicKey:
     """The pinned public key (``run-signing.pub`` in every kit, OpenSSH format)."""
-    p = Path(path)
-    try:
-        key = serialization.load_ssh_public_key(p.read_bytes().split(b"\n")[0])
-    except (FileNotFoundError, ValueError) as exc:
-        raise RunSignatureError(f"cannot read the pinned run-signing key: {exc}", where=str(p)) from None
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise RunSignatureError("the pinned run-signing key is not Ed25519", where=str(p))
-    return key
+    return load_run_verify_key(path, error=RunSignatureError)
 
 
 def sign_run(config_json: str, key: ed25519.Ed25519PrivateKey, *, version: str | None = None) -> str:

@@ -1,6 +1,6 @@
 """``fedguard provision ...`` (federation admin) and ``fedguard client init`` (node owner).
 
-Thin handlers over :mod:`common.kit`: parse flags, print progress, and end with what the person must do next
+Thin handlers over :mod:`fedguard.provisioning`: parse flags, print progress, and end with what the person must do next
 (which directory goes where, which fingerprint to pass on out of band). Errors are FedGuardErrors; the CLI
 main prints them without a trace.
 """
@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from common.kit import add_node, init_federation, init_node_keys, rotate
+from fedguard.provisioning import add_node, init_federation, init_node_keys, rotate
 
 
 def _progress(msg: str) -> None:

@@ -20,10 +20,11 @@ from cryptography.hazmat.primitives import serialization
 from common import he
 from common import he_custody as hc
 from common.errors import FedGuardError
-from common.kit import Federation, KitError, NodeSpec, fingerprint_public_key, init_federation, verify_kit
+from common.kit import Federation, KitError, NodeSpec, fingerprint_public_key, verify_kit
 from common.sealing import SealedForAnotherKeyError, SealTamperedError
 from fedguard import he_cli
 from fedguard.cli import main
+from fedguard.provisioning import init_federation
 from tests.helpers import node_keypair
 
 pytestmark = pytest.mark.timeout(60)

@@ -19,23 +19,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_ssh_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-import common.kit as kitmod
+import fedguard.provisioning.workflows as kitmod
 from common.errors import ConfigError, FedGuardError
 from common.kit import (
     KitError,
     ProvisionError,
-    ProvisionResult,
-    add_node,
     check_node_private_key,
     fingerprint_cert,
     fingerprint_public_key,
-    init_federation,
-    init_node_keys,
     load_federation,
-    rotate,
     verify_kit,
 )
 from fedguard.provision import add_client_init, add_provision_commands
+from fedguard.provisioning import ProvisionResult, add_node, init_federation, init_node_keys, rotate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -249,7 +245,7 @@ def test_failed_forced_init_leaves_previous_kits_intact(
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(kitmod, "_stage_node_kit", boom)
+    monkeypatch.setattr(kitmod, "stage_node_kit", boom)
     with pytest.raises(OSError, match="disk full"):
         init_federation(fed_file, prov.out_dir, force=True, generate_node_keys=True)
     assert snapshot(prov.out_dir) == before
@@ -482,7 +478,7 @@ def test_failed_add_node_changes_nothing(prov: ProvisionResult, monkeypatch: pyt
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("rename failed")
 
-    monkeypatch.setattr(kitmod, "_swap_in", boom)
+    monkeypatch.setattr(kitmod, "swap_in", boom)
     with pytest.raises(OSError, match="rename failed"):
         add_node(prov.out_dir, "beta", "Beta")
     assert snapshot(prov.out_dir) == before, "registry and kits unchanged"

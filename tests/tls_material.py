@@ -1,7 +1,7 @@
-"""Throwaway federation material for tests that start real Flower processes, made with ``common.kit``.
+"""Throwaway federation material for tests that start real Flower processes, made with ``fedguard.provisioning``.
 
 One provisioning run gives the federation CA, a SuperLink certificate for 127.0.0.1/localhost and an
-EC P-384 OpenSSH key pair per node (generated here, demo-style). ``common.kit`` requires exactly one
+EC P-384 OpenSSH key pair per node (generated here, demo-style). ``common.kit.federation`` requires exactly one
 evaluator, so one is enrolled and left unused. Extra helpers make what refusal tests need: a key the
 SuperLink never registered, and an unrelated CA.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.kit import Federation, NodeSpec, init_federation, init_node_keys
+from common.kit import Federation, NodeSpec
+from fedguard.provisioning import init_federation, init_node_keys
 
 _EVALUATOR = "evaluator-unused"
 
