@@ -136,8 +136,9 @@ def serve_dashboard(workdir: Path, store_path: Path, port: int) -> None:
 
     from common.kit import verify_kit
     from fedguard.deploy import _wait_for_signal
+    from server.control.app import create_app
     from server.control.serve import ControlServer, self_signed
-    from server.control.service import ControlService, create_app
+    from server.control.service import ControlService
     from server.control.users import ControlError
     from server.superlink import SuperLinkError, local_name
 

@@ -22,10 +22,11 @@ from fastapi.testclient import TestClient
 from common.config import load_config
 from common.fairness import FairnessConfig, audit
 from common.run_signing import fedguard_version, load_verify_key, sign_run, verify_run
+from server.control.app import create_app
 from server.control.audit import AuditLog
 from server.control.auth import SESSION_COOKIE, RateLimiter
 from server.control.federation import NodeView
-from server.control.service import ControlService, create_app
+from server.control.service import ControlService
 from server.store import RunStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -527,7 +528,8 @@ def test_server_start_serves_the_control_service_over_a_real_superlink(tmp_path:
 
     import httpx
 
-    from common.kit import Federation, NodeSpec, init_federation
+    from common.kit import Federation, NodeSpec
+    from fedguard.provisioning import init_federation
     from server.control.users import UserStore
     from server.runs import run_status
 

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.control.service import create_app
+from server.control.app import create_app
 from tests.test_control_api import BASE, bearer, demo_toml, make_service
 
 pytestmark = pytest.mark.timeout(180)

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.files import atomic_write, group_or_world_readable
-from server.control.users import ControlError, connect, require_workdir
+from server.control.errors import ControlError
+from server.control.users import connect, require_workdir
 
 GENESIS = "0" * 64
 """The head of an empty log: the 'previous MAC' of entry 1."""

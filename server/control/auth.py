@@ -30,8 +30,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from fastapi import HTTPException, Request
+from starlette.requests import Request
 
+from server.control.errors import Forbidden, NotAuthenticated, RateLimited
 from server.control.users import User, UserStore, role_at_least
 
 SESSION_COOKIE = "__Host-fedguard_session"
@@ -136,15 +137,8 @@ def client_key(request: Request) -> str:
     return f"addr:{request.client.host if request.client else 'unknown'}"
 
 
-class NotAuthenticated(HTTPException):
-    """401: no credentials, or credentials that no longer (or never did) belong to an active user."""
-
-    def __init__(self, detail: str = "authentication required: send `Authorization: Bearer <token>`") -> None:
-        super().__init__(status_code=401, detail=detail, headers={"WWW-Authenticate": "Bearer"})
-
-
 def authenticate(request: Request, users: UserStore, sessions: Sessions, bearer_limit: RateLimiter) -> Principal:
-    """The request's principal from its bearer header or session cookie; 401 otherwise."""
+    """The request's principal from its bearer header or session cookie; NotAuthenticated otherwise."""
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, token = header.partition(" ")
@@ -155,7 +149,7 @@ def authenticate(request: Request, users: UserStore, sessions: Sessions, bearer_
             keys = [client_key(request)]
             wait = bearer_limit.retry_after(keys)
             if wait:
-                raise HTTPException(429, "too many bad tokens from this address", headers={"Retry-After": str(wait)})
+                raise RateLimited("too many bad tokens from this address", retry_after=wait)
             bearer_limit.fail(keys)
             raise NotAuthenticated("invalid or revoked token")
         return Principal(user, "bearer")
@@ -172,12 +166,17 @@ def authenticate(request: Request, users: UserStore, sessions: Sessions, bearer_
 
 
 def check_csrf(principal: Principal, supplied: str | None) -> None:
-    """403 unless a session-authenticated request carries its session's CSRF token."""
+    """Forbidden unless a session-authenticated request carries its session's CSRF token."""
     if principal.via != "session":
         return
     if not supplied or not principal.csrf or not hmac.compare_digest(supplied.encode(), principal.csrf.encode()):
-        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+        raise Forbidden("missing or wrong CSRF token: reload the page and try again")
 
 
 def has_role(principal: Principal, needed: str) -> bool:
     return role_at_least(principal.user.role, needed)
+
+
+def role_denied(principal: Principal, needed: str) -> Forbidden:
+    """The error for a principal whose role is below ``needed`` (the API and the dashboard say the same)."""
+    return Forbidden(f"the {principal.user.role} role may not do this: it needs {needed} or above")

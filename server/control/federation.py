@@ -12,9 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from common.errors import FedGuardError
-
-ROOT = Path(__file__).resolve().parents[2]
+from server.control.errors import NotFound
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,9 @@ class Federation(Protocol):
     def stop_run(self, flower_run_id: int) -> None: ...
 
 
-class UnknownNode(FedGuardError):
+class UnknownNode(NotFound):
+    """``revoke_node`` was given a name the kit does not enroll."""
+
     code = "unknown-node"
 
 
@@ -108,7 +108,7 @@ class SuperLinkFederation:
         return start_run(
             self.superlink.address,
             self.kit.ca_cert,
-            ROOT,
+            None,  # ship the installed FedGuard
             config_path,
             self.store_path,
             self.superlink.flwr_home,

@@ -1,17 +1,18 @@
-"""The control service: one authenticated place to run the federation and read its reports.
+"""The control service's service layer: every action the API and the dashboard offer, implemented once.
 
-``create_app`` builds the FastAPI application (JSON API under ``/api``, server-rendered
-dashboard, ``/health``); ``ControlService`` holds what every request needs (run store, users,
-audit log, sessions, the federation door) and implements each action once, so the API and the
-dashboard behave identically and audit identically. Every state-changing action and every
-report download, allowed or denied, is appended to the HMAC-chained audit log, and every
-exported report embeds the chain head after its own download entry, so ``fedguard audit verify
---expect-head`` can later prove that history up to the export is intact.
+``ControlService`` holds what every request needs (run store, users, audit log, sessions, the
+federation door) and implements each action once, so the API and the dashboard behave and audit
+identically. Every state-changing action and every report download, allowed or denied, is
+appended to the HMAC-chained audit log, and every exported report embeds the chain head after its
+own download entry, so ``fedguard audit verify --expect-head`` can later prove that history up to
+the export is intact.
+
+Nothing here knows about HTTP: failures are the domain errors of ``server.control.errors``,
+which ``server.control.app`` maps to responses in one handler.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import tomllib
 import uuid
@@ -20,32 +21,28 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from common.errors import FedGuardError, StoreError
+from server.control import pages
 from server.control.audit import AuditEntry, AuditLog
-from server.control.auth import NotAuthenticated, Principal, RateLimiter, Sessions
+from server.control.auth import Principal, RateLimiter, Sessions, has_role, role_denied
+from server.control.errors import (
+    Conflict,
+    ControlError,
+    FederationFailed,
+    Invalid,
+    NotFound,
+    ReportFailed,
+    Unavailable,
+)
 from server.control.federation import Federation
-from server.control.users import ROLES, ControlError, User, UserStore
+from server.control.users import User, UserStore
 from server.store import RunStore
 
-#: Security headers on every response: no framing, no sniffing, nothing loaded from elsewhere.
-_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
-    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "Cache-Control": "no-store",
-}
 
-
-def http_error(exc: FedGuardError, status: int = 422) -> HTTPException:
-    """The error as a 4xx/5xx ``detail``; server file paths (``where``) stay in the server's own messages."""
-    if exc.where and Path(exc.where).is_absolute():
-        return HTTPException(status, exc.what + (f"\nFix: {exc.fix}" if exc.fix else ""))
-    return HTTPException(status, exc.render())
+def _as(cls: type[ControlError], exc: FedGuardError) -> ControlError:
+    """``exc``'s message as a ``cls`` (the same what, where and fix; another HTTP status)."""
+    return cls(exc.what, where=exc.where, fix=exc.fix)
 
 
 class ControlService:
@@ -84,12 +81,19 @@ class ControlService:
             outcome=outcome[:500],
         )
 
+    def authorize(self, p: Principal, needed: str, action: str | None = None, target: str = "") -> Principal:
+        """``p`` if its role is ``needed`` or above; else Forbidden, audited when ``action`` names one."""
+        if not has_role(p, needed):
+            if action:
+                self.record(p, action, target, f"denied: needs {needed}")
+            raise role_denied(p, needed)
+        return p
+
     def _fed(self) -> Federation:
         if self.federation is None:
-            raise HTTPException(
-                503,
-                "this control service has no SuperLink attached (it only serves the run store): "
-                "start it with `fedguard server start` to manage nodes and runs",
+            raise Unavailable(
+                "this control service has no SuperLink attached (it only serves the run store)",
+                fix="start it with `fedguard server start` to manage nodes and runs",
             )
         return self.federation
 
@@ -110,9 +114,9 @@ class ControlService:
                 from server import fairness_report
 
                 text = fairness_report.render(fairness_report.fairness_report_from_store(self.store_path, run_id), fmt)
-        except FedGuardError as exc:  # no such run (404), or a run whose records cannot make this report
+        except FedGuardError as exc:  # no such run, or a run whose records cannot make this report
             self.record(p, f"report.{kind}", target, f"failed: {exc.what}")
-            raise http_error(exc, 404 if isinstance(exc, StoreError) else 409) from None
+            raise (exc if isinstance(exc, StoreError) else _as(ReportFailed, exc)) from None
         entry = self.record(p, f"report.{kind}", target, "ok")
         verify = f"fedguard audit verify --server-workdir DIR --expect-head {entry.mac}"
         stamp: dict[str, object] = {"head": entry.mac, "seq": entry.seq, "verify": verify}
@@ -120,11 +124,7 @@ class ControlService:
             doc = json.loads(text)
             doc["audit_chain"] = stamp
             return json.dumps(doc, indent=2) + "\n", "application/json"
-        footer = (
-            f'<footer class="audit-chain"><p>Exported from the FedGuard control service; audit chain head '
-            f"<code>{html.escape(entry.mac)}</code> (entry {entry.seq}). Check the history up to this export with "
-            f"<code>{html.escape(verify)}</code>.</p></footer>\n<!-- fedguard-audit-head: {entry.mac} -->\n"
-        )
+        footer = pages.render("report_footer", head=entry.mac, seq=entry.seq, verify=verify)
         return (text.replace("</body>", footer + "</body>", 1) if "</body>" in text else text + footer), "text/html"
 
     # -- runs ----------------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class ControlService:
         try:
             tomllib.loads(config_toml)
         except tomllib.TOMLDecodeError as exc:
-            raise HTTPException(422, f"config_toml is not valid TOML: {exc}") from None
+            raise Invalid(f"config_toml is not valid TOML: {exc}") from None
         folder = self.workdir / "control-runs"
         folder.mkdir(exist_ok=True)
         path = folder / f"run-{uuid.uuid4().hex[:12]}.toml"
@@ -144,13 +144,13 @@ class ControlService:
             return load_config(path), path
         except FedGuardError as exc:
             path.unlink(missing_ok=True)
-            raise HTTPException(422, exc.render().replace(str(path), "config_toml")) from None
+            raise Invalid(exc.render().replace(str(path), "config_toml")) from None
 
     def plan_run(self, p: Principal, config_toml: str) -> dict[str, Any]:
         try:
             cfg, path = self._load_config(config_toml)
-        except HTTPException as exc:
-            self.record(p, "run.plan", "(submitted config)", f"rejected: {str(exc.detail)[:200]}")
+        except Invalid as exc:
+            self.record(p, "run.plan", "(submitted config)", f"rejected: {exc.what[:200]}")
             raise
         path.unlink(missing_ok=True)
         self.record(p, "run.plan", f"config {cfg.digest()[:16]}", "ok")
@@ -179,38 +179,36 @@ class ControlService:
         fed = self._fed()
         try:
             cfg, path = self._load_config(config_toml)
-        except HTTPException as exc:
-            self.record(p, "run.start", "(submitted config)", f"rejected: {str(exc.detail)[:200]}")
+        except Invalid as exc:
+            self.record(p, "run.start", "(submitted config)", f"rejected: {exc.what[:200]}")
             raise
         target = f"config {cfg.digest()[:16]} ({cfg.name})"
         signature = (signature or "").strip()
+        if not signature and self.signing_key is None:
+            path.unlink(missing_ok=True)
+            self.record(p, "run.start", target, "rejected: unsigned")
+            raise Invalid(
+                "the run is not signed: paste a token from `fedguard run sign --config FILE` (use absolute "
+                "data paths: the signature covers them), or start the server with --run-signing-key"
+            )
         try:
             if signature:
                 verify_run(signature, cfg.to_json(), load_verify_key(fed.verify_key_path), version=fedguard_version())
                 token, signed_by = signature, "admin signature (fedguard run sign)"
-            elif self.signing_key is not None:
-                token, signed_by = sign_run(cfg.to_json(), self.signing_key), "signed by the control service"
             else:
-                raise HTTPException(
-                    422,
-                    "the run is not signed: paste a token from `fedguard run sign --config FILE` (use absolute "
-                    "data paths: the signature covers them), or start the server with --run-signing-key",
-                )
+                assert self.signing_key is not None
+                token, signed_by = sign_run(cfg.to_json(), self.signing_key), "signed by the control service"
         except FedGuardError as exc:
             path.unlink(missing_ok=True)
             self.record(p, "run.start", target, f"rejected: {exc.what}")
-            raise HTTPException(
-                422, exc.render() + "\n(the signature must be made over this exact config, e.g. absolute data paths)"
+            raise Invalid(
+                exc.render() + "\n(the signature must be made over this exact config, e.g. absolute data paths)"
             ) from None
-        except HTTPException as exc:
-            path.unlink(missing_ok=True)
-            self.record(p, "run.start", target, "rejected: unsigned")
-            raise exc
         try:
             flower_run = fed.start_run(path, token)
         except FedGuardError as exc:
             self.record(p, "run.start", target, f"failed ({signed_by}): {exc.what}")
-            raise http_error(exc, 502) from None
+            raise _as(FederationFailed, exc) from None
         self.record(p, "run.start", f"flower run {flower_run}, {target}", f"ok ({signed_by})")
         return {"flower_run_id": flower_run, "config_hash": cfg.digest(), "name": cfg.name, "signed_by": signed_by}
 
@@ -219,26 +217,27 @@ class ControlService:
         try:
             with RunStore(self.store_path) as store:
                 run = store.run(run_id)
-        except StoreError as exc:
+        except StoreError:
             self.record(p, "run.stop", f"run {run_id}", "rejected: no such run")
-            raise http_error(exc, 404) from None
+            raise
         if run["status"] != "running" or not run["flower_run_id"]:
             self.record(p, "run.stop", f"run {run_id}", f"rejected: run is {run['status']}")
-            raise HTTPException(409, f"run {run_id} is {run['status']}, not a running deployed run")
+            raise Conflict(f"run {run_id} is {run['status']}, not a running deployed run")
         try:
             fed.stop_run(int(run["flower_run_id"]))
         except FedGuardError as exc:
             self.record(p, "run.stop", f"run {run_id}", f"failed: {exc.what}")
-            raise http_error(exc, 502) from None
+            raise _as(FederationFailed, exc) from None
         self.record(p, "run.stop", f"run {run_id} (flower run {run['flower_run_id']})", "ok")
         return {"run_id": run_id, "flower_run_id": run["flower_run_id"], "stopped": True}
 
     # -- nodes and users -----------------------------------------------------------------------------------------
     def nodes(self) -> list[dict[str, Any]]:
+        fed = self._fed()
         try:
-            return [n.as_dict() for n in self._fed().nodes()]
+            return [n.as_dict() for n in fed.nodes()]
         except FedGuardError as exc:
-            raise http_error(exc, 502) from None
+            raise _as(FederationFailed, exc) from None
 
     def revoke_node(self, p: Principal, name: str) -> dict[str, Any]:
         fed = self._fed()
@@ -246,67 +245,28 @@ class ControlService:
             node = fed.revoke_node(name)
         except FedGuardError as exc:
             self.record(p, "node.revoke", name, f"failed: {exc.what}")
-            raise http_error(exc, 404 if "no enrolled node" in exc.what else 502) from None
+            raise (exc if isinstance(exc, NotFound) else _as(FederationFailed, exc)) from None
         self.record(p, "node.revoke", f"{name} ({node.fingerprint})", "ok")
         return node.as_dict()
 
     def add_user(self, p: Principal, name: str, role: str) -> tuple[User, str]:
         try:
             user, token = self.users.add(name, role)
-        except ControlError as exc:
+        except ControlError as exc:  # Conflict (the name is taken) or Invalid (name, role)
             self.record(p, "user.add", f"{name[:64]} ({role[:16]})", f"rejected: {exc.what}")
-            raise http_error(exc, 409 if "already exists" in exc.what else 422) from None
+            raise
         self.record(p, "user.add", f"{name} ({role})", "ok")
         return user, token
 
     def revoke_user(self, p: Principal, name: str) -> User:
         try:
             user = self.users.revoke(name)
-        except ControlError as exc:
+        except ControlError as exc:  # NotFound: no such user, or already revoked
             self.record(p, "user.revoke", name[:64], f"rejected: {exc.what}")
-            raise http_error(exc, 404) from None
+            raise
         self.record(p, "user.revoke", f"{name} ({user.role})", "ok")
         return user
 
 
 def user_dict(u: User) -> dict[str, Any]:
     return asdict(u)
-
-
-def create_app(service: ControlService) -> FastAPI:
-    """The ASGI app: ``/health``, the JSON API (OpenAPI at ``/openapi.json``, token required), the dashboard."""
-    from server.control import api, dashboard
-
-    app = FastAPI(
-        title="FedGuard control service",
-        version="1",
-        description="Operator API and reviewer dashboard of a FedGuard federation. Roles: "
-        + " < ".join(ROLES)
-        + ". Send `Authorization: Bearer fg_<id>_<secret>` (from `fedguard user add`).",
-        docs_url=None,  # the Swagger/ReDoc pages load scripts from a CDN: nothing here loads from the network
-        redoc_url=None,
-        openapi_url=None,  # served below, behind authentication
-    )
-    app.state.control = service
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        for k, v in _HEADERS.items():
-            response.headers.setdefault(k, v)
-        return response
-
-    @app.exception_handler(NotAuthenticated)
-    async def not_authenticated(request: Request, exc: NotAuthenticated) -> Response:
-        if request.url.path.startswith("/api") or request.url.path == "/openapi.json":
-            return JSONResponse({"detail": exc.detail}, status_code=401, headers=exc.headers)
-        return RedirectResponse("/login", status_code=303)
-
-    @app.get("/health", tags=["health"], summary="liveness (no authentication)")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    app.include_router(api.router)
-    app.include_router(api.openapi_router)
-    app.include_router(dashboard.router)
-    return app

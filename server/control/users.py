@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import FedGuardError
+from server.control.errors import Conflict, ControlError, Invalid, NotFound
 
 ROLES = ("reviewer", "operator", "admin")
 """Ordered by privilege: each role may do everything the one before it may."""
@@ -46,12 +46,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS users_active_name ON users(name) WHERE revoked
 """
 
 
-class ControlError(FedGuardError):
-    """A control-service request (user, role, token, audit log) cannot be carried out as asked."""
-
-    code = "control-error"
-
-
 def role_at_least(role: str, needed: str) -> bool:
     """Whether ``role`` may do what ``needed`` may (unknown roles may do nothing)."""
     if needed not in ROLES:
@@ -62,14 +56,14 @@ def role_at_least(role: str, needed: str) -> bool:
 def check_role(role: str) -> str:
     """``role`` if it is one of :data:`ROLES`, else a ControlError saying which ones exist."""
     if role not in ROLES:
-        raise ControlError(f"unknown role {role!r}", where="--role", fix=f"use one of {', '.join(ROLES)}")
+        raise Invalid(f"unknown role {role!r}", where="--role", fix=f"use one of {', '.join(ROLES)}")
     return role
 
 
 def check_name(name: str) -> str:
     """A user name that is safe to print, log and put in a URL."""
     if not _NAME.fullmatch(name):
-        raise ControlError(
+        raise Invalid(
             f"invalid user name {name!r}",
             where="NAME",
             fix="use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
@@ -155,7 +149,7 @@ class UserStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if conn.execute("SELECT 1 FROM users WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
-                    raise ControlError(
+                    raise Conflict(
                         f"user {name!r} already exists",
                         where=str(self.workdir / DB_NAME),
                         fix=f"pick another name, or `fedguard user revoke {name}` first to replace the token",
@@ -202,7 +196,7 @@ class UserStore:
                 ).fetchone()
                 if row is None:
                     known = conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone()
-                    raise ControlError(
+                    raise NotFound(
                         f"user {name!r} is already revoked" if known else f"no user {name!r}",
                         where=str(self.workdir / DB_NAME),
                         fix="see `fedguard user list --server-workdir DIR` for the active users",
