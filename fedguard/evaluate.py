@@ -289,21 +289,22 @@ def evaluate_checkpoint(
 
 def _metrics_document(ev: Evaluation, fmt: str) -> str:
     """What --out gets when there is no fairness report: the metrics and why there is no audit."""
-    import html
     import json
 
+    from server.report_blocks import to_html, to_markdown
+
     m, ck = ev.metrics, ev.checkpoint
+    doc: dict[str, Any] = {
+        "format": "fedguard-evaluation/1",
+        "run_id": ck.run_id,
+        "run_name": ev.config.name,
+        "round": ck.round,
+        "data": ev.data_path.name,
+        "metrics": m,
+        "fairness_report": None,
+        "note": ev.no_audit_reason,
+    }
     if fmt == "json":
-        doc: dict[str, Any] = {
-            "format": "fedguard-evaluation/1",
-            "run_id": ck.run_id,
-            "run_name": ev.config.name,
-            "round": ck.round,
-            "data": ev.data_path.name,
-            "metrics": m,
-            "fairness_report": None,
-            "note": ev.no_audit_reason,
-        }
         return json.dumps(doc, indent=2) + "\n"
     title = f"Evaluation — run {ck.run_id} ({ev.config.name}), round {ck.round}"
     lines = [
@@ -311,14 +312,8 @@ def _metrics_document(ev: Evaluation, fmt: str) -> str:
         f"Accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, macro-F1 {m['macro_f1']:.4f}",
         f"No fairness audit: {ev.no_audit_reason}.",
     ]
-    if fmt == "md":
-        return f"# {title}\n\n" + "".join(f"- {line}\n" for line in lines)
-    esc = html.escape
-    items = "".join(f"<li>{esc(line)}</li>" for line in lines)
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title></head>"
-        f"<body><h1>{esc(title)}</h1><ul>{items}</ul></body></html>\n"
-    )
+    blocks = [("h1", title), ("ul", lines)]
+    return to_markdown(blocks) if fmt == "md" else to_html(blocks, title, json.dumps(doc))
 
 
 def render(ev: Evaluation, fmt: str) -> str:

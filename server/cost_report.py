@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from common import records as R
-from server.report_blocks import Block
+from server.report_blocks import Block, Plot
 from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
 from server.store import RunStore
@@ -308,6 +308,7 @@ def _blocks(rep: CostReport) -> list[Block]:
             ],
         ),
         ("h2", "Per round"),
+        ("plot", _energy_plot(rep)),
         (
             "table",
             (
@@ -393,6 +394,20 @@ def _blocks(rep: CostReport) -> list[Block]:
     return blocks
 
 
+def _energy_plot(rep: CostReport) -> Plot:
+    """Energy per round and its running total (round 0: setup), as the dashboard shows it."""
+    return Plot(
+        title="Energy per round and cumulative",
+        series={
+            "cumulative Wh": [(r.round, r.cumulative_energy_wh) for r in rep.rounds],
+            "Wh this round": [(r.round, r.energy_wh) for r in rep.rounds],
+        },
+        ylabel="Wh",
+        y_min=0.0,
+        chart_id="cost-energy",
+    )
+
+
 def to_markdown(rep: CostReport) -> str:
     return blocks_to_markdown(_blocks(rep))
 
@@ -400,7 +415,6 @@ def to_markdown(rep: CostReport) -> str:
 def to_html(rep: CostReport) -> str:
     """One self-contained page (no scripts, no external resources) readable offline."""
     return blocks_to_html(_blocks(rep), f"FedGuard cost report {rep.run_id}", rep.model_dump_json())
-
 
 
 def render(rep: CostReport, fmt: str) -> str:

@@ -9,12 +9,11 @@ as the privacy report, so Markdown and HTML always say the same thing.
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,7 +29,9 @@ from common.fairness import (
     merge_findings,
     track_findings,
 )
-from server.control.charts import line_chart
+from server.charts import Series
+from server.report_blocks import Block, Plot
+from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
 
 DEFINITIONS = [
@@ -157,19 +158,6 @@ def build_fairness_report(
 
 
 # -- rendering -----------------------------------------------------------------------------
-# ("h1"|"h2"|"h3", text) | ("p", text) | ("ul", [items]) | ("table", (header, rows)) | ("plot", Plot)
-# Markdown skips plots (the same numbers are in the tables next to them).
-Block = tuple[str, object]
-Table = tuple[list[str], list[list[str]]]
-Series = dict[str, list[tuple[int, float]]]
-
-
-class Plot(_Model):
-    title: str
-    ylabel: str
-    series: dict[str, list[tuple[int, float]]]
-
-
 def _fmt(v: float | int | None, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -365,8 +353,8 @@ def _blocks(rep: FairnessReport) -> list[Block]:
             sel, tpr = _series(rep, att.name, "selection_rate"), _series(rep, att.name, "tpr")
             blocks += [
                 ("h3", att.name),
-                ("plot", Plot(title=f"{att.name}: selection rate", ylabel="selection rate", series=sel)),
-                ("plot", Plot(title=f"{att.name}: true-positive rate", ylabel="TPR", series=tpr)),
+                ("plot", _rate_plot(f"{att.name}: selection rate", "selection rate", sel)),
+                ("plot", _rate_plot(f"{att.name}: true-positive rate", "TPR", tpr)),
                 (
                     "table",
                     (
@@ -495,52 +483,14 @@ def to_markdown(rep: FairnessReport) -> str:
     return blocks_to_markdown(_blocks(rep))
 
 
-def _svg_plot(plot: Plot, index: int) -> str:
-    """Values in [0, 1] per group over rounds: the dashboard's inline SVG chart, one polyline per group."""
-    return line_chart(f"fairness-plot-{index}", plot.title, plot.series, ylabel=plot.ylabel, y_min=0.0, y_max=1.0)
-
-
-def _json_for_script(rep: FairnessReport) -> str:
-    """The report JSON, safe inside <script type="application/json">: no '<', '>' or '&' (JSON escapes)."""
-    raw = rep.model_dump_json()
-    return raw.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+def _rate_plot(title: str, ylabel: str, series: Series) -> Plot:
+    """A rate in [0, 1] per group over rounds, on a fixed axis so charts compare at a glance."""
+    return Plot(title=title, series=series, ylabel=ylabel, y_min=0.0, y_max=1.0)
 
 
 def to_html(rep: FairnessReport) -> str:
     """One self-contained page readable offline: inline CSS and SVG, no external resources, no executable script."""
-    esc = html.escape
-    body: list[str] = []
-    for kind, value in _blocks(rep):
-        if kind.startswith("h"):
-            body.append(f"<{kind}>{esc(str(value))}</{kind}>")
-        elif kind == "p":
-            body.append(f"<p>{esc(str(value))}</p>")
-        elif kind == "ul":
-            body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in value) + "</ul>")  # type: ignore[attr-defined]
-        elif kind == "plot":
-            body.append(_svg_plot(value, len(body)))  # type: ignore[arg-type]
-        else:
-            header, rows = cast(Table, value)
-            head = "".join(f"<th>{esc(h)}</th>" for h in header)
-            cells = "".join(
-                "<tr>" + "".join(f"<td{_cell_class(c)}>{esc(c)}</td>" for c in row) + "</tr>" for row in rows
-            )
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-    body.append(f'<script type="application/json" id="report-data">{_json_for_script(rep)}</script>')
-    style = (
-        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}"
-        "th{background:#f3f3f3}td.suppressed{color:#888;font-style:italic}td.critical{color:#b00;font-weight:bold}"
-        "td.warning{color:#a60}svg.chart{display:block;margin:.5em 0}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>FedGuard fairness report {rep.run_id}</title>"
-        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    )
-
-
-def _cell_class(text: str) -> str:
-    return f' class="{text}"' if text in ("suppressed", "critical", "warning") else ""
+    return blocks_to_html(_blocks(rep), f"FedGuard fairness report {rep.run_id}", rep.model_dump_json())
 
 
 def render(rep: FairnessReport, fmt: str) -> str:

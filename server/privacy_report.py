@@ -7,16 +7,16 @@ file with an inline SVG plot of every client's ε per round.
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict
 
 from common import records as R
 from common.config import RunConfig, config_from_json
+from server.report_blocks import Block, Plot
 from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
 from server.store import RunStore
@@ -162,7 +162,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         last: dict[str, object] = accepted[-1]["values"] if accepted else {}  # type: ignore[assignment]
         count = counts.get(node)
         rows_sent = [*rows, count] if count else rows
-        sent = sorted({k for r in rows_sent for k in r["received"]})  # type: ignore[attr-defined]
+        sent = sorted({k for r in rows_sent for k in cast(list[str], r["received"])})
         after = dict(count["values"]) if count and count["status"] == "accepted" else {}
         last_total = after or last  # the counts release came last: its totals include every release
         budget_eps = _num(last_total, R.BUDGET_EPSILON)
@@ -261,7 +261,6 @@ def _fmt(v: float | int | None, spec: str = ".3f") -> str:
 
 
 # -- rendering -----------------------------------------------------------------------------
-Block = tuple[str, object]  # ("h1"|"h2"|"h3", text) | ("p", text) | ("ul", [items]) | ("table", (header, rows))
 
 
 def _blocks(rep: PrivacyReport) -> list[Block]:
@@ -269,6 +268,7 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
     rounds = _rounds(rep)
     blocks: list[Block] = [
         ("h1", f"Privacy report — run {rep.run_id} ({rep.run_name})"),
+        ("plot", _epsilon_plot(rep)),
         (
             "ul",
             [
@@ -419,65 +419,28 @@ def _rounds(rep: PrivacyReport) -> list[int]:
     return sorted({r.round for c in rep.clients for r in c.rounds})
 
 
-_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
-
-
-def _svg_plot(rep: PrivacyReport) -> str:
-    """ε (this run) per client after each round, as an inline SVG line chart."""
-    rounds = _rounds(rep)
-    series = {c.node_id: [(r.round, r.epsilon_run) for r in c.rounds if r.epsilon_run is not None] for c in rep.clients}
-    top = max([e for pts in series.values() for _, e in pts] + [rep.target_epsilon or 0.0, 1e-9])
-    w, h, pad = 640, 300, 48
-    last = max(rounds + [1])
-
-    def xy(rnd: int, eps: float) -> str:
-        x = pad + (w - 2 * pad) * (rnd / last)
-        y = h - pad - (h - 2 * pad) * (eps / top)
-        return f"{x:.1f},{y:.1f}"
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
-        'aria-label="epsilon per round for each client">',
-        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
-        f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">round</text>',
-        f'<text x="12" y="{h / 2}" font-size="12" transform="rotate(-90 12 {h / 2})">ε (this run)</text>',
-        f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end" font-size="11">{top:.2f}</text>',
-        f'<text x="{pad - 4}" y="{h - pad}" text-anchor="end" font-size="11">0</text>',
-    ]
-    for rnd in rounds:
-        x = xy(rnd, 0).split(",")[0]
-        parts.append(f'<text x="{x}" y="{h - pad + 16}" text-anchor="middle" font-size="11">{rnd}</text>')
-    if rep.target_epsilon:
-        y = xy(0, rep.target_epsilon).split(",")[1]
-        parts.append(f'<line x1="{pad}" y1="{y}" x2="{w - pad}" y2="{y}" stroke="#999" stroke-dasharray="4 3"/>')
-        parts.append(f'<text x="{w - pad}" y="{float(y) - 4}" text-anchor="end" font-size="11">target</text>')
-    for i, (node, pts) in enumerate(series.items()):
-        color = _COLORS[i % len(_COLORS)]
-        coords = " ".join(xy(0, 0).split() + [xy(r, e) for r, e in pts])
-        parts.append(
-            f'<polyline class="eps-series" data-node="{html.escape(node)}" fill="none" stroke="{color}" '
-            f'stroke-width="2" points="{coords}"/>'
-        )
-        for r, e in pts:
-            cx, cy = xy(r, e).split(",")
-            parts.append(
-                f'<circle cx="{cx}" cy="{cy}" r="3" fill="{color}"><title>node {html.escape(node)} round {r}: '
-                f"ε={e:.3f}</title></circle>"
-            )
-        parts.append(
-            f'<text x="{w - pad + 4}" y="{pad + 14 * i}" font-size="11" fill="{color}">node …{html.escape(node[-6:])}'
-            "</text>"
-        )
-    parts.append("</svg>")
-    return "\n".join(parts)
+def _epsilon_plot(rep: PrivacyReport) -> Plot:
+    """ε (this run) per client after each round, from 0 before the run's first round, against the target."""
+    start = min(_rounds(rep), default=1) - 1
+    series = {
+        f"node {c.node_id}": [(start, 0.0)] + [(r.round, r.epsilon_run) for r in c.rounds if r.epsilon_run is not None]
+        for c in rep.clients
+    }
+    return Plot(
+        title="ε per client after each round (this run)",
+        series=series,
+        ylabel="ε (this run)",
+        y_min=0.0,
+        threshold=rep.target_epsilon,
+        threshold_label="target ε",
+        series_class="eps-series",
+        chart_id="privacy-epsilon",
+    )
 
 
 def to_html(rep: PrivacyReport) -> str:
     """One self-contained page (no scripts, no external resources) readable offline."""
-    return blocks_to_html(
-        _blocks(rep), f"FedGuard privacy report {rep.run_id}", rep.model_dump_json(), after_title=_svg_plot(rep)
-    )
+    return blocks_to_html(_blocks(rep), f"FedGuard privacy report {rep.run_id}", rep.model_dump_json())
 
 
 def render(rep: PrivacyReport, fmt: str) -> str:

@@ -1,17 +1,55 @@
 """Reports as neutral blocks, so Markdown and HTML always say the same thing.
 
-A block is ``("h1"|"h2"|"h3", text)``, ``("p", text)``, ``("ul", [items])`` or
-``("table", (header, rows))``; each report builds its blocks once and renders them here.
+A block is ``("h1"…"h4", text)``, ``("p", text)``, ``("ul", [items])``, ``("table", (header, rows))``
+or ``("plot", Plot)``; each report builds its blocks once and renders them here. HTML comes from
+``templates/report.html`` (autoescaped) and charts from :mod:`server.charts`; Markdown skips
+plots because the same numbers are in a table next to each one.
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import Iterable
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
+
+from markupsafe import Markup
+
+from server.charts import Series, line_chart
+from server.templates import render
 
 Block = tuple[str, object]
 Table = tuple[list[str], list[list[str]]]
+
+#: Table cells with exactly these texts get the class of the same name (styled in the template).
+_CELL_CLASSES = frozenset({"suppressed", "critical", "warning"})
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A line chart over rounds, as a block; the arguments are :func:`server.charts.line_chart`'s."""
+
+    title: str
+    series: Series
+    ylabel: str = ""
+    y_min: float | None = None
+    y_max: float | None = None
+    threshold: float | None = None
+    threshold_label: str = "threshold"
+    series_class: str = "series"
+    chart_id: str | None = None  # default: "plot-<block index>", unique within the page
+
+    def svg(self, index: int) -> str:
+        return line_chart(
+            self.chart_id or f"plot-{index}",
+            self.title,
+            self.series,
+            ylabel=self.ylabel,
+            y_min=self.y_min,
+            y_max=self.y_max,
+            threshold=self.threshold,
+            threshold_label=self.threshold_label,
+            series_class=self.series_class,
+        )
 
 
 def _md_cell(text: str) -> str:
@@ -34,35 +72,39 @@ def to_markdown(blocks: Iterable[Block]) -> str:
     return "\n".join(out)
 
 
-def to_html(blocks: Iterable[Block], title: str, data_json: str, after_title: str = "") -> str:
-    """One self-contained page (no scripts run, no external resources) readable offline.
+def script_json(data_json: str) -> Markup:
+    """JSON text made safe inside ``<script type="application/json">`` and still the same JSON.
 
-    ``data_json`` (the report as JSON) is embedded for tools; ``after_title`` is raw HTML placed
-    under the first heading (e.g. an inline SVG chart).
+    A script element's text is not HTML-decoded, so HTML-escaping it would corrupt the data
+    (``&`` → ``&amp;``). Only ``<`` can end the element (``</script>``) or open a comment
+    (``<!--``), and in JSON it can only occur inside a string, where ``\\u003c`` means the same.
     """
-    esc = html.escape
-    body: list[str] = []
-    for i, (kind, value) in enumerate(blocks):
-        if kind.startswith("h"):
-            body.append(f"<{kind}>{esc(str(value))}</{kind}>")
-            if i == 0 and after_title:
-                body.append(after_title)
-        elif kind == "p":
-            body.append(f"<p>{esc(str(value))}</p>")
-        elif kind == "ul":
-            body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in cast(list[str], value)) + "</ul>")
-        else:
-            header, rows = cast(Table, value)
-            head = "".join(f"<th>{esc(h)}</th>" for h in header)
-            cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-    body.append(f'<script type="application/json" id="report-data">{esc(data_json, quote=False)}</script>')
-    style = (
-        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}"
-        "th{background:#f3f3f3}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    return Markup(data_json.replace("<", "\\u003c"))
+
+
+def _html_block(index: int, kind: str, value: object) -> dict[str, Any]:
+    if kind == "ul":
+        return {"kind": kind, "items": [str(item) for item in cast(list[str], value)]}
+    if kind == "table":
+        header, rows = cast(Table, value)
+        cells = [[(str(c), str(c) if c in _CELL_CLASSES else "") for c in row] for row in rows]
+        return {"kind": kind, "header": [str(h) for h in header], "rows": cells}
+    if kind == "plot":
+        return {"kind": kind, "svg": Markup(cast(Plot, value).svg(index))}  # line_chart escapes its values
+    if kind in ("h1", "h2", "h3", "h4", "p"):
+        return {"kind": kind, "text": str(value)}
+    raise ValueError(f"unknown report block {kind!r}: use h1–h4, p, ul, table or plot")
+
+
+def to_html(blocks: Iterable[Block], title: str, data_json: str) -> str:
+    """One self-contained page readable offline: inline CSS and SVG, no external resources, no executable script.
+
+    ``data_json`` (the report as JSON) is embedded in ``<script type="application/json"
+    id="report-data">`` for tools; ``json.loads`` of that element's text gives the report back.
+    """
+    return render(
+        "report.html",
+        title=title,
+        blocks=[_html_block(i, kind, value) for i, (kind, value) in enumerate(blocks)],
+        data_json=script_json(data_json),
     )
