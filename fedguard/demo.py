@@ -19,7 +19,9 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import lzma
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +182,32 @@ def demo_config(
     )
 
 
+#: What a demo leaves in its work dir; a folder holding any of these is a demo's own (made private).
+_DEMO_ENTRIES = ("deployment", "partitions", "runs.db", "data/gss_wages.csv", "data/trump_tweets.csv")
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    """Create the demo's work dir owner-only (0700): it will hold a CA key and the run-signing key.
+
+    A folder the demo creates is private from the start; an existing one is tightened only if it
+    is an earlier demo's (never a folder the user pointed ``--workdir`` at for other things).
+    """
+    workdir = Path(workdir)
+    if not workdir.exists():
+        workdir.mkdir(mode=0o700, parents=True)
+        os.chmod(workdir, 0o700)  # mkdir's mode is filtered by the umask; say it exactly
+    elif stat.S_IMODE(workdir.stat().st_mode) & 0o077 and any((workdir / e).exists() for e in _DEMO_ENTRIES):
+        os.chmod(workdir, 0o700)
+    return workdir
+
+
 def write_demo_data(workdir: Path, model: str = "ft-transformer") -> Path:
-    """The demo's data file for ``model``'s variant (survey CSV, or tweets for ``minilm-lora``)."""
+    """The demo's data file for ``model``'s variant (survey CSV, or tweets for ``minilm-lora``).
+
+    The first thing a demo writes: it creates the work dir, private (``prepare_workdir``).
+    """
     _check_model(model)
+    prepare_workdir(workdir)
     text = model == "minilm-lora"
     path = workdir / "data" / ("trump_tweets.csv" if text else "gss_wages.csv")
     path.parent.mkdir(parents=True, exist_ok=True)

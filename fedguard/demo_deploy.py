@@ -17,15 +17,14 @@ from pathlib import Path
 from client.supernode import SuperNode
 from common.config import RunConfig
 from common.he_custody import keygen, write_bundle
-from common.kit import RUN_SIGNING_KEY, Federation, NodeSpec, ProvisionResult, init_federation, verify_kit
+from common.kit import RUN_SIGNING_KEY, Federation, NodeSpec, verify_kit
 from common.run_signing import load_signing_key, sign_run
+from fedguard.provisioning import ProvisionResult, init_federation
 from fedguard.simulate import prepare_partitions
 from server.grid_io import Progress
 from server.runs import run_logs, run_status, start_run
 from server.store import RunStore
 from server.superlink import SuperLink, TlsFiles
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _follow(store_path: Path, seen: set[tuple[str, int]], progress: Progress) -> None:
@@ -142,7 +141,7 @@ def deployed_demo(
         flower_run = start_run(
             superlink.address,
             server_kit.ca_cert,
-            ROOT,
+            None,  # ship the installed FedGuard
             run_file,
             store_path,
             superlink.flwr_home,

@@ -85,9 +85,10 @@ def start_control_service(
     workdir: Path, kit: Any, superlink: Any | None, host: str, port: int, *, signing_key: Any = None
 ) -> Any:
     """The HTTPS API + dashboard in this process, with the server kit's certificate (``server.control``)."""
+    from server.control.app import create_app
     from server.control.federation import SuperLinkFederation
     from server.control.serve import ControlServer
-    from server.control.service import ControlService, create_app
+    from server.control.service import ControlService
     from server.superlink import SuperLinkError, local_name
 
     store = workdir / "runs.db"
@@ -228,14 +229,13 @@ def _submit(args: argparse.Namespace, config: Path | None, config_json: str, wha
 
     state = _server_state(args.server_workdir)
     store = Path(args.store or Path(args.server_workdir) / "runs.db").resolve()
-    root = Path(__file__).resolve().parents[1]
     kit = verify_kit(state["kit"], None)
     evaluator = next((n.fingerprint for n in kit.nodes if n.role == "evaluator"), "")
     address, ca, home = state["address"], Path(state["ca_cert"]), Path(state["flwr_home"])
     run_id = start_run(
         address,
         ca,
-        root,
+        None,  # ship the installed FedGuard
         config,
         store,
         home,

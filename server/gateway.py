@@ -1,12 +1,14 @@
-"""The TLS gateway in front of the SuperLink: renders ``deploy/gateway/*.conf`` and runs nginx.
+"""The TLS gateway in front of the SuperLink: renders ``server/gateway_templates/*.conf`` and runs nginx.
 
 Across hosts, nodes reach the federation only through this gateway, which forwards
 ``/v1/fleet/*`` and ``/health`` to the SuperLink on 127.0.0.1 and refuses everything else
-(the Control and Runtime APIs share the SuperLink's port).
+(the Control and Runtime APIs share the SuperLink's port). The templates are package data, so
+an installed FedGuard renders them from anywhere; ``deploy/gateway/`` links to the same files.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import shutil
 import socket
 import string
@@ -18,7 +20,9 @@ from pathlib import Path
 from common.errors import FedGuardError
 from common.processes import stop_child
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "deploy" / "gateway"
+#: The nginx config templates, shipped inside the ``server`` package (package data).
+TEMPLATES = importlib.resources.files("server") / "gateway_templates"
+TEMPLATE_NAMES = ("nginx.conf", "proxy_tls.conf")
 
 
 class GatewayError(FedGuardError):
@@ -38,9 +42,10 @@ class GatewaySettings:
 
 def render(settings: GatewaySettings, prefix: Path) -> Path:
     """Write ``nginx.conf`` (and its include) into ``prefix``; return the config path."""
-    if not (TEMPLATES / "nginx.conf").is_file():
+    missing = [name for name in TEMPLATE_NAMES if not (TEMPLATES / name).is_file()]
+    if missing:
         raise GatewayError(
-            "gateway templates not found", where=str(TEMPLATES), fix="run from a FedGuard checkout (deploy/gateway)"
+            f"gateway templates not found: {', '.join(missing)}", where=str(TEMPLATES), fix="reinstall FedGuard"
         )
     prefix = prefix.resolve()
     prefix.mkdir(parents=True, exist_ok=True)
@@ -54,7 +59,7 @@ def render(settings: GatewaySettings, prefix: Path) -> Path:
         "UPSTREAM_PORT": str(settings.upstream_port),
         "UPSTREAM_NAME": settings.upstream_name,
     }
-    for name in ("nginx.conf", "proxy_tls.conf"):
+    for name in TEMPLATE_NAMES:
         text = string.Template((TEMPLATES / name).read_text(encoding="utf-8")).substitute(values)
         (prefix / name).write_text(text, encoding="utf-8")
     return prefix / "nginx.conf"

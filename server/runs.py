@@ -6,16 +6,20 @@ is checked. ``FLWR_HOME`` always points at a FedGuard-owned folder, so nothing r
 writes ``~/.flwr``; the SuperLink connection (address + federation CA) is written there.
 
 **What the server ships.** ``flwr run DIR`` bundles every ``*.py/*.toml/*.md/*.yaml/*.json/
-*.jsonl`` under DIR (minus ``.gitignore``) and sends it to every node. The repository root
-works (about 160 KB), but a data file that happens to sit there (FedGuard reads JSONL data)
-would travel to every node. So a run is built from a *staged* copy holding only
-``pyproject.toml`` and the app packages (``common``, ``server``, ``client``): a small,
-deterministic bundle. FedGuard nodes never execute it anyway (``client/executor.py`` runs
-the installed ClientApp); the ServerApp runs from it under the SuperLink.
+*.jsonl`` under DIR (minus ``.gitignore``) and sends it to every node. So a run is built from a
+*staged* folder holding only a ``pyproject.toml`` and the app packages' modules (``common``,
+``server``, ``client``): a small, deterministic bundle. By default both come from the
+*installed* FedGuard (the packages' own folders and the ``server/app_bundle.toml`` package
+data), so ``run start`` works from a wheel, from any directory; a source folder can still be
+staged explicitly (tests, benchmarks). FedGuard nodes never execute the bundle
+(``client/executor.py`` runs the installed ClientApp); the ServerApp runs from it under the SuperLink.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.resources
+import importlib.util
 import json
 import os
 import re
@@ -35,14 +39,10 @@ from common.processes import bin_path, flwr_env
 
 #: Top-level packages that make up the FedGuard app bundle.
 APP_PACKAGES = ("common", "server", "client")
-#: Run-config keys the FedGuard ServerApp reads; Flower rejects overrides of undeclared keys.
-RUN_CONFIG_DEFAULTS: dict[str, str | int] = {
-    "config-path": "",
-    "store-path": "fedguard-runs.db",
-    "resume-run-id": 0,
-    "evaluator-key": "",
-    "run-signature": "",
-}
+#: The distribution whose version the bundle declares (nodes accept only their installed version).
+DISTRIBUTION = "fedguard"
+#: Package data: the bundle's pyproject.toml ([tool.flwr.app]: components and run-config keys).
+APP_BUNDLE_TEMPLATE = "app_bundle.toml"
 CONNECTION = "fedguard"
 _CLI_TIMEOUT = 120.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -130,38 +130,79 @@ def _fix_for(message: str) -> str | None:
     return None
 
 
-def stage_app(app_dir: Path, dest: Path) -> Path:
-    """Copy only ``pyproject.toml`` and the app packages' ``*.py`` into ``dest/fedguard``; return it.
+def bundle_project() -> dict[str, Any]:
+    """The bundle's ``pyproject.toml`` as a dict: the shipped template with the installed version.
 
-    The staged pyproject declares every run-config key the ServerApp reads (Flower refuses
-    ``-c`` overrides of undeclared keys).
+    It declares every run-config key the ServerApp reads (Flower refuses ``-c`` overrides of
+    undeclared keys) and the identity nodes check against their own installed FedGuard.
     """
-    app_dir = Path(app_dir).resolve()
-    project = app_dir / "pyproject.toml"
-    if not project.is_file():
-        raise RunError("no pyproject.toml", where=str(app_dir), fix="pass the FedGuard source folder as app_dir")
-    config = tomllib.loads(project.read_text(encoding="utf-8"))
-    flwr_app = config.get("tool", {}).get("flwr", {}).get("app", {})
-    if not flwr_app.get("components", {}).get("serverapp"):
+    template = importlib.resources.files("server") / APP_BUNDLE_TEMPLATE
+    try:
+        config = tomllib.loads(template.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
         raise RunError(
-            "pyproject.toml has no [tool.flwr.app.components] serverapp", where=str(project), fix="use FedGuard's"
-        )
-    app_config = flwr_app.setdefault("config", {})
-    for key, default in RUN_CONFIG_DEFAULTS.items():
+            f"the app bundle template is missing or broken ({exc})", where=str(template), fix="reinstall FedGuard"
+        ) from exc
+    try:
+        config["project"]["version"] = importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise RunError(
+            f"the {DISTRIBUTION!r} distribution is not installed: the app bundle has no version to declare",
+            fix="install FedGuard (pip install fedguard, or pip install -e . in a checkout)",
+        ) from exc
+    return config
+
+
+def installed_package_dir(package: str) -> Path:
+    """The folder an app package is imported from (site-packages, or the checkout of an editable install)."""
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations or not (Path(locations[0]) / "__init__.py").is_file():
+        raise RunError(f"package {package!r} is not installed", fix="install FedGuard (pip install fedguard)")
+    return Path(locations[0]).resolve()
+
+
+def stage_app(app_dir: Path | None, dest: Path) -> Path:
+    """Stage the app bundle in ``dest/fedguard``: a ``pyproject.toml`` and the app packages' ``*.py``; return it.
+
+    ``app_dir=None`` (what the CLI, the demo and the control service use): the installed packages
+    and the shipped ``app_bundle.toml``. A folder: its packages, and its own ``pyproject.toml`` when
+    that declares a Flower app (a staged bundle someone edited), else the shipped template.
+    """
+    sources = {p: installed_package_dir(p) for p in APP_PACKAGES} if app_dir is None else {}
+    config: dict[str, Any] | None = None
+    if app_dir is not None:
+        app_dir = Path(app_dir).resolve()
+        for package in APP_PACKAGES:
+            sources[package] = app_dir / package
+            if not (sources[package] / "__init__.py").is_file():
+                raise RunError(
+                    f"package {package!r} missing", where=str(sources[package]), fix="pass a FedGuard source folder"
+                )
+        project = app_dir / "pyproject.toml"
+        if project.is_file():
+            try:
+                own = tomllib.loads(project.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as exc:
+                raise RunError(f"not valid TOML: {exc}", where=str(project)) from None
+            if own.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("serverapp"):
+                config = own
+    shipped = bundle_project()
+    if config is None:
+        config = shipped
+    app_config = config["tool"]["flwr"]["app"].setdefault("config", {})
+    for key, default in shipped["tool"]["flwr"]["app"]["config"].items():
         app_config.setdefault(key, default)
     out = Path(dest) / "fedguard"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / "pyproject.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
-    for package in APP_PACKAGES:
-        src = app_dir / package
-        if not (src / "__init__.py").is_file():
-            raise RunError(f"package {package!r} missing", where=str(src), fix="pass the FedGuard source folder")
-        for file in src.rglob("*.py"):
+    for package, src in sources.items():
+        for file in sorted(src.rglob("*.py")):
             if "__pycache__" in file.parts:
                 continue
-            target = out / file.relative_to(app_dir)
+            target = out / package / file.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
     return out
@@ -170,7 +211,7 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
 def start_run(
     superlink_address: str,
     ca: Path,
-    app_dir: Path,
+    app_dir: Path | None,
     config_path: Path | None,
     store_path: Path,
     flwr_home: Path,
@@ -180,6 +221,7 @@ def start_run(
 ) -> int:
     """Submit a FedGuard run to the SuperLink; return Flower's run id.
 
+    ``app_dir`` None ships the installed FedGuard (see ``stage_app``);
     ``config_path`` and ``store_path`` are paths on the server host (the ServerApp runs there);
     ``resume_run_id`` > 0 continues that FedGuard run from its last checkpoint instead;
     ``evaluator_key`` is the enrolled evaluator's key fingerprint (the only node trusted in that role);

@@ -32,7 +32,7 @@ COPY common/ common/
 COPY server/ server/
 COPY client/ client/
 COPY fedguard/ fedguard/
-RUN pip install -e . && fedguard --help >/dev/null
+RUN pip install --no-cache-dir . && fedguard --help >/dev/null
 
 COPY --chmod=0755 deploy/docker/entrypoint.py /usr/local/bin/fedguard-entrypoint
 COPY --chmod=0755 deploy/docker/node_probe.py /usr/local/bin/fedguard-node-probe

@@ -22,16 +22,15 @@ RUN apt-get update \
 # torch first, CPU build (the server aggregates; it trains nothing).
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
-# The project itself. Installed in place (-e): `fedguard run start` stages the app bundle from
-# the source tree (pyproject.toml next to the packages) and the gateway renders deploy/gateway/.
+# The project itself, installed as a wheel would be: the app bundle and the gateway templates
+# come from the installed packages.
 WORKDIR /opt/fedguard
 COPY pyproject.toml README.md ./
 COPY common/ common/
 COPY server/ server/
 COPY client/ client/
 COPY fedguard/ fedguard/
-COPY deploy/gateway/ deploy/gateway/
-RUN pip install -e . && fedguard --help >/dev/null
+RUN pip install --no-cache-dir . && fedguard --help >/dev/null
 
 COPY --chmod=0755 deploy/docker/entrypoint.py /usr/local/bin/fedguard-entrypoint
 COPY --chmod=0755 deploy/docker/gateway.py /usr/local/bin/fedguard-gateway

@@ -1,0 +1,1 @@
+"""Round protocols: one aggregation mode per file (see ``base.RoundProtocol``)."""
