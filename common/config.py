@@ -173,8 +173,14 @@ class ServerConfig(_Strict):
     min_fraction: float = Field(0.0, ge=0, le=1)
     #: Times a round that got too few accepted replies is tried again before the run fails.
     round_retries: int = Field(1, ge=0, le=10)
-    #: Reject an update whose L2 distance from the global model exceeds this (None: no bound).
+    #: Reject an update whose L2 distance from the global model exceeds this (None: no fixed bound).
     max_update_norm: float | None = Field(None, gt=0)
+    #: On by default (plaintext FedAvg and robust modes): reject an update whose norm exceeds this
+    #: multiple of the round's median update norm. None turns the bound off (explicitly).
+    norm_bound_factor: float | None = Field(5.0, gt=1)
+    #: On by default (plaintext FedAvg): a declared weight above this multiple of the round's median
+    #: declared weight counts only as much as the cap. None turns the cap off (explicitly).
+    weight_cap_factor: float | None = Field(10.0, gt=1)
     #: ``fedavg`` (weighted, streaming), or robust ``median`` / ``trimmed-mean`` (coordinate-wise,
     #: unweighted, hold every update in memory; plaintext mode only, not with central DP).
     aggregation: Literal["fedavg", "median", "trimmed-mean"] = "fedavg"

@@ -210,10 +210,12 @@ def _collect(
         seconds += time.perf_counter() - t0
 
     cfg = fed.cfg
+    lost: dict[int, str] = {}  # nodes the SuperLink answered for (offline, expired): dropped, with its reason
     _, silent, unreachable = collect_replies(
-        fed.grid, messages, cfg.server.round_timeout, cfg.server.poll_interval, on_reply=intake
+        fed.grid, messages, cfg.server.round_timeout, cfg.server.poll_interval, on_reply=intake, lost=lost
     )
-    outcomes += [Outcome(n, "dropped", f"no reply within {cfg.server.round_timeout:g}s") for n in silent]
+    no_reply = f"no reply within {cfg.server.round_timeout:g}s"
+    outcomes += [Outcome(n, "dropped", lost.get(n, no_reply)) for n in sorted(silent)]
     outcomes += [Outcome(n, "failed", "the message could not be delivered") for n in unreachable]
     return outcomes, seconds
 
@@ -280,7 +282,7 @@ def _round_line(rnd: int, needed: int, outcomes: list[Outcome], aggregated: bool
         + ("" if aggregated else f" — fewer than {needed} needed, global model unchanged")
         + (f"; {eps}" if eps else "")
     ]
-    others = [o for o in outcomes if o.status != "accepted"]
+    others = [o for o in outcomes if o.status != "accepted" or o.reason]  # a capped weight has a reason too
     if len(others) > _LIST_NODES:  # the run store has every node's line
         reasons = Counter(f"{o.status}: {o.reason}" for o in others)
         lines += [f"  {n} node(s) {reason}" for reason, n in reasons.most_common()]

@@ -4,11 +4,19 @@ FedAvg is a streaming weighted sum (server memory stays at one model however man
 with central DP the same sum runs over clipped updates with equal weights, then noise; the
 robust options (coordinate-wise median, trimmed mean) hold the round's updates until it ends.
 The server optimizer (FedAvg, FedAvgM, FedAdam, ...) turns each aggregate into the next model.
+
+Safe by default: one node must not be able to swamp a round. The first replies of a round (up to
+``REFERENCE_WINDOW``) are held until the round's reference is known — the lower median of their
+update norms and declared weights — then an update whose norm exceeds ``norm_bound_factor`` ×
+that median is rejected with its reason, and a declared weight above ``weight_cap_factor`` × the
+median weight counts only as the cap; later replies stream against the same reference. Central
+DP needs neither: it clips every update and weighs them equally.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -23,9 +31,32 @@ from server.checkpoint import Checkpoint, checkpoint_dir
 from server.checkpoint import save as save_checkpoint
 from server.rounds.base import Aggregate, Federation, RoundProtocol
 from server.scoring import Score
-from server.validation import Outcome, classify_reply
+from server.validation import Outcome, classify_reply, update_norm
 
 Aggregator = WeightedMean | CentralDPMean | CoordinateRobust
+
+#: Updates held (at most) to fix a round's reference norm and weight; memory stays bounded.
+REFERENCE_WINDOW = 32
+
+
+def lower_median(values: list[float]) -> float:
+    """The median that is always one of the values, the smaller one for an even count: with two
+    nodes an outlier cannot pull the reference halfway towards itself."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+@dataclass
+class Bounds:
+    """A round's reference: the updates beyond it are rejected (norm) or capped (weight)."""
+
+    median_norm: float
+    median_weight: float
+    norm_limit: float | None
+    weight_cap: float | None
+
+    def meta(self) -> dict[str, float | None]:
+        return {k: v for k, v in self.__dict__.items()}
 
 
 class PlaintextRounds(RoundProtocol):
@@ -38,6 +69,8 @@ class PlaintextRounds(RoundProtocol):
         self.optimizer = make_server_optimizer(self.cfg.server.optimizer)
         self.central_releases = 0
         self._agg: Aggregator = self._aggregator()
+        self._held: list[tuple[Outcome, float]] = []  # (accepted so far, update norm) until bounds are set
+        self._bounds: Bounds | None = None
 
     def describe(self) -> str:
         cfg = self.cfg
@@ -57,7 +90,7 @@ class PlaintextRounds(RoundProtocol):
         return None if resuming else self._score(0)
 
     def configure_train(self, rnd: int, nodes: list[int]) -> tuple[list[Message], list[Outcome]]:
-        self._agg = self._aggregator()
+        self._agg, self._held, self._bounds = self._aggregator(), [], None
         arrays = numpy_to_record(self.state)
         config = ConfigRecord({**self.fed.base, R.ROUND: rnd})
         messages = [
@@ -76,20 +109,85 @@ class PlaintextRounds(RoundProtocol):
 
     def accept(self, reply: Message) -> Outcome:
         o = classify_reply(reply, self.state, self.cfg.server.max_weight, self.cfg.server.max_update_norm)
-        if o.status == "accepted" and o.state is not None:
-            self._agg.add(o.state, o.weight or 0.0)
-            o.state = None  # summed and dropped: memory does not grow with the round's replies
+        if o.status != "accepted" or o.state is None:
+            return o
+        norm = update_norm(o.state, self.state)
+        if not self._bounded:
+            self._add(o)
+        elif self._bounds is None:
+            self._held.append((o, norm))  # the engine's outcome list holds the same object: settled later
+            if len(self._held) >= REFERENCE_WINDOW:
+                self._settle()
+        else:
+            self._bound(o, norm)
         return o
 
     def aggregate(self, rnd: int, outcomes: list[Outcome], needed: int) -> Aggregate:
+        meta: dict = {}
+        if self._bounded:
+            self._settle()
+            if self._bounds is not None:
+                meta["bounds"] = self._bounds.meta()
+            if self._agg.count < needed:  # bounds rejected some: the engine retries or fails the round
+                return Aggregate(False, meta=meta)
         self.state = self.optimizer.step(self.state, self._agg.result())
         if not isinstance(self._agg, CentralDPMean):
-            return Aggregate(True)
+            return Aggregate(True, meta=meta)
         self.central_releases += 1
         dp = self.cfg.central_dp
         eps = epsilon_spent([(dp.noise_multiplier, 1.0, self.central_releases)], dp.delta, "rdp")  # q = 1
-        meta = {"noise_stdv": self._agg.stdv, "clipped_updates": self._agg.count, "epsilon": eps, "delta": dp.delta}
-        return Aggregate(True, meta={"central_dp": meta})
+        meta["central_dp"] = {
+            "noise_stdv": self._agg.stdv, "clipped_updates": self._agg.count, "epsilon": eps, "delta": dp.delta,
+        }  # fmt: skip
+        return Aggregate(True, meta=meta)
+
+    @property
+    def _bounded(self) -> bool:
+        server = self.cfg.server
+        on = server.norm_bound_factor is not None or server.weight_cap_factor is not None
+        return on and not self.cfg.central_dp.enabled
+
+    def _settle(self) -> None:
+        """Fix the round's reference from the held updates, then judge and add each of them."""
+        if not self._held:
+            return
+        if self._bounds is None:
+            server = self.cfg.server
+            norms, weights = [n for _, n in self._held], [o.weight or 0.0 for o, _ in self._held]
+            median_norm, median_weight = lower_median(norms), lower_median(weights)
+            nf, wf = server.norm_bound_factor, server.weight_cap_factor
+            self._bounds = Bounds(
+                median_norm,
+                median_weight,
+                nf * median_norm if nf is not None else None,
+                wf * median_weight if wf is not None else None,
+            )
+        held, self._held = self._held, []
+        for o, norm in held:
+            self._bound(o, norm)
+
+    def _bound(self, o: Outcome, norm: float) -> None:
+        b = self._bounds
+        assert b is not None
+        if b.norm_limit is not None and norm > b.norm_limit:
+            o.status, o.state = "rejected", None
+            o.reason = (
+                f"update norm {norm:.3g} exceeds {self.cfg.server.norm_bound_factor:g}× the round's median "
+                f"{b.median_norm:.3g} (server.norm_bound_factor)"
+            )
+            return
+        if b.weight_cap is not None and (o.weight or 0.0) > b.weight_cap:
+            o.reason = (
+                f"declared weight {o.weight:g} counted as {b.weight_cap:g}, {self.cfg.server.weight_cap_factor:g}× "
+                f"the round's median {b.median_weight:g} (server.weight_cap_factor)"
+            )
+            o.weight = b.weight_cap
+        self._add(o)
+
+    def _add(self, o: Outcome) -> None:
+        assert o.state is not None
+        self._agg.add(o.state, o.weight or 0.0)
+        o.state = None  # summed and dropped: memory does not grow with the round's replies
 
     def conclude(self, rnd: int, updated: bool) -> Score | None:
         fed = self.fed
