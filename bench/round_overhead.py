@@ -1,6 +1,6 @@
 """Round overhead of a real deployment: the time per round that is not client training, and where it goes.
 
-Why: with Flower's defaults a tiny 2-node round took ~30 s (DESIGN §6) while the clients trained
+Why: with Flower's defaults a tiny 2-node round took ~30 s (docs/architecture.md) while the clients trained
 for about a second. Every mode below runs a real federation on 127.0.0.1 — one flower-superlink
 (TLS, node authentication), N flower-supernodes, FedGuard's ServerApp and ClientApp, a tiny
 FT-Transformer with DP-SGD — and submits the run with ``flwr run``:

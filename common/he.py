@@ -1,6 +1,6 @@
 """Homomorphic aggregation building blocks: TenSEAL CKKS contexts, update packing, checked sums.
 
-Roles (DESIGN §5, "Key custody in homomorphic mode"):
+Roles (docs/homomorphic.md, "Key custody"; docs/security.md):
 
 - the **evaluator** creates the secret context (:func:`create_context`) and derives the *public*
   context for the server (:func:`public_context_bytes`): no secret key, no Galois or relinearization

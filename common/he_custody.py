@@ -1,6 +1,6 @@
 """Custody of the homomorphic key: who creates it, who may hold it, and what proves a global model.
 
-DESIGN §5, "Key custody in homomorphic mode". ``common.he`` has the CKKS building blocks and
+Key custody in homomorphic mode: docs/homomorphic.md. ``common.he`` has the CKKS building blocks and
 ``common.sealing`` seals bytes to one node's key; this module is the protocol around them:
 
 - **keygen at the evaluator** (:func:`keygen`, :func:`write_bundle`): the evaluator creates the

@@ -1,7 +1,7 @@
 """The data owner's node policy (``policy.toml``): which runs this node takes part in.
 
 The run config comes from the server; the policy comes from the owner and never leaves the node.
-A run that breaks the policy is refused before any data is read (DESIGN.md §4: what may leave a node).
+A run that breaks the policy is refused before any data is read (docs/privacy.md: what may leave a node).
 """
 
 from __future__ import annotations

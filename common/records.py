@@ -1,6 +1,6 @@
 """Record key names shared by the ServerApp and the ClientApp, and the reply allow-list.
 
-Every key a node may put in a reply is listed here with its privacy class (DESIGN §4):
+Every key a node may put in a reply is listed here with its privacy class (docs/privacy.md, "The privacy model"):
 ``dp`` values are outputs of a mechanism charged to the node's budget, ``public`` values the
 owner declares, ``accounting`` values describe the DP mechanism itself, ``resource`` values are
 coarsened compute/energy figures the owner's policy lets leave. Anything else is blocked on the
@@ -110,7 +110,7 @@ REFUSAL_RULE = "rule"  # the node policy rule a run broke (a policy field name)
 
 PrivacyClass = Literal["dp", "public", "accounting", "evaluation", "resource"]
 
-#: How reports name each class (DESIGN §4).
+#: How reports name each class (docs/privacy.md).
 CLASS_LABELS: dict[str, str] = {
     "dp": "DP-protected",
     "public": "declared public",

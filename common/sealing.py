@@ -1,6 +1,6 @@
 """Seal a secret (the HE secret context) to one node's own EC P-384 key, through an untrusted relay.
 
-Key custody (DESIGN.md §5): the evaluator creates the HE key and sends it to each enrolled node via
+Key custody (docs/security.md): the evaluator creates the HE key and sends it to each enrolled node via
 the server, which must not be able to open it. Every node already has an EC P-384 authentication
 key in OpenSSH format (SuperNode authentication); sealing to its public half needs no new key.
 

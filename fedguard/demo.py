@@ -105,7 +105,7 @@ UTILITY_DEFAULTS: dict[str, Any] = {
     "dp": {"max_grad_norm": 1.0},
     "server": {"optimizer": {"name": "fedavgm", "learning_rate": 1.0, "momentum": 0.5}},
 }
-#: Rounds the benchmark trains for (and the demo's default): skewed federations were still
+#: Rounds the utility benchmark trains for (`fedguard demo` runs 3, `--rounds`): skewed federations were still
 #: improving after 5.
 UTILITY_ROUNDS = 10
 

@@ -326,7 +326,7 @@ def test_noisy_counts_sum_within_tolerance_and_state_their_cost() -> None:
     d = _planted(bias=True, n=9000)
     clients = _split(d, 3)
     z, sel = 2.0, 1e-7
-    rng = np.random.default_rng(123)  # a test may seed; a node must not (DESIGN §4)
+    rng = np.random.default_rng(123)  # a test may seed; a node must not (docs/privacy.md)
     releases = []
     for c in clients:
         counts = group_confusion_counts(c["y"], c["pred"], c["groups"], 20)
