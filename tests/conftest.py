@@ -8,11 +8,35 @@ from pathlib import Path
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from tests.helpers import make_tabular
+from tests.helpers import make_tabular, under_ci
 
 # `fedguard server start` serves the control service on 8443 by default; test servers run side by
 # side (pytest-xdist), so each takes a free port (inherited by the server processes tests start).
 os.environ.setdefault("FEDGUARD_CONTROL_PORT", "0")
+
+
+def _skip_reason(longrepr: object) -> str:
+    return str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def _fail_skips_under_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under ``CI=true`` a skip is a failure, however it was written (``need()``, skipif, importorskip)."""
+    if under_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where every test must run: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    _fail_skips_under_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):  # type: ignore[no-untyped-def]
+    outcome = yield
+    _fail_skips_under_ci(outcome.get_result())
 
 
 @pytest.fixture

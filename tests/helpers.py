@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
@@ -25,6 +26,26 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def under_ci() -> bool:
+    """CI sets ``CI=true``; there every test must run, a missing prerequisite is a failure."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def need(condition: object, reason: str, *, module: bool = False) -> None:
+    """The one way a test may decline to run: skip on a developer machine, fail under ``CI=true``.
+
+    A skip is a test that cannot fail; CI installs every prerequisite (.ci/run), so a missing one
+    there means the test would silently stop guarding anything. ``module=True`` at module level.
+    """
+    __tracebackhide__ = True  # report the test's line, not this one
+    if condition:
+        return
+    if under_ci():
+        pytest.fail(f"CI must run this test, but: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
+
 
 TABULAR_SCHEMA = {
     "task": "tabular",

