@@ -1,6 +1,6 @@
 """The run store: one SQLite file recording runs, rounds, per-node outcomes and evaluations.
 
-Only values that may leave a node are stored per node (DESIGN §4): its status, the declared
+Only values that may leave a node are stored per node (docs/privacy.md): its status, the declared
 public weight, the ε its accountant reported, the DP parameters it used, and the list of every
 record key it sent (so reports can show each value's privacy class). The server's own figures
 are stored exactly: per round its time, aggregation time and energy (``round_costs``), per node
@@ -114,6 +114,16 @@ CREATE TABLE IF NOT EXISTS node_traffic (
     messages    INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, round, node_id)
 );
+CREATE TABLE IF NOT EXISTS alarms (
+    run_id      INTEGER NOT NULL REFERENCES runs(run_id),
+    kind        TEXT NOT NULL,            -- stranger: a registered key the kit does not enroll
+    subject     TEXT NOT NULL,            -- the key fingerprint (SHA256:...)
+    node_id     TEXT,                     -- the SuperLink's id for it when first seen
+    detail      TEXT,
+    first_round INTEGER,                  -- the round it was first seen in (0: setup)
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (run_id, kind, subject)
+);
 """
 
 
@@ -141,7 +151,7 @@ class RunStore:
     def _migrate(self) -> None:
         """Add columns that newer versions introduced to a store an older FedGuard created.
 
-        New tables (``round_costs``, ``node_traffic``) need no step here: ``SCHEMA`` creates them
+        New tables (``round_costs``, ``node_traffic``, ``alarms``) need no step here: ``SCHEMA`` creates them
         when an older store is opened.
         """
         for table, column in (
@@ -301,6 +311,18 @@ class RunStore:
                     ),
                 )
 
+    def record_alarm(
+        self, run_id: int, kind: str, subject: str, *, node_id: int | None = None, detail: str = "", round_: int = 0
+    ) -> bool:
+        """Record an alarm once per run, kind and subject; True when it is new (so callers report it once)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO alarms(run_id, kind, subject, node_id, detail, first_round, created_at) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (run_id, kind, subject, None if node_id is None else str(node_id), detail, round_, time.time()),
+            )
+            return cur.rowcount == 1
+
     def record_costs(
         self,
         run_id: int,
@@ -427,6 +449,20 @@ class RunStore:
         for r in rows:
             r["server"] = json.loads(r.pop("server_json") or "{}")
         return rows
+
+    def alarms(self, run_id: int) -> list[dict[str, Any]]:
+        """A run's alarms (e.g. strangers: registered keys the kit does not enroll), oldest first."""
+        rows = [dict(r) for r in self._db.execute("SELECT * FROM alarms WHERE run_id=? ORDER BY created_at", (run_id,))]
+        for r in rows:
+            r["node_id"] = None if r["node_id"] is None else int(r["node_id"])
+        return rows
+
+    def run_by_flower_id(self, flower_run_id: int) -> dict[str, Any] | None:
+        """The latest FedGuard run recorded for a Flower run id, or None."""
+        row = self._db.execute(
+            "SELECT run_id FROM runs WHERE flower_run_id=? ORDER BY run_id DESC LIMIT 1", (str(flower_run_id),)
+        ).fetchone()
+        return None if row is None else self.run(int(row["run_id"]))
 
     def node_traffic(self, run_id: int) -> list[dict[str, Any]]:
         """Bytes the server sent to and received from each node, per round."""

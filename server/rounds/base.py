@@ -8,10 +8,13 @@ aggregates, and produces the next global model and its score. One file per mode.
 
 from __future__ import annotations
 
+import logging
 import math
+import sqlite3
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,13 +22,25 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from flwr.app import Message
 
 from common.config import RunConfig
+from common.errors import FedGuardError
 from common.reply_signing import key_fingerprint
 from common.resources import Meter
 from server.checkpoint import Checkpoint
+from server.enrollment import read_enrolled, server_workdir
 from server.grid_io import MeteredGrid, Progress, discover_roles, registered_keys
 from server.scoring import Score, Scorer
 from server.store import RunStore
 from server.validation import Envelope, Outcome
+
+log = logging.getLogger("fedguard.server")
+STRANGER = "stranger"  # alarm kind: a key the SuperLink registered that the kit does not enroll
+
+
+def _fingerprint(key: bytes, node: int) -> str:
+    try:
+        return key_fingerprint(key)
+    except (ValueError, UnsupportedAlgorithm):  # not an EC key FedGuard could have enrolled
+        return f"unreadable-key:{node}"
 
 
 @dataclass
@@ -33,7 +48,10 @@ class Federation:
     """What every round of a run shares: the metered grid, the run's store row, node keys, roles, scorer.
 
     ``node_keys`` is None in simulation (no node authentication); in deployment it is re-read from
-    the SuperLink every round and every reply must be signed by its node's key.
+    the SuperLink every round and every reply must be signed by its node's key. When the server
+    workdir is known (``FEDGUARD_SERVER_WORKDIR``, set by ``fedguard server start``) only keys in
+    its ``enrolled.json`` count: any other registered key (a stranger) is never asked for a role,
+    never sampled, its replies fail the envelope check, and it raises an alarm once per run.
     """
 
     grid: MeteredGrid
@@ -51,6 +69,7 @@ class Federation:
     node_keys: dict[int, bytes] | None = None
     scorer: Scorer | None = None
     _vetted: set[int] = field(default_factory=set)  # evaluator claims already checked (each reported once)
+    _strangers: set[str] = field(default_factory=set)  # fingerprints already alarmed in this run
 
     @property
     def timeouts(self) -> tuple[float, float]:
@@ -59,8 +78,10 @@ class Federation:
 
     def refresh(self, nodes: list[int] | None = None) -> list[int]:
         """Re-read node keys and learn the roles of new nodes; the online clients (the evaluator never trains)."""
-        self.node_keys = registered_keys(self.grid) if self.signed else None  # type: ignore[arg-type]
+        self.node_keys = self.enrolled_keys(registered_keys(self.grid)) if self.signed else None  # type: ignore[arg-type]
         online = sorted(int(n) for n in self.grid.get_node_ids()) if nodes is None else nodes
+        if self.node_keys is not None:
+            online = [n for n in online if n in self.node_keys]  # strangers are never asked, never sampled
         query_timeout, poll = self.timeouts
         self.roles = discover_roles(
             self.grid,  # type: ignore[arg-type]
@@ -74,6 +95,47 @@ class Federation:
         )
         self.adopt_evaluator()
         return [n for n in online if self.roles.get(n) == "client"]
+
+    def enrolled_keys(self, keys: dict[int, bytes]) -> dict[int, bytes]:
+        """The registered keys the kit enrolls (all of them when no server workdir is known); alarm on the rest.
+
+        Fails closed: with a server workdir but no readable ``enrolled.json`` the run stops here.
+        """
+        workdir = server_workdir()
+        if workdir is None:
+            return keys
+        enrolled = read_enrolled(workdir)  # re-read every round: a revocation takes effect at the next one
+        allowed: dict[int, bytes] = {}
+        for node, key in keys.items():
+            fp = _fingerprint(key, node)
+            if fp in enrolled:
+                allowed[node] = key
+            else:
+                self._stranger(node, fp, workdir)
+        return allowed
+
+    def _stranger(self, node: int, fp: str, workdir: Path) -> None:
+        """Record a stranger once per run: run store alarm, the operator's log and the audit log."""
+        if fp in self._strangers:
+            return
+        self._strangers.add(fp)
+        rnd = len(self.store.rounds(self.run_id)) + 1
+        detail = f"registered node {node} with key {fp} is not enrolled in the kit; ignored"
+        if not self.store.record_alarm(self.run_id, STRANGER, fp, node_id=node, detail=detail, round_=rnd):
+            return  # already recorded for this run (e.g. by an earlier ServerApp of it)
+        self.progress(f"ALARM: {detail}")
+        try:
+            from server.control.audit import AuditLog
+
+            AuditLog(workdir).append(
+                actor="server",
+                role="system",
+                action="node.stranger",
+                target=f"{fp} (node {node})",
+                outcome=f"ignored in run {self.run_id}: not enrolled in the kit",
+            )
+        except (FedGuardError, OSError, sqlite3.Error) as exc:  # the run store keeps the alarm regardless
+            log.warning("could not audit stranger %s: %s", fp, exc)
 
     def adopt_evaluator(self) -> None:
         """Score with the enrolled evaluator once it has answered (late answers too); else on the server."""

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from common.errors import FedGuardError
 from server.charts import line_chart
 from server.control import pages, views
-from server.control.auth import LOGIN_COOKIE, SESSION_COOKIE, Principal, client_key, user_key
+from server.control.auth import LOGIN_COOKIE, SESSION_COOKIE, Principal, check_login
 from server.control.deps import Reviewer as Viewer
 from server.control.deps import Svc, require_role
 from server.control.errors import http_status, public_detail
@@ -69,19 +69,15 @@ def login(
     if not cookie or not csrf_token or not hmac.compare_digest(cookie.encode(), csrf_token.encode()):
         return page("message", None, 403, title="Log-in refused", message="missing or wrong CSRF token: reload")
     token = token.strip()
-    keys = [client_key(request)] + ([k] if (k := user_key(token)) else [])
-    wait = svc.login_limit.retry_after(keys)
+    attempt = check_login(svc.login_limit, request, token, svc.users)
+    wait, user = attempt.retry_after, attempt.user
     if wait:  # not audited: the failures that caused the block were, and a flood must not grow the log
         blocked = page("login", None, 429, csrf=cookie, error=f"Too many failed log-ins: try again in {wait}s.")
         blocked.headers["Retry-After"] = str(wait)
         return blocked
-    user = svc.users.authenticate(token)
     if user is None:
-        svc.login_limit.fail(keys)
-        svc.record(None, "login", keys[-1], "denied: invalid or revoked token")
+        svc.record(None, "login", attempt.target, "denied: invalid or revoked token")
         return page("login", None, 401, csrf=cookie, error="Invalid or revoked token.")
-    if k:
-        svc.login_limit.clear(k)
     sid, _ = svc.sessions.create(token)
     svc.record(user, "login", "dashboard", "ok")
     response: Response = RedirectResponse("/", status_code=303)
@@ -197,7 +193,8 @@ def run_page(run_id: RunId, p: Viewer, svc: Svc) -> HTMLResponse:
 
     cost = views.run_costs(svc.store_path, run_id)
     charts = _run_charts(detail, rounds, svc) | {"energy": _energy_chart(cost)}
-    return page("run", p, run=detail, rounds=rounds, nodes=nodes, cell=cell, charts=charts, cost=cost)
+    alarms = svc.alarms(run_id)
+    return page("run", p, run=detail, rounds=rounds, nodes=nodes, cell=cell, charts=charts, cost=cost, alarms=alarms)
 
 
 @router.post("/runs/{run_id}/stop")
