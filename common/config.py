@@ -24,7 +24,8 @@ DEFAULT_BUDGET_DELTA = 1e-5
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf/nan are never a setting: ``max_grad_norm = inf`` would switch clipping (and so DP) off.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -111,7 +112,7 @@ class DataConfig(_Strict):
     #: Server-side held-out evaluation file (optional; same schema).
     evaluation_path: str | None = None
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class ServerOptimizerConfig(_Strict):
@@ -324,7 +325,42 @@ class RunConfig(_Strict):
         return hashlib.sha256(canon.encode()).hexdigest()
 
 
+#: Deepest nesting a run config may have (the real schema needs 4: data.schema.features[i].categories).
+MAX_DEPTH = 16
+_DEPTH_FIX = "a run config has at most a few levels of tables; see the 'Run configuration' section of the README"
+
+
+def _check_values(raw: Any, source: str) -> None:
+    """Refuse nesting deeper than any config needs and non-finite numbers, naming the field.
+
+    TOML and JSON both spell ``inf`` and ``nan``; a bound of ``inf`` silently disables the check it
+    sets (clipping, a norm bound), so every number anywhere in the config — free-form model
+    parameters included — must be finite. Depth is checked without recursion: a hostile file nested
+    thousands of levels deep must give a clear error, never a RecursionError.
+    """
+    stack: list[tuple[Any, str, int]] = [(raw, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(
+                f"the config is nested more than {MAX_DEPTH} levels deep (at {path or 'the top'})",
+                where=source,
+                fix=_DEPTH_FIX,
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"invalid run configuration: {path or 'value'}: {value} is not a finite number",
+                where=source,
+                fix="give a finite value (inf and nan are never valid settings)",
+            )
+        if isinstance(value, dict):
+            stack += [(v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+
+
 def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    _check_values(raw, source)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -340,11 +376,20 @@ def load_config(path: str | Path) -> RunConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config file not found", where=str(p), fix="pass the path of an existing TOML file")
+    kind = "JSON" if p.suffix == ".json" else "TOML"
     try:
         text = p.read_text(encoding="utf-8")
         raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {exc}", where=str(p)) from None
+        raise ConfigError(f"not valid {kind}: {exc}", where=str(p)) from None
+    except RecursionError:  # both parsers recurse per nesting level
+        raise ConfigError(
+            f"not a usable {kind} file: it is nested too deeply to read", where=str(p), fix=_DEPTH_FIX
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file: {exc.strerror or exc}", where=str(p)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a run config is a {kind} table, not a {type(raw).__name__}", where=str(p))
     cfg = parse_config(raw, str(p))
     base = p.resolve().parent
     if cfg.simulation.data_path and not Path(cfg.simulation.data_path).is_absolute():
@@ -355,7 +400,13 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def config_from_json(text: str) -> RunConfig:
+    source = "run config received from the server"
     try:
-        return parse_config(json.loads(text), "run config received from the server")
+        raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"run config is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError("run config is nested too deeply to read", where=source, fix=_DEPTH_FIX) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"run config is a JSON {type(raw).__name__}, not an object", where=source)
+    return parse_config(raw, source)

@@ -90,6 +90,7 @@ def deployed_demo(
     superlink = SuperLink(
         deploy_dir / "server",
         TlsFiles(server_kit.ca_cert, server_kit.server_cert, server_kit.server_key),  # type: ignore[arg-type]
+        run_store=workdir / "runs.db",  # the demo's store outlives its throw-away deployment
     )
     policy = deploy_dir / "policy.toml"
     sensitive = ", ".join(f'"{c}"' for c in run_cfg.data.schema_.sensitive)
@@ -102,8 +103,8 @@ def deployed_demo(
     try:
         superlink.start(timeout=120)
         progress(f"SuperLink up on {superlink.address} (TLS, node authentication, loopback only)")
-        for node in server_kit.nodes:
-            superlink.register_node(node.public_key_file, node.name)
+        for enrolled in server_kit.nodes:
+            superlink.register_node(enrolled.public_key_file, enrolled.name)
         for name in [*names, "evaluator"]:
             kit = verify_kit(kits.node_kits[name], kits.ca_fingerprint)
             data = (

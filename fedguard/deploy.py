@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, FedGuardError
+from fedguard.cli_guards import add_ca_pin_args, ca_pin, nonnegative_float, positive_float, positive_int, probability
 from fedguard.he_cli import add_command as add_he_keygen
 
 _STATE = "server.json"  # written by `server start` in its workdir; read by `run ...` and `node revoke`
@@ -33,7 +34,8 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     from common.kit import verify_kit
     from server.superlink import SuperLink, TlsFiles
 
-    kit = verify_kit(args.kit, args.ca_fingerprint)
+    pin = ca_pin(args, "server start")
+    kit = verify_kit(args.kit, pin)
     if kit.role != "server":
         raise ConfigError(f"this is a {kit.role} kit, not the server's", where=str(args.kit))
     signing_key = None
@@ -42,19 +44,15 @@ def cmd_server_start(args: argparse.Namespace) -> int:
 
         signing_key = load_signing_key(args.run_signing_key)
     workdir = Path(args.workdir).resolve()
+    for run_id, name in fail_orphaned_runs(workdir):
+        print(f"run {run_id} ({name!r}) was still recorded running: marked failed ({ORPHANED})", flush=True)
+        _audit(workdir, "run.fail", f"run {run_id} ({name[:64]})", ORPHANED)
     superlink = SuperLink(workdir, TlsFiles(kit.ca_cert, kit.server_cert, kit.server_key), port=args.port)  # type: ignore[arg-type]
     print(f"starting the SuperLink for federation {kit.federation!r} on 127.0.0.1:{superlink.port} ...", flush=True)
     superlink.start(timeout=args.timeout)
     control = None
     try:
-        for node in kit.nodes:
-            node_id = superlink.register_node(node.public_key_file, node.name)
-            print(f"  enrolled {node.role} {node.name} ({node.organisation}) key {node.fingerprint} → node {node_id}")
-        for revoked in kit.revoked:
-            try:
-                superlink.unregister_node(_write_pub(workdir, revoked.name, revoked.public_key))
-            except FedGuardError:
-                pass  # never registered here
+        enroll(workdir, kit, superlink)
         control = start_control_service(
             workdir, kit, superlink, args.control_host, args.control_port, signing_key=signing_key
         )
@@ -66,6 +64,8 @@ def cmd_server_start(args: argparse.Namespace) -> int:
             "kit": str(Path(args.kit).resolve()),
             "pid": superlink.pid,
             "control_url": control.url,
+            # What later commands (`run start`, `node revoke`) pin this kit to; null only when waived.
+            "ca_fingerprint": pin,
         }
         (workdir / _STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         signing = "runs are signed by the service" if signing_key else "runs need a `fedguard run sign` token"
@@ -79,6 +79,49 @@ def cmd_server_start(args: argparse.Namespace) -> int:
         superlink.stop()
         print("server stopped")
     return 0
+
+
+#: The reason recorded for a run that was ``running`` when its server started again.
+ORPHANED = "the server stopped during the run (found at start)"
+
+
+def _superlink_alive(workdir: Path) -> int | None:
+    """The pid of a SuperLink a previous ``server start`` in ``workdir`` left running, if any."""
+    state = workdir / _STATE
+    try:
+        pid = int(json.loads(state.read_text(encoding="utf-8"))["pid"])
+        cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if b"superlink" in cmdline and str(workdir.resolve()).encode() in cmdline else None
+
+
+def fail_orphaned_runs(workdir: Path) -> list[tuple[int, str]]:
+    """Mark every run the store still calls ``running`` as failed: at start, no ServerApp can be alive.
+
+    A server that was SIGKILLed (power loss, OOM) never recorded the end of its runs; left
+    ``running`` they would look live forever and ``run resume`` could not tell them from a run in
+    progress. A SuperLink still running from this workdir means it is not a restart: refuse.
+    """
+    from server.runs import server_store
+
+    store_path = server_store(workdir)
+    if not store_path.is_file():
+        return []
+    alive = _superlink_alive(workdir)
+    if alive is not None:
+        raise ConfigError(
+            f"a SuperLink from this work directory is still running (pid {alive})",
+            where=str(workdir / _STATE),
+            fix="stop that server first (Ctrl-C in its terminal, or end its `fedguard server start`), then start again",
+        )
+    from server.store import RunStore
+
+    with RunStore(store_path) as store:
+        orphans = [(int(r["run_id"]), str(r["name"])) for r in store.runs() if r["status"] == "running"]
+        for run_id, _ in orphans:
+            store.finish_run(run_id, "failed", ORPHANED)
+    return orphans
 
 
 def start_control_service(
@@ -101,11 +144,38 @@ def start_control_service(
     return ControlServer(create_app(service), kit.server_cert, kit.server_key, host=host, port=port, name=name).start()
 
 
-def _write_pub(workdir: Path, name: str, line: str) -> Path:
-    path = workdir / "revoked" / f"{name}.pub"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(line.strip() + "\n", encoding="utf-8")
-    return path
+def enroll(workdir: Path, kit: Any, superlink: Any) -> None:
+    """Make the SuperLink's registry the kit's, then write the enrolled set the ServerApp trusts.
+
+    Strangers (keys registered behind FedGuard's back) and revoked keys are removed, every enrolled
+    key is (re-)registered; each change is printed and audited. A SuperLinkError names the node
+    that could not be put right: the server does not start half-enrolled.
+    """
+    from server.enrollment import Enrolled, write_enrolled
+
+    result = superlink.reconcile(kit.nodes, [r.fingerprint for r in kit.revoked])
+    for fp, node_id in result.strangers:
+        print(f"  WARNING: removed key {fp} (node {node_id}): registered at the SuperLink, not enrolled in the kit")
+        _audit(workdir, "node.stranger", f"{fp} (node {node_id})", "removed at server start: not enrolled")
+    for fp, node_id in result.unregistered:
+        print(f"  unregistered revoked key {fp} (node {node_id})")
+        _audit(workdir, "node.unregister", f"{fp} (node {node_id})", "revoked key removed at server start")
+    for node in result.revoked:
+        print(f"  {node.role} {node.name} ({node.organisation}) key {node.fingerprint} is revoked: left out")
+    for node, node_id, restored in result.registered:
+        again = " (re-registered: it had been unregistered outside FedGuard)" if restored else ""
+        who = f"{node.role} {node.name} ({node.organisation})"
+        print(f"  enrolled {who} key {node.fingerprint} → node {node_id}{again}")
+        if restored:
+            _audit(workdir, "node.reregister", f"{node.name} ({node.fingerprint})", "unregistered outside FedGuard")
+    write_enrolled(workdir, [Enrolled(n.name, n.role, n.fingerprint) for n, _, _ in result.registered])
+
+
+def _audit(workdir: Path, action: str, target: str, outcome: str) -> None:
+    """An audit entry for a server-side change made outside the control service (same format as the CLI's)."""
+    from fedguard.control_cli import _record
+
+    _record(workdir, action, target, outcome)
 
 
 def cmd_node_start(args: argparse.Namespace, role: str) -> int:
@@ -229,7 +299,7 @@ def _submit(args: argparse.Namespace, config: Path | None, config_json: str, wha
 
     state = _server_state(args.server_workdir)
     store = Path(args.store or Path(args.server_workdir) / "runs.db").resolve()
-    kit = verify_kit(state["kit"], None)
+    kit = verify_kit(state["kit"], state.get("ca_fingerprint"))  # pinned as `server start` pinned it
     evaluator = next((n.fingerprint for n in kit.nodes if n.role == "evaluator"), "")
     address, ca, home = state["address"], Path(state["ca_cert"]), Path(state["flwr_home"])
     run_id = start_run(
@@ -277,9 +347,56 @@ def cmd_run_resume(args: argparse.Namespace) -> int:
     from server.app import resume_point
 
     store = Path(args.store or Path(args.server_workdir) / "runs.db").resolve()
+    refuse_if_live(args.server_workdir, store, args.run_id)
     cfg, ckpt = resume_point(store, args.run_id)  # fails here, before submitting, if nothing can resume
     what = f"the continuation of run {args.run_id} ({cfg.name!r}) after round {ckpt.round}"
     return _submit(args, None, cfg.to_json(), what, args.run_id)
+
+
+def refuse_if_live(server_workdir: str, store_path: Path, run_id: int) -> None:
+    """Refuse to resume a run whose ServerApp may still be running: two ServerApps on one run would
+    both train and write its rounds.
+
+    The store says ``running`` for a live run and for one whose server died without recording it
+    (``server start`` marks those failed). With the server up, the SuperLink decides: a run it still
+    reports pending, starting or running is live; one it reports finished is recorded failed here and
+    may resume. If the SuperLink cannot be asked, the run may be live: refuse.
+    """
+    from server.runs import run_status
+    from server.store import RunStore
+
+    if not store_path.is_file():
+        return  # resume_point names the missing store
+    with RunStore(store_path) as store:
+        run = store.run(run_id)
+    if run["status"] != "running":
+        return
+    flower_run = run.get("flower_run_id")
+    stop_hint = f"stop it with `fedguard run stop {flower_run} --server-workdir {server_workdir}` and resume after"
+    if not flower_run:
+        raise ConfigError(
+            f"run {run_id} is recorded running and has no Flower run id to check: it may still be live",
+            where=str(store_path),
+            fix="wait for it to end, or restart the server (`server start` marks runs it finds running as failed)",
+        )
+    state = _server_state(server_workdir)
+    try:
+        st = run_status(int(flower_run), state["address"], Path(state["ca_cert"]), Path(state["flwr_home"]))
+    except FedGuardError as exc:  # RunError, or no connection to the SuperLink
+        raise ConfigError(
+            f"run {run_id} is recorded running and the SuperLink cannot say whether Flower run {flower_run} is "
+            f"still live ({exc.what})",
+            where=str(store_path),
+            fix="if the server is down, start it again (it marks the run failed), then resume",
+        ) from None
+    if not st.finished:
+        raise ConfigError(
+            f"run {run_id} is still live: Flower run {flower_run} is {st.status} at the SuperLink",
+            where=str(store_path),
+            fix=stop_hint,
+        )
+    with RunStore(store_path) as store:  # the SuperLink ended it without the ServerApp recording it
+        store.finish_run(run_id, "failed", f"the ServerApp ended without recording it (SuperLink: {st.status})")
 
 
 def cmd_run_status(args: argparse.Namespace) -> int:
@@ -287,8 +404,26 @@ def cmd_run_status(args: argparse.Namespace) -> int:
 
     state = _server_state(args.server_workdir)
     st = run_status(args.run_id, state["address"], Path(state["ca_cert"]), Path(state["flwr_home"]))
-    print(json.dumps(st.raw) if args.json else f"run {st.run_id}: {st.status} ({st.elapsed:.0f}s) {st.details}")
+    alarms = _run_alarms(Path(args.server_workdir), args.run_id)
+    if args.json:
+        print(json.dumps({**st.raw, "alarms": alarms}))
+        return 0
+    print(f"run {st.run_id}: {st.status} ({st.elapsed:.0f}s) {st.details}")
+    for a in alarms:
+        print(f"ALARM ({a['kind']}, round {a['first_round']}): {a['detail']}")
     return 0
+
+
+def _run_alarms(server_workdir: Path, flower_run_id: int) -> list[dict[str, Any]]:
+    """The alarms the ServerApp recorded for this Flower run (e.g. keys the kit does not enroll)."""
+    from server.store import RunStore
+
+    path = server_workdir / "runs.db"
+    if not path.is_file():
+        return []
+    with RunStore(path) as store:
+        run = store.run_by_flower_id(flower_run_id)
+        return [] if run is None else store.alarms(int(run["run_id"]))
 
 
 def cmd_run_stop(args: argparse.Namespace) -> int:
@@ -313,7 +448,7 @@ def cmd_node_revoke(args: argparse.Namespace) -> int:
     from server.superlink import SuperLink, TlsFiles
 
     state = _server_state(args.server_workdir)
-    kit = verify_kit(state["kit"], None)
+    kit = verify_kit(state["kit"], state.get("ca_fingerprint"))  # pinned as `server start` pinned it
     node = next((n for n in kit.nodes if n.name == args.name), None)
     if node is None:
         raise ConfigError(f"no enrolled node named {args.name!r}", where=state["kit"])
@@ -321,7 +456,12 @@ def cmd_node_revoke(args: argparse.Namespace) -> int:
         Path(args.server_workdir), TlsFiles(kit.ca_cert, kit.server_cert, kit.server_key), port=state["port"]
     )  # type: ignore[arg-type]
     superlink.local_host = state["address"].rsplit(":", 1)[0]
-    superlink.unregister_node(node.public_key_file)
+    try:
+        superlink.unregister_node(node.public_key_file)  # remembered as revoked: later starts keep it out
+    except FedGuardError as exc:
+        _audit(Path(args.server_workdir), "node.revoke", f"{args.name} ({node.fingerprint})", f"failed: {exc.what}")
+        raise
+    _audit(Path(args.server_workdir), "node.revoke", f"{args.name} ({node.fingerprint})", "ok")
     print(f"node {args.name} ({node.fingerprint}) unregistered: it can no longer join")
     return 0
 
@@ -342,7 +482,7 @@ def add_commands(
     ss.add_argument("--kit", required=True, help="the server kit from `fedguard provision init`")
     ss.add_argument("--workdir", required=True, help="server state: SuperLink database, logs, run store")
     ss.add_argument("--port", type=int, help="HTTPS port on 127.0.0.1 (default: a free port)")
-    ss.add_argument("--ca-fingerprint", help="the federation CA's SHA-256 fingerprint, if you have it out of band")
+    add_ca_pin_args(ss, "the server kit")
     ss.add_argument("--timeout", type=float, default=90.0)
     ss.add_argument(
         "--control-port",
@@ -375,13 +515,15 @@ def add_commands(
         )
         if role == "client":
             p.add_argument("--dataset-id", help="your name for this dataset: the ledger's key")
-            p.add_argument("--budget-epsilon", type=float)
-            p.add_argument("--budget-delta", type=float)
-            p.add_argument("--declared-size", type=int, help="public size used as the FedAvg weight")
+            p.add_argument("--budget-epsilon", type=positive_float)
+            p.add_argument("--budget-delta", type=probability)
+            p.add_argument("--declared-size", type=positive_int, help="public size used as the FedAvg weight")
         p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda or cuda:N: this node's GPU")
-        p.add_argument("--watts-per-core", type=float, help="energy model: watts per busy CPU core (default 10)")
-        p.add_argument("--gpu-watts", type=float, help="energy model: watts per busy GPU (default 250)")
-        p.add_argument("--carbon-intensity", type=float, help="your grid's gCO2e per kWh (default 475)")
+        p.add_argument(
+            "--watts-per-core", type=nonnegative_float, help="energy model: watts per busy CPU core (default 10)"
+        )
+        p.add_argument("--gpu-watts", type=nonnegative_float, help="energy model: watts per busy GPU (default 250)")
+        p.add_argument("--carbon-intensity", type=nonnegative_float, help="your grid's gCO2e per kWh (default 475)")
         p.set_defaults(func=lambda a: cmd_node_start(a, role))
 
     node_parser(client_sub, "client")

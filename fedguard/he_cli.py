@@ -1,6 +1,6 @@
 """``fedguard evaluator keygen``: the evaluator creates the federation's HE key and seals it to every node.
 
-Thin handler over :mod:`common.he_custody` (DESIGN §5, key custody): read the enrolled nodes from the
+Thin handler over :mod:`common.he_custody` (docs/homomorphic.md, key custody): read the enrolled nodes from the
 server kit, make the key on this (the evaluator's) machine, keep the secret context in the evaluator's
 work directory and write a bundle for the server that holds nothing it could decrypt with. Errors are
 FedGuardErrors; the CLI main prints them without a trace.
@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from common.errors import FedGuardError
 from common.kit import NODE_KEY, KitError, check_node_private_key, fingerprint_public_key, verify_kit
+from fedguard.cli_guards import add_ca_pin_args, ca_pin, positive_float, positive_int
 
 DEFAULT_MAX_CLIENTS = 100
 #: Per-coordinate bound on |Δ| (weights are ≤ 1, so also on |w·Δ|). fedguard-add allows
@@ -145,10 +146,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from common.he_custody import keygen, open_context, write_bundle
 
     workdir, out = Path(args.workdir), Path(args.out)
+    kit_path = Path(args.kit)
+    signed = kit_path.is_dir() or (kit_path.is_file() and (kit_path.parent / "manifest.json").is_file())
+    # A signed kit is trusted only when pinned to the CA fingerprint (or the pin is waived, loudly); a
+    # bare nodes.json has nothing to pin and says so in its notes.
+    pin = ca_pin(args, "evaluator keygen") if signed else args.ca_fingerprint
     _say(f"reading the enrolled nodes from {args.kit}")
-    federation, recipients, notes = read_recipients(
-        Path(args.kit), ca_fingerprint=args.ca_fingerprint, federation=args.federation
-    )
+    federation, recipients, notes = read_recipients(kit_path, ca_fingerprint=pin, federation=args.federation)
     for note in notes:
         _say(f"  {note}")
     for r in recipients:
@@ -225,19 +229,19 @@ def add_command(evaluator_subparsers: argparse._SubParsersAction[Any]) -> None:
     k.add_argument("--out", required=True, metavar="DIR", help="the bundle for the server host (nothing secret)")
     k.add_argument(
         "--max-clients",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_CLIENTS,
         help=f"most updates summed in one round (default {DEFAULT_MAX_CLIENTS})",
     )
     k.add_argument(
         "--bound",
-        type=float,
+        type=positive_float,
         default=DEFAULT_BOUND,
         help=f"per-coordinate bound every node enforces on its update before encrypting (default {DEFAULT_BOUND:g}); "
         "max-clients x max(bound, 1) must fit the scheme's capacity (262,143 for fedguard-add)",
     )
     k.add_argument("--scheme", default="fedguard-add", help="CKKS parameter set (default fedguard-add)")
-    k.add_argument("--ca-fingerprint", help="the federation CA fingerprint you got out of band (pins the kit)")
+    add_ca_pin_args(k, "the server kit")
     k.add_argument("--key", help="the evaluator's node private key (default: <workdir>/node.key, checked if present)")
     k.add_argument("--federation", help="the federation name, only for a nodes.json outside its kit")
     k.add_argument("--force", action="store_true", help="replace an existing HE key (every node needs the new one)")

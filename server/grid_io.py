@@ -91,22 +91,41 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, progress: Progress) 
 _EXPIRED = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
 
 
+def _lost_reason(reply: Message, dst_node: int) -> str | None:
+    """Why a node dropped out, when ``reply`` is the SuperLink answering for it; None for a node's own reply.
+
+    The SuperLink answers for a node whose heartbeats stopped (``NODE_UNAVAILABLE``, e.g. a SIGKILLed
+    SuperNode) and for a message that outlived its TTL; either way the node went away, which the
+    README calls ``dropped`` — not ``failed``, which is for a node that answered with an error.
+    """
+    if not reply.has_error():
+        return None
+    code = reply.error.code
+    if code in _EXPIRED:
+        return "the message expired before the node replied"
+    if code == ErrorCode.NODE_UNAVAILABLE or int(reply.metadata.src_node_id) != int(dst_node):
+        return f"the node went offline (SuperLink: {reply.error.reason or 'node unavailable'})"
+    return None
+
+
 def collect_replies(
     grid: Grid,
     messages: list[Message],
     timeout: float,
     poll: float,
     on_reply: Callable[[Message], None] | None = None,
+    lost: dict[int, str] | None = None,
 ) -> tuple[list[Message], set[int], set[int]]:
     """Push, then poll until all replies arrive or ``timeout``; return replies, silent and unreachable nodes.
 
     With ``on_reply`` each reply is handed over as it arrives and not kept (the returned list is
     empty): the caller can validate and sum updates without holding a round's worth of them.
+    Nodes the SuperLink reports gone (offline, or their message expired) count as silent (dropped);
+    ``lost``, when given, receives node → the SuperLink's reason for them.
     """
     pushed = list(zip(grid.push_messages(messages), messages, strict=True))
     unreachable = {int(m.metadata.dst_node_id) for mid, m in pushed if not mid}
     dst = {mid: m.metadata.dst_node_id for mid, m in pushed if mid}
-    sent = {mid: m for mid, m in pushed if mid}
     pending, replies, expired = set(dst), [], set()
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -116,13 +135,12 @@ def collect_replies(
                 continue  # only the first reply to a message counts
             rid = reply.metadata.reply_to_message_id
             pending.discard(rid)
-            if reply.has_error() and reply.error.code in _EXPIRED:
-                expired.add(rid)  # the message outlived its TTL (the round's timeout): no reply in time
+            reason = _lost_reason(reply, int(dst[rid]))
+            if reason is not None:  # the SuperLink answered for the node (under its own id): it dropped out
+                expired.add(rid)
+                if lost is not None:
+                    lost[int(dst[rid])] = reason
                 continue
-            if reply.has_error() and int(reply.metadata.src_node_id) != int(dst[rid]):
-                # The SuperLink answers for a node it lost ("Node Unavailable") under its own id:
-                # file the failure under the node the message was for.
-                reply = Message(reply.error, reply_to=sent[rid])
             if on_reply is not None:
                 on_reply(reply)
             else:

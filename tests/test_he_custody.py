@@ -392,11 +392,15 @@ def test_evaluator_keygen_cli_on_a_provisioned_federation(provisioned, tmp_path,
 
 def test_keygen_cli_refusals(provisioned, tmp_path, capsys) -> None:
     base = ["evaluator", "keygen", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
-    assert run_cli([*base, "--kit", str(provisioned.node_kits["alpha"])]) == 2
-    assert "SERVER kit" in capsys.readouterr().err
+    # the CA pin is required for a signed kit (or waived explicitly)
+    assert run_cli([*base, "--kit", str(provisioned.server_kit)]) == 2
+    assert "--ca-fingerprint" in capsys.readouterr().err
     wrong_ca = "AB:" * 31 + "AB"
     assert run_cli([*base, "--kit", str(provisioned.server_kit), "--ca-fingerprint", wrong_ca]) == 2
     assert "not the federation's CA" in capsys.readouterr().err
+    base += ["--ca-fingerprint", provisioned.ca_fingerprint]
+    assert run_cli([*base, "--kit", str(provisioned.node_kits["alpha"])]) == 2
+    assert "SERVER kit" in capsys.readouterr().err
     # the evaluator's workdir holds another node's key: this is not the evaluator's machine
     assert (
         run_cli(
