@@ -13,6 +13,7 @@ from fedguard.control_cli import add_commands as add_control_commands
 from fedguard.deploy import add_commands as add_deployment_commands
 from fedguard.deploy import add_signing_args
 from fedguard.evaluate import add_command as add_evaluate_command
+from fedguard.privacy_audit import add_command as add_privacy_command
 from fedguard.provision import add_client_init, add_provision_commands
 
 
@@ -134,7 +135,7 @@ def serve_dashboard(workdir: Path, store_path: Path, port: int) -> None:
     """Keep the demo's dashboard up (HTTPS, read-only: the throw-away federation is gone) until Ctrl-C."""
     import threading
 
-    from common.kit import verify_kit
+    from common.kit import ADMIN_DIR, fingerprint_cert, verify_kit
     from fedguard.deploy import _wait_for_signal
     from server.control.app import create_app
     from server.control.serve import ControlServer, self_signed
@@ -145,7 +146,14 @@ def serve_dashboard(workdir: Path, store_path: Path, port: int) -> None:
     service = ControlService(workdir, store_path)
     kit_dir = workdir / "deployment" / "kits" / "server"
     if kit_dir.is_dir():  # a deployed demo: serve with its server certificate (signed by the demo's CA)
-        kit = verify_kit(kit_dir, None)
+        admin_ca = kit_dir.parent / ADMIN_DIR / "ca.crt"  # the demo is its own admin: pin the kit to its CA
+        if not admin_ca.is_file():
+            raise FedGuardError(
+                "the demo's admin CA is missing: its server kit cannot be pinned",
+                where=str(admin_ca),
+                fix="run `fedguard demo` again (it provisions a fresh federation)",
+            )
+        kit = verify_kit(kit_dir, fingerprint_cert(admin_ca))
         cert, key, ca = kit.server_cert, kit.server_key, str(kit.ca_cert)
         whose = "the demo federation's own CA"
     else:
@@ -515,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_control_commands(sub)
 
     add_evaluate_command(sub)
+    add_privacy_command(sub)
 
     rep = sub.add_parser("report", help="reports for reviewers")
     repsub = rep.add_subparsers(dest="report_command", required=True)

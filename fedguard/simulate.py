@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context
@@ -66,8 +67,12 @@ def simulate(
     client_app: ClientApp | None = None,
     resume: Checkpoint | None = None,
     ray_address: str | None = None,
+    after_partitions: Callable[[RunConfig, Path], None] | None = None,
 ) -> RunResult:
     """Run the whole federation in simulation; ``client_app`` overrides FedGuard's (tests only).
+
+    ``after_partitions(run_cfg, partitions_dir)`` runs once the partition files are written and
+    before any node starts (``fedguard privacy audit`` adds its canaries there).
 
     With ``resume`` the run continues after the checkpoint's round, on the same partitions.
     ``ray_address`` attaches to an existing Ray cluster (``auto`` or ``HOST:PORT``) instead of
@@ -75,6 +80,8 @@ def simulate(
     """
     workdir = workdir.resolve()
     run_cfg = cfg if resume is not None else prepare_partitions(cfg, workdir, progress)
+    if after_partitions is not None:
+        after_partitions(run_cfg, workdir / "partitions")
     store_path = (store_path or workdir / "runs.db").resolve()
     results: list[RunResult] = []
     server_app = make_server_app(run_cfg, store_path, str(workdir / "partitions"), results.append, resume)

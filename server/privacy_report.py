@@ -118,6 +118,39 @@ class CentralDP(_Model):
     epsilon: float | None
 
 
+class AuditMIA(_Model):
+    node: str
+    attack: str
+    members: int
+    non_members: int
+    auc: float
+    tpr_at_fpr_0_1: float
+    tpr_at_fpr_1: float
+    fpr_resolution: float
+
+
+class EmpiricalAudit(_Model):
+    """``fedguard privacy audit``'s result (``server.audit_store``): a measured ε lower bound."""
+
+    method: str
+    meaning: str
+    canary_design: str
+    canaries: int
+    included: int
+    guesses: int
+    guesses_in: int
+    guesses_out: int
+    correct: int
+    delta: float
+    confidence: float
+    epsilon_lower: float
+    epsilon_upper: float | None  # None: DP off (∞)
+    dp_enabled: bool
+    verdict: Literal["consistent", "violated", "no-dp"]
+    mia: AuditMIA
+    wall_time_s: float
+
+
 class PrivacyReport(_Model):
     format: Literal["fedguard-privacy-report/1"] = "fedguard-privacy-report/1"
     generated_at: float
@@ -138,6 +171,7 @@ class PrivacyReport(_Model):
     central_dp: CentralDP | None
     versions: dict[str, str]
     clients: list[ClientPrivacy]
+    empirical_audit: EmpiricalAudit | None = None  # only for runs `fedguard privacy audit` made
 
 
 def _num(values: dict[str, object], key: str) -> float | None:
@@ -247,7 +281,15 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         central_dp=central,
         versions={str(k): str(v) for k, v in meta.get("versions", {}).items()},
         clients=clients,
+        empirical_audit=_empirical_audit(store_path, run_id),
     )
+
+
+def _empirical_audit(store_path: str | Path, run_id: int) -> EmpiricalAudit | None:
+    from server.audit_store import load_audit
+
+    found = load_audit(store_path, run_id)
+    return EmpiricalAudit.model_validate(found) if found else None
 
 
 def _class_label(key: str) -> str:
@@ -394,7 +436,71 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
                 "from (and in addition to) the clients' record-level ε above.",
             ),
         ]
+    if rep.empirical_audit:
+        blocks += _audit_blocks(rep.empirical_audit)
     return blocks
+
+
+def _audit_blocks(a: EmpiricalAudit) -> list[Block]:
+    """The "Empirical privacy audit" section; a bound above the accountant's is marked critical (red)."""
+    upper = "∞ (DP off)" if a.epsilon_upper is None else _fmt(a.epsilon_upper)
+    status = {"violated": "critical", "no-dp": "warning", "consistent": "ok"}[a.verdict]
+    verdict = {
+        "violated": "ε_lower exceeds the accountant's ε_upper: the claimed DP guarantee does NOT hold for this "
+        "training (noise, clipping or accounting is broken)",
+        "no-dp": "DP is off: nothing bounds what the model reveals; the measured bound shows how much",
+        "consistent": "ε_lower ≤ ε_upper: the audit found no contradiction with the accountant",
+    }[a.verdict]
+    m = a.mia
+    return [
+        ("h2", "Empirical privacy audit"),
+        ("p", f"Method: {a.method}. {a.meaning}"),
+        (
+            "table",
+            (
+                [
+                    "canaries m",
+                    "included",
+                    "guesses (IN+OUT)",
+                    "correct",
+                    "confidence",
+                    "δ",
+                    "ε_lower",
+                    "ε_upper",
+                    "status",
+                ],
+                [
+                    [
+                        str(a.canaries),
+                        str(a.included),
+                        f"{a.guesses} ({a.guesses_in}+{a.guesses_out})",
+                        str(a.correct),
+                        f"{a.confidence:.0%}",
+                        _fmt(a.delta, "g"),
+                        _fmt(a.epsilon_lower),
+                        upper,
+                        status,
+                    ]
+                ],
+            ),
+        ),
+        ("p", f"Verdict: {verdict}."),
+        ("p", f"Canaries: {a.canary_design} Audit wall time {a.wall_time_s:.0f}s."),
+        ("h3", "Membership inference"),
+        (
+            "p",
+            f"{m.attack} on node {m.node}'s training records ({m.members}) against held-out records of the same "
+            f"distribution ({m.non_members}); FPR below 1/{m.non_members} = {m.fpr_resolution:.2g} cannot be "
+            "resolved with this many held-out records.",
+        ),
+        (
+            "table",
+            (
+                ["AUC", "TPR @ 0.1% FPR", "TPR @ 1% FPR"],
+                [[_fmt(m.auc), _fmt(m.tpr_at_fpr_0_1, ".4f"), _fmt(m.tpr_at_fpr_1, ".4f")]],
+            ),
+        ),
+    ]
 
 
 def _sent_by_class(c: ClientPrivacy) -> str:

@@ -1,0 +1,74 @@
+"""Run ``fedguard.privacy_audit.run_audit`` in its own process (Ray), optionally on broken DP-SGD.
+
+``python -m tests.privacy_audit_sim WORKDIR CONFIG_JSON CANARIES [broken]`` prints the audit as
+JSON on the last line. With ``broken`` every node's DP-SGD silently adds no noise (the noise
+multiplier is set to 0 right after Opacus's ``make_private``) while the plan, the ledger and the
+report still claim the configured ε: the failure the audit must catch. The node's DP integrity
+guards (``client.dp_guards``) refuse exactly this round, so the harness also switches them off
+(``train_local(..., guards=False)``): the audit is tested as an independent second line, for a
+bug the guards would not see. Only this test helper can break it: the patches live here and
+apply only inside the wrapped train handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.app import app as real_app
+from common.config import config_from_json
+from fedguard.privacy_audit import run_audit
+
+
+@contextlib.contextmanager
+def no_noise() -> Iterator[None]:
+    import client.privacy as privacy
+    import client.training as training
+
+    real_engine, real_train_local = training.PrivacyEngine, privacy.train_local
+
+    class SilentlyBroken(real_engine):  # type: ignore[misc,valid-type]
+        def make_private(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            wrapped = super().make_private(*args, **kwargs)
+            wrapped[1].noise_multiplier = 0.0  # the optimizer: clipping stays, noise is gone
+            return wrapped
+
+    def unguarded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return real_train_local(*args, **kwargs, guards=False)
+
+    training.PrivacyEngine, privacy.train_local = SilentlyBroken, unguarded
+    try:
+        yield
+    finally:
+        training.PrivacyEngine, privacy.train_local = real_engine, real_train_local
+
+
+def broken_train(msg: Message, context: Context) -> Message:
+    with no_noise():
+        return real_app(msg, context)
+
+
+def _broken_app() -> ClientApp:
+    """FedGuard's ClientApp with the train handler broken; every other message goes to the real one."""
+    app = ClientApp()
+    app.train()(broken_train)
+    app.evaluate()(real_app)  # a ClientApp called with a message dispatches on its type
+    queries = {k.split(".", 1)[1] for k in getattr(real_app, "_registered_funcs", {}) if k.startswith("query.")}
+    for name in queries or ("plan", "fairness", "role"):
+        app.query(name)(real_app)
+    return app
+
+
+broken = _broken_app()
+
+if __name__ == "__main__":
+    workdir, cfg = Path(sys.argv[1]), config_from_json(Path(sys.argv[2]).read_text(encoding="utf-8"))
+    app = broken if sys.argv[4:5] == ["broken"] else None
+    audit = run_audit(cfg, workdir, canaries=int(sys.argv[3]), client_app=app, progress=print)
+    print(json.dumps(audit))
