@@ -119,7 +119,7 @@ class SuperNode:
         self.superlink = superlink
         self.root_certificates = Path(root_certificates).resolve()
         self.private_key = Path(private_key).resolve()
-        # The ClientApp signs every reply with the node's authentication key (DESIGN §5).
+        # The ClientApp signs every reply with the node's authentication key (docs/security.md).
         self.node_config = {"auth-key-path": str(self.private_key), **node_config}
         self.runtime_port = runtime_port or free_port()
         if isolation not in ("process", "subprocess") or (executor and isolation != "process"):
