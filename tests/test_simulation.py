@@ -76,7 +76,15 @@ data_path = "data.csv"
     assert "round 2/2" in proc.stdout
 
 
-def test_bad_replies_are_left_out_and_the_round_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("bound", "reason"),
+    [
+        ({"max_update_norm": 100.0}, "exceeds server.max_update_norm"),
+        ({}, "server.norm_bound_factor"),  # a config that says nothing about bounds is safe too
+    ],
+    ids=["fixed-bound", "defaults"],
+)
+def test_bad_replies_are_left_out_and_the_round_completes(tmp_path: Path, bound: dict, reason: str) -> None:
     data = tmp_path / "data.csv"
     make_tabular(600).to_csv(data, index=False)
     cfg = tabular_config(
@@ -84,7 +92,7 @@ def test_bad_replies_are_left_out_and_the_round_completes(tmp_path: Path) -> Non
         rounds=3,
         clients_per_round=3,
         simulation={"num_clients": 3, "data_path": str(data)},
-        server={"max_update_norm": 100.0, "round_timeout": 120, "wait_for_nodes": 60},
+        server={**bound, "round_timeout": 120, "wait_for_nodes": 60},
     )
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.to_json(), encoding="utf-8")
@@ -105,7 +113,7 @@ def test_bad_replies_are_left_out_and_the_round_completes(tmp_path: Path) -> Non
     assert (
         "non-finite values" in reasons[0]
         and "wrong shape" in reasons[1]
-        and "exceeds server.max_update_norm" in reasons[2]
+        and reason in reasons[2]
     )
     # A +1000 shift on any tensor would send the loss far above this; DP noise alone does not.
     assert np.isfinite(evals[3]["loss"]) and evals[3]["loss"] < 3.0
