@@ -8,9 +8,12 @@ runs the same steps in the same order:
 2. **owner policy**: the owner's ``policy.toml`` rules that need σ and ε (``client.admission``);
 3. **reserve**: the release is written to the ledger as *pending* in the same ``BEGIN IMMEDIATE``
    transaction as the budget check (``client.ledger``), so an overspend is refused here;
-4. **release**: train with DP-SGD, or noise the fairness counts;
-5. **confirm**: the release is marked confirmed. If step 4 fails it stays pending and still counts
-   as spent: a crash can only over-count, never under-count.
+4. **release**: train with DP-SGD under the DP integrity guards (``client.dp_guards``: per-sample
+   coverage, clipping, the noise actually added against the planned σ, every trainable tensor
+   moved, the frozen base unchanged), or noise the fairness counts;
+5. **confirm**: the release is marked confirmed. If step 4 fails — a crash, or a failed guard
+   (``DPIntegrityError``, refused as ``dp-integrity``) — it stays pending and still counts as
+   spent: a crash can only over-count, never under-count, and a refused update is never sent.
 
 A refusal at steps 1–3 happens before any training or noise and leaves the ledger as it was.
 Planning (``query.plan``) runs steps 1–2 and reads the ledger without writing to it.
@@ -209,7 +212,19 @@ class NodePrivacy:
         )
         # Recorded (and the budget checked) before any training: a crash from here on over-counts.
         with self._reserved(release, plan.delta) as spend:
-            result = train_local(model, data, cfg, plan, device)
+            result = train_local(model, data, cfg, plan, device)  # DPIntegrityError: stays pending
+        if result.guards is not None:
+            g = result.guards
+            node_logger(s.workdir).info(
+                "round %d: DP integrity guards passed (%d steps, %d trainable and %d frozen tensors, "
+                "noise ratio %.4f) in %.1f ms",
+                round_,
+                g.steps,
+                g.parameters,
+                g.frozen,
+                g.noise_ratio,
+                g.seconds * 1e3,
+            )
         return result, {
             R.EPSILON: spend.epsilon_run,
             R.DELTA: plan.delta,

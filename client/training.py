@@ -36,6 +36,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.dp_guards import DPGuard, GuardReport
 from client.preflight import preflight
 from common.config import RunConfig
 from common.data import Encoded
@@ -53,6 +54,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing", catego
 class LocalResult:
     history: History  # this round's DP releases (σ, q, steps); empty without DP
     steps: int
+    guards: GuardReport | None = None  # the DP integrity guards' findings (client.dp_guards); None without DP
 
 
 def secure_generator(device: torch.device) -> torch.Generator:
@@ -158,11 +160,19 @@ def _physical_batches(
 
 
 def train_local(
-    model: nn.Module, data: Encoded, cfg: RunConfig, plan: DPPlan | None, device: torch.device
+    model: nn.Module,
+    data: Encoded,
+    cfg: RunConfig,
+    plan: DPPlan | None,
+    device: torch.device,
+    *,
+    guards: bool = True,
 ) -> LocalResult:
     """Train ``model`` in place for ``cfg.train.local_epochs``; with ``plan``, under DP-SGD.
 
-    ``model`` arrives holding the global model; FedProx pulls towards that snapshot.
+    ``model`` arrives holding the global model; FedProx pulls towards that snapshot. Under DP the
+    integrity guards (``client.dp_guards``) check every step and the finished round against the
+    plan and raise ``DPIntegrityError`` (nothing may be sent); ``guards=False`` is for benchmarks only.
     """
     model.to(device).train()
     tc = cfg.train
@@ -175,6 +185,7 @@ def train_local(
     optimizer = _optimizer(model, cfg)
     criterion: nn.Module = make_criterion(cfg, device)
     engine: PrivacyEngine | None = None
+    guard: DPGuard | None = None
     trained: nn.Module = model
     physical = tc.physical_batch_size
     if plan is not None:
@@ -182,6 +193,8 @@ def train_local(
         if physical is not None and mode == "ew":
             mode = "hooks"  # ew cannot accumulate per-sample gradients over physical batches
         run_preflight(model, cfg, mode, device)  # before the first real record goes through the model
+        if guards:  # snapshot before Opacus wraps the model: what must move, what must stay frozen
+            guard = DPGuard(model, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm)
         with warnings.catch_warnings():
             # Opacus warns that secure_mode is off; its CSPRNG (torchcsprng) has no build for this
             # torch, so the sampling and noise generators above are seeded from os.urandom instead.
@@ -213,6 +226,8 @@ def train_local(
                 f"Opacus sampling (q={actual_q}, {len(loader)} steps) differs from the DP plan "
                 f"(q={plan.sample_rate}, {plan.steps_per_round // tc.local_epochs} steps); nothing was trained"
             )
+        if guard is not None:
+            guard.attach(optimizer, trained)  # type: ignore[arg-type]
     steps = 0
 
     def after_step() -> None:
@@ -260,5 +275,6 @@ def train_local(
     if engine is not None:
         if hasattr(trained, "_close"):
             trained._close()  # remove Opacus hooks from the original module
-        return LocalResult(history=[(s, q, n) for s, q, n in engine.accountant.history], steps=steps)
+        report = guard.finish(model) if guard is not None else None
+        return LocalResult(history=[(s, q, n) for s, q, n in engine.accountant.history], steps=steps, guards=report)
     return LocalResult(history=[], steps=steps)
