@@ -56,6 +56,7 @@ def _record(workdir: Path, action: str, target: str, outcome: str) -> None:
 
 def cmd_user_add(args: argparse.Namespace) -> int:
     workdir = _workdir(args)
+    AuditLog(workdir).check_appendable()  # a wiped or truncated log: refuse before acting, not after
     try:
         user, token = UserStore(workdir).add(args.name, args.role)
     except FedGuardError as exc:
@@ -89,6 +90,7 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 
 def cmd_user_revoke(args: argparse.Namespace) -> int:
     workdir = _workdir(args)
+    AuditLog(workdir).check_appendable()
     try:
         user = UserStore(workdir).revoke(args.name)
     except FedGuardError as exc:
@@ -113,6 +115,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                     "head": check.head,
                     "problem": check.problem,
                     "bad_seq": check.bad_seq,
+                    "legacy": check.legacy,
                 }
             )
         )
@@ -120,6 +123,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         against = " and contains the expected head" if args.expect_head else ""
         print(f"audit log intact: {check.entries} entries, chain verified with the key{against}")
         print(f"head {check.head}")
+        if check.legacy:
+            print(
+                "note: this log predates the genesis record and the MACed head anchor; the next audited action "
+                "upgrades it. Keep the head above off this host and pass it back with --expect-head."
+            )
     else:
         print(f"fedguard: AUDIT LOG TAMPERED: {check.problem}", file=sys.stderr)
         note = f"({check.entries} entries present; treat everything from the named entry on as untrusted)"
@@ -162,7 +170,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     a = sub.add_parser("audit", help="the control service's tamper-evident audit log")
     asub = a.add_subparsers(dest="audit_command", required=True)
     av = asub.add_parser("verify", help="check the HMAC chain; exit 1 if history was modified, deleted or truncated")
-    av.add_argument("--expect-head", help="a chain head taken from an exported report: it must still be in the log")
+    av.add_argument(
+        "--expect-head",
+        metavar="HEAD",
+        help="a chain head kept off this host (from an exported report, or a previous verify's `head`): it must "
+        "still be in the log; catches a rollback of control.db and secrets/ together, or a history forged by "
+        "whoever holds the audit key",
+    )
     workdir_arg(av)
     av.set_defaults(func=cmd_audit_verify)
     ash = asub.add_parser("show", help="the latest audit entries, oldest first")

@@ -118,7 +118,8 @@ def test_bad_user_input_is_a_clear_error(tmp_path: Path) -> None:
 def test_clean_chain_verifies_and_secrets_stay_outside_the_database(log: AuditLog, tmp_path: Path) -> None:
     check = log.verify()
     assert check.ok and check.entries == 5 and check.problem is None and check.head == log.head() != GENESIS
-    assert [e.seq for e in log.entries()] == [5, 4, 3, 2, 1]
+    assert [e.seq for e in log.entries()] == [5, 4, 3, 2, 1, 0]  # 0: the genesis record, written with the key
+    assert log.entries()[-1].action == "audit.genesis"
     assert [e.seq for e in log.entries(limit=2, offset=1)] == [4, 3]
     key = (tmp_path / "secrets" / "audit.key").read_bytes()
     assert len(key) == 32 and key not in db_bytes(tmp_path)
@@ -184,7 +185,9 @@ def test_restored_older_copy_is_caught_by_a_reported_head(log: AuditLog, tmp_pat
 def test_recomputed_plain_hash_chain_is_detected(log: AuditLog, tmp_path: Path) -> None:
     """An attacker without the key rewrites entry 2 and re-chains everything after it with SHA-256."""
     conn = raw(tmp_path)
-    rows = conn.execute("SELECT seq, at, actor, role, action, target, outcome, mac FROM audit ORDER BY seq").fetchall()
+    rows = conn.execute(
+        "SELECT seq, at, actor, role, action, target, outcome, mac FROM audit WHERE seq >= 1 ORDER BY seq"
+    ).fetchall()
     prev = rows[0][7]
     for seq, at, actor, role, action, target, outcome, _ in rows[1:]:
         if seq == 2:
@@ -221,7 +224,7 @@ def test_concurrent_appends_from_threads_form_one_chain(tmp_path: Path) -> None:
     check = AuditLog(tmp_path).verify()
     assert check.ok and check.entries == 48
     anchor = json.loads((tmp_path / "secrets" / "audit-head").read_text())
-    assert anchor == {"seq": 48, "head": check.head}
+    assert anchor["seq"] == 48 and anchor["head"] == check.head and len(anchor["mac"]) == 64
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------------
@@ -265,7 +268,7 @@ def test_cli_user_lifecycle_and_audit(cli, tmp_path: Path, capsys: pytest.Captur
     assert cli(["user", "revoke", "rita", *wd]) == 0
     assert "revoked" in capsys.readouterr().out and UserStore(tmp_path).authenticate(token) is None
 
-    entries = AuditLog(tmp_path).entries()
+    entries = AuditLog(tmp_path).entries()[:-1]  # the last: the genesis record
     assert [(e.action, e.target, e.outcome) for e in reversed(entries)] == [
         ("user.add", "rita (reviewer)", "ok"),
         ("user.add", "otto (operator)", "ok"),
@@ -317,3 +320,110 @@ def test_cli_bad_input_gives_clear_errors(cli, tmp_path: Path, capsys: pytest.Ca
     os.chmod(tmp_path / "secrets" / "audit.key", 0o644)
     assert cli(["audit", "verify", *wd]) == 2
     assert "readable by other users" in capsys.readouterr().err
+
+
+# -- the control service: log-in limiter and run-token replay (issue 20, item 7) --------------------------------------
+
+
+def _service(tmp_path: Path, **kw):  # type: ignore[no-untyped-def]
+    from tests.test_control_api import make_service
+
+    return make_service(tmp_path, **kw)
+
+
+def _login(client, token: str) -> int:  # type: ignore[no-untyped-def]
+    page = client.get("/login")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+    return client.post("/login", data={"token": token, "csrf_token": csrf}, follow_redirects=False).status_code
+
+
+def test_an_outsider_cannot_lock_a_named_user_out_of_the_dashboard(tmp_path: Path) -> None:
+    """Issue 20: five bad log-ins for a user's public id used to lock that user out for everyone."""
+    from fastapi.testclient import TestClient
+
+    from server.control.app import create_app
+    from server.control.auth import RateLimiter
+    from tests.test_control_api import BASE
+
+    svc, _ = _service(tmp_path, login_limit=RateLimiter(max_failures=5, window=300.0))
+    alice, token = svc.users.add("alice", "reviewer")
+    app = create_app(svc)
+    mallory = TestClient(app, base_url=BASE, client=("203.0.113.9", 4000))
+    guess = f"fg_{alice.id}_" + "B" * 43  # alice's public id, a guessed secret
+    codes = [_login(mallory, guess) for _ in range(7)]
+    assert codes == [401] * 5 + [429] * 2  # brute force from one address is slowed
+    assert _login(mallory, token) == 429  # ... and that address gets nothing more, right token or not
+    # alice, from her own address, still gets in with her token
+    alice_browser = TestClient(app, base_url=BASE, client=("198.51.100.4", 5000))
+    assert _login(alice_browser, token) == 303
+    # a guesser spread over many addresses is still refused once the id is under attack (not audited again)
+    denied = len([e for e in svc.audit.entries() if e.action == "login" and e.outcome.startswith("denied")])
+    helper = TestClient(app, base_url=BASE, client=("192.0.2.77", 6000))
+    for _ in range(5):
+        assert _login(helper, guess) in (401, 429)
+    for i in range(3):
+        other = TestClient(app, base_url=BASE, client=(f"192.0.2.{i + 1}", 6000))
+        assert _login(other, guess) == 429
+    after = len([e for e in svc.audit.entries() if e.action == "login" and e.outcome.startswith("denied")])
+    assert after - denied <= 5
+
+
+def test_a_run_token_starts_one_run_only(tmp_path: Path) -> None:
+    """Issue 20: the control API accepted a replayed run token (only the nodes stopped it)."""
+    from fastapi.testclient import TestClient
+
+    from common.config import load_config
+    from common.run_signing import sign_run
+    from server.control.app import create_app
+    from tests.test_control_api import BASE, bearer, demo_toml
+
+    svc, fed = _service(tmp_path, service_signs=False)
+    client = TestClient(create_app(svc), base_url=BASE)
+    _, op = svc.users.add("op", "operator")
+    toml = demo_toml(tmp_path)
+    path = tmp_path / "offline.toml"
+    path.write_text(toml, encoding="utf-8")
+    token = sign_run(load_config(path).to_json(), svc.admin_key)  # type: ignore[attr-defined]
+    body = {"config_toml": toml, "signature": token}
+    first = client.post("/api/runs", json=body, headers=bearer(op))
+    assert first.status_code == 201 and len(fed.started) == 1
+    again = client.post("/api/runs", json=body, headers=bearer(op))
+    assert again.status_code == 409 and "already used" in again.json()["detail"]
+    assert str(first.json()["flower_run_id"]) in again.json()["detail"]
+    assert len(fed.started) == 1  # never submitted
+    assert svc.audit.entries(limit=1)[0].outcome.startswith("rejected: replayed run token")
+    # the record survives a restart of the service
+    from server.control.service import ControlService
+
+    client2 = TestClient(create_app(ControlService(tmp_path, svc.store_path, fed, None)), base_url=BASE)
+    assert client2.post("/api/runs", json=body, headers=bearer(op)).status_code == 409 and len(fed.started) == 1
+    # a fresh signature over the same config is a new approval
+    body["signature"] = sign_run(load_config(path).to_json(), svc.admin_key)  # type: ignore[attr-defined]
+    assert client.post("/api/runs", json=body, headers=bearer(op)).status_code == 201
+
+
+def test_a_run_token_whose_run_never_started_may_be_used_again(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from common.config import load_config
+    from common.errors import FedGuardError
+    from common.run_signing import sign_run
+    from server.control.app import create_app
+    from tests.test_control_api import BASE, bearer, demo_toml
+
+    svc, fed = _service(tmp_path, service_signs=False)
+    client = TestClient(create_app(svc), base_url=BASE)
+    _, op = svc.users.add("op", "operator")
+    toml = demo_toml(tmp_path)
+    path = tmp_path / "offline.toml"
+    path.write_text(toml, encoding="utf-8")
+    body = {"config_toml": toml, "signature": sign_run(load_config(path).to_json(), svc.admin_key)}  # type: ignore[attr-defined]
+    real_start = fed.start_run
+
+    def refused(config_path: Path, token: str) -> int:
+        raise FedGuardError("the SuperLink is not reachable")
+
+    fed.start_run = refused  # type: ignore[method-assign]
+    assert client.post("/api/runs", json=body, headers=bearer(op)).status_code == 502
+    fed.start_run = real_start  # type: ignore[method-assign]
+    assert client.post("/api/runs", json=body, headers=bearer(op)).status_code == 201

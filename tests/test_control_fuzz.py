@@ -73,7 +73,13 @@ def fuzz_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     client = TestClient(create_app(svc), base_url=BASE, raise_server_exceptions=False)
     _, token = svc.users.add("fuzzer", "admin")
     spec = client.get("/openapi.json", headers=bearer(token)).json()
-    return {"client": client, "token": token, "spec": spec, "toml": demo_toml(tmp), "deadline": time.monotonic() + 10}
+    return {
+        "client": client,
+        "token": token,
+        "spec": spec,
+        "toml": demo_toml(tmp),
+        "deadline": time.monotonic() + 10,
+    }
 
 
 def test_no_operation_answers_500(fuzz_world: dict[str, Any]) -> None:
@@ -129,3 +135,106 @@ def test_login_form_never_answers_500(fuzz_world: dict[str, Any], token: str, cs
         csrf = quote(csrf, safe="") or "x"
     r = client.post("/login", data={"token": token, "csrf_token": csrf}, follow_redirects=False)
     assert r.status_code in (303, 401, 403, 422, 429), r.text[:300]
+
+
+# -- hostile bodies on every POST route (issue 20, item 7) -----------------------------------------------------------
+
+
+def _post_routes() -> list[str]:
+    """Every POST path the app serves (API and dashboard forms), path parameters filled in."""
+    from server.control.routers import audit, dashboard, nodes, runs, users
+
+    paths = []
+    for router in (runs.router, nodes.router, users.router, audit.router, audit.openapi_router, dashboard.router):
+        for route in router.routes:
+            if "POST" in (getattr(route, "methods", None) or ()):
+                path = route.path  # type: ignore[attr-defined]
+                paths.append(path.replace("{run_id}", "1").replace("{name}", "org-0"))
+    return sorted(set(paths))
+
+
+_JSON_ROUTES = {"/api/runs", "/api/runs/plan", "/api/users"}
+_FORM_ROUTES = {"/login", "/runs/new", "/users"}
+"""Routes that read a JSON or form body (the others never read one: only a declared Content-Length stops them)."""
+
+
+def _deep_json(depth: int) -> bytes:
+    return b'{"config_toml": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
+
+
+def test_every_post_route_refuses_deep_and_oversized_bodies(fuzz_world: dict[str, Any]) -> None:
+    client, headers = fuzz_world["client"], bearer(fuzz_world["token"])
+    routes = _post_routes()
+    assert _JSON_ROUTES | _FORM_ROUTES <= set(routes) and len(routes) >= 8
+    as_json = {**headers, "content-type": "application/json"}
+    as_form = {**headers, "content-type": "application/x-www-form-urlencoded"}
+    big = b'{"config_toml": "' + b"a" * 18_000_000 + b'"}'  # the issue's 18 MB body
+    form = b"token=" + b"A" * 2_000_000 + b"&csrf_token=x"
+
+    def chunks() -> Any:
+        yield b'{"config_toml": "'
+        for _ in range(30):
+            yield b"a" * 100_000
+        yield b'"}'
+
+    for path in routes:
+        for kind, body in (
+            ("deep array", b"[" * 200_000 + b"]" * 200_000),
+            ("deep object", _deep_json(50_000)),
+            ("deep and big", b"[" * 900_000 + b"]" * 900_000),
+        ):
+            r = client.post(path, content=body, headers=as_json)
+            assert r.status_code < 500, (path, kind, r.status_code, r.text[:300])  # 2xx: a route without a body
+            if path in _JSON_ROUTES:
+                assert 400 <= r.status_code < 500 and "detail" in r.json(), (path, kind, r.status_code)
+        # a declared size over the limit: refused unread, on every route
+        r = client.post(path, content=big, headers=as_json)
+        assert r.status_code == 413 and "larger than" in r.json()["detail"], (path, r.status_code)
+        r = client.post(path, content=form, headers=as_form)
+        assert r.status_code == 413, (path, "form", r.status_code)
+        r = client.post(path, content=b"{}", headers={**as_json, "content-length": "x"})
+        assert r.status_code == 400, (path, "malformed Content-Length", r.status_code)
+        # no Content-Length to trust (chunked): counted as it arrives, wherever a body is read
+        r = client.post(path, content=chunks(), headers=as_json)
+        assert r.status_code == 413 or (r.status_code < 500 and path not in _JSON_ROUTES), (path, r.status_code)
+        r = client.post(path, content=iter([form]), headers=as_form)
+        assert r.status_code == 413 or (r.status_code < 500 and path not in _FORM_ROUTES), (path, r.status_code)
+
+
+@pytest.mark.parametrize(
+    "config_toml",
+    [
+        "a = " + "[" * 20_000 + "]" * 20_000,
+        "a = " + "{b = " * 20_000 + "1" + "}" * 20_000,
+        "[" + ".".join(["a"] * 10_000) + "]\nx = 1",
+        "[[" + ".".join(["a"] * 10_000) + "]]\nx = 1",
+    ],
+    ids=["arrays", "inline-tables", "tables", "array-of-tables"],
+)
+def test_deeply_nested_toml_is_a_clear_422(fuzz_world: dict[str, Any], config_toml: str) -> None:
+    client, headers = fuzz_world["client"], bearer(fuzz_world["token"])
+    for path in ("/api/runs/plan", "/api/runs"):
+        r = client.post(path, json={"config_toml": config_toml}, headers=headers)
+        assert r.status_code == 422 and "nested" in r.json()["detail"], (path, r.status_code, r.text[:300])
+
+
+def test_body_limit_is_configurable(tmp_path: Path) -> None:
+    svc, _ = make_service(tmp_path)
+    client = TestClient(create_app(svc, max_body_bytes=2_000), base_url=BASE, raise_server_exceptions=False)
+    _, token = svc.users.add("small", "admin")
+    r = client.post("/api/users", json={"name": "x" * 3_000, "role": "reviewer"}, headers=bearer(token))
+    assert r.status_code == 413
+    r = client.post("/api/users", json={"name": "bob", "role": "reviewer"}, headers=bearer(token))
+    assert r.status_code == 201
+
+
+def test_body_limit_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.errors import FedGuardError
+
+    svc, _ = make_service(tmp_path)
+    monkeypatch.setenv("FEDGUARD_CONTROL_MAX_BODY", "5000")
+    client = TestClient(create_app(svc), base_url=BASE, raise_server_exceptions=False)
+    assert client.post("/login", content=b"x" * 6_000).status_code == 413
+    monkeypatch.setenv("FEDGUARD_CONTROL_MAX_BODY", "lots")
+    with pytest.raises(FedGuardError, match="FEDGUARD_CONTROL_MAX_BODY"):
+        create_app(svc)

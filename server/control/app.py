@@ -6,18 +6,25 @@ its stylesheet. The service layer raises the domain errors of ``server.control.e
 run store's ``StoreError``); :func:`error_response` maps every one of them, through
 ``errors.HTTP_STATUS``, to JSON ``{"detail": ...}`` for the API or to a page for the dashboard (a
 browser without a session goes to the log-in page).
+
+Hostile bodies never reach a parser whole: :class:`BodyLimit` counts the bytes of every request
+body as they arrive (a lying or missing ``Content-Length`` does not help) and answers 413 past
+``max_body_bytes`` (1 MB by default); a body nested too deeply for the JSON parser is a 400 that
+says so, never a 500.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import FedGuardError
 from server.control import pages
-from server.control.errors import NotAuthenticated, RateLimited, http_status, public_detail
+from server.control.errors import ControlError, NotAuthenticated, RateLimited, http_status, public_detail
 from server.control.routers import audit, dashboard, nodes, runs, users
 from server.control.service import ControlService
 from server.control.users import ROLES
@@ -33,6 +40,87 @@ SECURITY_HEADERS = {
 }
 
 _TITLES = {401: "Log in again", 403: "Not allowed", 404: "Not found", 409: "Not possible now", 429: "Too many tries"}
+
+DEFAULT_MAX_BODY = 1_000_000
+"""Bytes a request body may have: a run config is a few kB, a signature token under 1 kB."""
+MAX_BODY_ENV = "FEDGUARD_CONTROL_MAX_BODY"
+
+
+def max_body_from_env() -> int:
+    """``$FEDGUARD_CONTROL_MAX_BODY`` (bytes) if set, else :data:`DEFAULT_MAX_BODY`."""
+    text = os.environ.get(MAX_BODY_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_BODY
+    if not text.isdigit() or not 1_000 <= int(text) <= 100_000_000:
+        raise ControlError(
+            f"{MAX_BODY_ENV}={text!r} is not a body size in bytes",
+            where=MAX_BODY_ENV,
+            fix="give a whole number of bytes between 1000 and 100000000, or unset it for the 1 MB default",
+        )
+    return int(text)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``max_bytes``, counted as it streams in, before anything parses it.
+
+    Past the limit the app is told the client went away (so it stops reading), whatever it answers is dropped,
+    and the client gets the 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send: Send, status: int = 413, detail: str | None = None) -> None:
+        detail = detail or f"request body larger than {self.max_bytes} bytes"
+        body = JSONResponse({"detail": detail}, status_code=status)
+        for k, v in SECURITY_HEADERS.items():
+            body.headers.setdefault(k, v)
+        await send({"type": "http.response.start", "status": status, "headers": body.raw_headers})
+        await send({"type": "http.response.body", "body": body.body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":  # a declared size over the limit is refused unread
+                if not value.strip().isdigit():
+                    await self._reject(send, 400, "malformed Content-Length header")
+                    return
+                if int(value) > self.max_bytes:
+                    await self._reject(send)
+                    return
+        seen = 0
+        over = started = False
+
+        async def counted() -> Message:
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if over and not started:  # the app's answer to a body it never got whole
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except Exception:
+            if not over:  # a real fault: the server error handler reports it
+                raise
+            # else: whoever read past the limit failed on the "disconnect"; the client gets the 413 below
+        if over and not started:
+            await self._reject(send)
 
 
 def _is_api(request: Request) -> bool:
@@ -57,8 +145,13 @@ def error_response(request: Request, exc: FedGuardError) -> Response:
     return HTMLResponse(text, status_code=status, headers=headers)
 
 
-def create_app(service: ControlService) -> FastAPI:
-    """The ASGI app: ``/health``, the JSON API (OpenAPI at ``/openapi.json``, token required), the dashboard."""
+def create_app(service: ControlService, *, max_body_bytes: int | None = None) -> FastAPI:
+    """The ASGI app: ``/health``, the JSON API (OpenAPI at ``/openapi.json``, token required), the dashboard.
+
+    ``max_body_bytes`` caps every request body (413 beyond it, counted before parsing); default
+    ``$FEDGUARD_CONTROL_MAX_BODY`` or 1 MB.
+    """
+    limit = max_body_bytes if max_body_bytes is not None else max_body_from_env()
     app = FastAPI(
         title="FedGuard control service",
         version="1",
@@ -82,6 +175,17 @@ def create_app(service: ControlService) -> FastAPI:
     async def domain_error(request: Request, exc: FedGuardError) -> Response:
         return error_response(request, exc)
 
+    @app.exception_handler(400)
+    async def bad_request(request: Request, exc: Any) -> Response:
+        detail = exc.detail
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's JSON body parsing ran out of stack
+            detail = "request body is nested too deeply to parse"
+        return JSONResponse({"detail": detail}, status_code=400, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError) -> Response:  # a deep value reached validation
+        return JSONResponse({"detail": "request is nested too deeply to process"}, status_code=400)
+
     @app.get("/health", tags=["health"], summary="liveness (no authentication)")
     def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -92,4 +196,5 @@ def create_app(service: ControlService) -> FastAPI:
 
     for router in (runs.router, nodes.router, users.router, audit.router, audit.openapi_router, dashboard.router):
         app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=limit)  # outermost of ours: before any body is read
     return app

@@ -13,9 +13,13 @@ double-submit token bound to a pre-login cookie); a session-authenticated POST t
 send it in ``X-CSRF-Token``. Bearer-token requests need none: a browser never attaches a bearer
 header by itself.
 
-**Rate limits.** Failed logins count per client address and per user id (the public ``fg_<id>``
-part of a token): after ``max_failures`` within ``window`` seconds further attempts get 429 with
-``Retry-After`` until the window slides past them. Bad bearer tokens are counted per address too
+**Rate limits.** Failed logins count per client address, per (address, user id) and per user id
+(the public ``fg_<id>`` part of a token): after ``max_failures`` within ``window`` seconds further
+attempts get 429 with ``Retry-After`` until the window slides past them. An address that failed
+too often is refused outright, whatever it sends; a user id that failed too often from elsewhere
+only refuses further *wrong* tokens. The id is public, so a block keyed by it alone would let an
+outsider lock the named user out of the dashboard: the user's right token, from an address that
+is not itself blocked, always gets in (see :func:`check_login`). Bad bearer tokens are counted per address too
 (429 once blocked), but a valid token is never refused: API tokens carry 256 random bits, so
 the limit is there to stop log noise, not guessing, and must not let a flood lock out a shared
 address.
@@ -135,6 +139,36 @@ def user_key(token: str) -> str | None:
 
 def client_key(request: Request) -> str:
     return f"addr:{request.client.host if request.client else 'unknown'}"
+
+
+@dataclass(frozen=True)
+class LoginAttempt:
+    """The outcome of :func:`check_login`: a user, or a refusal (``retry_after`` > 0: rate-limited, not audited)."""
+
+    user: User | None
+    retry_after: int
+    target: str  # what a failure is audited under: the claimed user id, else the address
+
+
+def check_login(limiter: RateLimiter, request: Request, token: str, users: UserStore) -> LoginAttempt:
+    """Check a dashboard log-in against the limiter (module docstring): brute force slows, nobody is locked out."""
+    addr = client_key(request)
+    claimed = user_key(token)
+    local = [addr] + ([f"{addr}|{claimed}"] if claimed else [])
+    wait = limiter.retry_after(local)
+    if wait:
+        return LoginAttempt(None, wait, claimed or addr)
+    user = users.authenticate(token)
+    if user is not None:
+        limiter.clear(f"{addr}|{claimed}")
+        if claimed:
+            limiter.clear(claimed)
+        return LoginAttempt(user, 0, claimed or addr)
+    wait = limiter.retry_after([claimed]) if claimed else 0
+    if wait:  # this user id is under attack from elsewhere: further wrong tokens are refused unheard
+        return LoginAttempt(None, wait, claimed or addr)
+    limiter.fail(local + ([claimed] if claimed else []))
+    return LoginAttempt(None, 0, claimed or addr)
 
 
 def authenticate(request: Request, users: UserStore, sessions: Sessions, bearer_limit: RateLimiter) -> Principal:

@@ -7,13 +7,20 @@ appended to the HMAC-chained audit log, and every exported report embeds the cha
 own download entry, so ``fedguard audit verify --expect-head`` can later prove that history up to
 the export is intact.
 
+A run token (the admin's signed approval from ``fedguard run sign``) starts one run: its request id
+is recorded in ``control.db`` (``used_run_tokens``) before the run is submitted, and a second start
+with the same token is refused (nodes refuse a replay too, but the service must not even submit it).
+
 Nothing here knows about HTTP: failures are the domain errors of ``server.control.errors``,
 which ``server.control.app`` maps to responses in one handler.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
+import time
 import tomllib
 import uuid
 from dataclasses import asdict
@@ -36,13 +43,69 @@ from server.control.errors import (
     Unavailable,
 )
 from server.control.federation import Federation
-from server.control.users import User, UserStore
+from server.control.users import User, UserStore, connect
 from server.store import RunStore
 
 
 def _as(cls: type[ControlError], exc: FedGuardError) -> ControlError:
     """``exc``'s message as a ``cls`` (the same what, where and fix; another HTTP status)."""
     return cls(exc.what, where=exc.where, fix=exc.fix)
+
+
+_TOO_DEEP = (
+    "config_toml is nested too deeply to read (a run config has a few levels of tables, not thousands)",
+    "see the 'Run configuration' section of the README",
+)
+
+
+class RunTokens:
+    """Run tokens that already started a run, by request id, in ``control.db``: each token starts one run."""
+
+    _SCHEMA = """
+    CREATE TABLE IF NOT EXISTS used_run_tokens (
+        request_id TEXT PRIMARY KEY,
+        token_sha256 TEXT NOT NULL,
+        used_at REAL NOT NULL,
+        used_by TEXT NOT NULL,
+        flower_run_id TEXT
+    );
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        with connect(workdir) as conn:
+            conn.executescript(self._SCHEMA)
+
+    def claim(self, request_id: str, token: str, by: str) -> None:
+        """Reserve ``request_id`` for one run; Conflict if a run was already started (or is starting) with it."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        with connect(self.workdir) as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO used_run_tokens (request_id, token_sha256, used_at, used_by) VALUES (?,?,?,?)",
+                    (request_id, digest, time.time(), by),
+                )
+            except sqlite3.IntegrityError:
+                row = conn.execute(
+                    "SELECT flower_run_id, used_by FROM used_run_tokens WHERE request_id = ?", (request_id,)
+                ).fetchone()
+                run = f"Flower run {row[0]}" if row and row[0] else "another run"
+                raise Conflict(
+                    f"this run token was already used to start {run} (by {row[1] if row else 'someone'}): "
+                    "a signed run token starts one run",
+                    fix="sign the config again with `fedguard run sign --config FILE` for a new run",
+                ) from None
+
+    def used(self, request_id: str, flower_run_id: int | str) -> None:
+        with connect(self.workdir) as conn:
+            conn.execute(
+                "UPDATE used_run_tokens SET flower_run_id = ? WHERE request_id = ?", (str(flower_run_id), request_id)
+            )
+
+    def release(self, request_id: str) -> None:
+        """Free a claim whose run was never submitted (the SuperLink refused it): the admin may retry."""
+        with connect(self.workdir) as conn:
+            conn.execute("DELETE FROM used_run_tokens WHERE request_id = ?", (request_id,))
 
 
 class ControlService:
@@ -66,6 +129,8 @@ class ControlService:
         self.signing_key = signing_key
         self.users = UserStore(self.workdir)
         self.audit = AuditLog(self.workdir)
+        self.audit.create()  # the genesis record exists from the service's first start: an empty log is a wiped one
+        self.run_tokens = RunTokens(self.workdir)
         self.sessions = Sessions()
         self.login_limit = login_limit or RateLimiter(5, 300.0)
         self.bearer_limit = bearer_limit or RateLimiter(30, 300.0)
@@ -82,11 +147,17 @@ class ControlService:
         )
 
     def authorize(self, p: Principal, needed: str, action: str | None = None, target: str = "") -> Principal:
-        """``p`` if its role is ``needed`` or above; else Forbidden, audited when ``action`` names one."""
+        """``p`` if its role is ``needed`` or above; else Forbidden, audited when ``action`` names one.
+
+        An allowed audited action first checks that the audit log can take its entry (AuditTampered, 503, if it
+        was wiped or truncated): nothing is done that cannot be audited.
+        """
         if not has_role(p, needed):
             if action:
                 self.record(p, action, target, f"denied: needs {needed}")
             raise role_denied(p, needed)
+        if action:
+            self.audit.check_appendable()
         return p
 
     def _fed(self) -> Federation:
@@ -136,6 +207,8 @@ class ControlService:
             tomllib.loads(config_toml)
         except tomllib.TOMLDecodeError as exc:
             raise Invalid(f"config_toml is not valid TOML: {exc}") from None
+        except RecursionError:  # tomllib recurses once per nested array or inline table
+            raise Invalid(_TOO_DEEP[0], fix=_TOO_DEEP[1]) from None
         folder = self.workdir / "control-runs"
         folder.mkdir(exist_ok=True)
         path = folder / f"run-{uuid.uuid4().hex[:12]}.toml"
@@ -145,6 +218,9 @@ class ControlService:
         except FedGuardError as exc:
             path.unlink(missing_ok=True)
             raise Invalid(exc.render().replace(str(path), "config_toml")) from None
+        except RecursionError:  # a deep structure that got past the parser (validation, hashing)
+            path.unlink(missing_ok=True)
+            raise Invalid(_TOO_DEEP[0], fix=_TOO_DEEP[1]) from None
 
     def plan_run(self, p: Principal, config_toml: str) -> dict[str, Any]:
         try:
@@ -193,22 +269,37 @@ class ControlService:
             )
         try:
             if signature:
-                verify_run(signature, cfg.to_json(), load_verify_key(fed.verify_key_path), version=fedguard_version())
+                request = verify_run(
+                    signature, cfg.to_json(), load_verify_key(fed.verify_key_path), version=fedguard_version()
+                )
                 token, signed_by = signature, "admin signature (fedguard run sign)"
             else:
                 assert self.signing_key is not None
                 token, signed_by = sign_run(cfg.to_json(), self.signing_key), "signed by the control service"
+                request = None  # a fresh token (new request id) for every start: nothing to replay
         except FedGuardError as exc:
             path.unlink(missing_ok=True)
             self.record(p, "run.start", target, f"rejected: {exc.what}")
             raise Invalid(
                 exc.render() + "\n(the signature must be made over this exact config, e.g. absolute data paths)"
             ) from None
+        request_id = request.request_id if request is not None else None
+        if request_id is not None:
+            try:
+                self.run_tokens.claim(request_id, token, p.user.name)
+            except Conflict:
+                path.unlink(missing_ok=True)
+                self.record(p, "run.start", target, f"rejected: replayed run token {request_id[:12]}")
+                raise
         try:
             flower_run = fed.start_run(path, token)
         except FedGuardError as exc:
+            if request_id is not None:
+                self.run_tokens.release(request_id)
             self.record(p, "run.start", target, f"failed ({signed_by}): {exc.what}")
             raise _as(FederationFailed, exc) from None
+        if request_id is not None:
+            self.run_tokens.used(request_id, flower_run)
         self.record(p, "run.start", f"flower run {flower_run}, {target}", f"ok ({signed_by})")
         return {"flower_run_id": flower_run, "config_hash": cfg.digest(), "name": cfg.name, "signed_by": signed_by}
 
@@ -230,6 +321,11 @@ class ControlService:
             raise _as(FederationFailed, exc) from None
         self.record(p, "run.stop", f"run {run_id} (flower run {run['flower_run_id']})", "ok")
         return {"run_id": run_id, "flower_run_id": run["flower_run_id"], "stopped": True}
+
+    def alarms(self, run_id: int) -> list[dict[str, Any]]:
+        """A run's alarms (keys the SuperLink registered that the kit does not enroll), oldest first."""
+        with RunStore(self.store_path) as store:
+            return store.alarms(run_id)
 
     # -- nodes and users -----------------------------------------------------------------------------------------
     def nodes(self) -> list[dict[str, Any]]:

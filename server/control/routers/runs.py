@@ -1,7 +1,8 @@
 """``/api/runs``: read runs, their rounds and reports (reviewer); plan, start and stop runs (operator).
 
 Report downloads are audited and embed the audit chain head; starting, planning and stopping are
-audited whether allowed or denied (a denial under the action's name, by ``require_role``).
+audited whether allowed or denied (a denial under the action's name, by ``require_role``). A signed
+run token starts one run: a replayed one is a 409 (the service records each token's request id).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def cost(run_id: RunId, p: Reviewer, svc: Svc, format: Fmt = "json", download: D
 @router.post(
     "",
     status_code=201,
-    summary="start a run (operator): signed by the admin's token, or by the service's run-signing key",
+    summary="start a run (operator): signed by the admin's token (each token starts one run; a replay is 409), "
+    "or by the service's run-signing key",
 )
 def start_run(body: StartRun, p: AsRunStart, svc: Svc) -> Any:
     return svc.start_run(p, body.config_toml, body.signature)
