@@ -28,6 +28,7 @@ import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import flwr
@@ -80,6 +81,7 @@ class ErrorCode:
     CLIENT_APP_RAISED_EXCEPTION = 2
     MESSAGE_UNAVAILABLE = 3
     REPLY_MESSAGE_UNAVAILABLE = 4
+    NODE_UNAVAILABLE = 5
     INVALID_FAB = 7
 
 
@@ -388,3 +390,194 @@ def run_flower_supernode(argv: list[str]) -> None:
 
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
+
+
+# --- The SuperLink's Control and Runtime APIs: only FedGuard's server process may use them --------
+#
+# Flower 1.42 serves the Fleet, Control and Runtime APIs on one HTTPS port; the Control API asks no
+# credentials (NoOpControlAuthnPlugin) and, in its default subprocess isolation, the Runtime API
+# hands a task token to whoever asks first. FedGuard closes both: the SuperLink runs with a
+# shared-secret Control authn plugin (the ``flwr`` CLI sends the secret as an OIDC bearer token from
+# FLWR_HOME/credentials.yaml) and in process isolation with a SuperExec HMAC secret, and the SuperExec
+# FedGuard starts hands each ServerApp its task token in a 0600 file, never on a command line.
+
+#: Shortest Control API secret the plugin accepts (hex characters).
+CONTROL_SECRET_MIN_LENGTH = 32
+#: Where the ``flwr`` CLI keeps account credentials, relative to FLWR_HOME (flwr/cli/constant.py).
+CLI_CREDENTIALS_FILE = "credentials.yaml"
+# flwr/cli/constant.py AUTHN_TYPE_STORE_KEY, ACCESS_TOKEN_STORE_KEY, REFRESH_TOKEN_STORE_KEY.
+_CLI_AUTHN_TYPE_KEY = "flower.account-auth.%s.authn-type"
+_CLI_ACCESS_TOKEN_KEY = "flower.account-auth.%s.oidc-access-token"
+_CLI_REFRESH_TOKEN_KEY = "flower.account-auth.%s.oidc-refresh-token"
+#: Phrases the ``flwr`` CLI prints when the Control API refuses its credentials.
+CLI_AUTH_FAILED = ("authentication failed", "flwr login")
+
+
+def cli_credentials(address: str, secret: str) -> dict[str, str]:
+    """The ``credentials.yaml`` entries that make the stock ``flwr`` CLI send ``secret`` to ``address``.
+
+    Authn type ``oidc`` makes the CLI load its OIDC plugin, whose access token goes out as
+    ``Authorization: Bearer``; the refresh token only has to be non-empty (refreshing is refused).
+    Values are base64, as Flower's ``FileCredentialStore`` stores them; the file is YAML, so JSON works.
+    """
+    import base64
+
+    def b64(value: str) -> str:
+        return base64.b64encode(value.encode("utf-8")).decode("ascii")
+
+    return {
+        _CLI_AUTHN_TYPE_KEY % address: b64("oidc"),
+        _CLI_ACCESS_TOKEN_KEY % address: b64(secret),
+        _CLI_REFRESH_TOKEN_KEY % address: b64(secret),
+    }
+
+
+def shared_secret_authn_plugin(secret: str) -> Any:
+    """A Flower ``ControlAuthnPlugin`` that accepts a Control API call only with ``Bearer <secret>``.
+
+    Constant-time comparison; no login flow, no token issuing, no refresh. The accepted identity
+    is Flower's NoOp account, so runs keep the owner they had without the plugin.
+    """
+    import hmac
+    from collections.abc import Sequence
+
+    from flwr.common.constant import ACCESS_TOKEN_KEY, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+    from flwr.supercore.auth.typing import AccountInfo
+    from flwr.supercore.utils import get_metadata_str
+    from flwr.superlink.auth_plugin import ControlAuthnPlugin
+
+    if len(secret) < CONTROL_SECRET_MIN_LENGTH:
+        raise ValueError(f"the Control API secret must have at least {CONTROL_SECRET_MIN_LENGTH} characters")
+    expected = secret.encode("utf-8")
+
+    class SharedSecretControlAuthnPlugin(ControlAuthnPlugin):  # type: ignore[misc]
+        def __init__(self) -> None:
+            pass
+
+        def get_login_details(self) -> None:
+            return None  # `flwr login` gets nothing: there is no device flow to start
+
+        def validate_tokens_in_metadata(self, metadata: Sequence[tuple[str, str | bytes]]) -> tuple[bool, Any]:
+            token = get_metadata_str(metadata, ACCESS_TOKEN_KEY)
+            if token and hmac.compare_digest(token.encode("utf-8"), expected):
+                return True, AccountInfo(flwr_aid=NOOP_FLWR_AID, account_name=NOOP_ACCOUNT_NAME)
+            return False, None
+
+        def get_auth_tokens(self, device_code: str) -> None:
+            return None  # never hands out tokens
+
+        def refresh_tokens(self, metadata: Sequence[tuple[str, str | bytes]]) -> tuple[list[Any], None]:
+            return [], None  # a refresh always fails
+
+    return SharedSecretControlAuthnPlugin()
+
+
+def run_flower_superlink(argv: list[str], control_secret: str) -> None:
+    """Run ``flower-superlink ARGV`` in this process with the shared-secret Control authn plugin.
+
+    flwr 1.42 ``superlink/cli/flower_superlink.py`` imports ``load_control_authn_plugin`` by name and
+    calls it once while parsing its start-up configuration; the plugin ends up in the FastAPI app.
+    """
+    import importlib
+
+    # The package re-exports a function of the same name: import the module itself.
+    fsl = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    plugin = shared_secret_authn_plugin(control_secret)
+    fsl.load_control_authn_plugin = lambda: plugin  # type: ignore[attr-defined]
+    sys.argv = ["flower-superlink", *argv]
+    fsl.flower_superlink()
+
+
+def pass_task_tokens_in_files(token_dir: str) -> None:
+    """Make SuperExec's subprocess executor hand the task token over in a file, not on the command line.
+
+    flwr 1.42 ``SubprocessExecutor.launch`` starts ``flwr-serverapp ... --token TOKEN``: every user
+    of the host reads it in /proc/PID/cmdline and can then act as that ServerApp on the Runtime API.
+    Here the token goes into a 0600 file in ``token_dir`` (0700) and the child gets ``--token-file``;
+    the file is deleted when the child exits. Calling it again replaces the patch (new ``token_dir``).
+    """
+    import contextlib
+    import os
+    import subprocess
+    import tempfile
+    import threading
+
+    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supercore.superexec.executor.types import LaunchResult
+
+    def launch(self: Any, spec: Any) -> Any:
+        fd, path = tempfile.mkstemp(dir=token_dir, prefix="task-")  # O_EXCL, 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(spec.token)
+        args = [
+            TASK_TYPE_TO_COMMAND[spec.task_type],
+            TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+            spec.runtime_api_address,
+            "--token-file",
+            path,
+        ]
+        if spec.insecure:
+            args.append("--insecure")
+        elif spec.root_certificates_path is not None:
+            args += ["--root-certificates", spec.root_certificates_path]
+        if spec.parent_pid is not None:
+            args += ["--parent-pid", str(spec.parent_pid)]
+        if spec.runtime_dependency_install:
+            args.append("--allow-runtime-dependency-installation")
+        out = subprocess.DEVNULL if spec.suppress_output else None
+        try:
+            proc = subprocess.Popen(args, stdout=out, stderr=out)
+        except BaseException:
+            os.unlink(path)
+            raise
+
+        def reap() -> None:
+            proc.wait()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+        threading.Thread(target=reap, daemon=True, name="fedguard-token-reaper").start()
+        return LaunchResult.accepted()
+
+    SubprocessExecutor.launch = launch  # type: ignore[method-assign]
+
+
+def run_flower_superexec(argv: list[str], token_dir: str) -> None:
+    """Run ``flower-superexec ARGV`` in this process, task tokens passed in files (see above)."""
+    import importlib
+
+    pass_task_tokens_in_files(token_dir)
+    sys.argv = ["flower-superexec", *argv]
+    importlib.import_module("flwr.supercore.cli.flower_superexec").flower_superexec()
+
+
+# -- The SuperLink's node table (server start's registry reconciliation) ---------------------------
+#
+# Flower's Control API neither lists other accounts' nodes with their keys nor lets a key that was
+# once unregistered be registered again (``node.public_key`` is UNIQUE and unregistered rows stay).
+# ``fedguard server start`` therefore reads, and for that one case edits, the SuperLink's SQLite
+# state directly. The layout is Flower 1.42's ``flwr.supercore.state.schema.linkstate_models.Node``.
+
+NODE_UNREGISTERED = "unregistered"  # flwr.supercore.constant.NodeStatus.UNREGISTERED
+
+
+def read_node_table(database: Path) -> list[tuple[int, str, bytes]]:
+    """(node id as uint64, status, public key bytes) of every row of the SuperLink's node table."""
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)) as db:
+        rows = db.execute("SELECT node_id, status, public_key FROM node").fetchall()
+    # Flower stores uint64 node ids as sint64.
+    return [(int(n) % (1 << 64), str(s), bytes(k or b"")) for n, s, k in rows]
+
+
+def forget_unregistered_node(database: Path, node_id: int) -> None:
+    """Delete an *unregistered* node's row so its key can be registered again (nothing else is touched)."""
+    import contextlib
+    import sqlite3
+
+    sint64 = node_id - (1 << 64) if node_id >= (1 << 63) else node_id
+    with contextlib.closing(sqlite3.connect(database, timeout=30)) as db, db:
+        db.execute("DELETE FROM node WHERE node_id=? AND status=?", (sint64, NODE_UNREGISTERED))

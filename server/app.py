@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import records as R
 from common.codec import state_to_numpy
-from common.config import RunConfig, config_from_json, load_config
+from common.config import RunConfig, config_from_json
 from common.errors import ConfigError, FedGuardError
 from common.models import build_model, describe_model
 from common.resources import EnergyModel, Meter
@@ -215,7 +215,7 @@ def _collect(
         fed.grid, messages, cfg.server.round_timeout, cfg.server.poll_interval, on_reply=intake, lost=lost
     )
     no_reply = f"no reply within {cfg.server.round_timeout:g}s"
-    outcomes += [Outcome(n, "dropped", lost.get(n, no_reply)) for n in sorted(silent)]
+    outcomes += [Outcome(n, "dropped", lost.get(n) or no_reply) for n in sorted(silent)]
     outcomes += [Outcome(n, "failed", "the message could not be delivered") for n in unreachable]
     return outcomes, seconds
 
@@ -309,22 +309,44 @@ def make_server_app(
     on_result: Callable[[RunResult], None] | None = None,
     resume: Checkpoint | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to ``cfg``; without it, the config comes from the run config: ``config-path``
-    (and ``resume-run-id`` to continue a run from its last checkpoint in ``store-path``)."""
+    """A ServerApp bound to ``cfg`` and ``store_path`` (simulation, in process); without them the config
+    comes from the run config (``config-json``, or ``resume-run-id`` to continue a run from its last
+    checkpoint) and the store is the server's own (``$FEDGUARD_RUN_STORE``, else
+    ``$FEDGUARD_SERVER_WORKDIR/runs.db``, both set by ``server.superlink.SuperLink``). A run config
+    never chooses a server-side path: one carrying ``store-path`` or ``config-path`` is refused
+    before anything is recorded."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from server.runs import FORBIDDEN_RUN_CONFIG_KEYS, RUN_STORE_ENV, SERVER_WORKDIR_ENV, STORE_NAME
+
         run_cfg, checkpoint = cfg, resume
-        path = store_path or Path(str(context.run_config.get("store-path", "fedguard-runs.db")))
+        forbidden = [k for k in FORBIDDEN_RUN_CONFIG_KEYS if k in context.run_config]
+        if forbidden:
+            raise ConfigError(
+                f"the run config sets {', '.join(forbidden)}: a run may not choose paths on the server",
+                where="run config",
+                fix="submit runs with `fedguard run start`; the server records them in its own workdir",
+            )
+        path = store_path
+        if path is None:
+            workdir = os.environ.get(SERVER_WORKDIR_ENV, "")
+            if not workdir or not Path(workdir).is_absolute():
+                raise ConfigError(
+                    f"{SERVER_WORKDIR_ENV} is not set: this ServerApp was not started by `fedguard server start`",
+                    fix="start the server with `fedguard server start`, and runs with `fedguard run start`",
+                )
+            chosen = os.environ.get(RUN_STORE_ENV, "")  # set by the server itself, never by a run
+            path = Path(chosen) if chosen and Path(chosen).is_absolute() else Path(workdir) / STORE_NAME
         if run_cfg is None:
             if int(context.run_config.get("resume-run-id", 0) or 0) > 0:
                 run_cfg, checkpoint = resume_point(path, int(context.run_config["resume-run-id"]))
             else:
-                config_path = str(context.run_config.get("config-path", ""))
-                if not config_path:
-                    raise ConfigError("no FedGuard config", fix="flwr run ... -c 'config-path=\"/path/run.toml\"'")
-                run_cfg = load_config(config_path)
+                config_json = str(context.run_config.get("config-json", ""))
+                if not config_json:
+                    raise ConfigError("no FedGuard config in the run config", fix="submit it with `fedguard run start`")
+                run_cfg = config_from_json(config_json)
         result = run_federation(
             grid,
             run_cfg,

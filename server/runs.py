@@ -13,6 +13,13 @@ writes ``~/.flwr``; the SuperLink connection (address + federation CA) is writte
 data), so ``run start`` works from a wheel, from any directory; a source folder can still be
 staged explicitly (tests, benchmarks). FedGuard nodes never execute the bundle
 (``client/executor.py`` runs the installed ClientApp); the ServerApp runs from it under the SuperLink.
+
+**Who may drive the SuperLink.** Its Control API accepts only the secret in
+``<server workdir>/secrets/superlink-control.secret`` (0600, created by ``server start``); every
+FedGuard call writes it next to the connection, in ``FLWR_HOME/credentials.yaml`` (0600), where the
+stock ``flwr`` CLI reads it. **Where the ServerApp writes** is the server's decision, not the run
+config's: ``<server workdir>/runs.db`` (``FEDGUARD_SERVER_WORKDIR`` in the SuperLink's environment);
+the run config carries the config itself (JSON, covered by the run signature), never a path.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from typing import Any
 import tomli_w
 
 from common.errors import FedGuardError
+from common.files import atomic_write
+from common.flower_internals import CLI_AUTH_FAILED, CLI_CREDENTIALS_FILE, cli_credentials
 from common.processes import bin_path, flwr_env
 
 #: Top-level packages that make up the FedGuard app bundle.
@@ -44,6 +53,19 @@ DISTRIBUTION = "fedguard"
 #: Package data: the bundle's pyproject.toml ([tool.flwr.app]: components and run-config keys).
 APP_BUNDLE_TEMPLATE = "app_bundle.toml"
 CONNECTION = "fedguard"
+#: Set by ``server start`` in the SuperLink's environment (inherited by SuperExec and the ServerApp).
+SERVER_WORKDIR_ENV = "FEDGUARD_SERVER_WORKDIR"
+#: The run store's file in the server workdir (``fedguard runs``, the control service read it there).
+STORE_NAME = "runs.db"
+#: Set next to SERVER_WORKDIR_ENV when the server keeps its store elsewhere (the deployed demo).
+RUN_STORE_ENV = "FEDGUARD_RUN_STORE"
+#: In the server workdir: the absolute path of the store its ServerApp records in (written at start).
+RUN_STORE_RECORD = "run-store"
+#: Private files of the server workdir (0700 folder, 0600 files).
+SECRETS_DIR = "secrets"
+CONTROL_SECRET_NAME = "superlink-control.secret"
+#: Run-config keys that once named server-side paths; a run config carrying one is refused.
+FORBIDDEN_RUN_CONFIG_KEYS = ("store-path", "config-path")
 _CLI_TIMEOUT = 120.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -73,9 +95,59 @@ class RunStatus:
         return self.status == "finished:completed"
 
 
+def server_store(workdir: Path) -> Path:
+    """Where the ServerApp of the server with this workdir records its runs: ``<workdir>/runs.db``, or
+    the store the server was started with (``SuperLink(run_store=...)``, recorded in ``<workdir>/run-store``)."""
+    workdir = Path(workdir).resolve()
+    try:
+        recorded = (workdir / RUN_STORE_RECORD).read_text(encoding="utf-8").strip()
+    except OSError:
+        recorded = ""
+    return Path(recorded) if recorded else workdir / STORE_NAME
+
+
+def control_secret_path(flwr_home: Path) -> Path:
+    """The SuperLink's Control API secret, in the server workdir (``FLWR_HOME`` is ``<workdir>/flwr-home``)."""
+    return Path(flwr_home).resolve().parent / SECRETS_DIR / CONTROL_SECRET_NAME
+
+
+def write_cli_credentials(flwr_home: Path, superlink_address: str) -> None:
+    """Put the Control API secret where the ``flwr`` CLI sends it to ``superlink_address`` (0600).
+
+    Rewritten when the address or the secret changed (a restart creates a new secret). Without a
+    readable secret nothing is written: the SuperLink then refuses the CLI and ``flwr_json`` says why.
+    """
+    try:
+        secret = control_secret_path(flwr_home).read_text(encoding="utf-8").strip()
+    except OSError:
+        return
+    path = Path(flwr_home) / CLI_CREDENTIALS_FILE
+    data = json.dumps(cli_credentials(superlink_address, secret), indent=1).encode("utf-8")
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    atomic_write(path, data, private=True)
+
+
 def ensure_connection(flwr_home: Path, superlink_address: str, ca: Path, name: str = CONNECTION) -> None:
-    """Write the SuperLink connection (address, federation CA) as the default in ``FLWR_HOME/config.toml``."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
+    """Write the SuperLink connection (address, federation CA) as the default in ``FLWR_HOME/config.toml``,
+    and the Control API credentials for it (``write_cli_credentials``)."""
+    try:
+        _write_connection(Path(flwr_home), superlink_address, ca, name)
+    except PermissionError as exc:
+        raise RunError(
+            f"cannot write the SuperLink connection: {exc.strerror}",
+            where=str(exc.filename or flwr_home),
+            fix="run FedGuard's server commands as the user that started `fedguard server start`: only it "
+            "may drive the SuperLink",
+        ) from None
+
+
+def _write_connection(flwr_home: Path, superlink_address: str, ca: Path, name: str) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(flwr_home, 0o700)  # credentials.yaml lives here
     path = flwr_home / "config.toml"
     config: dict[str, Any] = {}
     if path.is_file():
@@ -92,6 +164,7 @@ def ensure_connection(flwr_home: Path, superlink_address: str, ca: Path, name: s
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(tomli_w.dumps(config))
     os.replace(tmp, path)
+    write_cli_credentials(flwr_home, superlink_address)
 
 
 def flwr_json(args: list[str], flwr_home: Path, *, timeout: float = _CLI_TIMEOUT, what: str = "flwr") -> dict[str, Any]:
@@ -115,12 +188,21 @@ def flwr_json(args: list[str], flwr_home: Path, *, timeout: float = _CLI_TIMEOUT
     if not data.get("success", False):
         message = str(data.get("error-message", "unknown error")).strip()
         message = re.sub(r"^Using SuperLink: .*\n+", "", message)
-        raise RunError(f"{what} failed: {message}", fix=_fix_for(message))
+        fix = _fix_for(message)
+        if any(phrase in message.lower() for phrase in CLI_AUTH_FAILED):
+            message = "the SuperLink refused FedGuard's control credentials (missing, or from an earlier start)"
+        raise RunError(f"{what} failed: {message}", fix=fix)
     return data
 
 
 def _fix_for(message: str) -> str | None:
     lowered = message.lower()
+    if any(phrase in lowered for phrase in CLI_AUTH_FAILED):
+        return (
+            "the SuperLink accepts only FedGuard's own control secret (<server workdir>/secrets/"
+            f"{CONTROL_SECRET_NAME}): run this as the user that started `fedguard server start`, with "
+            "--server-workdir pointing at its workdir; the plain `flwr` CLI is refused on purpose"
+        )
     if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
         return "use the federation's CA certificate (the one that signed the SuperLink's certificate)"
     if "connect" in lowered and ("refused" in lowered or "error" in lowered):
@@ -191,6 +273,8 @@ def stage_app(app_dir: Path | None, dest: Path) -> Path:
     if config is None:
         config = shipped
     app_config = config["tool"]["flwr"]["app"].setdefault("config", {})
+    for key in FORBIDDEN_RUN_CONFIG_KEYS:  # an older staged bundle: the ServerApp would refuse the run
+        app_config.pop(key, None)
     for key, default in shipped["tool"]["flwr"]["app"]["config"].items():
         app_config.setdefault(key, default)
     out = Path(dest) / "fedguard"
@@ -213,7 +297,7 @@ def start_run(
     ca: Path,
     app_dir: Path | None,
     config_path: Path | None,
-    store_path: Path,
+    store_path: Path | None,
     flwr_home: Path,
     resume_run_id: int = 0,
     evaluator_key: str = "",
@@ -221,16 +305,28 @@ def start_run(
 ) -> int:
     """Submit a FedGuard run to the SuperLink; return Flower's run id.
 
-    ``app_dir`` None ships the installed FedGuard (see ``stage_app``);
-    ``config_path`` and ``store_path`` are paths on the server host (the ServerApp runs there);
+    ``app_dir`` None ships the installed FedGuard (see ``stage_app``); the config at ``config_path``
+    travels as JSON (what the run signature covers), so the ServerApp reads no file named by the run;
     ``resume_run_id`` > 0 continues that FedGuard run from its last checkpoint instead;
     ``evaluator_key`` is the enrolled evaluator's key fingerprint (the only node trusted in that role);
     ``run_signature`` the admin's token approving the config (``common.run_signing``).
+    The ServerApp records the run in the server's own store (``server_store``): ``store_path``, if
+    given, must be that file (a run cannot move where the server writes).
     """
-    store_path = Path(store_path).resolve()
-    if resume_run_id <= 0 and (config_path is None or not Path(config_path).is_file()):
-        raise RunError("run config not found", where=str(config_path), fix="pass an existing run TOML")
-    config = str(Path(config_path).resolve()) if config_path is not None else ""
+    from common.config import load_config
+
+    workdir = Path(flwr_home).resolve().parent
+    if store_path is not None and Path(store_path).resolve() != server_store(workdir):
+        raise RunError(
+            f"the server records runs in {server_store(workdir)}; a run cannot choose another store",
+            where=str(store_path),
+            fix=f"leave out --store, or pass {server_store(workdir)}",
+        )
+    config_json = ""
+    if resume_run_id <= 0:
+        if config_path is None or not Path(config_path).is_file():
+            raise RunError("run config not found", where=str(config_path), fix="pass an existing run TOML")
+        config_json = load_config(config_path).to_json()
     ensure_connection(Path(flwr_home), superlink_address, Path(ca))
     with tempfile.TemporaryDirectory(prefix="fedguard-app-") as tmp:
         staged = stage_app(app_dir, Path(tmp))
@@ -238,8 +334,7 @@ def start_run(
         overrides.write_text(
             tomli_w.dumps(
                 {
-                    "config-path": config,
-                    "store-path": str(store_path),
+                    "config-json": config_json,
                     "resume-run-id": resume_run_id,
                     "evaluator-key": evaluator_key,
                     "run-signature": run_signature,
@@ -313,6 +408,11 @@ def run_logs(run_id: int, superlink_address: str, ca: Path, flwr_home: Path, *, 
     except subprocess.TimeoutExpired as exc:
         raise RunError(f"`flwr log {run_id}` did not answer within {timeout:g}s") from exc
     text = _ANSI.sub("", proc.stdout + proc.stderr)
+    if any(phrase in text.lower() for phrase in CLI_AUTH_FAILED):
+        raise RunError(
+            f"reading the log of run {run_id} failed: the SuperLink refused FedGuard's control credentials",
+            fix=_fix_for(CLI_AUTH_FAILED[0]),
+        )
     if "error" in text.lower() and "printing logstream" not in text.lower():
         raise RunError(f"reading the log of run {run_id} failed: {text.strip()[-1500:]}")
     return text

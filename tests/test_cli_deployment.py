@@ -95,6 +95,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             str(base / "srv"),
             "--port",
             str(port),
+            "--ca-fingerprint",
+            ca_fp,
         )
         procs.append(server)
         wait_for(base / "server.log", "server ready", server)
@@ -314,6 +316,8 @@ def test_a_homomorphic_run_sums_ciphertexts_the_server_cannot_read(federation: d
         str(base / "judge"),
         "--out",
         str(base / "srv" / "he-bundle"),
+        "--ca-fingerprint",
+        federation["ca_fp"],
         "--bound",
         "100",
         "--force",

@@ -544,6 +544,7 @@ def test_server_start_serves_the_control_service_over_a_real_superlink(tmp_path:
     workdir = tmp_path / "server"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     cmd = [sys.executable, "-m", "fedguard.cli", "server", "start", "--kit", str(fed.server_kit)]
+    cmd += ["--ca-fingerprint", fed.ca_fingerprint]
     cmd += [
         "--workdir",
         str(workdir),

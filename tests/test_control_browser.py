@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from server.control.serve import ControlServer, self_signed
 from server.control.app import create_app
+from server.control.serve import ControlServer, self_signed
 from tests.helpers import need
 from tests.test_control_api import demo_toml, make_service
 

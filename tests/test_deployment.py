@@ -20,9 +20,10 @@ import tomli_w
 from client.executor import AppIdentity, FabRefused, check_fab, fab_identity, installed_identity
 from client.supernode import SuperNode, SuperNodeError
 from common.config import RunConfig
+from server.enrollment import Enrolled, write_enrolled
 from server.runs import run_logs, stage_app, start_run, wait_for_run
 from server.store import RunStore
-from server.superlink import SuperLink, SuperLinkError, TlsFiles
+from server.superlink import SuperLink, SuperLinkError, TlsFiles, key_fingerprint
 from tests.helpers import ROOT, make_tabular, tabular_config, write_run_toml
 from tests.tls_material import TlsMaterial, make_other_ca, make_tls_material, make_unregistered_key
 
@@ -87,15 +88,24 @@ class Federation:
     def run(
         self, name: str, cfg: RunConfig, app_dir: Path = ROOT, timeout: float = 240, succeed: bool = True
     ) -> tuple[int, Path]:
-        """Submit a run, wait for Flower to report it finished; return (flower run id, run store path)."""
+        """Submit a run, wait for Flower to report it finished; return (flower run id, run store path).
+
+        The ServerApp records every run in the server's own store (``<workdir>/runs.db``): look a
+        run up there with ``fedguard_run``.
+        """
         config = write_run_toml(cfg, self.base / f"{name}.toml")
-        store = self.base / "server" / f"{name}.db"
+        store = self.superlink.workdir / "runs.db"
         sl = self.superlink
         run_id = start_run(sl.address, self.tls.ca_cert, app_dir, config, store, sl.flwr_home)
         status = wait_for_run(run_id, sl.address, self.tls.ca_cert, sl.flwr_home, timeout=timeout, poll=2.0)
         logs = run_logs(run_id, sl.address, self.tls.ca_cert, sl.flwr_home)
         assert status.succeeded == succeed, f"{status.status} {status.details}\n{logs[-3000:]}"
         return run_id, store
+
+    def fedguard_run(self, flower_run_id: int) -> int:
+        """The FedGuard run id (in the server's run store) of a Flower run."""
+        with RunStore(self.superlink.workdir / "runs.db") as store:
+            return next(int(r["run_id"]) for r in store.runs() if str(r["flower_run_id"]) == str(flower_run_id))
 
     def events(self, run_id: int, message_type: str | None = "train") -> list[list[dict]]:
         """Each node's executor task records for one Flower run (train messages by default)."""
@@ -118,10 +128,13 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     tls = make_tls_material(base / "kits", ["alpha", "beta"])
     superlink = SuperLink(base / "server", TlsFiles(tls.ca_cert, tls.server_cert, tls.server_key))
     nodes: list[SuperNode] = []
+    enrolled: list[Enrolled] = []
     try:
         superlink.start(timeout=90)
         for i, name in enumerate(["alpha", "beta"]):
             superlink.register_node(tls.nodes[name].public, name)
+            enrolled.append(Enrolled(name, "client", key_fingerprint(tls.nodes[name].public)))
+            write_enrolled(superlink.workdir, enrolled)  # what `server start` writes from the kit
             data = base / name / "data.csv"
             data.parent.mkdir(parents=True)
             make_tabular(300, seed=10 + i).to_csv(data, index=False)
@@ -203,10 +216,11 @@ def test_two_nodes_complete_two_rounds_with_tls_and_node_auth(federation: Federa
     assert all(listening_hosts(n.runtime_port) == {"127.0.0.1"} for n in federation.nodes)
 
     run_id, store_path = federation.run("two-rounds", tabular_config(None, rounds=2, clients_per_round=2))
+    fg = federation.fedguard_run(run_id)
     with RunStore(store_path) as store:
-        rounds = store.rounds(1)
-        clients = store.client_rounds(1)
-        assert store.run(1)["status"] == "finished"
+        rounds = store.rounds(fg)
+        clients = store.client_rounds(fg)
+        assert store.run(fg)["status"] == "finished"
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["accepted"] == 2 and r["aggregated"] == 1 for r in rounds)
     node_ids = {n.node_id for n in federation.nodes}
@@ -225,7 +239,7 @@ def test_modified_clientapp_in_the_bundle_never_runs_on_a_node(federation: Feder
     app = tampered_app(tmp_path / "app", marker)
     run_id, store_path = federation.run("tampered", tabular_config(None, rounds=1, clients_per_round=2), app)
     with RunStore(store_path) as store:
-        (round1,) = store.rounds(1)
+        (round1,) = store.rounds(federation.fedguard_run(run_id))
     assert round1["accepted"] == 2  # the nodes trained with their installed ClientApp
     assert not marker.exists()
     # The server did ship the tampered code (it is in the bundle the SuperLink installed for the ServerApp).
@@ -241,9 +255,10 @@ def test_bundle_of_another_version_is_refused_by_the_nodes(federation: Federatio
     app = tampered_app(tmp_path / "app", marker, version="9.9.9")
     cfg = tabular_config(None, rounds=1, clients_per_round=2)
     run_id, store_path = federation.run("other-version", cfg, app, succeed=False)  # no node accepts the task
+    fg = federation.fedguard_run(run_id)
     with RunStore(store_path) as store:
-        rounds = store.rounds(1)
-        clients = store.client_rounds(1)
+        rounds = store.rounds(fg)
+        clients = store.client_rounds(fg)
     assert rounds and all(r["accepted"] == 0 and r["aggregated"] == 0 for r in rounds)
     assert all(c["status"] != "accepted" for c in clients)
     assert all("refused the app bundle" in c["reason"] and "9.9.9" in c["reason"] for c in clients if c["reason"])

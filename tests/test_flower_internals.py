@@ -382,6 +382,156 @@ def test_flower_supernode_entry_point_takes_every_option_fedguard_passes(tmp_pat
     assert "process" in proc.stdout  # --isolation process
 
 
+# --- The SuperLink boundary: Control API secret, SuperExec task tokens in files ---------------------
+
+CONTROL = "c0ffee" * 11  # 66 hex characters
+
+
+def test_cli_credentials_are_what_flowers_cli_reads(tmp_path: Path) -> None:
+    import json
+
+    from flwr.cli import constant as cli
+    from flwr.supercore.credential_store.file_credential_store import FileCredentialStore
+
+    address = "localhost:9093"
+    path = tmp_path / fi.CLI_CREDENTIALS_FILE
+    path.write_text(json.dumps(fi.cli_credentials(address, CONTROL)), encoding="utf-8")  # YAML is a JSON superset
+    store = FileCredentialStore(path)
+    assert store.get(cli.AUTHN_TYPE_STORE_KEY % address) == b"oidc"
+    assert store.get(cli.ACCESS_TOKEN_STORE_KEY % address) == CONTROL.encode()
+    assert store.get(cli.REFRESH_TOKEN_STORE_KEY % address)  # must be non-empty
+
+
+def test_shared_secret_plugin_accepts_only_the_secret() -> None:
+    from flwr.common.constant import ACCESS_TOKEN_KEY
+    from flwr.superlink.auth_plugin import ControlAuthnPlugin
+
+    plugin = fi.shared_secret_authn_plugin(CONTROL)
+    assert isinstance(plugin, ControlAuthnPlugin)
+    ok, account = plugin.validate_tokens_in_metadata([(ACCESS_TOKEN_KEY, CONTROL)])
+    assert ok and account is not None
+    for metadata in ([], [(ACCESS_TOKEN_KEY, "")], [(ACCESS_TOKEN_KEY, CONTROL[:-1] + "0")], [("other", CONTROL)]):
+        assert plugin.validate_tokens_in_metadata(metadata) == (False, None)
+    assert plugin.get_login_details() is None and plugin.get_auth_tokens("code") is None
+    assert plugin.refresh_tokens([(ACCESS_TOKEN_KEY, CONTROL)])[1] is None
+    with pytest.raises(ValueError, match="at least"):
+        fi.shared_secret_authn_plugin("short")
+
+
+def test_flower_superlink_takes_its_control_authn_plugin_from_the_patched_name() -> None:
+    import importlib
+
+    fsl = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    assert callable(fsl.load_control_authn_plugin) and callable(fsl.flower_superlink)
+    assert "load_control_authn_plugin()" in inspect.getsource(fsl._parse_superlink_lifespan_config)
+
+
+def test_every_control_and_runtime_route_refuses_calls_without_the_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's own FastAPI app, with FedGuard's plugin and a SuperExec secret (what process isolation sets)."""
+    from fastapi.testclient import TestClient
+    from flwr.superlink import main as superlink_main
+
+    monkeypatch.setattr(superlink_main, "load_control_authn_plugin", lambda: fi.shared_secret_authn_plugin(CONTROL))
+    app = superlink_main.create_app()
+    app.state.superexec_auth_secret = SECRET
+    client = TestClient(app)
+    headers = {"content-type": "application/protobuf", "accept": "application/protobuf"}
+    answered: dict[str, int] = {}
+    for path in sorted(app.openapi()["paths"]):
+        if path.startswith(("/v1/control/", "/v1/runtime/")):
+            answered[path] = client.post(path, content=b"", headers=headers).status_code
+    login_only = {"/v1/control/get-login-details", "/v1/control/get-auth-tokens"}  # answer "no login here"
+    assert {"/v1/control/list-runs", "/v1/control/start-run", "/v1/runtime/acquire-task"} <= set(answered)
+    assert {p: c for p, c in answered.items() if c != 401 and p not in login_only} == {}
+    wrong = {**headers, "Authorization": "Bearer " + "0" * 66}
+    assert client.post("/v1/control/list-runs", content=b"", headers=wrong).status_code == 401
+
+
+def test_superexec_hands_the_task_token_over_in_a_private_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import stat
+
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import subprocess_executor
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    monkeypatch.setattr(SubprocessExecutor, "launch", SubprocessExecutor.launch)  # restored afterwards
+    token_dir = tmp_path / "tasks"
+    token_dir.mkdir(mode=0o700)
+    fi.pass_task_tokens_in_files(str(token_dir))
+    started: list[list[str]] = []
+    exited = threading.Event()
+
+    class Child:
+        def __init__(self, args: list[str], **_: Any) -> None:
+            started.append(args)
+
+        def wait(self) -> int:
+            exited.wait(30)
+            return 0
+
+    monkeypatch.setattr(subprocess_executor.subprocess, "Popen", Child)
+    token = "ab" * 32
+    spec = ExecutionSpec(
+        task_type=TaskType.SERVER_APP,
+        runtime_api_address="127.0.0.1:1",
+        token=token,
+        insecure=False,
+        root_certificates_path="/ca.crt",
+        runtime_dependency_install=False,
+        parent_pid=123,
+        suppress_output=True,
+        task_id=1,
+    )
+    assert SubprocessExecutor().launch(spec).status == "accepted"
+    (args,) = started
+    assert args[0] == "flwr-serverapp" and token not in " ".join(args) and "--token" not in args
+    token_file = Path(args[args.index("--token-file") + 1])
+    assert token_file.parent == token_dir and token_file.read_text(encoding="utf-8") == token
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert args[args.index("--root-certificates") + 1] == "/ca.crt" and "123" in args
+    exited.set()
+    deadline = time.monotonic() + 10
+    while token_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not token_file.exists()  # deleted once the ServerApp exits
+
+
+def test_superlink_and_superexec_entry_points_take_every_option_fedguard_passes(tmp_path: Path) -> None:
+    """``python -m server.superlink_launch superlink|superexec --help``: the patches, then Flower's parsers."""
+    import os
+
+    from server.superlink import SuperLink, TlsFiles
+
+    secret = tmp_path / "control.secret"
+    secret.write_text(CONTROL, encoding="utf-8")
+    os.chmod(secret, 0o600)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir(mode=0o700)
+    link = SuperLink(tmp_path, TlsFiles(tmp_path / "ca.crt", tmp_path / "s.crt", tmp_path / "s.key"), port=1)
+    paths = {"FEDGUARD_CONTROL_SECRET_FILE": str(secret), "FEDGUARD_TASK_TOKEN_DIR": str(tasks)}
+    env = flwr_env(tmp_path / "flwr-home", paths)
+    for command in (link.command(), link.superexec_command(1)):
+        which = command.index("server.superlink_launch") + 2
+        proc = subprocess.run(
+            [*command[:which], "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for option in (arg for arg in command[which:] if arg.startswith("--") and arg != "--superexec-address"):
+            assert option in proc.stdout, f"{command[which - 1]} no longer takes {option}"
+    loose = subprocess.run(
+        [*link.command()[:5], "--help"],
+        cwd=ROOT,
+        env={**env, "FEDGUARD_CONTROL_SECRET_FILE": str(tmp_path / "missing")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert loose.returncode != 0 and "not readable" in loose.stderr
+
+
 # --- Nothing else touches Flower internals --------------------------------------------------------
 
 #: Flower's documented app API; everything else goes through common/flower_internals.py.
@@ -407,3 +557,17 @@ def test_no_product_module_outside_the_adapter_imports_flower_internals() -> Non
                     if name.split(".")[0] == "flwr" and not public:
                         offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
     assert not offenders, "Flower internals outside common/flower_internals.py:\n" + "\n".join(offenders)
+
+
+def test_the_node_table_layout_server_start_reads_and_edits() -> None:
+    """Flower 1.42's node rows: (node_id, status, public_key), unregistered rows kept with that status.
+
+    The whole path (a key unregistered behind FedGuard's back, released and registered again) runs
+    against a real SuperLink in tests/test_enrollment.py.
+    """
+    from flwr.supercore.constant import NodeStatus
+    from flwr.supercore.state.schema.linkstate_models import Node
+
+    columns = set(Node.__table__.columns.keys())
+    assert Node.__tablename__ == "node" and {"node_id", "status", "public_key"} <= columns
+    assert NodeStatus.UNREGISTERED == fi.NODE_UNREGISTERED

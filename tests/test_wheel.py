@@ -123,8 +123,9 @@ def test_the_app_bundle_is_built_from_the_installed_packages(tmp_path: Path) -> 
 
     staged = stage_app(None, tmp_path)
     config = (staged / "pyproject.toml").read_text(encoding="utf-8")
-    for key in ("config-path", "store-path", "resume-run-id", "evaluator-key", "run-signature"):
+    for key in ("config-json", "resume-run-id", "evaluator-key", "run-signature"):
         assert f"{key} = " in config, f"the bundle does not declare run-config key {key}"
+    assert "store-path" not in config and "config-path" not in config  # no run chooses a server-side path
     assert (staged / "server" / "app.py").is_file() and (staged / "client" / "app.py").is_file()
     assert not list(staged.rglob("__pycache__"))
     # The nodes' executor accepts exactly their installed FedGuard: the bundle must name it.
@@ -332,6 +333,7 @@ def test_the_installed_gateway_renders_its_config(installed: dict, kits: Path) -
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_run_start_ships_the_installed_app_to_a_live_server(installed: dict, kits: Path) -> None:
+    from common.kit import fingerprint_cert
     from common.processes import free_port
 
     cwd = installed["cwd"]
@@ -348,6 +350,8 @@ def test_run_start_ships_the_installed_app_to_a_live_server(installed: dict, kit
             "srv",
             "--port",
             str(port),
+            "--ca-fingerprint",
+            fingerprint_cert(kits / "server" / "ca.crt"),
         ],
         cwd=cwd,
         env=installed["env"],
