@@ -101,7 +101,7 @@ def sends_resource_figures(policy: NodePolicy | None) -> bool:
 def load_policy(path: str | Path) -> NodePolicy:
     """Read and validate a ``policy.toml``; every problem is a ``PolicyError`` naming the file and field."""
     p = Path(path)
-    fix = "see the 'Node policy' section of the README (`fedguard client inspect` prints an example)"
+    fix = "see 'node policy' in docs/privacy.md (`fedguard client inspect` prints an example)"
     if not p.is_file():
         raise PolicyError("policy file not found", where=str(p), fix="pass the path of an existing policy.toml")
     try:

@@ -140,5 +140,5 @@ def load_schema(path: str | Path) -> DataSchema:
     except ValidationError as exc:
         raise ConfigError(
             "invalid data schema:\n" + format_validation_error(exc, str(p)),
-            fix="see the 'Data schema' section of the README",
+            fix="see 'Data schema' in docs/configuration.md",
         ) from None

@@ -96,13 +96,13 @@ def _lost_reason(reply: Message, dst_node: int) -> str | None:
 
     The SuperLink answers for a node whose heartbeats stopped (``NODE_UNAVAILABLE``, e.g. a SIGKILLed
     SuperNode) and for a message that outlived its TTL; either way the node went away, which the
-    README calls ``dropped`` — not ``failed``, which is for a node that answered with an error.
+    docs call ``dropped`` — not ``failed``, which is for a node that answered with an error.
     """
     if not reply.has_error():
         return None
     code = reply.error.code
     if code in _EXPIRED:
-        return "the message expired before the node replied"
+        return ""  # the message outlived its TTL (the round's timeout): the caller's "no reply within Ns"
     if code == ErrorCode.NODE_UNAVAILABLE or int(reply.metadata.src_node_id) != int(dst_node):
         return f"the node went offline (SuperLink: {reply.error.reason or 'node unavailable'})"
     return None

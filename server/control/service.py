@@ -54,7 +54,7 @@ def _as(cls: type[ControlError], exc: FedGuardError) -> ControlError:
 
 _TOO_DEEP = (
     "config_toml is nested too deeply to read (a run config has a few levels of tables, not thousands)",
-    "see the 'Run configuration' section of the README",
+    "see 'Run configuration' in docs/configuration.md",
 )
 
 

@@ -144,7 +144,7 @@ class PlaintextRounds(RoundProtocol):
     @property
     def _bounded(self) -> bool:
         server = self.cfg.server
-        on = server.norm_bound_factor is not None or server.weight_cap_factor is not None
+        on = bool(server.norm_bound_factor or server.weight_cap_factor)
         return on and not self.cfg.central_dp.enabled
 
     def _settle(self) -> None:
@@ -155,12 +155,9 @@ class PlaintextRounds(RoundProtocol):
             server = self.cfg.server
             norms, weights = [n for _, n in self._held], [o.weight or 0.0 for o, _ in self._held]
             median_norm, median_weight = lower_median(norms), lower_median(weights)
-            nf, wf = server.norm_bound_factor, server.weight_cap_factor
+            nf, wf = server.norm_bound_factor, server.weight_cap_factor  # 0: off
             self._bounds = Bounds(
-                median_norm,
-                median_weight,
-                nf * median_norm if nf is not None else None,
-                wf * median_weight if wf is not None else None,
+                median_norm, median_weight, nf * median_norm if nf else None, wf * median_weight if wf else None
             )
         held, self._held = self._held, []
         for o, norm in held:
