@@ -171,6 +171,13 @@ def enroll(workdir: Path, kit: Any, superlink: Any) -> None:
     write_enrolled(workdir, [Enrolled(n.name, n.role, n.fingerprint) for n, _, _ in result.registered])
 
 
+def _audit_ready(workdir: Path) -> None:
+    """Refuse to act on the SuperLink when the action could not be audited (a wiped or truncated log)."""
+    from server.control.audit import AuditLog
+
+    AuditLog(workdir).check_appendable()
+
+
 def _audit(workdir: Path, action: str, target: str, outcome: str) -> None:
     """An audit entry for a server-side change made outside the control service (same format as the CLI's)."""
     from fedguard.control_cli import _record
@@ -302,17 +309,25 @@ def _submit(args: argparse.Namespace, config: Path | None, config_json: str, wha
     kit = verify_kit(state["kit"], state.get("ca_fingerprint"))  # pinned as `server start` pinned it
     evaluator = next((n.fingerprint for n in kit.nodes if n.role == "evaluator"), "")
     address, ca, home = state["address"], Path(state["ca_cert"]), Path(state["flwr_home"])
-    run_id = start_run(
-        address,
-        ca,
-        None,  # ship the installed FedGuard
-        config,
-        store,
-        home,
-        resume_run_id=resume_run_id,
-        evaluator_key=evaluator,
-        run_signature=token,
-    )
+    action = "run.resume" if resume_run_id else "run.start"
+    _audit_ready(Path(args.server_workdir))
+    try:
+        run_id = start_run(
+            address,
+            ca,
+            None,  # ship the installed FedGuard
+            config,
+            store,
+            home,
+            resume_run_id=resume_run_id,
+            evaluator_key=evaluator,
+            run_signature=token,
+        )
+    except FedGuardError as exc:
+        _audit(Path(args.server_workdir), action, what, f"failed: {exc.what}")
+        raise
+    # The CLI acts on the SuperLink as the control service does: every start is in the audit log.
+    _audit(Path(args.server_workdir), action, what, f"ok: Flower run {run_id}")
     print(f"submitted {what} as Flower run {run_id}; run store {store}", flush=True)
     if not args.follow:
         return 0
@@ -430,7 +445,13 @@ def cmd_run_stop(args: argparse.Namespace) -> int:
     from server.runs import stop_run
 
     state = _server_state(args.server_workdir)
-    stop_run(args.run_id, state["address"], Path(state["ca_cert"]), Path(state["flwr_home"]))
+    _audit_ready(Path(args.server_workdir))
+    try:
+        stop_run(args.run_id, state["address"], Path(state["ca_cert"]), Path(state["flwr_home"]))
+    except FedGuardError as exc:
+        _audit(Path(args.server_workdir), "run.stop", f"Flower run {args.run_id}", f"failed: {exc.what}")
+        raise
+    _audit(Path(args.server_workdir), "run.stop", f"Flower run {args.run_id}", "ok")
     print(f"run {args.run_id} stopped")
     return 0
 

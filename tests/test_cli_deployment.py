@@ -197,6 +197,11 @@ def test_a_signed_run_trains_and_is_audited(federation: dict) -> None:
         for cells in counts["group"].values():
             assert json.dumps(cells) not in dump  # no client's (noised) group counts on the server
     assert fed["spread"]["clients"] == 2
+    # The CLI drives the SuperLink only as audited actions, like the control service.
+    from server.control.audit import AuditLog
+
+    started = [e for e in AuditLog(base / "srv").entries() if e.action == "run.start"]
+    assert started and started[0].outcome.startswith("ok: Flower run") and cfg.name in started[0].target
 
 
 def _sent_counts(workdir: Path) -> dict:
