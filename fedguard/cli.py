@@ -18,16 +18,23 @@ from fedguard.provision import add_client_init, add_provision_commands
 
 
 def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
+    from common import records as R
     from server.store import RunStore
 
     with RunStore(store_path) as store:
         run = store.run(run_id)
         evals = store.evaluations(run_id)
         clients = store.client_rounds(run_id)
+        counts = store.count_releases(run_id)
+    # The run's ε per node as the privacy report states it: every release, the fairness counts included.
     eps: dict[int, float] = {}
     for row in clients:
         if row["status"] == "accepted" and row["epsilon"] is not None:
             eps[row["node_id"]] = max(eps.get(row["node_id"], 0.0), row["epsilon"])
+    for row in counts:
+        value = row["values"].get(R.EPSILON) if row["status"] == "accepted" else None
+        if isinstance(value, int | float):
+            eps[int(row["node_id"])] = max(eps.get(int(row["node_id"]), 0.0), float(value))
     final = evals[max(evals)] if evals else {}
     if as_json:
         print(

@@ -74,6 +74,13 @@ data_path = "data.csv"
     assert len(clients) == 4 and all(0 < c["epsilon"] <= 4.0 for c in clients)
     assert sorted(evals) == [0, 1, 2]
     assert "round 2/2" in proc.stdout
+    # One ε per node: the summary states the privacy report's (the fairness counts release included).
+    from server.privacy_report import build_privacy_report
+
+    report = build_privacy_report(summary["store"], summary["run_id"])
+    stated = {c.node_id: c.epsilon_run for c in report.clients}
+    assert {str(n): e for n, e in summary["epsilon_per_node"].items()} == stated
+    assert all(c.count_release is not None for c in report.clients)  # the counts did leave and count
 
 
 @pytest.mark.parametrize(
