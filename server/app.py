@@ -174,7 +174,8 @@ def _play_round(fed: Federation, protocol: RoundProtocol, rnd: int) -> tuple[boo
             + (f" (attempt {attempt})" if attempt > 1 else "")
         )
         needed = fed.needed(len(sampled))
-        outcomes, seconds = _collect(fed, protocol, rnd, messages, outcomes, seconds)
+        collected, intake_seconds = _collect(fed, protocol, rnd, messages)
+        outcomes, seconds = outcomes + collected, seconds + intake_seconds
         result = Aggregate(False)
         if sum(o.status == "accepted" for o in outcomes) >= needed:
             t0 = time.perf_counter()
@@ -198,10 +199,12 @@ def _play_round(fed: Federation, protocol: RoundProtocol, rnd: int) -> tuple[boo
 
 
 def _collect(
-    fed: Federation, protocol: RoundProtocol, rnd: int, messages: list[Message], outcomes: list[Outcome], seconds: float
+    fed: Federation, protocol: RoundProtocol, rnd: int, messages: list[Message]
 ) -> tuple[list[Outcome], float]:
-    """Each reply through the shared envelope, then the protocol, as it arrives (streaming: nothing is kept)."""
-    gate = fed.envelope(messages, rnd)
+    """Each reply through the shared envelope, then the protocol, as it arrives (streaming: nothing is kept);
+    the round's outcomes for ``messages`` and the server's intake seconds."""
+    gate, seconds = fed.envelope(messages, rnd), 0.0
+    outcomes: list[Outcome] = []
 
     def intake(reply: Message) -> None:
         nonlocal seconds

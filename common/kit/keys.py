@@ -114,14 +114,18 @@ def load_node_private_key(
             where=where,
             fix=f"use the node's own key file (-----BEGIN OPENSSH PRIVATE KEY-----); {_KEYGEN_FIX}",
         ) from None
+    _require_p384(key, where, error)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
+
+
+def _require_p384(key: object, where: str, error: type[FedGuardError]) -> None:
     if not _is_p384(key):
         raise error(
             f"node keys must be EC P-384 (ecdsa-sha2-nistp384); this is {describe_key(key)}",
             where=where,
             fix=_KEYGEN_FIX,
         )
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return key
 
 
 def load_node_public_key(
@@ -151,12 +155,7 @@ def load_node_public_key(
             where=where,
             fix="use the node.pub printed by `fedguard client init` (it starts with 'ecdsa-sha2-nistp384 ')",
         ) from None
-    if not _is_p384(key):
-        raise error(
-            f"node keys must be EC P-384 (ecdsa-sha2-nistp384); this is {describe_key(key)}",
-            where=where,
-            fix=_KEYGEN_FIX,
-        )
+    _require_p384(key, where, error)
     assert isinstance(key, ec.EllipticCurvePublicKey)
     return key
 

@@ -16,7 +16,7 @@ DP needs neither: it clips every update and weighs them equally.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -56,7 +56,7 @@ class Bounds:
     weight_cap: float | None
 
     def meta(self) -> dict[str, float | None]:
-        return {k: v for k, v in self.__dict__.items()}
+        return asdict(self)
 
 
 class PlaintextRounds(RoundProtocol):
