@@ -241,6 +241,24 @@ class HomomorphicConfig(_Strict):
     max_aggregate_norm: float = Field(100.0, gt=0)
 
 
+class SecAggConfig(_Strict):
+    """Threshold secure aggregation (SecAgg+, ``secure_aggregation = "secagg"``), pinned by the signed run config.
+
+    Each node masks its quantized update with pairwise masks and a self mask whose seeds are
+    Shamir-shared among the round's sampled nodes; the server learns only the sum.
+    """
+
+    #: t: shares needed to unmask; fewer than t nodes colluding with the server learn nothing about
+    #: an individual update. Unset: ⌈n/2⌉+1 of the round's n sampled nodes (capped at n).
+    threshold: int | None = Field(None, ge=2)
+    #: Each weighted update value is clipped to ±clipping_range before quantization
+    #: (post-processing of the DP output; the clipped fraction is reported on the node).
+    clipping_range: float = Field(8.0, gt=0)
+    #: Quantization levels over [-clipping_range, clipping_range]: the error per value is at most
+    #: clipping_range / (quantization_range - 1) per node before summation.
+    quantization_range: int = Field(2**22, ge=2**8, le=2**30)
+
+
 class RunConfig(_Strict):
     name: str = "fedguard-run"
     #: Drives data splits, model initialisation and client selection — never DP noise.
@@ -257,26 +275,29 @@ class RunConfig(_Strict):
     central_dp: CentralDPConfig = Field(default_factory=CentralDPConfig)
     #: Fairness audit of every round's global model over the schema's sensitive columns.
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
-    #: ``homomorphic``: clients encrypt updates and the server sums ciphertexts (TenSEAL CKKS).
-    secure_aggregation: Literal["none", "homomorphic"] = "none"
+    #: ``homomorphic``: clients encrypt updates and the server sums ciphertexts (TenSEAL CKKS);
+    #: ``secagg``: threshold secure aggregation (SecAgg+): no single party can read an update.
+    secure_aggregation: Literal["none", "homomorphic", "secagg"] = "none"
     homomorphic: HomomorphicConfig = Field(default_factory=HomomorphicConfig)
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.server.aggregation != "fedavg" and self.secure_aggregation == "homomorphic":
+        if self.server.aggregation != "fedavg" and self.secure_aggregation != "none":
             raise ValueError(
                 f"server.aggregation = {self.server.aggregation!r} needs every plaintext update at the server; "
-                'in homomorphic mode the server only sums ciphertexts: use "fedavg"'
+                f"in {self.secure_aggregation} mode the server only learns the sum: use \"fedavg\""
             )
         if self.server.aggregation != "fedavg" and self.central_dp.enabled:
             raise ValueError(
                 "central_dp's noise is calibrated to a mean of clipped updates; a median or trimmed mean has "
                 'a different sensitivity: use server.aggregation = "fedavg" with central_dp'
             )
-        if self.central_dp.enabled and self.secure_aggregation == "homomorphic":
+        if self.central_dp.enabled and self.secure_aggregation != "none":
             raise ValueError(
-                "central_dp needs the server to clip each client's plaintext update, but in homomorphic mode "
-                "the server only sees ciphertexts; the clients' DP-SGD already protects every record: "
+                "central_dp needs the server to clip each client's plaintext update, but in "
+                f"{self.secure_aggregation} mode the server only learns the sum; the clients' DP-SGD already "
+                "protects every record: "
                 'disable central_dp or use secure_aggregation = "none"'
             )
         weights = self.train.class_weights

@@ -93,6 +93,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise FedGuardError(
             "--he needs real nodes: each opens the HE context sealed to its own key", fix="drop --simulate"
         )
+    if args.he and args.secure_agg:
+        raise FedGuardError("--he and --secure-agg are two aggregation modes", fix="choose one of them")
+    if args.secure_agg:
+        cfg = cfg.model_copy(update={"secure_aggregation": "secagg"})
     if args.simulate:
         fresh_demo_ledger(workdir)
         result = simulate(cfg, workdir)
@@ -436,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--he",
         action="store_true",
         help="homomorphic aggregation: clients send CKKS-encrypted updates, the server only sums ciphertexts",
+    )
+    d.add_argument(
+        "--secure-agg",
+        action="store_true",
+        help="threshold secure aggregation (SecAgg+): no single party, server included, can read an update",
     )
     d.add_argument(
         "--serve", action="store_true", help="afterwards keep the dashboard up (HTTPS) and print a reviewer token"

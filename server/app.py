@@ -35,9 +35,8 @@ from common.resources import EnergyModel, Meter
 from server import federated_fairness
 from server.checkpoint import Checkpoint, checkpoint_dir, latest_good
 from server.grid_io import MeteredGrid, Progress, collect_replies, wait_for_nodes
+from server.rounds import PROTOCOLS
 from server.rounds.base import Aggregate, Federation, RoundProtocol
-from server.rounds.homomorphic import HomomorphicRounds
-from server.rounds.plaintext import PlaintextRounds
 from server.store import RunStore
 from server.validation import Outcome
 
@@ -76,10 +75,6 @@ def _run_meta(cfg: RunConfig, simulated: bool) -> dict[str, object]:
 
 class RoundFailed(FedGuardError):
     code = "round-failed"
-
-
-#: One round protocol per ``secure_aggregation`` mode; the next mode is one more file in server/rounds/.
-PROTOCOLS: dict[str, type[RoundProtocol]] = {p.mode: p for p in (PlaintextRounds, HomomorphicRounds)}
 
 
 def run_federation(
