@@ -159,6 +159,20 @@ def _physical_batches(
         yield xb[i : i + size], yb[i : i + size]
 
 
+def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """One DP step on an empty Poisson batch: the clipped sum is zero, so the update is noise alone.
+
+    Poisson sampling sometimes draws no record, most often on a small node. The accountant counts
+    the step as a release, and skipping it would reveal that the batch was empty, so it is taken.
+    Opacus's optimizer handles an empty batch, but the "ew" and "functorch" per-sample modes fail on
+    a zero-row forward pass, so none is run: every parameter gets an empty per-sample gradient.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for p in optimizer.params:  # type: ignore[attr-defined]  # a DPOptimizer
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()
+
+
 def train_local(
     model: nn.Module,
     data: Encoded,
@@ -188,6 +202,7 @@ def train_local(
     guard: DPGuard | None = None
     trained: nn.Module = model
     physical = tc.physical_batch_size
+    noise_only_when_empty = False
     if plan is not None:
         mode = resolve_grad_sample_mode(cfg)
         if physical is not None and mode == "ew":
@@ -215,6 +230,7 @@ def train_local(
             trained, optimizer, criterion, loader = wrapped
         else:
             trained, optimizer, loader = wrapped
+            noise_only_when_empty = True
         # Fail closed: the releases must be exactly the ones the plan was calibrated for.
         actual_q = getattr(loader, "sample_rate", None)
         if (
@@ -261,6 +277,10 @@ def train_local(
                         after_step()
             continue
         for xb, yb in loader:
+            if noise_only_when_empty and len(yb) == 0:
+                _noise_only_step(optimizer)
+                after_step()
+                continue
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             if engine is None and physical is not None and len(yb) > physical:

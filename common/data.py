@@ -407,6 +407,7 @@ def _encode_categorical(series: pd.Series, feat: Feature, source: str) -> np.nda
 def _encode_labels(
     series: pd.Series, schema: DataSchema, source: str, require_two_classes: bool
 ) -> np.ndarray:
+    """Class index of every row; a label outside the schema's classes is an error naming file, column, row."""
     col = schema.label
     values = series.to_numpy(dtype=object)
     _check_missing(series, values, col, "label", source)
@@ -426,8 +427,8 @@ def _encode_labels(
             f"the label column {col!r} has only one class ({schema.classes[present[0]]!r}) in all "
             f"{len(codes)} rows",
             where=f"{source}:{col}",
-            fix="each node needs examples of at least two classes to train a classifier; check that "
-            "the label column is the right one and the file is not a filtered extract",
+            fix="this check asks for examples of at least two classes; check that the label column is "
+            "the right one and the file is not a filtered extract",
         )
     return codes
 
@@ -438,11 +439,13 @@ def encode(
     *,
     max_len: int = 128,
     source: str = "data",
-    require_two_classes: bool = True,
+    require_two_classes: bool = False,
 ) -> Encoded:
     """Encode ``df`` per ``schema`` (rows keep their order; row numbers in errors are 1-based positions).
 
-    ``require_two_classes=False`` allows a one-class file (e.g. a held-out test slice).
+    A file whose rows all carry one class encodes like any other: in federated learning a node often
+    sees one label only (a clinic that sees only negatives) and still contributes to the global model.
+    ``require_two_classes=True`` refuses such a file, for callers that fit a classifier on it alone.
     """
     check_columns(df, schema, source)
     if len(df) == 0:

@@ -16,9 +16,6 @@ from common.data import group_keys
 from common.errors import ConfigError
 from common.schema import DataSchema
 
-#: Dirichlet draws to try before giving up on ``min_size``.
-MAX_DIRICHLET_TRIES = 100
-
 
 def _check_parts(n: int, num_parts: int) -> None:
     if num_parts < 1:
@@ -42,11 +39,17 @@ def iid(n: int, num_parts: int, seed: int) -> list[np.ndarray]:
 def dirichlet(
     labels: Sequence[Any] | np.ndarray, num_parts: int, alpha: float, seed: int, min_size: int = 1
 ) -> list[np.ndarray]:
-    """Label-skewed parts: each class is spread over the parts in Dir(alpha) proportions.
+    """Label-skewed parts by the usual definition: each class is spread over the parts in Dir(alpha) shares.
 
-    Small alpha gives each part few classes, large alpha approaches IID. As in the usual scheme
-    (Hsu et al. 2019; NIID-Bench), a part already holding its fair share n/num_parts gets no more
-    rows, and the whole draw is repeated until every part has ``min_size`` rows.
+    For every class (in sorted label order) one draw ``p ~ Dir(alpha, ..., alpha)`` over the
+    ``num_parts`` parts; the class's rows, shuffled, are cut at the cumulative shares of ``p``. No
+    part is capped, so small ``alpha`` (0.1) leaves most parts with one or two classes and very
+    different sizes, and large ``alpha`` (100) approaches an IID split. ``seed`` fixes the draws:
+    the same labels, parts, alpha and seed always give the same split.
+
+    Every part ends with at least ``min_size`` rows: while a part has fewer, one row (drawn by the
+    same seeded generator) moves to it from the part with the most rows. That changes the draw by
+    the fewest rows possible and never fails when ``min_size * num_parts`` rows exist.
     """
     keys = group_keys(np.asarray(labels, dtype=object))
     n = len(keys)
@@ -61,28 +64,40 @@ def dirichlet(
             fix="use fewer partitions or a smaller min_size",
         )
     _, codes = np.unique(keys, return_inverse=True)
-    by_class = [np.flatnonzero(codes == k) for k in range(int(codes.max()) + 1)]
     rng = np.random.default_rng(seed)
-    fair = n / num_parts
-    for _ in range(MAX_DIRICHLET_TRIES):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_parts)]
-        sizes = np.zeros(num_parts, dtype=np.int64)
-        for idx in by_class:
-            idx = rng.permutation(idx)
-            props = rng.dirichlet(np.full(num_parts, alpha)) * (sizes < fair)
-            total = props.sum()
-            props = props / total if total > 0 else np.full(num_parts, 1.0 / num_parts)
-            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(np.int64)
-            for j, chunk in enumerate(np.split(idx, cuts)):
-                parts[j].append(chunk)
-                sizes[j] += len(chunk)
-        if sizes.min() >= min_size:
-            return [np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.int64) for p in parts]
-    raise ConfigError(
-        f"no Dirichlet split (alpha={alpha}) gave all {num_parts} partitions at least {min_size} rows "
-        f"in {MAX_DIRICHLET_TRIES} tries",
-        fix="use a larger alpha, fewer partitions, or a smaller min_size",
-    )
+    chunks: list[list[np.ndarray]] = [[] for _ in range(num_parts)]
+    for k in range(int(codes.max()) + 1):
+        idx = rng.permutation(np.flatnonzero(codes == k))
+        shares = rng.dirichlet(np.full(num_parts, float(alpha)))
+        cuts = np.round(np.cumsum(shares)[:-1] * len(idx)).astype(np.int64)
+        for j, chunk in enumerate(np.split(idx, cuts)):
+            chunks[j].append(chunk)
+    parts = [list(np.concatenate(c)) for c in chunks]
+    sizes = [len(p) for p in parts]
+    while min(sizes) < min_size:
+        short, donor = int(np.argmin(sizes)), int(np.argmax(sizes))
+        parts[short].append(parts[donor].pop(int(rng.integers(sizes[donor]))))
+        sizes[short], sizes[donor] = sizes[short] + 1, sizes[donor] - 1
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def label_shares(labels: Sequence[Any] | np.ndarray | pd.Series, classes: Sequence[str]) -> dict[str, float]:
+    """Share of each declared class among ``labels`` (1, 1.0 and "1" count as class "1")."""
+    keys = group_keys(labels if isinstance(labels, pd.Series) else np.asarray(labels, dtype=object))
+    total = max(len(keys), 1)
+    return {c: float(np.count_nonzero(keys == c)) / total for c in classes}
+
+
+def describe_parts(parts: Sequence[pd.DataFrame], label: str, classes: Sequence[str]) -> list[str]:
+    """One line per simulated node: its name, rows and label shares (what that node will train on)."""
+    lines = []
+    for i, part in enumerate(parts):
+        shares = label_shares(part[label], classes)
+        shown = ", ".join(f"{c} {share:.0%}" for c, share in shares.items())
+        present = sum(share > 0 for share in shares.values())
+        note = " (one class only)" if present == 1 else ""
+        lines.append(f"  node-{i}: {len(part)} rows; labels {shown}{note}")
+    return lines
 
 
 def by_column(

@@ -129,8 +129,11 @@ def plan_dp(
     the target. ``noise_multiplier``: σ this node already calibrated for the same run and size;
     it skips the (≈1 s) search on later rounds. The δ and schedule checks still run.
     """
-    if n_train < 2:
-        raise PrivacyPlanError(f"only {n_train} training record(s) on this node", fix="DP-SGD needs a real dataset")
+    if n_train < 1:  # one record is a dataset too (a tiny clinic): DP-SGD's guarantee holds at any n ≥ 1
+        raise PrivacyPlanError(
+            "no training records on this node (all rows went to the validation split, or none were valid)",
+            fix="add rows, or lower data.validation_fraction",
+        )
     max_delta = 1 / (10 * n_train)
     if dp.delta > max_delta:
         raise PrivacyPlanError(

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.data import read_table, split_indices
 from common.errors import ConfigError
-from common.partition import partition_frame
+from common.partition import describe_parts, partition_frame
 from server.app import Progress, RunResult, make_server_app
 from server.checkpoint import Checkpoint
 from server.planning import NodePlan, plan_federation
@@ -56,6 +56,8 @@ def prepare_partitions(cfg: RunConfig, workdir: Path, progress: Progress) -> Run
         part.to_parquet(sim_dir / f"partition-{i}.parquet", index=False)
     sizes = ", ".join(str(len(p)) for p in parts)
     progress(f"split {len(df)} rows into {len(parts)} {cfg.simulation.partitioner} partitions ({sizes} rows)")
+    for line in describe_parts(parts, schema.label, schema.classes):
+        progress(line)
     return cfg.model_copy(update={"data": data})
 
 

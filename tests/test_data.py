@@ -293,13 +293,38 @@ def test_label_not_in_classes() -> None:
     assert "classes" in exc.value.fix
 
 
-def test_single_class_label() -> None:
+def test_label_not_in_classes_tabular_file(tmp_path: Path) -> None:
+    df = tab_frame()
+    df["y"] = df["y"].astype(object)
+    df.loc[2, "y"] = 7
+    path = write(df, tmp_path / "clinic.csv")
+    with pytest.raises(DataError) as exc:
+        load_encoded(path, TAB, max_len=8)
+    msg = err(exc)
+    assert f"{path}:y:row 3" in msg and "'7'" in msg and "'0', '1'" in msg
+    assert exc.value.code == "data-invalid"
+
+
+@pytest.mark.parametrize("task", ["tabular", "text"])
+def test_single_class_node_encodes(tmp_path: Path, task: str) -> None:
+    """A node that sees one label only (a clinic with only negatives) is a normal federated node."""
+    if task == "tabular":
+        schema, df, only = TAB, tab_frame().assign(y=1), "1"
+    else:
+        schema, df, only = TEXT, text_frame().assign(label="pos"), "pos"
+    path = write(df, tmp_path / "one.csv")
+    enc = load_encoded(path, schema, max_len=8, cache_dir=tmp_path / "cache")
+    assert len(enc) == 4
+    assert enc.y.tolist() == [schema.classes.index(only)] * 4
+    train_idx, val_idx = split_indices(len(enc), 0.25, seed=0)
+    assert len(train_idx) == 3 and len(val_idx) == 1
+
+
+def test_single_class_refused_only_when_asked() -> None:
     df = text_frame().assign(label="pos")
     with pytest.raises(DataError) as exc:
-        encode(df, TEXT, source="one.csv")
+        encode(df, TEXT, source="one.csv", require_two_classes=True)
     assert "one.csv:label" in err(exc) and "only one class ('pos')" in err(exc)
-    assert "at least two classes" in exc.value.fix
-    assert len(encode(df, TEXT, require_two_classes=False)) == 4
 
 
 # ------------------------------------------------------------------------------ split

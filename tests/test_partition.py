@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from common.errors import ConfigError
-from common.partition import by_column, dirichlet, iid, partition_frame
+from common.partition import by_column, describe_parts, dirichlet, iid, label_shares, partition_frame
 from common.schema import DataSchema
 
 SCHEMA = DataSchema(task="text", text_column="text", label="label", classes=["0", "1", "2", "3"])
@@ -42,7 +42,29 @@ def test_dirichlet_partition_properties() -> None:
     assert same(parts, dirichlet(y, 8, alpha=0.5, seed=3))
     assert not same(parts, dirichlet(y, 8, alpha=0.5, seed=4))
     big = dirichlet(y, 8, alpha=0.5, seed=3, min_size=50)
+    assert_partition(big, len(y))
     assert min(len(p) for p in big) >= 50
+
+
+def class_shares(y: np.ndarray, parts: list[np.ndarray], k: int = 4) -> np.ndarray:
+    """shares[c, j]: the fraction of class c's rows that part j holds."""
+    counts = np.stack([np.bincount(y[p], minlength=k) for p in parts], axis=1)
+    return counts / counts.sum(axis=1, keepdims=True)
+
+
+def test_dirichlet_splits_each_class_in_dirichlet_shares() -> None:
+    """Per class, the parts' shares follow Dir(alpha): mean 1/K, variance (1/K)(1-1/K)/(K·alpha+1)."""
+    y = labels(40_000)
+    for alpha in (0.1, 1.0, 10.0):
+        k_parts = 5
+        shares = np.concatenate([class_shares(y, dirichlet(y, k_parts, alpha, seed=s)) for s in range(40)])
+        m = 1 / k_parts
+        expected_var = m * (1 - m) / (k_parts * alpha + 1)
+        assert abs(shares.mean() - m) < 1e-9  # every row placed
+        assert shares.var() == pytest.approx(expected_var, rel=0.25), alpha
+    # No cap on a part's size: with small alpha sizes differ wildly (a capped scheme keeps them near n/K).
+    sizes = [len(p) for p in dirichlet(y, 5, 0.1, seed=0)]
+    assert max(sizes) > 2 * len(y) / 5
 
 
 def mean_max_share(y: np.ndarray, parts: list[np.ndarray]) -> float:
@@ -56,6 +78,17 @@ def test_dirichlet_small_alpha_is_more_skewed() -> None:
     assert skewed > 0.6 and flat < 0.35 and skewed > flat + 0.3
 
 
+def test_dirichlet_empty_part_gets_a_row_from_the_largest() -> None:
+    y = labels(2000)
+    # alpha 0.01 over 20 parts leaves many parts empty in the raw draw; each gets rows moved to it.
+    parts = dirichlet(y, 20, 0.01, seed=0, min_size=5)
+    assert_partition(parts, len(y))
+    assert min(len(p) for p in parts) == 5
+    assert same(parts, dirichlet(y, 20, 0.01, seed=0, min_size=5))
+    ones = dirichlet(y[:25], 25, 0.05, seed=1)
+    assert sorted(len(p) for p in ones) == [1] * 25
+
+
 def test_dirichlet_string_labels_and_errors() -> None:
     y = np.array(["a", "b"] * 50, dtype=object)
     assert_partition(dirichlet(y, 4, 1.0, seed=0), 100)
@@ -63,8 +96,21 @@ def test_dirichlet_string_labels_and_errors() -> None:
         dirichlet(y, 4, 0.0, seed=0)
     with pytest.raises(ConfigError, match="at least 30"):
         dirichlet(y, 4, 1.0, seed=0, min_size=30)
-    with pytest.raises(ConfigError, match="in 100 tries"):
-        dirichlet(y, 20, 0.01, seed=0, min_size=5)
+    with pytest.raises(ConfigError, match="more partitions than rows"):
+        dirichlet(y, 101, 1.0, seed=0)
+
+
+def test_describe_parts_shows_rows_and_label_shares() -> None:
+    parts = [
+        pd.DataFrame({"label": [1, 1, 1, 1]}),
+        pd.DataFrame({"label": ["0", "1", "1", "3"]}),
+    ]
+    lines = describe_parts(parts, "label", ["0", "1", "2", "3"])
+    assert lines == [
+        "  node-0: 4 rows; labels 0 0%, 1 100%, 2 0%, 3 0% (one class only)",
+        "  node-1: 4 rows; labels 0 25%, 1 50%, 2 0%, 3 25%",
+    ]
+    assert label_shares(np.array([1.0, "1", 0], dtype=object), ["0", "1"]) == pytest.approx({"0": 1 / 3, "1": 2 / 3})
 
 
 def test_by_column() -> None:

@@ -1,0 +1,146 @@
+"""`fedguard schema draft`: a reviewable schema drafted from the owner's own file, that nodes accept."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+from common.data import load_encoded
+from common.errors import ConfigError, DataError
+from common.schema import load_schema
+from fedguard.schema_draft import add_parser, draft_schema, outward_range, render
+from tests.helpers import make_tabular
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fedguard")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def clinic(tmp_path: Path) -> Path:
+    df = make_tabular(300, seed=1)
+    df["age"] = [17 + (i * 7) % 74 for i in range(len(df))]  # 17..90
+    df["site"] = ["north", "south", "east"] * 100
+    df["patient"] = [f"P{i:04d}" for i in range(len(df))]
+    path = tmp_path / "clinic.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_tabular_draft_columns_ranges_categories(tmp_path: Path) -> None:
+    draft = draft_schema(clinic(tmp_path), "y", sensitive=["group"])
+    s = draft.schema
+    by_name = {f.name: f for f in s.features}
+    assert list(by_name) == ["a", "b", "c", "age", "site"]  # file order; label, sensitive and the id left out
+    assert s.task == "tabular" and s.label == "y" and s.classes == ["0", "1"] and s.sensitive == ["group"]
+    assert by_name["age"].type == "numeric" and by_name["age"].range == (10.0, 90.0)  # 17..90 rounded outward
+    assert by_name["a"].range is not None and by_name["a"].range[0] < -2 and by_name["a"].range[1] > 2
+    assert by_name["c"].categories == ["x", "y", "z"]
+    assert by_name["site"].categories == ["east", "north", "south"]
+    assert "group" not in by_name and "y" not in by_name
+    assert draft.skipped == ["patient"]
+    assert "300 distinct text values" in draft.notes["patient"][0]
+
+
+def test_draft_loads_as_node_schema_and_in_a_run_config(tmp_path: Path) -> None:
+    data = clinic(tmp_path)
+    out = tmp_path / "schema.toml"
+    assert cli(["schema", "draft", "--data", str(data), "--label", "y", "--sensitive", "group", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "on the owner's machine" in text and "nothing leaves the node" in text and "Review it" in text
+    schema = load_schema(out)  # a node's --schema file
+    assert schema == draft_schema(data, "y", sensitive=["group"]).schema
+    enc = load_encoded(data, schema)  # the node's own data checks accept its drafted schema
+    assert len(enc) == 300 and set(enc.groups) == {"group"}
+    run = tmp_path / "run.toml"
+    run.write_text(
+        f'name = "drafted"\nrounds = 1\n[model]\nname = "ft-transformer"\n[simulation]\ndata_path = "clinic.csv"\n'
+        f"[data]\nvalidation_fraction = 0.2\n[data.schema]\n{text}",
+        encoding="utf-8",
+    )
+    cfg = load_config(run)
+    assert cfg.data.schema_ == schema
+    with pytest.raises(ConfigError, match="already exists"):
+        cli(["schema", "draft", "--data", str(data), "--label", "y", "--out", str(out)])
+    assert cli(["schema", "draft", "--data", str(data), "--label", "y", "--out", str(out), "--force"]) == 0
+    assert load_schema(out).sensitive == []
+
+
+def test_text_draft_from_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"review": t, "stars": s, "lang": lang} for t, s, lang in [
+        ("这个产品很好", "pos", "zh"), ("bad", "neg", "en"), ("NA", "neg", "en"), ("great stuff", "pos", "en"),
+    ]]  # fmt: skip
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    argv = ["schema", "draft", "--data", str(path), "--label", "stars", "--text", "review", "--sensitive", "lang"]
+    assert cli(argv) == 0
+    text = capsys.readouterr().out
+    raw = tomllib.loads(text)
+    assert raw == {
+        "task": "text", "text_column": "review", "label": "stars", "classes": ["neg", "pos"], "sensitive": ["lang"],
+    }  # fmt: skip
+    schema = draft_schema(path, "stars", text="review", sensitive=["lang"]).schema
+    assert len(load_encoded(path, schema, max_len=16)) == 4
+
+
+def test_single_class_file_needs_declared_classes(tmp_path: Path) -> None:
+    """A clinic that sees only negatives cannot know the other classes: the draft asks, then works."""
+    df = make_tabular(50).assign(y=0)
+    path = tmp_path / "negatives.csv"
+    df.to_csv(path, index=False)
+    with pytest.raises(DataError) as exc:
+        draft_schema(path, "y")
+    assert "holds '0' only" in str(exc.value) and "--classes" in (exc.value.fix or "")
+    schema = draft_schema(path, "y", classes=["0", "1"]).schema
+    assert schema.classes == ["0", "1"]
+    assert load_encoded(path, schema).y.unique().tolist() == [0]
+    with pytest.raises(DataError, match=r"label value\(s\) \['0'\] in the file are not among --classes"):
+        draft_schema(path, "y", classes=["yes", "no"])
+
+
+def test_notes_for_values_nodes_would_refuse(tmp_path: Path) -> None:
+    df = make_tabular(40)
+    df.loc[[3, 7], "b"] = None
+    df["const"] = 5
+    df.loc[1, "y"] = None
+    path = tmp_path / "gaps.csv"
+    df.to_csv(path, index=False)
+    draft = draft_schema(path, "y", exclude=["group"])
+    assert "2 missing value(s)" in draft.notes["b"][0]
+    assert "1 row(s) without a label" in draft.notes["y"][0]
+    assert "one value only" in draft.notes["const"][0]
+    assert "group" not in {f.name for f in draft.schema.features}
+    text = render(draft)
+    assert "# b: 2 missing value(s)" in text and "# y: 1 row(s) without a label" in text
+    assert tomllib.loads(text)["features"][3] == {"name": "const", "type": "numeric", "range": [4.0, 6.0]}
+
+
+def test_clear_errors_for_missing_file_and_columns(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data file not found"):
+        draft_schema(tmp_path / "nope.csv", "y")
+    path = tmp_path / "d.csv"
+    make_tabular(20).to_csv(path, index=False)
+    with pytest.raises(DataError) as exc:
+        draft_schema(path, "Y")
+    assert "missing required column(s) 'Y'" in str(exc.value) and "'Y' -> 'y'" in (exc.value.fix or "")
+    with pytest.raises(DataError, match="'sex'"):
+        draft_schema(path, "y", sensitive=["sex"])
+    with pytest.raises(DataError, match="'ID'"):
+        draft_schema(path, "y", exclude=["ID"])
+    with pytest.raises(DataError, match="no feature columns are left"):
+        draft_schema(path, "y", sensitive=["group"], exclude=["a", "b", "c"])
+
+
+def test_outward_range_is_round_and_covers_the_data() -> None:
+    assert outward_range(17, 90) == (10.0, 90.0)
+    assert outward_range(0.1, 0.35) == (0.1, 0.4)
+    assert outward_range(-3.2, 2.9) == (-4.0, 3.0)
+    assert outward_range(0, 0) == (-1.0, 1.0)
+    assert outward_range(5, 5) == (4.0, 6.0)
