@@ -19,6 +19,7 @@ from typing import Any
 from common.errors import ConfigError, FedGuardError
 from fedguard.cli_guards import add_ca_pin_args, ca_pin, nonnegative_float, positive_float, positive_int, probability
 from fedguard.he_cli import add_command as add_he_keygen
+from fedguard.tracking import add_mlflow_argument
 
 _STATE = "server.json"  # written by `server start` in its workdir; read by `run ...` and `node revoke`
 
@@ -334,13 +335,19 @@ def _submit(args: argparse.Namespace, config: Path | None, config_json: str, wha
     status = wait_for_run(run_id, address, ca, home, timeout=args.timeout)
     print(run_logs(run_id, address, ca, home))
     print(f"run {run_id}: {status.status}")
+    if status.succeeded and getattr(args, "mlflow_uri", None):
+        from fedguard.tracking import log_after_run, store_run_id
+
+        log_after_run(args, store, store_run_id(store, run_id))
     return 0 if status.succeeded else 1
 
 
 def cmd_run_start(args: argparse.Namespace) -> int:
     from common.config import load_config
+    from fedguard.tracking import checked_args
 
     cfg = load_config(args.config)  # refuse a bad config before anything is submitted
+    checked_args(args)  # --mlflow-uri: MLflow installed, the store usable and --follow given, before submitting
     return _submit(args, Path(args.config), cfg.to_json(), f"signed run {cfg.name!r}")
 
 
@@ -560,6 +567,7 @@ def add_commands(
     rs.add_argument("--follow", action="store_true", help="wait for the run and print its log")
     rs.add_argument("--timeout", type=float, default=3600.0)
     add_signing_args(rs)
+    add_mlflow_argument(rs)
     rs.set_defaults(func=cmd_run_start)
     sg = run_sub.add_parser("sign", help="sign a run config with the run-signing key (the admin, offline)")
     sg.add_argument("--config", required=True)

@@ -8,6 +8,11 @@ must agree with the run's on every field that shapes the model; its sensitive co
 and the same ``evaluate_and_audit`` the evaluator node runs computes metrics and the audit. The
 fairness report has one "round": the checkpoint's.
 
+``--predictions FILE.csv`` also writes every row's prediction (row number in the data file, label,
+score, prediction, sensitive attributes), so a reviewer can recompute the metrics and the audit
+with their own tools (fairlearn, scikit-learn, R). The file holds per-row sensitive values: it is
+as private as the data file and stays where the data is.
+
 The evaluation helpers run on the CPU (``common.evaluation.predict`` returns CPU arrays and takes no
 device), so this command does too.
 """
@@ -27,7 +32,11 @@ from common.errors import ConfigError, FedGuardError
 from common.files import atomic_write
 
 if TYPE_CHECKING:  # imported where used: `fedguard --help` stays fast
+    import numpy as np
+    import pandas as pd
+
     from common.config import RunConfig
+    from common.data import Encoded
     from common.schema import DataSchema
     from server.checkpoint import Checkpoint
     from server.fairness_report import FairnessReport
@@ -57,6 +66,8 @@ class Evaluation:
     data_path: Path
     #: Why there is no fairness report (None when there is one).
     no_audit_reason: str | None = None
+    #: One row per evaluated row (see :func:`predictions_frame`); None unless asked for.
+    predictions: pd.DataFrame | None = None
 
 
 # -- finding the run config ------------------------------------------------------------------
@@ -226,12 +237,15 @@ def run_evaluation(
     *,
     store_path: Path | None = None,
     progress: Progress = _stderr,
+    with_predictions: bool = False,
 ) -> Evaluation:
     """Load, check and evaluate a checkpoint; see the module docstring."""
+    import numpy as np
+
     from common.codec import load_numpy_state
     from common.config import load_config
-    from common.data import load_encoded
-    from common.evaluation import evaluate_and_audit, provenance
+    from common.data import encode, read_table, unit_cap_mask
+    from common.evaluation import evaluate_and_audit, predict, provenance
     from common.models import build_model, model_max_len
     from common.schema import load_schema
     from server.fairness_report import build_fairness_report
@@ -254,9 +268,17 @@ def run_evaluation(
     progress(f"checkpoint {ckpt_path}: run {ckpt.run_id} ({cfg.name}), round {ckpt.round}; config from {source}")
 
     progress(f"loading {data_path} ...")
-    data = load_encoded(data_path, schema, max_len=model_max_len(cfg.model.name, cfg.model.params), cache_dir=None)
+    table = read_table(data_path, schema)
+    data = encode(table, schema, max_len=model_max_len(cfg.model.name, cfg.model.params), source=str(data_path))
     progress(f"evaluating on {len(data)} rows ...")
     metrics, audit = evaluate_and_audit(model, data, cfg.fairness)
+    predictions = None
+    if with_predictions:
+        # Rows the privacy-unit cap left out are not evaluated; the rest keep their file position.
+        kept = unit_cap_mask(table[schema.privacy_unit], schema, str(data_path)) if schema.privacy_unit else None
+        rows = np.flatnonzero(kept) + 1 if kept is not None else np.arange(1, len(table) + 1)
+        # the same model on the same rows and batches on the CPU: the probabilities the audit scored
+        predictions = predictions_frame(predict(model, data)[0], data, schema, rows)
 
     report, reason = None, None
     if audit is not None:
@@ -267,7 +289,7 @@ def run_evaluation(
         reason = f"the task has {schema.num_classes} classes; the fairness audit is for binary tasks"
     else:
         reason = "the schema declares no sensitive columns"
-    return Evaluation(metrics, report, ckpt, cfg, source, data_path, reason)
+    return Evaluation(metrics, report, ckpt, cfg, source, data_path, reason, predictions)
 
 
 def evaluate_checkpoint(
@@ -282,6 +304,32 @@ def evaluate_checkpoint(
     """Metrics of a saved global model on ``data_path``, and its fairness report (None without an audit)."""
     ev = run_evaluation(model_path, data_path, schema_path, config_path, store_path=store_path, progress=progress)
     return ev.metrics, ev.report
+
+
+def predictions_frame(probs: np.ndarray, data: Encoded, schema: DataSchema, rows: np.ndarray) -> pd.DataFrame:
+    """One row per evaluated row: ``row``, ``label``, ``score``, ``prediction``, then each sensitive column.
+
+    ``row`` is the 1-based position in the data file (as in FedGuard's data errors); ``label`` and
+    ``prediction`` are class names from the schema; the prediction is the most probable class, as
+    the metrics and the audit use it. Binary tasks: ``score`` is the probability of the positive
+    class (the schema's second class, the one the audit calls positive). More classes: one
+    ``score:<class>`` column per class. Sensitive columns hold the group keys the audit grouped by;
+    a sensitive column named like one of the fixed columns gets a ``sensitive:`` prefix.
+    """
+    import numpy as np
+    import pandas as pd
+
+    classes = np.asarray(schema.classes, dtype=object)
+    cols: dict[str, Any] = {"row": rows, "label": classes[data.y.numpy()]}
+    p = probs.astype(np.float64)  # float32 → float64 is exact; CSV floats are written round-trip
+    if len(schema.classes) == 2:
+        cols["score"] = p[:, 1]
+    else:
+        cols.update({f"score:{c}": p[:, i] for i, c in enumerate(schema.classes)})
+    cols["prediction"] = classes[probs.argmax(-1)]
+    for name, values in data.groups.items():
+        cols[f"sensitive:{name}" if name in cols else name] = values
+    return pd.DataFrame(cols)
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -338,41 +386,64 @@ def summary(ev: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, what: str = "report", option: str = "--out") -> None:
     """Write the report via a temp file and a rename: never a half-written report."""
     try:
         atomic_write(path, text.encode("utf-8"))
     except OSError as exc:
         raise FedGuardError(
-            f"cannot write the report: {exc.strerror or exc}",
+            f"cannot write the {what}: {exc.strerror or exc}",
             where=str(path),
-            fix="pass --out with a path in an existing, writable folder",
+            fix=f"pass {option} with a path in an existing, writable folder",
         ) from None
+
+
+def _check_output(path: str | None, option: str, what: str, data: str) -> None:
+    """Fail before the evaluation, not after: the folder must exist and the data file must not be overwritten."""
+    if not path:
+        return
+    target = Path(path).resolve()
+    if not target.parent.is_dir():
+        raise FedGuardError(
+            f"the folder for the {what} does not exist", where=path, fix=f"create it or pass another {option}"
+        )
+    if target == Path(data).resolve():
+        raise FedGuardError(
+            f"{option} names the data file itself: writing the {what} would overwrite the data",
+            where=path,
+            fix=f"pass another {option}",
+        )
 
 
 # -- command line ----------------------------------------------------------------------------
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    if args.out and not Path(args.out).resolve().parent.is_dir():  # fail before the evaluation, not after
-        raise FedGuardError(
-            "the folder for the report does not exist", where=str(args.out), fix="create it or pass another --out"
-        )
+    predictions = getattr(args, "predictions", None)
+    _check_output(args.out, "--out", "report", args.data)
+    _check_output(predictions, "--predictions", "predictions", args.data)
+    if args.out and predictions and Path(args.out).resolve() == Path(predictions).resolve():
+        raise FedGuardError("--out and --predictions name the same file", where=args.out, fix="give each its own file")
     ev = run_evaluation(
         Path(args.model),
         Path(args.data),
         Path(args.schema),
         Path(args.config) if args.config else None,
         store_path=Path(args.store) if getattr(args, "store", None) else None,
+        with_predictions=bool(predictions),
     )
     text = render(ev, args.format)
     if args.out:
-        out = Path(args.out)
-        write_atomic(out, text)
-        print(summary(ev))
-        print(f"{'fairness report' if ev.report is not None else 'evaluation'} written to {out}")
-    else:
-        _stderr(summary(ev))
+        write_atomic(Path(args.out), text)
+    if predictions and ev.predictions is not None:
+        write_atomic(Path(predictions), ev.predictions.to_csv(index=False), "predictions", "--predictions")
+    say = print if args.out else _stderr  # without --out, stdout carries the report alone
+    say(summary(ev))
+    if args.out:
+        say(f"{'fairness report' if ev.report is not None else 'evaluation'} written to {args.out}")
+    if predictions and ev.predictions is not None:
+        say(f"predictions for {len(ev.predictions)} rows written to {predictions}")
+    if not args.out:
         sys.stdout.write(text)
     return 0
 
@@ -392,4 +463,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     e.add_argument("--store", help="run store holding the run (default: the store next to the checkpoint)")
     e.add_argument("--format", choices=["html", "json", "md"], default="md")
     e.add_argument("--out", help="write the report to this file (default: stdout)")
+    e.add_argument(
+        "--predictions",
+        metavar="FILE.csv",
+        help="also write every row's prediction (row, label, score, prediction, sensitive columns) as CSV, "
+        "to recompute the metrics and the fairness audit with other tools",
+    )
     e.set_defaults(func=cmd_evaluate)

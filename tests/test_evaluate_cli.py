@@ -242,3 +242,85 @@ def test_without_a_store_the_error_asks_for_config(
     )
     want, _ = _direct(trained, trained["data"])
     assert metrics == pytest.approx(want, abs=1e-6) and report is not None
+
+
+def _planted_bias(path: Path) -> Path:
+    """Three groups whose feature ``a`` (which the model reads) is shifted: the label follows, so do predictions.
+
+    Every group keeps both labels, so every rate the audit and fairlearn compute is defined.
+    """
+    df = make_tabular(600, seed=7)
+    rng = np.random.default_rng(7)
+    df["group"] = rng.choice(["g1", "g2", "g3"], size=len(df))
+    df["a"] = df["a"] + df["group"].map({"g1": 1.0, "g2": 0.0, "g3": -1.0})
+    logit = 2.0 * df["a"] - 1.0 * df["b"] + (df["c"] == "z") * 1.5
+    df["y"] = (logit + rng.normal(scale=0.5, size=len(df)) > 0).astype(int)
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_predictions_file_reproduces_the_audit_with_fairlearn(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pandas as pd
+    from fairlearn.metrics import (
+        MetricFrame,
+        demographic_parity_difference,
+        demographic_parity_ratio,
+        equalized_odds_difference,
+    )
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    data = _planted_bias(tmp_path / "biased.csv")
+    out, pred_path = tmp_path / "report.json", tmp_path / "predictions.csv"
+    assert main(_args(trained, data=data, format="json", out=out, predictions=pred_path)) == 0
+    assert f"predictions for 600 rows written to {pred_path}" in capsys.readouterr().out
+    report = FairnessReport.model_validate_json(out.read_text(encoding="utf-8"))
+    audit = report.rounds[0].audit
+
+    # A reviewer's reading: plain strings for labels and groups, floats for the score.
+    pred = pd.read_csv(pred_path, dtype=str, keep_default_na=False)
+    assert list(pred.columns) == ["row", "label", "score", "prediction", "group"]
+    source = pd.read_csv(data)
+    assert pred["row"].astype(int).tolist() == list(range(1, 601))
+    assert pred["label"].tolist() == source["y"].astype(str).tolist()  # rows are the file's rows, in order
+    assert pred["group"].tolist() == source["group"].tolist()
+    y, y_hat = pred["label"].astype(int), pred["prediction"].astype(int)
+    score = pred["score"].astype(float)
+    assert ((score > 0.5) == (y_hat == 1)).all()  # the prediction is the most probable class
+
+    assert accuracy_score(y, y_hat) == pytest.approx(audit.overall.accuracy, abs=1e-12)
+    assert f1_score(y, y_hat) == pytest.approx(audit.overall.f1, abs=1e-12)
+    assert roc_auc_score(y, score) == pytest.approx(audit.overall.roc_auc, abs=1e-12)
+
+    group = pred["group"]
+    att = next(a for a in audit.attributes if a.name == "group")
+    assert att.disparities is not None
+    d = att.disparities
+    assert demographic_parity_difference(y, y_hat, sensitive_features=group) == pytest.approx(
+        d.demographic_parity_difference.value, abs=1e-12
+    )
+    assert demographic_parity_ratio(y, y_hat, sensitive_features=group) == pytest.approx(
+        d.demographic_parity_ratio.value, abs=1e-12
+    )
+    assert equalized_odds_difference(y, y_hat, sensitive_features=group) == pytest.approx(
+        d.equalized_odds_difference.value, abs=1e-12
+    )
+    by_group = MetricFrame(metrics=accuracy_score, y_true=y, y_pred=y_hat, sensitive_features=group).by_group
+    ours = {g.group: g.accuracy for g in att.groups}
+    assert ours.keys() == {"g1", "g2", "g3"}
+    assert {g: by_group[g] for g in ours} == pytest.approx(ours, abs=1e-12)
+    # the planted bias shows: the groups are selected at clearly different rates
+    assert d.demographic_parity_difference.value is not None and d.demographic_parity_difference.value > 0.2
+
+
+def test_predictions_may_not_overwrite_the_data(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = trained["data"].read_bytes()
+    assert main(_args(trained, predictions=trained["data"])) == 2
+    err = capsys.readouterr().err
+    assert "--predictions names the data file itself" in err and "Traceback" not in err
+    assert trained["data"].read_bytes() == before
+    assert main(_args(trained, predictions=tmp_path / "no-such-folder" / "p.csv")) == 2
+    assert "the folder for the predictions does not exist" in capsys.readouterr().err
