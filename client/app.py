@@ -260,7 +260,10 @@ def _local_reason(exc: BaseException, log_id: str) -> str:
 
 
 def _role_reply(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
-    return _reply(msg, RecordDict({R.ROLE: ConfigRecord({R.ROLE_NAME: settings.role})}), settings)
+    """The node's role, and the name the operator knows it by (its kit name; ``node-N`` in simulation)."""
+    answer: dict[str, str] = {R.ROLE_NAME: settings.role}
+    answer |= {R.NODE_NAME: settings.node_name} if settings.node_name else {}
+    return _reply(msg, RecordDict({R.ROLE: ConfigRecord(answer)}), settings)
 
 
 def _score(model: torch.nn.Module, cfg: RunConfig, settings: NodeSettings, round_: int | None) -> RecordDict:

@@ -104,6 +104,18 @@ class Release:
 
 
 @dataclass(frozen=True)
+class RunSpend:
+    """One run's releases of a dataset and its ε, exactly as the node reported it to that run's server: the
+    run's history at the δ and accountant of its latest release (so `fedguard runs` and the privacy report
+    show the same number)."""
+
+    run_id: str  # the run key (`fedguard runs` prints it as the nodes' ledger key)
+    releases: int
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
 class DatasetSummary:
     dataset_id: str
     releases: int
@@ -112,6 +124,7 @@ class DatasetSummary:
     epsilon: float  # at the budget's δ (or the last release's δ without a budget)
     delta: float
     accountant: str
+    runs: tuple[RunSpend, ...] = ()
 
     @property
     def remaining(self) -> float | None:
@@ -323,9 +336,24 @@ class Ledger:
                     epsilon=epsilon_spent(self.history(dataset_id), delta, accountant) if rows else 0.0,
                     delta=delta,
                     accountant=accountant,
+                    runs=self._run_spends(dataset_id, rows),
                 )
             )
         return out
+
+    def _run_spends(self, dataset_id: str, rows: list[dict[str, Any]]) -> tuple[RunSpend, ...]:
+        by_run: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_run.setdefault(str(r["run_id"]), []).append(r)
+        return tuple(
+            RunSpend(
+                run_id=run,
+                releases=len(mine),
+                epsilon=epsilon_spent(self.history(dataset_id, run), float(mine[-1]["delta"]), mine[-1]["accountant"]),
+                delta=float(mine[-1]["delta"]),
+            )
+            for run, mine in by_run.items()
+        )
 
     def export(self, private_key_openssh: bytes) -> dict[str, object]:
         """Every dataset's releases, signed with the node's key, for a reviewer to recompute ε."""

@@ -83,6 +83,7 @@ def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str
             schema = own
     elif "partition-id" in node_config and sim_data_dir:
         pid = int(node_config["partition-id"])
+        node_config = {"node-name": f"node-{pid}", **node_config}  # the name the plan and the round lines use
         data_path = Path(sim_data_dir) / f"partition-{pid}.parquet"
         if pid == cfg.simulation.num_clients and cfg.data.evaluation_path:  # the extra simulated node
             role, data_path = "evaluator", Path(cfg.data.evaluation_path)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from common.data import Encoded
-from common.fairness import Audit, FairnessConfig, audit, dataset_fingerprint
+from common.fairness import Audit, FairnessConfig, audit, dataset_fingerprint, prediction_summary
 
 
 @torch.no_grad()
@@ -55,10 +55,13 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int = 512) -> dict[str
 def evaluate_and_audit(
     model: nn.Module, data: Encoded, fairness: FairnessConfig
 ) -> tuple[dict[str, float], Audit | None]:
-    """Metrics plus the fairness audit over the sensitive groups (binary tasks with sensitive columns)."""
+    """Metrics (with what the model predicted overall) plus the fairness audit over the sensitive groups
+    (binary tasks with sensitive columns)."""
     probs, loss = predict(model, data)
     y_true, y_pred = data.y.numpy(), probs.argmax(-1)
-    metrics = _metrics(y_true, y_pred, loss)
+    # What the model predicted overall goes with every evaluation: the model findings (a constant or
+    # skewed model) need no sensitive columns (common.fairness.model_findings).
+    metrics = _metrics(y_true, y_pred, loss) | prediction_summary(y_true, y_pred, probs.shape[1])
     if probs.shape[1] != 2 or not data.groups:
         return metrics, None
     return metrics, audit(y_true, y_pred, probs[:, 1], data.groups, fairness)

@@ -85,6 +85,7 @@ PLAN_STEPS = "steps-per-round"
 
 # Keys of the ROLE and AUDIT records.
 ROLE_NAME = "role"
+NODE_NAME = "node-name"  # the name the operator knows the node by (its kit name; node-N in simulation)
 AUDIT_JSON = "audit-json"
 PROVENANCE_JSON = "provenance-json"
 
@@ -155,8 +156,19 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
     },
     REFUSAL: {REFUSAL_CODE: "public", REFUSAL_LOG_ID: "public", REFUSAL_RULE: "public"},
     SIGNATURE: {SIGNATURE_VALUE: "public"},
-    ROLE: {ROLE_NAME: "public"},
-    EVALUATION: {"accuracy": "evaluation", "loss": "evaluation", "macro_f1": "evaluation", "n": "evaluation"},
+    ROLE: {ROLE_NAME: "public", NODE_NAME: "public"},
+    EVALUATION: {
+        "accuracy": "evaluation",
+        "loss": "evaluation",
+        "macro_f1": "evaluation",
+        "n": "evaluation",
+        # What the model predicted over the held-out set (common.fairness.model_findings): aggregates only.
+        "predicted_classes": "evaluation",
+        "top_class": "evaluation",
+        "top_class_share": "evaluation",
+        "positive_rate": "evaluation",
+        "base_rate": "evaluation",
+    },
     AUDIT: {AUDIT_JSON: "evaluation", PROVENANCE_JSON: "evaluation"},
     HE: {
         HE_SIGNATURE: "public",

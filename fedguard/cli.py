@@ -15,61 +15,95 @@ from fedguard.deploy import add_signing_args
 from fedguard.evaluate import add_command as add_evaluate_command
 from fedguard.privacy_audit import add_command as add_privacy_command
 from fedguard.provision import add_client_init, add_provision_commands
+from fedguard.schema_draft import add_parser as add_schema_parser
+from fedguard.tracking import add_mlflow_argument
 
 
 def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
-    from common import records as R
+    """A run as the operator must read it: metrics per round, who took part or refused (by node name, with
+    the reason), each node's ε as the privacy report states it, δ in total, and warnings — a node that
+    never contributed, a constant or skewed final model — so "finished" never stands over a useless run."""
+    from server.run_health import round_outcomes, round_summary, run_health
     from server.store import RunStore
 
+    health = run_health(store_path, run_id)
     with RunStore(store_path) as store:
-        run = store.run(run_id)
         evals = store.evaluations(run_id)
-        clients = store.client_rounds(run_id)
-        counts = store.count_releases(run_id)
-    # The run's ε per node as the privacy report states it: every release, the fairness counts included.
-    eps: dict[int, float] = {}
-    for row in clients:
-        if row["status"] == "accepted" and row["epsilon"] is not None:
-            eps[row["node_id"]] = max(eps.get(row["node_id"], 0.0), row["epsilon"])
-    for row in counts:
-        value = row["values"].get(R.EPSILON) if row["status"] == "accepted" else None
-        if isinstance(value, int | float):
-            eps[int(row["node_id"])] = max(eps.get(int(row["node_id"]), 0.0), float(value))
-    final = evals[max(evals)] if evals else {}
+    outcomes = round_outcomes(health)
     if as_json:
         print(
             json.dumps(
                 {
                     "run_id": run_id,
-                    "status": run["status"],
+                    "status": health.status,
                     "store": str(store_path),
-                    "final": final,
-                    "epsilon_per_node": eps,
+                    "final": health.final_metrics,
+                    # keyed by the SuperLink id (as before); names and tallies under "nodes"
+                    "epsilon_per_node": {n.node_id: n.epsilon for n in health.nodes if n.epsilon is not None},
+                    "delta_total": health.delta_total,
+                    "ledger_run_key": health.ledger_run_key,
+                    "nodes": [
+                        {
+                            "node_id": n.node_id,
+                            "name": n.name,
+                            "epsilon": n.epsilon,
+                            "delta_total": n.delta_total,
+                            "rounds": {str(r): {"status": s, "reason": why} for r, (s, why) in n.rounds.items()},
+                        }
+                        for n in health.nodes
+                    ],
+                    "findings": [f.model_dump() for f in health.final_findings],
+                    "warnings": health.warnings,
                     "evaluations": evals,
                 }
             )
         )
         return
-    print(f"\nrun {run_id} {run['status']}")
-    for rnd, m in evals.items():
-        print(f"  round {rnd}: accuracy {m['accuracy']:.3f}  loss {m['loss']:.3f}  macro-F1 {m['macro_f1']:.3f}")
-    for node, e in sorted(eps.items()):
-        print(f"  node {node}: ε spent {e:.3f}")
+    print(f"\nrun {run_id} {health.status}" + (f" WITH {len(health.warnings)} WARNING(S)" if health.warnings else ""))
+    for rnd in sorted(set(evals) | set(outcomes)):
+        m = evals.get(rnd)
+        score = (
+            f"accuracy {m['accuracy']:.3f}  loss {m['loss']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+            if m
+            else "not evaluated"
+        )
+        nodes = f"; {round_summary(outcomes[rnd])}" if rnd in outcomes else ""
+        print(f"  round {rnd}: {score}{nodes}")
+    for n in health.nodes:
+        eps = f"ε spent {n.epsilon:.3f}" if n.epsilon is not None else "ε spent –"
+        delta = f" (δ {n.delta_total:.3g})" if n.delta_total is not None else ""
+        print(f"  {n.name}: {eps}{delta}; {n.tally}")
+    if health.delta_total is not None:
+        print(
+            f"  δ in total (every release of the run: DP-SGD and, where sent, the fairness counts): "
+            f"{health.delta_total:.3g}"
+        )
+    if health.ledger_run_key:
+        print(f"  nodes' ledgers key this run as {health.ledger_run_key} (`fedguard client budget` shows it)")
+    for w in health.warnings:
+        print(f"WARNING: {w}")
     print(f"run store: {store_path}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from common.config import load_config
     from fedguard.simulate import simulate
+    from fedguard.tracking import checked_args, log_after_run
 
     cfg = load_config(args.config)
+    checked_args(args)  # --mlflow-uri: MLflow installed and the store usable, before the run
     workdir = Path(args.workdir or Path(args.config).with_suffix("").name + "-sim")
     t0 = time.perf_counter()
     result = simulate(cfg, workdir, Path(args.store) if args.store else None, ray_address=args.ray_address)
     _print_summary(result.store_path, result.run_id, args.json)
     if not args.json:
         print(f"wall time {time.perf_counter() - t0:.0f}s")
+    log_after_run(args, result.store_path, result.run_id, progress=print if not args.json else _to_stderr)
     return 0
+
+
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -267,6 +301,10 @@ def _budget_table(args: argparse.Namespace) -> list[str]:
         remaining = f"{s.remaining:9.3f}" if s.remaining is not None else f"{'-':>9}"
         counts = f"{s.releases:8d} {s.pending:7d} {s.epsilon:8.3f}"
         lines.append(f"{s.dataset_id[-40:]:40s} {counts} {budget} {remaining}  {s.delta:g}")
+        # Per run, the ε the node reported to that run's server (the privacy report's and `fedguard runs`' ε).
+        lines += [
+            f"  run {r.run_id}: {r.releases} release(s), ε this run {r.epsilon:.3f} at δ={r.delta:g}" for r in s.runs
+        ]
     return lines
 
 
@@ -407,12 +445,26 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.run_id is not None:
         _print_summary(store_path, args.run_id, args.json)
         return 0
+    from server.run_health import run_health
+
     with RunStore(store_path) as store:
         runs = store.runs()
+    health = {int(r["run_id"]): run_health(store_path, int(r["run_id"])) for r in runs}
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("run_id", "name", "status", "config_hash")} for r in runs]))
+        print(
+            json.dumps(
+                [
+                    {k: r[k] for k in ("run_id", "name", "status", "config_hash")}
+                    | {"warnings": health[int(r["run_id"])].warnings}
+                    for r in runs
+                ]
+            )
+        )
     for r in runs if not args.json else []:
-        print(f"{r['run_id']:4d}  {r['status']:9s}  {r['name']}")
+        h = health[int(r["run_id"])]
+        acc = f"accuracy {h.final_metrics['accuracy']:.3f}" if "accuracy" in h.final_metrics else "not evaluated"
+        warn = f"  WARNING: {'; '.join(h.flags)}" if h.flags else ""
+        print(f"{r['run_id']:4d}  {r['status']:9s}  {r['name']}  {acc}{warn}")
     return 0
 
 
@@ -462,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
         "see deploy/ray/README.md",
     )
     s.add_argument("--json", action="store_true")
+    add_mlflow_argument(s)
     s.set_defaults(func=cmd_simulate)
 
     c = sub.add_parser("config", help="configuration tools")
@@ -539,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_control_commands(sub)
 
     add_evaluate_command(sub)
+    add_schema_parser(sub)
     add_privacy_command(sub)
 
     rep = sub.add_parser("report", help="reports for reviewers")

@@ -105,14 +105,15 @@ def run_federation(
     protocol_type = PROTOCOLS[cfg.secure_aggregation]
     protocol_type.check_supported(cfg, simulated=sim_data_dir is not None, resuming=resume is not None)
     store = RunStore(store_path)
+    run_uid = uuid.uuid4().hex  # the nodes' ledgers key this run's releases by it (`fedguard client budget`)
+    meta = _run_meta(cfg, simulated=sim_data_dir is not None) | {"ledger_run_key": run_uid}
     run_id = store.create_run(
-        cfg.name, cfg.to_json(), cfg.digest(), flower_run_id, _run_meta(cfg, simulated=sim_data_dir is not None),
-        resumed_from=resume.run_id if resume else None,
-    )  # fmt: skip
+        cfg.name, cfg.to_json(), cfg.digest(), flower_run_id, meta, resumed_from=resume.run_id if resume else None
+    )
     if flower_run_id is not None and sim_data_dir is None:
         _fail_if_orphaned(store_path, run_id)
     progress(f"run {run_id} recorded in {store_path}" + (f" (resumes run {resume.run_id})" if resume else ""))
-    base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_ID: run_id, R.RUN_UID: uuid.uuid4().hex}
+    base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_ID: run_id, R.RUN_UID: run_uid}
     base |= {R.RUN_SIGNATURE: run_signature} if run_signature else {}
     base |= {R.SIM_DATA_DIR: sim_data_dir} if sim_data_dir else {}
     fed = Federation(
@@ -180,7 +181,7 @@ def _play_round(fed: Federation, protocol: RoundProtocol, rnd: int) -> tuple[boo
         if result.discarded:
             meta["discarded"] = result.discarded
         fed.store.record_round(fed.run_id, rnd, started, [o.row() for o in outcomes], result.updated, meta)
-        fed.progress(_round_line(rnd, needed, outcomes, result.updated, time.time() - started))
+        fed.progress(_round_line(rnd, needed, outcomes, result.updated, time.time() - started, fed.label))
         if result.discarded:
             fed.progress(f"  round {rnd} discarded, global model unchanged: {result.discarded}")
         if result.updated or result.discarded:
@@ -218,10 +219,10 @@ def _collect(
     return outcomes, seconds
 
 
-def _federated_line(view: federated_fairness.FederatedView) -> str:
+def _federated_line(view: federated_fairness.FederatedView, label: Callable[[int], str]) -> str:
     sent = sum(o.status == "accepted" for o in view.outcomes)
     lines = [f"  federated fairness: {sent}/{len(view.outcomes)} client(s) sent noised counts"]
-    lines += [f"  node {o.node_id} {o.status}: {o.reason}" for o in view.outcomes if o.status != "accepted"]
+    lines += [f"  {label(o.node_id)} {o.status}: {o.reason}" for o in view.outcomes if o.status != "accepted"]
     return "\n".join(lines)
 
 
@@ -235,7 +236,7 @@ def _federated_counts(fed: Federation, protocol: RoundProtocol) -> None:
     view = federated_fairness.collect(fed.grid, cfg, state, fed.base, clients, rounds, fed.node_keys, fed.flower_run_id)
     audit = view.audit.model_dump_json() if view.audit else None
     fed.store.record_federated(fed.run_id, rounds, audit, view.spread, [o.row() for o in view.outcomes])
-    fed.progress(_federated_line(view))
+    fed.progress(_federated_line(view, fed.label))
     fed.store.record_costs(fed.run_id, rounds, fed.grid.take(), fed.roles)  # the counts' bytes join the last round
 
 
@@ -268,15 +269,28 @@ def _fail_if_orphaned(store_path: Path, run_id: int, poll: float = 1.0) -> None:
     threading.Thread(target=watch, name="fedguard-orphan-watch", daemon=True).start()
 
 
-def _round_line(rnd: int, needed: int, outcomes: list[Outcome], aggregated: bool, secs: float) -> str:
+def _round_line(
+    rnd: int,
+    needed: int,
+    outcomes: list[Outcome],
+    aggregated: bool,
+    secs: float,
+    label: Callable[[int], str] = lambda node: f"node {node}",
+) -> str:
+    """The operator's line for a round: how many were accepted, refused, dropped…, then each node by ``label``
+    (its name) with its ε or its reason; above ``_LIST_NODES`` nodes, counts per reason."""
+    outcomes = sorted(outcomes, key=lambda o: label(o.node_id))
     acc = [o for o in outcomes if o.status == "accepted"]
     eps_values = [o.values[R.EPSILON] for o in acc if R.EPSILON in o.values]
     if len(eps_values) > _LIST_NODES:
         eps = f"ε {min(eps_values):.2f}–{max(eps_values):.2f} over {len(eps_values)} nodes"
     else:
-        eps = ", ".join(f"node {o.node_id}: ε={o.values[R.EPSILON]:.2f}" for o in acc if R.EPSILON in o.values)
+        eps = ", ".join(f"{label(o.node_id)}: ε={o.values[R.EPSILON]:.2f}" for o in acc if R.EPSILON in o.values)
+    tally = Counter(o.status for o in outcomes if o.status != "accepted")
     lines = [
-        f"  round {rnd}: {len(acc)}/{len(outcomes)} accepted in {secs:.1f}s"
+        f"  round {rnd}: {len(acc)}/{len(outcomes)} accepted"
+        + "".join(f", {n} {status}" for status, n in sorted(tally.items()))
+        + f" in {secs:.1f}s"
         + ("" if aggregated else f" — fewer than {needed} needed, global model unchanged")
         + (f"; {eps}" if eps else "")
     ]
@@ -285,7 +299,7 @@ def _round_line(rnd: int, needed: int, outcomes: list[Outcome], aggregated: bool
         reasons = Counter(f"{o.status}: {o.reason}" for o in others)
         lines += [f"  {n} node(s) {reason}" for reason, n in reasons.most_common()]
     else:
-        lines += [f"  node {o.node_id} {o.status}: {o.reason}" for o in others]
+        lines += [f"  {label(o.node_id)} {o.status}: {o.reason}" for o in others]
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from common.fairness import (
     GroupMetrics,
     findings,
     merge_findings,
+    model_findings,
     track_findings,
 )
 from server.charts import Series
@@ -114,14 +115,18 @@ def build_fairness_report(
     federated: FederatedAudit | None = None,
     client_spread: ClientSpread | dict[str, float | int] | None = None,
     cfg: FairnessConfig | None = None,
+    metrics_by_round: dict[int, dict[str, float]] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> FairnessReport:
     """Assemble the report; findings are computed here from the audits, with the round each was first seen.
 
     ``cfg`` must be the config the audits were computed with (its thresholds make the findings).
+    ``metrics_by_round`` (the evaluations) adds the model findings (a constant or skewed model) to rounds
+    whose audit did not already call the model degenerate.
     """
     cfg = cfg or FairnessConfig()
     rounds = sorted(audits_by_round, key=lambda item: item[0])
-    found = track_findings((rnd, findings(a, cfg, rnd)) for rnd, a in rounds)
+    found = track_findings((rnd, _round_findings(a, cfg, rnd, metrics_by_round, classes)) for rnd, a in rounds)
     if federated is not None:
         fed_round = federated.round if federated.round is not None else (rounds[-1][0] if rounds else 0)
         found = merge_findings(found, findings(federated, cfg, fed_round, view="federated"), fed_round)
@@ -155,6 +160,19 @@ def build_fairness_report(
         if client_spread is None or isinstance(client_spread, ClientSpread)
         else ClientSpread.model_validate(client_spread),
     )
+
+
+def _round_findings(
+    a: Audit,
+    cfg: FairnessConfig,
+    rnd: int,
+    metrics_by_round: dict[int, dict[str, float]] | None,
+    classes: Sequence[str] | None,
+) -> list[Finding]:
+    found = findings(a, cfg, rnd)
+    if any(f.kind.startswith("degenerate_") for f in found):
+        return found  # the audit already says the model is degenerate
+    return found + model_findings((metrics_by_round or {}).get(rnd, {}), cfg, rnd, classes)
 
 
 # -- rendering -----------------------------------------------------------------------------
@@ -513,6 +531,7 @@ def fairness_report_from_store(store_path: str | Path, run_id: int) -> FairnessR
         run = store.run(run_id)
         rows = store.audits(run_id)
         fed = store.federated(run_id)
+        evals = store.evaluations(run_id)
     if not rows:
         raise StoreError(
             f"run {run_id} has no fairness audits",
@@ -525,5 +544,13 @@ def fairness_report_from_store(store_path: str | Path, run_id: int) -> FairnessR
     federated = FederatedAudit.model_validate_json(fed["audit_json"]) if fed and fed["audit_json"] else None
     spread = fed["spread"] if fed else None
     return build_fairness_report(
-        run_id, run["name"], audits, prov, federated=federated, client_spread=spread, cfg=cfg.fairness
+        run_id,
+        run["name"],
+        audits,
+        prov,
+        federated=federated,
+        client_spread=spread,
+        cfg=cfg.fairness,
+        metrics_by_round=evals,
+        classes=cfg.data.schema_.classes,
     )

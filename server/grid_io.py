@@ -164,8 +164,9 @@ def discover_roles(
     poll: float,
     node_keys: dict[int, bytes] | None,
     flower_run_id: int | None,
+    names: dict[int, str] | None = None,
 ) -> dict[int, str]:
-    """Ask nodes not yet known for their role (client or evaluator).
+    """Ask nodes not yet known for their role (client or evaluator); the names nodes give go into ``names``.
 
     A node whose ClientApp has no role handler (Flower replies with an error) counts as a client,
     and so does a node that refuses (an unsigned run, its policy): it then refuses its training
@@ -184,6 +185,8 @@ def discover_roles(
             node, left_out = int(reply.metadata.src_node_id), gate.check(reply)
             if left_out is None and R.ROLE in reply.content:
                 known[node] = str(reply.content[R.ROLE].get(R.ROLE_NAME, "client"))
+                if names is not None and R.NODE_NAME in reply.content[R.ROLE]:
+                    names[node] = str(reply.content[R.ROLE][R.NODE_NAME])
             elif left_out is not None and left_out.status == "rejected":
                 log.warning("node %s: role reply ignored: %s", node, left_out.reason)
             else:  # no role handler (a Flower error), or a refusal: a client that will refuse its training too

@@ -19,6 +19,7 @@ from common.config import RunConfig, config_from_json
 from server.report_blocks import Block, Plot
 from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
+from server.run_health import run_health
 from server.store import RunStore
 
 THREAT_MODEL = (
@@ -68,6 +69,7 @@ class SentValue(_Model):
 
 class ClientPrivacy(_Model):
     node_id: str
+    name: str = ""  # the name the operator knows the node by (kit name; node-N in simulation)
     mechanism: str
     noise_multiplier: float | None
     clipping_norm: float | None
@@ -85,6 +87,10 @@ class ClientPrivacy(_Model):
     unit_epsilon: float | None
     unit_delta: float | None
     refusals: int
+    #: Rounds by status, out of the rounds the node was asked (``accepted 2/3, refused 1/3``).
+    participation: str = ""
+    #: δ of all the node's releases in this run: the accountant's, plus the fairness counts' group selection.
+    delta_total: float | None = None
     sent: list[SentValue]
     #: The federated-fairness counts release after the last round (Gaussian, in the same ledger).
     count_release: CountRelease | None = None
@@ -171,6 +177,10 @@ class PrivacyReport(_Model):
     central_dp: CentralDP | None
     versions: dict[str, str]
     clients: list[ClientPrivacy]
+    #: What a reviewer must not miss (server.run_health): a node that never contributed, a constant or
+    #: skewed final model. A run can be "finished" and still useless; these say so.
+    warnings: list[str] = []
+    delta_total: float | None = None  # the run's δ, every release included
     empirical_audit: EmpiricalAudit | None = None  # only for runs `fedguard privacy audit` made
 
 
@@ -185,6 +195,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         client_rows = store.client_rounds(run_id)
         round_rows = store.rounds(run_id)
         counts = {int(r["node_id"]): r for r in store.count_releases(run_id)}
+    health = run_health(store_path, run_id)
     cfg: RunConfig = config_from_json(run["config_json"])
     meta = run["meta"]
     by_node: dict[int, list[dict[str, object]]] = {}
@@ -203,9 +214,13 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         total = _num(last_total, R.EPSILON_TOTAL)
         steps = _num(last, R.STEPS)
         unit_cap = _num(last, R.UNIT_CAP)
+        nh = health.node(node)
         clients.append(
             ClientPrivacy(
                 node_id=str(node),
+                name=nh.name if nh else str(node),
+                participation=nh.tally if nh else "",
+                delta_total=nh.delta_total if nh else None,
                 mechanism="DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise)"
                 if cfg.dp.enabled
                 else "none (DP disabled in the run config: updates are NOT differentially private)",
@@ -225,7 +240,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
                     )
                     for r in rows
                 ],
-                epsilon_run=_num(last_total, R.EPSILON),
+                epsilon_run=nh.epsilon if nh else _num(last_total, R.EPSILON),  # the one ε (server.run_health)
                 epsilon_total=total,
                 budget_epsilon=budget_eps,
                 budget_delta=_num(last, R.BUDGET_DELTA),
@@ -261,6 +276,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
             rounds=central_rounds,
             epsilon=central_rounds[-1].epsilon if central_rounds else None,
         )
+    clients.sort(key=lambda c: (c.name, int(c.node_id)))  # as the operator reads them: by name
     return PrivacyReport(
         generated_at=time.time(),
         run_id=run_id,
@@ -281,6 +297,8 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         central_dp=central,
         versions={str(k): str(v) for k, v in meta.get("versions", {}).items()},
         clients=clients,
+        warnings=health.warnings,
+        delta_total=health.delta_total,
         empirical_audit=_empirical_audit(store_path, run_id),
     )
 
@@ -308,13 +326,18 @@ def _fmt(v: float | int | None, spec: str = ".3f") -> str:
 def _blocks(rep: PrivacyReport) -> list[Block]:
     """The report once, as neutral blocks; Markdown and HTML render the same content."""
     rounds = _rounds(rep)
+    warned = f", WITH {len(rep.warnings)} WARNING(S) (below)" if rep.warnings else ""
     blocks: list[Block] = [
         ("h1", f"Privacy report — run {rep.run_id} ({rep.run_name})"),
+    ]
+    if rep.warnings:
+        blocks += [("h2", "Warnings"), ("ul", [f"WARNING: {w}" for w in rep.warnings])]
+    blocks += [
         ("plot", _epsilon_plot(rep)),
         (
             "ul",
             [
-                f"Status: {rep.status}; {rep.rounds_planned} rounds planned",
+                f"Status: {rep.status}{warned}; {rep.rounds_planned} rounds planned",
                 *(
                     [
                         f"Resumes run {rep.resumed_from}: the rounds before the interruption, and every "
@@ -325,6 +348,8 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
                     else []
                 ),
                 f"Target per client and run: ε={_fmt(rep.target_epsilon, 'g')}, δ={_fmt(rep.target_delta, 'g')}",
+                f"δ in total (every release of the run: the accountant's δ, plus the fairness counts' group "
+                f"selection where they were sent): {_fmt(rep.delta_total, '.3g')}",
                 f"Engine: {rep.engine}",
                 f"Transport: {rep.transport}",
                 f"Secure aggregation and key custody: {rep.secure_aggregation}",
@@ -340,14 +365,16 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
             (
                 [
                     "node",
+                    "rounds",
                     "mechanism",
                     "σ",
                     "C",
                     "q",
                     "steps/round",
-                    "δ",
+                    "δ (DP-SGD)",
                     "accountant",
                     "ε this run",
+                    "δ total (of that ε)",
                     "ε total",
                     "budget ε",
                     "remaining",
@@ -355,7 +382,8 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
                 ],
                 [
                     [
-                        c.node_id,
+                        _name(c),
+                        c.participation,
                         c.mechanism.split(" (")[0],
                         _fmt(c.noise_multiplier),
                         _fmt(c.clipping_norm, "g"),
@@ -364,6 +392,7 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
                         _fmt(c.delta, "g"),
                         c.accountant,
                         _fmt(c.epsilon_run),
+                        _fmt(c.delta_total, ".3g"),
                         _fmt(c.epsilon_total),
                         _fmt(c.budget_epsilon, "g"),
                         _fmt(c.budget_remaining),
@@ -378,10 +407,16 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
             "table",
             (
                 ["node", *[f"round {r}" for r in rounds]],
-                [[c.node_id, *[_round_cell(c, r) for r in rounds]] for c in rep.clients],
+                [[_name(c), *[_round_cell(c, r) for r in rounds]] for c in rep.clients],
             ),
         ),
     ]
+    missed = [(c, r) for c in rep.clients for r in c.rounds if r.status != "accepted"]
+    if missed:
+        blocks += [
+            ("h3", "Rounds a node did not contribute to, and why"),
+            ("ul", [f"{_name(c)}, round {r.round}: {r.status}: {r.reason or 'no reason recorded'}" for c, r in missed]),
+        ]
     units = [c for c in rep.clients if c.unit_cap]
     if units:
         blocks += [
@@ -389,7 +424,7 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
             (
                 "ul",
                 [
-                    f"node {c.node_id}: at most {c.unit_cap} records per unit → ε={_fmt(c.unit_epsilon)} "
+                    f"{_name(c)}: at most {c.unit_cap} records per unit → ε={_fmt(c.unit_epsilon)} "
                     f"at δ={_fmt(c.unit_delta, '.2g')} per unit"
                     for c in units
                 ],
@@ -409,7 +444,7 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
             (
                 "ul",
                 [
-                    f"node {c.node_id}: "
+                    f"{_name(c)}: "
                     + (
                         f"z={_fmt(c.count_release.noise_multiplier, 'g')}, σ={_fmt(c.count_release.sigma, '.1f')} "
                         f"per cell; ε this run after it {_fmt(c.count_release.epsilon_run)}"
@@ -423,7 +458,7 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
         ]
     blocks += [
         ("h3", "Values that left each node, by privacy class"),
-        ("ul", [f"node {c.node_id}: {_sent_by_class(c)}" for c in rep.clients]),
+        ("ul", [f"{_name(c)}: {_sent_by_class(c)}" for c in rep.clients]),
     ]
     if rep.central_dp:
         cd = rep.central_dp
@@ -510,10 +545,17 @@ def _sent_by_class(c: ClientPrivacy) -> str:
     return "; ".join(f"{cls}: {', '.join(keys)}" for cls, keys in by_class.items()) or "nothing"
 
 
+def _name(c: ClientPrivacy) -> str:
+    return c.name or f"node {c.node_id}"
+
+
 def _round_cell(c: ClientPrivacy, rnd: int) -> str:
+    """ε after the round, or the status and the reason's class (a refusal's node error code)."""
     for r in c.rounds:
         if r.round == rnd:
-            return _fmt(r.epsilon_run) if r.status == "accepted" else r.status
+            if r.status == "accepted":
+                return _fmt(r.epsilon_run)
+            return f"{r.status}: {r.reason.split(' (')[0]}" if r.reason else r.status
     return "–"
 
 
@@ -529,7 +571,7 @@ def _epsilon_plot(rep: PrivacyReport) -> Plot:
     """ε (this run) per client after each round, from 0 before the run's first round, against the target."""
     start = min(_rounds(rep), default=1) - 1
     series = {
-        f"node {c.node_id}": [(start, 0.0)] + [(r.round, r.epsilon_run) for r in c.rounds if r.epsilon_run is not None]
+        _name(c): [(start, 0.0)] + [(r.round, r.epsilon_run) for r in c.rounds if r.epsilon_run is not None]
         for c in rep.clients
     }
     return Plot(

@@ -114,6 +114,13 @@ CREATE TABLE IF NOT EXISTS node_traffic (
     messages    INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, round, node_id)
 );
+CREATE TABLE IF NOT EXISTS node_names (
+    run_id      INTEGER NOT NULL REFERENCES runs(run_id),
+    node_id     TEXT NOT NULL,            -- the SuperLink's id (uint64)
+    name        TEXT NOT NULL,            -- the name the plan and the operator use (kit name; node-0… in simulation)
+    source      TEXT,                     -- kit: the enrolled key's name | node: the node's own answer (simulation)
+    PRIMARY KEY (run_id, node_id)
+);
 CREATE TABLE IF NOT EXISTS alarms (
     run_id      INTEGER NOT NULL REFERENCES runs(run_id),
     kind        TEXT NOT NULL,            -- stranger: a registered key the kit does not enroll
@@ -151,8 +158,8 @@ class RunStore:
     def _migrate(self) -> None:
         """Add columns that newer versions introduced to a store an older FedGuard created.
 
-        New tables (``round_costs``, ``node_traffic``, ``alarms``) need no step here: ``SCHEMA`` creates them
-        when an older store is opened.
+        New tables (``round_costs``, ``node_traffic``, ``alarms``, ``node_names``) need no step here: ``SCHEMA``
+        creates them when an older store is opened.
         """
         for table, column in (
             ("runs", "meta_json"),
@@ -323,6 +330,16 @@ class RunStore:
             )
             return cur.rowcount == 1
 
+    def record_node_names(self, run_id: int, names: dict[int, str], source: str) -> None:
+        """Remember the names of a run's nodes; a kit name replaces a node's own answer, never the reverse."""
+        with self._tx() as db:
+            for node, name in names.items():
+                db.execute(
+                    "INSERT INTO node_names VALUES (?,?,?,?) ON CONFLICT(run_id, node_id) DO UPDATE SET "
+                    "name = excluded.name, source = excluded.source WHERE excluded.source = 'kit' OR source != 'kit'",
+                    (run_id, str(node), name, source),
+                )
+
     def record_costs(
         self,
         run_id: int,
@@ -449,6 +466,11 @@ class RunStore:
         for r in rows:
             r["server"] = json.loads(r.pop("server_json") or "{}")
         return rows
+
+    def node_names(self, run_id: int) -> dict[int, str]:
+        """Node id → the name the operator knows it by (nodes whose name was never learnt are absent)."""
+        rows = self._db.execute("SELECT node_id, name FROM node_names WHERE run_id=?", (run_id,))
+        return {int(r["node_id"]): str(r["name"]) for r in rows}
 
     def alarms(self, run_id: int) -> list[dict[str, Any]]:
         """A run's alarms (e.g. strangers: registered keys the kit does not enroll), oldest first."""

@@ -449,3 +449,26 @@ def test_fingerprint_is_stable_and_content_bound() -> None:
     assert dataset_fingerprint(x, y, g) == dataset_fingerprint(x.copy(), y.copy(), {"sex": g["sex"].copy()})
     assert dataset_fingerprint(x, y, g) != dataset_fingerprint(x, y[::-1].copy(), g)
     assert dataset_fingerprint(x, y, g) != dataset_fingerprint(x, y, {"sex": np.array(["f", "f", "f", "m"])})
+
+
+def test_the_report_adds_a_skewed_model_finding_unless_the_audit_calls_it_degenerate() -> None:
+    """The model findings (common.fairness.model_findings) join the audit's; never twice for one model."""
+    from common.fairness import prediction_summary
+
+    cfg = FairnessConfig(bootstrap_n=0)
+    d = _planted(bias=False)
+    base = float(np.mean(d["y"]))
+    rng = np.random.default_rng(1)
+    skewed = np.where(rng.random(d["y"].size) < 0.55, 1, d["pred"])  # ~1.9× the base rate, not yet degenerate
+    none = np.zeros_like(d["y"])
+    audits = [(1, audit(d["y"], skewed, None, d["groups"], cfg)), (2, audit(d["y"], none, None, d["groups"], cfg))]
+    metrics = {1: prediction_summary(d["y"], skewed, 2), 2: prediction_summary(d["y"], none, 2)}
+    prov = Provenance(evaluation_size=d["y"].size, sha256="0" * 64)
+    rep = build_fairness_report(1, "skew", audits, prov, cfg=cfg, metrics_by_round=metrics, classes=["no", "yes"])
+    kinds = {f.kind: f for f in rep.findings}
+    skew = kinds["skewed_prediction_rate"]
+    assert (skew.first_seen_round, skew.last_seen_round) == (1, 1) and skew.value > cfg.prediction_skew_factor * base
+    assert "'yes'" in skew.message and "1.5× limit" in skew.message
+    # round 2 predicts no positives: the audit's degenerate finding says so; no constant-model duplicate
+    assert "degenerate_selection_rate" in kinds and "constant_model" not in kinds
+    assert skew.message in render(rep, "md")

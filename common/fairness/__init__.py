@@ -9,6 +9,7 @@ federated number mean the same thing, and bootstrap replicates are just resample
 - :mod:`common.fairness.config`: ``FairnessConfig``, what an audit computes and reports;
 - :mod:`common.fairness.metrics`: group metrics, disparities, the central audit, metrics from counts;
 - :mod:`common.fairness.audit_findings`: threshold breaches and degenerate-model findings across rounds;
+- :mod:`common.fairness.model_findings`: a constant or skewed model, on every evaluation (no groups needed);
 - :mod:`common.fairness.counts`: a node's confusion counts, their Gaussian release, the server's sum.
 
 numpy only (fairlearn is a test dependency that checks these numbers, never a runtime one).
@@ -53,6 +54,7 @@ from common.fairness.metrics import (
     metrics_from_counts,
     roc_auc,
 )
+from common.fairness.model_findings import constant_streak, is_constant, model_findings, prediction_summary
 
 __all__ = [
     "CELLS",
@@ -73,15 +75,19 @@ __all__ = [
     "Severity",
     "audit",
     "client_spread",
+    "constant_streak",
     "dataset_fingerprint",
     "expected_calibration_error",
     "findings",
     "group_confusion_counts",
+    "is_constant",
     "log_loss",
     "merge_counts",
     "merge_findings",
     "metrics_from_counts",
+    "model_findings",
     "noisy_counts",
+    "prediction_summary",
     "release_threshold",
     "roc_auc",
     "track_findings",

@@ -20,6 +20,8 @@ FindingKind = Literal[
     "equal_opportunity_difference",
     "degenerate_selection_rate",
     "degenerate_low_tpr",
+    "constant_model",
+    "skewed_prediction_rate",
 ]
 
 

@@ -35,6 +35,18 @@ class FairnessConfig(_Model):
         "rate below this fraction of the negative rate",
     )
     degenerate_tpr_max: float = Field(0.1, ge=0.0, lt=1.0, description="degenerate model: TPR below this everywhere")
+    prediction_skew_factor: float = Field(
+        1.5,
+        gt=1.0,
+        description="skewed model (every evaluation, sensitive columns or not): the predicted positive rate is "
+        "above factor × the held-out base rate or below it ÷ factor (binary tasks)",
+    )
+    constant_rounds: int = Field(
+        3,
+        ge=1,
+        description="a model that predicts one class for this many consecutive rounds is called out in the "
+        "round line, with what to try",
+    )
     bootstrap_n: int = Field(200, ge=0, le=100_000, description="bootstrap replicates for disparity CIs; 0: none")
     bootstrap_seed: int = Field(0, ge=0, description="fixed so a report is reproducible (not a privacy seed)")
     confidence: float = Field(0.95, gt=0.0, lt=1.0)

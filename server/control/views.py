@@ -18,6 +18,7 @@ from common.config import config_from_json
 from common.errors import ConfigError
 from common.fairness import Audit, findings
 from server.cost_report import build_cost_report
+from server.run_health import RunHealth, node_label, run_health
 from server.store import RunStore
 
 DISPARITIES = (
@@ -46,7 +47,34 @@ def run_summary(run: dict[str, Any], rounds_done: int) -> dict[str, Any]:
 def list_runs(store_path: Path) -> list[dict[str, Any]]:
     with RunStore(store_path) as store:
         runs = store.runs()
-        return [run_summary(r, len(store.rounds(int(r["run_id"])))) for r in reversed(runs)]
+        out = [run_summary(r, len(store.rounds(int(r["run_id"])))) for r in reversed(runs)]
+    for r in out:
+        health = run_health(store_path, r["run_id"])
+        r["warnings"], r["flags"] = health.warnings, health.flags
+    return out
+
+
+def health_view(health: RunHealth) -> dict[str, Any]:
+    """Each node by name with this run's ε (every release, the fairness counts included — the privacy
+    report's and `fedguard runs`' number), δ in total, its rounds by status, and the run's warnings."""
+    return {
+        "warnings": health.warnings,
+        "delta_total": health.delta_total,
+        "ledger_run_key": health.ledger_run_key,
+        "nodes": [
+            {
+                "node_id": n.node_id,
+                "name": n.name,
+                "epsilon": n.epsilon,
+                "delta_total": n.delta_total,
+                "participation": n.tally,
+                "reasons": n.reasons,
+                "never_contributed": n.never_contributed,
+            }
+            for n in health.nodes
+        ],
+        "findings": [{"severity": f.severity, "kind": f.kind, "message": f.message} for f in health.final_findings],
+    }
 
 
 def run_detail(store_path: Path, run_id: int) -> dict[str, Any]:
@@ -71,6 +99,7 @@ def run_detail(store_path: Path, run_id: int) -> dict[str, Any]:
     except ConfigError:
         out["config"] = None
     out["meta"] = run["meta"]
+    out["health"] = health_view(run_health(store_path, run_id))
     return out
 
 
@@ -91,6 +120,7 @@ def run_rounds(store_path: Path, run_id: int) -> dict[str, Any]:
         clients = store.client_rounds(run_id)
         evals = store.evaluations(run_id)
         audits = store.audits(run_id)
+        names = store.node_names(run_id)
     try:
         fcfg = config_from_json(run["config_json"]).fairness
     except ConfigError:
@@ -124,6 +154,7 @@ def run_rounds(store_path: Path, run_id: int) -> dict[str, Any]:
                 "clients": [
                     {
                         "node_id": c["node_id"],
+                        "name": node_label(c["node_id"], names),
                         "status": c["status"],
                         "reason": c["reason"],
                         "epsilon": c["epsilon"],

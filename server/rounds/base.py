@@ -23,6 +23,7 @@ from flwr.app import Message
 
 from common.config import RunConfig
 from common.errors import FedGuardError
+from common.fairness.model_findings import constant_streak, constant_streak_line, model_findings
 from common.reply_signing import key_fingerprint
 from common.resources import Meter
 from server.checkpoint import Checkpoint
@@ -68,6 +69,8 @@ class Federation:
     roles: dict[int, str] = field(default_factory=dict)
     node_keys: dict[int, bytes] | None = None
     scorer: Scorer | None = None
+    #: Node id → the name the operator knows it by (the kit's, or in simulation the node's own ``node-N``).
+    names: dict[int, str] = field(default_factory=dict)
     _vetted: set[int] = field(default_factory=set)  # evaluator claims already checked (each reported once)
     _strangers: set[str] = field(default_factory=set)  # fingerprints already alarmed in this run
 
@@ -83,6 +86,7 @@ class Federation:
         if self.node_keys is not None:
             online = [n for n in online if n in self.node_keys]  # strangers are never asked, never sampled
         query_timeout, poll = self.timeouts
+        reported: dict[int, str] = {}
         self.roles = discover_roles(
             self.grid,  # type: ignore[arg-type]
             online,
@@ -92,7 +96,9 @@ class Federation:
             poll,
             self.node_keys,
             self.flower_run_id,
+            names=reported,
         )
+        self.learn_names(reported, "node")  # a kit name, learnt above from the enrolled key, outranks these
         self.adopt_evaluator()
         return [n for n in online if self.roles.get(n) == "client"]
 
@@ -110,9 +116,26 @@ class Federation:
             fp = _fingerprint(key, node)
             if fp in enrolled:
                 allowed[node] = key
+                self.learn_names({node: enrolled[fp].name}, "kit")
             else:
                 self._stranger(node, fp, workdir)
         return allowed
+
+    def learn_names(self, names: dict[int, str], source: str) -> None:
+        """Record names not yet known (``kit``: bound to an enrolled key; ``node``: a node's own answer)."""
+        clean = {n: "".join(ch for ch in name if ch.isprintable())[:64] for n, name in names.items()}  # no escapes
+        new = {
+            n: name
+            for n, name in clean.items()
+            if name and self.names.get(n) != name and (source == "kit" or n not in self.names)
+        }
+        if new:
+            self.names.update(new)
+            self.store.record_node_names(self.run_id, new, source)
+
+    def label(self, node: int) -> str:
+        """How progress lines name a node: its name when known, else its SuperLink id."""
+        return self.names.get(node) or f"node {node}"
 
     def _stranger(self, node: int, fp: str, workdir: Path) -> None:
         """Record a stranger once per run: run store alarm, the operator's log and the audit log."""
@@ -188,6 +211,13 @@ class Federation:
             f"  round {rnd} held-out accuracy {m['accuracy']:.3f}, loss {m.get('loss', float('nan')):.3f}, "
             f"macro-F1 {m.get('macro_f1', float('nan')):.3f} ({score.evaluated_by})"
         )
+        classes = self.cfg.data.schema_.classes
+        for f in model_findings(m, self.cfg.fairness, rnd, classes):
+            if f.kind != "constant_model":  # a constant model is called out once it persists (below)
+                self.progress(f"  round {rnd}: {f.severity.upper()} {f.message}")
+        streak = constant_streak(self.store.evaluations(self.run_id)) if rnd > 0 else 0
+        if streak >= self.cfg.fairness.constant_rounds:
+            self.progress(constant_streak_line(rnd, streak, m, classes))
         return m
 
     def record_costs(self, rnd: int, aggregation_seconds: float | None) -> None:

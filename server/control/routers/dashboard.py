@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from common.errors import FedGuardError
+from common.fairness.model_findings import SUMMARY_KEYS
 from server.charts import line_chart
 from server.control import pages, views
 from server.control.auth import LOGIN_COOKIE, SESSION_COOKIE, Principal, check_login
@@ -110,7 +111,8 @@ def _run_charts(detail: dict[str, Any], rounds: list[dict[str, Any]], svc: Contr
     eo: dict[str, list[tuple[int, float]]] = {}
     for r in rounds:
         for k, v in r["metrics"].items():
-            if not isinstance(v, int | float) or k == "n":  # n: the evaluation set's size, not a score
+            # n, and what the model predicted (model findings' inputs), are not scores to chart
+            if not isinstance(v, int | float) or k == "n" or k in SUMMARY_KEYS:
                 continue
             if "loss" in k:
                 loss.setdefault(k, []).append((r["round"], float(v)))
@@ -118,7 +120,7 @@ def _run_charts(detail: dict[str, Any], rounds: list[dict[str, Any]], svc: Contr
                 metrics.setdefault(k, []).append((r["round"], float(v)))
         for c in r["clients"]:
             if c["epsilon"] is not None:
-                eps.setdefault(f"node {c['node_id']}", []).append((r["round"], float(c["epsilon"])))
+                eps.setdefault(c.get("name") or f"node {c['node_id']}", []).append((r["round"], float(c["epsilon"])))
         for att, d in ((r["fairness"] or {}).get("disparities") or {}).items():
             if d.get("demographic_parity_difference") is not None:
                 dp.setdefault(att, []).append((r["round"], float(d["demographic_parity_difference"])))
@@ -186,7 +188,8 @@ def start_submit(
 def run_page(run_id: RunId, p: Viewer, svc: Svc) -> HTMLResponse:
     detail = views.run_detail(svc.store_path, run_id)  # StoreError (no such run): the handler's 404 page
     rounds = views.run_rounds(svc.store_path, run_id)["rounds"]
-    nodes = sorted({c["node_id"] for r in rounds for c in r["clients"]})
+    names = {c["node_id"]: c.get("name") or f"node {c['node_id']}" for r in rounds for c in r["clients"]}
+    nodes = sorted(names, key=lambda n: (names[n], n))
 
     def cell(r: dict[str, Any], node: int) -> dict[str, Any] | None:
         return next((c for c in r["clients"] if c["node_id"] == node), None)
@@ -194,7 +197,18 @@ def run_page(run_id: RunId, p: Viewer, svc: Svc) -> HTMLResponse:
     cost = views.run_costs(svc.store_path, run_id)
     charts = _run_charts(detail, rounds, svc) | {"energy": _energy_chart(cost)}
     alarms = svc.alarms(run_id)
-    return page("run", p, run=detail, rounds=rounds, nodes=nodes, cell=cell, charts=charts, cost=cost, alarms=alarms)
+    return page(
+        "run",
+        p,
+        run=detail,
+        rounds=rounds,
+        nodes=nodes,
+        names=names,
+        cell=cell,
+        charts=charts,
+        cost=cost,
+        alarms=alarms,
+    )
 
 
 @router.post("/runs/{run_id}/stop")

@@ -1,0 +1,127 @@
+"""Findings about the model itself: a constant or skewed model, on every evaluation.
+
+The fairness audit needs sensitive columns; these findings do not. They read four numbers every
+evaluation reports with its accuracy (:func:`prediction_summary`), so a model that predicts the
+majority class for every row is called out whether or not the schema names a sensitive column:
+its accuracy is that class's share, not learning, and a report must never say "finished" over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from common.fairness.audit_findings import Finding
+from common.fairness.config import FairnessConfig
+
+#: Keys :func:`prediction_summary` adds to an evaluation's metrics (aggregates of the held-out set).
+PREDICTED_CLASSES = "predicted_classes"  # how many distinct classes the model predicted
+TOP_CLASS = "top_class"  # index of the class it predicted most
+TOP_CLASS_SHARE = "top_class_share"  # share of held-out rows predicted as that class
+POSITIVE_RATE = "positive_rate"  # binary: share of rows predicted as class 1
+BASE_RATE = "base_rate"  # binary: share of rows whose label is class 1
+SUMMARY_KEYS = (PREDICTED_CLASSES, TOP_CLASS, TOP_CLASS_SHARE, POSITIVE_RATE, BASE_RATE)
+
+#: What to try when a model collapses to one class; concrete, in config terms.
+CONSTANT_ADVICE = (
+    "lower train.learning_rate (e.g. halve it), raise train.batch_size (less DP noise per step), run more "
+    "rounds, and check the label balance of the nodes' data (a model that predicts the majority class scores "
+    "that class's share)"
+)
+
+
+def prediction_summary(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
+    """What the model predicted overall, as metrics: enough to tell a constant or skewed model."""
+    counts = np.bincount(y_pred.astype(np.int64), minlength=num_classes)
+    n = max(1, len(y_pred))
+    top = int(np.argmax(counts))
+    out = {
+        PREDICTED_CLASSES: float(np.count_nonzero(counts)),
+        TOP_CLASS: float(top),
+        TOP_CLASS_SHARE: float(counts[top] / n),
+    }
+    if num_classes == 2:
+        out[POSITIVE_RATE] = float(np.mean(y_pred == 1)) if len(y_pred) else 0.0
+        out[BASE_RATE] = float(np.mean(y_true == 1)) if len(y_true) else 0.0
+    return out
+
+
+def _class_name(index: int, classes: Sequence[str] | None) -> str:
+    return repr(classes[index]) if classes and 0 <= index < len(classes) else f"#{index}"
+
+
+def is_constant(metrics: Mapping[str, float]) -> bool:
+    """The model predicted one class for every held-out row (False when the evaluation predates the summary)."""
+    return PREDICTED_CLASSES in metrics and metrics[PREDICTED_CLASSES] <= 1
+
+
+def model_findings(
+    metrics: Mapping[str, float],
+    cfg: FairnessConfig | None = None,
+    round: int | None = None,
+    classes: Sequence[str] | None = None,
+) -> list[Finding]:
+    """A constant model (critical) or, for binary tasks, a predicted positive rate off the base rate by more
+    than ``cfg.prediction_skew_factor`` (warning). Empty for metrics without :func:`prediction_summary`."""
+    cfg = cfg or FairnessConfig()
+    common: dict[str, object] = {
+        "attribute": "(overall)",
+        "groups": [],
+        "first_seen_round": round,
+        "last_seen_round": round,
+    }
+    if is_constant(metrics):
+        top = _class_name(int(metrics.get(TOP_CLASS, 0)), classes)
+        acc = metrics.get("accuracy")
+        share = f": its accuracy {acc:.3f} is that class's share of the held-out set" if acc is not None else ""
+        return [
+            Finding(
+                kind="constant_model",
+                severity="critical",
+                value=1.0,
+                threshold=1.0,
+                message=f"the model predicts one class ({top}) for every held-out row{share}, not learning. "
+                f"Try: {CONSTANT_ADVICE}",
+                **common,  # type: ignore[arg-type]
+            )
+        ]
+    pos, base = metrics.get(POSITIVE_RATE), metrics.get(BASE_RATE)
+    if pos is None or base is None or base <= 0.0:
+        return []
+    factor = cfg.prediction_skew_factor
+    ratio = pos / base
+    if ratio <= factor and ratio >= 1.0 / factor:
+        return []
+    side = "above" if ratio > factor else "below"
+    return [
+        Finding(
+            kind="skewed_prediction_rate",
+            severity="warning",
+            value=pos,
+            threshold=factor * base if ratio > factor else base / factor,
+            message=f"the model predicts {_class_name(1, classes)} for {100 * pos:.1f}% of held-out rows against a "
+            f"base rate of {100 * base:.1f}% ({ratio:.2f}×, {side} the {factor:g}× limit): its errors fall mostly "
+            "on one class",
+            **common,  # type: ignore[arg-type]
+        )
+    ]
+
+
+def constant_streak(evaluations: Mapping[int, Mapping[str, float]]) -> int:
+    """How many of the latest evaluated rounds in a row (round 0, the initial model, excluded) were constant."""
+    streak = 0
+    for rnd in sorted((r for r in evaluations if r > 0), reverse=True):
+        if not is_constant(evaluations[rnd]):
+            break
+        streak += 1
+    return streak
+
+
+def constant_streak_line(rnd: int, streak: int, metrics: Mapping[str, float], classes: Sequence[str] | None) -> str:
+    """The round line's call-out for a model constant for ``streak`` consecutive rounds."""
+    top = _class_name(int(metrics.get(TOP_CLASS, 0)), classes)
+    return (
+        f"  round {rnd}: WARNING the model has predicted one class ({top}) for every held-out row for {streak} "
+        f"consecutive round(s). Try: {CONSTANT_ADVICE}"
+    )

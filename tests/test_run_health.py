@@ -1,0 +1,308 @@
+"""A run that degrades says so: nodes by name with their refusal reasons, model findings that never go silent,
+and one ε per node in every output (issues 19 and 27).
+
+The unit tests drive the real finding rules, the real round line and a real run store; the two slow tests
+run ``fedguard simulate`` as a user would and read what the user reads: the round lines, ``fedguard runs``,
+the privacy report, ``fedguard client budget`` and the dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common import records as R
+from common.fairness import FairnessConfig, constant_streak, model_findings, prediction_summary
+from server.store import RunStore
+from server.validation import Outcome
+from tests.helpers import ROOT, make_tabular, tabular_config
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# -- the model findings: on every evaluation, sensitive columns or not ------------------------------------------------
+def _binary(pos_rate: float, base_rate: float, n: int = 1000) -> dict[str, float]:
+    """Metrics of a model that predicts class 1 for ``pos_rate`` of ``n`` rows whose base rate is ``base_rate``."""
+    y_true = (np.arange(n) < round(base_rate * n)).astype(int)
+    y_pred = (np.arange(n)[::-1] < round(pos_rate * n)).astype(int)
+    return {"accuracy": float(np.mean(y_true == y_pred))} | prediction_summary(y_true, y_pred, 2)
+
+
+@pytest.mark.parametrize(
+    ("pos_rate", "base_rate", "flagged"),
+    [
+        (0.29, 0.20, False),  # 1.45× the base rate: inside the default 1.5×
+        (0.31, 0.20, True),  # 1.55×: above
+        (0.14, 0.20, False),  # 0.70× (1/1.43): inside
+        (0.13, 0.20, True),  # 0.65× (1/1.54): below
+    ],
+)
+def test_skewed_prediction_rate_on_both_sides_of_the_factor(pos_rate: float, base_rate: float, flagged: bool) -> None:
+    found = model_findings(_binary(pos_rate, base_rate), FairnessConfig(), 4, ["no", "yes"])
+    assert [f.kind for f in found] == (["skewed_prediction_rate"] if flagged else [])
+    if flagged:
+        f = found[0]
+        assert f.severity == "warning" and f.value == pytest.approx(pos_rate) and f.last_seen_round == 4
+        assert f"base rate of {100 * base_rate:.1f}%" in f.message and "'yes'" in f.message
+
+
+def test_the_skew_factor_comes_from_the_config() -> None:
+    metrics = _binary(0.31, 0.20)
+    assert model_findings(metrics, FairnessConfig(prediction_skew_factor=1.6)) == []
+    assert [f.kind for f in model_findings(metrics, FairnessConfig(prediction_skew_factor=1.5))] == [
+        "skewed_prediction_rate"
+    ]
+    with pytest.raises(ValueError, match="greater than 1"):
+        FairnessConfig(prediction_skew_factor=1.0)
+
+
+def test_a_constant_model_is_critical_for_binary_and_multiclass_tasks() -> None:
+    binary = _binary(0.0, 0.3)
+    (f,) = model_findings(binary, None, 2, ["neg", "pos"])
+    assert f.kind == "constant_model" and f.severity == "critical"
+    assert "one class ('neg') for every held-out row" in f.message and "0.700" in f.message
+    assert "train.learning_rate" in f.message and "label balance" in f.message  # what to try
+    y_true = np.array([0, 1, 2, 2, 1, 2])
+    multi = {"accuracy": 0.5} | prediction_summary(y_true, np.full(6, 2), 3)
+    assert [g.kind for g in model_findings(multi, None, 1, ["a", "b", "c"])] == ["constant_model"]
+    varied = prediction_summary(y_true, np.array([0, 1, 2, 2, 2, 2]), 3)
+    assert model_findings(varied) == [] and varied["predicted_classes"] == 3
+    assert model_findings({"accuracy": 0.9, "loss": 0.2}) == []  # an evaluation from before the summary
+
+
+def test_constant_streak_counts_the_latest_rounds_only() -> None:
+    const, varied = _binary(1.0, 0.6), _binary(0.5, 0.6)
+    assert constant_streak({0: const, 1: varied, 2: const, 3: const}) == 2
+    assert constant_streak({0: const, 1: const, 2: varied}) == 0
+    assert constant_streak({0: const}) == 0  # the initial model is not a round of training
+
+
+def test_k_constant_rounds_say_so_in_the_round_line_with_what_to_try(tmp_path: Path) -> None:
+    from server.rounds.base import Federation
+    from server.scoring import Score
+
+    cfg = tabular_config(fairness={"constant_rounds": 2, "federated_counts": False})
+    lines: list[str] = []
+    with RunStore(tmp_path / "runs.db") as store:
+        run = store.create_run(cfg.name, cfg.to_json(), cfg.digest(), None)
+        fed = Federation(
+            None, cfg, store, run, 0, {}, signed=False, evaluator_key="", meter=None,  # type: ignore[arg-type]
+            progress=lines.append, rng=np.random.default_rng(0),
+        )  # fmt: skip
+        for rnd, metrics in enumerate([_binary(0.4, 0.5), _binary(0.0, 0.5), _binary(0.0, 0.5), _binary(0.0, 0.5)]):
+            fed.record_score(rnd, Score(metrics, None, None, "server"))
+    warned = [line for line in lines if "consecutive" in line]
+    assert [re.match(r"  round (\d+):", w).group(1) for w in warned] == ["2", "3"]  # type: ignore[union-attr]
+    assert "for 2 consecutive round(s)" in warned[0] and "for 3 consecutive round(s)" in warned[1]
+    assert "one class ('0')" in warned[0] and "train.learning_rate" in warned[0] and "train.batch_size" in warned[0]
+
+
+def test_the_round_line_names_nodes_and_counts_each_status() -> None:
+    from server.app import _round_line
+
+    names = {11: "node-0", 12: "node-1", 13: "node-2"}
+    outcomes = [
+        Outcome(11, "accepted", values={R.EPSILON: 1.25}),
+        Outcome(12, "refused", "budget-exhausted (node log id abc123)"),
+        Outcome(13, "dropped", "no reply within 60s"),
+    ]
+    line = _round_line(2, 1, outcomes, True, 3.0, lambda n: names[n])
+    assert line.splitlines() == [
+        "  round 2: 1/3 accepted, 1 dropped, 1 refused in 3.0s; node-0: ε=1.25",
+        "  node-1 refused: budget-exhausted (node log id abc123)",
+        "  node-2 dropped: no reply within 60s",
+    ]
+
+
+def test_names_from_the_kit_outrank_what_a_node_says(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "runs.db") as store:
+        run = store.create_run("n", "{}", "h", None)
+        store.record_node_names(run, {1: "org-a"}, "kit")
+        store.record_node_names(run, {1: "impostor", 2: "node-2"}, "node")
+        assert store.node_names(run) == {1: "org-a", 2: "node-2"}
+        store.record_node_names(run, {2: "org-b"}, "kit")
+        assert store.node_names(run) == {1: "org-a", 2: "org-b"}
+
+
+# -- real runs ---------------------------------------------------------------------------------------------------------
+def _fedguard(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "fedguard.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=400
+    )
+
+
+def _write_config(tmp: Path, data: Path, schema: str, extra: str) -> Path:
+    toml = tmp / "run.toml"
+    toml.write_text(
+        f"""name = "health"
+seed = 3
+rounds = 3
+clients_per_round = 3
+[model]
+name = "ft-transformer"
+params = {{ d_model = 16, layers = 1, heads = 2 }}
+[train]
+batch_size = 32
+optimizer = "adam"
+learning_rate = 0.01
+[dp]
+target_epsilon = 4.0
+delta = 1e-4
+[data]
+validation_fraction = 0.2
+[data.schema]
+task = "tabular"
+label = "y"
+classes = ["0", "1"]
+{schema}
+[server]
+round_timeout = 120
+wait_for_nodes = 60
+{extra}
+[simulation]
+num_clients = 3
+data_path = "{data.name}"
+""",
+        encoding="utf-8",
+    )
+    return toml
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_node_that_refuses_every_round_is_named_everywhere_and_one_epsilon_holds(tmp_path: Path) -> None:
+    """node-1's owner gave it a budget one round cannot fit: it refuses every round, by name, with the reason;
+    the other nodes' ε is the same in `fedguard runs`, the privacy report, `fedguard client budget` and the
+    dashboard (the fairness counts release included), and δ is the total of every release."""
+    data = tmp_path / "data.csv"
+    make_tabular(600).to_csv(data, index=False)
+    schema = """sensitive = ["group"]
+features = [{name = "a", type = "numeric", range = [-3, 3]}, {name = "b", type = "numeric"},
+            {name = "c", type = "categorical", categories = ["x", "y", "z"]}]"""
+    toml = _write_config(tmp_path, data, schema, "")
+    toml.write_text(toml.read_text() + "budget_epsilon = [10.0, 0.05, 10.0]\n", encoding="utf-8")
+    work = tmp_path / "work"
+    proc = _fedguard(["simulate", "--config", str(toml), "--workdir", str(work)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    for rnd in (1, 2, 3):  # the round line: counts per status, then the refusing node by name with its reason
+        assert re.search(rf"  round {rnd}: 2/3 accepted, 1 refused in [\d.]+s; node-0: ε=[\d.]+, node-2: ε=", out), out
+    assert re.search(r"  node-1 refused: budget-exhausted \(node log id \w+\)", out)
+    assert "WARNING: node-1 refused every round it was asked (3): refused: budget-exhausted (node log ids " in out
+    store = work / "runs.db"
+
+    shown = _fedguard(["runs", "1", "--store", str(store)], tmp_path).stdout
+    assert re.search(r"run 1 finished WITH \d WARNING\(S\)", shown)  # (this small DP model may also end constant)
+    assert re.search(r"round 2: accuracy [\d.]+ .*; 2/3 accepted, 1 refused — node-1 refused: budget-exhausted", shown)
+    assert "node-1: ε spent –; refused 3/3" in shown and "WARNING: node-1 refused every round" in shown
+    listed = _fedguard(["runs", "--store", str(store)], tmp_path).stdout
+    assert re.search(r"1  finished   health  accuracy [\d.]+  WARNING: .*node-1 never contributed", listed), listed
+
+    privacy = ["report", "privacy", "1", "--store", str(store), "--format"]
+    report = json.loads(_fedguard([*privacy, "json"], tmp_path).stdout)
+    md = _fedguard([*privacy, "md"], tmp_path).stdout
+    assert "WARNING: node-1 refused every round" in md and "node-1, round 3: refused: budget-exhausted" in md
+    assert report["warnings"] and {c["name"] for c in report["clients"]} == {"node-0", "node-1", "node-2"}
+
+    # One ε: the summary, the privacy report, each node's ledger and the dashboard.
+    summary = json.loads(_fedguard(["runs", "1", "--store", str(store), "--json"], tmp_path).stdout)
+    by_summary = {n["name"]: n["epsilon"] for n in summary["nodes"]}
+    by_report = {c["name"]: c["epsilon_run"] for c in report["clients"]}
+    partitions = work / "partitions"
+    budget = json.loads(_fedguard(["client", "budget", "--workdir", str(partitions), "--json"], tmp_path).stdout)
+    by_ledger = {
+        f"node-{d['dataset_id'].removeprefix('sim-partition-')}": r["epsilon"]
+        for d in budget
+        for r in d["runs"]
+        if r["run_id"] == summary["ledger_run_key"]
+    }
+    from fastapi.testclient import TestClient
+
+    from server.control.app import create_app
+    from server.control.service import ControlService
+
+    svc = ControlService(tmp_path / "control", store)
+    _, token = svc.users.add("reviewer", "reviewer")
+    api = TestClient(create_app(svc), base_url="https://testserver")
+    detail = api.get("/api/runs/1", headers={"Authorization": f"Bearer {token}"}).json()
+    by_dashboard = {n["name"]: n["epsilon"] for n in detail["health"]["nodes"]}
+    assert by_summary["node-1"] is None and by_report["node-1"] is None and "node-1" not in by_ledger
+    for name in ("node-0", "node-2"):
+        assert by_summary[name] == pytest.approx(by_report[name], abs=1e-12)
+        assert by_ledger[name] == pytest.approx(by_summary[name], rel=1e-9)
+        assert by_dashboard[name] == pytest.approx(by_summary[name], abs=1e-12)
+    counted = {c["name"]: c["count_release"] for c in report["clients"]}
+    assert counted["node-0"]["status"] == "accepted" and counted["node-0"]["epsilon_run"] == by_report["node-0"]
+    # δ in total: the accountant's (the node's budget δ for its last release, the counts) plus their selection.
+    assert summary["delta_total"] == pytest.approx(1e-5 + 1e-7) == report["delta_total"]
+    assert detail["health"]["delta_total"] == pytest.approx(summary["delta_total"])
+    assert detail["health"]["warnings"] == summary["warnings"] == report["warnings"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_constant_model_without_sensitive_columns_ends_with_a_warning(tmp_path: Path) -> None:
+    """Every row carries the same feature value, so the model can only ever predict one class; no sensitive
+    column, so no fairness audit: the model findings still run, in the round lines, the summary,
+    `fedguard runs` and the privacy report."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.csv"
+    pd.DataFrame({"a": np.ones(500), "y": (rng.random(500) < 0.3).astype(int)}).to_csv(data, index=False)
+    schema = 'features = [{name = "a", type = "numeric", range = [-3, 3]}]'
+    toml = _write_config(tmp_path, data, schema, "[fairness]\nconstant_rounds = 2")
+    work = tmp_path / "work"
+    proc = _fedguard(["simulate", "--config", str(toml), "--workdir", str(work)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert re.search(r"  round 2: WARNING the model has predicted one class \('[01]'\) for every held-out row for 2 "
+                     r"consecutive round\(s\)\. Try: lower train\.learning_rate", out), out  # fmt: skip
+    assert "round 1: WARNING" not in out  # k = 2: one constant round is not yet a pattern
+    assert "run 1 finished WITH 1 WARNING(S)" in out
+    assert re.search(r"WARNING: the model predicts one class \('[01]'\) for every held-out row: its accuracy", out)
+    store = work / "runs.db"
+    listed = _fedguard(["runs", "--store", str(store)], tmp_path).stdout
+    assert re.search(r"1  finished   health  accuracy [\d.]+  WARNING: CONSTANT MODEL", listed), listed
+    md = _fedguard(["report", "privacy", "1", "--store", str(store), "--format", "md"], tmp_path).stdout
+    assert "finished, WITH 1 WARNING(S)" in md and "WARNING: the model predicts one class" in md
+
+
+def test_in_deployment_nodes_take_their_kit_names_from_the_enrolled_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from common.reply_signing import key_fingerprint
+    from server.enrollment import WORKDIR_ENV, Enrolled, write_enrolled
+    from server.rounds.base import Federation
+
+    def pem() -> bytes:
+        key = ec.generate_private_key(ec.SECP384R1()).public_key()
+        return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    org_a, org_b = pem(), pem()
+    write_enrolled(
+        tmp_path, [Enrolled(n, "client", key_fingerprint(k)) for n, k in (("org-a", org_a), ("org-b", org_b))]
+    )
+    monkeypatch.setenv(WORKDIR_ENV, str(tmp_path))
+    cfg = tabular_config()
+    with RunStore(tmp_path / "runs.db") as store:
+        run = store.create_run(cfg.name, cfg.to_json(), cfg.digest(), None)
+        fed = Federation(
+            None, cfg, store, run, 0, {}, signed=True, evaluator_key="", meter=None,  # type: ignore[arg-type]
+            progress=lambda _: None, rng=np.random.default_rng(0),
+        )  # fmt: skip
+        fed.learn_names({7: "impostor\x1b[31m"}, "node")  # what a node says of itself is cleaned, and outranked
+        assert fed.enrolled_keys({7: org_a, 8: org_b}) == {7: org_a, 8: org_b}
+        assert store.node_names(run) == {7: "org-a", 8: "org-b"} and fed.label(8) == "org-b"
+        fed.learn_names({9: "node-9\x1b[0m"}, "node")
+        assert fed.label(9) == "node-9[0m" and fed.label(10) == "node 10"
