@@ -18,14 +18,18 @@ from common.fairness import Audit, FairnessConfig, audit, dataset_fingerprint, p
 
 @torch.no_grad()
 def predict(model: nn.Module, data: Encoded, batch_size: int = 512) -> tuple[np.ndarray, float]:
-    """Class probabilities for every row, and the mean cross-entropy loss."""
+    """Class probabilities for every row, and the mean cross-entropy loss (0 rows: no rows, loss 0).
+
+    Under ``inference_mode``: no autograd graph, so scoring a held-out set costs a forward pass only.
+    """
     model.eval()
     probs, loss = [], 0.0
-    for i in range(0, len(data), batch_size):
-        logits = model(data.x[i : i + batch_size])
-        loss += nn.functional.cross_entropy(logits, data.y[i : i + batch_size], reduction="sum").item()
-        probs.append(torch.softmax(logits, -1))
-    return torch.cat(probs).numpy(), loss / len(data)
+    with torch.inference_mode():
+        for i in range(0, max(len(data), 1), batch_size):  # one (empty) pass for 0 rows: the right shape
+            logits = model(data.x[i : i + batch_size])
+            loss += nn.functional.cross_entropy(logits, data.y[i : i + batch_size], reduction="sum").item()
+            probs.append(torch.softmax(logits, -1))
+    return torch.cat(probs).numpy(), loss / max(len(data), 1)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
