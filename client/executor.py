@@ -14,6 +14,10 @@ starts nothing itself; this long-lived process takes that role. For each task it
    imported across rounds: no process start or import per message), and
 5. pushes the reply and the updated context (``context.state`` carries DP history).
 
+Each task gets a line when it starts (run, round, message) and when it ends (status, elapsed
+seconds), in the executor's log and, when ``fedguard client start`` runs in the foreground, on the
+owner's terminal (``--progress-fd``), where local training also draws its bar (``common.progress``).
+
 The FAB's own code is never written to disk, put on ``sys.path`` or imported. Refusals leave as
 a Flower ``Error`` reply (``INVALID_FAB``) whose reason carries no node data; crashes leave as a
 code plus a local log id (exception text can quote private data and stays in the local log).
@@ -46,6 +50,7 @@ from pathlib import Path
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from common import progress
 from common.errors import FedGuardError
 from common.flower_internals import ErrorCode, RuntimeApi, RuntimeApiRejected
 
@@ -142,7 +147,7 @@ class TaskRecord:
     task_id: int
     run_id: int
     message_type: str
-    group_id: str
+    group_id: str  # FedGuard's server sets it to the round
     status: str  # completed | refused | failed
     reason: str | None
     acquired_at: float
@@ -150,6 +155,23 @@ class TaskRecord:
     app_seconds: float
     push_seconds: float
     total_seconds: float
+    message_id: str = ""
+
+    @property
+    def what(self) -> str:
+        return task_label(self.task_id, self.run_id, self.message_type, self.group_id, self.message_id)
+
+
+def task_label(task_id: int, run_id: int, message_type: str, group_id: str, message_id: str) -> str:
+    """``run 7 round 3: train message 1a2b3c4d``: which work a task is, for the owner's eyes."""
+    where = f"run {run_id}" + (f" round {group_id}" if group_id.isdigit() else "")
+    return f"{where}: {message_type or 'task'} " + (f"message {message_id[:8]}" if message_id else f"task {task_id}")
+
+
+def _announce(line: str, level: int = logging.INFO) -> None:
+    """To the executor's log and, when the node runs in the foreground, to the owner's terminal."""
+    log.log(level, "%s", line)
+    progress.say_on_terminal(line)
 
 
 def load_installed_clientapp(ref: str = CLIENTAPP_REF) -> ClientApp:
@@ -256,6 +278,8 @@ class NodeExecutor:
             task = api.pull_task_input()
             message, context = task.message, task.context
             pull_s = time.perf_counter() - t0
+            m = message.metadata
+            _announce(f"{task_label(task_id, run_id, m.message_type, m.group_id, m.message_id)} started")
             try:
                 check_fab(task.fab_content, self.expected, task.fab_id, task.fab_version)
             except FabRefused as exc:
@@ -301,6 +325,7 @@ class NodeExecutor:
             app_seconds=app_s,
             push_seconds=push_s,
             total_seconds=0.0,
+            message_id=str(md.message_id) if md else "",
         )
 
     def _call_app(self, message: Message, context: Context) -> tuple[Message, str, str | None]:
@@ -314,17 +339,11 @@ class NodeExecutor:
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message), "failed", reason
 
     def _record(self, record: TaskRecord) -> None:
-        log.info(
-            "task %d run %d %s %s: %s in %.2fs (pull %.2fs, app %.2fs, push %.2fs)",
-            record.task_id,
-            record.run_id,
-            record.message_type,
-            record.group_id,
-            record.status,
-            record.total_seconds,
-            record.pull_seconds,
-            record.app_seconds,
-            record.push_seconds,
+        _announce(
+            f"{record.what} {record.status} in {record.total_seconds:.2f}s "
+            f"(pull {record.pull_seconds:.2f}s, app {record.app_seconds:.2f}s, push {record.push_seconds:.2f}s)"
+            + (f": {record.reason}" if record.reason else ""),
+            logging.INFO if record.status == "completed" else logging.WARNING,
         )
         if self.events_path is not None:
             with self.events_path.open("a", encoding="utf-8") as f:
@@ -356,10 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, default=0.2, help="seconds between task polls when idle")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     parser.add_argument("--events", type=Path, help="append one JSON line per task here")
+    parser.add_argument(
+        "--progress-fd", type=int, help="an inherited file descriptor of the owner's terminal: task lines and bars"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # The log (stderr) goes to a file: plain text, no colour codes from Flower or anyone else.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(progress.PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    progress.no_colour_codes()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.progress_fd is not None:
+        progress.attach_terminal(os.fdopen(args.progress_fd, "w", buffering=1, closefd=False))
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

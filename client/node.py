@@ -21,6 +21,7 @@ from typing import Any
 from common.config import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON, RunConfig
 from common.errors import ConfigError
 from common.policy import NodePolicy, load_policy
+from common.progress import PlainFormatter
 from common.schema import DataSchema, load_schema
 
 #: Schema fields that shape the model: a node's own schema must agree on them.
@@ -129,13 +130,16 @@ def _policy(node_config: dict[str, Any], role: str) -> NodePolicy | None:
 
 
 def node_logger(workdir: Path) -> logging.Logger:
-    """The node's local log (``workdir/node.log``): full error text stays here, never in replies."""
+    """The node's local log (``workdir/node.log``): full error text stays here, never in replies.
+
+    Plain text: escape codes that reach a record (a library's coloured message) are stripped.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     name = f"fedguard.node.{workdir}"
     log = logging.getLogger(name)
     if not log.handlers:
         handler = logging.FileHandler(workdir / "node.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False

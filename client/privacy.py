@@ -193,7 +193,7 @@ class NodePrivacy:
         """
         cfg, s = self.cfg, self.settings
         if not cfg.dp.enabled:
-            return train_local(model, data, cfg, None, device), {}
+            return train_local(model, data, cfg, None, device, log=node_logger(s.workdir), label=f"round {round_}"), {}
         first = self.earlier_calibration() is None
         plan = self.plan(len(data))
         self.admit("train", plan)
@@ -212,7 +212,8 @@ class NodePrivacy:
         )
         # Recorded (and the budget checked) before any training: a crash from here on over-counts.
         with self._reserved(release, plan.delta) as spend:
-            result = train_local(model, data, cfg, plan, device)  # DPIntegrityError: stays pending
+            # DPIntegrityError: stays pending. Steps done / total go to the node log as it trains.
+            result = train_local(model, data, cfg, plan, device, log=node_logger(s.workdir), label=f"round {round_}")
         if result.guards is not None:
             g = result.guards
             node_logger(s.workdir).info(

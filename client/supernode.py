@@ -18,6 +18,7 @@ Files in the node's ``workdir``: ``supernode.log``, ``executor.log``, ``executor
 (one line per task: status, pull/app/push seconds), ``node-config.toml`` (what the ClientApp
 sees as ``context.node_config``), ``superexec.secret`` (0600) and, while the node is connected,
 ``supernode.session`` (left behind by a crash, it lets the restarted node take its place at once).
+Log files are plain text: the processes writing them turn colour codes off (``common.progress``).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import tomli_w
 
+from common import progress
 from common.errors import FedGuardError
 from common.kit.keys import load_node_private_key
 from common.processes import flwr_env, free_port, log_tail, stop_child
@@ -106,6 +108,7 @@ class SuperNode:
         isolation: str = "process",
         poll_interval: float = 0.2,
         fleet_poll_interval: float | None = None,
+        progress_terminal: TextIO | None = None,
     ) -> None:
         """``node_config`` is what the ClientApp reads (``data-path``, ``workdir``, ...); ``auth-key-path``
         is added so replies are signed with the node key. ``executor=False`` starts the SuperNode
@@ -114,7 +117,10 @@ class SuperNode:
         for baseline benchmarks only, never for a FedGuard node. ``fleet_poll_interval``
         (experimental, off by default) shortens the SuperNode's fixed 3 s idle wait between pulls
         from the SuperLink and its object-retry backoff (a patch of Flower internals); measured by
-        bench/round_overhead.py with no clear gain on 2 shared cores, where object transfers dominate."""
+        bench/round_overhead.py with no clear gain on 2 shared cores, where object transfers dominate.
+        ``progress_terminal`` (the owner's terminal, ``fedguard client start`` in the foreground): the
+        executor prints each task's start and end there and draws local training's bar; a stream that
+        is not a terminal (or a ``TERM=dumb`` one) is ignored: the executor's log has the same lines."""
         self.workdir = Path(workdir).resolve()
         self.superlink = superlink
         self.root_certificates = Path(root_certificates).resolve()
@@ -131,6 +137,8 @@ class SuperNode:
         self.isolation = isolation
         self.poll_interval = poll_interval
         self.fleet_poll_interval = fleet_poll_interval
+        handed = progress_terminal if progress.capable_terminal(progress_terminal) else None
+        self._progress_fd = handed.fileno() if handed is not None else None
         self.node_id: int | None = None
         self._take_over: int | None = None  # node id of a crashed session of this workdir to take over
         self._sn: subprocess.Popen[bytes] | None = None
@@ -229,18 +237,22 @@ class SuperNode:
             str(os.getpid()),
             "--events",
             str(self.events_path),
+            *(["--progress-fd", str(self._progress_fd)] if self._progress_fd is not None else []),
         ]
 
-    def _spawn(self, cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, cmd: list[str], log: Path, pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         f = log.open("ab")
         self._logs.append(f)
         return subprocess.Popen(
             cmd,
             cwd=self.workdir,
-            env=flwr_env(self.workdir / "flwr-home"),
+            env=flwr_env(self.workdir / "flwr-home", env),
             stdin=subprocess.DEVNULL,
             stdout=f,
             stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
         )
 
     def start(self, timeout: float = 90.0) -> SuperNode:
@@ -260,7 +272,11 @@ class SuperNode:
         self._take_over = self._crashed_session()
         self._sn = self._spawn(self.supernode_command(), self.supernode_log)
         if self.with_executor:
-            self._ex = self._spawn(self.executor_command(), self.executor_log)
+            terminal: tuple[int, ...] = ()
+            env: dict[str, str] | None = None
+            if self._progress_fd is not None:  # the terminal's own type, not the TERM=dumb of Flower's processes
+                terminal, env = (self._progress_fd,), {"TERM": os.environ.get("TERM", "")}
+            self._ex = self._spawn(self.executor_command(), self.executor_log, pass_fds=terminal, env=env)
 
     def wait_ready(self, timeout: float = 90.0) -> SuperNode:
         """Wait for "SuperNode ID" in its log and the executor's ready line; a diagnosed error otherwise."""
@@ -335,6 +351,8 @@ def run_supernode(argv: list[str]) -> None:
     """
     from common import flower_internals
 
+    if not sys.stdout.isatty():  # the launcher's supernode.log: plain text
+        progress.no_colour_codes()
     flower_internals.clean_up_receives_of_stopped_runs()
     while argv[:1] in (["--fleet-poll-interval"], ["--take-over-session"]) and len(argv) > 1:
         option, value, argv = argv[0], argv[1], argv[2:]

@@ -23,6 +23,7 @@ Utility options (``[train]``), none of which touches the privacy accounting:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -43,11 +44,17 @@ from common.data import Encoded
 from common.devices import loader_options
 from common.models import MODELS, model_max_len
 from common.privacy import DPPlan, History
+from common.progress import Progress
 
 # Opacus's hooks on the first trained layer above a frozen one (LoRA over frozen embeddings, or
 # integer inputs) make torch warn that no input requires a gradient; the per-sample gradients of the
 # layer's own parameters are unaffected (client.preflight checks them against exact gradients).
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+#: Where local-step progress goes when the caller names no node log (the executor's log, in deployment).
+_log = logging.getLogger("fedguard.node.training")
+#: Local-step progress lines: at most one per this many seconds and per tenth of the round (the rarer).
+PROGRESS_EVERY_S = 5.0
 
 
 @dataclass
@@ -181,12 +188,16 @@ def train_local(
     device: torch.device,
     *,
     guards: bool = True,
+    log: logging.Logger | None = None,
+    label: str = "local training",
 ) -> LocalResult:
     """Train ``model`` in place for ``cfg.train.local_epochs``; with ``plan``, under DP-SGD.
 
     ``model`` arrives holding the global model; FedProx pulls towards that snapshot. Under DP the
     integrity guards (``client.dp_guards``) check every step and the finished round against the
     plan and raise ``DPIntegrityError`` (nothing may be sent); ``guards=False`` is for benchmarks only.
+    Local steps done / total go to ``log`` (the node's log) as ``label: steps k/N`` lines, at most
+    every 10% and 5 s, and as a bar on the process's terminal when it has one (``common.progress``).
     """
     model.to(device).train()
     tc = cfg.train
@@ -245,6 +256,9 @@ def train_local(
         if guard is not None:
             guard.attach(optimizer, trained)  # type: ignore[arg-type]
     steps = 0
+    # Logical (DP) steps: the plan's count under DP, the loader's batches × epochs without.
+    total = plan.steps_per_round if plan is not None else len(loader) * tc.local_epochs
+    meter = Progress(total, label, log=log or _log, every_s=PROGRESS_EVERY_S)
 
     def after_step() -> None:
         """One logical step was taken: warm-up schedule and FedProx's proximal step."""
@@ -256,42 +270,44 @@ def train_local(
                 for p, g in zip(params, anchor, strict=True):
                     p.sub_(pull * (p - g))
         steps += 1
+        meter.update(steps)
         if tc.warmup_steps:
             _set_lr(optimizer, tc.learning_rate * min(1.0, (steps + 1) / tc.warmup_steps))
 
     if tc.warmup_steps:
         _set_lr(optimizer, tc.learning_rate / tc.warmup_steps)
-    for _ in range(tc.local_epochs):
-        if engine is not None and physical is not None:
-            with BatchMemoryManager(
-                data_loader=loader,
-                max_physical_batch_size=physical,
-                optimizer=optimizer,  # type: ignore[arg-type]
-            ) as physical_loader:
-                for xb, yb in physical_loader:
-                    xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                    optimizer.zero_grad(set_to_none=True)
-                    criterion(trained(xb), yb).backward()
-                    optimizer.step()
-                    if not getattr(optimizer, "_is_last_step_skipped", False):
-                        after_step()
-            continue
-        for xb, yb in loader:
-            if noise_only_when_empty and len(yb) == 0:
-                _noise_only_step(optimizer)
-                after_step()
+    with meter:  # its final line, k/N, is written even when a step raises
+        for _ in range(tc.local_epochs):
+            if engine is not None and physical is not None:
+                with BatchMemoryManager(
+                    data_loader=loader,
+                    max_physical_batch_size=physical,
+                    optimizer=optimizer,  # type: ignore[arg-type]
+                ) as physical_loader:
+                    for xb, yb in physical_loader:
+                        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                        optimizer.zero_grad(set_to_none=True)
+                        criterion(trained(xb), yb).backward()
+                        optimizer.step()
+                        if not getattr(optimizer, "_is_last_step_skipped", False):
+                            after_step()
                 continue
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            if engine is None and physical is not None and len(yb) > physical:
-                for xp, yp in _physical_batches(xb, yb, physical):  # plain gradient accumulation
-                    (criterion(trained(xp), yp) * (len(yp) / len(yb))).backward()
-            else:
-                criterion(trained(xb), yb).backward()
-            if engine is None and tc.clip_without_dp:
-                nn.utils.clip_grad_norm_(params, cfg.dp.max_grad_norm)
-            optimizer.step()
-            after_step()
+            for xb, yb in loader:
+                if noise_only_when_empty and len(yb) == 0:
+                    _noise_only_step(optimizer)
+                    after_step()
+                    continue
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                if engine is None and physical is not None and len(yb) > physical:
+                    for xp, yp in _physical_batches(xb, yb, physical):  # plain gradient accumulation
+                        (criterion(trained(xp), yp) * (len(yp) / len(yb))).backward()
+                else:
+                    criterion(trained(xb), yb).backward()
+                if engine is None and tc.clip_without_dp:
+                    nn.utils.clip_grad_norm_(params, cfg.dp.max_grad_norm)
+                optimizer.step()
+                after_step()
     if engine is not None:
         if hasattr(trained, "_close"):
             trained._close()  # remove Opacus hooks from the original module

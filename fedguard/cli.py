@@ -94,6 +94,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     checked_args(args)  # --mlflow-uri: MLflow installed and the store usable, before the run
     workdir = Path(args.workdir or Path(args.config).with_suffix("").name + "-sim")
     t0 = time.perf_counter()
+    if not args.json:  # a bar on a terminal; with --json (or not a terminal) plain progress lines only
+        from common.progress import attach_terminal
+
+        attach_terminal(sys.stdout)
     result = simulate(cfg, workdir, Path(args.store) if args.store else None, ray_address=args.ray_address)
     _print_summary(result.store_path, result.run_id, args.json)
     if not args.json:

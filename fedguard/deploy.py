@@ -12,7 +12,10 @@ import argparse
 import json
 import os
 import signal
+import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +240,12 @@ def cmd_node_start(args: argparse.Namespace, role: str) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "node-start.json").write_text(json.dumps({"role": role, "policy": node_config["policy-path"]}))
     node = SuperNode(
-        workdir, superlink=args.superlink, root_certificates=kit.ca_cert, private_key=key, node_config=node_config
+        workdir,
+        superlink=args.superlink,
+        root_certificates=kit.ca_cert,
+        private_key=key,
+        node_config=node_config,
+        progress_terminal=sys.stdout,  # local steps as a bar when the owner runs it in a terminal
     )
     print(f"connecting to {args.superlink} ...", flush=True)
     node.start()
@@ -332,14 +340,39 @@ def _submit(args: argparse.Namespace, config: Path | None, config_json: str, wha
     print(f"submitted {what} as Flower run {run_id}; run store {store}", flush=True)
     if not args.follow:
         return 0
-    status = wait_for_run(run_id, address, ca, home, timeout=args.timeout)
-    print(run_logs(run_id, address, ca, home))
+    log = _LogFollower(lambda: run_logs(run_id, address, ca, home))
+    status = wait_for_run(run_id, address, ca, home, timeout=args.timeout, poll=2.0, on_poll=log.poll)
+    log.flush()
     print(f"run {run_id}: {status.status}")
     if status.succeeded and getattr(args, "mlflow_uri", None):
         from fedguard.tracking import log_after_run, store_run_id
 
         log_after_run(args, store, store_run_id(store, run_id))
     return 0 if status.succeeded else 1
+
+
+class _LogFollower:
+    """Prints the ServerApp log's new lines while a run works (round N/T, replies, ETA), every ``every_s``."""
+
+    def __init__(self, read: Callable[[], str], every_s: float = 10.0) -> None:
+        self.read, self.every_s, self.shown, self.last = read, every_s, 0, time.monotonic()
+
+    def poll(self) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last = time.monotonic()
+        try:
+            text = self.read()
+        except FedGuardError as exc:  # the log is a courtesy; the run's status decides the outcome
+            print(f"(could not read the run log: {exc.what})", flush=True)
+            return
+        if len(text) < self.shown:  # the log restarted (a new ServerApp of the run): show it all
+            self.shown = 0
+        new, self.shown = text[self.shown :], len(text)
+        if new.strip():
+            print(new.rstrip("\n"), flush=True)
 
 
 def cmd_run_start(args: argparse.Namespace) -> int:

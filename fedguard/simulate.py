@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from common.config import RunConfig
 from common.data import read_table, split_indices
 from common.errors import ConfigError
 from common.partition import describe_parts, partition_frame
+from common.progress import no_colour_codes
 from server.app import Progress, RunResult, make_server_app
 from server.checkpoint import Checkpoint
 from server.planning import NodePlan, plan_federation
@@ -127,6 +129,8 @@ def run_on_simulation(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not sys.stdout.isatty():  # a log file: no colour codes from Ray's worker prefixes or Flower
+        no_colour_codes()
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.WARNING)
     # FedGuard drives the simulation engine through its Python API on purpose (one process,

@@ -31,6 +31,7 @@ from common.codec import state_to_numpy
 from common.config import RunConfig, config_from_json
 from common.errors import ConfigError, FedGuardError
 from common.models import build_model, describe_model
+from common.progress import RunProgress, terminal
 from common.resources import EnergyModel, Meter
 from server import federated_fairness
 from server.checkpoint import Checkpoint, checkpoint_dir, latest_good
@@ -139,11 +140,15 @@ def run_federation(
         if (score := protocol.start(resuming=resume is not None)) is not None:
             metrics = fed.record_score(0, score)
         fed.record_costs(0, None)
-        for rnd in range((resume.round + 1) if resume else 1, cfg.rounds + 1):
-            updated, seconds = _play_round(fed, protocol, rnd)
-            if (score := protocol.conclude(rnd, updated)) is not None:
-                metrics = fed.record_score(rnd, score)
-            fed.record_costs(rnd, seconds)
+        first = (resume.round + 1) if resume else 1
+        # Rounds done / total with elapsed time and ETA; a bar when the CLI attached its terminal.
+        with RunProgress(cfg.rounds, progress, first_round=first, stream=terminal()) as run:
+            for rnd in range(first, cfg.rounds + 1):
+                updated, seconds = _play_round(fed, protocol, rnd, run)
+                if (score := protocol.conclude(rnd, updated)) is not None:
+                    metrics = fed.record_score(rnd, score)
+                fed.record_costs(rnd, seconds)
+                run.round_done(rnd)
         if cfg.wants_federated_counts:
             _federated_counts(fed, protocol)
         store.finish_run(run_id, "finished")
@@ -155,7 +160,7 @@ def run_federation(
     return RunResult(run_id=run_id, store_path=store_path, final_metrics=metrics)
 
 
-def _play_round(fed: Federation, protocol: RoundProtocol, rnd: int) -> tuple[bool, float]:
+def _play_round(fed: Federation, protocol: RoundProtocol, rnd: int, run: RunProgress) -> tuple[bool, float]:
     """Sample, send, take each reply through the envelope and the protocol, aggregate; retry a short round.
 
     Returns whether the global model moved and the server's aggregation seconds.
@@ -170,7 +175,8 @@ def _play_round(fed: Federation, protocol: RoundProtocol, rnd: int) -> tuple[boo
             + (f" (attempt {attempt})" if attempt > 1 else "")
         )
         needed = fed.needed(len(sampled))
-        collected, intake_seconds = _collect(fed, protocol, rnd, messages)
+        run.round_started(rnd, len(messages))
+        collected, intake_seconds = _collect(fed, protocol, rnd, messages, run)
         outcomes, seconds = outcomes + collected, seconds + intake_seconds
         result = Aggregate(False)
         if sum(o.status == "accepted" for o in outcomes) >= needed:
@@ -195,7 +201,7 @@ def _play_round(fed: Federation, protocol: RoundProtocol, rnd: int) -> tuple[boo
 
 
 def _collect(
-    fed: Federation, protocol: RoundProtocol, rnd: int, messages: list[Message]
+    fed: Federation, protocol: RoundProtocol, rnd: int, messages: list[Message], run: RunProgress
 ) -> tuple[list[Outcome], float]:
     """Each reply through the shared envelope, then the protocol, as it arrives (streaming: nothing is kept);
     the round's outcomes for ``messages`` and the server's intake seconds."""
@@ -204,6 +210,7 @@ def _collect(
 
     def intake(reply: Message) -> None:
         nonlocal seconds
+        run.replied(rnd, fed.label(reply.metadata.src_node_id))
         t0 = time.perf_counter()
         outcomes.append(gate.check(reply) or protocol.accept(reply))
         seconds += time.perf_counter() - t0

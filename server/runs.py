@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,14 +371,24 @@ def run_status(run_id: int, superlink_address: str, ca: Path, flwr_home: Path) -
 
 
 def wait_for_run(
-    run_id: int, superlink_address: str, ca: Path, flwr_home: Path, *, timeout: float = 600.0, poll: float = 2.0
+    run_id: int,
+    superlink_address: str,
+    ca: Path,
+    flwr_home: Path,
+    *,
+    timeout: float = 600.0,
+    poll: float = 2.0,
+    on_poll: Callable[[], None] | None = None,
 ) -> RunStatus:
-    """Poll until the run finishes; a ``RunError`` after ``timeout`` seconds."""
+    """Poll until the run finishes; a ``RunError`` after ``timeout`` seconds. ``on_poll`` runs after each poll
+    (``run start --follow`` prints the ServerApp's new log lines there: progress while the run works)."""
     deadline = time.monotonic() + timeout
     while True:
         status = run_status(run_id, superlink_address, ca, flwr_home)
         if status.finished:
             return status
+        if on_poll is not None:
+            on_poll()
         if time.monotonic() > deadline:
             raise RunError(
                 f"run {run_id} still {status.status} after {timeout:g}s",

@@ -70,6 +70,10 @@ def superexec_command(address: str, ca_cert: str, secret_file: str, parent_pid: 
 
 def main(argv: list[str]) -> None:
     from common.flower_internals import run_flower_superexec, run_flower_superlink
+    from common.progress import no_colour_codes
+
+    if not sys.stdout.isatty():  # superlink.log: no colour codes
+        no_colour_codes()
 
     if not argv or argv[0] not in ("superlink", "superexec"):
         sys.exit("usage: python -m server.superlink_launch superlink|superexec <flower args>")

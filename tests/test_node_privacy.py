@@ -67,7 +67,9 @@ def trained(monkeypatch: pytest.MonkeyPatch) -> list[DPPlan | None]:
     """Replace DP-SGD with a recorder: the plans it was called with (the facade's order is under test)."""
     calls: list[DPPlan | None] = []
 
-    def fake_train(model: object, data: object, cfg: RunConfig, plan: DPPlan | None, device: object) -> LocalResult:
+    def fake_train(
+        model: object, data: object, cfg: RunConfig, plan: DPPlan | None, device: object, **_: object
+    ) -> LocalResult:
         calls.append(plan)
         if plan is None:
             return LocalResult(history=[], steps=1)
@@ -110,7 +112,7 @@ def test_policy_refusal_comes_before_the_ledger(tmp_path: Path, trained: list[DP
 
 
 def test_a_failed_release_stays_pending_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def crash(*_: object) -> LocalResult:
+    def crash(*_: object, **__: object) -> LocalResult:
         raise RuntimeError("killed mid-training")
 
     monkeypatch.setattr(facade, "train_local", crash)
