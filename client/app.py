@@ -386,7 +386,7 @@ def _fairness_counts(msg: Message, context: Context, cfg: RunConfig, settings: N
             R.METRICS: MetricRecord(
                 {
                     R.EPSILON: spend.epsilon_run,
-                    R.DELTA: settings.budget_delta,
+                    R.DELTA: cfg.dp.delta,
                     R.NOISE_MULTIPLIER: fc.count_noise_multiplier,
                     R.EPSILON_TOTAL: spend.epsilon_total,
                     R.BUDGET_EPSILON: settings.budget_epsilon,

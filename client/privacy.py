@@ -241,7 +241,11 @@ class NodePrivacy:
     def release_counts(
         self, counts: Counts, *, round_: int, message_id: str | None, min_group_size: int
     ) -> tuple[NoisyCounts, Spend]:
-        """Noise a node's confusion counts as one Gaussian release (q = 1), reserved before the noise is drawn."""
+        """Noise a node's confusion counts as one Gaussian release (q = 1), reserved before the noise is drawn.
+
+        Its ``epsilon_run`` composes the run's releases at the run's δ (``dp.delta``), like every round's: the
+        owner's budget δ only checks the budget and states the dataset's total (``epsilon_total``).
+        """
         fc = self.cfg.fairness
         mechanism = counts_mechanism(fc.count_noise_multiplier, len(counts))
         release = self._release(
@@ -250,12 +254,12 @@ class NodePrivacy:
             noise_multiplier=mechanism.noise_multiplier,
             sample_rate=1.0,
             steps=1,
-            delta=self.settings.budget_delta,
+            delta=self.cfg.dp.delta,  # one δ for every release of a run: its ε composes with the rounds'
             max_grad_norm=mechanism.sensitivity,  # the L2 sensitivity: one cell per table
             accountant=self.cfg.dp.accountant,
             mechanism="gaussian-counts",
         )
-        with self._reserved(release, self.settings.budget_delta) as spend:
+        with self._reserved(release, self.cfg.dp.delta) as spend:
             noisy = noisy_counts(
                 counts,
                 fc.count_noise_multiplier,

@@ -404,9 +404,7 @@ def _encode_categorical(series: pd.Series, feat: Feature, source: str) -> np.nda
     return codes.astype(np.float64)
 
 
-def _encode_labels(
-    series: pd.Series, schema: DataSchema, source: str, require_two_classes: bool
-) -> np.ndarray:
+def _encode_labels(series: pd.Series, schema: DataSchema, source: str) -> np.ndarray:
     """Class index of every row; a label outside the schema's classes is an error naming file, column, row."""
     col = schema.label
     values = series.to_numpy(dtype=object)
@@ -421,15 +419,6 @@ def _encode_labels(
             where=f"{source}:{col}:row {first}",
             fix="add the value to 'classes' in the data schema, or correct the label column",
         )
-    present = np.unique(codes)
-    if require_two_classes and len(present) < 2:
-        raise DataError(
-            f"the label column {col!r} has only one class ({schema.classes[present[0]]!r}) in all "
-            f"{len(codes)} rows",
-            where=f"{source}:{col}",
-            fix="this check asks for examples of at least two classes; check that the label column is "
-            "the right one and the file is not a filtered extract",
-        )
     return codes
 
 
@@ -439,18 +428,16 @@ def encode(
     *,
     max_len: int = 128,
     source: str = "data",
-    require_two_classes: bool = False,
 ) -> Encoded:
     """Encode ``df`` per ``schema`` (rows keep their order; row numbers in errors are 1-based positions).
 
     A file whose rows all carry one class encodes like any other: in federated learning a node often
     sees one label only (a clinic that sees only negatives) and still contributes to the global model.
-    ``require_two_classes=True`` refuses such a file, for callers that fit a classifier on it alone.
     """
     check_columns(df, schema, source)
     if len(df) == 0:
         raise DataError("no data rows", where=source, fix="check that the right file was given")
-    y = torch.from_numpy(_encode_labels(df[schema.label], schema, source, require_two_classes))
+    y = torch.from_numpy(_encode_labels(df[schema.label], schema, source))
     if schema.task == "text":
         col = schema.text_column or ""
         values = df[col].to_numpy(dtype=object)

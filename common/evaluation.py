@@ -6,6 +6,7 @@ its own held-out file; both must compute exactly the same numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -38,12 +39,12 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
         tp = np.sum((y_pred == c) & (y_true == c))
         denom = np.sum(y_pred == c) + np.sum(y_true == c)
         f1s.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(f1s))
+    return float(np.mean(f1s)) if f1s else math.nan  # no rows: no F1
 
 
 def _metrics(y_true: np.ndarray, y_pred: np.ndarray, loss: float) -> dict[str, float]:
     return {
-        "accuracy": float(np.mean(y_true == y_pred)),
+        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else math.nan,  # no rows: no accuracy
         "loss": float(loss),
         "macro_f1": macro_f1(y_true, y_pred),
         "n": float(len(y_true)),
@@ -66,7 +67,7 @@ def evaluate_and_audit(
     # What the model predicted overall goes with every evaluation: the model findings (a constant or
     # skewed model) need no sensitive columns (common.fairness.model_findings).
     metrics = _metrics(y_true, y_pred, loss) | prediction_summary(y_true, y_pred, probs.shape[1])
-    if probs.shape[1] != 2 or not data.groups:
+    if probs.shape[1] != 2 or not data.groups or not len(data):  # no rows: no groups to audit
         return metrics, None
     return metrics, audit(y_true, y_pred, probs[:, 1], data.groups, fairness)
 

@@ -168,6 +168,7 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         "top_class_share": "evaluation",
         "positive_rate": "evaluation",
         "base_rate": "evaluation",
+        "true_classes": "evaluation",  # how many classes the held-out labels hold (a count, not the labels)
     },
     AUDIT: {AUDIT_JSON: "evaluation", PROVENANCE_JSON: "evaluation"},
     HE: {

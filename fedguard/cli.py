@@ -70,7 +70,7 @@ def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
         nodes = f"; {round_summary(outcomes[rnd])}" if rnd in outcomes else ""
         print(f"  round {rnd}: {score}{nodes}")
     for n in health.nodes:
-        eps = f"ε spent {n.epsilon:.3f}" if n.epsilon is not None else "ε spent –"
+        eps = n.privacy
         delta = f" (δ {n.delta_total:.3g})" if n.delta_total is not None else ""
         print(f"  {n.name}: {eps}{delta}; {n.tally}")
     if health.delta_total is not None:

@@ -231,13 +231,7 @@ def _encode(df: pd.DataFrame, cfg: RunConfig, source: str) -> Any:
     from common.data import encode
     from common.models import model_max_len
 
-    return encode(
-        df,
-        cfg.data.schema_,
-        max_len=model_max_len(cfg.model.name, cfg.model.params),
-        source=source,
-        require_two_classes=False,
-    )
+    return encode(df, cfg.data.schema_, max_len=model_max_len(cfg.model.name, cfg.model.params), source=source)
 
 
 def _accountant_bound(store_path: Path, run_id: int, cfg: RunConfig) -> tuple[float | None, float]:

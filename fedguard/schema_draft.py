@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,13 +79,42 @@ def outward_range(lo: float, hi: float) -> tuple[float, float]:
     """[lo, hi] widened to multiples of the power of ten just below its span (17..90 -> 10..90).
 
     The exact minimum and maximum of a column can single out one record; round bounds say less.
-    A constant column gets one step either side, since a range needs lo < hi.
+    A constant column gets one step either side, since a range needs lo < hi. The step is never
+    finer than 1e-12 of the values' magnitude, so its multiples are exact in float64 and the
+    range always covers the data (large magnitudes: 3.3e16 plus a span of 20); at the very edge
+    of float64 the data's own bounds are returned.
     """
-    e = math.floor(math.log10(hi - lo if hi > lo else max(abs(lo), 1.0)))
-    k_lo, k_hi = math.floor(lo / _tens(1, e)), math.ceil(hi / _tens(1, e))
-    if k_lo == k_hi:
-        k_lo, k_hi = k_lo - 1, k_hi + 1
-    return _tens(k_lo, e), _tens(k_hi, e)
+    top = max(abs(lo), abs(hi), 1.0)
+    span = hi - lo if hi > lo else top
+    e = max(math.floor(math.log10(span)) if math.isfinite(span) else 308, math.floor(math.log10(top)) - 12)
+    try:
+        k_lo, k_hi = math.floor(lo / _tens(1, e)), math.ceil(hi / _tens(1, e))
+        if k_lo == k_hi:
+            k_lo, k_hi = k_lo - 1, k_hi + 1
+        while _tens(k_lo, e) > lo:  # a quotient rounded in float64 can land one step inside
+            k_lo -= 1
+        while _tens(k_hi, e) < hi:
+            k_hi += 1
+        return _tens(k_lo, e), _tens(k_hi, e)
+    except OverflowError:
+        return lo, hi
+
+
+#: Name parts that mark a column as an identifier (``id``, ``patient_id``, ``PatientID``, ``row-uuid``).
+_ID_PARTS = {"id", "ids", "uuid", "guid", "identifier"}
+#: Rows from which an integer column whose every value differs is taken for an identifier.
+ID_MIN_ROWS = 20
+
+
+def _identifier_reason(name: str, nums: np.ndarray) -> str | None:
+    """Why a numeric column looks like a record identifier (not a feature), or None."""
+    parts = {p.lower() for p in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", name)}
+    if parts & _ID_PARTS:
+        return f"its name ({name!r}) marks an identifier"
+    whole = np.isfinite(nums).all() and bool(np.all(nums == np.round(nums)))
+    if whole and len(nums) >= ID_MIN_ROWS and len(np.unique(nums)) == len(nums):
+        return f"all {len(nums)} values are distinct integers"
+    return None
 
 
 def _feature(name: str, series: pd.Series, max_categories: int, notes: list[str]) -> Feature | None:
@@ -100,6 +130,12 @@ def _feature(name: str, series: pd.Series, max_categories: int, notes: list[str]
         )
     present = series[~missing]
     nums = _numbers(present)
+    if nums is not None and (why := _identifier_reason(name, nums)) is not None:
+        notes.append(
+            f"left out: looks like a record identifier ({why}); as a feature the model could learn single "
+            "records, and it means nothing on another node. Add it by hand if it is a real measurement"
+        )
+        return None
     if nums is not None:
         finite = nums[np.isfinite(nums)]
         if len(finite) < len(nums):

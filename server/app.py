@@ -285,8 +285,11 @@ def _round_line(
     label: Callable[[int], str] = lambda node: f"node {node}",
 ) -> str:
     """The operator's line for a round: how many were accepted, refused, dropped…, then each node by ``label``
-    (its name) with its ε or its reason; above ``_LIST_NODES`` nodes, counts per reason."""
-    outcomes = sorted(outcomes, key=lambda o: label(o.node_id))
+    (its name, in natural order: node-2 before node-10) with its ε or its reason; above ``_LIST_NODES`` nodes,
+    counts per reason."""
+    from server.run_health import natural_key
+
+    outcomes = sorted(outcomes, key=lambda o: natural_key(label(o.node_id)))
     acc = [o for o in outcomes if o.status == "accepted"]
     eps_values = [o.values[R.EPSILON] for o in acc if R.EPSILON in o.values]
     if len(eps_values) > _LIST_NODES:

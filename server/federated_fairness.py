@@ -23,7 +23,16 @@ from common.codec import numpy_to_record
 from common.config import RunConfig
 from common.fairness import OVERALL, Counts, FederatedAudit, client_spread, merge_counts, metrics_from_counts
 from server.grid_io import collect_replies
-from server.validation import Envelope, Outcome, Rejected, check_records, check_values, received_keys, status_of
+from server.validation import (
+    Envelope,
+    Outcome,
+    Rejected,
+    accounting_values,
+    check_records,
+    check_values,
+    received_keys,
+    status_of,
+)
 
 _ACCOUNTING = (R.EPSILON, R.DELTA, R.NOISE_MULTIPLIER, R.EPSILON_TOTAL, R.BUDGET_EPSILON, R.BUDGET_DELTA)
 
@@ -62,10 +71,10 @@ def _classify(reply: Message) -> tuple[Outcome, Counts | None]:
         metrics = check_values(content[R.METRICS], R.METRICS)
         rec = content[R.FAIRNESS_COUNTS]
         counts = _parse_counts(str(rec[R.COUNTS_JSON]))
-    except Rejected as exc:
-        return Outcome(node, "rejected", str(exc)), None
+    except Rejected as exc:  # signed by the node: whatever it released still counts towards its ε
+        return Outcome(node, "rejected", str(exc), values=accounting_values(content)), None
     except (KeyError, TypeError, ValueError) as exc:
-        return Outcome(node, "rejected", f"malformed fairness counts: {exc}"), None
+        return Outcome(node, "rejected", f"malformed fairness counts: {exc}", values=accounting_values(content)), None
     values: dict[str, Any] = {k: metrics[k] for k in _ACCOUNTING if k in metrics}
     values["count-sigma"] = float(rec.get(R.COUNT_SIGMA, math.nan))
     return Outcome(node, "accepted", values=values, received=received_keys(content)), counts

@@ -166,7 +166,8 @@ def discover_roles(
     flower_run_id: int | None,
     names: dict[int, str] | None = None,
 ) -> dict[int, str]:
-    """Ask nodes not yet known for their role (client or evaluator); the names nodes give go into ``names``.
+    """Ask nodes not yet known for their role (client or evaluator); the names nodes give go into ``names``
+    (self-reported: ``Federation.learn_names`` takes them in simulation only, never in deployment).
 
     A node whose ClientApp has no role handler (Flower replies with an error) counts as a client,
     and so does a node that refuses (an unsigned run, its policy): it then refuses its training

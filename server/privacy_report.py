@@ -19,7 +19,7 @@ from common.config import RunConfig, config_from_json
 from server.report_blocks import Block, Plot
 from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
-from server.run_health import run_health
+from server.run_health import NodeHealth, num, run_health
 from server.store import RunStore
 
 THREAT_MODEL = (
@@ -89,8 +89,11 @@ class ClientPrivacy(_Model):
     refusals: int
     #: Rounds by status, out of the rounds the node was asked (``accepted 2/3, refused 1/3``).
     participation: str = ""
-    #: δ of all the node's releases in this run: the accountant's, plus the fairness counts' group selection.
+    #: δ of all the node's releases in this run: the run's δ, plus the fairness counts' group selection.
     delta_total: float | None = None
+    #: The node's privacy in a phrase (``server.run_health``): "updates not private (DP disabled)" without DP,
+    #: and where a reply was lost after it may have trained, that its ledger may hold more.
+    privacy: str = ""
     sent: list[SentValue]
     #: The federated-fairness counts release after the last round (Gaussian, in the same ledger).
     count_release: CountRelease | None = None
@@ -184,11 +187,6 @@ class PrivacyReport(_Model):
     empirical_audit: EmpiricalAudit | None = None  # only for runs `fedguard privacy audit` made
 
 
-def _num(values: dict[str, object], key: str) -> float | None:
-    v = values.get(key)
-    return float(v) if isinstance(v, int | float) else None
-
-
 def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
     with RunStore(store_path) as store:
         run = store.run(run_id)
@@ -201,66 +199,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
     by_node: dict[int, list[dict[str, object]]] = {}
     for row in client_rows:
         by_node.setdefault(int(row["node_id"]), []).append(row)
-    clients = []
-    for node, rows in sorted(by_node.items()):
-        accepted = [r for r in rows if r["status"] == "accepted"]
-        last: dict[str, object] = accepted[-1]["values"] if accepted else {}  # type: ignore[assignment]
-        count = counts.get(node)
-        rows_sent = [*rows, count] if count else rows
-        sent = sorted({k for r in rows_sent for k in cast(list[str], r["received"])})
-        after = dict(count["values"]) if count and count["status"] == "accepted" else {}
-        last_total = after or last  # the counts release came last: its totals include every release
-        budget_eps = _num(last_total, R.BUDGET_EPSILON)
-        total = _num(last_total, R.EPSILON_TOTAL)
-        steps = _num(last, R.STEPS)
-        unit_cap = _num(last, R.UNIT_CAP)
-        nh = health.node(node)
-        clients.append(
-            ClientPrivacy(
-                node_id=str(node),
-                name=nh.name if nh else str(node),
-                participation=nh.tally if nh else "",
-                delta_total=nh.delta_total if nh else None,
-                mechanism="DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise)"
-                if cfg.dp.enabled
-                else "none (DP disabled in the run config: updates are NOT differentially private)",
-                noise_multiplier=_num(last, R.NOISE_MULTIPLIER),
-                clipping_norm=_num(last, R.MAX_GRAD_NORM),
-                sample_rate=_num(last, R.SAMPLE_RATE),
-                steps_per_round=int(steps) if steps is not None else None,
-                delta=_num(last, R.DELTA),
-                accountant=cfg.dp.accountant,
-                rounds=[
-                    RoundPrivacy(
-                        round=int(r["round"]),  # type: ignore[call-overload]
-                        status=str(r["status"]),
-                        reason=r["reason"],  # type: ignore[arg-type]
-                        epsilon_run=_num(r["values"], R.EPSILON),  # type: ignore[arg-type]
-                        epsilon_total=_num(r["values"], R.EPSILON_TOTAL),  # type: ignore[arg-type]
-                    )
-                    for r in rows
-                ],
-                epsilon_run=nh.epsilon if nh else _num(last_total, R.EPSILON),  # the one ε (server.run_health)
-                epsilon_total=total,
-                budget_epsilon=budget_eps,
-                budget_delta=_num(last, R.BUDGET_DELTA),
-                budget_remaining=None if budget_eps is None or total is None else max(0.0, budget_eps - total),
-                unit_cap=int(unit_cap) if unit_cap is not None else None,
-                unit_epsilon=_num(last, R.UNIT_EPSILON),
-                unit_delta=_num(last, R.UNIT_DELTA),
-                refusals=sum(r["status"] == "refused" for r in rows),
-                sent=[SentValue(key=k, privacy_class=_class_label(k)) for k in sent],
-                count_release=None
-                if count is None
-                else CountRelease(
-                    status=str(count["status"]),
-                    reason=count["reason"],
-                    noise_multiplier=_num(after, R.NOISE_MULTIPLIER),
-                    sigma=_num(after, "count-sigma"),
-                    epsilon_run=_num(after, R.EPSILON),
-                ),
-            )
-        )
+    clients = [_client(nh, by_node.get(nh.node_id, []), counts.get(nh.node_id), cfg) for nh in health.nodes]
     central = None
     if cfg.central_dp.enabled:
         central_rounds = [
@@ -276,7 +215,6 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
             rounds=central_rounds,
             epsilon=central_rounds[-1].epsilon if central_rounds else None,
         )
-    clients.sort(key=lambda c: (c.name, int(c.node_id)))  # as the operator reads them: by name
     return PrivacyReport(
         generated_at=time.time(),
         run_id=run_id,
@@ -300,6 +238,62 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         warnings=health.warnings,
         delta_total=health.delta_total,
         empirical_audit=_empirical_audit(store_path, run_id),
+    )
+
+
+def _client(
+    nh: NodeHealth, rows: list[dict[str, object]], count: dict[str, object] | None, cfg: RunConfig
+) -> ClientPrivacy:
+    """One node's row: every number from the run's health (``server.run_health``), the one read model."""
+    last, after = nh.last_values, nh.count_values
+    latest = after or last  # the counts release came last: its totals include every release
+    budget_eps, total = num(latest, R.BUDGET_EPSILON), num(latest, R.EPSILON_TOTAL)
+    steps, unit_cap = num(last, R.STEPS), num(last, R.UNIT_CAP)
+    sent = sorted({k for r in [*rows, *([count] if count else [])] for k in cast(list[str], r["received"])})
+    return ClientPrivacy(
+        node_id=str(nh.node_id),
+        name=nh.name,
+        participation=nh.tally,
+        delta_total=nh.delta_total,
+        privacy=nh.privacy,
+        mechanism="DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise)"
+        if cfg.dp.enabled
+        else "none (DP disabled in the run config: updates are NOT differentially private)",
+        noise_multiplier=num(last, R.NOISE_MULTIPLIER),
+        clipping_norm=num(last, R.MAX_GRAD_NORM),
+        sample_rate=num(last, R.SAMPLE_RATE),
+        steps_per_round=int(steps) if steps is not None else None,
+        delta=num(last, R.DELTA),
+        accountant=cfg.dp.accountant,
+        rounds=[
+            RoundPrivacy(
+                round=int(r["round"]),  # type: ignore[call-overload]
+                status=str(r["status"]),
+                reason=r["reason"],  # type: ignore[arg-type]
+                epsilon_run=num(r["values"], R.EPSILON),  # type: ignore[arg-type]
+                epsilon_total=num(r["values"], R.EPSILON_TOTAL),  # type: ignore[arg-type]
+            )
+            for r in rows
+        ],
+        epsilon_run=nh.epsilon,
+        epsilon_total=total,
+        budget_epsilon=budget_eps,
+        budget_delta=num(latest, R.BUDGET_DELTA),
+        budget_remaining=None if budget_eps is None or total is None else max(0.0, budget_eps - total),
+        unit_cap=int(unit_cap) if unit_cap is not None else None,
+        unit_epsilon=num(last, R.UNIT_EPSILON),
+        unit_delta=num(last, R.UNIT_DELTA),
+        refusals=nh.count("refused"),
+        sent=[SentValue(key=k, privacy_class=_class_label(k)) for k in sent],
+        count_release=None
+        if count is None
+        else CountRelease(
+            status=str(count["status"]),
+            reason=count["reason"],  # type: ignore[arg-type]
+            noise_multiplier=num(after, R.NOISE_MULTIPLIER),
+            sigma=num(after, "count-sigma"),
+            epsilon_run=nh.counts_epsilon,
+        ),
     )
 
 
@@ -391,7 +385,7 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
                         _fmt(c.steps_per_round, "d"),
                         _fmt(c.delta, "g"),
                         c.accountant,
-                        _fmt(c.epsilon_run),
+                        _epsilon_cell(c),
                         _fmt(c.delta_total, ".3g"),
                         _fmt(c.epsilon_total),
                         _fmt(c.budget_epsilon, "g"),
@@ -450,6 +444,11 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
                         f"per cell; ε this run after it {_fmt(c.count_release.epsilon_run)}"
                         if c.count_release.status == "accepted"
                         else f"{c.count_release.status}: {c.count_release.reason}"
+                        + (
+                            f" (sent all the same: ε this run after it {_fmt(c.count_release.epsilon_run)})"
+                            if c.count_release.epsilon_run is not None
+                            else ""
+                        )
                     )
                     for c in released
                     if c.count_release
@@ -543,6 +542,12 @@ def _sent_by_class(c: ClientPrivacy) -> str:
     for v in c.sent:
         by_class.setdefault(v.privacy_class, []).append(v.key)
     return "; ".join(f"{cls}: {', '.join(keys)}" for cls, keys in by_class.items()) or "nothing"
+
+
+def _epsilon_cell(c: ClientPrivacy) -> str:
+    """The node's ε this run, or the phrase that qualifies it (DP disabled; a lost reply: see its ledger)."""
+    plain = c.privacy in ("", f"ε {_fmt(c.epsilon_run)}")
+    return _fmt(c.epsilon_run) if plain else c.privacy
 
 
 def _name(c: ClientPrivacy) -> str:

@@ -5,10 +5,14 @@ One read model for every place a person looks — the CLI summary (``simulate``,
 
 - nodes by the name the operator knows (the kit's name; ``node-N`` in simulation), each round's
   status and reason (a refusal's reason starts with its class, the node's error code);
-- one ε per node: this run's, every release included (DP-SGD rounds and the fairness-counts
-  release: the node's accountant composes them, so the latest value covers all);
-- δ as the total of every release: the accountant's δ plus, when the fairness counts left, the
-  δ their group selection adds (``fairness.count_selection_delta``);
+- one ε per node: this run's at the run's δ (``dp.delta``), every release included (DP-SGD rounds
+  and the fairness-counts release: the node's accountant composes them at that δ, so the largest
+  value any authentic reply reported covers all; a reply the server rejected still counts, and a
+  reply lost after the node may have trained says to check the node's ledger). The owner's
+  budget δ only checks the budget and states the dataset's total;
+- δ as the total of every release: the run's δ plus, when the fairness counts left, the δ their
+  group selection adds (``fairness.count_selection_delta``);
+- without DP, no ε for the updates ("updates not private"), the counts' ε apart;
 - warnings a reviewer must not miss: a node that never contributed (e.g. refused every round),
   a final model that is constant or skewed (``common.fairness.model_findings``).
 """
@@ -23,10 +27,14 @@ from pathlib import Path
 from common import records as R
 from common.config import RunConfig, config_from_json
 from common.errors import ConfigError
-from common.fairness import Finding, constant_streak, model_findings
+from common.fairness import Finding, model_findings
 from server.store import RunStore
 
 _LOG_ID = re.compile(r" \(node log id (\w+)\)$")  # the tail server.validation.refusal_reason puts on a refusal
+
+
+#: What a node that may have spent budget without the server hearing of it is told to check.
+LEDGER_NOTE = "ε may be higher: see the node's ledger (`fedguard client budget`)"
 
 
 @dataclass
@@ -35,10 +43,33 @@ class NodeHealth:
     name: str
     #: round → (status, reason) for every round the node was sampled in.
     rounds: dict[int, tuple[str, str | None]] = field(default_factory=dict)
-    #: This run's ε on the node, every release included (None: nothing accepted from it).
+    #: This run's ε on the node at the run's δ: the largest ε of every authentic reply (accepted or not: a node
+    #: that sent an update spent budget whatever the server did with it), the fairness counts included.
+    #: None when no reply carried one, and with DP disabled (the updates are not private at all).
     epsilon: float | None = None
-    #: The δ of every release together: the accountant's, plus the counts' group selection.
+    #: The δ of every release together: the run's δ, plus the counts' group selection where they were sent.
     delta_total: float | None = None
+    #: The fairness-counts release's ε (this run's composition after it), when the counts were sent.
+    counts_epsilon: float | None = None
+    #: False when the run trained without DP: the updates carry no guarantee at all.
+    dp_enabled: bool = True
+    #: A reply that never came (or failed) after the node may have trained: the ledger may hold more.
+    may_be_higher: bool = False
+    #: The values of the node's authentic training replies (latest first: a rejected reply keeps only its
+    #: accounting values, so σ and q stay those of its latest accepted one) and of its counts reply.
+    last_values: dict[str, object] = field(default_factory=dict)
+    count_values: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def privacy(self) -> str:
+        """The node's privacy as one phrase: ``ε 3.120``, ``updates not private (DP disabled); …``."""
+        if not self.dp_enabled:
+            text = "updates not private (DP disabled)"
+            if self.counts_epsilon is not None:
+                text += f"; fairness counts ε {self.counts_epsilon:.3f}"
+        else:
+            text = f"ε {self.epsilon:.3f}" if self.epsilon is not None else "ε –"
+        return text + (f" ({LEDGER_NOTE})" if self.may_be_higher else "")
 
     def count(self, status: str) -> int:
         return sum(s == status for s, _ in self.rounds.values())
@@ -77,8 +108,6 @@ class RunHealth:
     final_metrics: dict[str, float]
     #: Findings about the final model itself (constant, skewed); they need no sensitive columns.
     final_findings: list[Finding]
-    #: Consecutive latest rounds whose model predicted one class.
-    constant_rounds: int
     warnings: list[str]
 
     def node(self, node_id: int) -> NodeHealth | None:
@@ -100,19 +129,28 @@ class RunHealth:
         out = ["CONSTANT MODEL"] if self.constant_final else []
         out += [f"{n.name} never contributed" for n in self.nodes if n.never_contributed]
         out += [f.kind.replace("_", " ") for f in self.final_findings if f.kind != "constant_model"]
-        if self.constant_rounds and not self.constant_final and any("consecutive" in w for w in self.warnings):
-            out.append(f"constant for {self.constant_rounds} rounds")
         return out
 
 
 def node_label(node_id: int, names: dict[int, str]) -> str:
-    """A node as people read it: its name, else ``node <SuperLink id>``."""
-    return names.get(node_id) or f"node {node_id}"
+    """A node as people read it: its name, else ``node <SuperLink id>``; a name two nodes share gets the id
+    appended (``node-1 (4417…)``), so one node can never pass for another."""
+    name = names.get(node_id)
+    if not name:
+        return f"node {node_id}"
+    shared = any(other != node_id and n == name for other, n in names.items())
+    return f"{name} ({node_id})" if shared else name
 
 
-def _num(values: dict[str, object], key: str) -> float | None:
+def natural_key(name: str) -> tuple[object, ...]:
+    """Sort key that orders ``node-2`` before ``node-10`` (digit runs compare as numbers)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def num(values: dict[str, object], key: str) -> float | None:
+    """A reported number, or None when absent (or not a number)."""
     v = values.get(key)
-    return float(v) if isinstance(v, int | float) else None
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 def run_health(store_path: str | Path, run_id: int) -> RunHealth:
@@ -126,34 +164,31 @@ def run_health(store_path: str | Path, run_id: int) -> RunHealth:
         cfg: RunConfig | None = config_from_json(run["config_json"])
     except ConfigError:
         cfg = None
+    dp_enabled = cfg.dp.enabled if cfg is not None else True
     nodes: dict[int, NodeHealth] = {}
-    last_values: dict[int, dict[str, object]] = {}
     for row in clients:  # ordered by round
-        node = nodes.setdefault(row["node_id"], NodeHealth(row["node_id"], node_label(row["node_id"], names)))
+        node_id = int(row["node_id"])
+        node = nodes.setdefault(node_id, NodeHealth(node_id, node_label(node_id, names), dp_enabled=dp_enabled))
         node.rounds[int(row["round"])] = (str(row["status"]), row["reason"])
-        if row["status"] == "accepted" and _num(row["values"], R.EPSILON) is not None:
-            last_values[row["node_id"]] = row["values"]
+        _take(node, row, "last_values")
+    for node_id, count in counts.items():
+        node = nodes.setdefault(node_id, NodeHealth(node_id, node_label(node_id, names), dp_enabled=dp_enabled))
+        _take(node, count, "count_values")
     selection_delta = cfg.fairness.count_selection_delta if cfg is not None else 0.0
-    for node_id, node in nodes.items():
-        values = last_values.get(node_id, {})
-        extra = 0.0
-        count = counts.get(node_id)
-        if count is not None and count["status"] == "accepted" and _num(count["values"], R.EPSILON) is not None:
-            values, extra = count["values"], selection_delta  # the last release: its ε covers every earlier one
-        node.epsilon = _num(values, R.EPSILON)
-        delta = _num(values, R.DELTA)
-        node.delta_total = None if delta is None else delta + extra
+    for node in nodes.values():
+        _account(node, cfg.dp.delta if cfg is not None else None, selection_delta)
     final_round = max(evals) if evals else None
     final = evals[final_round] if final_round is not None else {}
     classes = cfg.data.schema_.classes if cfg is not None else None
     fcfg = cfg.fairness if cfg is not None else None
     found = model_findings(final, fcfg, final_round, classes) if final else []
-    streak = constant_streak(evals)
-    ordered = sorted(nodes.values(), key=lambda n: (n.name, n.node_id))
+    ordered = sorted(nodes.values(), key=lambda n: (natural_key(n.name), n.node_id))
     warnings = [_never_line(n) for n in ordered if n.never_contributed]
+    warnings += [f"{n.name}: a reply was lost after it may have trained; {LEDGER_NOTE}" for n in ordered
+                 if n.may_be_higher]  # fmt: skip
+    if not dp_enabled and ordered:
+        warnings.append("DP is disabled (dp.enabled = false): the model updates are not differentially private")
     warnings += [f.message for f in found]
-    if streak >= (fcfg.constant_rounds if fcfg else 3) and not any(f.kind == "constant_model" for f in found):
-        warnings.append(f"the model predicted one class for {streak} consecutive rounds")
     return RunHealth(
         run_id=run_id,
         status=str(run["status"]),
@@ -162,9 +197,39 @@ def run_health(store_path: str | Path, run_id: int) -> RunHealth:
         final_round=final_round,
         final_metrics=final,
         final_findings=found,
-        constant_rounds=streak,
         warnings=warnings,
     )
+
+
+def _take(node: NodeHealth, row: dict[str, object], slot: str) -> None:
+    """Keep the accounting values of an authentic reply (accepted, or rejected after its signature passed:
+    the node spent budget on it either way); note a reply lost after the node may have trained."""
+    values = row["values"] if isinstance(row.get("values"), dict) else {}
+    eps = num(values, R.EPSILON)  # type: ignore[arg-type]
+    if eps is not None:  # its ε composes every earlier release of the run, a lost one included
+        setattr(node, slot, {**getattr(node, slot), **values})  # a rejected reply keeps its accounting values only
+        node.epsilon = eps if node.epsilon is None else max(node.epsilon, eps)
+        node.may_be_higher = False
+    elif _may_have_spent(row) and (node.dp_enabled or slot == "count_values"):
+        node.may_be_higher = True
+
+
+def _may_have_spent(row: dict[str, object]) -> bool:
+    """No reply in time, or an error reply: the node may have trained (and spent budget) all the same."""
+    return row["status"] == "dropped" or (row["status"] == "failed" and str(row["reason"] or "").startswith("error"))
+
+
+def _account(node: NodeHealth, run_delta: float | None, selection_delta: float) -> None:
+    """ε: the largest this run's releases reached (every release of a run composes at the run's δ, so the
+    latest value covers every earlier one); δ: the run's, plus the counts' group selection where sent."""
+    counts_sent = num(node.count_values, R.EPSILON) is not None
+    node.counts_epsilon = num(node.count_values, R.EPSILON)
+    if node.epsilon is None:
+        return
+    delta = run_delta if run_delta is not None else num(node.count_values or node.last_values, R.DELTA)
+    node.delta_total = None if delta is None else delta + (selection_delta if counts_sent else 0.0)
+    if not node.dp_enabled:
+        node.epsilon = None  # the updates carry no guarantee: no run ε to speak of (counts_epsilon says the rest)
 
 
 def _never_line(n: NodeHealth) -> str:

@@ -80,8 +80,30 @@ def check_signature(msg: Message, node_keys: dict[int, bytes], run_id: int, roun
     return None if reason is None else _reject(node, reason)
 
 
-def _reject(node: int, reason: str) -> Outcome:
-    return Outcome(node, "rejected", reason)
+def _reject(node: int, reason: str, content: RecordDict | None = None) -> Outcome:
+    """A rejected reply; with ``content`` (an authentic reply), its accounting values are kept."""
+    return Outcome(node, "rejected", reason, values=accounting_values(content) if content is not None else {})
+
+
+#: What a node's update cost it: kept even when the payload is rejected (the node spent budget whatever the
+#: server did with its update), so a node's ε counts every authentic reply (server.run_health).
+_ACCOUNTING = (R.EPSILON, R.DELTA, R.EPSILON_TOTAL, R.BUDGET_EPSILON, R.BUDGET_DELTA)
+
+
+def accounting_values(content: RecordDict) -> dict[str, float]:
+    """The (ε, δ) accounting values an authentic reply reports, each a finite number ≥ 0 (others left out)."""
+    if R.METRICS not in content:
+        return {}
+    record = content[R.METRICS]
+    return {
+        k: float(v)
+        for k in _ACCOUNTING
+        if k in record
+        and isinstance(v := record[k], int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and v >= 0
+    }
 
 
 def status_of(msg: Message) -> Outcome | None:
@@ -209,6 +231,6 @@ def classify_reply(
         check_records(content, {R.ARRAYS, R.METRICS})
         weight, values = check_metrics(content, max_weight)
         state = check_plain_update(content, reference, max_update_norm)
-    except Rejected as exc:
-        return _reject(node, str(exc))
+    except Rejected as exc:  # the envelope passed: the reply is the node's, and so is the budget it spent
+        return _reject(node, str(exc), content)
     return Outcome(node, "accepted", None, weight, values, received_keys(content), state)

@@ -320,13 +320,6 @@ def test_single_class_node_encodes(tmp_path: Path, task: str) -> None:
     assert len(train_idx) == 3 and len(val_idx) == 1
 
 
-def test_single_class_refused_only_when_asked() -> None:
-    df = text_frame().assign(label="pos")
-    with pytest.raises(DataError) as exc:
-        encode(df, TEXT, source="one.csv", require_two_classes=True)
-    assert "one.csv:label" in err(exc) and "only one class ('pos')" in err(exc)
-
-
 # ------------------------------------------------------------------------------ split
 
 

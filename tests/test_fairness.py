@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from fairlearn.metrics import (
     MetricFrame,
     demographic_parity_difference,
@@ -26,6 +27,8 @@ from fairlearn.metrics import (
 from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score
 from sklearn.metrics import log_loss as sk_log_loss
 
+from common.data import Encoded
+from common.evaluation import evaluate_and_audit
 from common.fairness import (
     OVERALL,
     SEP,
@@ -39,7 +42,9 @@ from common.fairness import (
     group_confusion_counts,
     merge_counts,
     metrics_from_counts,
+    model_findings,
     noisy_counts,
+    prediction_summary,
     release_threshold,
     track_findings,
 )
@@ -472,3 +477,43 @@ def test_the_report_adds_a_skewed_model_finding_unless_the_audit_calls_it_degene
     # round 2 predicts no positives: the audit's degenerate finding says so; no constant-model duplicate
     assert "degenerate_selection_rate" in kinds and "constant_model" not in kinds
     assert skew.message in render(rep, "md")
+
+
+# -- the constant-model finding: only against held-out labels that vary ---------------------------------------------
+class _Fixed(torch.nn.Module):
+    """A model that outputs the same logits for every row: the constant model the finding is about."""
+
+    def __init__(self, cls: int, num_classes: int = 2) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.nn.functional.one_hot(torch.tensor(cls), num_classes).float() * 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), -1)
+
+
+def _encoded(y: list[int], groups: bool = True) -> Encoded:
+    n = len(y)
+    g = {"group": np.array(["g1", "g2"] * n)[:n]} if groups else {}
+    return Encoded(torch.zeros(n, 3), torch.tensor(y, dtype=torch.long), g)
+
+
+def test_a_perfect_model_on_a_single_label_held_out_set_is_not_called_constant() -> None:
+    metrics, _ = evaluate_and_audit(_Fixed(1), _encoded([1] * 40), FairnessConfig())
+    assert metrics["accuracy"] == 1.0 and metrics["predicted_classes"] == 1 and metrics["true_classes"] == 1
+    assert model_findings(metrics) == []
+    one_row, _ = evaluate_and_audit(_Fixed(1), _encoded([1]), FairnessConfig())  # one row: always one class
+    assert model_findings(one_row) == []
+    varied, _ = evaluate_and_audit(_Fixed(0), _encoded([0, 1] * 20), FairnessConfig())
+    assert [f.kind for f in model_findings(varied)] == ["constant_model"] and varied["true_classes"] == 2
+
+
+def test_an_empty_held_out_set_gives_no_findings_and_no_error() -> None:
+    metrics, audit_ = evaluate_and_audit(_Fixed(0), _encoded([]), FairnessConfig())  # sensitive columns, no rows
+    assert audit_ is None and metrics["n"] == 0 and math.isnan(metrics["accuracy"])
+    assert model_findings(metrics) == []
+
+
+def test_true_classes_may_leave_the_evaluator() -> None:
+    from common import records as R
+
+    assert set(prediction_summary(np.array([0, 1]), np.array([0, 0]), 2)) <= set(R.REPLY_ALLOWLIST[R.EVALUATION])

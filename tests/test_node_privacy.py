@@ -177,7 +177,29 @@ def test_counts_release_is_reserved_before_noise(tmp_path: Path, monkeypatch: py
     assert (row["noise_multiplier"], row["sample_rate"], row["steps"]) == counts_release(z)[0]
     assert row["max_grad_norm"] == pytest.approx(math.sqrt(len(counts)))
     assert noisy.sigma == counts_mechanism(z, len(counts)).sigma == pytest.approx(z * math.sqrt(len(counts)))
-    assert spend.epsilon_run == pytest.approx(epsilon_spent(counts_release(z), rich.budget_delta, cfg.dp.accountant))
+    # Composed and reported at the run's δ (dp.delta = 1e-4), not the owner's budget δ (1e-5): one δ per run.
+    assert row["delta"] == cfg.dp.delta != rich.budget_delta
+    assert spend.epsilon_run == pytest.approx(epsilon_spent(counts_release(z), cfg.dp.delta, cfg.dp.accountant))
+    assert spend.epsilon_total == pytest.approx(epsilon_spent(counts_release(z), rich.budget_delta, cfg.dp.accountant))
+
+
+def test_rounds_and_counts_of_a_run_compose_at_one_delta(tmp_path: Path, trained: list[DPPlan | None]) -> None:
+    """The counts release after the last round reports the run's ε at the run's δ: never below the last round's
+    (it composes every release of the run) and equal to an independent composition of them."""
+    cfg = tabular_config()
+    s = settings(tmp_path, budget_epsilon=100.0)
+    privacy = NodePrivacy(cfg, s, RecordDict(), "run")
+    last = [train(privacy, rnd, f"m{rnd}") for rnd in range(1, cfg.rounds + 1)][-1]
+    _, spend = privacy.release_counts(_counts(cfg), round_=cfg.rounds, message_id="c", min_group_size=20)
+    assert last[R.DELTA] == cfg.dp.delta and spend.epsilon_run > last[R.EPSILON]
+    plan = trained[-1]
+    assert plan is not None
+    history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * cfg.rounds
+    history += counts_release(cfg.fairness.count_noise_multiplier)
+    assert spend.epsilon_run == pytest.approx(epsilon_spent(history, cfg.dp.delta, cfg.dp.accountant), rel=1e-9)
+    with Ledger(s.ledger_path, s.marker_dir) as ledger:
+        (run,) = ledger.summaries()[0].runs
+    assert run.delta == cfg.dp.delta and run.epsilon == pytest.approx(spend.epsilon_run, rel=1e-9)  # client budget
 
 
 def test_sigma_has_one_home() -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from common import records as R
 from common.fairness import FairnessConfig, constant_streak, model_findings, prediction_summary
+from common.privacy import counts_release, epsilon_spent
 from server.store import RunStore
 from server.validation import Outcome
 from tests.helpers import ROOT, make_tabular, tabular_config
@@ -203,7 +204,7 @@ features = [{name = "a", type = "numeric", range = [-3, 3]}, {name = "b", type =
     shown = _fedguard(["runs", "1", "--store", str(store)], tmp_path).stdout
     assert re.search(r"run 1 finished WITH \d WARNING\(S\)", shown)  # (this small DP model may also end constant)
     assert re.search(r"round 2: accuracy [\d.]+ .*; 2/3 accepted, 1 refused — node-1 refused: budget-exhausted", shown)
-    assert "node-1: ε spent –; refused 3/3" in shown and "WARNING: node-1 refused every round" in shown
+    assert "node-1: ε –; refused 3/3" in shown and "WARNING: node-1 refused every round" in shown
     listed = _fedguard(["runs", "--store", str(store)], tmp_path).stdout
     assert re.search(r"1  finished   health  accuracy [\d.]+  WARNING: .*node-1 never contributed", listed), listed
 
@@ -242,8 +243,22 @@ features = [{name = "a", type = "numeric", range = [-3, 3]}, {name = "b", type =
         assert by_dashboard[name] == pytest.approx(by_summary[name], abs=1e-12)
     counted = {c["name"]: c["count_release"] for c in report["clients"]}
     assert counted["node-0"]["status"] == "accepted" and counted["node-0"]["epsilon_run"] == by_report["node-0"]
-    # δ in total: the accountant's (the node's budget δ for its last release, the counts) plus their selection.
-    assert summary["delta_total"] == pytest.approx(1e-5 + 1e-7) == report["delta_total"]
+    # δ in total: the run's δ (dp.delta = 1e-4; the owner's budget δ, 1e-5, only checks the budget) plus the
+    # counts' group selection; and the one ε is every release composed at it, never below a round's.
+    cfg = tabular_config()  # same accountant; σ, q and steps come from what the node reported
+    with RunStore(store) as rs:
+        rows, count_rows = rs.client_rounds(1), rs.count_releases(1)
+    for name in ("node-0", "node-2"):
+        node = next(n for n in summary["nodes"] if n["name"] == name)
+        mine = [r for r in rows if r["node_id"] == node["node_id"]]
+        last = mine[-1]["values"]
+        assert last[R.DELTA] == 1e-4 and last[R.EPSILON] <= node["epsilon"]
+        assert next(c for c in count_rows if c["node_id"] == node["node_id"])["values"][R.DELTA] == 1e-4
+        history = [(last[R.NOISE_MULTIPLIER], last[R.SAMPLE_RATE], last[R.STEPS])] * len(mine)
+        history += counts_release(FairnessConfig().count_noise_multiplier)
+        assert node["epsilon"] == pytest.approx(epsilon_spent(history, 1e-4, cfg.dp.accountant), rel=1e-6)
+        assert node["delta_total"] == pytest.approx(1e-4 + 1e-7)
+    assert summary["delta_total"] == pytest.approx(1e-4 + 1e-7) == report["delta_total"]
     assert detail["health"]["delta_total"] == pytest.approx(summary["delta_total"])
     assert detail["health"]["warnings"] == summary["warnings"] == report["warnings"]
 
@@ -301,8 +316,146 @@ def test_in_deployment_nodes_take_their_kit_names_from_the_enrolled_keys(
             None, cfg, store, run, 0, {}, signed=True, evaluator_key="", meter=None,  # type: ignore[arg-type]
             progress=lambda _: None, rng=np.random.default_rng(0),
         )  # fmt: skip
-        fed.learn_names({7: "impostor\x1b[31m"}, "node")  # what a node says of itself is cleaned, and outranked
+        fed.learn_names({7: "impostor\x1b[31m"}, "node")  # what a node says of itself is ignored in deployment
         assert fed.enrolled_keys({7: org_a, 8: org_b}) == {7: org_a, 8: org_b}
         assert store.node_names(run) == {7: "org-a", 8: "org-b"} and fed.label(8) == "org-b"
-        fed.learn_names({9: "node-9\x1b[0m"}, "node")
-        assert fed.label(9) == "node-9[0m" and fed.label(10) == "node 10"
+        fed.learn_names({9: "org-a"}, "node")  # in deployment a node's own name never counts: "node <id>"
+        assert fed.label(9) == "node 9" and fed.label(10) == "node 10" and 9 not in store.node_names(run)
+
+
+# -- one ε: every authentic reply counts, and a lost one says where to look -------------------------------------------
+def _store_run(tmp_path: Path, **overrides: object) -> tuple[Path, int]:
+    cfg = tabular_config(**overrides)
+    path = tmp_path / "runs.db"
+    with RunStore(path) as store:
+        run = store.create_run(cfg.name, cfg.to_json(), cfg.digest(), None)
+    return path, run
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_an_update_rejected_by_the_server_still_counts_in_the_nodes_epsilon(tabular_csv: Path, tmp_path: Path) -> None:
+    """The real ClientApp trains round 2 (a real DP release); the server's norm bound rejects it. The node spent
+    that budget whatever the server did: its ε is round 2's, not the last accepted round's."""
+    from client.app import app as client_app
+    from server.run_health import run_health
+    from server.validation import classify_reply
+    from tests.helpers import global_state, node_context, train_message
+
+    cfg = tabular_config()
+    state = global_state(cfg)
+    ctx = node_context(tabular_csv, tmp_path / "node")
+    path, run = _store_run(tmp_path)
+    epsilons = []
+    for rnd, bound in ((1, None), (2, 1e-9)):  # round 2: a bound no real update meets
+        reply = client_app(train_message(cfg, state, rnd), ctx)
+        outcome = classify_reply(reply, state, cfg.server.max_weight, bound)
+        epsilons.append(float(reply.content[R.METRICS][R.EPSILON]))
+        with RunStore(path) as store:
+            store.record_round(run, rnd, 0.0, [outcome.row()], aggregated=outcome.status == "accepted")
+    assert outcome.status == "rejected" and "exceeds server.max_update_norm" in (outcome.reason or "")
+    assert outcome.values[R.EPSILON] == epsilons[1] and outcome.values[R.DELTA] == cfg.dp.delta
+    (node,) = run_health(path, run).nodes
+    assert epsilons[1] > epsilons[0] and node.epsilon == epsilons[1]
+    assert node.delta_total == cfg.dp.delta and node.tally == "accepted 1/2, rejected 1/2"
+
+
+def test_a_lost_counts_reply_says_the_ledger_may_hold_more(tmp_path: Path) -> None:
+    from server.run_health import LEDGER_NOTE, run_health
+
+    path, run = _store_run(tmp_path)
+    with RunStore(path) as store:
+        store.record_node_names(run, {5: "node-0", 6: "node-1"}, "node")
+        rounds = [Outcome(n, "accepted", values={R.EPSILON: 1.5, R.DELTA: 1e-4}).row() for n in (5, 6)]
+        store.record_round(run, 1, 0.0, rounds, aggregated=True)
+        store.record_federated(
+            run,
+            1,
+            None,
+            None,
+            [
+                Outcome(5, "accepted", values={R.EPSILON: 1.7, R.DELTA: 1e-4}).row(),
+                Outcome(6, "dropped", "no reply within 60s").row(),
+            ],
+        )
+    health = run_health(path, run)
+    sent, lost = health.nodes
+    assert (sent.name, sent.epsilon, sent.privacy) == ("node-0", 1.7, "ε 1.700")
+    assert sent.delta_total == pytest.approx(1e-4 + FairnessConfig().count_selection_delta)
+    assert lost.epsilon == 1.5 and lost.delta_total == 1e-4  # its counts never arrived: no selection δ
+    assert lost.privacy == f"ε 1.500 ({LEDGER_NOTE})" and "fedguard client budget" in LEDGER_NOTE
+    assert f"node-1: a reply was lost after it may have trained; {LEDGER_NOTE}" in health.warnings
+    assert not any(w.startswith("node-0") for w in health.warnings)
+
+
+def test_without_dp_no_epsilon_is_shown_for_the_updates_and_the_counts_stand_apart(tmp_path: Path) -> None:
+    from server.privacy_report import build_privacy_report, to_markdown
+    from server.run_health import run_health
+
+    path, run = _store_run(tmp_path, dp={"enabled": False})
+    with RunStore(path) as store:
+        store.record_node_names(run, {5: "node-0"}, "node")
+        store.record_round(run, 1, 0.0, [Outcome(5, "accepted", values={}).row()], aggregated=True)
+        store.record_federated(run, 1, None, None, [Outcome(5, "accepted", values={R.EPSILON: 0.4}).row()])
+    health = run_health(path, run)
+    (node,) = health.nodes
+    assert node.epsilon is None and node.counts_epsilon == 0.4
+    assert node.privacy == "updates not private (DP disabled); fairness counts ε 0.400"
+    assert any("not differentially private" in w for w in health.warnings)
+    md = to_markdown(build_privacy_report(path, run))
+    assert "updates not private (DP disabled); fairness counts ε 0.400" in md
+
+
+# -- names: the kit's in deployment, never a node's own; shared names told apart; natural order -----------------------
+def test_in_deployment_without_a_server_workdir_a_node_is_named_by_its_id(tmp_path: Path) -> None:
+    from server.rounds.base import Federation
+    from server.run_health import run_health
+
+    path, run = _store_run(tmp_path)
+    with RunStore(path) as store:
+        fed = Federation(
+            None, tabular_config(), store, run, 0, {}, signed=True, evaluator_key="", meter=None,  # type: ignore[arg-type]
+            progress=lambda _: None, rng=np.random.default_rng(0),
+        )  # fmt: skip
+        fed.learn_names({7: "hospital-a"}, "node")  # what the node's role reply said of itself
+        store.record_round(run, 1, 0.0, [Outcome(7, "accepted", values={R.EPSILON: 1.0}).row()], aggregated=True)
+        assert fed.label(7) == "node 7" and store.node_names(run) == {}
+    assert [n.name for n in run_health(path, run).nodes] == ["node 7"]
+    with RunStore(path) as store:  # in simulation (unsigned) the node's own name is all there is
+        sim = Federation(
+            None, tabular_config(), store, run, 0, {}, signed=False, evaluator_key="", meter=None,  # type: ignore[arg-type]
+            progress=lambda _: None, rng=np.random.default_rng(0),
+        )  # fmt: skip
+        sim.learn_names({7: "node-0"}, "node")
+        assert sim.label(7) == "node-0"
+
+
+def test_two_nodes_with_one_name_are_told_apart_by_id(tmp_path: Path) -> None:
+    from server.app import _round_line
+    from server.run_health import node_label, run_health
+
+    names = {11: "node-1", 12: "node-1", 13: "node-2"}
+    assert [node_label(n, names) for n in (11, 12, 13, 14)] == ["node-1 (11)", "node-1 (12)", "node-2", "node 14"]
+    path, run = _store_run(tmp_path)
+    with RunStore(path) as store:
+        store.record_node_names(run, names, "node")
+        store.record_round(run, 1, 0.0, [Outcome(n, "accepted", values={R.EPSILON: 1.0}).row() for n in names], True)
+    assert [n.name for n in run_health(path, run).nodes] == ["node-1 (11)", "node-1 (12)", "node-2"]
+    line = _round_line(1, 1, [Outcome(n, "accepted", values={R.EPSILON: 1.0}) for n in names], True, 1.0,
+                       lambda n: node_label(n, names))  # fmt: skip
+    assert "node-1 (11): ε=1.00, node-1 (12): ε=1.00, node-2: ε=1.00" in line
+
+
+def test_nodes_sort_in_natural_order_everywhere(tmp_path: Path) -> None:
+    from server.app import _round_line
+    from server.privacy_report import build_privacy_report
+    from server.run_health import run_health
+
+    names = {n: f"node-{n}" for n in (10, 2, 1)}
+    path, run = _store_run(tmp_path)
+    with RunStore(path) as store:
+        store.record_node_names(run, names, "node")
+        store.record_round(run, 1, 0.0, [Outcome(n, "refused", "x (node log id a)").row() for n in names], False)
+    assert [n.name for n in run_health(path, run).nodes] == ["node-1", "node-2", "node-10"]
+    assert [c.name for c in build_privacy_report(path, run).clients] == ["node-1", "node-2", "node-10"]
+    line = _round_line(1, 1, [Outcome(n, "refused", "x") for n in names], False, 1.0, lambda n: names[n])
+    assert [ln.split()[0] for ln in line.splitlines()[1:]] == ["node-1", "node-2", "node-10"]

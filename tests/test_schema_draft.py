@@ -144,3 +144,27 @@ def test_outward_range_is_round_and_covers_the_data() -> None:
     assert outward_range(-3.2, 2.9) == (-4.0, 3.0)
     assert outward_range(0, 0) == (-1.0, 1.0)
     assert outward_range(5, 5) == (4.0, 6.0)
+
+
+def test_outward_range_covers_large_magnitudes_and_the_float_edge() -> None:
+    # 3.3e16 with a span of 20: the quotient rounds in float64 and used to land one step inside the data.
+    for lo, hi in [(-3.304794379866853e16, -3.3047943798668508e16), (130541413418223.62, 130541413418224.52)]:
+        a, b = outward_range(lo, hi)
+        assert a <= lo and b >= hi and a < b
+    assert outward_range(-1.7e308, 1.7e308) == (-1.7e308, 1.7e308)  # no overflow: the data's own bounds
+
+
+def test_identifier_like_columns_are_left_out_with_a_note(tmp_path: Path) -> None:
+    df = make_tabular(60, seed=2)
+    df.insert(0, "record", range(1000, 1060))  # distinct integers: a row number under another name
+    df["PatientID"] = [i % 7 for i in range(60)]  # an id by its name, even with repeats
+    df["visits"] = [i % 5 for i in range(60)]  # a real count: integers that repeat
+    path = tmp_path / "ids.csv"
+    df.to_csv(path, index=False)
+    draft = draft_schema(path, "y", sensitive=["group"])
+    assert [f.name for f in draft.schema.features] == ["a", "b", "c", "visits"]
+    assert draft.skipped == ["record", "PatientID"]
+    assert "record identifier (all 60 values are distinct integers)" in draft.notes["record"][0]
+    assert "its name ('PatientID') marks an identifier" in draft.notes["PatientID"][0]
+    text = render(draft)
+    assert "# record: left out: looks like a record identifier" in text and "add it by hand" in text.lower()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from client.app import app as client_app
 from common import records as R
@@ -96,6 +97,68 @@ def test_tiny_nodes_train_down_to_one_record(tmp_path: Path) -> None:
     assert one[-1][R.SAMPLE_RATE] == pytest.approx(1.0) and 0 < one[-1][R.EPSILON] <= 4.0
 
 
+def test_an_empty_poisson_batch_takes_a_noised_step_that_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Poisson sampling may draw no record at all for a step (likely on a tiny node). The step must still be
+    taken, with noise only: the accountant charged it, so the noise must be in the update. The sampler's first
+    batch is made empty here (the rest are its real draws), so this path runs every time, not by chance."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    from client.training import train_local
+    from common.codec import state_to_numpy
+    from common.data import encode
+    from common.models import build_model
+    from common.privacy import plan_dp
+
+    real_iter = UniformWithReplacementSampler.__iter__
+    drawn: list[int] = []
+
+    def first_batch_empty(self: UniformWithReplacementSampler):  # type: ignore[no-untyped-def]
+        for i, indices in enumerate(real_iter(self)):
+            drawn.append(0 if i == 0 else len(indices))
+            yield [] if i == 0 else indices
+
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", first_batch_empty)
+    cfg = tabular_config(train__batch_size=8, train__local_epochs=1)
+    data = encode(make_tabular(80), cfg.data.schema_)
+    plan = plan_dp(len(data), cfg.dp, batch_size=8, local_epochs=1, rounds=cfg.rounds)
+    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+    before = state_to_numpy(model)
+    result = train_local(model, data, cfg, plan, torch.device("cpu"))
+    after = state_to_numpy(model)
+    assert drawn[0] == 0 and len(drawn) == plan.steps_per_round > 1
+    assert result.steps == plan.steps_per_round  # the empty step counted, like the accountant's
+    assert result.history == [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+    assert result.guards is not None and result.guards.steps == plan.steps_per_round  # the DP guards passed
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert all(not np.allclose(after[k], before[k]) for k in trainable)
+
+
+def test_one_empty_batch_alone_moves_every_parameter_by_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round of one step whose batch is empty: no gradient at all, so every change is the DP noise."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    from client.training import train_local
+    from common.codec import state_to_numpy
+    from common.data import encode
+    from common.models import build_model
+    from common.privacy import plan_dp
+
+    def always_empty(self: UniformWithReplacementSampler):  # type: ignore[no-untyped-def]
+        for _ in range(self.steps):
+            yield []
+
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", always_empty)
+    cfg = tabular_config(train__batch_size=8, train__local_epochs=1)
+    data = encode(make_tabular(8), cfg.data.schema_)  # q = 1: one step per round
+    plan = plan_dp(len(data), cfg.dp, batch_size=8, local_epochs=1, rounds=cfg.rounds)
+    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+    before = state_to_numpy(model)
+    result = train_local(model, data, cfg, plan, torch.device("cpu"))
+    after = state_to_numpy(model)
+    assert plan.steps_per_round == 1 and result.steps == 1 and result.guards is not None
+    assert all(not np.allclose(after[k], before[k]) for k, p in model.named_parameters() if p.requires_grad)
+
+
 # -- a real simulated federation ----------------------------------------------------------------
 
 SEED = 7  # with make_tabular(400), 3 clients and alpha 0.5 this split gives node-1 70 rows, all of class "1"
@@ -168,6 +231,7 @@ def test_simulated_single_class_node_is_accepted_every_round_and_spends_budget(t
     with RunStore(summary["store"]) as store:
         rounds = store.rounds(summary["run_id"])
         clients = store.client_rounds(summary["run_id"])
+        names = {name: node for node, name in store.node_names(summary["run_id"]).items()}
     assert [(r["round"], r["accepted"], r["refused"], r["aggregated"]) for r in rounds] == [(1, 3, 0, 1), (2, 3, 0, 1)]
     assert len(clients) == 6 and all(c["status"] == "accepted" and c["epsilon"] > 0 for c in clients)
 
@@ -181,6 +245,7 @@ def test_simulated_single_class_node_is_accepted_every_round_and_spends_budget(t
     assert [(r[0], r[4]) for r in rows] == [(1, "confirmed"), (2, "confirmed")]
     eps = epsilon_spent([(r[1], r[2], r[3]) for r in rows], 1e-4)
     assert 0 < eps <= 4.0
-    assert any(c["epsilon"] == pytest.approx(eps) for c in clients if c["round"] == 2)
+    (mine,) = [c for c in clients if c["round"] == 2 and c["node_id"] == names[f"node-{k}"]]
+    assert mine["epsilon"] == pytest.approx(eps)  # node-k's own reply reports what its ledger composes
     log = (partitions / f"node-{k}" / "node.log").read_text(encoding="utf-8")
     assert "round 1: trained" in log and "round 2: trained" in log

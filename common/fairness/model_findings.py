@@ -21,7 +21,8 @@ TOP_CLASS = "top_class"  # index of the class it predicted most
 TOP_CLASS_SHARE = "top_class_share"  # share of held-out rows predicted as that class
 POSITIVE_RATE = "positive_rate"  # binary: share of rows predicted as class 1
 BASE_RATE = "base_rate"  # binary: share of rows whose label is class 1
-SUMMARY_KEYS = (PREDICTED_CLASSES, TOP_CLASS, TOP_CLASS_SHARE, POSITIVE_RATE, BASE_RATE)
+TRUE_CLASSES = "true_classes"  # how many distinct classes the held-out labels hold
+SUMMARY_KEYS = (PREDICTED_CLASSES, TOP_CLASS, TOP_CLASS_SHARE, POSITIVE_RATE, BASE_RATE, TRUE_CLASSES)
 
 #: What to try when a model collapses to one class; concrete, in config terms.
 CONSTANT_ADVICE = (
@@ -32,7 +33,8 @@ CONSTANT_ADVICE = (
 
 
 def prediction_summary(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
-    """What the model predicted overall, as metrics: enough to tell a constant or skewed model."""
+    """What the model predicted overall, and how many classes the held-out labels hold, as metrics: enough to
+    tell a constant or skewed model (a model can only be called constant against labels that vary)."""
     counts = np.bincount(y_pred.astype(np.int64), minlength=num_classes)
     n = max(1, len(y_pred))
     top = int(np.argmax(counts))
@@ -40,6 +42,7 @@ def prediction_summary(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int)
         PREDICTED_CLASSES: float(np.count_nonzero(counts)),
         TOP_CLASS: float(top),
         TOP_CLASS_SHARE: float(counts[top] / n),
+        TRUE_CLASSES: float(len(np.unique(y_true))),
     }
     if num_classes == 2:
         out[POSITIVE_RATE] = float(np.mean(y_pred == 1)) if len(y_pred) else 0.0
@@ -52,8 +55,14 @@ def _class_name(index: int, classes: Sequence[str] | None) -> str:
 
 
 def is_constant(metrics: Mapping[str, float]) -> bool:
-    """The model predicted one class for every held-out row (False when the evaluation predates the summary)."""
-    return PREDICTED_CLASSES in metrics and metrics[PREDICTED_CLASSES] <= 1
+    """The model predicted one class for every held-out row although the rows carry at least two.
+
+    False on an empty held-out set (nothing was predicted), on a single-label one (one predicted class may
+    simply be right), and for an evaluation from before the summary.
+    """
+    if metrics.get("n", 1.0) <= 0 or PREDICTED_CLASSES not in metrics:
+        return False
+    return metrics[PREDICTED_CLASSES] <= 1 and metrics.get(TRUE_CLASSES, 2.0) >= 2
 
 
 def model_findings(
@@ -63,8 +72,11 @@ def model_findings(
     classes: Sequence[str] | None = None,
 ) -> list[Finding]:
     """A constant model (critical) or, for binary tasks, a predicted positive rate off the base rate by more
-    than ``cfg.prediction_skew_factor`` (warning). Empty for metrics without :func:`prediction_summary`."""
+    than ``cfg.prediction_skew_factor`` (warning). Empty for metrics without :func:`prediction_summary` and
+    for an empty held-out set (no rows: nothing to judge)."""
     cfg = cfg or FairnessConfig()
+    if metrics.get("n", 1.0) <= 0:
+        return []
     common: dict[str, object] = {
         "attribute": "(overall)",
         "groups": [],

@@ -67,6 +67,9 @@ def health_view(health: RunHealth) -> dict[str, Any]:
                 "name": n.name,
                 "epsilon": n.epsilon,
                 "delta_total": n.delta_total,
+                # the ε as a phrase: "updates not private (DP disabled); …", or that the ledger may hold more
+                "privacy": n.privacy,
+                "counts_epsilon": n.counts_epsilon,
                 "participation": n.tally,
                 "reasons": n.reasons,
                 "never_contributed": n.never_contributed,

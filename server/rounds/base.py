@@ -29,6 +29,7 @@ from common.resources import Meter
 from server.checkpoint import Checkpoint
 from server.enrollment import read_enrolled, server_workdir
 from server.grid_io import MeteredGrid, Progress, discover_roles, registered_keys
+from server.run_health import node_label
 from server.scoring import Score, Scorer
 from server.store import RunStore
 from server.validation import Envelope, Outcome
@@ -98,7 +99,7 @@ class Federation:
             self.flower_run_id,
             names=reported,
         )
-        self.learn_names(reported, "node")  # a kit name, learnt above from the enrolled key, outranks these
+        self.learn_names(reported, "node")  # simulation only; a kit name, learnt above, outranks these
         self.adopt_evaluator()
         return [n for n in online if self.roles.get(n) == "client"]
 
@@ -122,7 +123,14 @@ class Federation:
         return allowed
 
     def learn_names(self, names: dict[int, str], source: str) -> None:
-        """Record names not yet known (``kit``: bound to an enrolled key; ``node``: a node's own answer)."""
+        """Record names not yet known (``kit``: bound to an enrolled key; ``node``: a node's own answer, taken
+        only in simulation); a kit name outranks a node's.
+
+        In deployment what a node says of itself is never taken: only the kit's names (bound to enrolled keys)
+        count, else the node is ``node <id>`` — a node must not pass for another by naming itself.
+        """
+        if source == "node" and self.signed:
+            return
         clean = {n: "".join(ch for ch in name if ch.isprintable())[:64] for n, name in names.items()}  # no escapes
         new = {
             n: name
@@ -134,8 +142,8 @@ class Federation:
             self.store.record_node_names(self.run_id, new, source)
 
     def label(self, node: int) -> str:
-        """How progress lines name a node: its name when known, else its SuperLink id."""
-        return self.names.get(node) or f"node {node}"
+        """How progress lines name a node (``server.run_health.node_label``: its name, else its SuperLink id)."""
+        return node_label(node, self.names)
 
     def _stranger(self, node: int, fp: str, workdir: Path) -> None:
         """Record a stranger once per run: run store alarm, the operator's log and the audit log."""

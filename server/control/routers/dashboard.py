@@ -27,6 +27,7 @@ from server.control.deps import Svc, require_role
 from server.control.errors import http_status, public_detail
 from server.control.params import Name, RunId
 from server.control.service import ControlService
+from server.run_health import natural_key
 
 
 def page(name: str, p: Principal | None, status: int = 200, **ctx: Any) -> HTMLResponse:
@@ -189,7 +190,7 @@ def run_page(run_id: RunId, p: Viewer, svc: Svc) -> HTMLResponse:
     detail = views.run_detail(svc.store_path, run_id)  # StoreError (no such run): the handler's 404 page
     rounds = views.run_rounds(svc.store_path, run_id)["rounds"]
     names = {c["node_id"]: c.get("name") or f"node {c['node_id']}" for r in rounds for c in r["clients"]}
-    nodes = sorted(names, key=lambda n: (names[n], n))
+    nodes = sorted(names, key=lambda n: (natural_key(names[n]), n))
 
     def cell(r: dict[str, Any], node: int) -> dict[str, Any] | None:
         return next((c for c in r["clients"] if c["node_id"] == node), None)
