@@ -21,13 +21,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import he_node
+from client import he_node, secagg_node
 from client.admission import PolicyViolation, check_policy, check_request, record
 from client.node import NodeSettings, declared_weight, new_log_id, node_logger, node_settings
 from client.privacy import NodePrivacy
 from client.sent_log import log_sent, log_usage
 from client.training import resolve_grad_sample_mode, run_preflight
-from common import he
+from common import he, secagg
 from common import records as R
 from common.codec import load_numpy_state, numpy_to_record, record_to_numpy, state_to_numpy
 from common.config import RunConfig, config_from_json
@@ -155,7 +155,9 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     torch.set_num_threads(cfg.train.threads)
     device = node_device(context.node_config, cfg.train.device)  # the owner's --device wins
     model = build_model(cfg.model.name, settings.schema, cfg.model.params)
-    homomorphic = cfg.secure_aggregation == "homomorphic"
+    homomorphic, masked = cfg.secure_aggregation == "homomorphic", cfg.secure_aggregation == "secagg"
+    if masked:  # open the peers' shares before anything is spent: a bad relay refuses the round
+        secagg_node.receive(msg, context, cfg)
     if homomorphic:  # decrypt only what the pinned evaluator signed, with the context the admin approved
         ctx = he_node.client_context(msg, cfg, settings)
         blobs = he.record_to_blobs(msg.content[R.ARRAYS], where="global model")
@@ -173,7 +175,8 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     result, accounting = _privacy(msg, context, cfg, settings).train(
         model, train, device, round_=round_, message_id=msg.metadata.message_id
     )
-    metrics: dict[str, float | int] = {R.NUM_EXAMPLES: declared_weight(settings, len(train)), **accounting}
+    weight = secagg_node.advertised_weight(msg, context) if masked else declared_weight(settings, len(train))
+    metrics: dict[str, float | int] = {R.NUM_EXAMPLES: weight, **accounting}
     metrics[R.STEPS] = result.steps
     meter = _METER.get()
     if meter is not None:  # each epoch visits the split once (DP: Poisson sampling, in expectation)
@@ -197,8 +200,27 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
             }
         )
         return _reply(msg, content, settings)
+    if masked:  # [w/w_max · Δ, w], quantized and masked: only a sum over ≥ t nodes can be unmasked
+        update = secagg_node.masked_update(msg, context, cfg, settings, state_to_numpy(model), global_state)
+        return _reply(msg, RecordDict({secagg.SECAGG_MASKED: update, R.METRICS: MetricRecord(metrics)}), settings)
     content = RecordDict({R.ARRAYS: numpy_to_record(state_to_numpy(model)), R.METRICS: MetricRecord(metrics)})
     return _reply(msg, content, settings)
+
+
+def _secagg_keys(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    """Secure aggregation, step 1: fresh per-round public keys and the declared weight (public)."""
+    weight = declared_weight(settings, len(_training_split(settings, cfg)))
+    return _reply(msg, RecordDict({secagg.SECAGG: secagg_node.advertise(msg, context, weight)}), settings)
+
+
+def _secagg_shares(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    """Secure aggregation, step 2: shares of this node's secrets, each sealed for one peer."""
+    return _reply(msg, RecordDict({secagg.SECAGG: secagg_node.share(msg, context, cfg)}), settings)
+
+
+def _secagg_unmask(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    """Secure aggregation, step 4: the shares that remove the masks from the sum, once."""
+    return _reply(msg, RecordDict({secagg.SECAGG: secagg_node.unmask(msg, context, cfg)}), settings)
 
 
 def _plan_reply(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
@@ -386,7 +408,7 @@ def _fairness_counts(msg: Message, context: Context, cfg: RunConfig, settings: N
             R.METRICS: MetricRecord(
                 {
                     R.EPSILON: spend.epsilon_run,
-                    R.DELTA: cfg.dp.delta,
+                    R.DELTA: cfg.dp.delta,  # the run's δ: its ε composes the run's releases at it
                     R.NOISE_MULTIPLIER: fc.count_noise_multiplier,
                     R.EPSILON_TOTAL: spend.epsilon_total,
                     R.BUDGET_EPSILON: settings.budget_epsilon,
@@ -439,6 +461,21 @@ def he_init(msg: Message, context: Context) -> Message:
 @app.query("he_aggregate")
 def he_aggregate(msg: Message, context: Context) -> Message:
     return _handle(msg, context, _he_aggregate, "evaluate")
+
+
+@app.query("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _clients_only(_secagg_keys), "train")
+
+
+@app.query("secagg_shares")
+def secagg_shares(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _clients_only(_secagg_shares), "train")
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _clients_only(_secagg_unmask), "train")
 
 
 @app.query("role")

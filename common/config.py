@@ -249,7 +249,8 @@ class SecAggConfig(_Strict):
     """
 
     #: t: shares needed to unmask; fewer than t nodes colluding with the server learn nothing about
-    #: an individual update. Unset: ⌈n/2⌉+1 of the round's n sampled nodes (capped at n).
+    #: an individual update. Unset: a strict majority ⌊n/2⌋+1 of the round's n sampled nodes (at least 2,
+    #: at most n): the fewest shares that still stop a server from collecting both kinds of share for one node.
     threshold: int | None = Field(None, ge=2)
     #: Each weighted update value is clipped to ±clipping_range before quantization
     #: (post-processing of the DP output; the clipped fraction is reported on the node).

@@ -122,6 +122,9 @@ CLASS_LABELS: dict[str, str] = {
 
 _RESOURCE_CLASSES: dict[str, PrivacyClass] = dict.fromkeys(RESOURCE_KEYS, "resource")
 
+SECAGG = "secagg"  # secure aggregation (common.secagg): advertised keys, sealed shares, revealed shares
+SECAGG_MASKED = "secagg-masked"  # secure aggregation: the masked, quantized, weighted update
+
 #: record name → key → class. ``*`` under ARRAYS: every model tensor is DP-protected.
 REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
     ARRAYS: {"*": "dp"},
@@ -157,6 +160,12 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
     REFUSAL: {REFUSAL_CODE: "public", REFUSAL_LOG_ID: "public", REFUSAL_RULE: "public"},
     SIGNATURE: {SIGNATURE_VALUE: "public"},
     ROLE: {ROLE_NAME: "public", NODE_NAME: "public"},
+    # Secure aggregation (common.secagg): advertised public keys, shares sealed to one peer (the server
+    # cannot open them), revealed shares (fewer than t of a secret reveal nothing about it).
+    SECAGG: dict.fromkeys(
+        ("pk1", "pk2", "weight", "dsts", "ciphertexts", "share-nodes", "share-kinds", "shares"), "public"
+    ),
+    SECAGG_MASKED: {"*": "dp"},  # the DP-SGD update, masked: only the sum over >= t nodes is revealed
     EVALUATION: {
         "accuracy": "evaluation",
         "loss": "evaluation",

@@ -5,7 +5,9 @@ and node authentication, one SuperNode + FedGuard executor per client and one ev
 the run through Flower's control API, signed with the federation's run-signing key, and follows
 it in the run store; everything is stopped at the end, whatever happens. Each node runs under an
 owner policy that lets the demo's sensitive columns be used for noised fairness counts and its
-coarsened resource figures be sent.
+coarsened resource figures be sent. With ``secure_aggregation = "secagg"`` (``--secure-agg``) the same
+federation runs threshold secure aggregation: nothing else to set up, the keys are made per round
+on the nodes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from common.config import RunConfig
 from common.he_custody import keygen, write_bundle
 from common.kit import RUN_SIGNING_KEY, Federation, NodeSpec, verify_kit
 from common.run_signing import load_signing_key, sign_run
+from common.secagg import describe_trust
 from fedguard.provisioning import ProvisionResult, init_federation
 from fedguard.simulate import prepare_partitions
 from server.grid_io import Progress
@@ -86,6 +89,8 @@ def deployed_demo(
     server_kit = verify_kit(kits.server_kit, kits.ca_fingerprint)
     if homomorphic:
         run_cfg = _homomorphic(run_cfg, kits, deploy_dir, progress)
+    for line in describe_trust(run_cfg):  # secagg: the mode, t, and who could learn what with whom
+        progress(line)
     progress(f"provisioned a throw-away federation (CA {kits.ca_fingerprint[:23]}...) in {deploy_dir / 'kits'}")
     superlink = SuperLink(
         deploy_dir / "server",

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from common import records as R
 from common.config import RunConfig, config_from_json
+from common.secagg import describe_trust
 from server.report_blocks import Block, Plot
 from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
@@ -230,7 +231,8 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         target_delta=cfg.dp.delta if cfg.dp.enabled else None,
         engine=str(meta.get("engine", "unknown")),
         transport=str(meta.get("transport", "unknown")),
-        secure_aggregation=_SECURE_AGG.get(cfg.secure_aggregation, cfg.secure_aggregation),
+        secure_aggregation=" ".join(describe_trust(cfg))
+        or _SECURE_AGG.get(cfg.secure_aggregation, cfg.secure_aggregation),
         threat_model=THREAT_MODEL,
         central_dp=central,
         versions={str(k): str(v) for k, v in meta.get("versions", {}).items()},

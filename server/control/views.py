@@ -17,6 +17,7 @@ from common import records as R
 from common.config import config_from_json
 from common.errors import ConfigError
 from common.fairness import Audit, findings
+from common.secagg import describe_trust
 from server.cost_report import build_cost_report
 from server.run_health import RunHealth, node_label, run_health
 from server.store import RunStore
@@ -96,6 +97,7 @@ def run_detail(store_path: Path, run_id: int) -> dict[str, Any]:
             "target_epsilon": cfg.dp.target_epsilon if cfg.dp.enabled else None,
             "delta": cfg.dp.delta if cfg.dp.enabled else None,
             "secure_aggregation": cfg.secure_aggregation,
+            "trust": describe_trust(cfg),  # secure aggregation: the mode, t, who could learn what with whom
             "eo_diff_max": cfg.fairness.eo_diff_max,
             "dp_diff_max": cfg.fairness.dp_diff_max,
         }
