@@ -19,6 +19,15 @@ from flwr.app import ArrayRecord, RecordDict
 from common.records import key_class
 
 
+def _size(value: Any) -> int:
+    """Bytes a config value carries: lists (sealed shares, key lists) count every element."""
+    if isinstance(value, bytes | str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_size(v) for v in value)
+    return 8
+
+
 def describe(content: RecordDict) -> tuple[dict[str, Any], int]:
     """Per record and key: class, and shape/dtype/bytes for arrays or the value for scalars."""
     out: dict[str, Any] = {}
@@ -37,7 +46,7 @@ def describe(content: RecordDict) -> tuple[dict[str, Any], int]:
                 }
         else:
             for key, value in record.items():
-                size = len(value) if isinstance(value, bytes | str) else 8
+                size = _size(value)
                 total += size
                 shown = value if isinstance(value, int | float | str) else f"<{type(value).__name__}>"
                 entry[key] = {"class": key_class(name, key), "value": shown, "bytes": size}

@@ -42,16 +42,7 @@ def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
                     "epsilon_per_node": {n.node_id: n.epsilon for n in health.nodes if n.epsilon is not None},
                     "delta_total": health.delta_total,
                     "ledger_run_key": health.ledger_run_key,
-                    "nodes": [
-                        {
-                            "node_id": n.node_id,
-                            "name": n.name,
-                            "epsilon": n.epsilon,
-                            "delta_total": n.delta_total,
-                            "rounds": {str(r): {"status": s, "reason": why} for r, (s, why) in n.rounds.items()},
-                        }
-                        for n in health.nodes
-                    ],
+                    "nodes": [n.view() for n in health.nodes],
                     "findings": [f.model_dump() for f in health.final_findings],
                     "warnings": health.warnings,
                     "evaluations": evals,

@@ -23,6 +23,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common import records as R
 from common.config import RunConfig, config_from_json
@@ -70,6 +71,22 @@ class NodeHealth:
         else:
             text = f"ε {self.epsilon:.3f}" if self.epsilon is not None else "ε –"
         return text + (f" ({LEDGER_NOTE})" if self.may_be_higher else "")
+
+    def view(self) -> dict[str, Any]:
+        """The node as `fedguard runs --json` and the dashboard show it (one shape for both)."""
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "epsilon": self.epsilon,
+            "delta_total": self.delta_total,
+            # the ε as a phrase: "updates not private (DP disabled); …", or that the ledger may hold more
+            "privacy": self.privacy,
+            "counts_epsilon": self.counts_epsilon,
+            "participation": self.tally,
+            "reasons": self.reasons,
+            "never_contributed": self.never_contributed,
+            "rounds": {str(r): {"status": s, "reason": why} for r, (s, why) in self.rounds.items()},
+        }
 
     def count(self, status: str) -> int:
         return sum(s == status for s, _ in self.rounds.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import OrderedDict
@@ -131,6 +132,49 @@ def with_train(train: Callable[[Message, Context], Message]) -> ClientApp:
     app.query("role")(real.role)
     app.query("plan")(real.plan)
     return app
+
+
+def small_sim_toml(
+    name: str, *, seed: int, rounds: int, clients: int, schema: str, extra: str = "", data: str = "data.csv"
+) -> str:
+    """A run config as a user writes it for `fedguard simulate`: a small, fast DP federation (tabular, binary).
+
+    ``schema``: the ``[data.schema]`` lines after task/label/classes (features, sensitive); ``extra``: more
+    tables (``[fairness]``, ``[server]``, ...); simulation keys go after ``[simulation]`` via ``extra_sim``.
+    """
+    extra, _, extra_sim = extra.partition("[simulation]\n")
+    return f"""name = "{name}"
+seed = {seed}
+rounds = {rounds}
+clients_per_round = {clients}
+[model]
+name = "ft-transformer"
+params = {{ d_model = 16, layers = 1, heads = 2 }}
+[train]
+batch_size = 32
+optimizer = "adam"
+learning_rate = 0.01
+[dp]
+target_epsilon = 4.0
+delta = 1e-4
+[data]
+validation_fraction = 0.2
+[data.schema]
+task = "tabular"
+label = "y"
+classes = ["0", "1"]
+{schema}
+{extra}
+[simulation]
+num_clients = {clients}
+data_path = "{data}"
+{extra_sim}"""
+
+
+def toml_features(features: list[dict[str, Any]]) -> str:
+    """``features = [...]`` as a TOML line (inline tables)."""
+    inline = ("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in f.items() if v is not None) + "}" for f in features)
+    return f"features = [{', '.join(inline)}]"
 
 
 def write_run_toml(cfg: RunConfig, path: Path) -> Path:

@@ -24,7 +24,7 @@ from common.fairness import FairnessConfig, constant_streak, model_findings, pre
 from common.privacy import counts_release, epsilon_spent
 from server.store import RunStore
 from server.validation import Outcome
-from tests.helpers import ROOT, make_tabular, tabular_config
+from tests.helpers import ROOT, make_tabular, small_sim_toml, tabular_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -143,36 +143,9 @@ def _fedguard(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def _write_config(tmp: Path, data: Path, schema: str, extra: str) -> Path:
     toml = tmp / "run.toml"
+    extra = f"[server]\nround_timeout = 120\nwait_for_nodes = 60\n{extra}"
     toml.write_text(
-        f"""name = "health"
-seed = 3
-rounds = 3
-clients_per_round = 3
-[model]
-name = "ft-transformer"
-params = {{ d_model = 16, layers = 1, heads = 2 }}
-[train]
-batch_size = 32
-optimizer = "adam"
-learning_rate = 0.01
-[dp]
-target_epsilon = 4.0
-delta = 1e-4
-[data]
-validation_fraction = 0.2
-[data.schema]
-task = "tabular"
-label = "y"
-classes = ["0", "1"]
-{schema}
-[server]
-round_timeout = 120
-wait_for_nodes = 60
-{extra}
-[simulation]
-num_clients = 3
-data_path = "{data.name}"
-""",
+        small_sim_toml("health", seed=3, rounds=3, clients=3, schema=schema, extra=extra, data=data.name),
         encoding="utf-8",
     )
     return toml

@@ -320,3 +320,17 @@ def test_the_trust_statement_names_the_mode_t_and_who_could_learn_what() -> None
     text = "\n".join(lines)
     assert "t = 3 of 5" in text and "No single party" in text and "3 or more colluding nodes" in text
     assert S.describe_trust(tabular_config()) == []
+
+
+def test_the_nodes_sent_log_counts_every_sealed_share_it_sent() -> None:
+    """The owner's log of what left the node must not understate a secagg reply (lists of sealed shares)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from client.sent_log import describe
+
+    shares = [b"s" * 300, b"t" * 200]
+    records, total = describe(
+        RecordDict({S.SECAGG: ConfigRecord({S.CIPHERTEXTS: shares, S.PK1: "k" * 40})})
+    )
+    assert total == 540
+    assert records[S.SECAGG][S.CIPHERTEXTS]["bytes"] == 500

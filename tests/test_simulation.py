@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from server.store import RunStore
-from tests.helpers import ROOT, make_tabular, tabular_config
+from tests.helpers import ROOT, make_tabular, small_sim_toml, tabular_config, toml_features
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -25,42 +25,10 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_cli_simulation_records_both_rounds(tmp_path: Path) -> None:
     data = tmp_path / "data.csv"
     make_tabular(500).to_csv(data, index=False)
-    cfg = tabular_config(data)
+    features = [f.model_dump(exclude_none=True) for f in tabular_config(data).data.schema_.features]
     toml = tmp_path / "run.toml"
-    schema = cfg.data.schema_
-    features = ", ".join(
-        "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in f.model_dump(exclude_none=True).items()) + "}"
-        for f in schema.features
-    )
-    toml.write_text(
-        f"""name = "two-by-two"
-seed = 3
-rounds = 2
-clients_per_round = 2
-[model]
-name = "ft-transformer"
-params = {{ d_model = 16, layers = 1, heads = 2 }}
-[train]
-batch_size = 32
-optimizer = "adam"
-learning_rate = 0.01
-[dp]
-target_epsilon = 4.0
-delta = 1e-4
-[data]
-validation_fraction = 0.2
-[data.schema]
-task = "tabular"
-label = "y"
-classes = ["0", "1"]
-sensitive = ["group"]
-features = [{features}]
-[simulation]
-num_clients = 2
-data_path = "data.csv"
-""",
-        encoding="utf-8",
-    )
+    schema = f'sensitive = ["group"]\n{toml_features(features)}'
+    toml.write_text(small_sim_toml("two-by-two", seed=3, rounds=2, clients=2, schema=schema), encoding="utf-8")
     proc = run(["-m", "fedguard.cli", "simulate", "--config", str(toml), "--json"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -24,7 +24,17 @@ from common.codec import record_to_numpy
 from common.config import RunConfig
 from common.privacy import epsilon_spent
 from server.store import RunStore
-from tests.helpers import ROOT, TABULAR_SCHEMA, global_state, make_tabular, node_context, tabular_config, train_message
+from tests.helpers import (
+    ROOT,
+    TABULAR_SCHEMA,
+    global_state,
+    make_tabular,
+    node_context,
+    small_sim_toml,
+    tabular_config,
+    toml_features,
+    train_message,
+)
 
 TEXT_SCHEMA = {"task": "text", "text_column": "text", "label": "y", "classes": ["0", "1"], "sensitive": ["group"]}
 WORDS = ["good", "great", "bad", "awful", "fine", "poor", "nice", "sad"]
@@ -166,43 +176,10 @@ SEED = 7  # with make_tabular(400), 3 clients and alpha 0.5 this split gives nod
 
 def simulate(tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], dict]:
     make_tabular(400).to_csv(tmp_path / "data.csv", index=False)
-    features = ", ".join(
-        "{" + ", ".join(f"{key} = {json.dumps(value)}" for key, value in feature.items()) + "}"
-        for feature in TABULAR_SCHEMA["features"]
-    )
-    (tmp_path / "run.toml").write_text(
-        f"""name = "skewed"
-seed = {SEED}
-rounds = 2
-clients_per_round = 3
-[model]
-name = "ft-transformer"
-params = {{ d_model = 16, layers = 1, heads = 2 }}
-[train]
-batch_size = 32
-optimizer = "adam"
-learning_rate = 0.01
-[dp]
-target_epsilon = 4.0
-delta = 1e-4
-[data]
-validation_fraction = 0.2
-[data.schema]
-task = "tabular"
-label = "y"
-classes = ["0", "1"]
-sensitive = ["group"]
-features = [{features}]
-[fairness]
-federated_counts = false
-[simulation]
-num_clients = 3
-data_path = "data.csv"
-partitioner = "dirichlet"
-alpha = 0.5
-""",
-        encoding="utf-8",
-    )
+    schema = f'sensitive = ["group"]\n{toml_features(TABULAR_SCHEMA["features"])}'
+    extra = "[fairness]\nfederated_counts = false\n[simulation]\npartitioner = \"dirichlet\"\nalpha = 0.5\n"
+    toml = small_sim_toml("skewed", seed=SEED, rounds=2, clients=3, schema=schema, extra=extra)
+    (tmp_path / "run.toml").write_text(toml, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "fedguard.cli", "simulate", "--config", "run.toml", "--json"],

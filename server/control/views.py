@@ -62,21 +62,7 @@ def health_view(health: RunHealth) -> dict[str, Any]:
         "warnings": health.warnings,
         "delta_total": health.delta_total,
         "ledger_run_key": health.ledger_run_key,
-        "nodes": [
-            {
-                "node_id": n.node_id,
-                "name": n.name,
-                "epsilon": n.epsilon,
-                "delta_total": n.delta_total,
-                # the ε as a phrase: "updates not private (DP disabled); …", or that the ledger may hold more
-                "privacy": n.privacy,
-                "counts_epsilon": n.counts_epsilon,
-                "participation": n.tally,
-                "reasons": n.reasons,
-                "never_contributed": n.never_contributed,
-            }
-            for n in health.nodes
-        ],
+        "nodes": [n.view() for n in health.nodes],
         "findings": [{"severity": f.severity, "kind": f.kind, "message": f.message} for f in health.final_findings],
     }
 
