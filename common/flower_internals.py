@@ -34,8 +34,39 @@ from typing import Any
 import flwr
 import numpy as np
 from flwr.app import Context, Message
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares  # noqa: F401
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import (  # noqa: F401
+    decrypt,
+    encrypt,
+    generate_shared_key,
+)
+from flwr.common.secure_aggregation.quantization import dequantize, quantize  # noqa: F401
+from flwr.common.secure_aggregation.secaggplus_utils import (  # noqa: F401
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (  # noqa: F401
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
 
 from common.errors import FedGuardError
+
+# The secure-aggregation imports above are Flower's SecAgg+ building blocks (Shamir sharing, ECDH key
+# agreement with symmetric encryption, quantization, the share framing), re-exported for
+# common/secagg.py: FedGuard drives the protocol's steps itself (Flower's workflow needs its legacy
+# context) but writes none of the cryptography.
+
+
+def plain_flower_console() -> None:
+    """Flower's console log handler without colour codes (its level names are coloured on any stream)."""
+    from flwr.common.logger import update_console_handler
+
+    update_console_handler(colored=False)
+
 
 #: The Flower release (major.minor) this module was written and tested against.
 FLOWER_RELEASE = "1.42"

@@ -67,9 +67,9 @@ def no_colour_codes() -> None:
     """
     os.environ["RAY_COLOR_PREFIX"] = "0"
     if "flwr" in sys.modules:
-        from flwr.common.logger import update_console_handler
+        from common.flower_internals import plain_flower_console
 
-        update_console_handler(colored=False)
+        plain_flower_console()
     if not is_terminal(sys.stdout) and not isinstance(sys.stdout, PlainStream):
         sys.stdout = PlainStream(sys.stdout)  # type: ignore[assignment]
     if not is_terminal(sys.stderr) and not isinstance(sys.stderr, PlainStream):

@@ -26,24 +26,26 @@ from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares  # noqa: F401 - re-exported
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
-from flwr.common.secure_aggregation.secaggplus_utils import (
-    share_keys_plaintext_concat,
-    share_keys_plaintext_separate,
-)
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
 
 from common import records as R
 from common.config import RunConfig
 from common.errors import ConfigError, FedGuardError
+from common.flower_internals import (  # Flower's SecAgg+ building blocks, through the one Flower adapter
+    bytes_to_private_key,
+    bytes_to_public_key,
+    combine_shares,
+    create_shares,
+    decrypt,
+    dequantize,
+    encrypt,
+    generate_key_pairs,
+    generate_shared_key,
+    private_key_to_bytes,
+    public_key_to_bytes,
+    quantize,
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
 from common.he_custody import unflatten
 
 # -- record and key names -----------------------------------------------------------------------
