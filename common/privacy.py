@@ -108,8 +108,10 @@ def poisson_schedule(n_train: int, batch_size: int) -> tuple[float, int]:
     ``DPDataLoader.from_data_loader`` uses q = 1/len(loader) = 1/ceil(n/B) and yields 1/q
     batches per epoch; planning with B/n instead would under-count ε.
     """
-    batches = math.ceil(n_train / batch_size)
-    return 1.0 / batches, batches
+    q = 1.0 / math.ceil(n_train / batch_size)
+    # Opacus's sampler takes int(1/q) steps, which float rounding makes one fewer than ceil(n/B) for
+    # 141 batch counts below 2,000 (93, 99, 105, ...): plan exactly the steps it takes.
+    return q, int(1.0 / q)
 
 
 def plan_dp(

@@ -23,7 +23,6 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -42,15 +41,6 @@ TEXT_DEMO_SCHEMA = {
     "text_column": "text",
     "label": "device",
     "classes": ["android", "iphone"],
-}
-
-#: The text demo's training defaults: LoRA adapters + head with Adam (a small, well-conditioned
-#: parameter set), a moderate batch (the pretrained features need few steps), FedAvg. Not yet tuned with
-#: bench/utility.py: lr 0.01 learned within a round in tests/test_pretrained.py, 0.003 was slow.
-TEXT_UTILITY_DEFAULTS: dict[str, Any] = {
-    "train": {"local_epochs": 1, "batch_size": 64, "learning_rate": 0.01, "optimizer": "adam"},
-    "dp": {"max_grad_norm": 1.0},
-    "server": {"optimizer": {"name": "fedavg"}},
 }
 
 _OCCUPATIONS = [
@@ -94,19 +84,8 @@ DEMO_SCHEMA = {
     ],
 }
 
-#: FedGuard's utility defaults for DP federations, including label-skewed ones; chosen with
-#: ``bench/utility.py --select`` on a validation slice of the demo data (never on the hold-out the
-#: README's table reports). Server momentum (FedAvgM) carries progress across rounds, which plain
-#: FedAvg loses when skewed clients pull the mean back and forth; a large logical batch (1024, so
-#: fewer, less noisy DP steps and less client drift per round) with a higher local learning rate.
-#: FedProx (``proximal_mu``), warm-up and per-node batches stay available but did not help here.
-UTILITY_DEFAULTS: dict[str, Any] = {
-    "train": {"local_epochs": 1, "batch_size": 1024, "learning_rate": 0.005, "optimizer": "adam"},
-    "dp": {"max_grad_norm": 1.0},
-    "server": {"optimizer": {"name": "fedavgm", "learning_rate": 1.0, "momentum": 0.5}},
-}
-#: Rounds the utility benchmark trains for (`fedguard demo` runs 3, `--rounds`): skewed federations were still
-#: improving after 5.
+#: ``demo_config``'s default rounds, as many as the utility benchmark trains (`fedguard demo` passes its
+#: `--rounds`, default 3): skewed federations were still improving after 5.
 UTILITY_ROUNDS = 10
 
 _COLUMNS = ["year", "age", "prestg10", "childs", "occrecode", "wrkstat", "educcat", "gender", "maritalcat"]
@@ -157,13 +136,14 @@ def demo_config(
     epsilon: float = 8.0,
     model: str = "ft-transformer",
 ) -> RunConfig:
-    """The demo federation with FedGuard's utility defaults (``UTILITY_DEFAULTS``).
+    """The demo federation with FedGuard's defaults: it names no ``[train]`` or ``[server.optimizer]``
+    section, so it gets the recommended recipe for its task (``common.config.RECIPES``), as a user's
+    config does.
 
-    ``model="minilm-lora"``: the text demo (tweets, pretrained MiniLM + LoRA, ``TEXT_UTILITY_DEFAULTS``).
+    ``model="minilm-lora"``: the text demo (tweets, pretrained MiniLM + LoRA).
     """
     _check_model(model)
     text = model == "minilm-lora"
-    defaults = TEXT_UTILITY_DEFAULTS if text else UTILITY_DEFAULTS
     return parse_config(
         {
             "name": "fedguard-demo-minilm-lora" if text else "fedguard-demo",
@@ -171,11 +151,10 @@ def demo_config(
             "rounds": rounds,
             "clients_per_round": clients,
             "model": {"name": model},
-            "train": dict(defaults["train"]),
-            "dp": {"enabled": True, "target_epsilon": epsilon, "delta": 1e-5, **defaults["dp"]},
-            "data": {"schema": TEXT_DEMO_SCHEMA if text else DEMO_SCHEMA, "validation_fraction": 0.1},
+            "dp": {"enabled": True, "target_epsilon": epsilon, "delta": 1e-5},
+            "data": {"schema": TEXT_DEMO_SCHEMA if text else DEMO_SCHEMA},
             # a pretrained model's round takes minutes on 2 CPU cores
-            "server": {"min_replies": min(2, clients), "round_timeout": 900 if text else 300, **defaults["server"]},
+            "server": {"min_replies": min(2, clients), "round_timeout": 900 if text else 300},
             "simulation": {"num_clients": clients, "data_path": str(data_path), "partitioner": "iid"},
         },
         "demo config",

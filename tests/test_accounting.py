@@ -255,3 +255,14 @@ if __name__ == "__main__":
     workdir, cfg_json = Path(sys.argv[1]), Path(sys.argv[2]).read_text(encoding="utf-8")
     result = simulate(config_from_json(cfg_json), workdir, client_app=wire_logged_app())
     print(f"RUN_ID={result.run_id}")
+
+
+@pytest.mark.parametrize("batches", [92, 93, 99, 105, 186])
+def test_the_plan_takes_exactly_the_steps_opacus_samples(batches: int) -> None:
+    """93 batches per epoch: Opacus's sampler takes int(1/q) = 92 steps; a plan of 93 made every round refuse."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    from common.privacy import poisson_schedule
+
+    q, steps = poisson_schedule(batches * 32, 32)
+    assert steps == len(UniformWithReplacementSampler(num_samples=batches * 32, sample_rate=q))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config
+from common.config import RECIPES, TrainConfig, config_from_json, load_config
 from common.errors import ConfigError
 from common.schema import load_schema
 
@@ -137,3 +137,59 @@ def test_a_config_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
         config_from_json("3")
     with pytest.raises(ConfigError, match="nested too deeply"):
         config_from_json("[" * 100_000 + "]" * 100_000)
+
+
+# --------------------------------------------------------------------------- defaults = the benchmarked recipe
+
+TEXT_GOOD = (
+    GOOD.replace('features = [{name = "a", type = "numeric"}]', 'text_column = "text"')
+    .replace('task = "tabular"', 'task = "text"')
+    .replace('name = "ft-transformer"', 'name = "text-transformer"')
+)
+
+
+def test_a_config_without_train_or_server_optimizer_gets_its_tasks_recipe(tmp_path: Path) -> None:
+    """What bench/utility.py measured as ``fedguard`` is what a user's config gets by leaving them out."""
+    for text, task in ((GOOD, "tabular"), (TEXT_GOOD, "text")):
+        cfg = load_config(write(tmp_path, text))
+        recipe = RECIPES[task]
+        for key, value in recipe["train"].items():
+            assert getattr(cfg.train, key) == value, (task, key)
+        assert cfg.dp.max_grad_norm == recipe["dp"]["max_grad_norm"]
+        assert cfg.server.optimizer.model_dump(exclude_none=True) == recipe["server.optimizer"]
+        assert cfg.data.validation_fraction == 0.1
+        assert cfg.dp.target_epsilon == 3.0  # the file's own [dp] value stays
+
+
+def test_explicit_values_win_over_the_recipe(tmp_path: Path) -> None:
+    text = GOOD + '[train]\nbatch_size = 256\n[server.optimizer]\nname = "fedadam"\n'
+    cfg = load_config(write(tmp_path, text))
+    recipe = RECIPES["tabular"]["train"]
+    assert cfg.train.batch_size == 256
+    assert cfg.train.learning_rate == recipe["learning_rate"] and cfg.train.optimizer == recipe["optimizer"]
+    # a [server.optimizer] table is taken whole: no recipe momentum mixed into another optimizer
+    assert cfg.server.optimizer.name == "fedadam" and cfg.server.optimizer.momentum is None
+
+
+def test_another_optimizer_does_not_inherit_the_recipes_learning_rate(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD + '[train]\noptimizer = "sgd"\n'))
+    assert cfg.train.optimizer == "sgd"
+    assert cfg.train.learning_rate == TrainConfig.model_fields["learning_rate"].default
+    assert cfg.train.batch_size == RECIPES["tabular"]["train"]["batch_size"]
+
+
+def test_the_recipe_survives_the_trip_to_the_nodes(tmp_path: Path) -> None:
+    """Nodes parse the JSON the server sends: the same settings, not a second round of defaults."""
+    cfg = load_config(write(tmp_path, GOOD + "[train]\nlearning_rate = 0.01\n"))
+    again = config_from_json(cfg.to_json())
+    assert again.train == cfg.train and again.server.optimizer == cfg.server.optimizer
+
+
+def test_the_demo_uses_the_defaults(tmp_path: Path) -> None:
+    from fedguard.demo import demo_config
+
+    cfg = demo_config(tmp_path / "data.csv")
+    for key, value in RECIPES["tabular"]["train"].items():
+        assert getattr(cfg.train, key) == value
+    assert cfg.server.optimizer.model_dump(exclude_none=True) == RECIPES["tabular"]["server.optimizer"]
+    assert cfg.data.validation_fraction == 0.1

@@ -27,7 +27,7 @@ from client.app import app as client_app
 from client.training import PerSampleWeightedCE, loader_batch_size, train_local
 from common import records as R
 from common.codec import record_to_numpy
-from common.config import ServerOptimizerConfig
+from common.config import RECIPES, ServerOptimizerConfig
 from common.data import encode
 from common.errors import ConfigError
 from common.models import build_model
@@ -184,7 +184,8 @@ def test_server_optimizer_state_survives_a_checkpoint() -> None:
 
 
 def test_server_optimizer_config_is_validated() -> None:
-    assert tabular_config().server.optimizer.name == "fedavg"  # backwards compatible default
+    # no [server.optimizer]: the recommended recipe's (common.config.RECIPES), taken whole
+    assert tabular_config().server.optimizer.model_dump(exclude_none=True) == RECIPES["tabular"]["server.optimizer"]
     with pytest.raises(ConfigError, match="fedavg' takes no parameters; remove learning_rate"):
         tabular_config(server={"optimizer": {"name": "fedavg", "learning_rate": 0.1}})
     with pytest.raises(ConfigError, match="fedavgm' takes learning_rate, momentum; remove tau"):
@@ -312,7 +313,13 @@ def test_clip_without_dp_bounds_non_private_steps() -> None:
     for clip in (False, True):
         cfg = tabular_config(
             dp={"enabled": False, "max_grad_norm": 0.01},
-            train={"optimizer": "sgd", "learning_rate": 1.0, "batch_size": 400, "clip_without_dp": clip},
+            train={
+                "optimizer": "sgd",
+                "learning_rate": 1.0,
+                "batch_size": 400,
+                "local_epochs": 1,
+                "clip_without_dp": clip,
+            },
         )
         torch.manual_seed(0)
         model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
@@ -356,6 +363,7 @@ def test_class_weights_train_under_dp(mode: str, tabular_csv: Path, tmp_path: Pa
 
 # --------------------------------------------------------------------------- the real ServerApp
 
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_server_app_applies_the_server_optimizer(tmp_path: Path) -> None:
@@ -388,3 +396,50 @@ def test_server_app_applies_the_server_optimizer(tmp_path: Path) -> None:
         losses[name] = json.loads(proc.stdout.split("LOSSES")[1].strip().splitlines()[0])
     assert losses["frozen"][2] == pytest.approx(losses["frozen"][0], abs=1e-6)
     assert abs(losses["fedavg"][2] - losses["fedavg"][0]) > 1e-4
+
+
+# --------------------------------------------------------------------------- the benchmark runs the product's path
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_bench_and_the_cli_run_the_same_federation(tmp_path: Path) -> None:
+    """bench/utility.py's run function and ``fedguard simulate`` on the same user-written config and seed:
+    the same split, the same σ on every node, and accuracies that differ only by DP noise (each run draws
+    fresh noise from os.urandom on the nodes, so the models are not bit-identical)."""
+    import tomllib
+
+    from bench.utility import partition_summary, read_run, run_config, write_dataset
+
+    data, schema = write_dataset("spam", tmp_path / "data")
+    raw = run_config(data, schema, split="dir0.5", epsilon=8.0, seed=3, method="fedguard", rounds=3)
+    assert "train" not in raw and "server" not in raw  # the product's defaults, as a user gets them
+    raw_file = tmp_path / "raw.json"
+    raw_file.write_text(json.dumps(raw), encoding="utf-8")
+    code = (
+        "import json, sys; from pathlib import Path; from bench.utility import run_federation; "
+        "raw = json.loads(Path(sys.argv[1]).read_text()); "
+        "print('RESULT', json.dumps(run_federation(raw, Path(sys.argv[2]))))"
+    )
+    proc = _run([sys.executable, "-c", code, str(raw_file), str(tmp_path / "bench")], 280)
+    bench = json.loads(proc.stdout.split("RESULT", 1)[1].strip().splitlines()[0])
+    config = tmp_path / "bench" / "config.toml"
+    assert not {"train", "server"} & set(tomllib.loads(config.read_text(encoding="utf-8")))  # as a user wrote it
+
+    _run([sys.executable, "-m", "fedguard.cli", "simulate", "--config", str(config), "--workdir", str(tmp_path / "cli"),
+          "--json"], 280)  # fmt: skip
+    cli = read_run(tmp_path / "cli" / "runs.db", 1)
+    cli["partitions"] = partition_summary(tmp_path / "cli" / "partitions", schema["label"], schema["classes"])
+
+    assert bench["partitions"] == cli["partitions"]  # rows, label shares and content of every node's file
+    assert len(bench["sigmas"]) == 5 and bench["sigmas"] == pytest.approx(cli["sigmas"], rel=1e-9)
+    assert bench["accepted"] == cli["accepted"] == 5 * 3  # every node trained every round, in both
+    assert bench["status"] == cli["status"] == "finished"
+    assert abs(bench["accuracy"] - cli["accuracy"]) <= 0.1, (bench["curve"], cli["curve"])
