@@ -29,7 +29,7 @@ from client.sent_log import log_sent, log_usage
 from client.training import resolve_grad_sample_mode, run_preflight
 from common import he, secagg
 from common import records as R
-from common.codec import load_numpy_state, numpy_to_record, record_to_numpy, state_to_numpy
+from common.codec import load_numpy_state, module_layout, numpy_to_record, record_to_numpy, state_to_numpy
 from common.config import RunConfig, config_from_json
 from common.data import Encoded, load_encoded, split_indices
 from common.devices import node_device
@@ -148,6 +148,11 @@ def _check_round_open(msg: Message) -> None:
         raise RoundClosed(f"the round closed {late:.0f}s before this node got to it; nothing trained or spent")
 
 
+def _global_state(msg: Message, model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
+    """The plaintext global model the message carries; a packed state of another layout is refused unread."""
+    return record_to_numpy(msg.content[R.ARRAYS], module_layout(model))
+
+
 def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
     log = node_logger(settings.workdir)
     round_ = int(msg.content[R.CONFIG][R.ROUND])
@@ -163,7 +168,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
         blobs = he.record_to_blobs(msg.content[R.ARRAYS], where="global model")
         global_state = he_node.decrypt_global(ctx, cfg, blobs, msg.content[R.CONFIG], _run_key(msg), round_ - 1)
     else:
-        global_state = record_to_numpy(msg.content[R.ARRAYS])
+        global_state = _global_state(msg, model)
     load_numpy_state(model, global_state)
     # Pretrained models: one DP step on made-up text proves per-sample gradients are right before
     # any record is read or any budget reserved (client.preflight).
@@ -312,7 +317,7 @@ def _evaluate(msg: Message, context: Context, cfg: RunConfig, settings: NodeSett
     """The evaluator scores and audits the global model on its held-out set; results leave rounded."""
     _evaluator_only(settings)
     model = build_model(cfg.model.name, settings.schema, cfg.model.params)
-    load_numpy_state(model, record_to_numpy(msg.content[R.ARRAYS]))
+    load_numpy_state(model, _global_state(msg, model))
     return _reply(msg, _score(model, cfg, settings, _round(msg)), settings)
 
 
@@ -377,7 +382,7 @@ def _fairness_counts(msg: Message, context: Context, cfg: RunConfig, settings: N
     _, val_idx = split_indices(len(data), cfg.data.validation_fraction, cfg.seed)
     val = data.subset(val_idx)
     model = build_model(cfg.model.name, settings.schema, cfg.model.params)
-    load_numpy_state(model, record_to_numpy(msg.content[R.ARRAYS]))
+    load_numpy_state(model, _global_state(msg, model))
     min_size = max(fc.min_group_size, settings.policy.min_group_size if settings.policy else 1)
     probs, _ = predict(model, val)
     counts = group_confusion_counts(val.y.numpy(), probs.argmax(-1), val.groups, min_size, fc.intersections)

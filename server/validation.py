@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from common import records as R
-from common.codec import record_to_numpy
+from common.codec import PackedStateError, layout_of, record_to_numpy
 from common.reply_signing import verify_reply
 
 
@@ -194,20 +194,14 @@ def update_norm(state: OrderedDict[str, np.ndarray], reference: OrderedDict[str,
 def check_plain_update(
     content: RecordDict, reference: OrderedDict[str, np.ndarray], max_update_norm: float | None
 ) -> OrderedDict[str, np.ndarray]:
-    """A plaintext model that matches the global one exactly in structure, finite and within the norm bound."""
-    try:
-        state = record_to_numpy(content[R.ARRAYS])
+    """A plaintext model with the global one's exact layout (names, shapes, dtypes), finite, within the norm bound."""
+    try:  # the packed layout is checked against the global model's before any value is read
+        state = record_to_numpy(content[R.ARRAYS], layout_of(reference))
+    except PackedStateError as exc:
+        raise Rejected(f"model state refused: {exc.what}") from None
     except (TypeError, ValueError, KeyError) as exc:
         raise Rejected(f"undecodable reply: {type(exc).__name__}") from None
-    missing, extra = set(reference) - set(state), set(state) - set(reference)
-    if missing or extra:
-        raise Rejected(f"tensor keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
-    for key, ref in reference.items():
-        arr = state[key]
-        if arr.shape != ref.shape:
-            raise Rejected(f"wrong shape for {key}: {arr.shape}, expected {ref.shape}")
-        if arr.dtype != ref.dtype:
-            raise Rejected(f"wrong dtype for {key}: {arr.dtype}, expected {ref.dtype}")
+    for key, arr in state.items():
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise Rejected(f"non-finite values (NaN/Inf) in {key}")
     if max_update_norm is not None:
