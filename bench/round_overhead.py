@@ -9,15 +9,14 @@ FT-Transformer with DP-SGD — and submits the run with ``flwr run``:
   SuperExec starts a fresh ``flwr-clientapp`` per message, which installs the app bundle and
   imports torch/Opacus; the ServerApp polls for replies every 3 s (what ``Grid.send_and_receive``
   sleeps; set through ``server.poll_interval``).
-- ``executor``: FedGuard's deployment. SuperNode ``--isolation process`` + FedGuard's long-lived
-  executor (installed ClientApp, torch stays imported); the ServerApp polls every 0.2 s.
-- ``executor+node-patch`` (experimental): as ``executor``, with the SuperNode's hard-coded 3 s idle
-  wait between Fleet pulls cut to 1 s and its 1 s/2 s/4 s retry backoff for message objects the
-  ServerApp is still uploading cut to 50 ms (``SuperNode(fleet_poll_interval=...)``, a patch of
-  Flower internals in the SuperNode process).
-- ``executor+node+server-patch``: as above, plus the change proposed for ``server/app.py``
-  (``SERVER_PATCH``, applied to the staged bundle only): the ServerApp's reply pulls retry objects
-  a node is still uploading after 20 ms instead of 1 s/2 s/4 s.
+- ``executor``: FedGuard's deployment as shipped. SuperNode ``--isolation process`` + FedGuard's
+  long-lived executor (installed ClientApp, torch stays imported); the ServerApp polls every 0.2 s
+  and retries reply objects a node is still uploading after 20 ms instead of 1 s/2 s/4 s
+  (``flower_internals.fast_reply_pulls``); the SuperNode's hard-coded 3 s idle wait between Fleet
+  pulls is cut to 1 s and its object-retry backoff to 50 ms (``SuperNode(fleet_poll_interval=1.0)``,
+  the default; ``flower_internals.shorten_fleet_poll``).
+- ``executor-3s-fleet-poll``: as ``executor`` with the SuperNode's own 3 s wait and backoff
+  (``fleet_poll_interval=None``): what the node-side polling change buys, in the same run.
 
 Per round: wall = the ServerApp's round time (run store); training = the slowest sampled node's
 DP-SGD loop time (the ClientApp's node log); overhead = wall − training. For the executor modes
@@ -28,7 +27,9 @@ input, including waiting while the SuperNode downloads the message objects), *ap
 SuperNode) and *from node* (SuperNode reply wait + upload, the ServerApp's poll and reply download,
 validation, aggregation, run store). Also measured
 separately: a cold ``flwr-clientapp``-style start (interpreter + Flower + FedGuard ClientApp
-imports), and message (de)serialization of the model.
+imports), and message (de)serialization of the model with the number of wire objects a train
+message's content becomes (each a separate request per hop; the model travels packed as one
+Array, ``common.codec``).
 
     python bench/round_overhead.py [--nodes 3] [--rounds 3] [--modes flower-default executor]
                                    [--out bench/results/round_overhead.json]
@@ -57,35 +58,16 @@ import tomli_w  # noqa: E402
 from client.supernode import SuperNode  # noqa: E402
 from common.kit import Federation, NodeSpec  # noqa: E402
 from fedguard.provisioning import init_federation  # noqa: E402
-from server.runs import stage_app, start_run, wait_for_run  # noqa: E402
+from server.runs import start_run, wait_for_run  # noqa: E402
 from server.store import RunStore  # noqa: E402
 from server.superlink import SuperLink, TlsFiles  # noqa: E402
 from tests.helpers import make_tabular, tabular_config  # noqa: E402
 
-MODES: dict[str, dict[str, Any]] = {
-    "flower-default": {"executor": False, "server_poll": 3.0, "fleet_poll": None, "server_patch": False},
-    "executor": {"executor": True, "server_poll": 0.2, "fleet_poll": None, "server_patch": False},
-    "executor+node-patch": {"executor": True, "server_poll": 0.2, "fleet_poll": 1.0, "server_patch": False},
-    "executor+node+server-patch": {"executor": True, "server_poll": 0.2, "fleet_poll": 1.0, "server_patch": True},
+MODES = {
+    "flower-default": {"executor": False, "server_poll": 3.0, "fleet_poll": None},
+    "executor": {"executor": True, "server_poll": 0.2, "fleet_poll": 1.0},
+    "executor-3s-fleet-poll": {"executor": True, "server_poll": 0.2, "fleet_poll": None},
 }
-#: The change proposed for server/app.py, applied here to the staged app bundle only (see the module doc).
-SERVER_PATCH = """
-
-def _fast_reply_pulls() -> None:
-    \"\"\"flwr 1.42 HttpGrid.pull_messages retries reply objects that the node is still uploading after
-    1 s, 2 s, 4 s (pull_objects' defaults); FedGuard polls every 0.2 s, so it nearly always sees a reply
-    mid-upload. Retry after 20 ms instead (Flower internal; flwr pinned to 1.42.*).\"\"\"
-    import functools
-
-    try:
-        import flwr.superlink.grid.http_grid as http_grid
-    except ImportError:
-        return
-    http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=0.02, backoff_cap=0.5)
-
-
-_fast_reply_pulls()
-"""
 _TRAINED = re.compile(r"round (\d+): trained \d+ steps in ([\d.]+)s")
 
 
@@ -124,7 +106,7 @@ def serialization_ms(reps: int = 20) -> dict[str, float]:
     cfg = tabular_config(None)
     model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
     state = state_to_numpy(model)
-    enc, dec, size = [], [], 0
+    enc, dec, size, objects = [], [], 0, 0
     for _ in range(reps):
         t0 = time.perf_counter()
         content = RecordDict({R.ARRAYS: numpy_to_record(state), R.CONFIG: ConfigRecord({R.RUN_CONFIG: cfg.to_json()})})
@@ -134,11 +116,14 @@ def serialization_ms(reps: int = 20) -> dict[str, float]:
         t2 = time.perf_counter()
         enc.append(t1 - t0)
         dec.append(t2 - t1)
-        size = sum(len(b) for b in blobs.values())
+        size, objects = sum(len(b) for b in blobs.values()), len(blobs)
     return {
         "encode_ms": 1000 * statistics.median(enc),
         "decode_ms": 1000 * statistics.median(dec),
         "message_bytes": size,
+        # each is one HTTPS request per hop (pushed or pulled, node-authenticated on the fleet API)
+        "wire_objects": objects,
+        "tensors": len(state),
         "parameters": sum(int(v.size) for v in state.values()),
     }
 
@@ -200,12 +185,7 @@ def run_mode(name: str, base: Path, kits: Any, n_nodes: int, rounds: int, progre
         config = write_toml(cfg, work / "run.toml")
         store_path = work / "server" / "runs.db"
         t1, submitted = time.perf_counter(), time.time()
-        app_dir = ROOT
-        if spec["server_patch"]:
-            app_dir = stage_app(ROOT, work / "app")
-            with (app_dir / "server" / "app.py").open("a", encoding="utf-8") as f:
-                f.write(SERVER_PATCH)
-        run_id = start_run(server.address, kits.server_kit / "ca.crt", app_dir, config, store_path, server.flwr_home)
+        run_id = start_run(server.address, kits.server_kit / "ca.crt", ROOT, config, store_path, server.flwr_home)
         status = wait_for_run(run_id, server.address, kits.server_kit / "ca.crt", server.flwr_home, timeout=1800)
         run_wall = time.perf_counter() - t1
         if not status.succeeded:
@@ -301,7 +281,8 @@ def print_table(results: list[dict[str, Any]], cold: float, ser: dict[str, float
         f"paid per message in flower-default: {cold:.2f}s"
     )
     print(
-        f"message encode/decode ({ser['parameters']:,} parameters, {ser['message_bytes']:,} bytes): "
+        f"message encode/decode ({ser['parameters']:,} parameters in {ser['tensors']} tensors, "
+        f"{ser['message_bytes']:,} bytes in {ser['wire_objects']} wire objects): "
         f"{ser['encode_ms']:.1f} ms / {ser['decode_ms']:.1f} ms"
     )
 

@@ -107,7 +107,7 @@ class SuperNode:
         executor: bool = True,
         isolation: str = "process",
         poll_interval: float = 0.2,
-        fleet_poll_interval: float | None = None,
+        fleet_poll_interval: float | None = 1.0,
         progress_terminal: TextIO | None = None,
     ) -> None:
         """``node_config`` is what the ClientApp reads (``data-path``, ``workdir``, ...); ``auth-key-path``
@@ -115,9 +115,10 @@ class SuperNode:
         alone (nothing takes its tasks: handshake tests). ``isolation="subprocess"`` (with
         ``executor=False``) is Flower's default, which installs and runs the server's app bundle:
         for baseline benchmarks only, never for a FedGuard node. ``fleet_poll_interval``
-        (experimental, off by default) shortens the SuperNode's fixed 3 s idle wait between pulls
-        from the SuperLink and its object-retry backoff (a patch of Flower internals); measured by
-        bench/round_overhead.py with no clear gain on 2 shared cores, where object transfers dominate.
+        (1 s; ``None`` keeps Flower's) shortens the SuperNode's fixed 3 s idle wait between pulls
+        from the SuperLink and its object-retry backoff (a patch of Flower internals): with the model
+        packed as one Array (``common.codec``) that wait was most of a round's overhead —
+        bench/round_overhead.py, 3 nodes: 4.2 s → 2.5 s, for ~2 points more idle CPU.
         ``progress_terminal`` (the owner's terminal, ``fedguard client start`` in the foreground): the
         executor prints each task's start and end there and draws local training's bar; a stream that
         is not a terminal (or a ``TERM=dumb`` one) is ignored: the executor's log has the same lines."""
@@ -345,7 +346,7 @@ class SuperNode:
 def run_supernode(argv: list[str]) -> None:
     """Run ``flower-supernode`` in this process with FedGuard's patches of its internals.
 
-    ``argv``: FedGuard's options first (``--fleet-poll-interval SECONDS``, experimental;
+    ``argv``: FedGuard's options first (``--fleet-poll-interval SECONDS``, 1 s from ``SuperNode``;
     ``--take-over-session NODE_ID``, set by the launcher after a crash), then flower-supernode's.
     Flower is imported only here: the launcher process never needs it.
     """

@@ -341,8 +341,10 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from common.flower_internals import fast_reply_pulls
         from server.runs import FORBIDDEN_RUN_CONFIG_KEYS, RUN_STORE_ENV, SERVER_WORKDIR_ENV, STORE_NAME
 
+        fast_reply_pulls()
         run_cfg, checkpoint = cfg, resume
         forbidden = [k for k in FORBIDDEN_RUN_CONFIG_KEYS if k in context.run_config]
         if forbidden:

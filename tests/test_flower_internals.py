@@ -367,8 +367,13 @@ def test_flower_supernode_entry_point_takes_every_option_fedguard_passes(tmp_pat
     )
     command = node.supernode_command()
     ours = command[command.index("client.supernode") + 1 :]
+    # FedGuard's own options (the fleet poll, on by default) come first and are consumed before
+    # Flower's parser runs: pass them, so a change in how they are stripped fails here too.
+    own = ours[: ours.index("--fleet-poll-interval") + 2]
+    assert own == ["--fleet-poll-interval", "1.0"]
+    ours = ours[len(own) :]
     proc = subprocess.run(
-        [sys.executable, "-P", "-m", "client.supernode", "--help"],
+        [sys.executable, "-P", "-m", "client.supernode", *own, "--help"],
         cwd=ROOT,
         env=flwr_env(tmp_path / "flwr-home"),
         capture_output=True,
