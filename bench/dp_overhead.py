@@ -1,7 +1,11 @@
-"""How much DP-SGD (Opacus) costs over plain training for each built-in model, per grad_sample_mode.
+"""How much DP-SGD costs over plain training for each built-in model, per per-sample-gradient engine.
 
 Why: the per-sample-gradient engine dominates a DP client's CPU time, and the cheapest engine
-depends on the model's shape; ``ModelSpec.default_grad_sample_mode`` is set from this script.
+depends on the model's shape; ``grad_sample_mode = "auto"`` (``client.training.auto_grad_sample_mode``)
+is set from this script. Engines: ``bk`` (FedGuard's book-keeping path, ``client.training.BKModule``;
+built-in from-scratch models only), then Opacus's ``hooks`` (Opacus's own default), ``ew``, ``ghost``
+and ``functorch``. The table marks the one FedGuard uses (``auto``) and Opacus's default; the JSON
+has the same under ``summary``.
 
 Method: one process, one torch thread, the same model init, optimizer (SGD) and fixed-size batches
 for plain and every mode; rounds of steps are interleaved in shuffled order and repeated, and the
@@ -41,10 +45,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from client.training import BK_MODE, PrivacyEngine, auto_grad_sample_mode  # noqa: E402
 from common.models import MODELS, build_model, count_parameters  # noqa: E402
 from common.schema import DataSchema  # noqa: E402
 
-MODES = ("hooks", "ew", "ghost", "functorch")
+MODES = (BK_MODE, "hooks", "ew", "ghost", "functorch")
+OPACUS_DEFAULT = "hooks"  # PrivacyEngine.make_private's grad_sample_mode default
 N_ROWS = 1024  # synthetic rows to draw batches from
 
 
@@ -114,8 +120,6 @@ class Trainer:
         self.batch = batch
         self.i = 0
         if mode != "plain":
-            from opacus import PrivacyEngine
-
             loader = DataLoader(TensorDataset(x, y), batch_size=batch)
             kw: dict[str, Any] = dict(
                 module=model,
@@ -194,13 +198,25 @@ def measure_memory(name: str, mode: str, params: dict[str, Any], batch: int, seq
 # --------------------------------------------------------------------------- benchmark
 
 
+def modes_for(name: str) -> tuple[str, ...]:
+    """Every engine that applies: ``bk`` handles the built-in from-scratch models, not pretrained ones."""
+    return MODES if not MODELS[name].pretrained else tuple(m for m in MODES if m != BK_MODE)
+
+
+def role(name: str, mode: str) -> str:
+    """``auto`` for the engine FedGuard uses, ``opacus`` for Opacus's default, both or neither."""
+    tags = [t for t, m in (("auto", auto_grad_sample_mode(name)), ("opacus", OPACUS_DEFAULT)) if m == mode]
+    return "+".join(tags)
+
+
 def bench_model(
     name: str, params: dict[str, Any], batch: int, seq_len: int, *, repeats: int, round_s: float, memory: bool
 ) -> list[dict[str, Any]]:
     trainers: dict[str, Trainer] = {}
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
-    for mode in ("plain", *MODES):
+    modes = modes_for(name)
+    for mode in ("plain", *modes):
         try:
             tr = Trainer(name, mode, params, batch, seq_len)
             tr.steps(3)  # warm-up, and surfaces modes that fail on the first step
@@ -218,8 +234,14 @@ def bench_model(
             sps[m].append(k[m] * batch / trainers[m].steps(k[m]))
     plain = statistics.median(sps["plain"]) if "plain" in sps else float("nan")
     n_params = next(iter(trainers.values())).n_params if trainers else 0
-    for mode in ("plain", *MODES):
-        row: dict[str, Any] = {"model": name, "mode": mode, "batch_size": batch, "params": n_params}
+    for mode in ("plain", *modes):
+        row: dict[str, Any] = {
+            "model": name,
+            "mode": mode,
+            "role": role(name, mode),
+            "batch_size": batch,
+            "params": n_params,
+        }
         if mode in failed:
             row.update(status="failed", error=failed[mode])
         else:
@@ -237,20 +259,51 @@ def bench_model(
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'model':<18} {'params':>8} {'batch':>5} {'mode':<10} {'samples/s':>10} {'× plain':>8}"
+    head = f"{'model':<18} {'params':>8} {'batch':>5} {'mode':<10} {'used by':<11} {'samples/s':>10} {'× plain':>8}"
     head += f" {'peak MiB':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['model']:<18} {r['params']:>8,} {r['batch_size']:>5} {r['mode']:<10} FAILED:", r["error"])
+            print(
+                f"{r['model']:<18} {r['params']:>8,} {r['batch_size']:>5} {r['mode']:<10} {r['role']:<11} FAILED:",
+                r["error"],
+            )
             continue
         mem = r.get("peak_mem_mib")
         mem_s = f"{mem:9.1f}" if isinstance(mem, float) else f"{'-':>9}"
         print(
-            f"{r['model']:<18} {r['params']:>8,} {r['batch_size']:>5} {r['mode']:<10} "
+            f"{r['model']:<18} {r['params']:>8,} {r['batch_size']:>5} {r['mode']:<10} {r['role']:<11} "
             f"{r['samples_per_s']:>10.0f} {r['cost_vs_plain']:>7.2f}× {mem_s}"
         )
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and batch: FedGuard's engine (``auto``) and Opacus's default next to the fastest, × plain."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["batch_size"]) for r in rows):
+        ok = {r["mode"]: r for r in rows if (r["model"], r["batch_size"]) == key and r["status"] == "ok"}
+        dp = [r for m, r in ok.items() if m != "plain"]
+        if not dp:
+            continue
+        best = min(dp, key=lambda r: r["cost_vs_plain"])
+        auto = auto_grad_sample_mode(key[0])
+
+        def cost(mode: str, ok: dict[str, dict[str, Any]] = ok) -> float | None:
+            return ok[mode]["cost_vs_plain"] if mode in ok else None
+
+        out.append(
+            {
+                "model": key[0],
+                "batch_size": key[1],
+                "auto_mode": auto,
+                "auto_vs_plain": cost(auto),
+                "opacus_default_vs_plain": cost(OPACUS_DEFAULT),
+                "fastest_mode": best["mode"],
+                "fastest_vs_plain": best["cost_vs_plain"],
+            }
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,14 +336,13 @@ def main(argv: list[str] | None = None) -> int:
                 memory=not (args.quick or args.no_memory),
             )
     print_table(rows)
-    for name in args.models:
-        ok = [r for r in rows if r["model"] == name and r["status"] == "ok" and r["mode"] != "plain"]
-        if ok:
-            best = min(ok, key=lambda r: r["cost_vs_plain"])
-            print(
-                f"{name}: fastest DP mode {best['mode']} ({best['cost_vs_plain']:.2f}× plain at batch "
-                f"{best['batch_size']}); registry default: {MODELS[name].default_grad_sample_mode}"
-            )
+    summary = summarize(rows)
+    for s in summary:
+        print(
+            f"{s['model']} batch {s['batch_size']}: FedGuard ({s['auto_mode']}) {s['auto_vs_plain']}× plain, "
+            f"Opacus default ({OPACUS_DEFAULT}) {s['opacus_default_vs_plain']}×; fastest {s['fastest_mode']} "
+            f"{s['fastest_vs_plain']}×"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "torch": torch.__version__,
@@ -306,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": "SGD lr=0.05",
         "timing": "samples per process-CPU-second, median of interleaved rounds; batches fixed-size",
     }
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    out = {"meta": meta, "summary": summary, "rows": rows}
+    args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
 

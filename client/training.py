@@ -4,6 +4,12 @@ Each step Poisson-samples the whole training split (Opacus's DPDataLoader) and c
 noises per-sample gradients. Sampling and noise draw from generators seeded from
 ``os.urandom`` — never from the config seed — so the server cannot predict the noise.
 
+Per-sample gradients: for the built-in from-scratch models ``grad_sample_mode = "auto"`` is ``"bk"``,
+FedGuard's book-keeping path (``BKModule``: exact per-record clipping in one backward pass, Opacus's
+noise, sampling and accountant; ``PrivacyEngine`` here adds it to Opacus's engine), 1.1–1.35× plain
+training on CPU where Opacus's default ``hooks`` costs ~2× (bench/dp_overhead.py); other models use
+their registry mode.
+
 Device: ``device`` comes from ``common.devices`` (``auto``, or the node owner's override); on CUDA the
 loader pins host memory and batches copy non-blocking. Training stays float32 under DP (see
 ``common.devices``). Pretrained models first pass ``client.preflight`` (one DP step on synthetic text).
@@ -27,13 +33,18 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
+from opacus import PrivacyEngine as OpacusPrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -71,10 +82,21 @@ def secure_generator(device: torch.device) -> torch.Generator:
     return g
 
 
+def auto_grad_sample_mode(model_name: str) -> str:
+    """The per-sample-gradient engine ``auto`` picks: the fastest measured (bench/dp_overhead.py).
+
+    FedGuard's book-keeping path (``BK_MODE``) for the built-in from-scratch models, the registry's
+    Opacus mode for pretrained ones (``client.preflight`` checks those). ``train_local`` falls back
+    to Opacus's ``hooks`` if a model has a trainable layer the book-keeping path does not handle.
+    """
+    spec = MODELS[model_name]
+    return spec.default_grad_sample_mode if spec.pretrained else BK_MODE
+
+
 def resolve_grad_sample_mode(cfg: RunConfig) -> str:
     if cfg.dp.grad_sample_mode != "auto":
         return cfg.dp.grad_sample_mode
-    return MODELS[cfg.model.name].default_grad_sample_mode
+    return auto_grad_sample_mode(cfg.model.name)
 
 
 #: Pre-flight checks already passed in this process: (model, params, mode, device). Flower's simulation
@@ -180,6 +202,13 @@ def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
+def _noise_only_step_bk(module: BKModule, optimizer: torch.optim.Optimizer) -> None:
+    """``_noise_only_step`` for the book-keeping path: a zero clipped sum, then noise alone."""
+    optimizer.zero_grad(set_to_none=True)
+    module.empty_batch()
+    optimizer.step()
+
+
 def train_local(
     model: nn.Module,
     data: Encoded,
@@ -213,11 +242,13 @@ def train_local(
     guard: DPGuard | None = None
     trained: nn.Module = model
     physical = tc.physical_batch_size
-    noise_only_when_empty = False
+    empty_step: Callable[[], None] | None = None  # a DP step on a zero-record Poisson batch
     if plan is not None:
         mode = resolve_grad_sample_mode(cfg)
         if physical is not None and mode == "ew":
             mode = "hooks"  # ew cannot accumulate per-sample gradients over physical batches
+        if mode == BK_MODE and not bk_supported(model):
+            mode = "hooks"  # a trainable layer outside nn.Linear / nn.Embedding / nn.LayerNorm
         run_preflight(model, cfg, mode, device)  # before the first real record goes through the model
         if guards:  # snapshot before Opacus wraps the model: what must move, what must stay frozen
             guard = DPGuard(model, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm)
@@ -241,7 +272,10 @@ def train_local(
             trained, optimizer, criterion, loader = wrapped
         else:
             trained, optimizer, loader = wrapped
-            noise_only_when_empty = True
+            if isinstance(trained, BKModule):
+                empty_step = partial(_noise_only_step_bk, trained, optimizer)
+            else:
+                empty_step = partial(_noise_only_step, optimizer)
         # Fail closed: the releases must be exactly the ones the plan was calibrated for.
         actual_q = getattr(loader, "sample_rate", None)
         if (
@@ -293,8 +327,8 @@ def train_local(
                             after_step()
                 continue
             for xb, yb in loader:
-                if noise_only_when_empty and len(yb) == 0:
-                    _noise_only_step(optimizer)
+                if empty_step is not None and len(yb) == 0:
+                    empty_step()
                     after_step()
                     continue
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -314,3 +348,305 @@ def train_local(
         report = guard.finish(model) if guard is not None else None
         return LocalResult(history=[(s, q, n) for s, q, n in engine.accountant.history], steps=steps, guards=report)
     return LocalResult(history=[], steps=steps)
+
+
+# --------------------------------------------------------------------------- book-keeping DP-SGD ("bk")
+
+#: The grad_sample_mode name of FedGuard's own exact per-sample clipping (``BKModule``).
+BK_MODE = "bk"
+#: Layers whose per-sample gradients the "bk" path computes itself; a model with a trainable
+#: parameter anywhere else uses its Opacus mode instead.
+BK_LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+
+def bk_supported(model: nn.Module) -> bool:
+    """Whether every trainable parameter of ``model`` sits in a layer the "bk" path handles exactly."""
+    for m in model.modules():
+        if not _trained(m):
+            continue
+        if not isinstance(m, BK_LAYERS):
+            return False
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq or m.sparse):
+            return False
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
+            return False
+    return True
+
+
+#: One parameter's share of a batch: per-record gradient norms (B,) of the unscaled loss, and the
+#: function that turns per-record weights (B,) into the weighted sum of per-record gradients.
+_Part = tuple[nn.Parameter, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+class BKModule(nn.Module):
+    """Exact per-sample clipping in one backward pass ("book-keeping", Bu et al. 2023) for DP-SGD.
+
+    Forward hooks keep each trained layer's input and tensor hooks its output gradient; the weights
+    themselves are constants during the forward pass, so autograd spends nothing on the (unclipped)
+    batch gradient that Opacus would discard. When the backward pass ends, the per-record gradients
+    of each layer come from one batched product (Linear), one scatter (Embedding) or one product
+    (LayerNorm), and every parameter's ``grad`` becomes the clipped sum
+    ``Σ_i min(1, C/(‖g_i‖+1e-6))·g_i`` — Opacus's flat clip factor, ‖g_i‖ over all parameters.
+    Opacus's ``DPOptimizerFastGradientClipping`` (``BKOptimizer``) then adds N(0, σ²C²) per tensor,
+    scales and counts the step as for its own ghost clipping. The clipped sum equals Opacus's
+    ``hooks`` mode's (tests/test_dp_fast_path.py). Batch first; a layer used several times in one
+    forward pass counts all its uses. Ghost norms (Gram matrices of the T tokens) measured slower
+    than materialized per-record gradients for the built-in models (T ≤ 128, width ≤ 256, batch 64
+    and 256), so there are none. A trainable weight used outside its layer's forward (weight tying
+    by ``F.linear(x, emb.weight)``) is a constant to this path: its gradient there is left out.
+    """
+
+    def __init__(self, module: nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean") -> None:
+        super().__init__()
+        if not bk_supported(module):
+            raise ValueError(
+                "the bk DP path computes per-sample gradients only for nn.Linear, nn.Embedding and "
+                "nn.LayerNorm parameters; use an Opacus grad_sample_mode for this model"
+            )
+        self._module = module
+        self.max_grad_norm = float(max_grad_norm)
+        self.loss_reduction = loss_reduction
+        self.layers = [m for m in module.modules() if _trained(m)]
+        #: Every trainable parameter, in the order of ``p._norm_sample`` (read by client.dp_guards).
+        self.trainable_parameters = [p for m in self.layers for p in _trained(m)]
+        self.per_sample_gradient_norms: torch.Tensor | None = None
+        self._taps: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._queued = False
+        self._scratch = _Scratch()
+        self._hooks = [m.register_forward_hook(self._tap) for m in self.layers]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.training and torch.is_grad_enabled()):
+            return self._module(*args, **kwargs)
+        if self._queued:  # the last backward pass failed before its end: drop what it left
+            self._taps, self._queued = {}, False
+        params = self.trainable_parameters
+        for p in params:  # constants for autograd: the hooks compute every gradient this step needs
+            p.requires_grad_(False)
+        try:
+            return self._module(*args, **kwargs)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def _close(self) -> None:
+        """Remove the hooks from the wrapped module (the name Opacus's GradSampleModule uses); free the buffers."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._scratch = _Scratch()
+
+    def _tap(self, layer: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        if not output.requires_grad:  # a first layer (nothing upstream to train): start the graph here
+            output.requires_grad_(True)
+        x = inputs[0].detach()
+
+        def keep(grad: torch.Tensor) -> None:
+            self._taps.setdefault(layer, []).append((x, grad))
+            if not self._queued:  # _clip runs once, when this backward pass has finished
+                self._queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._clip)
+
+        output.register_hook(keep)
+
+    def _clip(self) -> None:
+        self._queued = False
+        taps, self._taps = self._taps, {}
+        batch = next(iter(taps.values()))[0][1].shape[0]
+        parts: list[_Part] = []
+        for layer in self.layers:
+            uses = taps.get(layer)
+            if uses is None:  # not used in this forward pass: every record's gradient is zero
+                parts += [
+                    (p, torch.zeros(batch, device=p.device, dtype=p.dtype), _zero_sum(p)) for p in _trained(layer)
+                ]
+            elif isinstance(layer, nn.Linear):
+                parts += _bk_linear(layer, *_join_uses(uses), self._scratch)
+            elif isinstance(layer, nn.Embedding):
+                parts += _bk_embedding(layer, *_join_uses(uses), self._scratch)
+            else:
+                parts += _bk_layer_norm(layer, *_join_uses(uses), self._scratch)  # type: ignore[arg-type]
+        # A mean-reduced loss hands each layer 1/B of every record's own gradient: scale back, as Opacus does.
+        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        per_param = torch.stack([n for _, n, _ in parts], dim=1) * scale  # (B, P)
+        norms = torch.linalg.vector_norm(per_param, dim=1)
+        weights = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale  # Opacus's clip factor
+        for (p, _, weighted_sum), n in zip(parts, per_param.unbind(1), strict=True):
+            p.grad = weighted_sum(weights).view_as(p)
+            p._norm_sample = n  # type: ignore[attr-defined]  # per-record coverage, read by client.dp_guards
+        self.per_sample_gradient_norms = norms
+
+    def empty_batch(self) -> None:
+        """The state after a zero-record batch: clipped sum zero, no per-record norms (noise only)."""
+        for p in self.trainable_parameters:
+            p.grad = torch.zeros_like(p)
+            p._norm_sample = torch.zeros(0, device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
+        self.per_sample_gradient_norms = torch.zeros(0)
+
+
+def _trained(m: nn.Module) -> list[nn.Parameter]:
+    return [p for p in m.parameters(recurse=False) if p.requires_grad]
+
+
+def _zero_sum(p: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda w: torch.zeros_like(p)
+
+
+def _join_uses(uses: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's inputs and output gradients as (B, T, ·) (ids: (B, T)), its uses joined along T."""
+    if len(uses) == 1 and uses[0][1].dim() == 3 and uses[0][0].dim() == (2 if uses[0][0].dtype == torch.long else 3):
+        return uses[0]  # the common case, already in shape
+    a = [
+        x.reshape(x.shape[0], -1) if x.dtype == torch.long else x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in uses
+    ]
+    g = [y.reshape(y.shape[0], -1, y.shape[-1]) for _, y in uses]
+    if len(uses) == 1:
+        return a[0], g[0]
+    return torch.cat(a, dim=1), torch.cat(g, dim=1)
+
+
+def _records(p: nn.Parameter, per: torch.Tensor) -> _Part:
+    """A parameter's materialized per-record gradients ``per`` (B, …)."""
+    flat = per.reshape(per.shape[0], -1)
+    return p, torch.linalg.vector_norm(flat, dim=1), lambda w: w @ flat
+
+
+class _Scratch:
+    """Per-parameter buffers for per-record gradients, kept across steps.
+
+    Fresh multi-megabyte tensors every step cost more than the products written into them (the
+    allocator maps and faults in new pages each time); Poisson batches vary in size, so each buffer
+    grows to the largest batch seen and a step uses its first B rows.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[int, torch.Tensor] = {}
+
+    def __call__(self, p: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        buf = self._bufs.get(id(p))
+        if buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != shape[1:] or buf.dtype != like.dtype:
+            buf = torch.empty(shape, device=like.device, dtype=like.dtype)
+            self._bufs[id(p)] = buf
+        return buf[: shape[0]]
+
+
+def _bk_linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, scratch: _Scratch) -> list[_Part]:
+    parts = []
+    w = layer.weight
+    if w.requires_grad:
+        if a.shape[1] == 1:  # one token: g aᵀ is an outer product, ‖g aᵀ‖ = ‖g‖·‖a‖
+            a1, g1 = a[:, 0], g[:, 0]
+            norm = torch.linalg.vector_norm(a1, dim=1) * torch.linalg.vector_norm(g1, dim=1)
+            parts.append((w, norm, lambda c: (g1 * c.unsqueeze(1)).T @ a1))
+        else:
+            per = scratch(w, (a.shape[0], *w.shape), g)
+            parts.append(_records(w, torch.bmm(g.transpose(1, 2), a, out=per)))
+    if layer.bias is not None and layer.bias.requires_grad:
+        parts.append(_records(layer.bias, g[:, 0] if g.shape[1] == 1 else g.sum(1)))
+    return parts
+
+
+def _bk_embedding(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor, scratch: _Scratch) -> list[_Part]:
+    b = ids.shape[0]
+    rows, d = layer.weight.shape
+    if layer.padding_idx is not None:  # the padding row receives no gradient
+        g = g * (ids != layer.padding_idx).unsqueeze(-1).to(g.dtype)
+    slot = ids + torch.arange(b, device=ids.device).unsqueeze(1) * rows  # record i's table: rows i·R…(i+1)·R
+    per = scratch(layer.weight, (b, rows, d), g).zero_()
+    per.view(b * rows, d).index_add_(0, slot.reshape(-1), g.reshape(-1, d))
+    return [_records(layer.weight, per)]
+
+
+def _bk_layer_norm(layer: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, scratch: _Scratch) -> list[_Part]:
+    parts = []
+    if layer.weight is not None and layer.weight.requires_grad:
+        normed = F.layer_norm(a, layer.normalized_shape, eps=layer.eps)
+        parts.append(_records(layer.weight, (g * normed).sum(1)))
+    if layer.bias is not None and layer.bias.requires_grad:
+        parts.append(_records(layer.bias, g.sum(1)))
+    return parts
+
+
+class BKOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus's optimizer for precomputed clipped sums, with its per-tensor loops as foreach calls.
+
+    The noise is drawn exactly as Opacus draws it (``torch.normal`` per tensor, in parameter order,
+    from ``generator``), so with the same generator state the noised step equals Opacus's.
+    """
+
+    def accumulate(self) -> None:
+        params = self.params
+        if params[0].summed_grad is None:  # BKModule wrote a fresh tensor: take it over instead of copying
+            for p in params:
+                p.summed_grad, p.grad = p.grad, None
+        else:
+            torch._foreach_add_([p.summed_grad for p in params], [p.grad for p in params])
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        params = self.params
+        if self.secure_mode:  # Opacus's own noise (2n draws per coordinate), never reached by train_local
+            super().add_noise()
+            return
+        noise = [
+            torch.normal(0, std, size=p.summed_grad.shape, device=p.device, generator=self.generator, dtype=p.dtype)
+            if std > 0
+            else torch.zeros_like(p.summed_grad)
+            for p in params
+        ]
+        for p, noised in zip(params, torch._foreach_add([p.summed_grad for p in params], noise), strict=True):
+            p.grad = noised.view_as(p)
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
+
+
+class PrivacyEngine(OpacusPrivacyEngine):
+    """Opacus's ``PrivacyEngine`` with one more ``grad_sample_mode``: ``"bk"`` (``BKModule``).
+
+    For ``"bk"``, ``make_private`` returns ``(BKModule, BKOptimizer, DPDataLoader)``; all but the
+    clipped sum is Opacus's own, set up as its ``make_private`` sets it up: the module validator,
+    the Poisson data loader (drawing from ``data_loader``'s generator), the noise (from
+    ``noise_generator``) and the accountant's step hook with q = 1/len(loader). Flat clipping of a
+    mean-reduced loss only (what DP-SGD here uses).
+    """
+
+    def make_private(self, *, grad_sample_mode: str = "hooks", **kwargs: Any) -> Any:
+        if grad_sample_mode != BK_MODE:
+            return super().make_private(grad_sample_mode=grad_sample_mode, **kwargs)
+        return self._make_private_bk(**kwargs)
+
+    def _make_private_bk(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        noise_generator: torch.Generator | None = None,
+        criterion: nn.Module | None = None,  # any mean-reduced loss: BKModule reads only layer gradients
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        loss_reduction: str = "mean",
+    ) -> tuple[BKModule, BKOptimizer, DataLoader]:
+        if clipping != "flat" or loss_reduction != "mean":
+            raise ValueError('grad_sample_mode="bk" supports flat clipping of a mean-reduced loss only')
+        ModuleValidator.validate(module, strict=True)  # e.g. BatchNorm would mix records within a batch
+        wrapped = BKModule(module, max_grad_norm=max_grad_norm)
+        loader = DPDataLoader.from_data_loader(data_loader) if poisson_sampling else data_loader
+        self.dataset = data_loader.dataset
+        sample_rate = 1 / len(loader)
+        dp_optimizer = BKOptimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=int(len(data_loader.dataset) * sample_rate),  # type: ignore[arg-type]
+            loss_reduction="mean",
+            generator=noise_generator,
+        )
+        dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        return wrapped, dp_optimizer, loader

@@ -264,7 +264,8 @@ class ModelSpec:
     summary: str
     #: Every accepted hyper-parameter with its default (read-only).
     defaults: Mapping[str, Any]
-    #: Opacus ``grad_sample_mode`` measured fastest at the default size (bench/dp_overhead.py).
+    #: Opacus ``grad_sample_mode`` measured fastest at the default size (bench/dp_overhead.py); ``auto``
+    #: uses it for pretrained models and FedGuard's exact book-keeping path (``bk``) for the others.
     default_grad_sample_mode: str
     factory: Callable[[DataSchema, dict[str, Any]], nn.Module] = field(repr=False)
     #: Built from a pretrained checkpoint: the client runs ``client.preflight`` before training.
