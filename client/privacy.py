@@ -17,6 +17,10 @@ runs the same steps in the same order:
 
 A refusal at steps 1–3 happens before any training or noise and leaves the ledger as it was.
 Planning (``query.plan``) runs steps 1–2 and reads the ledger without writing to it.
+
+The plan also says, before any budget is spent, when the run's model is not expected to learn from
+this node's number of rows (``common.config.small_data_warning``: the from-scratch text model under
+DP at a few thousand rows), and what to change.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from client.ledger import Budget, Ledger, Release
 from client.node import NodeSettings, new_log_id, node_logger
 from client.training import LocalResult, resolve_grad_sample_mode, train_local
 from common import records as R
-from common.config import RunConfig
+from common.config import RunConfig, small_data_warning
 from common.data import Encoded
 from common.fairness import Counts, NoisyCounts, noisy_counts
 from common.policy import Purpose
@@ -102,6 +106,14 @@ class NodePrivacy:
         self.state[_DP_STATE] = ConfigRecord({"planned-n": n_train, "planned-sigma": plan.noise_multiplier})
         return plan
 
+    def warn_if_too_small(self, n_train: int) -> str | None:
+        """Print and log the plan's warning when the model will not learn from ``n_train`` rows."""
+        warning = small_data_warning(self.cfg, n_train)
+        if warning:
+            print(f"[{self.settings.workdir.name}] WARNING: {warning}", flush=True)
+            node_logger(self.settings.workdir).warning("DP plan: %s", warning)
+        return warning
+
     def planned_run(self, plan: DPPlan) -> History:
         """Every release the run would make on this node: its DP-SGD rounds and the fairness counts."""
         per_round = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
@@ -119,6 +131,7 @@ class NodePrivacy:
         s = self.settings
         plan = self.plan(n_train)
         eps_run = self.admit("plan", plan)
+        self.warn_if_too_small(n_train)
         planned = self.planned_run(plan)
         with Ledger(s.ledger_path, s.marker_dir) as ledger:
             ledger.check_continuity(s.dataset_id)
@@ -200,6 +213,7 @@ class NodePrivacy:
         if first:
             print(f"[{s.workdir.name}] {plan.describe()}", flush=True)
             node_logger(s.workdir).info("%s; grad_sample_mode=%s", plan.describe(), resolve_grad_sample_mode(cfg))
+            self.warn_if_too_small(len(data))
         release = self._release(
             round_,
             message_id,

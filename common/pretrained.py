@@ -21,7 +21,10 @@ fixed by the package, never learned from a node's data. Other scripts fall back 
 single characters: use the byte-level ``text-transformer`` for non-English text. The model takes
 the same byte-level ids every text model gets (``common.tokenizer``), decodes them back to the
 exact UTF-8 text and applies WordPiece inside ``forward``: data loading, caching and the wire
-format stay model-independent.
+format stay model-independent. In eval mode (held-out scoring) each batch's WordPiece encoding is
+kept in a bounded per-process cache keyed by a hash of its byte ids, so a held-out set is tokenized
+once per run, not once per round (the evaluator's process lives across rounds); training batches
+(Poisson-sampled, new every step) are never cached.
 
 **Opacus pitfalls handled here** (measured on torch 2.13 / Opacus 1.6): ``position_ids`` and
 ``token_type_ids`` are passed explicitly as contiguous (batch, seq) tensors (the BERT defaults are
@@ -36,6 +39,8 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -141,6 +146,64 @@ def _tokenizer(folder: str, max_tokens: int) -> Any:
     tok.enable_truncation(max_length=max_tokens)
     tok.enable_padding(pad_id=0, pad_token="[PAD]")  # pads to the longest text of the batch
     return tok
+
+
+def _wordpiece(folder: str, max_tokens: int, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """WordPiece ids and attention mask, (B, T) int64 each, padded to the batch's longest text.
+
+    The one place texts are tokenized (tests count its calls).
+    """
+    if not texts:  # an empty split: one [PAD] column keeps every shape two-dimensional
+        return np.zeros((0, 1), dtype=np.int64), np.zeros((0, 1), dtype=np.int64)
+    batch = _tokenizer(folder, max_tokens).encode_batch(texts)
+    ids = np.array([e.ids for e in batch], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in batch], dtype=np.int64)
+    return ids, mask
+
+
+class _EncodingCache:
+    """Least-recently-used WordPiece encodings of whole inference batches, bounded in bytes.
+
+    Keyed by tokenizer (folder, ``max_tokens``) and a BLAKE2b hash of the batch's byte ids: the
+    evaluator scores the same held-out batches every round, and a new model object per round finds
+    them here. Values are numpy arrays, so no tensor made under ``inference_mode`` outlives its call.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple[Any, ...], value: tuple[np.ndarray, np.ndarray]) -> None:
+        size = value[0].nbytes + value[1].nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[0].nbytes + old[1].nbytes
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (ids, mask) = self._items.popitem(last=False)
+                self._bytes -= ids.nbytes + mask.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+#: 64 MiB: ~65,000 held-out rows at ``max_tokens`` = 64 (ids and mask, int64).
+_ENCODINGS = _EncodingCache(64 << 20)
 
 
 class LoRALinear(nn.Module):
@@ -275,10 +338,29 @@ class PretrainedTextClassifier(nn.Module):
 
     def encode(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """WordPiece ids and attention mask, (B, T) each, padded to the batch's longest text."""
-        batch = _tokenizer(self.folder, self.max_tokens).encode_batch(texts)
-        ids = torch.tensor([e.ids for e in batch], dtype=torch.long, device=device)
-        mask = torch.tensor([e.attention_mask for e in batch], dtype=torch.long, device=device)
-        return ids, mask
+        ids, mask = _wordpiece(self.folder, self.max_tokens, texts)
+        return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+    def wordpiece(self, tokens: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode`` of the byte-id batch ``tokens``; in eval mode reused from ``_ENCODINGS``.
+
+        Training batches are Poisson-sampled anew every step: caching them would only churn the cache.
+        """
+        if self.training:
+            return self.encode(self.texts_from_bytes(tokens), device)
+        arr = np.ascontiguousarray(tokens.detach().to("cpu").numpy())
+        key = (
+            self.folder,
+            self.max_tokens,
+            arr.shape,
+            str(arr.dtype),
+            hashlib.blake2b(arr.tobytes(), digest_size=16).digest(),
+        )
+        hit = _ENCODINGS.get(key)
+        if hit is None:
+            hit = _wordpiece(self.folder, self.max_tokens, self.texts_from_bytes(tokens))
+            _ENCODINGS.put(key, hit)
+        return torch.from_numpy(hit[0]).to(device), torch.from_numpy(hit[1]).to(device)
 
     def position_and_type_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Explicit, contiguous (batch, seq) ids: Opacus needs one row per sample (see module doc)."""
@@ -289,8 +371,10 @@ class PretrainedTextClassifier(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() != 2:
             raise ValueError(f"expected byte ids of shape (batch, length), got {tuple(tokens.shape)}")
+        if tokens.shape[0] == 0:  # an empty split: BERT cannot reshape a batch of no rows
+            return self.head(self.head.weight.new_zeros(0, self.head.in_features))
         device = self.head.weight.device
-        ids, mask = self.encode(self.texts_from_bytes(tokens), device)
+        ids, mask = self.wordpiece(tokens, device)
         positions, types = self.position_and_type_ids(ids)
         out = self.encoder(input_ids=ids, attention_mask=mask, position_ids=positions, token_type_ids=types)
         h = out.last_hidden_state  # (B, T, d)

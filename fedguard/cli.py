@@ -222,7 +222,8 @@ def serve_dashboard(workdir: Path, store_path: Path, port: int) -> None:
 
 
 def cmd_run_plan(args: argparse.Namespace) -> int:
-    from common.config import load_config
+    from common import records as R
+    from common.config import federation_warning, load_config
     from fedguard.simulate import plan
     from server.planning import plan_table
 
@@ -230,7 +231,17 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or Path(args.config).with_suffix("").name + "-sim")
     plans = plan(cfg, workdir)
     if args.json:
-        print(json.dumps([{"node_id": p.node_id, "status": p.status, "reason": p.reason, **p.values} for p in plans]))
+        rows = [
+            {
+                "node_id": p.node_id,
+                "status": p.status,
+                "reason": p.reason,
+                **p.values,
+                "warning": federation_warning(cfg, [p.values[R.SAMPLE_RATE]]) if p.status == "planned" else None,
+            }
+            for p in plans
+        ]
+        print(json.dumps(rows))
     else:
         print(plan_table(plans, cfg))
     short = [p for p in plans if not p.affordable]
@@ -426,10 +437,58 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from common.models import MODELS
+    """The built-in models: which for which data (rows per node), and the recipe a config gets."""
+    import textwrap
 
+    from client.training import auto_grad_sample_mode
+    from common.config import MODEL_GUIDANCE, PRETRAINED_INSTALL, default_model, recipe_for
+    from common.models import MODELS
+    from common.pretrained import pretrained_available
+
+    defaults = {"tabular": default_model("tabular"), "text": default_model("text")}
+    rows = []
     for name, spec in MODELS.items():
-        print(f"{name:20s} task={spec.task:8s} default grad_sample_mode={spec.default_grad_sample_mode}")
+        recipe = recipe_for(name, spec.task)
+        train, server = recipe["train"], recipe["server.optimizer"]
+        rows.append(
+            {
+                "name": name,
+                "task": spec.task,
+                "default": defaults[spec.task] == name,
+                "available": not spec.pretrained or pretrained_available(),
+                "summary": spec.summary,
+                "when": MODEL_GUIDANCE.get(name, ""),
+                "recipe": {
+                    "batch_size": train["batch_size"],
+                    "learning_rate": train["learning_rate"],
+                    "optimizer": train["optimizer"],
+                    "local_epochs": train["local_epochs"],
+                    "rounds": recipe["run"]["rounds"],
+                    "server_optimizer": server["name"],
+                },
+                "grad_sample_mode": auto_grad_sample_mode(name),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(
+        f"A config that names no model gets {defaults['tabular']} for tabular data and {defaults['text']} for "
+        "text" + ("" if pretrained_available() else f" ({PRETRAINED_INSTALL} makes it minilm-lora)") + ";\n"
+        "a config gets its model's recipe below for every [train] field it leaves out (explicit values win);\n"
+        "rounds are what the benchmark trained: set `rounds` in the config (default 3)."
+    )
+    for r in rows:
+        rc = r["recipe"]
+        tags = (["default for " + r["task"]] if r["default"] else []) + ([] if r["available"] else ["not installed"])
+        print(f"\n{r['name']}  ({r['task']}{''.join(', ' + t for t in tags)}): {r['summary']}")
+        print(
+            f"  recipe: batch size {rc['batch_size']}, learning rate {rc['learning_rate']:g} ({rc['optimizer']}), "
+            f"{rc['local_epochs']} local epoch{'s' if rc['local_epochs'] != 1 else ''}, {rc['rounds']} rounds, "
+            f"server {rc['server_optimizer']}; "
+            f"DP engine {r['grad_sample_mode']}"
+        )
+        print(textwrap.fill(r["when"], width=100, initial_indent="  when: ", subsequent_indent="        "))
     return 0
 
 
@@ -518,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("config")
     cc.set_defaults(func=cmd_config_check)
 
-    m = sub.add_parser("models", help="list built-in models")
+    m = sub.add_parser("models", help="built-in models: which for which data size, and their recipes")
+    m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
     r = sub.add_parser("runs", help="list runs in a run store, or show one")

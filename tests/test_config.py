@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RECIPES, TrainConfig, config_from_json, load_config
+from common.config import RECIPES, TrainConfig, config_from_json, load_config, recipe_for
 from common.errors import ConfigError
 from common.schema import load_schema
 
@@ -152,7 +152,7 @@ def test_a_config_without_train_or_server_optimizer_gets_its_tasks_recipe(tmp_pa
     """What bench/utility.py measured as ``fedguard`` is what a user's config gets by leaving them out."""
     for text, task in ((GOOD, "tabular"), (TEXT_GOOD, "text")):
         cfg = load_config(write(tmp_path, text))
-        recipe = RECIPES[task]
+        recipe = recipe_for(cfg.model.name, task)
         for key, value in recipe["train"].items():
             assert getattr(cfg.train, key) == value, (task, key)
         assert cfg.dp.max_grad_norm == recipe["dp"]["max_grad_norm"]
