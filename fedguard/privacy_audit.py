@@ -256,14 +256,18 @@ def run_audit(
     *,
     canaries: int = DEFAULT_CANARIES,
     guesses: int | None = None,
+    guesses_out: int | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
     progress: Progress = _stderr,
     client_app: ClientApp | None = None,
 ) -> dict[str, Any]:
     """Run the audit federation for ``cfg`` in ``workdir``; store and return the audit result.
 
-    ``guesses``: IN and OUT guesses each (default m/10). ``client_app`` replaces FedGuard's
-    ClientApp (tests only: the deliberately broken training).
+    ``guesses``: IN guesses, and OUT guesses unless ``guesses_out`` says otherwise (default m/10
+    each). ``guesses_out = 0`` guesses only IN (the bound allows abstaining): an overfitted model
+    can move a memorised canary's log-odds either way — a whole label's canaries sometimes fall
+    below their twins — and the lowest scores are then members, not the non-members an OUT guess
+    assumes. ``client_app`` replaces FedGuard's ClientApp (tests only: the deliberately broken training).
     """
     import pandas as pd
 
@@ -275,11 +279,12 @@ def run_audit(
     if canaries < 10:
         raise ConfigError(f"{canaries} canaries cannot bound anything", where="--canaries", fix="use at least 100")
     k = int(guesses) if guesses is not None else max(1, int(canaries * DEFAULT_GUESS_FRACTION))
-    if not 1 <= 2 * k <= canaries:
+    k_out = k if guesses_out is None else int(guesses_out)
+    if k < 1 or k_out < 0 or k + k_out > canaries:
         raise ConfigError(
-            f"{k} IN and {k} OUT guesses do not fit {canaries} canaries",
-            where="--guesses",
-            fix=f"use between 1 and {canaries // 2}",
+            f"{k} IN and {k_out} OUT guesses do not fit {canaries} canaries",
+            where="--guesses" if guesses_out is None else "--guesses/--guesses-out",
+            fix=f"use at least 1 IN guess and at most {canaries} guesses in all",
         )
     if cfg.secure_aggregation != "none":
         raise ConfigError(
@@ -296,7 +301,7 @@ def run_audit(
     workdir = Path(workdir).resolve()
     _fresh_audit_dir(workdir)
     injection = CanaryInjection(canaries, cfg.seed + 7919)
-    progress(f"privacy audit: {canaries} canaries, each in training with probability ½; {k} IN + {k} OUT guesses")
+    progress(f"privacy audit: {canaries} canaries, each in training with probability ½; {k} IN + {k_out} OUT guesses")
     t0 = time.perf_counter()
     result = simulate(cfg, workdir, workdir / "runs.db", progress, client_app, after_partitions=injection)
     run_cfg = cfg  # model and schema as the run's (only its file paths differ)
@@ -306,8 +311,8 @@ def run_audit(
     if injection.twins is not None:  # how much more the model believes the canary's label than its twin's
         scores = scores - per_record_log_odds(model, _encode(injection.twins, run_cfg, "canary twins"))
     eps_upper, delta = _accountant_bound(result.store_path, result.run_id, cfg)
-    bound = AuditBound.from_scores(scores, injection.included, k, k, delta, confidence)
-    _write_canaries(workdir, injection, scores, k)
+    bound = AuditBound.from_scores(scores, injection.included, k, k_out, delta, confidence)
+    _write_canaries(workdir, injection, scores, k, k_out)
 
     node = 0
     part = pd.read_parquet(workdir / "partitions" / "partition-0.parquet")
@@ -341,7 +346,7 @@ def run_audit(
         ),
         **bound.as_dict(),
         "guesses_in": k,
-        "guesses_out": k,
+        "guesses_out": k_out,
         "epsilon_upper": eps_upper,
         "dp_enabled": cfg.dp.enabled,
         "verdict": verdict,
@@ -354,7 +359,7 @@ def run_audit(
     return audit
 
 
-def _write_canaries(workdir: Path, injection: CanaryInjection, scores: np.ndarray, k: int) -> None:
+def _write_canaries(workdir: Path, injection: CanaryInjection, scores: np.ndarray, k: int, k_out: int) -> None:
     """``canaries.csv``: every canary, whether and where it was included, its score and the guess."""
     from common.audit import guess_from_scores
 
@@ -363,7 +368,7 @@ def _write_canaries(workdir: Path, injection: CanaryInjection, scores: np.ndarra
     table.insert(0, "included", injection.included)
     table.insert(1, "node", injection.node_of)
     table.insert(2, "score", scores)
-    table.insert(3, "guess", guess_from_scores(scores, k, k))
+    table.insert(3, "guess", guess_from_scores(scores, k, k_out))
     if injection.twins is not None:
         differs = [c for c in table.columns[4:] if (injection.twins[c] != injection.canaries[c]).any()]
         for c in differs:
@@ -416,7 +421,10 @@ def cmd_privacy_audit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     workdir = Path(args.workdir or Path(args.config).with_suffix("").name + "-audit")
-    audit = run_audit(cfg, workdir, canaries=args.canaries, guesses=args.guesses, confidence=args.confidence)
+    audit = run_audit(
+        cfg, workdir, canaries=args.canaries, guesses=args.guesses, guesses_out=args.guesses_out,
+        confidence=args.confidence,
+    )  # fmt: skip
     report = workdir / f"privacy-report-run-{audit['run_id']}.html"
     from common.files import atomic_write
 
@@ -441,6 +449,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     a.add_argument("--config", required=True, help="run config TOML (its simulation section is used)")
     a.add_argument("--canaries", type=int, default=DEFAULT_CANARIES, help="canaries m (default %(default)s)")
     a.add_argument("--guesses", type=int, help="IN and OUT guesses each (default m/10)")
+    a.add_argument("--guesses-out", type=int, help="OUT guesses (default: as --guesses; 0 = guess only IN)")
     a.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE, help="default %(default)s")
     a.add_argument("--workdir", help="the audit's throw-away simulation folder (default: <config>-audit)")
     a.add_argument("--json", action="store_true")

@@ -1,7 +1,7 @@
 """Run ``fedguard.privacy_audit.run_audit`` in its own process (Ray), optionally on broken DP-SGD.
 
-``python -m tests.privacy_audit_sim WORKDIR CONFIG_JSON CANARIES [broken]`` prints the audit as
-JSON on the last line. With ``broken`` every node's DP-SGD silently adds no noise (the noise
+``python -m tests.privacy_audit_sim WORKDIR CONFIG_JSON CANARIES [broken [IN OUT]]`` prints the audit
+as JSON on the last line (IN/OUT: the guesses, default m/10 each). With ``broken`` every node's DP-SGD silently adds no noise (the noise
 multiplier is set to 0 right after Opacus's ``make_private``) while the plan, the ledger and the
 report still claim the configured ε: the failure the audit must catch. The node's DP integrity
 guards (``client.dp_guards``) refuse exactly this round, so the harness also switches them off
@@ -70,5 +70,8 @@ broken = _broken_app()
 if __name__ == "__main__":
     workdir, cfg = Path(sys.argv[1]), config_from_json(Path(sys.argv[2]).read_text(encoding="utf-8"))
     app = broken if sys.argv[4:5] == ["broken"] else None
-    audit = run_audit(cfg, workdir, canaries=int(sys.argv[3]), client_app=app, progress=print)
+    k_in, k_out = (int(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 6 else (None, None)
+    audit = run_audit(
+        cfg, workdir, canaries=int(sys.argv[3]), guesses=k_in, guesses_out=k_out, client_app=app, progress=print
+    )
     print(json.dumps(audit))

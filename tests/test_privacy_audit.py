@@ -278,16 +278,17 @@ def _env() -> dict[str, str]:
 def test_the_audit_catches_dp_sgd_without_noise(tmp_path: Path) -> None:
     """Noise silently 0 (and the node guards off) while the ledger claims ε ≤ 1: ε_lower > 1, red.
 
-    Six rounds, not three: whether an included canary moves its log-odds depends on whether its
-    random label disagrees with what the model predicts anyway, so three rounds gave ε_lower from
-    0.37 to 3.3 over runs (1 in 10 below 1); six gave 2.8–3.3 in every run measured."""
+    Six rounds, and 60 IN guesses with no OUT guess (``--guesses-out 0``): with no noise the model
+    overfits, and in some runs every member canary of one label falls below its twin, so the lowest
+    scores are members and OUT guesses fail (ε_lower 0.0–1.0 in 3 of 11 runs with 40 + 40 guesses;
+    three rounds: 0.37–3.3). IN-only on the same 31 saved runs: 2.2–3.0 at six rounds, ≥ 1.2 at three."""
     from tests.helpers import ROOT
 
     cfg_json = tmp_path / "cfg.json"
     cfg_json.write_text(_audit_config(_audit_data(tmp_path), 1.0, rounds=6).to_json(), encoding="utf-8")
     proc = subprocess.run(
         [sys.executable, "-m", "tests.privacy_audit_sim", str(tmp_path / "audit"), str(cfg_json), str(CANARIES),
-         "broken"],
+         "broken", "60", "0"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=800,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -295,6 +296,7 @@ def test_the_audit_catches_dp_sgd_without_noise(tmp_path: Path) -> None:
     assert audit["epsilon_upper"] is not None and audit["epsilon_upper"] <= 1.0 + 1e-9  # what the ledger claims
     assert audit["epsilon_lower"] > 1.0, audit
     assert audit["verdict"] == "violated" and audit["confidence"] == 0.95
+    assert (audit["guesses_in"], audit["guesses_out"]) == (60, 0)
 
     from server.privacy_report import build_privacy_report, to_markdown
 
