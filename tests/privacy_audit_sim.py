@@ -1,7 +1,8 @@
 """Run ``fedguard.privacy_audit.run_audit`` in its own process (Ray), optionally on broken DP-SGD.
 
 ``python -m tests.privacy_audit_sim WORKDIR CONFIG_JSON CANARIES [broken [IN OUT]]`` prints the audit
-as JSON on the last line (IN/OUT: the guesses, default m/10 each). With ``broken`` every node's DP-SGD silently adds no noise (the noise
+as JSON on the last line (IN/OUT: the guesses, default m/10 each). With ``broken`` every node's
+DP-SGD silently adds no noise (the noise
 multiplier is set to 0 right after Opacus's ``make_private``) while the plan, the ledger and the
 report still claim the configured ε: the failure the audit must catch. The node's DP integrity
 guards (``client.dp_guards``) refuse exactly this round, so the harness also switches them off
