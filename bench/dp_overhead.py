@@ -324,17 +324,19 @@ def main(argv: list[str] | None = None) -> int:
     round_s = 0.15 if args.quick else 0.4
     params = json.loads(args.params)
     rows: list[dict[str, Any]] = []
-    for name in args.models:
-        for batch in args.batch_size:
-            rows += bench_model(
-                name,
-                params,
-                batch,
-                args.seq_len,
-                repeats=repeats,
-                round_s=round_s,
-                memory=not (args.quick or args.no_memory),
-            )
+    cells = [(name, batch) for name in args.models for batch in args.batch_size]
+    t0 = time.perf_counter()
+    for i, (name, batch) in enumerate(cells, 1):
+        print(f"[{i}/{len(cells)}] {name} batch {batch} ({time.perf_counter() - t0:.0f}s elapsed)", flush=True)
+        rows += bench_model(
+            name,
+            params,
+            batch,
+            args.seq_len,
+            repeats=repeats,
+            round_s=round_s,
+            memory=not (args.quick or args.no_memory),
+        )
     print_table(rows)
     summary = summarize(rows)
     for s in summary:
