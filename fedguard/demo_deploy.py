@@ -30,15 +30,18 @@ from server.store import RunStore
 from server.superlink import SuperLink, TlsFiles
 
 
-def _follow(store_path: Path, seen: set[tuple[str, int]], progress: Progress) -> None:
-    """Print rounds and evaluations as the ServerApp records them."""
+def _follow(store_path: Path, flower_run: int, seen: set[tuple[str, int]], progress: Progress) -> int | None:
+    """Print rounds and evaluations as the ServerApp records them; the FedGuard run id once known.
+
+    Only the run of this Flower run: a demo folder's store keeps earlier demos' runs, and "the
+    latest run" is the previous demo's until this run's ServerApp writes its first row."""
     if not store_path.exists():
-        return
+        return None
     with RunStore(store_path) as store:
-        runs = store.runs()
-        if not runs:
-            return
-        run_id = runs[-1]["run_id"]
+        run = store.run_by_flower_id(flower_run)
+        if run is None:
+            return None
+        run_id = int(run["run_id"])
         for r in store.rounds(run_id):
             if ("round", r["round"]) not in seen:
                 seen.add(("round", r["round"]))
@@ -47,6 +50,7 @@ def _follow(store_path: Path, seen: set[tuple[str, int]], progress: Progress) ->
             if ("eval", rnd) not in seen:
                 seen.add(("eval", rnd))
                 progress(f"  round {rnd}: held-out accuracy {m['accuracy']:.3f} (evaluator node)")
+    return run_id
 
 
 def _homomorphic(run_cfg: RunConfig, kits: ProvisionResult, deploy_dir: Path, progress: Progress) -> RunConfig:
@@ -157,17 +161,15 @@ def deployed_demo(
         seen: set[tuple[str, int]] = set()
         deadline = time.monotonic() + timeout
         while True:
-            _follow(store_path, seen, progress)
+            _follow(store_path, flower_run, seen, progress)
             status = run_status(flower_run, superlink.address, server_kit.ca_cert, superlink.flwr_home)
             if status.finished or time.monotonic() > deadline:
                 break
             time.sleep(2.0)
-        _follow(store_path, seen, progress)
-        if not status.succeeded:
+        run_id = _follow(store_path, flower_run, seen, progress)
+        if not status.succeeded or run_id is None:
             progress(run_logs(flower_run, superlink.address, server_kit.ca_cert, superlink.flwr_home)[-3000:])
-            raise RuntimeError(f"the demo run ended {status.status}: {status.details}")
-        with RunStore(store_path) as store:
-            run_id = int(store.runs()[-1]["run_id"])
+            raise RuntimeError(f"the demo run ended {status.status}: {status.details or 'no run recorded'}")
         return store_path, run_id
     finally:
         for node in nodes:
