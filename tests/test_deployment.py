@@ -6,6 +6,7 @@ handshake. The executor tests check that code shipped in the server's app bundle
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -122,44 +123,47 @@ class Federation:
         return out
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    base = tmp_path_factory.mktemp("deploy")
-    tls = make_tls_material(base / "kits", ["alpha", "beta"])
+@contextlib.contextmanager
+def bring_up(base: Path, sizes: dict[str, int], seed: int, ready_timeout: float = 120) -> Iterator[Federation]:
+    """A TLS SuperLink and one enrolled SuperNode + executor per ``sizes`` entry (that many rows), all
+    stopped on exit. Nodes are started together, then waited for: their executors import torch in parallel."""
+    tls = make_tls_material(base / "kits", list(sizes))
     superlink = SuperLink(base / "server", TlsFiles(tls.ca_cert, tls.server_cert, tls.server_key))
     nodes: list[SuperNode] = []
     enrolled: list[Enrolled] = []
     try:
         superlink.start(timeout=90)
-        for i, name in enumerate(["alpha", "beta"]):
+        for i, (name, size) in enumerate(sizes.items()):
             superlink.register_node(tls.nodes[name].public, name)
             enrolled.append(Enrolled(name, "client", key_fingerprint(tls.nodes[name].public)))
             write_enrolled(superlink.workdir, enrolled)  # what `server start` writes from the kit
             data = base / name / "data.csv"
             data.parent.mkdir(parents=True)
-            make_tabular(300, seed=10 + i).to_csv(data, index=False)
+            make_tabular(size, seed=seed + i).to_csv(data, index=False)
             nodes.append(
                 SuperNode(
                     base / name,
                     superlink=superlink.address,
                     root_certificates=tls.ca_cert,
                     private_key=tls.nodes[name].private,
-                    node_config={
-                        "data-path": str(data),
-                        "workdir": str(base / name / "work"),
-                        "budget-epsilon": 100.0,
-                    },
+                    node_config={"data-path": str(data), "workdir": str(base / name / "work"), "budget-epsilon": 100.0},
                 )
             )
-        for node in nodes:  # start both, then wait: the executors import torch in parallel
+        for node in nodes:
             node.spawn()
         for node in nodes:
-            node.wait_ready(timeout=120)
+            node.wait_ready(timeout=ready_timeout)
         yield Federation(base, tls, superlink, nodes)
     finally:
         for node in nodes:
             node.stop()
         superlink.stop()
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    with bring_up(tmp_path_factory.mktemp("deploy"), {"alpha": 300, "beta": 300}, seed=10) as fed:
+        yield fed
 
 
 # --- fast checks (no processes) -------------------------------------------------------------------

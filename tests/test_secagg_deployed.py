@@ -21,15 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.supernode import SuperNode
 from common.he_custody import flatten_state, trainable_keys
 from server.checkpoint import checkpoint_dir, latest_good
-from server.enrollment import Enrolled, write_enrolled
 from server.store import RunStore
-from server.superlink import SuperLink, TlsFiles, key_fingerprint
-from tests.helpers import ROOT, make_tabular, tabular_config, wait_until
-from tests.test_deployment import Federation
-from tests.tls_material import make_tls_material
+from tests.helpers import ROOT, tabular_config, wait_until
+from tests.test_deployment import Federation, bring_up
 
 pytestmark = [pytest.mark.slow]
 
@@ -39,38 +35,8 @@ SIZES = {"alpha": 900, "beta": 900, "gamma": 900, "delta": 60}
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    base = tmp_path_factory.mktemp("secagg-deploy")
-    tls = make_tls_material(base / "kits", list(SIZES))
-    superlink = SuperLink(base / "server", TlsFiles(tls.ca_cert, tls.server_cert, tls.server_key))
-    nodes: list[SuperNode] = []
-    enrolled: list[Enrolled] = []
-    try:
-        superlink.start(timeout=90)
-        for i, (name, size) in enumerate(SIZES.items()):
-            superlink.register_node(tls.nodes[name].public, name)
-            enrolled.append(Enrolled(name, "client", key_fingerprint(tls.nodes[name].public)))
-            write_enrolled(superlink.workdir, enrolled)
-            data = base / name / "data.csv"
-            data.parent.mkdir(parents=True)
-            make_tabular(size, seed=20 + i).to_csv(data, index=False)
-            nodes.append(
-                SuperNode(
-                    base / name,
-                    superlink=superlink.address,
-                    root_certificates=tls.ca_cert,
-                    private_key=tls.nodes[name].private,
-                    node_config={"data-path": str(data), "workdir": str(base / name / "work"), "budget-epsilon": 100.0},
-                )
-            )
-        for node in nodes:
-            node.spawn()
-        for node in nodes:
-            node.wait_ready(timeout=180)
-        yield Federation(base, tls, superlink, nodes)
-    finally:
-        for node in nodes:
-            node.stop()
-        superlink.stop()
+    with bring_up(tmp_path_factory.mktemp("secagg-deploy"), SIZES, seed=20, ready_timeout=180) as fed:
+        yield fed
 
 
 def config(mode: str, round_timeout: float = 60, batch_size: int = 4096, epochs: int = 3):  # noqa: ANN201
