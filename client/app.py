@@ -21,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import he_node, secagg_node
+from client import he_node, mitigation, secagg_node
 from client.admission import PolicyViolation, check_policy, check_request, record
 from client.node import NodeSettings, declared_weight, new_log_id, node_logger, node_settings
 from client.privacy import NodePrivacy
@@ -34,7 +34,7 @@ from common.config import RunConfig, config_from_json
 from common.data import Encoded, load_encoded, split_indices
 from common.devices import node_device
 from common.errors import FedGuardError
-from common.evaluation import evaluate_and_audit, predict, provenance
+from common.evaluation import evaluate_and_audit, predict, provenance, threshold_policy
 from common.fairness import group_confusion_counts
 from common.models import build_model, model_max_len
 from common.optimizers import make_server_optimizer
@@ -170,16 +170,31 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     else:
         global_state = _global_state(msg, model)
     load_numpy_state(model, global_state)
+    train = _training_split(settings, cfg)
+    # fairfed / qfedavg: counts of the global model as received, on all the node's rows (as FairFed's local
+    # metric; a validation split alone would leave most groups under the release threshold); they leave
+    # only noised, after training.
+    if cfg.mitigation.node_releases_per_round:
+        counts = mitigation.model_counts(model, _node_data(settings, cfg), cfg, settings)
+    else:
+        counts = None
     # Pretrained models: one DP step on made-up text proves per-sample gradients are right before
     # any record is read or any budget reserved (client.preflight).
     run_preflight(model, cfg, resolve_grad_sample_mode(cfg), device)
-    train = _training_split(settings, cfg)
+    table = mitigation.received_weights(msg) if cfg.mitigation.method == "reweighing" else None
+    weights = mitigation.record_weights(train, cfg, table) if table is not None else None
 
     t0 = time.perf_counter()
     # Plan → owner policy → ledger reserve → DP-SGD → confirm (client.privacy); refused before training.
-    result, accounting = _privacy(msg, context, cfg, settings).train(
-        model, train, device, round_=round_, message_id=msg.metadata.message_id
+    privacy = _privacy(msg, context, cfg, settings)
+    result, accounting = privacy.train(
+        model, train, device, round_=round_, message_id=msg.metadata.message_id, record_weights=weights
     )
+    released = None
+    if counts is not None:  # a second charged release: the reply's ε is the one composing both
+        released, spend = mitigation.release(privacy, counts, msg, cfg, settings, round_, "model counts")
+        accounting |= {R.EPSILON: spend.epsilon_run, R.EPSILON_TOTAL: spend.epsilon_total}
+        accounting |= privacy.selection_values(spend)
     weight = secagg_node.advertised_weight(msg, context) if masked else declared_weight(settings, len(train))
     metrics: dict[str, float | int] = {R.NUM_EXAMPLES: weight, **accounting}
     metrics[R.STEPS] = result.steps
@@ -209,7 +224,33 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
         update = secagg_node.masked_update(msg, context, cfg, settings, state_to_numpy(model), global_state)
         return _reply(msg, RecordDict({secagg.SECAGG_MASKED: update, R.METRICS: MetricRecord(metrics)}), settings)
     content = RecordDict({R.ARRAYS: numpy_to_record(state_to_numpy(model)), R.METRICS: MetricRecord(metrics)})
+    if released is not None:
+        content[R.MITIGATION_COUNTS] = released
     return _reply(msg, content, settings)
+
+
+class LabelCountsNotRequested(FedGuardError):
+    code = "label-counts-not-in-run-config"
+
+
+def _label_counts(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
+    """Reweighing, before round 1: noised group × label counts of the training split, one charged release."""
+    if not cfg.mitigation.label_counts_release:
+        raise LabelCountsNotRequested("the signed run config does not ask for reweighing's label counts")
+    privacy = _privacy(msg, context, cfg, settings)
+    privacy.admit("train", privacy.plan(len(_training_split(settings, cfg))))  # the whole run fits, or nothing
+    counts = mitigation.label_counts(_training_split(settings, cfg), cfg, settings)
+    record, spend = mitigation.release(privacy, counts, msg, cfg, settings, _round(msg) or 0, "label counts")
+    metrics = {
+        R.EPSILON: spend.epsilon_run,
+        R.DELTA: cfg.dp.delta,
+        R.NOISE_MULTIPLIER: cfg.mitigation.noise_multiplier,
+        R.EPSILON_TOTAL: spend.epsilon_total,
+        R.BUDGET_EPSILON: settings.budget_epsilon,
+        R.BUDGET_DELTA: settings.budget_delta,
+        **privacy.selection_values(spend),
+    }
+    return _reply(msg, RecordDict({R.MITIGATION_COUNTS: record, R.METRICS: MetricRecord(metrics)}), settings)
 
 
 def _secagg_keys(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> Message:
@@ -305,6 +346,9 @@ def _score(model: torch.nn.Module, cfg: RunConfig, settings: NodeSettings, round
             R.PROVENANCE_JSON: json.dumps(provenance(data, settings.data_path.name)),
         }
     )
+    policy = threshold_policy(model, data, cfg, round_)  # [mitigation] thresholds: fitted on a calibration part
+    if policy is not None:
+        audit_record[R.THRESHOLD_POLICY_JSON] = policy.model_dump_json()
     return RecordDict({R.EVALUATION: MetricRecord(metrics), R.AUDIT: audit_record})
 
 
@@ -418,6 +462,7 @@ def _fairness_counts(msg: Message, context: Context, cfg: RunConfig, settings: N
                     R.EPSILON_TOTAL: spend.epsilon_total,
                     R.BUDGET_EPSILON: settings.budget_epsilon,
                     R.BUDGET_DELTA: settings.budget_delta,
+                    **privacy.selection_values(spend),
                 }
             ),
         }
@@ -456,6 +501,11 @@ def plan(msg: Message, context: Context) -> Message:
 @app.query("fairness")
 def fairness(msg: Message, context: Context) -> Message:
     return _handle(msg, context, _clients_only(_fairness_counts), "fairness-counts")
+
+
+@app.query("label_counts")
+def label_counts(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _clients_only(_label_counts), "train")
 
 
 @app.query("he_init")

@@ -54,6 +54,11 @@ class Spend:
     release_id: str
     epsilon_total: float  # the dataset's whole history (all runs) including this release
     epsilon_run: float = 0.0  # this run's releases on this dataset; set once the release is confirmed
+    count_releases: int = 0  # this run's Gaussian count releases on this dataset (each adds its selection δ)
+
+    def selection_delta(self, per_release: float) -> float:
+        """δ the group selection of this run's count releases added (a union bound over them)."""
+        return self.count_releases * per_release
 
 
 class NodePrivacy:
@@ -78,6 +83,19 @@ class NodePrivacy:
         """The federated-fairness counts release this run asks for after its last round, if any."""
         return counts_release(self.cfg.fairness.count_noise_multiplier) if self.cfg.wants_federated_counts else []
 
+    def mitigation_releases(self) -> History:
+        """The releases the run's fairness mitigation asks of this node: reweighing's group × label counts
+        (once), or fairfed's / qfedavg's counts of the global model (every round); none for thresholds."""
+        m = self.cfg.mitigation
+        one = counts_release(m.noise_multiplier)
+        if m.node_releases_per_round:
+            return one * self.cfg.rounds
+        return one if m.label_counts_release else []
+
+    def other_releases(self) -> History:
+        """Every release of the run besides its DP-SGD rounds: σ is calibrated for all of them together."""
+        return self.mitigation_releases() + self.count_release()
+
     def earlier_calibration(self) -> tuple[int, float] | None:
         """This run's (n, σ) calibration on this node, if it already made one."""
         rec = self.state.get(_DP_STATE)
@@ -89,7 +107,7 @@ class NodePrivacy:
     def plan(self, n_train: int) -> DPPlan:
         """σ for this run; calibrated once per run and node (≈1 s), reused while the size is unchanged.
 
-        σ covers the whole run: its DP-SGD rounds composed with the counts release, if any.
+        σ covers the whole run: its DP-SGD rounds composed with the counts and mitigation releases, if any.
         """
         cfg = self.cfg
         earlier = self.earlier_calibration()
@@ -101,7 +119,7 @@ class NodePrivacy:
             local_epochs=cfg.train.local_epochs,
             rounds=cfg.rounds,
             noise_multiplier=earlier[1] if same and earlier else None,
-            also=self.count_release(),
+            also=self.other_releases(),
         )
         self.state[_DP_STATE] = ConfigRecord({"planned-n": n_train, "planned-sigma": plan.noise_multiplier})
         return plan
@@ -115,9 +133,9 @@ class NodePrivacy:
         return warning
 
     def planned_run(self, plan: DPPlan) -> History:
-        """Every release the run would make on this node: its DP-SGD rounds and the fairness counts."""
+        """Every release the run would make on this node: its DP-SGD rounds, mitigation and fairness counts."""
         per_round = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        return [per_round] * self.cfg.rounds + self.count_release()
+        return [per_round] * self.cfg.rounds + self.other_releases()
 
     # -- 2. owner policy ------------------------------------------------------
     def admit(self, purpose: Purpose, plan: DPPlan) -> float:
@@ -166,6 +184,10 @@ class NodePrivacy:
             yield spend
             ledger.confirm(release.message_id)
             spend.epsilon_run = epsilon_spent(ledger.history(s.dataset_id, self.run_id), delta, release.accountant)
+            spend.count_releases = sum(
+                r["run_id"] == self.run_id and str(r["mechanism"]).startswith("gaussian-")
+                for r in ledger.releases(s.dataset_id)
+            )
 
     def _release(
         self,
@@ -198,15 +220,26 @@ class NodePrivacy:
 
     # -- 4. the releases ------------------------------------------------------
     def train(
-        self, model: torch.nn.Module, data: Encoded, device: torch.device, *, round_: int, message_id: str | None
+        self,
+        model: torch.nn.Module,
+        data: Encoded,
+        device: torch.device,
+        *,
+        round_: int,
+        message_id: str | None,
+        record_weights: torch.Tensor | None = None,
     ) -> tuple[LocalResult, dict[str, float | int]]:
         """Train ``model`` in place on ``data``; with DP, as one planned, checked and reserved release.
 
-        Returns the training result and the accounting values the reply carries (none without DP).
+        ``record_weights`` (≤ 1, reweighing) scale each record's clipped gradient. Returns the training
+        result and the accounting values the reply carries (none without DP).
         """
         cfg, s = self.cfg, self.settings
         if not cfg.dp.enabled:
-            return train_local(model, data, cfg, None, device, log=node_logger(s.workdir), label=f"round {round_}"), {}
+            log = node_logger(s.workdir)
+            return train_local(
+                model, data, cfg, None, device, log=log, label=f"round {round_}", weights=record_weights
+            ), {}
         first = self.earlier_calibration() is None
         plan = self.plan(len(data))
         self.admit("train", plan)
@@ -227,7 +260,16 @@ class NodePrivacy:
         # Recorded (and the budget checked) before any training: a crash from here on over-counts.
         with self._reserved(release, plan.delta) as spend:
             # DPIntegrityError: stays pending. Steps done / total go to the node log as it trains.
-            result = train_local(model, data, cfg, plan, device, log=node_logger(s.workdir), label=f"round {round_}")
+            result = train_local(
+                model,
+                data,
+                cfg,
+                plan,
+                device,
+                log=node_logger(s.workdir),
+                label=f"round {round_}",
+                weights=record_weights,
+            )
         if result.guards is not None:
             g = result.guards
             node_logger(s.workdir).info(
@@ -250,18 +292,28 @@ class NodePrivacy:
             R.BUDGET_EPSILON: s.budget_epsilon,
             R.BUDGET_DELTA: s.budget_delta,
             **self._unit_values(spend.epsilon_total),
+            **self.selection_values(spend),
         }
 
     def release_counts(
-        self, counts: Counts, *, round_: int, message_id: str | None, min_group_size: int
+        self,
+        counts: Counts,
+        *,
+        round_: int,
+        message_id: str | None,
+        min_group_size: int,
+        mitigation: bool = False,
     ) -> tuple[NoisyCounts, Spend]:
-        """Noise a node's confusion counts as one Gaussian release (q = 1), reserved before the noise is drawn.
+        """Noise a node's counts as one Gaussian release (q = 1), reserved before the noise is drawn.
 
-        Its ``epsilon_run`` composes the run's releases at the run's δ (``dp.delta``), like every round's: the
-        owner's budget δ only checks the budget and states the dataset's total (``epsilon_total``).
+        ``mitigation``: a release for ``[mitigation]`` (its own z; ledger mechanism ``gaussian-mitigation``),
+        else the federated-fairness counts after the last round. Its ``epsilon_run`` composes the run's
+        releases at the run's δ (``dp.delta``), like every round's: the owner's budget δ only checks the
+        budget and states the dataset's total (``epsilon_total``).
         """
         fc = self.cfg.fairness
-        mechanism = counts_mechanism(fc.count_noise_multiplier, len(counts))
+        z = self.cfg.mitigation.noise_multiplier if mitigation else fc.count_noise_multiplier
+        mechanism = counts_mechanism(z, len(counts))
         release = self._release(
             round_,
             message_id,
@@ -271,16 +323,17 @@ class NodePrivacy:
             delta=self.cfg.dp.delta,  # one δ for every release of a run: its ε composes with the rounds'
             max_grad_norm=mechanism.sensitivity,  # the L2 sensitivity: one cell per table
             accountant=self.cfg.dp.accountant,
-            mechanism="gaussian-counts",
+            mechanism="gaussian-mitigation" if mitigation else "gaussian-counts",
         )
         with self._reserved(release, self.cfg.dp.delta) as spend:
-            noisy = noisy_counts(
-                counts,
-                fc.count_noise_multiplier,
-                min_group_size=min_group_size,
-                selection_delta=fc.count_selection_delta,
-            )
+            noisy = noisy_counts(counts, z, min_group_size=min_group_size, selection_delta=fc.count_selection_delta)
         return noisy, spend
+
+    def selection_values(self, spend: Spend) -> dict[str, float]:
+        """δ the run's count releases added so far (absent when it made none): the run's δ total adds it."""
+        if not spend.count_releases:
+            return {}
+        return {R.SELECTION_DELTA_RUN: spend.selection_delta(self.cfg.fairness.count_selection_delta)}
 
     def _unit_values(self, eps_total: float) -> dict[str, float | int]:
         """Group privacy for a unit (a patient) contributing up to k records, if the schema declares units."""

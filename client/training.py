@@ -148,18 +148,40 @@ class PerSampleWeightedCE(nn.Module):
         super().__init__()
         self.register_buffer("weight", torch.tensor(weights, dtype=torch.float32))
         self.reduction = "mean"
+        #: This batch's per-record weights (reweighing), set before each forward pass; None: all 1.
+        self.record_weights: torch.Tensor | None = None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         per_sample = F.cross_entropy(logits, target, reduction="none") * self.weight[target]
+        if self.record_weights is not None:
+            per_sample = per_sample * self.record_weights
         if self.reduction == "none":
             return per_sample
         return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
 
 
-def make_criterion(cfg: RunConfig, device: torch.device) -> nn.Module:
-    if cfg.train.class_weights is None:
+def make_criterion(cfg: RunConfig, device: torch.device, record_weighted: bool = False) -> nn.Module:
+    """Cross-entropy; per-sample weighted with class weights, or when records carry weights in the loss."""
+    if cfg.train.class_weights is None and not record_weighted:
         return nn.CrossEntropyLoss()
-    return PerSampleWeightedCE(cfg.train.class_weights).to(device)
+    return PerSampleWeightedCE(cfg.train.class_weights or [1.0] * cfg.data.schema_.num_classes).to(device)
+
+
+def _weigh_batch(trained: nn.Module, criterion: nn.Module, rest: list[torch.Tensor], device: torch.device) -> None:
+    """Hand this batch's record weights (reweighing) to where they apply.
+
+    On the bk DP path they scale each record's *clipped* gradient (weights ≤ 1: the per-record bound C
+    and the accounting are unchanged). On Opacus's paths and without DP they scale each record's loss,
+    as class weights do: exact without DP; under DP a record whose gradient is clipped anyway keeps
+    the norm C, so the weights act only below the clipping norm.
+    """
+    if not rest:
+        return
+    wb = rest[0].to(device, non_blocking=True)
+    if isinstance(trained, BKModule):
+        trained.record_weights = wb
+    else:
+        criterion.record_weights = wb  # type: ignore[assignment]
 
 
 def loader_batch_size(n_train: int, plan: DPPlan) -> int:
@@ -178,14 +200,14 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _physical_batches(
-    xb: torch.Tensor, yb: torch.Tensor, size: int | None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    if size is None or len(yb) <= size:
-        yield xb, yb
+def _physical_batches(size: int | None, *tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``tensors`` (a batch's inputs, labels and any record weights) in slices of at most ``size`` rows."""
+    n = len(tensors[1])
+    if size is None or n <= size:
+        yield tensors
         return
-    for i in range(0, len(yb), size):
-        yield xb[i : i + size], yb[i : i + size]
+    for i in range(0, n, size):
+        yield tuple(t[i : i + size] for t in tensors)
 
 
 def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
@@ -219,8 +241,11 @@ def train_local(
     guards: bool = True,
     log: logging.Logger | None = None,
     label: str = "local training",
+    weights: torch.Tensor | None = None,
 ) -> LocalResult:
     """Train ``model`` in place for ``cfg.train.local_epochs``; with ``plan``, under DP-SGD.
+
+    ``weights`` (one per record, in (0, 1]): reweighing's per-record weights (``_weigh_batch``).
 
     ``model`` arrives holding the global model; FedProx pulls towards that snapshot. Under DP the
     integrity guards (``client.dp_guards``) check every step and the finished round against the
@@ -232,12 +257,14 @@ def train_local(
     tc = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if tc.proximal_mu > 0 else []
-    dataset = TensorDataset(data.x, data.y)
+    if weights is not None and not (len(weights) == len(data) and bool(((weights > 0) & (weights <= 1)).all())):
+        raise ValueError("record weights need one value in (0, 1] per training record")
+    dataset = TensorDataset(data.x, data.y) if weights is None else TensorDataset(data.x, data.y, weights.float())
     sampling = secure_generator(torch.device("cpu"))
     batch = loader_batch_size(len(data), plan) if plan is not None else tc.logical_batch_size(len(data))
     loader = DataLoader(dataset, batch_size=batch, shuffle=plan is None, generator=sampling, **loader_options(device))
     optimizer = _optimizer(model, cfg)
-    criterion: nn.Module = make_criterion(cfg, device)
+    criterion: nn.Module = make_criterion(cfg, device, record_weighted=weights is not None)
     engine: PrivacyEngine | None = None
     guard: DPGuard | None = None
     trained: nn.Module = model
@@ -318,23 +345,26 @@ def train_local(
                     max_physical_batch_size=physical,
                     optimizer=optimizer,  # type: ignore[arg-type]
                 ) as physical_loader:
-                    for xb, yb in physical_loader:
+                    for xb, yb, *rest in physical_loader:
                         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                        _weigh_batch(trained, criterion, rest, device)
                         optimizer.zero_grad(set_to_none=True)
                         criterion(trained(xb), yb).backward()
                         optimizer.step()
                         if not getattr(optimizer, "_is_last_step_skipped", False):
                             after_step()
                 continue
-            for xb, yb in loader:
+            for xb, yb, *rest in loader:
                 if empty_step is not None and len(yb) == 0:
                     empty_step()
                     after_step()
                     continue
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                _weigh_batch(trained, criterion, rest, device)
                 optimizer.zero_grad(set_to_none=True)
                 if engine is None and physical is not None and len(yb) > physical:
-                    for xp, yp in _physical_batches(xb, yb, physical):  # plain gradient accumulation
+                    for xp, yp, *wp in _physical_batches(physical, xb, yb, *rest):  # plain gradient accumulation
+                        _weigh_batch(trained, criterion, wp, device)
                         (criterion(trained(xp), yp) * (len(yp) / len(yb))).backward()
                 else:
                     criterion(trained(xb), yb).backward()
@@ -410,6 +440,8 @@ class BKModule(nn.Module):
         #: Every trainable parameter, in the order of ``p._norm_sample`` (read by client.dp_guards).
         self.trainable_parameters = [p for m in self.layers for p in _trained(m)]
         self.per_sample_gradient_norms: torch.Tensor | None = None
+        #: This batch's per-record weights in (0, 1] (reweighing), applied after clipping; None: all 1.
+        self.record_weights: torch.Tensor | None = None
         self._taps: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._queued = False
         self._scratch = _Scratch()
@@ -473,6 +505,8 @@ class BKModule(nn.Module):
         per_param = torch.stack([n for _, n, _ in parts], dim=1) * scale  # (B, P)
         norms = torch.linalg.vector_norm(per_param, dim=1)
         weights = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale  # Opacus's clip factor
+        if self.record_weights is not None:  # after clipping: record i moves the sum by at most w_i·C ≤ C
+            weights = weights * self.record_weights.to(weights)
         for (p, _, weighted_sum), n in zip(parts, per_param.unbind(1), strict=True):
             p.grad = weighted_sum(weights).view_as(p)
             p._norm_sample = n  # type: ignore[attr-defined]  # per-record coverage, read by client.dp_guards

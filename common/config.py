@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.errors import ConfigError
 from common.fairness import FairnessConfig
+from common.fairness.config import MitigationConfig
 from common.schema import DataSchema, format_validation_error
 
 #: A node's budget per dataset when its owner sets none: one default run (ε=8) fits, a second does not.
@@ -455,6 +456,8 @@ class RunConfig(_Strict):
     central_dp: CentralDPConfig = Field(default_factory=CentralDPConfig)
     #: Fairness audit of every round's global model over the schema's sensitive columns.
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
+    #: Group-fairness mitigation (reweighing, fairfed, qfedavg, thresholds); its node releases are planned and charged.
+    mitigation: MitigationConfig = Field(default_factory=MitigationConfig)
     #: ``homomorphic``: clients encrypt updates and the server sums ciphertexts (TenSEAL CKKS);
     #: ``secagg``: threshold secure aggregation (SecAgg+): no single party can read an update.
     secure_aggregation: Literal["none", "homomorphic", "secagg"] = "none"
@@ -509,6 +512,7 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"server.min_replies ({self.server.min_replies}) exceeds clients_per_round ({self.clients_per_round})"
             )
+        self._check_mitigation()
         he = self.homomorphic
         if self.secure_aggregation == "homomorphic" and not (he.context_fingerprint and he.bundle and he.evaluator_key):
             raise ValueError(
@@ -516,6 +520,41 @@ class RunConfig(_Strict):
                 "homomorphic.evaluator_key: run `fedguard evaluator keygen` and copy what it prints"
             )
         return self
+
+    def _check_mitigation(self) -> None:
+        m, schema = self.mitigation, self.data.schema_
+        if m.method == "none":
+            return
+        if len(schema.classes) != 2 or not schema.sensitive:
+            raise ValueError(
+                f"mitigation.method = {m.method!r} needs a binary task with sensitive columns; the schema has "
+                f"{len(schema.classes)} classes and sensitive = {schema.sensitive}"
+            )
+        if m.attribute is not None and m.attribute not in schema.sensitive:
+            raise ValueError(
+                f"mitigation.attribute {m.attribute!r} is not one of the sensitive columns {schema.sensitive}"
+            )
+        if m.node_releases_per_round and (
+            self.secure_aggregation != "none" or self.central_dp.enabled or self.server.aggregation != "fedavg"
+        ):
+            raise ValueError(
+                f"mitigation.method = {m.method!r} weighs each node's plaintext update by its noised counts: it needs "
+                'secure_aggregation = "none", server.aggregation = "fedavg" and no central_dp'
+            )
+        if m.method == "reweighing" and m.priors is not None:
+            labels = {str(c) for c in schema.classes}
+            bad = [k for k in m.priors if k.split("|")[1] not in labels]
+            if bad:
+                raise ValueError(
+                    f"mitigation.priors keys {bad} name a label outside data.schema.classes {schema.classes}"
+                )
+
+    @property
+    def mitigation_attribute(self) -> str | None:
+        """The sensitive column mitigation works on (None without mitigation)."""
+        if self.mitigation.method == "none":
+            return None
+        return self.mitigation.attribute or self.data.schema_.sensitive[0]
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)

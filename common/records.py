@@ -22,6 +22,7 @@ ROLE = "role"  # a node's answer to the role query: client or evaluator
 EVALUATION = "evaluation"  # the evaluator's metrics of the global model on its held-out set
 AUDIT = "audit"  # the evaluator's fairness audit of the global model (JSON) and the set's provenance
 FAIRNESS_COUNTS = "fairness-counts"  # a client's noised per-group confusion counts of the final model
+MITIGATION_COUNTS = "mitigation-counts"  # [mitigation]: noised group × label counts, or per-round model counts
 HE = "he"  # homomorphic mode: the evaluator's signature over a global model, and timings
 
 # Keys of the CONFIG record.
@@ -88,12 +89,17 @@ ROLE_NAME = "role"
 NODE_NAME = "node-name"  # the name the operator knows the node by (its kit name; node-N in simulation)
 AUDIT_JSON = "audit-json"
 PROVENANCE_JSON = "provenance-json"
+THRESHOLD_POLICY_JSON = "threshold-policy-json"  # [mitigation] thresholds: the evaluator's fitted group thresholds
+
+# Keys of the CONFIG record for [mitigation] (server → node).
+REWEIGHING_JSON = "reweighing-json"  # group → label → per-record weight (≤ 1), from DP counts or public priors
 
 # Keys of the FAIRNESS_COUNTS record (Gaussian mechanism, charged to the node's ledger).
 COUNTS_JSON = "counts-json"  # table → group → noised [tp, fp, fn, tn]
 COUNT_SIGMA = "sigma"  # std of each cell's noise
 COUNT_THRESHOLD = "threshold"  # noisy size a group needed to leave
 COUNT_SELECTION_DELTA = "selection-delta"
+SELECTION_DELTA_RUN = "selection-delta-run"  # METRICS: δ the run's count releases on this node added so far
 
 # Keys of the HE record (node → server).
 HE_SIGNATURE = "global-signature"  # the evaluator's signature over the next encrypted global model
@@ -142,6 +148,7 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         UNIT_CAP: "public",
         UNIT_EPSILON: "accounting",
         UNIT_DELTA: "accounting",
+        SELECTION_DELTA_RUN: "accounting",
         **_RESOURCE_CLASSES,
     },
     PLAN: {
@@ -179,7 +186,7 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         "base_rate": "evaluation",
         "true_classes": "evaluation",  # how many classes the held-out labels hold (a count, not the labels)
     },
-    AUDIT: {AUDIT_JSON: "evaluation", PROVENANCE_JSON: "evaluation"},
+    AUDIT: {AUDIT_JSON: "evaluation", PROVENANCE_JSON: "evaluation", THRESHOLD_POLICY_JSON: "evaluation"},
     HE: {
         HE_SIGNATURE: "public",
         HE_ENCRYPT_SECONDS: "public",
@@ -187,6 +194,12 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         HE_DECRYPT_SECONDS: "public",
     },
     FAIRNESS_COUNTS: {
+        COUNTS_JSON: "dp",
+        COUNT_SIGMA: "accounting",
+        COUNT_THRESHOLD: "accounting",
+        COUNT_SELECTION_DELTA: "accounting",
+    },
+    MITIGATION_COUNTS: {
         COUNTS_JSON: "dp",
         COUNT_SIGMA: "accounting",
         COUNT_THRESHOLD: "accounting",

@@ -40,6 +40,35 @@ class WeightedMean:
         return out
 
 
+class HeldWeightedMean:
+    """FedAvg whose per-node multipliers are known only when the round ends (fairfed, qfedavg).
+
+    Holds every accepted update until then (memory grows with the round's replies, as for the robust
+    options); ``multipliers`` (one per update, in the order added) scale the declared weights.
+    """
+
+    def __init__(self, reference: OrderedDict[str, np.ndarray]) -> None:
+        self._ref = reference
+        self._items: list[tuple[OrderedDict[str, np.ndarray], float]] = []
+        self.multipliers: list[float] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self._items)
+
+    def add(self, state: OrderedDict[str, np.ndarray], weight: float) -> None:
+        self._items.append((state, weight))
+
+    def result(self) -> OrderedDict[str, np.ndarray]:
+        multipliers = self.multipliers or [1.0] * len(self._items)
+        if sum(w * k for (_, w), k in zip(self._items, multipliers, strict=True)) <= 0:
+            multipliers = [1.0] * len(self._items)  # every multiplier at 0: plain FedAvg rather than nothing
+        mean = WeightedMean(self._ref)
+        for (state, weight), k in zip(self._items, multipliers, strict=True):
+            mean.add(state, weight * k)
+        return mean.result()
+
+
 class CentralDPMean:
     """User-level DP FedAvg: clip each update to ``C`` (Flower's FlatClip), equal weights, noise σ·C/m.
 

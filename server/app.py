@@ -33,7 +33,7 @@ from common.errors import ConfigError, FedGuardError
 from common.models import build_model, describe_model
 from common.progress import RunProgress, terminal
 from common.resources import EnergyModel, Meter
-from server import federated_fairness
+from server import federated_fairness, mitigation
 from server.checkpoint import Checkpoint, checkpoint_dir, latest_good
 from server.grid_io import MeteredGrid, Progress, collect_replies, wait_for_nodes
 from server.rounds import PROTOCOLS
@@ -134,6 +134,7 @@ def run_federation(
         progress(fed.scorer.describe())  # type: ignore[union-attr]
         protocol = protocol_type(fed, state_to_numpy(model) if resume is None else resume.state)
         progress(protocol.describe())
+        mitigation.prepare(fed, resume.run_id if resume is not None else None)  # reweighing's table, if any
         if resume is not None:
             fed.rng.bit_generator.state = resume.rng_state
             protocol.resume(resume)

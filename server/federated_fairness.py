@@ -34,7 +34,15 @@ from server.validation import (
     status_of,
 )
 
-_ACCOUNTING = (R.EPSILON, R.DELTA, R.NOISE_MULTIPLIER, R.EPSILON_TOTAL, R.BUDGET_EPSILON, R.BUDGET_DELTA)
+_ACCOUNTING = (
+    R.EPSILON,
+    R.DELTA,
+    R.NOISE_MULTIPLIER,
+    R.EPSILON_TOTAL,
+    R.BUDGET_EPSILON,
+    R.BUDGET_DELTA,
+    R.SELECTION_DELTA_RUN,
+)
 
 
 @dataclass
@@ -44,7 +52,7 @@ class FederatedView:
     outcomes: list[Outcome]
 
 
-def _parse_counts(raw: str) -> Counts:
+def parse_counts(raw: str) -> Counts:
     """A client's counts, checked structurally: table → group → four finite integers."""
     data = json.loads(raw)
     if not isinstance(data, dict):
@@ -70,7 +78,7 @@ def _classify(reply: Message) -> tuple[Outcome, Counts | None]:
         check_records(content, {R.FAIRNESS_COUNTS, R.METRICS})
         metrics = check_values(content[R.METRICS], R.METRICS)
         rec = content[R.FAIRNESS_COUNTS]
-        counts = _parse_counts(str(rec[R.COUNTS_JSON]))
+        counts = parse_counts(str(rec[R.COUNTS_JSON]))
     except Rejected as exc:  # signed by the node: whatever it released still counts towards its ε
         return Outcome(node, "rejected", str(exc), values=accounting_values(content)), None
     except (KeyError, TypeError, ValueError) as exc:

@@ -238,13 +238,19 @@ def _may_have_spent(row: dict[str, object]) -> bool:
 
 def _account(node: NodeHealth, run_delta: float | None, selection_delta: float) -> None:
     """ε: the largest this run's releases reached (every release of a run composes at the run's δ, so the
-    latest value covers every earlier one); δ: the run's, plus the counts' group selection where sent."""
+    latest value covers every earlier one); δ: the run's, plus the group selection of its count releases."""
     counts_sent = num(node.count_values, R.EPSILON) is not None
     node.counts_epsilon = num(node.count_values, R.EPSILON)
     if node.epsilon is None:
         return
     delta = run_delta if run_delta is not None else num(node.count_values or node.last_values, R.DELTA)
-    node.delta_total = None if delta is None else delta + (selection_delta if counts_sent else 0.0)
+    # The node reports the selection δ of its count releases so far (mitigation's and the fairness counts');
+    # older nodes did not: then the fairness counts' one release, where sent.
+    reported = [
+        v for vals in (node.last_values, node.count_values) if (v := num(vals, R.SELECTION_DELTA_RUN)) is not None
+    ]
+    added = max(reported) if reported else (selection_delta if counts_sent else 0.0)
+    node.delta_total = None if delta is None else delta + added
     if not node.dp_enabled:
         node.epsilon = None  # the updates carry no guarantee: no run ε to speak of (counts_epsilon says the rest)
 

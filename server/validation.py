@@ -87,7 +87,7 @@ def _reject(node: int, reason: str, content: RecordDict | None = None) -> Outcom
 
 #: What a node's update cost it: kept even when the payload is rejected (the node spent budget whatever the
 #: server did with its update), so a node's ε counts every authentic reply (server.run_health).
-_ACCOUNTING = (R.EPSILON, R.DELTA, R.EPSILON_TOTAL, R.BUDGET_EPSILON, R.BUDGET_DELTA)
+_ACCOUNTING = (R.EPSILON, R.DELTA, R.EPSILON_TOTAL, R.BUDGET_EPSILON, R.BUDGET_DELTA, R.SELECTION_DELTA_RUN)
 
 
 def accounting_values(content: RecordDict) -> dict[str, float]:
@@ -216,13 +216,17 @@ def classify_reply(
     reference: OrderedDict[str, np.ndarray],
     max_weight: float,
     max_update_norm: float | None = None,
+    also: frozenset[str] = frozenset(),
 ) -> Outcome:
-    """The plaintext payload check of one reply (after its envelope): accepted with its state, or why not."""
+    """The plaintext payload check of one reply (after its envelope): accepted with its state, or why not.
+
+    ``also``: records the run's mode adds to every update (``mitigation-counts`` for fairfed and qfedavg).
+    """
     if (status := status_of(msg)) is not None:
         return status
     node, content = int(msg.metadata.src_node_id), msg.content
     try:
-        check_records(content, {R.ARRAYS, R.METRICS})
+        check_records(content, {R.ARRAYS, R.METRICS, *also})
         weight, values = check_metrics(content, max_weight)
         state = check_plain_update(content, reference, max_update_norm)
     except Rejected as exc:  # the envelope passed: the reply is the node's, and so is the budget it spent

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -72,3 +74,59 @@ class FairnessConfig(_Model):
             if a == b:
                 raise ValueError(f"intersection ({a!r}, {b!r}) needs two different attributes")
         return self
+
+
+#: What each mitigation method does with ``strength`` (the knob ``fedguard fairness sweep`` varies).
+MITIGATION_STRENGTH: dict[str, str] = {
+    "reweighing": "exponent on the reweighing weights (0: none, 1: full P(a)·P(y)/P(a, y))",
+    "fairfed": "β, the step of the per-round aggregation-weight update (0: plain FedAvg)",
+    "qfedavg": "q, the exponent on each node's noised error rate (0: plain FedAvg)",
+    "thresholds": "fraction of the gap between groups the thresholds close (0: one threshold, 1: equal)",
+}
+
+
+class MitigationConfig(_Model):
+    """Group-fairness mitigation for one sensitive attribute (``[mitigation]`` in a run config).
+
+    Every node release a method needs is a Gaussian release charged to the node's ledger and planned
+    with its DP-SGD rounds (one ε per node covers all of them); ``thresholds`` uses only the
+    evaluator's held-out data and costs the nodes nothing.
+    """
+
+    method: Literal["none", "reweighing", "fairfed", "qfedavg", "thresholds"] = "none"
+    attribute: str | None = Field(None, description="the sensitive column to mitigate for; None: the schema's first")
+    strength: float = Field(1.0, ge=0.0, description="the method's knob (MITIGATION_STRENGTH)")
+    constraint: Literal["demographic_parity", "equalized_odds"] = Field(
+        "demographic_parity", description="the gap fairfed and thresholds target"
+    )
+    noise_multiplier: float = Field(
+        5.0, gt=0.0, description="z of the nodes' mitigation releases (group × label counts, per-round counts)"
+    )
+    priors: dict[str, float] | None = Field(
+        None,
+        description='reweighing from public priors instead of a node release: "group|label" → P(group, label)',
+    )
+    calibration_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="thresholds: share of the evaluator's held-out rows used to fit them"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MitigationConfig:
+        if self.priors is not None and self.method != "reweighing":
+            raise ValueError('mitigation.priors is only used by method = "reweighing"')
+        if self.method == "thresholds" and self.strength > 1.0:
+            raise ValueError("mitigation.strength for thresholds is the fraction of the gap closed: at most 1")
+        for key, p in (self.priors or {}).items():
+            if key.count("|") != 1 or not 0.0 < p <= 1.0:
+                raise ValueError(f'mitigation.priors[{key!r}] = {p}: keys are "group|label", values in (0, 1]')
+        return self
+
+    @property
+    def node_releases_per_round(self) -> bool:
+        """fairfed and qfedavg: each train reply carries noised counts of the global model it received."""
+        return self.method in ("fairfed", "qfedavg")
+
+    @property
+    def label_counts_release(self) -> bool:
+        """reweighing without public priors: one release of group × label counts before round 1."""
+        return self.method == "reweighing" and self.priors is None

@@ -24,9 +24,10 @@ from flwr.app import Message
 from common.config import RunConfig
 from common.errors import FedGuardError
 from common.fairness.model_findings import constant_streak, constant_streak_line, model_findings
+from common.files import atomic_write
 from common.reply_signing import key_fingerprint
 from common.resources import Meter
-from server.checkpoint import Checkpoint
+from server.checkpoint import Checkpoint, checkpoint_dir
 from server.enrollment import read_enrolled, server_workdir
 from server.grid_io import MeteredGrid, Progress, discover_roles, registered_keys
 from server.run_health import node_label
@@ -35,7 +36,9 @@ from server.store import RunStore
 from server.validation import Envelope, Outcome
 
 log = logging.getLogger("fedguard.server")
-STRANGER = "stranger"  # alarm kind: a key the SuperLink registered that the kit does not enroll
+STRANGER = "stranger"
+#: The thresholds policy the evaluator fitted on the latest round's model (``fedguard evaluate --thresholds``).
+THRESHOLDS_FILE = "thresholds.json"  # alarm kind: a key the SuperLink registered that the kit does not enroll
 
 
 def _fingerprint(key: bytes, node: int) -> str:
@@ -214,6 +217,10 @@ class Federation:
         self.store.record_evaluation(
             self.run_id, rnd, score.metrics, score.audit_json, score.provenance, score.evaluated_by
         )
+        if score.threshold_policy_json:  # [mitigation] thresholds: the latest policy, beside the checkpoints
+            atomic_write(
+                checkpoint_dir(self.store.path, self.run_id) / THRESHOLDS_FILE, score.threshold_policy_json.encode()
+            )
         m = score.metrics
         self.progress(
             f"  round {rnd} held-out accuracy {m['accuracy']:.3f}, loss {m.get('loss', float('nan')):.3f}, "

@@ -26,14 +26,15 @@ from common import records as R
 from common.codec import numpy_to_record
 from common.optimizers import make_server_optimizer
 from common.privacy import epsilon_spent
-from server.aggregation import CentralDPMean, CoordinateRobust, WeightedMean
+from server.aggregation import CentralDPMean, CoordinateRobust, HeldWeightedMean, WeightedMean
 from server.checkpoint import Checkpoint, checkpoint_dir
 from server.checkpoint import save as save_checkpoint
+from server.mitigation import RoundWeighting
 from server.rounds.base import Aggregate, Federation, RoundProtocol
 from server.scoring import Score
-from server.validation import Outcome, classify_reply, update_norm
+from server.validation import Outcome, Rejected, classify_reply, update_norm
 
-Aggregator = WeightedMean | CentralDPMean | CoordinateRobust
+Aggregator = WeightedMean | CentralDPMean | CoordinateRobust | HeldWeightedMean
 
 #: Updates held (at most) to fix a round's reference norm and weight; memory stays bounded.
 REFERENCE_WINDOW = 32
@@ -68,6 +69,9 @@ class PlaintextRounds(RoundProtocol):
         super().__init__(fed, state)
         self.optimizer = make_server_optimizer(self.cfg.server.optimizer)
         self.central_releases = 0
+        #: fairfed / qfedavg: aggregation multipliers from each reply's noised counts (server.mitigation).
+        self.weighting = RoundWeighting(self.cfg) if self.cfg.mitigation.node_releases_per_round else None
+        self._added: list[int] = []  # node ids in the order their updates were added (the multipliers' order)
         self._agg: Aggregator = self._aggregator()
         self._held: list[tuple[Outcome, float]] = []  # (accepted so far, update norm) until bounds are set
         self._bounds: Bounds | None = None
@@ -78,19 +82,26 @@ class PlaintextRounds(RoundProtocol):
             how = f"central DP FedAvg (clip {cfg.central_dp.clipping_norm:g}, σ {cfg.central_dp.noise_multiplier:g})"
         elif cfg.server.aggregation != "fedavg":
             how = f"coordinate-wise {cfg.server.aggregation.replace('_', ' ')}"
+        elif self.weighting is not None:
+            m = cfg.mitigation
+            how = f"FedAvg weighted by {m.method} (strength {m.strength:g}) from the nodes' noised counts"
         else:
             how = "streaming weighted FedAvg"
         return f"plaintext aggregation: {how}, server optimizer {cfg.server.optimizer.name}"
 
     def resume(self, ckpt: Checkpoint) -> None:
         self.central_releases = int(ckpt.extra.get("central_releases", 0))
+        if self.weighting is not None:
+            self.weighting.multipliers = {str(k): float(v) for k, v in ckpt.extra.get("mitigation", {}).items()}
         self.optimizer.load(ckpt.extra.get("optimizer", {}), ckpt.extra_arrays)
 
     def start(self, resuming: bool) -> Score | None:
         return None if resuming else self._score(0)
 
     def configure_train(self, rnd: int, nodes: list[int]) -> tuple[list[Message], list[Outcome]]:
-        self._agg, self._held, self._bounds = self._aggregator(), [], None
+        self._agg, self._held, self._bounds, self._added = self._aggregator(), [], None, []
+        if self.weighting is not None:
+            self.weighting.start_round()
         arrays = numpy_to_record(self.state)
         config = ConfigRecord({**self.fed.base, R.ROUND: rnd})
         messages = [
@@ -108,9 +119,16 @@ class PlaintextRounds(RoundProtocol):
         return messages, []
 
     def accept(self, reply: Message) -> Outcome:
-        o = classify_reply(reply, self.state, self.cfg.server.max_weight, self.cfg.server.max_update_norm)
+        also = frozenset({R.MITIGATION_COUNTS}) if self.weighting is not None else frozenset()
+        o = classify_reply(reply, self.state, self.cfg.server.max_weight, self.cfg.server.max_update_norm, also)
         if o.status != "accepted" or o.state is None:
             return o
+        if self.weighting is not None:
+            try:
+                self.weighting.take(o.node_id, reply)
+            except Rejected as exc:
+                o.status, o.reason, o.state = "rejected", str(exc), None
+                return o
         norm = update_norm(o.state, self.state)
         if not self._bounded:
             self._add(o)
@@ -130,6 +148,9 @@ class PlaintextRounds(RoundProtocol):
                 meta["bounds"] = self._bounds.meta()
             if self._agg.count < needed:  # bounds rejected some: the engine retries or fails the round
                 return Aggregate(False, meta=meta)
+        if self.weighting is not None and isinstance(self._agg, HeldWeightedMean):
+            self._agg.multipliers = self.weighting.round_multipliers(self._added)
+            meta["mitigation"] = self.weighting.meta(self._added, self._agg.multipliers, self.fed.label)
         self.state = self.optimizer.step(self.state, self._agg.result())
         if not isinstance(self._agg, CentralDPMean):
             return Aggregate(True, meta=meta)
@@ -184,6 +205,7 @@ class PlaintextRounds(RoundProtocol):
     def _add(self, o: Outcome) -> None:
         assert o.state is not None
         self._agg.add(o.state, o.weight or 0.0)
+        self._added.append(o.node_id)
         o.state = None  # summed and dropped: memory does not grow with the round's replies
 
     def conclude(self, rnd: int, updated: bool) -> Score | None:
@@ -193,7 +215,11 @@ class PlaintextRounds(RoundProtocol):
             rnd,
             self.state,
             fed.rng.bit_generator.state,  # the sampling RNG: a resumed run samples as this one would
-            {"central_releases": self.central_releases, "optimizer": self.optimizer.scalars()},
+            {
+                "central_releases": self.central_releases,
+                "optimizer": self.optimizer.scalars(),
+                **({"mitigation": self.weighting.multipliers} if self.weighting is not None else {}),
+            },
             self.optimizer.arrays(),
         )
         save_checkpoint(checkpoint_dir(fed.store.path, fed.run_id), ckpt)
@@ -213,4 +239,4 @@ class PlaintextRounds(RoundProtocol):
             return CentralDPMean(self.state, cfg.central_dp.noise_multiplier, cfg.central_dp.clipping_norm)
         if cfg.server.aggregation != "fedavg":
             return CoordinateRobust(self.state, cfg.server.aggregation, cfg.server.trim_fraction)
-        return WeightedMean(self.state)
+        return HeldWeightedMean(self.state) if self.weighting is not None else WeightedMean(self.state)
