@@ -7,14 +7,19 @@ its own held-out file; both must compute exactly the same numbers.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from common.data import Encoded
+from common.errors import ConfigError
 from common.fairness import Audit, FairnessConfig, audit, dataset_fingerprint, prediction_summary
+from common.fairness.thresholds import ThresholdPolicy, apply_thresholds, fit_and_measure
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 
 @torch.no_grad()
@@ -58,18 +63,57 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int = 512) -> dict[str
 
 
 def evaluate_and_audit(
-    model: nn.Module, data: Encoded, fairness: FairnessConfig
+    model: nn.Module, data: Encoded, fairness: FairnessConfig, policy: ThresholdPolicy | None = None
 ) -> tuple[dict[str, float], Audit | None]:
     """Metrics (with what the model predicted overall) plus the fairness audit over the sensitive groups
-    (binary tasks with sensitive columns)."""
+    (binary tasks with sensitive columns). With ``policy``, of the decisions after its group thresholds
+    (the loss is the model's own: thresholds change decisions, not probabilities)."""
     probs, loss = predict(model, data)
-    y_true, y_pred = data.y.numpy(), probs.argmax(-1)
+    y_true = data.y.numpy()
+    y_pred = probs.argmax(-1) if policy is None else apply_thresholds(policy, probs, data.groups)
     # What the model predicted overall goes with every evaluation: the model findings (a constant or
     # skewed model) need no sensitive columns (common.fairness.model_findings).
     metrics = _metrics(y_true, y_pred, loss) | prediction_summary(y_true, y_pred, probs.shape[1])
     if probs.shape[1] != 2 or not data.groups or not len(data):  # no rows: no groups to audit
         return metrics, None
     return metrics, audit(y_true, y_pred, probs[:, 1], data.groups, fairness)
+
+
+def threshold_policy(
+    model: nn.Module, data: Encoded, cfg: RunConfig, round_: int | None = None
+) -> ThresholdPolicy | None:
+    """``[mitigation] method = "thresholds"``: group thresholds fitted on a calibration part of the held-out set.
+
+    The split (``calibration_fraction`` of every group) is drawn with the run's seed, so the evaluator
+    and a server scoring its own held-out file fit the same policy; ``before``/``after`` are measured on
+    the other rows. None for any other method, or without rows.
+    """
+    m = cfg.mitigation
+    attribute = cfg.mitigation_attribute
+    if m.method != "thresholds" or attribute is None or not len(data):
+        return None
+    if attribute not in data.groups:
+        raise ConfigError(
+            f'mitigation method "thresholds" fits thresholds per {attribute!r}, which this held-out data does not '
+            f"declare as sensitive (it has {sorted(data.groups) or 'none'})",
+            where="the held-out data (evaluator node or data.evaluation_path)",
+            fix=f"add {attribute!r} to the held-out data's sensitive columns (the evaluator's schema), or change "
+            "mitigation.attribute",
+        )
+    probs, _ = predict(model, data)
+    policy = fit_and_measure(
+        probs,
+        data.y.numpy(),
+        data.groups,
+        attribute=attribute,
+        constraint=m.constraint,
+        strength=m.strength,
+        min_group_size=cfg.fairness.min_group_size,
+        calibration_fraction=m.calibration_fraction,
+        seed=cfg.seed,
+    )
+    policy.round = round_
+    return policy
 
 
 def provenance(data: Encoded, source: str) -> dict[str, Any]:

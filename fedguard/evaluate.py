@@ -13,6 +13,13 @@ score, prediction, sensitive attributes), so a reviewer can recompute the metric
 with their own tools (fairlearn, scikit-learn, R). The file holds per-row sensitive values: it is
 as private as the data file and stays where the data is.
 
+Group thresholds (``[mitigation] method = "thresholds"``, :mod:`common.fairness.thresholds`):
+``--thresholds POLICY.json`` applies a policy (the run's ``thresholds.json`` beside its checkpoints)
+and every number, the audit and ``--predictions`` describe the decisions after the thresholds;
+``--fit-thresholds OUT.json`` fits one on a calibration part of the data (seeded by the run's seed)
+and reports before/after on the rest. Either way the report says that the thresholds need the
+sensitive attribute at prediction time.
+
 The evaluation helpers run on the CPU (``common.evaluation.predict`` returns CPU arrays and takes no
 device), so this command does too.
 """
@@ -37,6 +44,7 @@ if TYPE_CHECKING:  # imported where used: `fedguard --help` stays fast
 
     from common.config import RunConfig
     from common.data import Encoded
+    from common.fairness.thresholds import Summary, ThresholdPolicy
     from common.schema import DataSchema
     from server.checkpoint import Checkpoint
     from server.fairness_report import FairnessReport
@@ -68,6 +76,19 @@ class Evaluation:
     no_audit_reason: str | None = None
     #: One row per evaluated row (see :func:`predictions_frame`); None unless asked for.
     predictions: pd.DataFrame | None = None
+    #: The group thresholds the decisions went through (``--thresholds``), or None.
+    applied: ThresholdPolicy | None = None
+    #: The group thresholds fitted on a calibration part of the data (``--fit-thresholds``), or None.
+    fitted: ThresholdPolicy | None = None
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """``--fit-thresholds``: what to equalize, for which attribute (None: the run's [mitigation] choice)."""
+
+    constraint: str | None = None
+    strength: float | None = None
+    attribute: str | None = None
 
 
 # -- finding the run config ------------------------------------------------------------------
@@ -210,6 +231,51 @@ def check_state(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], model_na
         )
 
 
+def _check_policy(policy: ThresholdPolicy, schema: DataSchema, where: str) -> None:
+    """A policy needs a binary task and its attribute among the data's sensitive columns (read at prediction time)."""
+    if schema.num_classes != 2:
+        raise ConfigError(
+            f"group thresholds are for binary tasks; the schema has {schema.num_classes} classes",
+            where=where,
+            fix="drop --thresholds / --fit-thresholds",
+        )
+    if policy.attribute not in schema.sensitive:
+        raise ConfigError(
+            f"the threshold policy is for the sensitive attribute {policy.attribute!r}, which the schema does not "
+            f"declare (sensitive = {schema.sensitive})",
+            where=where,
+            fix=f"add {policy.attribute!r} to the schema's sensitive columns: the thresholds need every row's "
+            f"{policy.attribute!r} at prediction time",
+        )
+
+
+def _fit_options(req: FitRequest, cfg: RunConfig, schema: DataSchema, where: str) -> dict[str, Any]:
+    m = cfg.mitigation
+    attribute = req.attribute or cfg.mitigation_attribute or (schema.sensitive[0] if schema.sensitive else None)
+    if schema.num_classes != 2 or attribute is None or attribute not in schema.sensitive:
+        raise ConfigError(
+            "--fit-thresholds needs a binary task and a sensitive column of the data to fit thresholds for "
+            f"(classes {schema.classes}, sensitive = {schema.sensitive}, attribute {attribute!r})",
+            where=where,
+            fix="pass --attribute with one of the schema's sensitive columns, or a schema that declares one",
+        )
+    strength = req.strength if req.strength is not None else (m.strength if m.method == "thresholds" else 1.0)
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(
+            f"--strength {strength}: the fraction of the gap the thresholds close is between 0 and 1",
+            where="--strength",
+            fix="pass a value in [0, 1]",
+        )
+    return {
+        "attribute": attribute,
+        "constraint": req.constraint or m.constraint,
+        "strength": strength,
+        "min_group_size": cfg.fairness.min_group_size,
+        "calibration_fraction": m.calibration_fraction,
+        "seed": cfg.seed,
+    }
+
+
 def _read_checkpoint(path: Path, progress: Progress) -> Checkpoint:
     from server.checkpoint import CheckpointError, latest_good, load
 
@@ -238,20 +304,33 @@ def run_evaluation(
     store_path: Path | None = None,
     progress: Progress = _stderr,
     with_predictions: bool = False,
+    thresholds_path: Path | None = None,
+    fit: FitRequest | None = None,
 ) -> Evaluation:
-    """Load, check and evaluate a checkpoint; see the module docstring."""
+    """Load, check and evaluate a checkpoint; see the module docstring.
+
+    ``thresholds_path``: apply that policy to the decisions; ``fit``: fit a policy on a calibration part
+    of the data (returned as ``Evaluation.fitted``; the metrics and audit are the model's own).
+    """
     import numpy as np
 
     from common.codec import load_numpy_state
     from common.config import load_config
     from common.data import encode, read_table, unit_cap_mask
     from common.evaluation import evaluate_and_audit, predict, provenance
+    from common.fairness.thresholds import fit_and_measure, load_policy
     from common.models import build_model, model_max_len
     from common.schema import load_schema
     from server.fairness_report import build_fairness_report
 
     model_path, data_path, schema_path = Path(model_path), Path(data_path), Path(schema_path)
     schema = load_schema(schema_path)  # cheap checks first: a bad schema fails before anything heavy
+    if thresholds_path is not None and fit is not None:
+        raise ConfigError("--thresholds and --fit-thresholds do not go together", fix="pass one of them")
+    applied = None
+    if thresholds_path is not None:
+        applied = load_policy(Path(thresholds_path))
+        _check_policy(applied, schema, str(thresholds_path))
     ckpt = _read_checkpoint(model_path, progress)
     ckpt_path = ckpt.path or model_path
     if config_path is not None:
@@ -260,6 +339,7 @@ def run_evaluation(
         cfg, source = _config_from_store(ckpt, ckpt_path, store_path)
     run_schema = cfg.data.schema_
     check_schema(schema, run_schema, str(schema_path))
+    fit_options = _fit_options(fit, cfg, schema, str(schema_path)) if fit is not None else None
 
     model = build_model(cfg.model.name, run_schema, cfg.model.params)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -270,15 +350,24 @@ def run_evaluation(
     progress(f"loading {data_path} ...")
     table = read_table(data_path, schema)
     data = encode(table, schema, max_len=model_max_len(cfg.model.name, cfg.model.params), source=str(data_path))
-    progress(f"evaluating on {len(data)} rows ...")
-    metrics, audit = evaluate_and_audit(model, data, cfg.fairness)
+    if applied is not None and applied.round is not None and applied.round != ckpt.round:
+        progress(
+            f"note: the threshold policy was fitted on round {applied.round}'s model, this checkpoint is round "
+            f"{ckpt.round}: thresholds fit the scores of the model they were fitted on"
+        )
+    progress(f"evaluating on {len(data)} rows" + (" after the group thresholds" if applied else "") + " ...")
+    metrics, audit = evaluate_and_audit(model, data, cfg.fairness, applied)
+    fitted = None
+    if fit_options is not None:
+        fitted = fit_and_measure(predict(model, data)[0], data.y.numpy(), data.groups, **fit_options)
+        fitted.round = ckpt.round
     predictions = None
     if with_predictions:
         # Rows the privacy-unit cap left out are not evaluated; the rest keep their file position.
         kept = unit_cap_mask(table[schema.privacy_unit], schema, str(data_path)) if schema.privacy_unit else None
         rows = np.flatnonzero(kept) + 1 if kept is not None else np.arange(1, len(table) + 1)
         # the same model on the same rows and batches on the CPU: the probabilities the audit scored
-        predictions = predictions_frame(predict(model, data)[0], data, schema, rows)
+        predictions = predictions_frame(predict(model, data)[0], data, schema, rows, applied)
 
     report, reason = None, None
     if audit is not None:
@@ -289,7 +378,7 @@ def run_evaluation(
         reason = f"the task has {schema.num_classes} classes; the fairness audit is for binary tasks"
     else:
         reason = "the schema declares no sensitive columns"
-    return Evaluation(metrics, report, ckpt, cfg, source, data_path, reason, predictions)
+    return Evaluation(metrics, report, ckpt, cfg, source, data_path, reason, predictions, applied, fitted)
 
 
 def evaluate_checkpoint(
@@ -306,7 +395,9 @@ def evaluate_checkpoint(
     return ev.metrics, ev.report
 
 
-def predictions_frame(probs: np.ndarray, data: Encoded, schema: DataSchema, rows: np.ndarray) -> pd.DataFrame:
+def predictions_frame(
+    probs: np.ndarray, data: Encoded, schema: DataSchema, rows: np.ndarray, policy: ThresholdPolicy | None = None
+) -> pd.DataFrame:
     """One row per evaluated row: ``row``, ``label``, ``score``, ``prediction``, then each sensitive column.
 
     ``row`` is the 1-based position in the data file (as in FedGuard's data errors); ``label`` and
@@ -314,10 +405,13 @@ def predictions_frame(probs: np.ndarray, data: Encoded, schema: DataSchema, rows
     the metrics and the audit use it. Binary tasks: ``score`` is the probability of the positive
     class (the schema's second class, the one the audit calls positive). More classes: one
     ``score:<class>`` column per class. Sensitive columns hold the group keys the audit grouped by;
-    a sensitive column named like one of the fixed columns gets a ``sensitive:`` prefix.
+    a sensitive column named like one of the fixed columns gets a ``sensitive:`` prefix. With a threshold
+    ``policy`` the prediction is the post-processed one and a ``threshold`` column holds the row's threshold.
     """
     import numpy as np
     import pandas as pd
+
+    from common.fairness.thresholds import apply_thresholds
 
     classes = np.asarray(schema.classes, dtype=object)
     cols: dict[str, Any] = {"row": rows, "label": classes[data.y.numpy()]}
@@ -326,7 +420,12 @@ def predictions_frame(probs: np.ndarray, data: Encoded, schema: DataSchema, rows
         cols["score"] = p[:, 1]
     else:
         cols.update({f"score:{c}": p[:, i] for i, c in enumerate(schema.classes)})
-    cols["prediction"] = classes[probs.argmax(-1)]
+    if policy is None:
+        cols["prediction"] = classes[probs.argmax(-1)]
+    else:
+        keys = np.asarray(data.groups[policy.attribute]).astype(str)
+        cols["threshold"] = np.array([policy.threshold_for(k) for k in keys], dtype=np.float64)
+        cols["prediction"] = classes[apply_thresholds(policy, probs, data.groups)]
     for name, values in data.groups.items():
         cols[f"sensitive:{name}" if name in cols else name] = values
     return pd.DataFrame(cols)
@@ -352,6 +451,8 @@ def _metrics_document(ev: Evaluation, fmt: str) -> str:
         "fairness_report": None,
         "note": ev.no_audit_reason,
     }
+    if ev.applied is not None or ev.fitted is not None:
+        doc["post_processing"] = _post_processing_json(ev)
     if fmt == "json":
         return json.dumps(doc, indent=2) + "\n"
     title = f"Evaluation — run {ck.run_id} ({ev.config.name}), round {ck.round}"
@@ -360,14 +461,112 @@ def _metrics_document(ev: Evaluation, fmt: str) -> str:
         f"Accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, macro-F1 {m['macro_f1']:.4f}",
         f"No fairness audit: {ev.no_audit_reason}.",
     ]
-    blocks = [("h1", title), ("ul", lines)]
+    blocks = [("h1", title), ("ul", lines), *_post_processing_blocks(ev)]
     return to_markdown(blocks) if fmt == "md" else to_html(blocks, title, json.dumps(doc))
 
 
-def render(ev: Evaluation, fmt: str) -> str:
-    from server.fairness_report import render as render_report
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
 
-    return render_report(ev.report, fmt) if ev.report is not None else _metrics_document(ev, fmt)
+
+def _thresholds_text(p: ThresholdPolicy) -> str:
+    shown = ", ".join(f"{g} {t:.4f}" for g, t in sorted(p.thresholds.items())) or "none fitted"
+    return f"{shown}; any other group {p.default_threshold:g}"
+
+
+def _summary_rows(before: Summary, after: Summary) -> list[list[str]]:
+    rows = [
+        ["accuracy", _num(before.accuracy), _num(after.accuracy)],
+        ["demographic-parity ratio", _num(before.demographic_parity_ratio), _num(after.demographic_parity_ratio)],
+        [
+            "demographic-parity difference",
+            _num(before.demographic_parity_difference),
+            _num(after.demographic_parity_difference),
+        ],
+        ["equalized-odds difference", _num(before.equalized_odds_difference), _num(after.equalized_odds_difference)],
+    ]
+    for g in sorted(before.groups):
+        b, a = before.groups[g], after.groups.get(g)
+        for rate in ("selection_rate", "tpr", "fpr"):
+            rows.append(
+                [
+                    f"{g}: {rate.replace('_', ' ')}",
+                    "suppressed" if b is None else _num(getattr(b, rate)),
+                    "suppressed" if a is None else _num(getattr(a, rate)),
+                ]
+            )
+    return rows
+
+
+def _post_processing_blocks(ev: Evaluation) -> list[tuple[str, object]]:
+    """What the group thresholds did, and that they need the sensitive attribute at prediction time."""
+    blocks: list[tuple[str, object]] = []
+    for p, applied in ((ev.applied, True), (ev.fitted, False)):
+        if p is None:
+            continue
+        head = "Post-processing: group thresholds" if applied else "Group thresholds fitted (not applied here)"
+        intro = (
+            "Every decision, metric and finding in this report is after the group thresholds below "
+            f"({p.rule}); the loss is the model's own."
+            if applied
+            else f"Fitted on {p.calibration_rows} rows of this data (the run's seed draws the calibration part); "
+            "the metrics and findings in this report are the model's own decisions. Apply the policy with "
+            "fedguard evaluate --thresholds."
+        )
+        items = [
+            f"Attribute: {p.attribute}; constraint: {p.constraint.replace('_', ' ')}; strength {p.strength:g} "
+            "(fraction of the gap closed)",
+            f"Thresholds on the positive-class probability: {_thresholds_text(p)}",
+        ]
+        if p.suppressed:
+            items.append(
+                f"Groups with fewer than {p.min_group_size} calibration rows keep the default: "
+                f"{', '.join(p.suppressed)}"
+            )
+        if p.round is not None:
+            items.append(f"Fitted for the model of round {p.round}")
+        blocks += [("h2", head), ("p", intro), ("ul", items), ("p", f"Needs the sensitive attribute: {p.note}")]
+        if p.before is not None and p.after is not None:
+            blocks += [
+                (
+                    "p",
+                    f"When fitted, measured on the {p.after.rows} rows of the data it was fitted on that the fit "
+                    "did not use:"
+                    if applied
+                    else f"Measured on the {p.after.rows} rows of this data not used for fitting:",
+                ),
+                ("table", (["", "before", "after"], _summary_rows(p.before, p.after))),
+            ]
+    return blocks
+
+
+def _post_processing_json(ev: Evaluation) -> dict[str, Any]:
+    return {
+        "applied": ev.applied.model_dump(mode="json") if ev.applied else None,
+        "fitted": ev.fitted.model_dump(mode="json") if ev.fitted else None,
+    }
+
+
+def render(ev: Evaluation, fmt: str) -> str:
+    import json
+
+    from server.fairness_report import _blocks
+    from server.fairness_report import render as render_report
+    from server.report_blocks import to_html, to_markdown
+
+    if ev.report is None:
+        return _metrics_document(ev, fmt)
+    extra = _post_processing_blocks(ev)
+    if not extra:
+        return render_report(ev.report, fmt)
+    doc = ev.report.model_dump(mode="json") | {"post_processing": _post_processing_json(ev)}
+    if fmt == "json":
+        return json.dumps(doc, indent=2) + "\n"
+    blocks = _blocks(ev.report)
+    blocks[2:2] = extra  # after the title and the evaluation set
+    if fmt == "md":
+        return to_markdown(blocks)
+    return to_html(blocks, f"FedGuard fairness report {ev.report.run_id}", json.dumps(doc))
 
 
 def summary(ev: Evaluation) -> str:
@@ -383,6 +582,24 @@ def summary(ev: Evaluation) -> str:
         lines += [f"  [{f.severity}] {f.message}" for f in ev.report.findings]
     else:
         lines.append("fairness findings: none (every disparity is within its threshold)")
+    if ev.applied is not None:
+        p = ev.applied
+        lines.insert(1, f"decisions after the group thresholds for {p.attribute!r} ({_thresholds_text(p)})")
+        lines.append(f"note: {p.note}")
+    if ev.fitted is not None:
+        p = ev.fitted
+        lines.append(
+            f"group thresholds fitted for {p.attribute!r} ({p.constraint}, strength {p.strength:g}): "
+            f"{_thresholds_text(p)}"
+        )
+        if p.before is not None and p.after is not None:
+            b, a = p.before, p.after
+            lines.append(
+                f"  on the {a.rows} rows not used for fitting: accuracy {_num(b.accuracy)} → {_num(a.accuracy)}, "
+                f"DP ratio {_num(b.demographic_parity_ratio)} → {_num(a.demographic_parity_ratio)}, "
+                f"EO difference {_num(b.equalized_odds_difference)} → {_num(a.equalized_odds_difference)}"
+            )
+        lines.append(f"note: {p.note}")
     return "\n".join(lines)
 
 
@@ -422,8 +639,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     predictions = getattr(args, "predictions", None)
     _check_output(args.out, "--out", "report", args.data)
     _check_output(predictions, "--predictions", "predictions", args.data)
-    if args.out and predictions and Path(args.out).resolve() == Path(predictions).resolve():
-        raise FedGuardError("--out and --predictions name the same file", where=args.out, fix="give each its own file")
+    fit_out = getattr(args, "fit_thresholds", None)
+    _check_output(fit_out, "--fit-thresholds", "threshold policy", args.data)
+    outputs = [
+        (o, path)
+        for o, path in (("--out", args.out), ("--predictions", predictions), ("--fit-thresholds", fit_out))
+        if path
+    ]
+    for i, (opt, path) in enumerate(outputs):
+        for other, other_path in outputs[i + 1 :]:
+            if Path(path).resolve() == Path(other_path).resolve():
+                raise FedGuardError(f"{opt} and {other} name the same file", where=path, fix="give each its own file")
+    fit_options = (getattr(args, "constraint", None), getattr(args, "strength", None), getattr(args, "attribute", None))
+    if not fit_out and any(v is not None for v in fit_options):
+        raise FedGuardError(
+            "--constraint, --strength and --attribute choose how --fit-thresholds fits",
+            fix="add --fit-thresholds OUT.json, or drop them",
+        )
     ev = run_evaluation(
         Path(args.model),
         Path(args.data),
@@ -431,8 +663,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         Path(args.config) if args.config else None,
         store_path=Path(args.store) if getattr(args, "store", None) else None,
         with_predictions=bool(predictions),
+        thresholds_path=Path(args.thresholds) if getattr(args, "thresholds", None) else None,
+        fit=FitRequest(*fit_options) if fit_out else None,
     )
     text = render(ev, args.format)
+    if fit_out and ev.fitted is not None:
+        write_atomic(Path(fit_out), ev.fitted.model_dump_json(indent=2) + "\n", "threshold policy", "--fit-thresholds")
     if args.out:
         write_atomic(Path(args.out), text)
     if predictions and ev.predictions is not None:
@@ -443,6 +679,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         say(f"{'fairness report' if ev.report is not None else 'evaluation'} written to {args.out}")
     if predictions and ev.predictions is not None:
         say(f"predictions for {len(ev.predictions)} rows written to {predictions}")
+    if fit_out and ev.fitted is not None:
+        say(f"threshold policy written to {fit_out} (apply it with --thresholds {fit_out})")
     if not args.out:
         sys.stdout.write(text)
     return 0
@@ -468,5 +706,30 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         metavar="FILE.csv",
         help="also write every row's prediction (row, label, score, prediction, sensitive columns) as CSV, "
         "to recompute the metrics and the fairness audit with other tools",
+    )
+    e.add_argument(
+        "--thresholds",
+        metavar="POLICY.json",
+        help="apply a group-threshold policy (the run's thresholds.json) to the decisions before scoring and "
+        "auditing; it needs the policy's sensitive attribute in --data",
+    )
+    e.add_argument(
+        "--fit-thresholds",
+        metavar="OUT.json",
+        help="fit group thresholds on a calibration part of --data, report before/after on the rest, and write "
+        "the policy to OUT.json",
+    )
+    e.add_argument(
+        "--constraint",
+        choices=["demographic_parity", "equalized_odds"],
+        help="--fit-thresholds: the gap to close (default: the run's mitigation.constraint)",
+    )
+    e.add_argument(
+        "--strength",
+        type=float,
+        help="--fit-thresholds: fraction of the gap closed, 0 to 1 (default: the run's, or 1)",
+    )
+    e.add_argument(
+        "--attribute", help="--fit-thresholds: sensitive column (default: the run's mitigation attribute, or the first)"
     )
     e.set_defaults(func=cmd_evaluate)

@@ -19,7 +19,9 @@ from common import records as R
 from common.codec import load_numpy_state, numpy_to_record
 from common.config import RunConfig
 from common.data import Encoded, load_encoded
-from common.evaluation import evaluate_and_audit, provenance
+from common.errors import FedGuardError
+from common.evaluation import evaluate_and_audit, provenance, threshold_policy
+from common.fairness.thresholds import policy_from_json
 from common.models import build_model, model_max_len
 from server.grid_io import collect_replies
 from server.store import RunStore
@@ -35,14 +37,29 @@ class Score:
     provenance: dict[str, object] | None
     evaluated_by: str
     findings: list[str] = field(default_factory=list)
+    #: ``[mitigation] method = "thresholds"``: the group thresholds fitted on this round's model (JSON).
+    threshold_policy_json: str | None = None
+
+
+def _policy_json(text: str, node: int) -> str | None:
+    """The evaluator's threshold policy, checked: a reply that does not parse is left out, not stored."""
+    if not text:
+        return None
+    try:
+        policy_from_json(text, f"evaluator node {node}'s threshold policy")
+    except FedGuardError as exc:
+        log.warning("%s", exc)
+        return None
+    return text
 
 
 def score_from_reply(content: RecordDict, node: int) -> Score:
-    """The evaluator's metrics, audit and provenance, as the run store keeps them."""
+    """The evaluator's metrics, audit, provenance and threshold policy, as the run store keeps them."""
     metrics = {k: float(v) for k, v in content[R.EVALUATION].items() if isinstance(v, int | float)}
     audit = str(content[R.AUDIT].get(R.AUDIT_JSON, "")) if R.AUDIT in content else ""
     prov = json.loads(str(content[R.AUDIT].get(R.PROVENANCE_JSON, "{}"))) if R.AUDIT in content else None
-    return Score(metrics, audit or None, prov, f"evaluator node {node}")
+    policy = _policy_json(str(content[R.AUDIT].get(R.THRESHOLD_POLICY_JSON, "")), node) if R.AUDIT in content else None
+    return Score(metrics, audit or None, prov, f"evaluator node {node}", threshold_policy_json=policy)
 
 
 class Scorer:
@@ -87,8 +104,15 @@ class Scorer:
         model = build_model(self.cfg.model.name, self.cfg.data.schema_, self.cfg.model.params)
         load_numpy_state(model, state)
         metrics, audit = evaluate_and_audit(model, self._holdout, self.cfg.fairness)
+        policy = threshold_policy(model, self._holdout, self.cfg, rnd)
         source = str(self.cfg.data.evaluation_path)
-        return Score(metrics, audit.model_dump_json() if audit else None, provenance(self._holdout, source), "server")
+        return Score(
+            metrics,
+            audit.model_dump_json() if audit else None,
+            provenance(self._holdout, source),
+            "server",
+            threshold_policy_json=policy.model_dump_json() if policy else None,
+        )
 
     def _remote(
         self,
