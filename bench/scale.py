@@ -14,8 +14,14 @@ charging its own ledger. What is measured, per size:
   in Ray's worker processes), and its growth from the start of round 1 to the end of the run —
   the part that would grow with the number of clients if updates were held rather than summed.
 
-    python bench/scale.py [--clients 10 100 1000] [--rounds 3] [--ray-address auto]
-                          [--out bench/results/scale.json]
+Two modes run side by side, one size after the other: ``fedguard`` (as shipped: the simulation
+engine's message dispatch without a sweep over every node, every 20 ms, and reply polls that start
+at 20 ms: ``common.flower_internals.fast_simulation_dispatch``, ``server.grid_io.collect_replies``)
+and ``flower`` (Flower's own dispatch, every 0.1 s over every registered node, and fixed 0.2 s reply
+polls: what FedGuard did before).
+
+    python bench/scale.py [--clients 10 100 1000] [--rounds 3] [--modes fedguard flower]
+                          [--ray-address auto] [--out bench/results/scale.json]
 """
 
 from __future__ import annotations
@@ -62,12 +68,18 @@ class RssSampler(threading.Thread):
         self.peak = max(self.peak, self.at_mark)
 
 
-def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None) -> dict[str, Any]:
+def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None, mode: str = "fedguard") -> dict[str, Any]:
     """Run one simulated federation of ``n`` clients in this process and measure it."""
     from common.config import parse_config
+    from fedguard import simulate as simulate_module
     from fedguard.demo import demo_config, fresh_demo_ledger, write_demo_data
     from fedguard.simulate import simulate
+    from server import grid_io
     from server.store import RunStore
+
+    if mode == "flower":  # what FedGuard did before: Flower's dispatch loop, fixed reply polls
+        simulate_module.fast_simulation_dispatch = lambda: None  # type: ignore[attr-defined]
+        grid_io.FIRST_POLL_S = 1e9  # min(poll, this) = the config's poll interval, never shorter
 
     sampler = RssSampler()
     sampler.start()
@@ -97,6 +109,7 @@ def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None) -> dic
     later = times[1:] or times
     accepted = sum(c["status"] == "accepted" for c in clients)
     return {
+        "mode": mode,
         "clients": n,
         "clients_per_round": per_round,
         "rounds": rounds,
@@ -116,41 +129,50 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", default=["fedguard", "flower"], choices=["fedguard", "flower"])
     ap.add_argument("--ray-address", help="attach to an existing Ray cluster (auto or HOST:PORT)")
     ap.add_argument("--workdir", default="/tmp/fedguard-bench-scale")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size, print JSON
     args = ap.parse_args()
     if args.one:
-        row = one_size(args.one, args.rounds, Path(args.workdir) / f"n{args.one}", args.ray_address)
+        mode = args.modes[0]
+        row = one_size(args.one, args.rounds, Path(args.workdir) / f"{mode}-n{args.one}", args.ray_address, mode)
         print("RESULT " + json.dumps(row), flush=True)
         return 0
     rows = []
     for n in args.clients:
-        print(f"{n} virtual clients, {max(1, n // 10)} sampled per round, {args.rounds} rounds ...", flush=True)
-        cmd = [sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds), "--workdir", args.workdir]
-        if args.ray_address:
-            cmd += ["--ray-address", args.ray_address]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not result:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"the {n}-client simulation failed (exit {proc.returncode})")
-        rows.append(json.loads(result[-1][len("RESULT ") :]))
-    base = rows[0]
+        for mode in args.modes:
+            print(
+                f"{n} virtual clients, {max(1, n // 10)} sampled per round, {args.rounds} rounds, {mode} ...",
+                flush=True,
+            )
+            cmd = [sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds), "--workdir", args.workdir]
+            cmd += ["--modes", mode] + (["--ray-address", args.ray_address] if args.ray_address else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not result:
+                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"the {n}-client simulation ({mode}) failed (exit {proc.returncode})")
+            rows.append(json.loads(result[-1][len("RESULT ") :]))
+            print(f"  round {rows[-1]['round_s']:.2f} s (median of rounds 2..)", flush=True)
     print()
     header = (
-        "| clients | per round | round 1 s (+roles) | s/round | s/client call | × clients/round | × s/round"
-        " | server peak RSS MB | RSS growth MB |"
+        "| mode | clients | per round | round 1 s (+roles) | s/round | s/client call | × clients/round | × s/round"
+        " | fedguard ÷ flower s/round | server peak RSS MB | RSS growth MB |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for r in rows:
+        base = next(b for b in rows if b["mode"] == r["mode"])
+        flower = next((b for b in rows if b["mode"] == "flower" and b["clients"] == r["clients"]), None)
         r["x_clients_per_round"] = r["clients_per_round"] / base["clients_per_round"]
         r["x_round_s"] = r["round_s"] / base["round_s"]
+        r["vs_flower"] = r["round_s"] / flower["round_s"] if flower else None
         print(
-            f"| {r['clients']:,} | {r['clients_per_round']} | {r['round1_s']:.1f} | {r['round_s']:.1f} | "
+            f"| {r['mode']} | {r['clients']:,} | {r['clients_per_round']} | {r['round1_s']:.1f} | {r['round_s']:.2f} | "
             f"{r['per_client_call_s']:.2f} | {r['x_clients_per_round']:.0f}× | {r['x_round_s']:.1f}× | "
+            f"{'' if r['vs_flower'] is None else format(r['vs_flower'], '.2f')} | "
             f"{r['server_peak_rss_mb']:.0f} | {r['server_rss_growth_mb']:.0f} |"
         )
     out = Path(args.out)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,6 +433,44 @@ def fast_reply_pulls() -> None:
     fast = functools.partial(http_grid.pull_objects, initial_backoff=0.02, backoff_cap=0.5)
     fast._fedguard_fast = True  # type: ignore[attr-defined]
     http_grid.pull_objects = fast  # type: ignore[assignment]
+
+
+#: How often the simulation engine looks for new messages (Flower: 0.1 s).
+SIMULATION_DISPATCH_S = 0.02
+
+
+def fast_simulation_dispatch() -> None:
+    """Flower's simulation engine hands messages to its workers faster and without a sweep over every node.
+
+    flwr 1.42 ``vce_api.add_messages_to_queue`` asks the link state for one message per *registered*
+    node every 0.1 s; each ask scans every stored message under the state's lock, so a sweep costs
+    O(nodes × messages) and, with 1,000 virtual nodes, holds the lock the ServerApp needs to push and
+    pull. The replacement first lists the nodes that have an undelivered message (one scan, reading
+    metadata only), then asks Flower's own ``get_message_ins`` for just those (its expiry and
+    federation checks unchanged, still one message per node per sweep), every 20 ms. A state without
+    the in-memory store (not what simulation uses) keeps Flower's loop. In-process; idempotent.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    if getattr(vce_api.add_messages_to_queue, "_fedguard_fast", False):
+        return
+    original = vce_api.add_messages_to_queue
+
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
+        store = getattr(state, "message_ins_store", None)
+        if store is None or not hasattr(state, "lock"):
+            original(state, queue, nodes_mapping, f_stop)
+            return
+        while not f_stop.is_set():
+            with state.lock:
+                waiting = {m.metadata.dst_node_id for m in store.values() if m.metadata.delivered_at == ""}
+            for node_id in waiting & nodes_mapping.keys():
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(SIMULATION_DISPATCH_S)
+
+    add_messages_to_queue._fedguard_fast = True  # type: ignore[attr-defined]
+    vce_api.add_messages_to_queue = add_messages_to_queue
 
 
 def run_flower_supernode(argv: list[str]) -> None:

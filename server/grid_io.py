@@ -108,6 +108,10 @@ def _lost_reason(reply: Message, dst_node: int) -> str | None:
     return None
 
 
+#: The first poll after a push (and after a reply); the wait doubles up to the config's poll interval.
+FIRST_POLL_S = 0.02
+
+
 def collect_replies(
     grid: Grid,
     messages: list[Message],
@@ -128,8 +132,12 @@ def collect_replies(
     dst = {mid: m.metadata.dst_node_id for mid, m in pushed if mid}
     pending, replies, expired = set(dst), [], set()
     deadline = time.monotonic() + timeout
+    wait = min(poll, FIRST_POLL_S)
     while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
+        pulled = list(grid.pull_messages(list(pending)))
+        # Poll fast right after the push and after each reply (more tend to follow), backing off to ``poll``.
+        wait = min(poll, FIRST_POLL_S) if pulled else min(poll, wait * 2)
+        for reply in pulled:
             if reply.metadata.reply_to_message_id not in pending:
                 log.warning("dropped a duplicate reply to message %s", reply.metadata.reply_to_message_id)
                 continue  # only the first reply to a message counts
@@ -146,7 +154,7 @@ def collect_replies(
             else:
                 replies.append(reply)
         if pending:
-            time.sleep(poll)
+            time.sleep(wait)
     return replies, {int(dst[m]) for m in pending | expired}, unreachable
 
 

@@ -576,3 +576,57 @@ def test_the_node_table_layout_server_start_reads_and_edits() -> None:
     columns = set(Node.__table__.columns.keys())
     assert Node.__tablename__ == "node" and {"node_id", "status", "public_key"} <= columns
     assert NodeStatus.UNREGISTERED == fi.NODE_UNREGISTERED
+
+
+def test_simulation_dispatch_asks_only_nodes_with_mail_and_delivers_every_message() -> None:
+    """1,000 registered virtual nodes, 3 undelivered messages: Flower's loop would scan the store 1,000
+    times per sweep; the patched one asks the state for the 3 nodes only, one message per node per sweep."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from common.flower_internals import fast_simulation_dispatch
+
+    class State:
+        def __init__(self) -> None:
+            self.lock = threading.RLock()
+            meta = [SimpleNamespace(dst_node_id=n, delivered_at="") for n in (5, 7, 7)]
+            self.message_ins_store = {f"m{i}": SimpleNamespace(metadata=m) for i, m in enumerate(meta)}
+            self.asked: list[int] = []
+
+        def get_message_ins(self, node_id: int, limit: int) -> list:
+            self.asked.append(node_id)
+            with self.lock:
+                for msg in self.message_ins_store.values():
+                    if msg.metadata.dst_node_id == node_id and msg.metadata.delivered_at == "":
+                        msg.metadata.delivered_at = "now"
+                        return [msg]
+            return []
+
+    fast_simulation_dispatch()
+    fast_simulation_dispatch()  # idempotent
+    state, out, stop = State(), queue.Queue(), threading.Event()
+    worker = threading.Thread(target=vce_api.add_messages_to_queue, args=(state, out, dict.fromkeys(range(1000)), stop))
+    worker.start()
+    got = [out.get(timeout=5) for _ in range(3)]
+    stop.set()
+    worker.join(timeout=5)
+    assert sorted(m.metadata.dst_node_id for m in got) == [5, 7, 7]
+    assert set(state.asked) == {5, 7}  # never the 997 nodes without a message
+
+
+def test_the_simulation_dispatch_contract_holds() -> None:
+    """What ``fast_simulation_dispatch`` relies on: Flower's run_api starts ``add_messages_to_queue`` by its
+    module name, and the in-memory link state keeps its undelivered messages in ``message_ins_store``
+    behind ``lock`` with ``delivered_at == ""``, handing them out through ``get_message_ins``."""
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    assert "target=add_messages_to_queue" in inspect.getsource(vce_api.run_api)
+    init = inspect.getsource(InMemoryLinkState.__init__)
+    assert "self.message_ins_store" in init and "self.lock" in init
+    getter = inspect.getsource(InMemoryLinkState.get_message_ins)
+    assert 'delivered_at == ""' in getter and "_check_stored_messages" in getter
+    assert list(inspect.signature(InMemoryLinkState.get_message_ins).parameters)[:3] == ["self", "node_id", "limit"]
