@@ -13,6 +13,7 @@ from fedguard.control_cli import add_commands as add_control_commands
 from fedguard.deploy import add_commands as add_deployment_commands
 from fedguard.deploy import add_signing_args
 from fedguard.evaluate import add_command as add_evaluate_command
+from fedguard.fairness_sweep import add_command as add_fairness_command
 from fedguard.privacy_audit import add_command as add_privacy_command
 from fedguard.provision import add_client_init, add_provision_commands
 from fedguard.schema_draft import add_parser as add_schema_parser
@@ -408,9 +409,10 @@ def cmd_report_privacy(args: argparse.Namespace) -> int:
 
 
 def cmd_report_fairness(args: argparse.Namespace) -> int:
-    from server.fairness_report import fairness_report_from_store, render
+    from server.fairness_report import fairness_report_from_store, load_sweep, render
 
-    text = render(fairness_report_from_store(_existing_store(args.store), args.run_id), args.format)
+    sweep = load_sweep(args.sweep) if args.sweep else None
+    text = render(fairness_report_from_store(_existing_store(args.store), args.run_id, sweep), args.format)
     return _emit(text, args.out, "fairness report")
 
 
@@ -649,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(sub)
     add_schema_parser(sub)
     add_privacy_command(sub)
+    add_fairness_command(sub)
 
     rep = sub.add_parser("report", help="reports for reviewers")
     repsub = rep.add_subparsers(dest="report_command", required=True)
@@ -662,6 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
         rep.add_argument("--store", default="fedguard-demo/runs.db")
         rep.add_argument("--format", choices=["html", "json", "md"], default="html")
         rep.add_argument("--out", help="write to this file (default: stdout)")
+        if name == "fairness":
+            rep.add_argument(
+                "--sweep", help="a `fedguard fairness sweep` JSON: adds its options as a Pareto chart and a table"
+            )
         rep.set_defaults(func=func)
     return p
 

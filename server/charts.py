@@ -20,8 +20,11 @@ from __future__ import annotations
 import math
 import unicodedata
 from dataclasses import dataclass
+from functools import cache
 
-from server.templates import render
+from jinja2 import Template
+
+from server.templates import environment, render
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -228,4 +231,198 @@ def line_chart(
         },
         series_class=series_class,
         series=drawn,
+    )
+
+
+# -- trade-off scatter (fairness sweep) --------------------------------------------------------
+
+#: One scatter chart: drawn from the same environment as chart.svg (autoescaped), kept here because
+#: only :func:`tradeoff_chart` uses it.
+_SCATTER_SVG = """{% macro marker(kind, x, y) %}
+{% if kind == "baseline" %}<rect x="{{ x - 4.5 }}" y="{{ y - 4.5 }}" width="9" height="9" fill="#7f7f7f" stroke="#000"/>
+{% elif kind == "configured" %}<circle cx="{{ x }}" cy="{{ y }}" r="8" fill="none" stroke="#d62728" stroke-width="2"/>
+{% elif kind == "front" %}<line x1="{{ x - 6 }}" y1="{{ y }}" x2="{{ x + 6 }}" y2="{{ y }}" {{ front_style }}/>
+{% elif kind == "pareto" %}<circle cx="{{ x }}" cy="{{ y }}" r="4.5" fill="#2ca02c" stroke="#2ca02c" stroke-width="2"/>
+{% else %}<circle cx="{{ x }}" cy="{{ y }}" r="4.5" fill="#fff" stroke="#1f77b4" stroke-width="2"/>
+{% endif %}
+{% endmacro %}
+{% set front_style = 'stroke="#2ca02c" stroke-width="2" stroke-dasharray="6 3"' | safe %}
+<svg id="{{ id }}" class="chart scatter" role="img" aria-label="{{ title }}" width="{{ width }}" height="{{ height }}"
+ viewBox="0 0 {{ width }} {{ height }}">
+<title>{{ title }}</title>
+{% if empty %}
+<text x="{{ width // 2 }}" y="{{ height // 2 }}" text-anchor="middle">no data</text>
+{% else %}
+<text class="chart-title" x="{{ left }}" y="15" font-size="12" font-weight="bold">{{ shown_title }}</text>
+<line x1="{{ left }}" y1="{{ bottom_edge }}" x2="{{ right_edge }}" y2="{{ bottom_edge }}" stroke="#444"/>
+<line x1="{{ left }}" y1="{{ top }}" x2="{{ left }}" y2="{{ bottom_edge }}" stroke="#444"/>
+{% for ty, label_y, label in y_ticks %}
+<line x1="{{ left }}" y1="{{ ty }}" x2="{{ right_edge }}" y2="{{ ty }}" stroke="#eee"/>
+<text x="{{ left - 4 }}" y="{{ label_y }}" font-size="10" text-anchor="end">{{ label }}</text>
+{% endfor %}
+{% for tx, label in x_ticks %}
+<line x1="{{ tx }}" y1="{{ top }}" x2="{{ tx }}" y2="{{ bottom_edge }}" stroke="#f3f3f3"/>
+<text x="{{ tx }}" y="{{ bottom_edge + 14 }}" font-size="10" text-anchor="middle">{{ label }}</text>
+{% endfor %}
+<text x="{{ mid_x }}" y="{{ bottom_edge + 30 }}" font-size="10" text-anchor="middle">{{ xlabel }}</text>
+<text x="12" y="{{ mid_y }}" font-size="10" text-anchor="middle"
+ transform="rotate(-90 12 {{ mid_y }})">{{ ylabel }}</text>
+{% if front %}
+<polyline class="pareto-front" fill="none" {{ front_style }} points="{{ front }}"/>
+{% endif %}
+{% for p in points %}
+<g class="point" data-label="{{ p.name }}" data-pareto="{{ p.pareto | lower }}"
+ data-baseline="{{ p.baseline | lower }}" data-configured="{{ p.configured | lower }}"><title>{{ p.tip }}</title>
+{% if p.configured %}{{ marker("configured", p.cx, p.cy) }}{% endif %}
+{{ marker("baseline" if p.baseline else ("pareto" if p.pareto else "dominated"), p.cx, p.cy) }}
+<text x="{{ p.lx }}" y="{{ p.ly }}" font-size="10" text-anchor="{{ p.anchor }}">{{ p.label }}</text></g>
+{% endfor %}
+{% for item in legend %}
+<g class="legend-entry"><title>{{ item.text }}</title>{{ marker(item.kind, item.x + 6, item.y - 4) }}
+<text x="{{ item.x + 16 }}" y="{{ item.y }}" font-size="10">{{ item.text }}</text></g>
+{% endfor %}
+{% endif %}
+</svg>
+"""
+
+
+@cache
+def _scatter_template() -> Template:
+    return environment().from_string(_SCATTER_SVG)
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One option of a trade-off chart: ``x`` the cost (lower is better), ``y`` the benefit (higher is better)."""
+
+    name: str
+    x: float
+    y: float
+    pareto: bool = False
+    baseline: bool = False
+    configured: bool = False
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Evenly spaced ticks on a round step (0.01, 0.02, 0.05, …) covering [lo, hi]."""
+    raw = (hi - lo) / max(1, n - 1)
+    mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.floor(lo / step + 1e-9) * step
+    ticks = [first]
+    while ticks[-1] < hi - 1e-9:
+        ticks.append(ticks[-1] + step)
+    return [round(t, 10) for t in ticks]
+
+
+def tradeoff_chart(
+    chart_id: str,
+    title: str,
+    points: list[TradeoffPoint],
+    *,
+    xlabel: str,
+    ylabel: str,
+    width: int = WIDTH,
+    height: int = 320,
+) -> str:
+    """An SVG scatter of options (cost on x, benefit on y) with the Pareto front drawn through the marked points.
+
+    The baseline is a grey square, the configured option is ringed in red, Pareto-optimal options are
+    filled green and dominated ones hollow blue; every point carries its exact values on hover and a
+    short label beside it, placed on whichever side keeps it inside the chart.
+    """
+    drawable = [p for p in points if math.isfinite(p.x) and math.isfinite(p.y)]
+    base = {"id": chart_id, "title": title, "width": width}
+    if not drawable:
+        return _scatter_template().render(**base, height=height, empty=True)
+
+    xs, ys = [p.x for p in drawable], [p.y for p in drawable]
+    x_pad = max(0.02, 0.08 * (max(xs) - min(xs)))
+    y_pad = max(0.005, 0.08 * (max(ys) - min(ys)))
+    x_ticks = _nice_ticks(max(0.0, min(xs) - x_pad), max(xs) + x_pad)
+    y_ticks = _nice_ticks(max(0.0, min(ys) - y_pad), min(1.0, max(ys) + y_pad) if max(ys) <= 1 else max(ys) + y_pad)
+    x_lo, x_hi, y_lo, y_hi = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+    if x_hi <= x_lo:
+        x_hi = x_lo + 1.0
+    if y_hi <= y_lo:
+        y_hi = y_lo + 1.0
+    y_text = [f"{t:.3g}" for t in y_ticks]
+    x_text = [f"{t:.3g}" for t in x_ticks]
+    left = max(52, 26 + math.ceil(max(text_width(t) for t in y_text)))
+    right = max(16, 4 + math.ceil(text_width(x_text[-1]) / 2))
+    top, axis = 24, 34
+    pw, ph = width - left - right, height - top - axis
+
+    def x(v: float) -> float:
+        return left + pw * (v - x_lo) / (x_hi - x_lo)
+
+    def y(v: float) -> float:
+        return top + ph * (1 - (v - y_lo) / (y_hi - y_lo))
+
+    drawn = []
+    for p in drawable:
+        cx, cy = x(p.x), y(p.y)
+        label = _short(p.name, 24)
+        room_right = left + pw - (cx + 8)
+        anchor, lx = ("start", cx + 8) if text_width(label) <= room_right else ("end", cx - 8)
+        if anchor == "end":
+            label = _fit(label, cx - 8 - 2, _FONT)
+        # the front runs down-left and up-right of an optimal point: below-right and above-left stay clear of it
+        below, above = cy + 5 + _FONT, cy - 7
+        want_below = p.pareto and anchor == "start"
+        ly = below if (want_below and below <= top + ph) or above - _FONT < top else above
+        drawn.append(
+            {
+                "name": p.name,
+                "pareto": p.pareto,
+                "baseline": p.baseline,
+                "configured": p.configured,
+                "cx": round(cx, 1),
+                "cy": round(cy, 1),
+                "lx": f"{lx:.1f}",
+                "ly": f"{ly:.1f}",
+                "anchor": anchor,
+                "label": label,
+                "tip": f"{p.name}: {ylabel} {p.y:.4g}, {xlabel} {p.x:.4g}"
+                + (" (Pareto-optimal)" if p.pareto else "")
+                + (" (baseline)" if p.baseline else "")
+                + (" (configured)" if p.configured else ""),
+            }
+        )
+    front = sorted((p for p in drawable if p.pareto), key=lambda p: p.x)
+    legend_items = [
+        ("pareto", "Pareto-optimal option"),
+        ("dominated", "dominated option"),
+        ("baseline", "baseline (no mitigation)"),
+        ("configured", "configured"),
+        ("front", "Pareto front"),
+    ]
+    column = 16 + max(text_width(text) for _, text in legend_items) + _COLUMN_GAP
+    columns = max(1, min(len(legend_items), int((width - 8 + _COLUMN_GAP) // column)))
+    legend_top = top + ph + axis + 6
+    legend = []
+    for i, (kind, text) in enumerate(legend_items):
+        row, col = divmod(i, columns)
+        legend.append(
+            {"kind": kind, "text": text, "x": round(8 + col * column, 1), "y": legend_top + _LEGEND_ROW * row + 11}
+        )
+    total_height = legend_top + math.ceil(len(legend_items) / columns) * _LEGEND_ROW + 4
+    return _scatter_template().render(
+        **base,
+        height=total_height,
+        empty=False,
+        shown_title=_fit(title, width - left, _TITLE_FONT, bold=True),
+        left=left,
+        top=top,
+        right_edge=left + pw,
+        bottom_edge=top + ph,
+        mid_x=f"{left + pw / 2:.1f}",
+        mid_y=f"{top + ph / 2:.1f}",
+        xlabel=_fit(xlabel, pw, _FONT),
+        ylabel=_fit(ylabel, ph, _FONT),
+        y_ticks=[(f"{y(t):.1f}", f"{y(t) + 4:.1f}", text) for t, text in zip(y_ticks, y_text, strict=True)],
+        x_ticks=[(f"{x(t):.1f}", text) for t, text in zip(x_ticks, x_text, strict=True)],
+        front=" ".join(f"{x(p.x):.1f},{y(p.y):.1f}" for p in front) if len(front) > 1 else "",
+        points=drawn,
+        legend=legend,
     )

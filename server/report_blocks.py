@@ -1,7 +1,7 @@
 """Reports as neutral blocks, so Markdown and HTML always say the same thing.
 
 A block is ``("h1"…"h4", text)``, ``("p", text)``, ``("ul", [items])``, ``("table", (header, rows))``
-or ``("plot", Plot)``; each report builds its blocks once and renders them here. HTML comes from
+or ``("plot", Plot | Tradeoff)``; each report builds its blocks once and renders them here. HTML comes from
 ``templates/report.html`` (autoescaped) and charts from :mod:`server.charts`; Markdown skips
 plots because the same numbers are in a table next to each one.
 """
@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from markupsafe import Markup
 
-from server.charts import Series, line_chart
+from server.charts import Series, TradeoffPoint, line_chart, tradeoff_chart
 from server.templates import render
 
 Block = tuple[str, object]
@@ -49,6 +49,22 @@ class Plot:
             threshold=self.threshold,
             threshold_label=self.threshold_label,
             series_class=self.series_class,
+        )
+
+
+@dataclass(frozen=True)
+class Tradeoff:
+    """A scatter of options (cost on x, benefit on y) with the Pareto front, as a ``plot`` block."""
+
+    title: str
+    points: list[TradeoffPoint]
+    xlabel: str
+    ylabel: str
+    chart_id: str | None = None
+
+    def svg(self, index: int) -> str:
+        return tradeoff_chart(
+            self.chart_id or f"plot-{index}", self.title, self.points, xlabel=self.xlabel, ylabel=self.ylabel
         )
 
 
@@ -90,7 +106,7 @@ def _html_block(index: int, kind: str, value: object) -> dict[str, Any]:
         cells = [[(str(c), str(c) if c in _CELL_CLASSES else "") for c in row] for row in rows]
         return {"kind": kind, "header": [str(h) for h in header], "rows": cells}
     if kind == "plot":
-        return {"kind": kind, "svg": Markup(cast(Plot, value).svg(index))}  # line_chart escapes its values
+        return {"kind": kind, "svg": Markup(cast(Plot | Tradeoff, value).svg(index))}  # the charts escape their values
     if kind in ("h1", "h2", "h3", "h4", "p"):
         return {"kind": kind, "text": str(value)}
     raise ValueError(f"unknown report block {kind!r}: use h1–h4, p, ul, table or plot")
