@@ -31,7 +31,15 @@ from common.files import atomic_write
 from server.checkpoint import checkpoint_dir
 from server.federated_fairness import parse_counts
 from server.grid_io import collect_replies
-from server.validation import Outcome, Rejected, accounting_values, check_records, check_values, status_of
+from server.validation import (
+    Outcome,
+    Rejected,
+    accounting_values,
+    check_records,
+    check_values,
+    received_keys,
+    status_of,
+)
 
 if TYPE_CHECKING:  # server.rounds imports this module
     from server.rounds.base import Federation
@@ -102,13 +110,16 @@ def _from_label_counts(fed: Federation) -> WeightTable:
                 check_records(reply.content, {R.MITIGATION_COUNTS, R.METRICS})
                 check_values(reply.content[R.METRICS], R.METRICS)
                 parts.append(counts_of(reply))
-                outcome = Outcome(node, "accepted", values=accounting_values(reply.content))
+                outcome = Outcome(
+                    node, "accepted", values=accounting_values(reply.content), received=received_keys(reply.content)
+                )
             except Rejected as exc:
                 outcome = Outcome(node, "rejected", str(exc), values=accounting_values(reply.content))
         outcomes.append(outcome)
     outcomes += [Outcome(n, "dropped", "no reply") for n in silent] + [
         Outcome(n, "failed", "undeliverable") for n in unreachable
     ]
+    fed.store.record_count_releases(fed.run_id, 0, [o.row() for o in outcomes])  # each node's ε counts it
     for o in outcomes:
         if o.status != "accepted":
             fed.progress(f"  reweighing: {fed.label(o.node_id)} {o.status}: {o.reason}")

@@ -193,7 +193,9 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         run = store.run(run_id)
         client_rows = store.client_rounds(run_id)
         round_rows = store.rounds(run_id)
-        counts = {int(r["node_id"]): r for r in store.count_releases(run_id)}
+        # The federated fairness counts (after the last round); round 0 is reweighing's label counts, whose
+        # ε the node's run ε already includes (server.run_health).
+        counts = {int(r["node_id"]): r for r in store.count_releases(run_id) if int(r["round"]) > 0}
     health = run_health(store_path, run_id)
     cfg: RunConfig = config_from_json(run["config_json"])
     meta = run["meta"]

@@ -304,19 +304,29 @@ class RunStore:
                 "INSERT OR REPLACE INTO federated_audits VALUES (?,?,?,?)",
                 (run_id, round_, audit_json, json.dumps(spread) if spread else None),
             )
-            for o in outcomes:
-                db.execute(
-                    "INSERT OR REPLACE INTO count_releases VALUES (?,?,?,?,?,?,?)",
-                    (
-                        run_id,
-                        round_,
-                        str(o["node_id"]),
-                        o["status"],
-                        o.get("reason"),
-                        json.dumps(o.get("values") or {}),
-                        json.dumps(o.get("received") or []),
-                    ),
-                )
+            self._count_rows(db, run_id, round_, outcomes)
+
+    def record_count_releases(self, run_id: int, round_: int, outcomes: list[dict]) -> None:
+        """Every node's answer to a counts release outside the federated view (round 0: reweighing's label
+        counts): its accounting values count towards the node's ε (server.run_health)."""
+        with self._tx() as db:
+            self._count_rows(db, run_id, round_, outcomes)
+
+    @staticmethod
+    def _count_rows(db: sqlite3.Connection, run_id: int, round_: int, outcomes: list[dict]) -> None:
+        for o in outcomes:
+            db.execute(
+                "INSERT OR REPLACE INTO count_releases VALUES (?,?,?,?,?,?,?)",
+                (
+                    run_id,
+                    round_,
+                    str(o["node_id"]),
+                    o["status"],
+                    o.get("reason"),
+                    json.dumps(o.get("values") or {}),
+                    json.dumps(o.get("received") or []),
+                ),
+            )
 
     def record_alarm(
         self, run_id: int, kind: str, subject: str, *, node_id: int | None = None, detail: str = "", round_: int = 0

@@ -374,3 +374,9 @@ print(json.dumps({{n.name: [n.epsilon, n.delta_total] for n in h.nodes}}))
         assert eps <= 6.0  # the mitigation releases were planned into the run's target
         counts = sum(r["mechanism"].startswith("gaussian") for r in mine)
         assert delta_total == pytest.approx(1e-4 + counts * 1e-7)
+    from server.store import RunStore
+
+    with RunStore(tmp_path / "runs.db") as store:  # the label counts' answers are kept with their accounting
+        before_round_1 = [r for r in store.count_releases(1) if r["round"] == 0]
+    assert len(before_round_1) == (2 if method == "reweighing" else 0)
+    assert all(r["status"] == "accepted" and r["values"]["epsilon"] > 0 for r in before_round_1)
