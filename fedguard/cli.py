@@ -409,7 +409,8 @@ def cmd_report_privacy(args: argparse.Namespace) -> int:
 
 
 def cmd_report_fairness(args: argparse.Namespace) -> int:
-    from server.fairness_report import fairness_report_from_store, load_sweep, render
+    from server.fairness_report import fairness_report_from_store, render
+    from server.mitigation_report import load_sweep
 
     sweep = load_sweep(args.sweep) if args.sweep else None
     text = render(fairness_report_from_store(_existing_store(args.store), args.run_id, sweep), args.format)

@@ -550,8 +550,8 @@ def _post_processing_json(ev: Evaluation) -> dict[str, Any]:
 def render(ev: Evaluation, fmt: str) -> str:
     import json
 
-    from server.fairness_report import _blocks
     from server.fairness_report import render as render_report
+    from server.fairness_report import report_blocks
     from server.report_blocks import to_html, to_markdown
 
     if ev.report is None:
@@ -562,7 +562,7 @@ def render(ev: Evaluation, fmt: str) -> str:
     doc = ev.report.model_dump(mode="json") | {"post_processing": _post_processing_json(ev)}
     if fmt == "json":
         return json.dumps(doc, indent=2) + "\n"
-    blocks = _blocks(ev.report)
+    blocks = report_blocks(ev.report)
     blocks[2:2] = extra  # after the title and the evaluation set
     if fmt == "md":
         return to_markdown(blocks)

@@ -10,7 +10,7 @@ the worst-group gaps of the mitigation attribute, the final round's findings and
 for ``thresholds`` the post-processed numbers come from the policy the run wrote beside its
 checkpoints, measured on the held-out rows not used to fit it.
 
-The sweep JSON (``server.fairness_report.FairnessSweep``) marks the configured option and the
+The sweep JSON (``server.mitigation_report.FairnessSweep``) marks the configured option and the
 Pareto-optimal ones and says which baseline findings each option clears;
 ``fedguard report fairness RUN --sweep sweep.json`` draws it as a Pareto chart and a table.
 """
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # imported where used: `fedguard --help` stays fast
     from common.config import RunConfig
     from common.fairness import FairnessConfig, Finding
     from common.fairness.thresholds import ThresholdPolicy
-    from server.fairness_report import FairnessSweep, SweepOption
+    from server.mitigation_report import FairnessSweep, SweepOption
 
 Progress = Callable[[str], None]
 Method = Literal["reweighing", "fairfed", "qfedavg", "thresholds"]
@@ -127,7 +127,8 @@ def measure(
     wall_s: float,
 ) -> SweepOption:
     """One option's numbers from its run store (and, for thresholds, from its policy file)."""
-    from server.fairness_report import SweepOption, final_audit, read_policy
+    from server.fairness_report import final_audit
+    from server.mitigation_report import SweepOption, read_policy
     from server.run_health import run_health
 
     health = run_health(store_path, run_id)
@@ -254,7 +255,7 @@ def run_sweep(
     """Run the baseline and every strength, writing the sweep JSON to ``out`` after each run (atomically)."""
     from common.files import atomic_write
     from fedguard.simulate import simulate
-    from server.fairness_report import FairnessSweep, mark_sweep
+    from server.mitigation_report import FairnessSweep, mark_sweep
 
     strengths = check_request(method, values)
     configured = cfg.mitigation.strength if cfg.mitigation.method == method else None
@@ -330,7 +331,7 @@ def _num(v: float | None) -> str:
 
 def table(sweep: FairnessSweep) -> list[str]:
     """The sweep as the terminal shows it: one line per option."""
-    from server.fairness_report import finding_id
+    from server.mitigation_report import finding_id
 
     base = next((o for o in sweep.options if o.baseline), None)
     head = f"{'option':<28} {'accuracy':>8} {'Δ pts':>6} {'DP ratio':>8} {'DP diff':>8} {'EO diff':>8}  marks; clears"

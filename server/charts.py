@@ -115,6 +115,20 @@ def _fit(text: str, room: float, size: float, *, bold: bool = False) -> str:
     return text + "…"
 
 
+def _plot_area(title: str, width: int, left: float, top: float, pw: float, ph: float) -> dict[str, object]:
+    """What every chart template needs about its plot area: edges, centre and the fitted title."""
+    return {
+        "empty": False,
+        "shown_title": _fit(title, width - left, _TITLE_FONT, bold=True),
+        "left": left,
+        "top": top,
+        "right_edge": left + pw,
+        "bottom_edge": top + ph,
+        "mid_x": f"{left + pw / 2:.1f}",
+        "mid_y": f"{top + ph / 2:.1f}",
+    }
+
+
 def _y_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
     if hi <= lo:
         return [lo]
@@ -209,15 +223,8 @@ def line_chart(
     return render(
         "chart.svg",
         **base,
+        **_plot_area(title, width, left, top, pw, ph),
         height=total_height,
-        empty=False,
-        shown_title=_fit(title, width - left, _TITLE_FONT, bold=True),
-        left=left,
-        top=top,
-        right_edge=left + pw,
-        bottom_edge=top + ph,
-        mid_x=f"{left + pw / 2:.1f}",
-        mid_y=f"{top + ph / 2:.1f}",
         ylabel=_fit(ylabel, ph, _FONT),
         y_ticks=[(f"{y(t):.1f}", f"{y(t) + 4:.1f}", text) for t, text in y_ticks],
         x_ticks=[(f"{x(r):.1f}", str(r)) for r in x_ticks],
@@ -409,15 +416,8 @@ def tradeoff_chart(
     total_height = legend_top + math.ceil(len(legend_items) / columns) * _LEGEND_ROW + 4
     return _scatter_template().render(
         **base,
+        **_plot_area(title, width, left, top, pw, ph),
         height=total_height,
-        empty=False,
-        shown_title=_fit(title, width - left, _TITLE_FONT, bold=True),
-        left=left,
-        top=top,
-        right_edge=left + pw,
-        bottom_edge=top + ph,
-        mid_x=f"{left + pw / 2:.1f}",
-        mid_y=f"{top + ph / 2:.1f}",
         xlabel=_fit(xlabel, pw, _FONT),
         ylabel=_fit(ylabel, ph, _FONT),
         y_ticks=[(f"{y(t):.1f}", f"{y(t) + 4:.1f}", text) for t, text in zip(y_ticks, y_text, strict=True)],

@@ -21,6 +21,7 @@ import pytest
 from common.fairness import FairnessConfig, Finding, audit
 from fedguard.cli import main
 from server import fairness_report as fr
+from server import mitigation_report as mr
 from server.checkpoint import checkpoint_dir
 from server.store import RunStore
 from tests.helpers import ROOT, make_tabular, small_sim_toml, tabular_config, toml_features
@@ -45,7 +46,7 @@ DP, EO = "demographic_parity_ratio", "equalized_odds_difference"
 
 
 def _option(label: str, strength: float | None, acc: float, gap: float, found: list[Finding], **kw: object):
-    return fr.SweepOption(
+    return mr.SweepOption(
         label=label,
         method="none" if strength is None else "fairfed",
         strength=strength,
@@ -65,7 +66,7 @@ def _option(label: str, strength: float | None, acc: float, gap: float, found: l
     )
 
 
-def _sweep() -> fr.FairnessSweep:
+def _sweep() -> mr.FairnessSweep:
     """Baseline and three strengths; 0.5 is dominated by 1 (less accurate *and* a larger gap)."""
     options = [
         _option("baseline (no mitigation)", None, 0.850, 0.30, [_finding(DP), _finding(EO)]),
@@ -73,7 +74,7 @@ def _sweep() -> fr.FairnessSweep:
         _option("fairfed 1", 1.0, 0.840, 0.10, [_finding(EO)], configured=True),
         _option("fairfed 2", 2.0, 0.780, 0.02, [_finding(DP, "other")]),
     ]
-    sweep = fr.FairnessSweep(
+    sweep = mr.FairnessSweep(
         generated_at=time.time(),
         config_path="run.toml",
         config_hash="a" * 64,
@@ -86,7 +87,7 @@ def _sweep() -> fr.FairnessSweep:
         configured_strength=1.0,
         options=options,
     )
-    return fr.mark_sweep(sweep)
+    return mr.mark_sweep(sweep)
 
 
 def _audits() -> list:
@@ -109,13 +110,13 @@ def test_pareto_marks_the_dominated_option_and_clears_are_per_option() -> None:
     assert by["fairfed 2"].introduces == ["demographic_parity_ratio: other"]
     assert by["baseline (no mitigation)"].clears == []
     # ties: the same point twice is optimal twice; a missing number is never optimal
-    assert fr.pareto_flags([(0.8, 0.1), (0.8, 0.1), (0.7, 0.1), (None, 0.0)]) == [True, True, False, False]
+    assert mr.pareto_flags([(0.8, 0.1), (0.8, 0.1), (0.7, 0.1), (None, 0.0)]) == [True, True, False, False]
 
 
 def test_an_option_measured_on_one_attribute_clears_nothing_else() -> None:
     sweep = _sweep()
     narrow = _option("thresholds 1", 1.0, 0.83, 0.05, [], scope=["other"])
-    marked = fr.mark_sweep(sweep.model_copy(update={"options": [*sweep.options, narrow]}))
+    marked = mr.mark_sweep(sweep.model_copy(update={"options": [*sweep.options, narrow]}))
     assert marked.options[-1].clears == []  # its findings say nothing about "group"
 
 
@@ -157,7 +158,7 @@ def test_report_shows_the_sweep_as_a_pareto_chart_and_a_table_in_every_format() 
         assert 0 <= x0 and x1 <= width and 0 <= top, f"{text!r} leaves the chart"
 
     data = json.loads(fr.render(report, "json"))
-    assert fr.FairnessSweep.model_validate(data["sweep"]) == sweep
+    assert mr.FairnessSweep.model_validate(data["sweep"]) == sweep
 
 
 def test_chart_labels_stay_inside_at_the_right_edge() -> None:
@@ -344,7 +345,7 @@ def test_a_real_thresholds_sweep_runs_marks_and_renders(tmp_path: Path) -> None:
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[1/3] baseline (no mitigation): done" in proc.stdout and "[3/3] thresholds 1: done" in proc.stdout
-    sweep = fr.load_sweep(out)
+    sweep = mr.load_sweep(out)
     assert sweep.complete and [o.strength for o in sweep.options] == [None, 0.0, 1.0]
     base, zero, one = sweep.options
     assert one.configured and not zero.configured and not base.configured
