@@ -170,6 +170,9 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     else:
         global_state = _global_state(msg, model)
     load_numpy_state(model, global_state)
+    # Pretrained models: one DP step on made-up text proves per-sample gradients are right before
+    # any record is read or any budget reserved (client.preflight).
+    run_preflight(model, cfg, resolve_grad_sample_mode(cfg), device)
     train = _training_split(settings, cfg)
     # fairfed / qfedavg: counts of the global model as received, on all the node's rows (as FairFed's local
     # metric; a validation split alone would leave most groups under the release threshold); they leave
@@ -178,9 +181,6 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
         counts = mitigation.model_counts(model, _node_data(settings, cfg), cfg, settings)
     else:
         counts = None
-    # Pretrained models: one DP step on made-up text proves per-sample gradients are right before
-    # any record is read or any budget reserved (client.preflight).
-    run_preflight(model, cfg, resolve_grad_sample_mode(cfg), device)
     table = mitigation.received_weights(msg) if cfg.mitigation.method == "reweighing" else None
     weights = mitigation.record_weights(train, cfg, table) if table is not None else None
 
