@@ -333,6 +333,24 @@ def _recomputed_epsilon(rows: list[dict], delta: float) -> float:
     return accountant.get_epsilon(delta)
 
 
+def _simulate(tmp_path: Path, cfg) -> dict:  # type: ignore[no-untyped-def]
+    """Run ``cfg`` with ``fedguard simulate``'s path in a fresh process; each node's (ε, δ total) by name."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from common.config import config_from_json
+from fedguard.simulate import simulate
+from server.run_health import run_health
+res = simulate(config_from_json({cfg.to_json()!r}), Path({str(tmp_path)!r}))
+h = run_health(res.store_path, res.run_id)
+print(json.dumps({{"status": h.status, "nodes": {{n.name: [n.epsilon, n.delta_total] for n in h.nodes}}}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["reweighing", "fairfed"])
 def test_a_mitigated_run_spends_exactly_the_composition_of_its_releases(tmp_path: Path, method: str) -> None:
@@ -347,20 +365,7 @@ def test_a_mitigated_run_spends_exactly_the_composition_of_its_releases(tmp_path
         mitigation={"method": method},
         simulation={"num_clients": 2, "data_path": str(data)},
     )
-    script = f"""
-import json, sys
-sys.path.insert(0, {str(ROOT)!r})
-from pathlib import Path
-from common.config import config_from_json
-from fedguard.simulate import simulate
-from server.run_health import run_health
-res = simulate(config_from_json({cfg.to_json()!r}), Path({str(tmp_path)!r}))
-h = run_health(res.store_path, res.run_id)
-print(json.dumps({{n.name: [n.epsilon, n.delta_total] for n in h.nodes}}))
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=280, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reported = json.loads(proc.stdout.strip().splitlines()[-1])
+    reported = _simulate(tmp_path, cfg)["nodes"]
     with Ledger(tmp_path / "partitions" / "ledger.db") as ledger:
         rows = ledger.releases()
     assert {r["mechanism"] for r in rows} == {"dp-sgd", "gaussian-mitigation", "gaussian-counts"}
@@ -380,3 +385,26 @@ print(json.dumps({{n.name: [n.epsilon, n.delta_total] for n in h.nodes}}))
         before_round_1 = [r for r in store.count_releases(1) if r["round"] == 0]
     assert len(before_round_1) == (2 if method == "reweighing" else 0)
     assert all(r["status"] == "accepted" and r["values"]["epsilon"] > 0 for r in before_round_1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["reweighing", "fairfed", "qfedavg"])
+def test_a_node_that_refuses_every_round_never_breaks_a_method(tmp_path: Path, method: str) -> None:
+    """node-1's owner left it a budget too small for the run: it refuses the label counts and every round;
+    the method runs on the others' releases and the run finishes."""
+    data = tmp_path / "data.csv"
+    make_tabular(2400, seed=6).to_csv(data, index=False)
+    cfg = tabular_config(
+        data,
+        rounds=2,
+        clients_per_round=3,
+        dp={"target_epsilon": 6.0, "delta": 1e-4},
+        server={"min_replies": 1, "round_timeout": 120, "wait_for_nodes": 60},
+        mitigation={"method": method},
+        simulation={"num_clients": 3, "data_path": str(data), "budget_epsilon": [20.0, 0.5, 20.0]},
+    )
+    result = _simulate(tmp_path, cfg)
+    assert result["status"] == "finished"
+    eps = {name: e for name, (e, _) in result["nodes"].items()}
+    assert eps["node-1"] is None  # nothing released: no ε to report
+    assert 0 < eps["node-0"] <= 6.0 and 0 < eps["node-2"] <= 6.0
