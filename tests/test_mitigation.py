@@ -255,25 +255,55 @@ def _aggregate(cfg, start: OrderedDict, updates: dict, multipliers: dict) -> nn.
     return model
 
 
+def _federate(cfg, nodes: dict[str, pd.DataFrame], rounds: int, multipliers_of) -> OrderedDict:  # type: ignore[no-untyped-def]
+    """A small federation in process: each round every node trains one epoch from the global model and
+    releases noised counts of it (z = 5, real noise); ``multipliers_of(previous, counts)`` weighs the
+    updates (FedAvg of equal-size nodes with multipliers 1 when it returns them)."""
+    torch.manual_seed(0)
+    state = state_to_numpy(build_model(cfg.model.name, cfg.data.schema_, cfg.model.params))
+    multipliers: dict[str, float] = {}
+    for _ in range(rounds):
+        updates = {}
+        for name, df in nodes.items():
+            model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+            load_numpy_state(model, state)
+            train_local(model, _encode(df), cfg, None, torch.device("cpu"))
+            updates[name] = state_to_numpy(model)
+        local = {name: _node_counts(cfg, state, df) for name, df in nodes.items()}
+        multipliers = multipliers_of(multipliers, local)
+        state = state_to_numpy(_aggregate(cfg, state, updates, {n: multipliers.get(n, 1.0) for n in nodes}))
+    return state
+
+
 def test_fairfed_weights_move_the_global_gap_the_right_way() -> None:
-    """Two fair nodes and one whose data ties the label to the group's proxy: FairFed's multipliers (from
-    real noised counts of the global model) down-weight that node, and the aggregate's gap is smaller
-    than plain FedAvg's of the same updates."""
-    cfg = _tabular_cfg(mitigation={"method": "fairfed", "strength": 8.0})
+    """Two fair nodes and one whose data ties the label to the group's proxy: over eight rounds FairFed's
+    multipliers (from real noised counts of each round's global model) down-weight that node, and the final
+    model's gap is well below plain FedAvg's (measured, six repeats: 0.078-0.136 → 0.002-0.018)."""
+    cfg = _tabular_cfg(mitigation={"method": "fairfed", "strength": 10.0})
+    cfg.train.local_epochs, cfg.train.learning_rate = 1, 0.003  # FedAvg-sized steps
     nodes = {
         "fair-1": planted(3000, 11, 0.0),
         "fair-2": planted(3000, 12, 0.0),
         "biased": planted(3000, 13, 2.5, proxy=3.0),
     }
-    start = _trained_state(cfg, planted(1500, 10, 1.2), 0)  # a global model that already carries some bias
-    updates = {name: _trained_state(cfg, df, 1) for name, df in nodes.items()}
-    local = {name: _node_counts(cfg, start, df) for name, df in nodes.items()}
-    multipliers = fairfed_step({}, local, merge_counts(local.values()), "group", "demographic_parity", 8.0)
-    assert multipliers["biased"] < min(multipliers["fair-1"], multipliers["fair-2"]), multipliers
+    seen: dict[str, float] = {}
+
+    def fairfed(previous: dict[str, float], local: dict) -> dict[str, float]:
+        out = fairfed_step(previous, local, merge_counts(local.values()), "group", "demographic_parity", 10.0)
+        seen.update(out)
+        return out
+
     test = _encode(planted(4000, 20, 0.0, proxy=3.0))
-    plain = _dp_gap(_aggregate(cfg, start, updates, dict.fromkeys(nodes, 1.0)), test)
-    fair = _dp_gap(_aggregate(cfg, start, updates, multipliers), test)
-    assert plain > 0.02 and fair < 0.7 * plain, (plain, fair, multipliers)  # measured: 0.030 → 0.011
+
+    def gap_of(state: OrderedDict) -> float:
+        model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+        load_numpy_state(model, state)
+        return _dp_gap(model, test)
+
+    plain = gap_of(_federate(cfg, nodes, 8, lambda previous, local: {}))
+    fair = gap_of(_federate(cfg, nodes, 8, fairfed))
+    assert seen["biased"] < min(seen["fair-1"], seen["fair-2"]), seen
+    assert plain > 0.05 and fair < 0.5 * plain, (plain, fair, seen)
 
 
 def test_qfedavg_raises_the_accuracy_of_the_node_the_model_serves_worst() -> None:
