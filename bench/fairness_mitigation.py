@@ -63,6 +63,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.utility import DATASETS, partition_summary, save_results, write_config, write_dataset  # noqa: E402
+from bench.utility import run_config as utility_config  # noqa: E402
 
 NUM_CLIENTS = 5
 ALPHA = 0.5
@@ -127,23 +128,15 @@ class Job:
 
 
 def run_config(data_path: Path, schema: dict[str, Any], *, method: str, seed: int, rounds: int) -> dict[str, Any]:
-    """The raw config a user would write: the product's defaults plus, for a method, ``[mitigation]``."""
-    raw: dict[str, Any] = {
-        "name": f"fairness-{method}",
-        "seed": seed,
-        "rounds": rounds,
-        "clients_per_round": NUM_CLIENTS,
-        "data": {"schema": schema},
-        "dp": {"target_epsilon": EPSILON, "delta": DELTA},
-        "simulation": {
-            "num_clients": NUM_CLIENTS,
-            "data_path": str(data_path),
-            "partitioner": "dirichlet",
-            "alpha": ALPHA,
-        },
-    }
+    """The raw config a user would write: ``bench/utility.py``'s (the product's defaults, Dirichlet 0.5)
+    at this bench's δ, plus, for a method, ``[mitigation]``."""
     if method not in METHODS:
         raise ValueError(f"unknown mitigation method {method!r}; choose from {', '.join(METHODS)}")
+    raw = utility_config(
+        data_path, schema, split="dir0.5", epsilon=EPSILON, seed=seed, method="fedguard", rounds=rounds
+    )
+    raw["name"] = f"fairness-{method}"
+    raw["dp"]["delta"] = DELTA
     if method != "none":
         raw["mitigation"] = {"method": method, "strength": STRENGTH}
     return raw
