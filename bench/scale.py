@@ -16,7 +16,7 @@ charging its own ledger. What is measured, per size:
 
 Two modes run side by side, one size after the other: ``fedguard`` (as shipped: the simulation
 engine's message dispatch without a sweep over every node, every 20 ms, and reply polls that start
-at 20 ms: ``common.flower_internals.fast_simulation_dispatch``, ``server.grid_io.collect_replies``)
+at 20 ms: ``fedguard.simulate.speed_up_simulation``)
 and ``flower`` (Flower's own dispatch, every 0.1 s over every registered node, and fixed 0.2 s reply
 polls: what FedGuard did before).
 
@@ -74,12 +74,10 @@ def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None, mode: 
     from fedguard import simulate as simulate_module
     from fedguard.demo import demo_config, fresh_demo_ledger, write_demo_data
     from fedguard.simulate import simulate
-    from server import grid_io
     from server.store import RunStore
 
     if mode == "flower":  # what FedGuard did before: Flower's dispatch loop, fixed reply polls
-        simulate_module.fast_simulation_dispatch = lambda: None  # type: ignore[attr-defined]
-        grid_io.FIRST_POLL_S = 1e9  # min(poll, this) = the config's poll interval, never shorter
+        simulate_module.speed_up_simulation = lambda: None  # type: ignore[attr-defined]
 
     sampler = RssSampler()
     sampler.start()

@@ -108,8 +108,10 @@ def _lost_reason(reply: Message, dst_node: int) -> str | None:
     return None
 
 
-#: The first poll after a push (and after a reply); the wait doubles up to the config's poll interval.
-FIRST_POLL_S = 0.02
+#: The first poll after a push (and after a reply), doubling up to the config's poll interval; None: every
+#: poll waits the interval. Simulation sets 0.02 (``fedguard.simulate``: a pull there reads process memory);
+#: a deployed ServerApp's pull is a round trip the SuperLink serves on the nodes' cores, so it keeps the interval.
+FIRST_POLL_S: float | None = None
 
 
 def collect_replies(
@@ -132,11 +134,12 @@ def collect_replies(
     dst = {mid: m.metadata.dst_node_id for mid, m in pushed if mid}
     pending, replies, expired = set(dst), [], set()
     deadline = time.monotonic() + timeout
-    wait = min(poll, FIRST_POLL_S)
+    first = poll if FIRST_POLL_S is None else min(poll, FIRST_POLL_S)
+    wait = first
     while pending and time.monotonic() < deadline:
         pulled = list(grid.pull_messages(list(pending)))
         # Poll fast right after the push and after each reply (more tend to follow), backing off to ``poll``.
-        wait = min(poll, FIRST_POLL_S) if pulled else min(poll, wait * 2)
+        wait = first if pulled else min(poll, wait * 2)
         for reply in pulled:
             if reply.metadata.reply_to_message_id not in pending:
                 log.warning("dropped a duplicate reply to message %s", reply.metadata.reply_to_message_id)
