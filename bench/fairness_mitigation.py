@@ -42,7 +42,6 @@ names others, into ``fairness_mitigation-quick.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -62,7 +61,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.utility import DATASETS, partition_summary, save_results, write_config, write_dataset  # noqa: E402
+from bench.utility import (  # noqa: E402
+    DATASETS,
+    partition_summary,
+    save_results,
+    simulate_fresh,  # noqa: E402
+    write_dataset,
+)
 from bench.utility import run_config as utility_config  # noqa: E402
 
 NUM_CLIENTS = 5
@@ -242,24 +247,10 @@ def read_run(store_path: Path, run_id: int, attribute: str) -> dict[str, Any]:
 
 def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None = None) -> dict[str, Any]:
     """One ``fedguard simulate`` of ``raw`` in ``workdir`` (fresh); what the run store says about it."""
-    from common.config import parse_config
-    from fedguard.simulate import simulate
-
+    cfg, result, wall = simulate_fresh(raw, workdir, log, "fairness mitigation bench")
     workdir = Path(workdir)
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    cfg = parse_config(raw, "fairness mitigation bench")
-    write_config(raw, workdir / "config.toml")
     attribute = cfg.mitigation_attribute or cfg.data.schema_.sensitive[0]
-    t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if log is not None:
-            fh = stack.enter_context(log.open("w", encoding="utf-8"))
-            stack.enter_context(contextlib.redirect_stdout(fh))
-            stack.enter_context(contextlib.redirect_stderr(fh))
-        result = simulate(cfg, workdir, progress=print)
-    seconds = round(time.perf_counter() - t0, 1)
+    seconds = round(wall, 1)
     out = read_run(result.store_path, result.run_id, attribute)
     schema = cfg.data.schema_
     out["partitions"] = partition_summary(workdir / "partitions", schema.label, list(schema.classes))

@@ -335,8 +335,9 @@ def read_run(store_path: Path, run_id: int) -> dict[str, Any]:
     }
 
 
-def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None = None) -> dict[str, Any]:
-    """One ``fedguard simulate`` of ``raw`` in ``workdir`` (fresh); what the run store says about it."""
+def simulate_fresh(raw: dict[str, Any], workdir: Path, log: Path | None, source: str) -> tuple[Any, Any, float]:
+    """``fedguard simulate`` of ``raw`` in a fresh ``workdir`` (its config kept as ``config.toml``), output to
+    ``log`` when given: the validated config, the run result and the wall seconds."""
     from common.config import parse_config
     from fedguard.simulate import simulate
 
@@ -344,7 +345,7 @@ def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None = None) 
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    cfg = parse_config(raw, "utility bench")
+    cfg = parse_config(raw, source)
     write_config(raw, workdir / "config.toml")
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -353,10 +354,16 @@ def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None = None) 
             stack.enter_context(contextlib.redirect_stdout(fh))
             stack.enter_context(contextlib.redirect_stderr(fh))
         result = simulate(cfg, workdir, progress=print)
+    return cfg, result, time.perf_counter() - t0
+
+
+def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None = None) -> dict[str, Any]:
+    """One ``fedguard simulate`` of ``raw`` in ``workdir`` (fresh); what the run store says about it."""
+    cfg, result, seconds = simulate_fresh(raw, workdir, log, "utility bench")
     out = read_run(result.store_path, result.run_id)
     schema = cfg.data.schema_
-    out["partitions"] = partition_summary(workdir / "partitions", schema.label, list(schema.classes))
-    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["partitions"] = partition_summary(Path(workdir) / "partitions", schema.label, list(schema.classes))
+    out["seconds"] = round(seconds, 1)
     return out
 
 
