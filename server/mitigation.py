@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from common import records as R
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.fairness import Counts, client_spread, merge_counts
 from common.fairness.mitigation import (
     WeightTable,
@@ -64,7 +65,14 @@ def prepare(fed: Federation, resumed_from: int | None) -> None:
     if cfg.mitigation.method != "reweighing":
         return
     if resumed_from is not None:
-        table = json.loads((checkpoint_dir(fed.store.path, resumed_from) / REWEIGHING_FILE).read_text())
+        table = read_reweighing(fed.store.path, resumed_from)
+        if table is None:
+            raise ConfigError(
+                f"run {resumed_from} used reweighing but its weight table ({REWEIGHING_FILE} beside its checkpoints) "
+                "is missing; resuming would ask the nodes for a release the run never planned",
+                where=str(checkpoint_dir(fed.store.path, resumed_from)),
+                fix="restore the file from a backup of the run folder, or start a new run",
+            )
     elif cfg.mitigation.priors is not None:
         table = reweighing_weights(
             priors_table(cfg.mitigation.priors, cfg.data.schema_.classes), cfg.mitigation.strength

@@ -438,3 +438,26 @@ def test_a_node_that_refuses_every_round_never_breaks_a_method(tmp_path: Path, m
     eps = {name: e for name, (e, _) in result["nodes"].items()}
     assert eps["node-1"] is None  # nothing released: no ε to report
     assert 0 < eps["node-0"] <= 6.0 and 0 < eps["node-2"] <= 6.0
+
+
+def test_a_resumed_reweighing_run_reuses_its_table_and_never_asks_again(tmp_path: Path) -> None:
+    """Resume reads the original run's reweighing.json (no new release); without it, a clear refusal."""
+    from types import SimpleNamespace
+
+    from common import records as R
+    from server.checkpoint import checkpoint_dir
+    from server.mitigation import REWEIGHING_FILE, prepare
+
+    cfg = _tabular_cfg(mitigation={"method": "reweighing"})
+    store = SimpleNamespace(path=tmp_path / "runs.db")
+    lines: list[str] = []
+    fed = SimpleNamespace(cfg=cfg, store=store, run_id=2, base={}, progress=lines.append)
+    with pytest.raises(ConfigError, match="weight table .* is missing"):
+        prepare(fed, resumed_from=1)  # type: ignore[arg-type]
+    table = {"f": {"0": 0.5, "1": 1.0}, "m": {"0": 1.0, "1": 0.7}}
+    original = checkpoint_dir(store.path, 1) / REWEIGHING_FILE
+    original.parent.mkdir(parents=True)
+    original.write_text(json.dumps(table))
+    prepare(fed, resumed_from=1)  # type: ignore[arg-type]  # fed.grid is absent: asking nodes would fail
+    assert json.loads(fed.base[R.REWEIGHING_JSON]) == table
+    assert json.loads((checkpoint_dir(store.path, 2) / REWEIGHING_FILE).read_text()) == table
