@@ -34,7 +34,7 @@ from common.config import RunConfig, config_from_json
 from common.data import Encoded, load_encoded, split_indices
 from common.devices import node_device
 from common.errors import FedGuardError
-from common.evaluation import evaluate_and_audit, predict, provenance, threshold_policy
+from common.evaluation import predict, provenance, score_held_out
 from common.fairness import group_confusion_counts
 from common.models import build_model, model_max_len
 from common.optimizers import make_server_optimizer
@@ -128,8 +128,9 @@ def _node_data(settings: NodeSettings, cfg: RunConfig) -> Encoded:
     )
 
 
-def _training_split(settings: NodeSettings, cfg: RunConfig) -> Encoded:
-    data = _node_data(settings, cfg)
+def _training_split(settings: NodeSettings, cfg: RunConfig, data: Encoded | None = None) -> Encoded:
+    """The training rows of the node's data (``data``: already loaded; else read now)."""
+    data = _node_data(settings, cfg) if data is None else data
     train_idx, _ = split_indices(len(data), cfg.data.validation_fraction, cfg.seed)
     return data.subset(train_idx)
 
@@ -173,14 +174,12 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     # Pretrained models: one DP step on made-up text proves per-sample gradients are right before
     # any record is read or any budget reserved (client.preflight).
     run_preflight(model, cfg, resolve_grad_sample_mode(cfg), device)
-    train = _training_split(settings, cfg)
+    data = _node_data(settings, cfg)
+    train = _training_split(settings, cfg, data)
     # fairfed / qfedavg: counts of the global model as received, on all the node's rows (as FairFed's local
     # metric; a validation split alone would leave most groups under the release threshold); they leave
     # only noised, after training.
-    if cfg.mitigation.node_releases_per_round:
-        counts = mitigation.model_counts(model, _node_data(settings, cfg), cfg, settings)
-    else:
-        counts = None
+    counts = mitigation.model_counts(model, data, cfg, settings) if cfg.mitigation.node_releases_per_round else None
     table = mitigation.received_weights(msg) if cfg.mitigation.method == "reweighing" else None
     weights = mitigation.record_weights(train, cfg, table) if table is not None else None
 
@@ -238,8 +237,9 @@ def _label_counts(msg: Message, context: Context, cfg: RunConfig, settings: Node
     if not cfg.mitigation.label_counts_release:
         raise LabelCountsNotRequested("the signed run config does not ask for reweighing's label counts")
     privacy = _privacy(msg, context, cfg, settings)
-    privacy.admit("train", privacy.plan(len(_training_split(settings, cfg))))  # the whole run fits, or nothing
-    counts = mitigation.label_counts(_training_split(settings, cfg), cfg, settings)
+    train = _training_split(settings, cfg)
+    privacy.admit("train", privacy.plan(len(train)))  # the whole run fits, or nothing
+    counts = mitigation.label_counts(train, cfg, settings)
     record, spend = mitigation.release(privacy, counts, msg, cfg, settings, _round(msg) or 0, "label counts")
     metrics = {
         R.EPSILON: spend.epsilon_run,
@@ -338,7 +338,7 @@ def _score(model: torch.nn.Module, cfg: RunConfig, settings: NodeSettings, round
     """The evaluator's metrics and fairness audit of ``model`` on its held-out set."""
     torch.set_num_threads(cfg.train.threads)
     data = _node_data(settings, cfg)
-    metrics, audit = evaluate_and_audit(model, data, cfg.fairness)
+    metrics, audit, policy = score_held_out(model, data, cfg, round_)  # policy: thresholds runs only
     node_logger(settings.workdir).info("round %s: evaluated %d held-out rows: %s", round_, len(data), metrics)
     audit_record = ConfigRecord(
         {
@@ -346,7 +346,6 @@ def _score(model: torch.nn.Module, cfg: RunConfig, settings: NodeSettings, round
             R.PROVENANCE_JSON: json.dumps(provenance(data, settings.data_path.name)),
         }
     )
-    policy = threshold_policy(model, data, cfg, round_)  # [mitigation] thresholds: fitted on a calibration part
     if policy is not None:
         audit_record[R.THRESHOLD_POLICY_JSON] = policy.model_dump_json()
     return RecordDict({R.EVALUATION: MetricRecord(metrics), R.AUDIT: audit_record})

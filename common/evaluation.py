@@ -69,6 +69,12 @@ def evaluate_and_audit(
     (binary tasks with sensitive columns). With ``policy``, of the decisions after its group thresholds
     (the loss is the model's own: thresholds change decisions, not probabilities)."""
     probs, loss = predict(model, data)
+    return _audit_predictions(probs, loss, data, fairness, policy)
+
+
+def _audit_predictions(
+    probs: np.ndarray, loss: float, data: Encoded, fairness: FairnessConfig, policy: ThresholdPolicy | None = None
+) -> tuple[dict[str, float], Audit | None]:
     y_true = data.y.numpy()
     y_pred = probs.argmax(-1) if policy is None else apply_thresholds(policy, probs, data.groups)
     # What the model predicted overall goes with every evaluation: the model findings (a constant or
@@ -77,6 +83,16 @@ def evaluate_and_audit(
     if probs.shape[1] != 2 or not data.groups or not len(data):  # no rows: no groups to audit
         return metrics, None
     return metrics, audit(y_true, y_pred, probs[:, 1], data.groups, fairness)
+
+
+def score_held_out(
+    model: nn.Module, data: Encoded, cfg: RunConfig, round_: int | None = None
+) -> tuple[dict[str, float], Audit | None, ThresholdPolicy | None]:
+    """A round's scoring of the global model on a held-out set (the evaluator's, or the server's own file):
+    metrics, the fairness audit and, in a thresholds run, the fitted policy — from one inference pass."""
+    probs, loss = predict(model, data)
+    metrics, found = _audit_predictions(probs, loss, data, cfg.fairness)
+    return metrics, found, _fit_policy(probs, data, cfg, round_)
 
 
 def threshold_policy(
@@ -88,6 +104,12 @@ def threshold_policy(
     and a server scoring its own held-out file fit the same policy; ``before``/``after`` are measured on
     the other rows. None for any other method, or without rows.
     """
+    if cfg.mitigation.method != "thresholds" or not len(data):
+        return None
+    return _fit_policy(predict(model, data)[0], data, cfg, round_)
+
+
+def _fit_policy(probs: np.ndarray, data: Encoded, cfg: RunConfig, round_: int | None) -> ThresholdPolicy | None:
     m = cfg.mitigation
     attribute = cfg.mitigation_attribute
     if m.method != "thresholds" or attribute is None or not len(data):
@@ -100,7 +122,6 @@ def threshold_policy(
             fix=f"add {attribute!r} to the held-out data's sensitive columns (the evaluator's schema), or change "
             "mitigation.attribute",
         )
-    probs, _ = predict(model, data)
     policy = fit_and_measure(
         probs,
         data.y.numpy(),

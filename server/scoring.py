@@ -20,7 +20,7 @@ from common.codec import load_numpy_state, numpy_to_record
 from common.config import RunConfig
 from common.data import Encoded, load_encoded
 from common.errors import FedGuardError
-from common.evaluation import evaluate_and_audit, provenance, threshold_policy
+from common.evaluation import provenance, score_held_out
 from common.fairness.thresholds import policy_from_json
 from common.models import build_model, model_max_len
 from server.grid_io import collect_replies
@@ -103,8 +103,7 @@ class Scorer:
             return None
         model = build_model(self.cfg.model.name, self.cfg.data.schema_, self.cfg.model.params)
         load_numpy_state(model, state)
-        metrics, audit = evaluate_and_audit(model, self._holdout, self.cfg.fairness)
-        policy = threshold_policy(model, self._holdout, self.cfg, rnd)
+        metrics, audit, policy = score_held_out(model, self._holdout, self.cfg, rnd)
         source = str(self.cfg.data.evaluation_path)
         return Score(
             metrics,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -461,3 +462,28 @@ def test_a_resumed_reweighing_run_reuses_its_table_and_never_asks_again(tmp_path
     prepare(fed, resumed_from=1)  # type: ignore[arg-type]  # fed.grid is absent: asking nodes would fail
     assert json.loads(fed.base[R.REWEIGHING_JSON]) == table
     assert json.loads((checkpoint_dir(store.path, 2) / REWEIGHING_FILE).read_text()) == table
+
+
+def test_a_node_refuses_weights_that_would_break_the_dp_bound_and_a_missing_attribute() -> None:
+    """Weights come from the server: one above 1 would let a record move a step by more than C, so the node
+    refuses the table before training; data without the mitigation attribute is refused with the fix."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from client.mitigation import MitigationRefused, label_counts, received_weights
+    from common import records as R
+
+    def message(table: object) -> Any:
+        """What the node reads of a train message: its config record (a Message needs a Flower run context)."""
+        return SimpleNamespace(content=RecordDict({R.CONFIG: ConfigRecord({R.REWEIGHING_JSON: json.dumps(table)})}))
+
+    assert received_weights(message({"f": {"0": 0.5, "1": 1.0}})) == {"f": {"0": 0.5, "1": 1.0}}
+    for bad in ({"f": {"0": 2.0}}, {"f": {"0": 0.0}}, {"f": {"0": "x"}}, [1, 2]):
+        with pytest.raises(MitigationRefused, match=r"not a table of weights in \(0, 1\]"):
+            received_weights(message(bad))
+    cfg = _tabular_cfg(mitigation={"method": "reweighing"})
+    data = _encode(planted(100, 1, 0.0))
+    data.groups = {}
+    with pytest.raises(MitigationRefused, match="'group' is not a sensitive column of this node's data"):
+        label_counts(data, cfg, None)  # type: ignore[arg-type]
