@@ -12,6 +12,8 @@ records, so log files stay readable text.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -63,17 +65,22 @@ def no_colour_codes() -> None:
 
     Ray wraps every worker line's prefix in colour codes unless ``RAY_COLOR_PREFIX=0``; Flower's
     console handler colours the level name whatever its stream is; anything else that reaches a
-    non-terminal stdout or stderr (a worker's own coloured output, relayed by Ray) is stripped there.
+    non-terminal stdout or stderr (a worker's own coloured output, relayed by Ray) is stripped there,
+    and each line is written through as it ends (progress lines reach a log file as they happen).
     """
     os.environ["RAY_COLOR_PREFIX"] = "0"
     if "flwr" in sys.modules:
         from common.flower_internals import plain_flower_console
 
         plain_flower_console()
-    if not is_terminal(sys.stdout) and not isinstance(sys.stdout, PlainStream):
-        sys.stdout = PlainStream(sys.stdout)  # type: ignore[assignment]
-    if not is_terminal(sys.stderr) and not isinstance(sys.stderr, PlainStream):
-        sys.stderr = PlainStream(sys.stderr)  # type: ignore[assignment]
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if is_terminal(stream) or isinstance(stream, PlainStream):
+            continue
+        # a file is block-buffered: without this, `tail -f` of a run's log shows rounds in bursts
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            stream.reconfigure(line_buffering=True)
+        setattr(sys, name, PlainStream(stream))
 
 
 def is_terminal(stream: TextIO | None) -> bool:

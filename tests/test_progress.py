@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -286,3 +287,29 @@ def test_output_redirected_to_a_log_file_carries_no_colour_codes(tmp_path: Path)
     for text in ("flower says hello", "(ClientAppActor pid=42) trained", "red on stderr", "RAY_COLOR_PREFIX=0"):
         assert text in written, written
     assert not ESC.search(written), repr(written)
+
+
+def test_a_progress_line_reaches_a_log_file_while_the_run_goes_on(tmp_path: Path) -> None:
+    """``tail -f`` of a run's log: each line is in the file as soon as it is printed, not in bursts at exit."""
+    out, marker = tmp_path / "run.log", tmp_path / "printed"
+    script = (
+        "import pathlib, sys, time\n"
+        "from common.progress import no_colour_codes\n"
+        "no_colour_codes()\n"
+        "print('round 1/3: training on 3 node(s)')\n"
+        f"pathlib.Path({str(marker)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    with out.open("w") as f:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # Python's default: buffered
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert marker.exists(), out.read_text(encoding="utf-8")
+            assert proc.poll() is None  # still running: nothing was flushed by an exit
+            assert "round 1/3: training on 3 node(s)" in out.read_text(encoding="utf-8")
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
