@@ -32,7 +32,7 @@ from common import records as R
 from common.codec import load_numpy_state, module_layout, numpy_to_record, record_to_numpy, state_to_numpy
 from common.config import RunConfig, config_from_json
 from common.data import Encoded, load_encoded, split_indices
-from common.devices import node_device
+from common.devices import node_device, usable_cpus
 from common.errors import FedGuardError
 from common.evaluation import predict, provenance, score_held_out
 from common.fairness import group_confusion_counts
@@ -335,8 +335,11 @@ def _role_reply(msg: Message, context: Context, cfg: RunConfig, settings: NodeSe
 
 
 def _score(model: torch.nn.Module, cfg: RunConfig, settings: NodeSettings, round_: int | None) -> RecordDict:
-    """The evaluator's metrics and fairness audit of ``model`` on its held-out set."""
-    torch.set_num_threads(cfg.train.threads)
+    """The evaluator's metrics and fairness audit of ``model`` on its held-out set.
+
+    On every core this node may use: scoring runs between rounds, while the training nodes wait.
+    """
+    torch.set_num_threads(max(cfg.train.threads, usable_cpus()))
     data = _node_data(settings, cfg)
     metrics, audit, policy = score_held_out(model, data, cfg, round_)  # policy: thresholds runs only
     node_logger(settings.workdir).info("round %s: evaluated %d held-out rows: %s", round_, len(data), metrics)

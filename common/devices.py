@@ -14,6 +14,7 @@ host memory and copies are non-blocking.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 
 from common.errors import ModelError
 
-__all__ = ["NODE_DEVICE_KEY", "DeviceError", "loader_options", "node_device", "resolve_device"]
+__all__ = ["NODE_DEVICE_KEY", "DeviceError", "loader_options", "node_device", "resolve_device", "usable_cpus"]
 
 #: Node config key (``flower-supernode --node-config "device='cuda:1'"``) that overrides ``train.device``.
 NODE_DEVICE_KEY = "device"
@@ -74,3 +75,10 @@ def node_device(node_config: Mapping[str, Any], run_device: str = "auto") -> tor
 def loader_options(device: torch.device) -> dict[str, Any]:
     """DataLoader keyword arguments for ``device``: pinned host memory when copying to a GPU."""
     return {"pin_memory": device.type == "cuda"}
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, as in a container)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)

