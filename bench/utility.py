@@ -282,10 +282,12 @@ def write_config(raw: dict[str, Any], path: Path) -> Path:
 # --------------------------------------------------------------------------- one federation
 
 
-def partition_summary(partitions: Path, label: str, classes: list[str]) -> list[dict[str, Any]]:
+def partition_summary(
+    partitions: Path, label: str, classes: list[str], num_clients: int = NUM_CLIENTS
+) -> list[dict[str, Any]]:
     """Each simulated node's size, label shares and a content fingerprint (same split ⇔ same fingerprints)."""
     out = []
-    for i in range(NUM_CLIENTS):
+    for i in range(num_clients):
         df = pd.read_parquet(partitions / f"partition-{i}.parquet")
         shares = df[label].astype(str).value_counts(normalize=True)
         out.append(
@@ -350,7 +352,7 @@ def simulate_fresh(raw: dict[str, Any], workdir: Path, log: Path | None, source:
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if log is not None:
-            fh = stack.enter_context(log.open("w", encoding="utf-8"))
+            fh = stack.enter_context(log.open("w", encoding="utf-8", buffering=1))  # lines as they come
             stack.enter_context(contextlib.redirect_stdout(fh))
             stack.enter_context(contextlib.redirect_stderr(fh))
         result = simulate(cfg, workdir, progress=print)

@@ -1,0 +1,87 @@
+"""bench/text_utility.py: the configs it runs are what a user writes, its data is hash-checked, and its
+targets say "not met" and "at or below majority" when the numbers say so."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from bench import text_utility as tu
+from common.config import RECIPES, parse_config
+
+
+def test_a_minilm_row_is_a_text_config_naming_no_model_or_recipe(tmp_path: Path) -> None:
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\ngreat film,fresh\ndull film,rotten\n", encoding="utf-8")
+    raw = tu.run_config(data, tu.dataset_schema("reviews"), nodes=3, split="dir0.5", epsilon=8, seed=1,
+                        method="minilm-lora")  # fmt: skip
+    assert not {"model", "train", "server", "rounds"} & set(raw)
+    assert raw["simulation"] == {"num_clients": 3, "data_path": str(data), "partitioner": "dirichlet", "alpha": 0.5}
+    cfg = parse_config(raw, "test")
+    assert cfg.model.name == "minilm-lora"  # the pretrained extra is installed by `make install`
+    assert cfg.train.learning_rate == RECIPES["text"]["train"]["learning_rate"]
+    assert cfg.rounds == RECIPES["text"]["run"]["rounds"]
+    scratch = parse_config(
+        tu.run_config(
+            data, tu.dataset_schema("reviews"), nodes=5, split="iid", epsilon=3, seed=2, method="text-transformer"
+        ),  # fmt: skip
+        "test",
+    )
+    assert scratch.model.name == "text-transformer" and scratch.simulation.partitioner == "iid"
+
+
+def _fake_wheel(tmp_path: Path, member: str, payload: bytes) -> tuple[Path, str]:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(member, payload)
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    wheel.write_bytes(buf.getvalue())
+    return wheel, hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def test_data_is_read_from_the_pinned_wheel_only_when_its_hash_matches(tmp_path: Path) -> None:
+    wheel, digest = _fake_wheel(tmp_path, "pkg/data.csv", b"text,label\n")
+    src = tu.Source("pkg", "1.0", wheel.name, digest, "pkg/data.csv", ("a", "b"), "test")
+    assert tu.wheel_member(src, tmp_path) == b"text,label\n"
+    tampered = tu.Source("pkg", "1.0", wheel.name, "0" * 64, "pkg/data.csv", ("a", "b"), "test")
+    with pytest.raises(SystemExit, match="expected 0000"):
+        tu.wheel_member(tampered, tmp_path)
+
+
+def _result(acc: dict[str, float], tfidf: dict[str, float], majority: dict[str, float], split: str) -> dict:
+    runs = {
+        f"reviews/n3/{split}/eps8/seed{s}/minilm-lora": {
+            "dataset": "reviews", "nodes": 3, "split": split, "epsilon": 8.0, "seed": int(s), "method": "minilm-lora",
+            "accuracy": a, "macro_f1": a, "seconds_per_round": 100.0, "bytes_per_round": 2e6,
+        }
+        for s, a in acc.items()
+    }  # fmt: skip
+    refs = {
+        f"reviews/seed{s}/references": {
+            "dataset": "reviews", "seed": int(s),
+            "tfidf": {"accuracy": tfidf[s]}, "majority": {"accuracy": majority[s]},
+        }
+        for s in tfidf
+    }  # fmt: skip
+    return {"runs": runs, "references": refs}
+
+
+def test_targets_follow_the_issue_goals_per_split() -> None:
+    # 0.75 / 0.776 = 0.966: short of 0.97 on IID, past 0.95 on Dirichlet 0.5
+    for split, met in (("iid", False), ("dir0.5", True)):
+        s = tu.summarize(_result({"1": 0.75}, {"1": 0.776}, {"1": 0.58}, split))
+        t = s["targets"][f"reviews/n3/{split}/eps8/minilm-lora"]
+        assert t["to_tfidf"] == pytest.approx(0.75 / 0.776) and t["met"] is met
+        assert t["at_or_below_majority"] == []
+
+
+def test_a_seed_on_the_majority_class_is_named_even_when_the_mean_looks_fine() -> None:
+    s = tu.summarize(_result({"1": 0.80, "2": 0.58}, {"1": 0.78, "2": 0.78}, {"1": 0.58, "2": 0.58}, "iid"))
+    t = s["targets"]["reviews/n3/iid/eps8/minilm-lora"]
+    assert t["at_or_below_majority"] == ["2"]
+    table = tu.markdown_table({"summary": s})
+    assert "| reviews | 3 | iid | 8 | minilm-lora | 0.690 (0.690) [2] |" in table and "| 2 |" in table
