@@ -66,7 +66,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -79,7 +79,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.utility import _quiet, load_results, partition_summary, read_run, save_results, simulate_fresh  # noqa: E402
+from bench.utility import _quiet, finished, load_results, partition_summary, read_run, save_results, simulate_fresh  # noqa: E402
 
 DELTA = 1e-5
 SPLITS: dict[str, float | None] = {"iid": None, "dir0.5": 0.5}
@@ -539,7 +539,7 @@ def run_grid(args: argparse.Namespace, results: dict[str, Any], out: Path) -> No
     jobs = [j for j in plan_jobs(args) if j.key not in results["runs"]]
     total = len(refs) + len(jobs)
     print(f"{total} runs to do ({len(results['runs'])} federations already in {out}); {args.workers} at a time")
-    t0, done = time.perf_counter(), 0
+    t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         futures = {}
         for j in jobs:  # a seed's references just before its first federation: a stopped grid has both
@@ -553,19 +553,12 @@ def run_grid(args: argparse.Namespace, results: dict[str, Any], out: Path) -> No
             fut = pool.submit(_reference_worker, d, s, str(data_dir), str(workroot), args.rows, list(args.methods),
                               args.central_epochs)  # fmt: skip
             futures[fut] = f"{d}/seed{s}/references"
-        for fut in as_completed(futures):
-            done += 1
-            name = futures[fut]
-            try:
-                r = fut.result()
-            except Exception as exc:  # a failed run is reported and left out; a rerun retries it
-                print(f"[{done}/{total}] {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
-                continue
+        for tag, name, r in finished(futures):
             elapsed = (time.perf_counter() - t0) / 60
             if "method" in r:
                 results["runs"][r["key"]] = r
                 print(
-                    f"[{done}/{total}] {name}: acc {r['accuracy']:.3f} F1 {r['macro_f1']:.3f} "
+                    f"{tag} {name}: acc {r['accuracy']:.3f} F1 {r['macro_f1']:.3f} "
                     f"ε≤{_f(r['epsilon_max'], '.2f')} {_f(r['seconds_per_round'], '.0f')} s/round "
                     f"not accepted {sum(r['not_accepted'].values())} ({elapsed:.1f} min)",
                     flush=True,
@@ -574,7 +567,7 @@ def run_grid(args: argparse.Namespace, results: dict[str, Any], out: Path) -> No
                 results["references"][r["key"]] = r
                 central = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in r.items() if k.startswith("central/"))
                 print(
-                    f"[{done}/{total}] {name}: TF-IDF {r['tfidf']['accuracy']:.3f} majority "
+                    f"{tag} {name}: TF-IDF {r['tfidf']['accuracy']:.3f} majority "
                     f"{r['majority']['accuracy']:.3f} {central} ({elapsed:.1f} min)",
                     flush=True,
                 )

@@ -54,8 +54,8 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -477,6 +477,17 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def finished(futures: dict[Future[dict[str, Any]], str]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """Each run's ``[done/total]`` tag, name and result as it finishes. A failed run is printed and left out
+    (a rerun retries it): one run's failure never loses the others' results."""
+    for done, fut in enumerate(as_completed(futures), 1):
+        tag, name = f"[{done}/{len(futures)}]", futures[fut]
+        try:
+            yield tag, name, fut.result()
+        except Exception as exc:
+            print(f"{tag} {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+
+
 # --------------------------------------------------------------------------- summary and targets
 
 
@@ -681,26 +692,19 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [j for j in plan_jobs(args) if j.key not in results["runs"]]
     total = len(refs) + len(jobs)
     print(f"{total} runs to do ({len(results['runs'])} federations already in {out}); {args.workers} at a time")
-    t0, done = time.perf_counter(), 0
+    t0 = time.perf_counter()
     ctx = get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx, max_tasks_per_child=1) as pool:
         futures = {pool.submit(_reference_worker, d, s, str(data_dir), str(workroot)): f"{d}/seed{s}" for d, s in refs}
         futures |= {
             pool.submit(_job_worker, j, str(data_dir), str(workroot), args.keep): j.key for j in jobs
         }  # fmt: skip
-        for fut in as_completed(futures):
-            done += 1
-            name = futures[fut]
-            try:
-                r = fut.result()
-            except Exception as exc:  # a failed run is reported and left out; a rerun retries it
-                print(f"[{done}/{total}] {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
-                continue
+        for tag, name, r in finished(futures):
             if "method" in r:
                 results["runs"][r["key"]] = r
                 bad = sum(r["not_accepted"].values())
                 print(
-                    f"[{done}/{total}] {name}: acc {r['accuracy']:.3f} F1 {r['macro_f1']:.3f} "
+                    f"{tag} {name}: acc {r['accuracy']:.3f} F1 {r['macro_f1']:.3f} "
                     f"σ {min(r['sigmas']):.2f}–{max(r['sigmas']):.2f} ε≤{r['epsilon_max']:.2f} "
                     f"not accepted {bad} ({r['seconds']:.0f}s; {(time.perf_counter() - t0) / 60:.1f} min)",
                     flush=True,
@@ -708,8 +712,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results["references"][r["key"]] = r
                 print(
-                    f"[{done}/{total}] {name}: central {r['central']['accuracy']:.3f} "
-                    f"majority {r['majority']['accuracy']:.3f}",
+                    f"{tag} {name}: central {r['central']['accuracy']:.3f} majority {r['majority']['accuracy']:.3f}",
                     flush=True,
                 )
             results["summary"] = summarize(results)

@@ -85,3 +85,20 @@ def test_a_seed_on_the_majority_class_is_named_even_when_the_mean_looks_fine() -
     assert t["at_or_below_majority"] == ["2"]
     table = tu.markdown_table({"summary": s})
     assert "| reviews | 3 | iid | 8 | minilm-lora | 0.690 (0.690) [2] |" in table and "| 2 |" in table
+
+
+def test_a_failed_run_is_reported_and_the_others_still_count(capsys: pytest.CaptureFixture[str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.utility import finished
+
+    def run(i: int) -> dict:
+        if i == 1:
+            raise RuntimeError("node crashed")
+        return {"i": i}
+
+    with ThreadPoolExecutor(1) as pool:
+        futures = {pool.submit(run, i): f"run-{i}" for i in range(3)}
+        got = sorted((name, r["i"]) for _tag, name, r in finished(futures))
+    assert got == [("run-0", 0), ("run-2", 2)]
+    assert "run-1: FAILED RuntimeError: node crashed" in capsys.readouterr().out
