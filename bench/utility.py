@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import importlib.metadata
 import io
 import json
@@ -337,6 +338,18 @@ def read_run(store_path: Path, run_id: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _only_run_in(workdir: Path) -> Iterator[None]:
+    """One run per folder: a second one (a leftover worker of a stopped bench) would delete the first's
+    run store and share its nodes' ledgers."""
+    with Path(str(workdir) + ".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another run is using {workdir}; stop it or use another --workdir") from None
+        yield
+
+
 def simulate_fresh(raw: dict[str, Any], workdir: Path, log: Path | None, source: str) -> tuple[Any, Any, float]:
     """``fedguard simulate`` of ``raw`` in a fresh ``workdir`` (its config kept as ``config.toml``), output to
     ``log`` when given: the validated config, the run result and the wall seconds."""
@@ -344,19 +357,22 @@ def simulate_fresh(raw: dict[str, Any], workdir: Path, log: Path | None, source:
     from fedguard.simulate import simulate
 
     workdir = Path(workdir)
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir.parent.mkdir(parents=True, exist_ok=True)
     cfg = parse_config(raw, source)
-    write_config(raw, workdir / "config.toml")
-    t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_only_run_in(workdir))
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        write_config(raw, workdir / "config.toml")
+        t0 = time.perf_counter()
         if log is not None:
             fh = stack.enter_context(log.open("w", encoding="utf-8", buffering=1))  # lines as they come
             stack.enter_context(contextlib.redirect_stdout(fh))
             stack.enter_context(contextlib.redirect_stderr(fh))
         result = simulate(cfg, workdir, progress=print)
-    return cfg, result, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+    return cfg, result, seconds
 
 
 def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None = None) -> dict[str, Any]:

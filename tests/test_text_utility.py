@@ -102,3 +102,21 @@ def test_a_failed_run_is_reported_and_the_others_still_count(capsys: pytest.Capt
         got = sorted((name, r["i"]) for _tag, name, r in finished(futures))
     assert got == [("run-0", 0), ("run-2", 2)]
     assert "run-1: FAILED RuntimeError: node crashed" in capsys.readouterr().out
+
+
+def test_a_second_run_in_the_same_folder_stops_before_touching_the_first(tmp_path: Path) -> None:
+    """A leftover worker of a stopped bench still running a federation: a new one in its folder must not
+    delete its run store or share its nodes' ledgers."""
+    from bench.utility import _only_run_in, simulate_fresh
+
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\ngreat film,fresh\ndull film,rotten\n", encoding="utf-8")
+    raw = tu.run_config(
+        data, tu.dataset_schema("reviews"), nodes=3, split="iid", epsilon=8, seed=1, method="minilm-lora"
+    )
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "runs.db").write_bytes(b"the first run's store")
+    with _only_run_in(workdir), pytest.raises(RuntimeError, match="another run is using"):
+        simulate_fresh(raw, workdir, None, "test")
+    assert (workdir / "runs.db").read_bytes() == b"the first run's store"
