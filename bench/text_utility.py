@@ -272,12 +272,12 @@ def references(name: str, data_path: Path, schema: dict[str, Any], seed: int, me
     from client.training import train_local
     from common.config import parse_config
     from common.data import encode, read_table, split_indices
-    from common.devices import resolve_device
+    from common.devices import resolve_device, usable_cpus
     from common.evaluation import evaluate, macro_f1
     from common.models import build_model, model_max_len
     from fedguard.simulate import prepare_partitions
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    torch.set_num_threads(usable_cpus())
     raw = run_config(data_path, schema, nodes=3, split="iid", epsilon=8.0, seed=seed, method="minilm-lora")
     cfg = prepare_partitions(parse_config(raw, "text utility bench"), workdir, lambda _: None)
     sch = cfg.data.schema_
@@ -342,7 +342,6 @@ def _job_worker(job: Job, data_dir: str, workroot: str, rows: int, keep: bool) -
     _quiet()
     data_path, schema = write_dataset(job.dataset, Path(data_dir), rows)
     workdir = Path(workroot) / job.key.replace("/", "-")
-    workdir.parent.mkdir(parents=True, exist_ok=True)
     log = Path(str(workdir) + ".log")
     print(f"  running {job.key} (progress in {log})", flush=True)
     raw = run_config(data_path, schema, nodes=job.nodes, split=job.split, epsilon=job.epsilon, seed=job.seed,

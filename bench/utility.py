@@ -458,7 +458,6 @@ def _job_worker(job: Job, data_dir: str, workroot: str, keep: bool) -> dict[str,
     raw = run_config(
         data_path, schema, split=job.split, epsilon=job.epsilon, seed=job.seed, method=job.method, rounds=job.rounds
     )
-    workdir.parent.mkdir(parents=True, exist_ok=True)
     log = Path(str(workdir) + ".log")
     out = run_federation(raw, workdir, log)
     if not keep:
