@@ -318,17 +318,20 @@ MODELS: dict[str, ModelSpec] = {
         factory=_build_tabular,
     ),
     # Pretrained all-MiniLM-L6-v2 (optional extra ``fedguard[pretrained]``; common/pretrained.py).
-    # hooks: LoRA DP costs 1.03× plain (bench/pretrained.py, batch 32: frozen base, no per-sample embedding
-    # gradients); ghost 1.65× (its second backward pass is not worth it for 74.5k parameters).
+    # FFA-LoRA by default (freeze_lora_a: A fixed from a public seed, only B and the head train and travel).
+    # hooks: LoRA DP costs 0.97× plain, i.e. nothing measurable (bench/pretrained.py, batch 32: frozen base,
+    # no per-sample embedding gradients); ghost 1.46× (its second backward pass is not worth it for 37.6k
+    # parameters).
     "minilm-lora": ModelSpec(
         name="minilm-lora",
         task="text",
-        summary="pretrained all-MiniLM-L6-v2 (English) with LoRA adapters; only adapters + head train and travel",
+        summary="pretrained all-MiniLM-L6-v2 (English) with LoRA adapters; only adapter B's + head train and travel",
         defaults=MappingProxyType(
             {
                 "lora_rank": 8,
                 "lora_alpha": 16.0,
                 "lora_dropout": 0.0,
+                "freeze_lora_a": True,
                 "max_len": 256,
                 "max_tokens": 64,
                 "base_sha256": _BASE_SHA256,
@@ -338,7 +341,7 @@ MODELS: dict[str, ModelSpec] = {
         factory=_build_pretrained("lora"),
         pretrained=True,
     ),
-    # Full fine-tuning (token-embedding table frozen by default): 10.8M parameters per update, ~145× the
+    # Full fine-tuning (token-embedding table frozen by default): 10.8M parameters per update, ~290× the
     # LoRA upload. bench/pretrained.py, batch 32: ghost 2.03× plain, hooks 2.61× (and batch × 10.8M
     # per-sample gradients in memory); with the table trained (22.6M) ghost 2.11×, hooks 4.64×.
     "minilm-full": ModelSpec(

@@ -6,8 +6,11 @@ read by path (``importlib.metadata``) with the Hugging Face libraries in offline
 download, and none of the package's own code runs (it imports sentence-transformers).
 
 **What is shared.** With ``finetune = "lora"`` only the LoRA adapters (rank r on the attention
-``query`` and ``value`` projections) and the head train: 74,498 parameters at r=8 instead of
-22.7M. ``state_dict()`` holds exactly those tensors, so every path that exchanges a model
+``query`` and ``value`` projections) and the head train. By default A is a fixed projection that
+every side derives from a public seed and only B trains (FFA-LoRA, Sun et al. 2024: FedAvg of the
+B's is then exactly the average of the adapters ``B·A``, and DP noise lands on half the
+dimensions): 37,634 parameters at r=8 instead of 22.7M (74,498 with ``freeze_lora_a=False``).
+``state_dict()`` holds exactly those tensors, so every path that exchanges a model
 (plaintext FedAvg, the homomorphic sum, checkpoints) carries only them; the frozen base comes from
 the package on every side, and every side checks the base file's SHA-256 against the run config
 (``base_sha256``) so a node and the server provably start from the same encoder.
@@ -214,17 +217,28 @@ class LoRALinear(nn.Module):
     them), whereas peft's ``lora.Linear`` wraps adapters in ``ModuleDict``s with dispatch logic
     that changes between releases (an older Opacus+PEFT pairing silently corrupted LoRA updates).
     It also keeps the state-dict keys ours and drops a dependency. B starts at zero, so the model
-    starts exactly at the pretrained encoder.
+    starts exactly at the pretrained encoder. With ``fixed_a_seed`` A is drawn from numpy's legacy
+    ``RandomState`` (a stream numpy keeps bit-stable across versions and platforms, unlike torch's
+    generators) and frozen: every node and the server hold the same A without sending it.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, fixed_a_seed: int | None = None
+    ) -> None:
         super().__init__()
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.lora_a = nn.Linear(base.in_features, rank, bias=False)
         self.lora_b = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_a.weight, a=5**0.5)  # peft's default
+        if fixed_a_seed is None:
+            nn.init.kaiming_uniform_(self.lora_a.weight, a=5**0.5)  # peft's default
+        else:  # FFA-LoRA: A is a fixed projection every side derives from the seed; only B trains
+            bound = 1.0 / base.in_features**0.5  # kaiming_uniform(a=√5)'s bound, as peft draws A
+            fixed = np.random.RandomState(fixed_a_seed).uniform(-bound, bound, size=(rank, base.in_features))
+            with torch.no_grad():
+                self.lora_a.weight.copy_(torch.from_numpy(fixed))
+            self.lora_a.weight.requires_grad_(False)
         nn.init.zeros_(self.lora_b.weight)
         self.scale = alpha / rank
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -250,6 +264,7 @@ class PretrainedTextClassifier(nn.Module):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         lora_targets: tuple[str, ...] = ("query", "value"),
+        freeze_lora_a: bool = True,
         max_len: int = 256,
         max_tokens: int = 64,
         dropout: float = 0.0,
@@ -274,6 +289,7 @@ class PretrainedTextClassifier(nn.Module):
         )
         self.folder = str(folder)
         self.finetune = finetune
+        self.freeze_lora_a = finetune == "lora" and freeze_lora_a
         self.freeze_embeddings = finetune == "full" and freeze_embeddings
         self.max_len = max_len
         self.max_tokens = max_tokens
@@ -281,10 +297,11 @@ class PretrainedTextClassifier(nn.Module):
         if finetune == "lora":
             for p in self.encoder.parameters():
                 p.requires_grad_(False)
-            for layer in self.encoder.encoder.layer:
+            for i, layer in enumerate(self.encoder.encoder.layer):
                 attn = layer.attention.self
-                for name in lora_targets:
-                    setattr(attn, name, LoRALinear(getattr(attn, name), lora_rank, lora_alpha, lora_dropout))
+                for j, name in enumerate(lora_targets):
+                    seed = i * len(lora_targets) + j if freeze_lora_a else None
+                    setattr(attn, name, LoRALinear(getattr(attn, name), lora_rank, lora_alpha, lora_dropout, seed))
         if self.freeze_embeddings:
             self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
         self.head = nn.Linear(hidden, num_classes)
@@ -298,7 +315,8 @@ class PretrainedTextClassifier(nn.Module):
         if self.finetune == "full":
             frozen = "encoder.embeddings.word_embeddings.weight" if self.freeze_embeddings else None
             return [n for n in names if n != frozen]
-        return [n for n in names if ".lora_a." in n or ".lora_b." in n or n.startswith("head.")]
+        trains_a = not self.freeze_lora_a  # FFA-LoRA: A is derived on every side, never trained or sent
+        return [n for n in names if (".lora_a." in n and trains_a) or ".lora_b." in n or n.startswith("head.")]
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Only the trained tensors: the frozen base is read from the package on every side.
@@ -319,9 +337,14 @@ class PretrainedTextClassifier(nn.Module):
         given = set(state_dict)
         if strict and given != expected:
             missing, extra = sorted(expected - given), sorted(given - expected)
+            hint = ""
+            if any(".lora_a." in k for k in extra) and self.freeze_lora_a:
+                hint = " (a state with trained LoRA A, from classic LoRA: load it with freeze_lora_a = false)"
+            elif any(".lora_a." in k for k in missing):
+                hint = " (a state without LoRA A is from FFA-LoRA, the default: drop freeze_lora_a = false)"
             raise RuntimeError(
                 f"state for {type(self).__name__} must hold exactly its {len(expected)} shared tensors; "
-                f"missing {missing[:5]}, unexpected {extra[:5]}"
+                f"missing {missing[:5]}, unexpected {extra[:5]}{hint}"
             )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 

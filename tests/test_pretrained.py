@@ -98,20 +98,20 @@ def test_lora_dp_round_learns_and_only_adapters_and_head_leave(tweets, server_mo
     assert set(reply.content.keys()) == {R.ARRAYS, R.METRICS}, reply.content
     sent = record_to_numpy(reply.content[R.ARRAYS])
 
-    # Only the LoRA adapters and the head travel: 74,498 values, not 22.7M.
+    # Only the LoRA B adapters and the head travel (A is fixed, FFA-LoRA): 37,634 values, not 22.7M.
     model = copy.deepcopy(server_model)
     assert list(sent) == model.trainable_names()
-    assert all(".lora_a." in k or ".lora_b." in k or k.startswith("head.") for k in sent)
+    assert all(".lora_b." in k or k.startswith("head.") for k in sent)
     n_sent = sum(v.size for v in sent.values())
-    assert n_sent == count_parameters(model) == 74_498
+    assert n_sent == count_parameters(model) == 37_634
     assert trainable_keys(sent) == list(sent) and flatten_state(sent, trainable_keys(sent)).size == n_sent  # HE layout
     assert sum(p.numel() for p in model.parameters()) > 22_000_000
 
-    # The server-side model takes the reply; its frozen base is the package's, unchanged.
+    # The server-side model takes the reply; its frozen base and fixed A are the package's and the seed's, unchanged.
     load_numpy_state(model, sent)
     assert _frozen_digest(model) == frozen_before
     changed = [k for k in sent if not np.array_equal(sent[k], global_state[k])]
-    assert len(changed) >= len(sent) - 12, "adapters/head did not train"  # lora_a gets no gradient while B = 0
+    assert changed == list(sent), "adapters/head did not train"
     after = evaluate(model, val)["accuracy"]
     print(f"validation accuracy {before:.3f} -> {after:.3f}")
     assert after >= before + 0.08, f"validation accuracy {before:.3f} → {after:.3f} after a DP LoRA round"
@@ -121,7 +121,7 @@ def test_lora_dp_round_learns_and_only_adapters_and_head_leave(tweets, server_mo
 def test_state_refuses_frozen_weights_and_checks_base_checksum(server_model) -> None:
     state = state_to_numpy(server_model)
     bad = dict(state) | {"encoder.embeddings.word_embeddings.weight": np.zeros((30522, 384), np.float32)}
-    with pytest.raises(RuntimeError, match="exactly its 26 shared tensors"):
+    with pytest.raises(RuntimeError, match="exactly its 14 shared tensors"):
         load_numpy_state(copy.deepcopy(server_model), bad)  # type: ignore[arg-type]
     other = "0" * 64
     with pytest.raises(ModelError, match="run config expects 0000000000000000") as exc:
@@ -131,13 +131,46 @@ def test_state_refuses_frozen_weights_and_checks_base_checksum(server_model) -> 
 
 def test_preflight_passes_on_lora_and_names_the_broken_parameter(server_model) -> None:
     report = preflight(server_model, grad_sample_mode="hooks", num_classes=2, max_len=256)
-    assert (report.trainable_tensors, report.trainable_parameters) == (26, 74_498)
+    assert (report.trainable_tensors, report.trainable_parameters) == (14, 37_634)
 
     # A frozen base weight left trainable would train, travel and diverge between nodes.
     leaky = copy.deepcopy(server_model)
     leaky.encoder.encoder.layer[0].attention.self.key.weight.requires_grad_(True)
     with pytest.raises(PreflightError, match=r"should stay frozen, e\.g\. 'encoder\.encoder\.layer\.0\.attention"):
         preflight(leaky, grad_sample_mode="hooks", num_classes=2, max_len=256)
+
+
+#: SHA-256 of the fixed LoRA A matrices (rank 8, query and value of 6 layers, in layer order): numpy's
+#: legacy RandomState stream is frozen by numpy's compatibility policy, so every node and the server
+#: derive these bytes; a change here would make nodes and server disagree on the model.
+FIXED_A_SHA256 = "13f6568be01cd50299a470f98ac7f1d6f4af23865451965ec458e4f3737b2afc"
+
+
+def _a_digest(model: PretrainedTextClassifier) -> str:
+    h = hashlib.sha256()
+    for n, p in model.named_parameters():
+        if ".lora_a." in n:
+            h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_lora_a_is_fixed_the_same_on_every_side_and_never_travels() -> None:
+    torch.manual_seed(1)
+    one = PretrainedTextClassifier(2)
+    torch.manual_seed(2)  # another process's random state: A must not depend on it
+    two = PretrainedTextClassifier(2)
+    assert _a_digest(one) == _a_digest(two) == FIXED_A_SHA256
+    a = [p for n, p in one.named_parameters() if ".lora_a." in n]
+    assert len(a) == 12 and not any(p.requires_grad for p in a)
+    assert not any(".lora_a." in k for k in one.state_dict()) and len(one.state_dict()) == 14
+    # trained A (classic LoRA) is still there for who asks: it trains and travels
+    classic = PretrainedTextClassifier(2, freeze_lora_a=False)
+    assert sum(".lora_a." in k for k in classic.state_dict()) == 12 and count_parameters(classic) == 74_498
+    # a checkpoint of one kind never loads silently into the other, and the error says which setting fits
+    with pytest.raises(RuntimeError, match="trained LoRA A, from classic LoRA: load it with freeze_lora_a = false"):
+        one.load_state_dict(classic.state_dict())
+    with pytest.raises(RuntimeError, match="without LoRA A is from FFA-LoRA"):
+        classic.load_state_dict(one.state_dict())
 
 
 class _BroadcastIds(PretrainedTextClassifier):
