@@ -10,6 +10,12 @@ charging its own ledger. What is measured, per size:
   on Ray's actors, validation, streaming FedAvg), median over rounds 2..R. Round 1 is shown
   apart: it also asks every one of the N nodes its role once (client or evaluator).
 - time per client call: round time / clients per round (with ``actors`` = cores in parallel).
+- where a round's time goes: the *cycle* (start of round r to start of round r+1: what a user
+  waits per round, the evaluator's scoring of the held-out set included), the *client work* on
+  its critical path (each sampled node's train call and the evaluator's call, timed by the node
+  itself in its ``resources.jsonl``: max(Σ train calls ÷ actors, the longest one) + the evaluate
+  call) and the *fixed cost* = cycle − client work: what the round costs whatever the clients do
+  (dispatch, Ray's actor calls, the ServerApp's validation, aggregation, checkpoint and run store).
 - server memory: the driver process's peak RSS (ServerApp, run store, Ray driver; the clients run
   in Ray's worker processes), and its growth from the start of round 1 to the end of the run —
   the part that would grow with the number of clients if updates were held rather than summed.
@@ -20,7 +26,7 @@ at 20 ms: ``fedguard.simulate.speed_up_simulation``)
 and ``flower`` (Flower's own dispatch, every 0.1 s over every registered node, and fixed 0.2 s reply
 polls: what FedGuard did before).
 
-    python bench/scale.py [--clients 10 100 1000] [--rounds 3] [--modes fedguard flower]
+    python bench/scale.py [--clients 10 100 1000] [--rounds 4] [--modes fedguard flower]
                           [--ray-address auto] [--out bench/results/scale.json]
 """
 
@@ -68,6 +74,23 @@ class RssSampler(threading.Thread):
         self.peak = max(self.peak, self.at_mark)
 
 
+def round_breakdown(workdir: Path, starts: list[float], actors: int) -> list[dict[str, float]]:
+    """Per round with a successor: cycle, client work on the critical path and the fixed rest (see above)."""
+    calls: dict[tuple[int, str], list[float]] = {}
+    for log in (workdir / "partitions").glob("node-*/resources.jsonl"):
+        for line in log.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if rec.get("round") is not None and rec["purpose"] in ("train", "evaluate"):
+                calls.setdefault((int(rec["round"]), rec["purpose"]), []).append(rec["usage"]["wall_seconds"])
+    out = []
+    for rnd in range(1, len(starts)):
+        train = calls.get((rnd, "train"), [])
+        client = max(sum(train) / actors, max(train, default=0.0)) + sum(calls.get((rnd, "evaluate"), []))
+        cycle = starts[rnd] - starts[rnd - 1]
+        out.append({"round": rnd, "cycle_s": cycle, "client_s": client, "fixed_s": cycle - client})
+    return out
+
+
 def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None, mode: str = "fedguard") -> dict[str, Any]:
     """Run one simulated federation of ``n`` clients in this process and measure it."""
     from common.config import parse_config
@@ -105,6 +128,9 @@ def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None, mode: 
         clients = store.client_rounds(result.run_id)
     times = [r["finished_at"] - r["started_at"] for r in rows]
     later = times[1:] or times
+    actors = max(1, int((os.cpu_count() or 1) // cfg.simulation.client_cpus))
+    parts = round_breakdown(workdir, [r["started_at"] for r in rows], actors)
+    steady = parts[1:] or parts  # round 1 also asks every node its role
     accepted = sum(c["status"] == "accepted" for c in clients)
     return {
         "mode": mode,
@@ -114,6 +140,12 @@ def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None, mode: 
         "round1_s": times[0],
         "round_s": statistics.median(later),
         "per_client_call_s": statistics.median(later) / per_round,
+        # local Ray: one actor per client_cpus of this machine's CPUs; on a cluster, not known here
+        "actors": None if ray_address else actors,
+        "breakdown": parts,
+        "cycle_s": statistics.median(p["cycle_s"] for p in steady) if steady else None,
+        "client_s": statistics.median(p["client_s"] for p in steady) if steady and not ray_address else None,
+        "fixed_s": statistics.median(p["fixed_s"] for p in steady) if steady and not ray_address else None,
         "accepted": accepted,
         "sampled": sum(r["sampled"] for r in rows),
         "server_peak_rss_mb": sampler.peak,
@@ -123,10 +155,14 @@ def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None, mode: 
     }
 
 
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--modes", nargs="+", default=["fedguard", "flower"], choices=["fedguard", "flower"])
     ap.add_argument("--ray-address", help="attach to an existing Ray cluster (auto or HOST:PORT)")
     ap.add_argument("--workdir", default="/tmp/fedguard-bench-scale")
@@ -157,7 +193,7 @@ def main() -> int:
     print()
     header = (
         "| mode | clients | per round | round 1 s (+roles) | s/round | s/client call | × clients/round | × s/round"
-        " | fedguard ÷ flower s/round | server peak RSS MB | RSS growth MB |"
+        " | fedguard ÷ flower s/round | cycle s | client work s | fixed s | server peak RSS MB | RSS growth MB |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
@@ -171,6 +207,7 @@ def main() -> int:
             f"| {r['mode']} | {r['clients']:,} | {r['clients_per_round']} | {r['round1_s']:.1f} | {r['round_s']:.2f} | "
             f"{r['per_client_call_s']:.2f} | {r['x_clients_per_round']:.0f}× | {r['x_round_s']:.1f}× | "
             f"{'' if r['vs_flower'] is None else format(r['vs_flower'], '.2f')} | "
+            f"{_num(r.get('cycle_s'))} | {_num(r.get('client_s'))} | {_num(r.get('fixed_s'))} | "
             f"{r['server_peak_rss_mb']:.0f} | {r['server_rss_growth_mb']:.0f} |"
         )
     out = Path(args.out)
