@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -573,8 +574,44 @@ def run_flower_superlink(argv: list[str], control_secret: str) -> None:
     fsl = importlib.import_module("flwr.superlink.cli.flower_superlink")
     plugin = shared_secret_authn_plugin(control_secret)
     fsl.load_control_authn_plugin = lambda: plugin  # type: ignore[attr-defined]
+    throttle_task_claim_sweeps()
     sys.argv = ["flower-superlink", *argv]
     fsl.flower_superlink()
+
+
+#: The SuperLink sweeps expired task claims at most this often (flwr 1.42: before nearly every read).
+TASK_CLAIM_SWEEP_S = 0.5
+
+
+def throttle_task_claim_sweeps(interval: float = TASK_CLAIM_SWEEP_S) -> None:
+    """The SuperLink's SQL state sweeps expired task claims at most every ``interval`` seconds.
+
+    flwr 1.42 ``SqlCoreState._cleanup_expired_task_tokens`` (two UPDATE statements, so a write
+    transaction on the state database) runs before nearly every state read — on every Fleet
+    request of every node, through ``check_abort`` → ``get_run_status``. Concurrent requests then
+    queue on SQLite's single write lock, and a waiting writer sleeps in SQLite's busy handler: with
+    10 nodes fetching a round's messages at once this was where the SuperLink spent its time.
+    Safe to space out: a task token is checked against its own expiry on every use
+    (``get_task_by_token``), so an expired claim is never honoured; only the bookkeeping of expired
+    claims (back to pending, or marked failed) may happen up to ``interval`` later. In-process only.
+    """
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    original = SqlCoreState._cleanup_expired_task_tokens
+    if getattr(original, "_fedguard_throttled", False):
+        return
+    lock, last = threading.Lock(), [float("-inf")]
+
+    def sweep(self: Any) -> None:
+        t = time.monotonic()
+        with lock:
+            if t - last[0] < interval:
+                return
+            last[0] = t
+        original(self)
+
+    sweep._fedguard_throttled = True  # type: ignore[attr-defined]
+    SqlCoreState._cleanup_expired_task_tokens = sweep  # type: ignore[method-assign]
 
 
 def pass_task_tokens_in_files(token_dir: str) -> None:

@@ -353,6 +353,69 @@ def test_shorten_fleet_poll_shortens_the_supernodes_sleeps(monkeypatch: pytest.M
     assert sci.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
 
 
+def _sql_core_state(tmp_path: Path) -> Any:
+    """Flower's own SQL core state on a fresh SQLite file (the SuperLink's, minus its link-state half)."""
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+
+    class CoreState(SqlCoreState):  # the two abstract methods belong to the link/node state
+        def get_node_id(self) -> int:
+            raise NotImplementedError
+
+        def store_message_and_object_tree(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+    state = CoreState(str(tmp_path / "state.db"), InMemoryObjectStore())
+    state.initialize()
+    return state
+
+
+def test_a_task_token_is_checked_against_its_own_expiry_without_a_sweep(tmp_path: Path) -> None:
+    """What makes spacing out the expired-claim sweep safe: Flower checks each token's expiry on use."""
+    from datetime import UTC, datetime, timedelta
+
+    from flwr.supercore.corestate.sql_corestate import TaskModel
+    from sqlalchemy import update
+
+    state = _sql_core_state(tmp_path)
+    token = state.claim_task(state.create_task("serverapp", 1))
+    state._cleanup_expired_task_tokens = lambda: None  # no sweep at all
+
+    def expire_in(seconds: float) -> None:
+        with state.session() as session:
+            until = datetime.now(UTC) + timedelta(seconds=seconds)
+            session.execute(update(TaskModel).values(active_until=until))
+
+    expire_in(60)
+    assert state.get_task_by_token(token) is not None
+    expire_in(-1)
+    assert state.get_task_by_token(token) is None
+
+
+def test_task_claim_sweeps_run_at_most_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    sweeps: list[float] = []
+    monkeypatch.setattr(SqlCoreState, "_cleanup_expired_task_tokens", lambda self: sweeps.append(time.monotonic()))
+    fi.throttle_task_claim_sweeps(0.3)
+    fi.throttle_task_claim_sweeps(0.3)  # applying it twice wraps once
+    for _ in range(50):  # every state read of a burst of Fleet requests
+        SqlCoreState._cleanup_expired_task_tokens(None)
+    assert len(sweeps) == 1
+    time.sleep(0.35)
+    SqlCoreState._cleanup_expired_task_tokens(None)
+    assert len(sweeps) == 2
+
+
+def test_the_superlink_reads_its_state_through_the_throttled_sweep() -> None:
+    """flwr 1.42 sweeps before each run-status read (every Fleet request's ``check_abort``)."""
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    assert "self._cleanup_expired_task_tokens()" in inspect.getsource(SqlLinkState.get_run_status)
+    assert "_cleanup_expired_task_tokens" not in SqlLinkState.__dict__  # inherited: the class-level patch applies
+    assert "throttle_task_claim_sweeps()" in inspect.getsource(fi.run_flower_superlink)
+
+
 def test_flower_supernode_entry_point_takes_every_option_fedguard_passes(tmp_path: Path) -> None:
     """``python -m client.supernode --help`` runs the patches, then Flower's own argument parser."""
     from client.supernode import SuperNode
