@@ -588,9 +588,9 @@ def throttle_task_claim_sweeps(interval: float = TASK_CLAIM_SWEEP_S) -> None:
 
     flwr 1.42 ``SqlCoreState._cleanup_expired_task_tokens`` (two UPDATE statements, so a write
     transaction on the state database) runs before nearly every state read — on every Fleet
-    request of every node, through ``check_abort`` → ``get_run_status``. Concurrent requests then
-    queue on SQLite's single write lock, and a waiting writer sleeps in SQLite's busy handler: with
-    10 nodes fetching a round's messages at once this was where the SuperLink spent its time.
+    request of every node, through ``check_abort`` → ``get_run_status``, so concurrent requests
+    queue on SQLite's single write lock. With 10 nodes fetching a round's messages at once, a sixth
+    of the SuperLink's busy samples were in this sweep (py-spy; bench/README.md, Round overhead).
     Safe to space out: a task token is checked against its own expiry on every use
     (``get_task_by_token``), so an expired claim is never honoured; only the bookkeeping of expired
     claims (back to pending, or marked failed) may happen up to ``interval`` later. In-process only.

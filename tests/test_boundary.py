@@ -329,7 +329,9 @@ def test_fedguards_own_flows_still_work_and_stop_the_run(deployment: Deployment)
     wait_for("the run to stop", lambda: deployment.status().startswith("finished"), timeout=120)
     assert deployment.status() == "finished:stopped"
     wait_for("its ServerApp to exit", lambda: not deployment.serverapp_cmdlines(), timeout=120)
-    assert not list(sl.token_dir.iterdir())  # the token file went with it
+    # The token file goes with it: the SuperExec's reaper deletes it once it has reaped the child (an
+    # exited child's cmdline is already empty while it waits to be reaped, so this may take a moment).
+    wait_for("the task token file to be deleted", lambda: not list(sl.token_dir.iterdir()), timeout=30)
 
 
 @pytest.mark.slow
