@@ -128,8 +128,9 @@ def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None, mode: 
         clients = store.client_rounds(result.run_id)
     times = [r["finished_at"] - r["started_at"] for r in rows]
     later = times[1:] or times
-    actors = max(1, int((os.cpu_count() or 1) // cfg.simulation.client_cpus))
-    parts = round_breakdown(workdir, [r["started_at"] for r in rows], actors)
+    # local Ray: one actor per client_cpus of this machine's CPUs; on a cluster not known here, so no split
+    actors = None if ray_address else max(1, int((os.cpu_count() or 1) // cfg.simulation.client_cpus))
+    parts = round_breakdown(workdir, [r["started_at"] for r in rows], actors) if actors else []
     steady = parts[1:] or parts  # round 1 also asks every node its role
     accepted = sum(c["status"] == "accepted" for c in clients)
     return {
@@ -140,12 +141,9 @@ def one_size(n: int, rounds: int, workdir: Path, ray_address: str | None, mode: 
         "round1_s": times[0],
         "round_s": statistics.median(later),
         "per_client_call_s": statistics.median(later) / per_round,
-        # local Ray: one actor per client_cpus of this machine's CPUs; on a cluster, not known here
-        "actors": None if ray_address else actors,
+        "actors": actors,
         "breakdown": parts,
-        "cycle_s": statistics.median(p["cycle_s"] for p in steady) if steady else None,
-        "client_s": statistics.median(p["client_s"] for p in steady) if steady and not ray_address else None,
-        "fixed_s": statistics.median(p["fixed_s"] for p in steady) if steady and not ray_address else None,
+        **{k: statistics.median(p[k] for p in steady) if steady else None for k in ("cycle_s", "client_s", "fixed_s")},
         "accepted": accepted,
         "sampled": sum(r["sampled"] for r in rows),
         "server_peak_rss_mb": sampler.peak,
