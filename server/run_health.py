@@ -14,7 +14,8 @@ One read model for every place a person looks — the CLI summary (``simulate``,
   group selection adds (``fairness.count_selection_delta``);
 - without DP, no ε for the updates ("updates not private"), the counts' ε apart;
 - warnings a reviewer must not miss: a node that never contributed (e.g. refused every round),
-  a final model that is constant or skewed (``common.fairness.model_findings``).
+  a final model that is constant or skewed, or scores clearly below an earlier round's
+  (``common.fairness.model_findings``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 from common import records as R
 from common.config import RunConfig, config_from_json
 from common.errors import ConfigError
-from common.fairness import Finding, model_findings
+from common.fairness import Finding, model_findings, regression_finding
 from server.store import RunStore
 
 _LOG_ID = re.compile(r" \(node log id (\w+)\)$")  # the tail server.validation.refusal_reason puts on a refusal
@@ -199,6 +200,8 @@ def run_health(store_path: str | Path, run_id: int) -> RunHealth:
     classes = cfg.data.schema_.classes if cfg is not None else None
     fcfg = cfg.fairness if cfg is not None else None
     found = model_findings(final, fcfg, final_round, classes) if final else []
+    regressed = regression_finding(evals, fcfg)
+    found += [regressed] if regressed is not None else []
     ordered = sorted(nodes.values(), key=lambda n: (natural_key(n.name), n.node_id))
     warnings = [_never_line(n) for n in ordered if n.never_contributed]
     warnings += [f"{n.name}: a reply was lost after it may have trained; {LEDGER_NOTE}" for n in ordered

@@ -378,6 +378,56 @@ def test_without_dp_no_epsilon_is_shown_for_the_updates_and_the_counts_stand_apa
     assert "updates not private (DP disabled); fairness counts ε 0.400" in md
 
 
+def _curve(accuracies: list[float], n: int = 1500) -> dict[int, dict[str, float]]:
+    """Evaluations of rounds 0, 1, … with these held-out accuracies on ``n`` rows."""
+    return {r: {"accuracy": a, "n": float(n)} for r, a in enumerate(accuracies)}
+
+
+def test_a_final_model_below_an_earlier_round_is_called_out_with_its_curve() -> None:
+    from common.fairness import regression_finding
+
+    # issue 27's 5-node Dirichlet run, seed 1: 0.720 at round 2, 0.655 at the end
+    f = regression_finding(_curve([0.508, 0.596, 0.720, 0.655]))
+    assert f is not None and f.kind == "final_model_regressed" and f.severity == "warning"
+    assert (f.first_seen_round, f.last_seen_round, f.value) == (2, 3, 0.655)
+    assert "round 3" in f.message and "0.065 below round 2's 0.720" in f.message
+    assert "0.596, 0.720, 0.655" in f.message and "train.batch_size" in f.message
+    # the initial model's score is chance: a final model below it alone is not a regression
+    assert regression_finding(_curve([0.815, 0.62, 0.70, 0.75])) is None
+    assert regression_finding(_curve([0.5, 0.70, 0.72, 0.70])) is None  # 0.02 below: inside the 0.03 margin
+    assert regression_finding(_curve([0.5, 0.72])) is None  # one round: nothing earlier to compare with
+    # a constant model's accuracy is a class share, not skill: a later model below it is not a regression
+    const = _curve([0.5, 0.70, 0.62]) | {1: _binary(0.0, 0.3) | {"n": 1500.0}}
+    assert const[1]["accuracy"] == pytest.approx(0.70) and regression_finding(const) is None
+
+
+def test_the_regression_margin_comes_from_the_config_and_a_small_hold_out_needs_more() -> None:
+    from common.fairness import regression_finding
+
+    curve = _curve([0.5, 0.74, 0.70])
+    assert regression_finding(curve) is not None  # 0.04 below, 2 SE of 1,500 rows = 0.023
+    assert regression_finding(curve, FairnessConfig(regression_margin=0.05)) is None
+    small = _curve([0.5, 0.74, 0.70], n=178)  # 2 SE = 0.066: a 0.04 drop is the hold-out's noise
+    assert regression_finding(small, FairnessConfig(regression_margin=0.0)) is None
+    assert regression_finding(_curve([0.5, 0.74, 0.66], n=178), FairnessConfig(regression_margin=0.0)) is not None
+
+
+def test_a_regressed_final_model_is_in_the_warnings_flags_and_privacy_report(tmp_path: Path) -> None:
+    from server.privacy_report import build_privacy_report, to_markdown
+    from server.run_health import run_health
+
+    path, run = _store_run(tmp_path)
+    with RunStore(path) as store:
+        for rnd, (pos, acc) in enumerate([(0.5, 0.5), (0.45, 0.78), (0.42, 0.70)]):
+            metrics = _binary(pos, 0.42) | {"accuracy": acc, "n": 1000.0}
+            store.record_evaluation(run, rnd, metrics, None, None, "server")
+    health = run_health(path, run)
+    assert [f.kind for f in health.final_findings] == ["final_model_regressed"]
+    assert "final model regressed" in health.flags
+    assert any("0.080 below round 1's 0.780" in w for w in health.warnings)
+    assert "0.080 below round 1's 0.780" in to_markdown(build_privacy_report(path, run))
+
+
 # -- names: the kit's in deployment, never a node's own; shared names told apart; natural order -----------------------
 def test_in_deployment_without_a_server_workdir_a_node_is_named_by_its_id(tmp_path: Path) -> None:
     from server.rounds.base import Federation

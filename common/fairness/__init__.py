@@ -54,7 +54,13 @@ from common.fairness.metrics import (
     metrics_from_counts,
     roc_auc,
 )
-from common.fairness.model_findings import constant_streak, is_constant, model_findings, prediction_summary
+from common.fairness.model_findings import (
+    constant_streak,
+    is_constant,
+    model_findings,
+    prediction_summary,
+    regression_finding,
+)
 
 __all__ = [
     "CELLS",
@@ -88,6 +94,7 @@ __all__ = [
     "model_findings",
     "noisy_counts",
     "prediction_summary",
+    "regression_finding",
     "release_threshold",
     "roc_auc",
     "track_findings",

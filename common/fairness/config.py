@@ -49,6 +49,14 @@ class FairnessConfig(_Model):
         description="a model that predicts one class for this many consecutive rounds is called out in the "
         "round line, with what to try",
     )
+    regression_margin: float = Field(
+        0.03,
+        ge=0.0,
+        lt=1.0,
+        description="a final model whose held-out accuracy is more than this below an earlier round's (and more "
+        "than two standard errors of the hold-out) is called out in the run's warnings; 0 checks the standard "
+        "errors alone",
+    )
     bootstrap_n: int = Field(200, ge=0, le=100_000, description="bootstrap replicates for disparity CIs; 0: none")
     bootstrap_seed: int = Field(0, ge=0, description="fixed so a report is reproducible (not a privacy seed)")
     confidence: float = Field(0.95, gt=0.0, lt=1.0)

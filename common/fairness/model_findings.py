@@ -1,4 +1,5 @@
-"""Findings about the model itself: a constant or skewed model, on every evaluation.
+"""Findings about the model itself: a constant or skewed model on every evaluation, and a final model that
+scores clearly below an earlier round's.
 
 The fairness audit needs sensitive columns; these findings do not. They read four numbers every
 evaluation reports with its accuracy (:func:`prediction_summary`), so a model that predicts the
@@ -136,4 +137,50 @@ def constant_streak_line(rnd: int, streak: int, metrics: Mapping[str, float], cl
     return (
         f"  round {rnd}: WARNING the model has predicted one class ({top}) for every held-out row for {streak} "
         f"consecutive round(s). Try: {CONSTANT_ADVICE}"
+    )
+
+
+#: What to try when the final model scores below an earlier round's.
+REGRESSION_ADVICE = (
+    "fewer local steps per round (a larger train.batch_size, or more rounds at the same ε) and a look at the "
+    "nodes' label balance: FedAvg over nodes that each hold mostly one class swings between rounds. Picking the "
+    "round by this held-out score would overstate how the model does on new data"
+)
+
+
+def regression_finding(
+    evaluations: Mapping[int, Mapping[str, float]], cfg: FairnessConfig | None = None
+) -> Finding | None:
+    """A final model that scores clearly below an earlier round's (rounds ≥ 1 whose model was not constant:
+    the initial model's score is chance, a constant model's a class share), or None.
+
+    "Clearly": by more than ``cfg.regression_margin`` and more than two standard errors of the better round's
+    held-out accuracy, so a small hold-out's noise raises nothing. The run reports the final model; a reviewer
+    must know when it is not the best this federation produced.
+    """
+    cfg = cfg or FairnessConfig()
+    rounds = sorted(r for r in evaluations if r > 0 and "accuracy" in evaluations[r])
+    earlier = [r for r in rounds[:-1] if not is_constant(evaluations[r])]  # a class share is not a model's skill
+    if not earlier:
+        return None
+    final = rounds[-1]
+    best = max(earlier, key=lambda r: (evaluations[r]["accuracy"], -r))
+    a_best, a_final = evaluations[best]["accuracy"], evaluations[final]["accuracy"]
+    n = evaluations[best].get("n", 0.0)
+    se = float(np.sqrt(a_best * (1.0 - a_best) / n)) if n > 0 else float("inf")
+    margin = max(cfg.regression_margin, 2.0 * se)
+    if a_best - a_final <= margin:
+        return None
+    curve = ", ".join(f"{evaluations[r]['accuracy']:.3f}" for r in rounds)
+    return Finding(
+        kind="final_model_regressed",
+        severity="warning",
+        attribute="(overall)",
+        groups=[],
+        value=a_final,
+        threshold=a_best - margin,
+        first_seen_round=best,
+        last_seen_round=final,
+        message=f"the final model (round {final}) scores {a_final:.3f} on the held-out set, {a_best - a_final:.3f} "
+        f"below round {best}'s {a_best:.3f} (held-out accuracy by round: {curve}). Try: {REGRESSION_ADVICE}",
     )
