@@ -13,8 +13,9 @@ FT-Transformer with DP-SGD — and submits the run with ``flwr run``:
   long-lived executor (installed ClientApp, torch stays imported); the ServerApp polls every 0.2 s
   and retries reply objects a node is still uploading after 20 ms instead of 1 s/2 s/4 s
   (``flower_internals.fast_reply_pulls``); the SuperNode's hard-coded 3 s idle wait between Fleet
-  pulls is cut to 1 s and its object-retry backoff to 50 ms (``SuperNode(fleet_poll_interval=1.0)``,
-  the default; ``flower_internals.shorten_fleet_poll``).
+  pulls is cut to 1 s, 0.25 s for 5 s after the node handled a message, and its object-retry
+  backoff to 50 ms (``SuperNode(fleet_poll_interval=1.0)``, the default;
+  ``flower_internals.shorten_fleet_poll``).
 - ``executor-3s-fleet-poll``: as ``executor`` with the SuperNode's own 3 s wait and backoff
   (``fleet_poll_interval=None``): what the node-side polling change buys, in the same run.
 

@@ -118,7 +118,9 @@ class SuperNode:
         (1 s; ``None`` keeps Flower's) shortens the SuperNode's fixed 3 s idle wait between pulls
         from the SuperLink and its object-retry backoff (a patch of Flower internals): with the model
         packed as one Array (``common.codec``) that wait was most of a round's overhead —
-        bench/round_overhead.py, 3 nodes: 4.2 s → 2.5 s, for ~2 points more idle CPU.
+        bench/round_overhead.py, 3 nodes: 4.2 s → 2.5 s, for ~2 points more idle CPU. For 5 s after
+        the node handled a message the wait is 0.25 s (``flower_internals.BUSY_POLL_S``): the next
+        round's message is due then.
         ``progress_terminal`` (the owner's terminal, ``fedguard client start`` in the foreground): the
         executor prints each task's start and end there and draws local training's bar; a stream that
         is not a terminal (or a ``TERM=dumb`` one) is ignored: the executor's log has the same lines."""

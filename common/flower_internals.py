@@ -391,17 +391,26 @@ def take_over_crashed_session(node_id: int) -> None:
     FleetHttpClient.ActivateNode = activate  # type: ignore[method-assign]
 
 
-def shorten_fleet_poll(interval: float) -> None:
+#: After the node handled a message, it pulls every BUSY_POLL_S for BUSY_WINDOW_S: in a run the next round's
+#: message comes seconds after the reply, and an idle node still polls at the slower interval.
+BUSY_POLL_S = 0.25
+BUSY_WINDOW_S = 5.0
+
+
+def shorten_fleet_poll(interval: float, busy: float = BUSY_POLL_S, window: float = BUSY_WINDOW_S) -> None:
     """Experimental: shorten flower-supernode's hard-coded sleeps, in this process only.
 
     flwr 1.42 ``supernode/start_client_internal.py`` sleeps 3 s after an empty pull and 0.5 s
     while waiting for a reply (module-level ``time.sleep`` calls), and retries message objects
     the ServerApp is still uploading after 1 s, 2 s, 4 s ... (``pull_objects``); all three are
-    shortened here.
+    shortened here. The wait after an empty pull adapts: ``busy`` for ``window`` seconds after the
+    node last waited for a reply (it is in a run: the next round's message is due), else ``interval``.
     """
     import time as _time
 
     import flwr.supernode.start_client_internal as sci
+
+    last_reply_wait = [-float("inf")]
 
     class _Clock:
         def __getattr__(self, name: str) -> Any:
@@ -409,7 +418,12 @@ def shorten_fleet_poll(interval: float) -> None:
 
         @staticmethod
         def sleep(seconds: float) -> None:
-            _time.sleep(interval if seconds >= 3 else min(seconds, 0.1))
+            now = _time.monotonic()
+            if seconds < 3:  # waiting for the ClientApp's reply (or a reply object): the node is in a run
+                last_reply_wait[0] = now
+                _time.sleep(min(seconds, 0.1))
+            else:  # after an empty pull
+                _time.sleep(busy if now - last_reply_wait[0] < window else interval)
 
     sci.time = _Clock()  # type: ignore[assignment]
     sci.pull_objects = functools.partial(  # type: ignore[assignment]

@@ -353,6 +353,25 @@ def test_shorten_fleet_poll_shortens_the_supernodes_sleeps(monkeypatch: pytest.M
     assert sci.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
 
 
+def test_the_fleet_poll_is_fast_right_after_a_reply_and_slow_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a run the next round's message is due seconds after a reply: pull every 0.25 s then; an idle node
+    keeps the slower interval (its polling costs CPU on the node and the SuperLink)."""
+    import flwr.supernode.start_client_internal as sci
+
+    monkeypatch.setattr(sci, "time", sci.time)
+    monkeypatch.setattr(sci, "pull_objects", sci.pull_objects)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    fi.shorten_fleet_poll(1.0, busy=0.25, window=5.0)
+    sci.time.sleep(3)  # idle: nothing handled yet
+    sci.time.sleep(0.5)  # waiting for the ClientApp's reply
+    sci.time.sleep(3)  # right after the reply
+    later = time.monotonic() + 6.0
+    monkeypatch.setattr(time, "monotonic", lambda: later)  # 6 s without a reply: idle again
+    sci.time.sleep(3)
+    assert slept == [1.0, 0.1, 0.25, 1.0]
+
+
 def _sql_core_state(tmp_path: Path) -> Any:
     """Flower's own SQL core state on a fresh SQLite file (the SuperLink's, minus its link-state half)."""
     from flwr.supercore.corestate.sql_corestate import SqlCoreState
