@@ -418,8 +418,10 @@ def test_the_bench_and_the_cli_run_the_same_federation(tmp_path: Path) -> None:
 
     from bench.utility import partition_summary, read_run, run_config, write_dataset
 
-    data, schema = write_dataset("spam", tmp_path / "data")
-    raw = run_config(data, schema, split="dir0.5", epsilon=8.0, seed=3, method="fedguard", rounds=3)
+    # A cell whose 3-round curve is stable across DP draws: spam's seed 3 swung by 0.13 between two runs of the
+    # same config, which says nothing about the two paths.
+    data, schema = write_dataset("computers", tmp_path / "data")
+    raw = run_config(data, schema, split="dir0.5", epsilon=8.0, seed=4, method="fedguard", rounds=3)
     assert "train" not in raw and "server" not in raw  # the product's defaults, as a user gets them
     raw_file = tmp_path / "raw.json"
     raw_file.write_text(json.dumps(raw), encoding="utf-8")
@@ -442,4 +444,9 @@ def test_the_bench_and_the_cli_run_the_same_federation(tmp_path: Path) -> None:
     assert len(bench["sigmas"]) == 5 and bench["sigmas"] == pytest.approx(cli["sigmas"], rel=1e-9)
     assert bench["accepted"] == cli["accepted"] == 5 * 3  # every node trained every round, in both
     assert bench["status"] == cli["status"] == "finished"
-    assert abs(bench["accuracy"] - cli["accuracy"]) <= 0.1, (bench["curve"], cli["curve"])
+    # Within DP noise: the mean held-out accuracy of rounds 1-3 (eight runs of this config: 0.755-0.792; the last
+    # round alone: 0.728-0.804, one DP draw can swing a round).
+    def mean(run: dict) -> float:
+        return sum(c["accuracy"] for c in run["curve"] if c["round"] > 0) / 3
+
+    assert abs(mean(bench) - mean(cli)) <= 0.08, (bench["curve"], cli["curve"])
