@@ -423,7 +423,7 @@ def shorten_fleet_poll(interval: float, busy: float = BUSY_POLL_S, window: float
                 last_reply_wait[0] = now
                 _time.sleep(min(seconds, 0.1))
             else:  # after an empty pull
-                _time.sleep(busy if now - last_reply_wait[0] < window else interval)
+                _time.sleep(min(busy, interval) if now - last_reply_wait[0] < window else interval)
 
     sci.time = _Clock()  # type: ignore[assignment]
     sci.pull_objects = functools.partial(  # type: ignore[assignment]
