@@ -26,9 +26,8 @@ DEFAULT_BUDGET_DELTA = 1e-5
 
 #: The recommended recipes, chosen and checked on ``fedguard simulate``'s path. A run config gets its
 #: model's recipe (``RECIPE_OF_MODEL``) for every ``[train]`` and ``[dp]`` field it leaves out, and the
-#: whole ``[server.optimizer]`` table when it has none; explicit values always win. ``rounds`` is what
-#: the benchmark trained: the demo's default and the guidance ``fedguard models`` prints (a config's own
-#: ``rounds``, default 3, sets the length of a run).
+#: whole ``[server.optimizer]`` table when it has none, and the recipe's ``rounds`` when it sets none;
+#: explicit values always win (``fedguard models`` prints each recipe).
 #:
 #: - ``tabular`` (``ft-transformer``; ``bench/utility.py``, 10 rounds): Adam with a small client learning
 #:   rate on batches of 64 for two local epochs (enough DP steps per round for nodes of a few hundred
@@ -52,10 +51,10 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "run": {"rounds": 10},
     },
     "text": {
-        "train": {"local_epochs": 1, "batch_size": 64, "learning_rate": 0.01, "optimizer": "adam"},
+        "train": {"local_epochs": 1, "batch_size": 128, "learning_rate": 0.01, "optimizer": "adam"},
         "dp": {"max_grad_norm": 1.0},
         "server.optimizer": {"name": "fedavg"},
-        "run": {"rounds": 3},
+        "run": {"rounds": 6},
     },
     "text-scratch": {
         "train": {"local_epochs": 1, "batch_size": 64, "learning_rate": 0.01, "optimizer": "adam"},
@@ -148,7 +147,8 @@ def recipe_for(model: str, task: str) -> dict[str, dict[str, Any]]:
 
 def apply_recipe(raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` with its task's default model (when it names none) and that model's recipe filling
-    what it leaves out (explicit values win).
+    what it leaves out, ``rounds`` included (explicit values win): a config that sets nothing runs what
+    the benchmark measured.
 
     A ``[train]`` table that names another optimizer than the recipe's keeps the class defaults for
     ``learning_rate`` and ``momentum``: a learning rate tuned for Adam is wrong for SGD.
@@ -180,6 +180,7 @@ def apply_recipe(raw: dict[str, Any]) -> dict[str, Any]:
     server = out.get("server", {})
     if isinstance(server, dict) and "optimizer" not in server:
         out["server"] = {**server, "optimizer": dict(recipe["server.optimizer"])}
+    out.setdefault("rounds", recipe["run"]["rounds"])
     return out
 
 
@@ -462,6 +463,8 @@ class RunConfig(_Strict):
     name: str = "fedguard-run"
     #: Drives data splits, model initialisation and client selection — never DP noise.
     seed: int = 0
+    #: A config that sets none gets its model's recipe's rounds (``apply_recipe``); this default is
+    #: for a config validated without a known task.
     rounds: int = Field(3, ge=1, le=10_000)
     #: Nodes sampled per round (capped at those online).
     clients_per_round: int = Field(3, ge=1)

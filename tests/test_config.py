@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RECIPES, TrainConfig, config_from_json, load_config, recipe_for
+from common.config import RECIPES, RunConfig, TrainConfig, config_from_json, load_config, recipe_for
 from common.errors import ConfigError
 from common.schema import load_schema
 
@@ -159,6 +159,12 @@ def test_a_config_without_train_or_server_optimizer_gets_its_tasks_recipe(tmp_pa
         assert cfg.server.optimizer.model_dump(exclude_none=True) == recipe["server.optimizer"]
         assert cfg.data.validation_fraction == 0.1
         assert cfg.dp.target_epsilon == 3.0  # the file's own [dp] value stays
+        assert cfg.rounds == 2  # the file's own rounds stay
+        # a config without rounds runs as many as its recipe was benchmarked with, not a class default
+        cfg = load_config(write(tmp_path, text.replace("rounds = 2\n", "")))
+        assert cfg.rounds == recipe["run"]["rounds"], task
+    # the tabular case tells the recipe's rounds from the class default
+    assert RECIPES["tabular"]["run"]["rounds"] != RunConfig.model_fields["rounds"].default
 
 
 def test_explicit_values_win_over_the_recipe(tmp_path: Path) -> None:
