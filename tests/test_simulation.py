@@ -38,7 +38,8 @@ def test_cli_simulation_records_both_rounds(tmp_path: Path) -> None:
         clients = store.client_rounds(summary["run_id"])
         evals = store.evaluations(summary["run_id"])
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["accepted"] == 2 and r["aggregated"] == 1 for r in rounds)
+    # on failure, say which round lost which node and why (a flake seen once in a loaded full run)
+    assert all(r["accepted"] == 2 and r["aggregated"] == 1 for r in rounds), (rounds, proc.stdout[-3000:])
     assert len(clients) == 4 and all(0 < c["epsilon"] <= 4.0 for c in clients)
     assert sorted(evals) == [0, 1, 2]
     assert "round 2/2" in proc.stdout
