@@ -40,7 +40,7 @@ DEFAULT_BUDGET_DELTA = 1e-5
 #:   average twice as often (``bench/text_utility.py``, movie-review snippets, ε = 8: 5 nodes Dirichlet
 #:   0.5, seeds 1 and 2, 0.715 and 0.699 against 0.655 and 0.604 with 3 rounds at batch 64; IID and 3
 #:   skewed nodes unchanged or better). Twice the training time of the 3-round recipe.
-#: - ``text-scratch`` (``text-transformer``, trained from scratch; 3 rounds): the same settings. They
+#: - ``text-scratch`` (``text-transformer``, trained from scratch; 3 rounds): Adam 0.01 at batch 64. They
 #:   learned the demo's tweets at ε = 8 (0.74–0.83, majority 0.53, 950–1,600 rows per node) but ended on
 #:   the majority class on movie reviews with ~2,000 rows per node, so the DP plan warns at such sizes
 #:   (``MIN_ROWS_PER_NODE``).
