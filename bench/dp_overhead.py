@@ -10,13 +10,18 @@ has the same under ``summary``.
 Method: one process, one torch thread, the same model init, optimizer (SGD) and fixed-size batches
 for plain and every mode; rounds of steps are interleaved in shuffled order and repeated, and the
 median samples per CPU-second is reported (process CPU time, not wall time: another process's load
-stretches wall time far more). Batches are fixed-size (``poisson_sampling=False``) so every engine
-sees the same work; Poisson sampling itself costs next to nothing. ``× plain`` = plain samples/s ÷
-mode samples/s (the slowdown). Peak memory is the peak resident-set growth of a fresh child process
+stretches wall time far more; on CUDA, wall time with synchronisation, since the work is on the
+GPU). Batches are fixed-size (``poisson_sampling=False``) so every engine sees the same work;
+Poisson sampling itself costs next to nothing. ``× plain`` = plain samples/s ÷ mode samples/s (the
+slowdown). Peak memory is the peak resident-set growth of a fresh child process
 over its first 5 steps (Linux: high-water mark reset via /proc/self/clear_refs, then VmHWM − VmRSS;
-process-isolated, so modes do not hide each other's peaks; includes allocator slack).
+process-isolated, so modes do not hide each other's peaks; includes allocator slack); on CUDA, the
+growth of ``torch.cuda.max_memory_allocated`` over a fresh trainer's first 5 steps, in-process (a
+child would spend seconds initialising CUDA; tensors only, no allocator cache).
 
-    python bench/dp_overhead.py [--quick] [--models ft-transformer] [--batch-size 64 256]
+``--device auto`` (the default) trains on CUDA when torch sees a GPU, like a node does.
+
+    python bench/dp_overhead.py [--quick] [--device auto] [--models ft-transformer] [--batch-size 64 256]
                                 [--params '{"d_model": 64}'] [--out bench/results/dp_overhead.json]
 """
 
@@ -46,6 +51,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from client.training import BK_MODE, PrivacyEngine, auto_grad_sample_mode  # noqa: E402
+from common.devices import resolve_device  # noqa: E402
 from common.models import MODELS, build_model, count_parameters  # noqa: E402
 from common.schema import DataSchema  # noqa: E402
 
@@ -106,17 +112,23 @@ assert set(WORKLOADS) == set(MODELS), "bench/dp_overhead.py: add a workload for 
 class Trainer:
     """A model + optimizer (+ Opacus wrapping for DP modes) that can run k steps on fixed batches."""
 
-    def __init__(self, name: str, mode: str, params: dict[str, Any], batch: int, seq_len: int) -> None:
+    def __init__(
+        self, name: str, mode: str, params: dict[str, Any], batch: int, seq_len: int, device: str = "cpu"
+    ) -> None:
         self.mode = mode
+        self.device = torch.device(device)
         schema = WORKLOADS[name]()
         torch.manual_seed(0)
-        model = build_model(name, schema, params)
+        model = build_model(name, schema, params).to(self.device)
         model.train()
         self.n_params = count_parameters(model)
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         crit: nn.Module = nn.CrossEntropyLoss()
         x, y = synthetic_data(schema, N_ROWS, seq_len)
-        self.batches = [(x[i : i + batch], y[i : i + batch]) for i in range(0, N_ROWS - batch + 1, batch)]
+        self.batches = [
+            (x[i : i + batch].to(self.device), y[i : i + batch].to(self.device))
+            for i in range(0, N_ROWS - batch + 1, batch)
+        ]
         self.batch = batch
         self.i = 0
         if mode != "plain":
@@ -137,12 +149,17 @@ class Trainer:
         self.model, self.opt, self.crit = model, opt, crit
 
     def steps(self, k: int) -> float:
-        """Run k optimizer steps; return the process CPU seconds they took.
+        """Run k optimizer steps; return the seconds they took: process CPU time, or wall time on CUDA.
 
-        CPU time, not wall time: on a shared machine another process's load stretches wall time
-        much more than the CPU time of a single-threaded loop (cache and core sharing remain).
+        CPU time, not wall time, on the CPU: on a shared machine another process's load stretches
+        wall time much more than the CPU time of a single-threaded loop (cache and core sharing
+        remain). On CUDA the work runs on the GPU, so wall time between synchronisations.
         """
-        t0 = time.process_time()
+        cuda = self.device.type == "cuda"
+        clock = time.perf_counter if cuda else time.process_time
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = clock()
         for _ in range(k):
             xb, yb = self.batches[self.i % len(self.batches)]
             self.i += 1
@@ -150,7 +167,9 @@ class Trainer:
             loss = self.crit(self.model(xb), yb)
             loss.backward()
             self.opt.step()
-        return time.process_time() - t0
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        return clock() - t0
 
 
 def _proc_kib(field: str) -> int:
@@ -182,6 +201,24 @@ def memory_child(name: str, mode: str, params: dict[str, Any], batch: int, seq_l
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, "ru_maxrss"
 
 
+def cuda_memory(name: str, mode: str, params: dict[str, Any], batch: int, seq_len: int, device: str) -> float:
+    """On CUDA: growth of the allocated-tensor high-water mark over a fresh trainer's first 5 steps (MiB).
+
+    Fresh, as the CPU child is: a trainer that has already stepped holds its per-sample gradients
+    between steps, so its growth over later steps would hide them.
+    """
+    dev = torch.device(device)
+    tr = Trainer(name, mode, params, batch, seq_len, device)
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    tr.steps(5)
+    peak = torch.cuda.max_memory_allocated(dev)
+    del tr
+    torch.cuda.empty_cache()
+    return round((peak - base) / 2**20, 1)
+
+
 def measure_memory(name: str, mode: str, params: dict[str, Any], batch: int, seq_len: int) -> float | None:
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); from bench.dp_overhead import memory_child;"
@@ -210,7 +247,15 @@ def role(name: str, mode: str) -> str:
 
 
 def bench_model(
-    name: str, params: dict[str, Any], batch: int, seq_len: int, *, repeats: int, round_s: float, memory: bool
+    name: str,
+    params: dict[str, Any],
+    batch: int,
+    seq_len: int,
+    *,
+    repeats: int,
+    round_s: float,
+    memory: bool,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     trainers: dict[str, Trainer] = {}
     rows: list[dict[str, Any]] = []
@@ -218,7 +263,7 @@ def bench_model(
     modes = modes_for(name)
     for mode in ("plain", *modes):
         try:
-            tr = Trainer(name, mode, params, batch, seq_len)
+            tr = Trainer(name, mode, params, batch, seq_len, device)
             tr.steps(3)  # warm-up, and surfaces modes that fail on the first step
             trainers[mode] = tr
         except Exception as exc:  # report, don't crash: a failing mode is a result
@@ -252,7 +297,9 @@ def bench_model(
                 samples_per_s_runs=[round(v, 1) for v in sps[mode]],
                 cost_vs_plain=round(plain / med, 3),
             )
-            if memory:
+            if memory and torch.device(device).type == "cuda":
+                row["peak_mem_mib"] = cuda_memory(name, mode, params, batch, seq_len, device)
+            elif memory:
                 row["peak_mem_mib"] = measure_memory(name, mode, params, batch, seq_len)
         rows.append(row)
     return rows
@@ -276,6 +323,29 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['model']:<18} {r['params']:>8,} {r['batch_size']:>5} {r['mode']:<10} {r['role']:<11} "
             f"{r['samples_per_s']:>10.0f} {r['cost_vs_plain']:>7.2f}× {mem_s}"
         )
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The bench/README table: per model and batch, plain samples/s (peak) and each engine's × plain / peak MiB."""
+    lines = [
+        "| model | batch | plain samples/s (peak) | " + " | ".join(MODES) + " |",
+        "|---|---|---|" + "---|" * len(MODES),
+    ]
+    for key in dict.fromkeys((r["model"], r["batch_size"]) for r in rows):
+        by_mode = {r["mode"]: r for r in rows if (r["model"], r["batch_size"]) == key and r["status"] == "ok"}
+
+        def mem(r: dict[str, Any]) -> str:
+            return f"{r['peak_mem_mib']:,.0f}" if isinstance(r.get("peak_mem_mib"), float) else "-"
+
+        cells = []
+        for mode in MODES:
+            r = by_mode.get(mode)
+            cell = "—" if r is None else f"{r['cost_vs_plain']:.2f}× / {mem(r)}"
+            cells.append(f"**{cell}**" if r is not None and "auto" in r["role"] else cell)
+        plain = by_mode.get("plain")
+        first = "failed" if plain is None else f"{plain['samples_per_s']:,.0f} ({mem(plain)} MiB)"
+        lines.append(f"| {key[0]} | {key[1]} | {first} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -315,11 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="{}", help="JSON hyper-parameter overrides, e.g. '{\"d_model\": 64}'")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dp_overhead.json")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    dev = resolve_device(args.device, where="--device")
+    cuda = dev.type == "cuda"
+    print(f"device: {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if cuda else ""), flush=True)
     repeats = args.repeats or (3 if args.quick else 9)
     round_s = 0.15 if args.quick else 0.4
     params = json.loads(args.params)
@@ -336,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             repeats=repeats,
             round_s=round_s,
             memory=not (args.quick or args.no_memory),
+            device=str(dev),
         )
     print_table(rows)
+    print("\n" + markdown_table(rows) + "\n")
     summary = summarize(rows)
     for s in summary:
         print(
@@ -353,12 +429,17 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
         "repeats": repeats,
         "seq_len": args.seq_len,
         "params_override": params,
-        "memory_metric": "peak RSS growth (MiB, VmHWM - VmRSS after clear_refs) of a fresh child over 5 steps",
+        "memory_metric": "growth of torch.cuda.max_memory_allocated over a fresh trainer's first 5 steps (MiB)"
+        if cuda
+        else "peak RSS growth (MiB, VmHWM - VmRSS after clear_refs) of a fresh child over 5 steps",
         "optimizer": "SGD lr=0.05",
-        "timing": "samples per process-CPU-second, median of interleaved rounds; batches fixed-size",
+        "timing": ("samples per wall-second (CUDA, synchronised)" if cuda else "samples per process-CPU-second")
+        + ", median of interleaved rounds; batches fixed-size",
     }
     out = {"meta": meta, "summary": summary, "rows": rows}
     args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

@@ -127,6 +127,37 @@ def _timed(v: Variant, steps: int, cuda: bool) -> float:
     return (time.perf_counter() if cuda else time.process_time()) - t0
 
 
+_KIND = {"lora": "LoRA", "full": "full (embeddings frozen)", "full+emb": "full+embeddings"}
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """The bench/README table: one row per variant, samples/s, × plain and peak MiB per run (batch size).
+
+    ``(default)`` and bold mark the engine FedGuard uses for that model (``auto``).
+    """
+    from client.training import auto_grad_sample_mode
+
+    head = "| variant | trainable |" + "".join(
+        f" batch {r['batch_size']}: samples/s | × plain | peak MiB |" for r in results
+    )
+    lines = [head, "|---|---:|" + "---:|---:|---:|" * len(results)]
+    for i, row in enumerate(results[0]["rows"]):
+        kind, mode = row["variant"].split(" ")[0], row["grad_sample_mode"]
+        default = mode == auto_grad_sample_mode(row["model"].removesuffix("+emb"))
+        label = f"{_KIND.get(kind, kind)} {'plain' if mode == 'plain' else 'DP ' + mode}" + (
+            " (default)" if default else ""
+        )
+        cells = []
+        for res in results:
+            r = res["rows"][i]
+            ratio = f"{r['x_plain']:.2f}"
+            cells.append(
+                f"{r['samples_per_s']:,.0f} | {f'**{ratio}**' if default else ratio} | {r['peak_memory_mib']:,.0f}"
+            )
+        lines.append(f"| {label} | {row['trainable_parameters']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-size", type=int, default=32)
@@ -213,6 +244,7 @@ def main() -> None:
         "unit": unit,
         "rows": rows,
     }
+    print("\n" + markdown_table([out]) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
