@@ -301,8 +301,13 @@ def partition_summary(
     return out
 
 
+#: A prior-calibrated run's per-round accuracy of the model's own decisions (``common.evaluation``).
+UNCALIBRATED_ACCURACY = "uncalibrated_accuracy"
+
+
 def read_run(store_path: Path, run_id: int) -> dict[str, Any]:
-    """Held-out metrics per round, and each training node's σ, ε, statuses and refusal reasons."""
+    """Held-out metrics per round (prior-calibrated runs: the model's own accuracy too), and each training
+    node's σ, ε, statuses and refusal reasons."""
     from server.store import RunStore
 
     with RunStore(store_path) as store:
@@ -325,7 +330,9 @@ def read_run(store_path: Path, run_id: int) -> dict[str, Any]:
         "accuracy": evals[last]["accuracy"],
         "macro_f1": evals[last]["macro_f1"],
         "curve": [
-            {"round": rnd, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for rnd, m in sorted(evals.items())
+            {"round": rnd, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+            | ({UNCALIBRATED_ACCURACY: m[UNCALIBRATED_ACCURACY]} if UNCALIBRATED_ACCURACY in m else {})
+            for rnd, m in sorted(evals.items())
         ],
         "sigmas": sorted(n["sigma"] for n in nodes.values() if n["sigma"] is not None),
         "epsilon_max": max((n["epsilon"] for n in nodes.values() if n["epsilon"] is not None), default=None),

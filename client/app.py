@@ -341,7 +341,7 @@ def _score(model: torch.nn.Module, cfg: RunConfig, settings: NodeSettings, round
     """
     torch.set_num_threads(max(cfg.train.threads, usable_cpus()))
     data = _node_data(settings, cfg)
-    metrics, audit, policy = score_held_out(model, data, cfg, round_)  # policy: thresholds runs only
+    metrics, audit, policy, calibration = score_held_out(model, data, cfg, round_)  # thresholds / calibration runs
     node_logger(settings.workdir).info("round %s: evaluated %d held-out rows: %s", round_, len(data), metrics)
     audit_record = ConfigRecord(
         {
@@ -351,6 +351,8 @@ def _score(model: torch.nn.Module, cfg: RunConfig, settings: NodeSettings, round
     )
     if policy is not None:
         audit_record[R.THRESHOLD_POLICY_JSON] = policy.model_dump_json()
+    if calibration is not None:
+        audit_record[R.CALIBRATION_JSON] = calibration.model_dump_json()
     return RecordDict({R.EVALUATION: MetricRecord(metrics), R.AUDIT: audit_record})
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.calibration import PriorCalibration, apply_offsets, cross_fitted
 from common.data import Encoded
 from common.errors import ConfigError
 from common.fairness import Audit, FairnessConfig, audit, dataset_fingerprint, prediction_summary
@@ -21,6 +22,16 @@ from common.tokenizer import PAD_ID
 
 if TYPE_CHECKING:
     from common.config import RunConfig
+
+
+#: Prefix of the metrics of the model's own decisions when the reported ones are prior-calibrated.
+UNCALIBRATED = "uncalibrated_"
+
+
+def calibration_note(metrics: dict[str, float]) -> str:
+    """What to print after a calibrated accuracy: that it is calibrated, and the model's own ("" otherwise)."""
+    own = metrics.get(f"{UNCALIBRATED}accuracy")
+    return "" if own is None else f" (prior-calibrated; the model's own decisions {own:.3f})"
 
 
 @torch.no_grad()
@@ -78,20 +89,42 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int = 512) -> dict[str
 
 
 def evaluate_and_audit(
-    model: nn.Module, data: Encoded, fairness: FairnessConfig, policy: ThresholdPolicy | None = None
+    model: nn.Module,
+    data: Encoded,
+    fairness: FairnessConfig,
+    policy: ThresholdPolicy | None = None,
+    calibration: PriorCalibration | None = None,
 ) -> tuple[dict[str, float], Audit | None]:
     """Metrics (with what the model predicted overall) plus the fairness audit over the sensitive groups
-    (binary tasks with sensitive columns). With ``policy``, of the decisions after its group thresholds
-    (the loss is the model's own: thresholds change decisions, not probabilities)."""
+    (binary tasks with sensitive columns). With ``policy``, of the decisions after its group thresholds;
+    with ``calibration``, after its per-class offsets, the model's own decisions kept as
+    ``uncalibrated_*`` (the loss is the model's own: both change decisions, not probabilities)."""
     probs, loss = predict(model, data)
-    return _audit_predictions(probs, loss, data, fairness, policy)
+    if calibration is None:
+        return _audit_predictions(probs, loss, data, fairness, policy)
+    metrics, found = _audit_predictions(probs, loss, data, fairness, decided=apply_offsets(probs, calibration.offsets))
+    return metrics | _uncalibrated(probs, loss, data), found
+
+
+def _uncalibrated(probs: np.ndarray, loss: float, data: Encoded) -> dict[str, float]:
+    own = _metrics(data.y.numpy(), probs.argmax(-1), loss)
+    return {f"{UNCALIBRATED}{k}": own[k] for k in ("accuracy", "macro_f1")}
 
 
 def _audit_predictions(
-    probs: np.ndarray, loss: float, data: Encoded, fairness: FairnessConfig, policy: ThresholdPolicy | None = None
+    probs: np.ndarray,
+    loss: float,
+    data: Encoded,
+    fairness: FairnessConfig,
+    policy: ThresholdPolicy | None = None,
+    decided: np.ndarray | None = None,
 ) -> tuple[dict[str, float], Audit | None]:
+    """``decided``: the decisions to score when they are not the model's own argmax (prior calibration)."""
     y_true = data.y.numpy()
-    y_pred = probs.argmax(-1) if policy is None else apply_thresholds(policy, probs, data.groups)
+    if decided is not None:
+        y_pred = decided
+    else:
+        y_pred = probs.argmax(-1) if policy is None else apply_thresholds(policy, probs, data.groups)
     # What the model predicted overall goes with every evaluation: the model findings (a constant or
     # skewed model) need no sensitive columns (common.fairness.model_findings).
     metrics = _metrics(y_true, y_pred, loss) | prediction_summary(y_true, y_pred, probs.shape[1])
@@ -102,12 +135,23 @@ def _audit_predictions(
 
 def score_held_out(
     model: nn.Module, data: Encoded, cfg: RunConfig, round_: int | None = None
-) -> tuple[dict[str, float], Audit | None, ThresholdPolicy | None]:
+) -> tuple[dict[str, float], Audit | None, ThresholdPolicy | None, PriorCalibration | None]:
     """A round's scoring of the global model on a held-out set (the evaluator's, or the server's own file):
-    metrics, the fairness audit and, in a thresholds run, the fitted policy — from one inference pass."""
+    metrics, the fairness audit, in a thresholds run the fitted policy and with ``[evaluation]
+    calibration = "prior"`` the fitted calibration — from one inference pass.
+
+    With calibration every metric, finding and the audit describe the calibrated decisions, each row
+    decided with offsets fitted on the other fold (``common.calibration.cross_fitted``); the model's own
+    decisions are kept as ``uncalibrated_accuracy`` and ``uncalibrated_macro_f1``."""
     probs, loss = predict(model, data)
-    metrics, found = _audit_predictions(probs, loss, data, cfg.fairness)
-    return metrics, found, _fit_policy(probs, data, cfg, round_)
+    decided, calibration = None, None
+    if cfg.evaluation.calibration == "prior" and len(data):
+        classes = cfg.data.schema_.classes
+        decided, calibration = cross_fitted(probs, data.y.numpy(), classes, seed=cfg.seed, round_=round_)
+    metrics, found = _audit_predictions(probs, loss, data, cfg.fairness, decided=decided)
+    if calibration is not None:
+        metrics |= _uncalibrated(probs, loss, data)
+    return metrics, found, _fit_policy(probs, data, cfg, round_), calibration
 
 
 def threshold_policy(

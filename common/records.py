@@ -90,6 +90,7 @@ NODE_NAME = "node-name"  # the name the operator knows the node by (its kit name
 AUDIT_JSON = "audit-json"
 PROVENANCE_JSON = "provenance-json"
 THRESHOLD_POLICY_JSON = "threshold-policy-json"  # [mitigation] thresholds: the evaluator's fitted group thresholds
+CALIBRATION_JSON = "calibration-json"  # [evaluation] calibration = "prior": the evaluator's per-class offsets
 
 # Keys of the CONFIG record for [mitigation] (server → node).
 REWEIGHING_JSON = "reweighing-json"  # group → label → per-record weight (≤ 1), from DP counts or public priors
@@ -185,8 +186,16 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         "positive_rate": "evaluation",
         "base_rate": "evaluation",
         "true_classes": "evaluation",  # how many classes the held-out labels hold (a count, not the labels)
+        # [evaluation] calibration = "prior": the model's own decisions, beside the calibrated ones.
+        "uncalibrated_accuracy": "evaluation",
+        "uncalibrated_macro_f1": "evaluation",
     },
-    AUDIT: {AUDIT_JSON: "evaluation", PROVENANCE_JSON: "evaluation", THRESHOLD_POLICY_JSON: "evaluation"},
+    AUDIT: {
+        AUDIT_JSON: "evaluation",
+        PROVENANCE_JSON: "evaluation",
+        THRESHOLD_POLICY_JSON: "evaluation",
+        CALIBRATION_JSON: "evaluation",  # offsets and class shares of the evaluator's own held-out rows
+    },
     HE: {
         HE_SIGNATURE: "public",
         HE_ENCRYPT_SECONDS: "public",

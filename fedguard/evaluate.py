@@ -20,6 +20,12 @@ and every number, the audit and ``--predictions`` describe the decisions after t
 and reports before/after on the rest. Either way the report says that the thresholds need the
 sensitive attribute at prediction time.
 
+Prior calibration (``[evaluation] calibration = "prior"``, :mod:`common.calibration`): the run's
+``calibration.json`` beside its checkpoints holds per-class offsets fitted by the evaluator for the
+latest round's model. It is applied to that round's checkpoint by default (the decisions the run
+reported), never to another round's; ``--calibration FILE`` applies a given one, ``--calibration
+none`` scores the model's own decisions. The model's own accuracy and macro-F1 are reported beside.
+
 The evaluation helpers run on the CPU (``common.evaluation.predict`` returns CPU arrays and takes no
 device), so this command does too.
 """
@@ -42,6 +48,7 @@ if TYPE_CHECKING:  # imported where used: `fedguard --help` stays fast
     import numpy as np
     import pandas as pd
 
+    from common.calibration import PriorCalibration
     from common.config import RunConfig
     from common.data import Encoded
     from common.fairness.thresholds import Summary, ThresholdPolicy
@@ -55,6 +62,9 @@ Progress = Callable[[str], None]
 MODEL_FIELDS = ("task", "text_column", "features", "label", "classes")
 
 _RUN_DIR = re.compile(r"^run-(\d+)$")
+#: The file the server writes beside a run's checkpoints (``server.rounds.base.CALIBRATION_FILE``).
+CALIBRATION_FILE = "calibration.json"
+NO_CALIBRATION = "none"
 _DEFAULT_STORE = "runs.db"
 
 
@@ -80,6 +90,8 @@ class Evaluation:
     applied: ThresholdPolicy | None = None
     #: The group thresholds fitted on a calibration part of the data (``--fit-thresholds``), or None.
     fitted: ThresholdPolicy | None = None
+    #: The prior calibration the decisions went through (``--calibration``, or the run's own), or None.
+    calibration: PriorCalibration | None = None
 
 
 @dataclass(frozen=True)
@@ -306,11 +318,13 @@ def run_evaluation(
     with_predictions: bool = False,
     thresholds_path: Path | None = None,
     fit: FitRequest | None = None,
+    calibration: str | None = None,
 ) -> Evaluation:
     """Load, check and evaluate a checkpoint; see the module docstring.
 
     ``thresholds_path``: apply that policy to the decisions; ``fit``: fit a policy on a calibration part
-    of the data (returned as ``Evaluation.fitted``; the metrics and audit are the model's own).
+    of the data (returned as ``Evaluation.fitted``; the metrics and audit are the model's own);
+    ``calibration``: a calibration file to apply, ``"none"``, or None for the run's own (if any).
     """
     import numpy as np
 
@@ -327,12 +341,18 @@ def run_evaluation(
     schema = load_schema(schema_path)  # cheap checks first: a bad schema fails before anything heavy
     if thresholds_path is not None and fit is not None:
         raise ConfigError("--thresholds and --fit-thresholds do not go together", fix="pass one of them")
+    if thresholds_path is not None and calibration not in (None, NO_CALIBRATION):
+        raise ConfigError(
+            "--thresholds and --calibration both move the decision threshold",
+            fix="pass one of them (--calibration none scores the model's own decisions)",
+        )
     applied = None
     if thresholds_path is not None:
         applied = load_policy(Path(thresholds_path))
         _check_policy(applied, schema, str(thresholds_path))
     ckpt = _read_checkpoint(model_path, progress)
     ckpt_path = ckpt.path or model_path
+    cal = _calibration(calibration, ckpt, ckpt_path, schema, thresholds_path is not None, progress)
     if config_path is not None:
         cfg, source = load_config(config_path), str(config_path)
     else:
@@ -355,8 +375,9 @@ def run_evaluation(
             f"note: the threshold policy was fitted on round {applied.round}'s model, this checkpoint is round "
             f"{ckpt.round}: thresholds fit the scores of the model they were fitted on"
         )
-    progress(f"evaluating on {len(data)} rows" + (" after the group thresholds" if applied else "") + " ...")
-    metrics, audit = evaluate_and_audit(model, data, cfg.fairness, applied)
+    after = " after the group thresholds" if applied else " after the prior calibration" if cal else ""
+    progress(f"evaluating on {len(data)} rows{after} ...")
+    metrics, audit = evaluate_and_audit(model, data, cfg.fairness, applied, cal)
     fitted = None
     if fit_options is not None:
         fitted = fit_and_measure(predict(model, data)[0], data.y.numpy(), data.groups, **fit_options)
@@ -367,7 +388,7 @@ def run_evaluation(
         kept = unit_cap_mask(table[schema.privacy_unit], schema, str(data_path)) if schema.privacy_unit else None
         rows = np.flatnonzero(kept) + 1 if kept is not None else np.arange(1, len(table) + 1)
         # the same model on the same rows and batches on the CPU: the probabilities the audit scored
-        predictions = predictions_frame(predict(model, data)[0], data, schema, rows, applied)
+        predictions = predictions_frame(predict(model, data)[0], data, schema, rows, applied, cal)
 
     report, reason = None, None
     if audit is not None:
@@ -378,7 +399,49 @@ def run_evaluation(
         reason = f"the task has {schema.num_classes} classes; the fairness audit is for binary tasks"
     else:
         reason = "the schema declares no sensitive columns"
-    return Evaluation(metrics, report, ckpt, cfg, source, data_path, reason, predictions, applied, fitted)
+    return Evaluation(metrics, report, ckpt, cfg, source, data_path, reason, predictions, applied, fitted, cal)
+
+
+def _calibration(
+    requested: str | None,
+    ckpt: Checkpoint,
+    ckpt_path: Path,
+    schema: DataSchema,
+    thresholds: bool,
+    progress: Progress,
+) -> PriorCalibration | None:
+    """The calibration to apply: the file asked for, none, or the run's own for this very round."""
+    from common.calibration import load_calibration
+
+    if requested == NO_CALIBRATION:
+        return None
+    if requested is not None:
+        cal = load_calibration(Path(requested))
+        where = requested
+    else:
+        own = Path(ckpt_path).parent / CALIBRATION_FILE
+        if thresholds or not own.is_file():
+            return None
+        cal = load_calibration(own)
+        where = str(own)
+        if cal.round != ckpt.round:
+            progress(
+                f"note: {own} is for round {cal.round}'s model, this checkpoint is round {ckpt.round}: not applied "
+                "(offsets fit the scores of the model they were fitted on; pass --calibration to apply it anyway)"
+            )
+            return None
+        progress(f"applying the run's prior calibration {own} (--calibration none for the model's own decisions)")
+    if list(cal.classes) != [str(c) for c in schema.classes]:
+        raise ConfigError(
+            f"the calibration is for classes {cal.classes}, the schema has {schema.classes}",
+            where=where,
+            fix="pass the calibration.json of this run, or --calibration none",
+        )
+    if requested is not None and cal.round is not None and cal.round != ckpt.round:
+        progress(
+            f"note: the calibration was fitted on round {cal.round}'s model, this checkpoint is round {ckpt.round}"
+        )
+    return cal
 
 
 def evaluate_checkpoint(
@@ -396,7 +459,12 @@ def evaluate_checkpoint(
 
 
 def predictions_frame(
-    probs: np.ndarray, data: Encoded, schema: DataSchema, rows: np.ndarray, policy: ThresholdPolicy | None = None
+    probs: np.ndarray,
+    data: Encoded,
+    schema: DataSchema,
+    rows: np.ndarray,
+    policy: ThresholdPolicy | None = None,
+    calibration: PriorCalibration | None = None,
 ) -> pd.DataFrame:
     """One row per evaluated row: ``row``, ``label``, ``score``, ``prediction``, then each sensitive column.
 
@@ -406,11 +474,13 @@ def predictions_frame(
     class (the schema's second class, the one the audit calls positive). More classes: one
     ``score:<class>`` column per class. Sensitive columns hold the group keys the audit grouped by;
     a sensitive column named like one of the fixed columns gets a ``sensitive:`` prefix. With a threshold
-    ``policy`` the prediction is the post-processed one and a ``threshold`` column holds the row's threshold.
+    ``policy`` the prediction is the post-processed one and a ``threshold`` column holds the row's threshold;
+    with a prior ``calibration``, the prediction is the calibrated one (argmax of log-score + offset).
     """
     import numpy as np
     import pandas as pd
 
+    from common.calibration import apply_offsets
     from common.fairness.thresholds import apply_thresholds
 
     classes = np.asarray(schema.classes, dtype=object)
@@ -420,7 +490,9 @@ def predictions_frame(
         cols["score"] = p[:, 1]
     else:
         cols.update({f"score:{c}": p[:, i] for i, c in enumerate(schema.classes)})
-    if policy is None:
+    if calibration is not None:
+        cols["prediction"] = classes[apply_offsets(probs, calibration.offsets)]
+    elif policy is None:
         cols["prediction"] = classes[probs.argmax(-1)]
     else:
         keys = np.asarray(data.groups[policy.attribute]).astype(str)
@@ -451,7 +523,7 @@ def _metrics_document(ev: Evaluation, fmt: str) -> str:
         "fairness_report": None,
         "note": ev.no_audit_reason,
     }
-    if ev.applied is not None or ev.fitted is not None:
+    if ev.applied is not None or ev.fitted is not None or ev.calibration is not None:
         doc["post_processing"] = _post_processing_json(ev)
     if fmt == "json":
         return json.dumps(doc, indent=2) + "\n"
@@ -501,6 +573,15 @@ def _summary_rows(before: Summary, after: Summary) -> list[list[str]]:
 def _post_processing_blocks(ev: Evaluation) -> list[tuple[str, object]]:
     """What the group thresholds did, and that they need the sensitive attribute at prediction time."""
     blocks: list[tuple[str, object]] = []
+    if ev.calibration is not None:
+        blocks += [
+            ("h2", "Post-processing: prior calibration"),
+            (
+                "p",
+                "Every decision, metric and finding in this report is after the calibration "
+                f"({ev.calibration.rule}); the loss is the model's own. {_calibration_text(ev).capitalize()}.",
+            ),
+        ]
     for p, applied in ((ev.applied, True), (ev.fitted, False)):
         if p is None:
             continue
@@ -544,7 +625,18 @@ def _post_processing_json(ev: Evaluation) -> dict[str, Any]:
     return {
         "applied": ev.applied.model_dump(mode="json") if ev.applied else None,
         "fitted": ev.fitted.model_dump(mode="json") if ev.fitted else None,
+        "calibration": ev.calibration.model_dump(mode="json") if ev.calibration else None,
     }
+
+
+def _calibration_text(ev: Evaluation) -> str:
+    c, m = ev.calibration, ev.metrics
+    assert c is not None
+    offsets = ", ".join(f"{k} {v:+.3f}" for k, v in zip(c.classes, c.offsets, strict=True))
+    fitted = f"fitted on {c.rows} held-out rows" + (f" for round {c.round}'s model" if c.round is not None else "")
+    own = m.get("uncalibrated_accuracy")
+    own_text = "" if own is None else f"; the model's own decisions: accuracy {own:.3f}"
+    return f"decisions after the prior calibration (offsets {offsets}; {fitted}){own_text}"
 
 
 def render(ev: Evaluation, fmt: str) -> str:
@@ -582,6 +674,8 @@ def summary(ev: Evaluation) -> str:
         lines += [f"  [{f.severity}] {f.message}" for f in ev.report.findings]
     else:
         lines.append("fairness findings: none (every disparity is within its threshold)")
+    if ev.calibration is not None:
+        lines.insert(1, _calibration_text(ev))
     if ev.applied is not None:
         p = ev.applied
         lines.insert(1, f"decisions after the group thresholds for {p.attribute!r} ({_thresholds_text(p)})")
@@ -665,6 +759,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         with_predictions=bool(predictions),
         thresholds_path=Path(args.thresholds) if getattr(args, "thresholds", None) else None,
         fit=FitRequest(*fit_options) if fit_out else None,
+        calibration=getattr(args, "calibration", None),
     )
     text = render(ev, args.format)
     if fit_out and ev.fitted is not None:
@@ -712,6 +807,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         metavar="POLICY.json",
         help="apply a group-threshold policy (the run's thresholds.json) to the decisions before scoring and "
         "auditing; it needs the policy's sensitive attribute in --data",
+    )
+    e.add_argument(
+        "--calibration",
+        metavar="FILE.json|none",
+        help="apply a prior calibration (per-class offsets; default: the run's calibration.json beside the "
+        "checkpoint when it is for the checkpoint's round), or 'none' for the model's own decisions",
     )
     e.add_argument(
         "--fit-thresholds",

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from common import records as R
+from common.calibration import calibration_from_json
 from common.codec import load_numpy_state, numpy_to_record
 from common.config import RunConfig
 from common.data import Encoded, load_encoded
@@ -39,14 +41,17 @@ class Score:
     findings: list[str] = field(default_factory=list)
     #: ``[mitigation] method = "thresholds"``: the group thresholds fitted on this round's model (JSON).
     threshold_policy_json: str | None = None
+    #: ``[evaluation] calibration = "prior"``: the per-class offsets fitted on this round's model (JSON).
+    calibration_json: str | None = None
 
 
-def _policy_json(text: str, node: int) -> str | None:
-    """The evaluator's threshold policy, checked: a reply that does not parse is left out, not stored."""
+def _checked(text: str, parse: Callable[[str, str], object], what: str) -> str | None:
+    """A JSON file the evaluator sent (threshold policy, calibration), checked: one that does not parse is
+    left out, not stored."""
     if not text:
         return None
     try:
-        policy_from_json(text, f"evaluator node {node}'s threshold policy")
+        parse(text, what)
     except FedGuardError as exc:
         log.warning("%s", exc)
         return None
@@ -54,12 +59,17 @@ def _policy_json(text: str, node: int) -> str | None:
 
 
 def score_from_reply(content: RecordDict, node: int) -> Score:
-    """The evaluator's metrics, audit, provenance and threshold policy, as the run store keeps them."""
+    """The evaluator's metrics, audit, provenance, threshold policy and calibration, as the run store keeps them."""
     metrics = {k: float(v) for k, v in content[R.EVALUATION].items() if isinstance(v, int | float)}
     audit = str(content[R.AUDIT].get(R.AUDIT_JSON, "")) if R.AUDIT in content else ""
     prov = json.loads(str(content[R.AUDIT].get(R.PROVENANCE_JSON, "{}"))) if R.AUDIT in content else None
-    policy = _policy_json(str(content[R.AUDIT].get(R.THRESHOLD_POLICY_JSON, "")), node) if R.AUDIT in content else None
-    return Score(metrics, audit or None, prov, f"evaluator node {node}", threshold_policy_json=policy)
+    sent: Mapping[str, object] = content[R.AUDIT] if R.AUDIT in content else {}
+    who = f"evaluator node {node}'s"
+    policy = _checked(str(sent.get(R.THRESHOLD_POLICY_JSON, "")), policy_from_json, f"{who} threshold policy")
+    cal = _checked(str(sent.get(R.CALIBRATION_JSON, "")), calibration_from_json, f"{who} calibration")
+    return Score(
+        metrics, audit or None, prov, f"evaluator node {node}", threshold_policy_json=policy, calibration_json=cal
+    )
 
 
 class Scorer:
@@ -103,7 +113,7 @@ class Scorer:
             return None
         model = build_model(self.cfg.model.name, self.cfg.data.schema_, self.cfg.model.params)
         load_numpy_state(model, state)
-        metrics, audit, policy = score_held_out(model, self._holdout, self.cfg, rnd)
+        metrics, audit, policy, calibration = score_held_out(model, self._holdout, self.cfg, rnd)
         source = str(self.cfg.data.evaluation_path)
         return Score(
             metrics,
@@ -111,6 +121,7 @@ class Scorer:
             provenance(self._holdout, source),
             "server",
             threshold_policy_json=policy.model_dump_json() if policy else None,
+            calibration_json=calibration.model_dump_json() if calibration else None,
         )
 
     def _remote(

@@ -23,6 +23,7 @@ from flwr.app import Message
 
 from common.config import RunConfig
 from common.errors import FedGuardError
+from common.evaluation import calibration_note
 from common.fairness.model_findings import constant_streak, constant_streak_line, model_findings
 from common.files import atomic_write
 from common.reply_signing import key_fingerprint
@@ -39,6 +40,8 @@ log = logging.getLogger("fedguard.server")
 STRANGER = "stranger"
 #: The thresholds policy the evaluator fitted on the latest round's model (``fedguard evaluate --thresholds``).
 THRESHOLDS_FILE = "thresholds.json"  # alarm kind: a key the SuperLink registered that the kit does not enroll
+#: The prior calibration the evaluator fitted on the latest round's model (``fedguard evaluate --calibration``).
+CALIBRATION_FILE = "calibration.json"
 
 
 def _fingerprint(key: bytes, node: int) -> str:
@@ -217,14 +220,16 @@ class Federation:
         self.store.record_evaluation(
             self.run_id, rnd, score.metrics, score.audit_json, score.provenance, score.evaluated_by
         )
+        folder = checkpoint_dir(self.store.path, self.run_id)
         if score.threshold_policy_json:  # [mitigation] thresholds: the latest policy, beside the checkpoints
-            atomic_write(
-                checkpoint_dir(self.store.path, self.run_id) / THRESHOLDS_FILE, score.threshold_policy_json.encode()
-            )
+            atomic_write(folder / THRESHOLDS_FILE, score.threshold_policy_json.encode())
+        if score.calibration_json:  # [evaluation] calibration: the latest offsets, beside the checkpoints
+            atomic_write(folder / CALIBRATION_FILE, score.calibration_json.encode())
         m = score.metrics
         self.progress(
-            f"  round {rnd} held-out accuracy {m['accuracy']:.3f}, loss {m.get('loss', float('nan')):.3f}, "
-            f"macro-F1 {m.get('macro_f1', float('nan')):.3f} ({score.evaluated_by})"
+            f"  round {rnd} held-out accuracy {m['accuracy']:.3f}{calibration_note(m)}, "
+            f"loss {m.get('loss', float('nan')):.3f}, macro-F1 {m.get('macro_f1', float('nan')):.3f} "
+            f"({score.evaluated_by})"
         )
         classes = self.cfg.data.schema_.classes
         for f in model_findings(m, self.cfg.fairness, rnd, classes):

@@ -1,0 +1,265 @@
+"""Prior calibration (``[evaluation] calibration = "prior"``): decisions matched to the held-out class shares.
+
+The planted defect is the one DP federations on skewed nodes show: a model that ranks rows well but
+whose decision boundary sits in the wrong place (its head's bias pushed toward one class, as in the
+odd rounds of the 5-node Dirichlet 0.5 review federation). Calibration must repair that, must not
+make a model that knows nothing look like it learned, and must travel from the evaluator to
+``fedguard evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tomli_w
+import torch
+
+from common.calibration import (
+    PriorCalibration,
+    apply_offsets,
+    calibration_from_json,
+    cross_fitted,
+    fit_offsets,
+)
+from common.codec import state_to_numpy
+from common.config import parse_config
+from common.data import load_encoded
+from common.errors import ConfigError
+from common.evaluation import score_held_out
+from common.fairness.model_findings import is_constant
+from common.models import build_model, model_max_len
+from common.schema import load_schema
+from fedguard.cli import main
+from server.checkpoint import Checkpoint, save
+from tests.helpers import TABULAR_SCHEMA, tabular_config, write_run_toml
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _shifted(n: int, shift: float, seed: int = 0, base: float = 0.58) -> tuple[np.ndarray, np.ndarray]:
+    """Two-class probabilities that rank rows well, with the boundary moved by ``shift`` (log-odds)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < base).astype(np.int64)
+    logit = 1.5 * (2 * y - 1) + rng.normal(scale=1.5, size=n) + shift
+    p1 = 1 / (1 + np.exp(-logit))
+    return np.stack([1 - p1, p1], axis=1), y
+
+
+def test_binary_offsets_give_exactly_the_label_share() -> None:
+    probs, y = _shifted(1000, shift=3.0)
+    assert probs.argmax(1).mean() > 0.9  # the swing: nearly every row predicted positive
+    offsets = fit_offsets(probs, y)
+    assert offsets[0] == 0.0 and offsets[1] < 0
+    assert apply_offsets(probs, offsets).sum() == y.sum()
+
+
+def test_multiclass_offsets_match_the_label_shares() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.choice(3, size=3000, p=[0.5, 0.3, 0.2])
+    logits = 2.0 * np.eye(3)[y] + rng.normal(size=(3000, 3)) + np.array([0.0, 0.0, 2.5])  # class 2 over-predicted
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    before = np.bincount(probs.argmax(1), minlength=3) / 3000
+    after = np.bincount(apply_offsets(probs, fit_offsets(probs, y)), minlength=3) / 3000
+    shares = np.bincount(y, minlength=3) / 3000
+    assert before[2] > 0.5
+    assert np.abs(after - shares).max() < 0.01
+    assert (apply_offsets(probs, fit_offsets(probs, y)) == y).mean() > (probs.argmax(1) == y).mean() + 0.1
+
+
+def test_cross_fitted_decisions_repair_a_moved_boundary_on_rows_they_were_not_fitted_on() -> None:
+    probs, y = _shifted(2000, shift=3.0)
+    decided, cal = cross_fitted(probs, y, ["neg", "pos"], seed=0, round_=5)
+    own = (probs.argmax(1) == y).mean()
+    assert (decided == y).mean() > own + 0.15  # 0.65 → 0.84 with this seed
+    assert abs(decided.mean() - y.mean()) < 0.03
+    assert cal.round == 5 and cal.rows == 2000 and cal.classes == ["neg", "pos"]
+    assert cal.class_shares[1] == pytest.approx(y.mean())
+    # A model already at the right boundary is left about where it was.
+    fair, y2 = _shifted(2000, shift=0.0, seed=1)
+    decided2, _ = cross_fitted(fair, y2, ["neg", "pos"], seed=0)
+    assert abs((decided2 == y2).mean() - (fair.argmax(1) == y2).mean()) < 0.03
+
+
+def test_a_model_that_knows_nothing_stays_useless_and_flagged() -> None:
+    """Identical scores for every row: no offset can rank them, so the decisions stay constant (the
+    constant-model finding still fires); scores of pure noise: calibrated accuracy stays at chance."""
+    y = np.random.default_rng(2).random(500) < 0.6
+    constant = np.tile([0.3, 0.7], (500, 1))
+    decided, _ = cross_fitted(constant, y.astype(int), ["a", "b"], seed=0)
+    assert len(np.unique(decided)) == 1
+    noise = np.random.default_rng(3).random(500)
+    decided, _ = cross_fitted(np.stack([1 - noise, noise], 1), y.astype(int), ["a", "b"], seed=0)
+    assert (decided == y).mean() < 0.6  # at or below the majority share: nothing learned, nothing claimed
+
+
+def test_fewer_than_two_label_classes_means_no_offsets() -> None:
+    probs, _ = _shifted(100, shift=2.0)
+    assert fit_offsets(probs, np.zeros(100, dtype=int)).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="3 offsets for 2 classes"):
+        apply_offsets(probs, [0.0, 1.0, 2.0])
+
+
+def test_calibration_file_errors_name_the_problem() -> None:
+    good = PriorCalibration(classes=["a", "b"], offsets=[0.0, -1.0], class_shares=[0.4, 0.6], rows=10)
+    assert calibration_from_json(good.model_dump_json(), "f") == good
+    with pytest.raises(ConfigError, match="not a JSON file"):
+        calibration_from_json("{", "f")
+    with pytest.raises(ConfigError, match="not a calibration"):
+        calibration_from_json('{"format": "fedguard-threshold-policy/1"}', "f")
+    bad = good.model_dump() | {"offsets": [0.0]}
+    with pytest.raises(ConfigError, match="1 offsets for 2 classes"):
+        calibration_from_json(json.dumps(bad), "f")
+
+
+# -- config -----------------------------------------------------------------------------------------
+
+
+def test_the_text_recipe_calibrates_and_other_configs_do_not_unless_asked() -> None:
+    text = {"data": {"schema": {"task": "text", "text_column": "t", "label": "y", "classes": ["a", "b"]}}}
+    assert parse_config(text, "t").evaluation.calibration == "prior"  # minilm-lora's recipe
+    assert parse_config(text | {"evaluation": {"calibration": "none"}}, "t").evaluation.calibration == "none"
+    assert parse_config(text | {"model": {"name": "text-transformer"}}, "t").evaluation.calibration == "none"
+    assert tabular_config().evaluation.calibration == "none"
+    assert tabular_config(evaluation={"calibration": "prior"}).evaluation.calibration == "prior"
+    # Group thresholds decide alone: the recipe steps aside, an explicit clash is an error.
+    thresholds = {"method": "thresholds"}
+    schema = {"task": "text", "text_column": "t", "label": "y", "classes": ["a", "b"], "sensitive": ["g"]}
+    assert parse_config({"data": {"schema": schema}, "mitigation": thresholds}, "t").evaluation.calibration == "none"
+    with pytest.raises(ConfigError, match="both move the decision threshold"):
+        tabular_config(mitigation=thresholds, evaluation={"calibration": "prior"})
+
+
+# -- a real checkpoint: the evaluator's scoring, the file it releases, `fedguard evaluate` --------------
+
+
+def _table(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    signal = rng.normal(size=n)
+    y = (signal + rng.normal(scale=0.5, size=n) > 0.3).astype(int)
+    return pd.DataFrame(
+        {
+            "a": np.clip(signal, -3, 3),
+            "b": rng.exponential(size=n),
+            "c": rng.choice(["x", "y", "z"], n),
+            "group": rng.choice(["g1", "g2"], n),
+            "y": y,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def swung(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A model trained centrally, then its head pushed toward class 1 (the swing), saved as round 5."""
+    tmp = tmp_path_factory.mktemp("calibration")
+    train, held_out = tmp / "train.csv", tmp / "held_out.csv"
+    _table(1500, 0).to_csv(train, index=False)
+    _table(1000, 1).to_csv(held_out, index=False)
+    cfg = tabular_config(train, evaluation={"calibration": "prior"}, data__evaluation_path=str(held_out))
+    schema = tmp / "schema.toml"
+    schema.write_bytes(tomli_w.dumps(TABULAR_SCHEMA).encode())
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+    data = load_encoded(train, load_schema(schema), max_len=model_max_len(cfg.model.name, cfg.model.params))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(data.x), data.y).backward()
+        opt.step()
+    with torch.no_grad():
+        model.head.bias += torch.tensor([-2.5, 2.5])
+    ckpt = save(tmp / "checkpoints" / "run-1", Checkpoint(run_id=1, round=5, state=state_to_numpy(model), rng_state={}))
+    return {
+        "tmp": tmp,
+        "ckpt": ckpt,
+        "data": held_out,
+        "schema": schema,
+        "config": write_run_toml(cfg, tmp / "run.toml"),
+    }
+
+
+def _cli(c: dict[str, Path], *extra: object) -> list[str]:
+    base = ["evaluate", "--model", c["ckpt"], "--data", c["data"], "--schema", c["schema"], "--config", c["config"]]
+    return [str(x) for x in (*base, *extra)]
+
+
+def test_the_evaluator_reports_calibrated_decisions_and_releases_the_offsets(
+    swung: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from common import records as R
+    from server.checkpoint import load
+    from server.scoring import Scorer, score_from_reply
+
+    c = swung
+    cfg = tabular_config(
+        c["tmp"] / "train.csv", evaluation={"calibration": "prior"}, data__evaluation_path=str(c["data"])
+    )
+    score = Scorer(cfg, evaluator=None).score(None, 5, load(c["ckpt"]).state, {}, None, None)
+    assert score is not None and score.calibration_json is not None
+    m = score.metrics
+    assert m["uncalibrated_accuracy"] < 0.7 and m["accuracy"] > m["uncalibrated_accuracy"] + 0.1
+    assert abs(m["positive_rate"] - m["base_rate"]) < 0.03  # decisions at the held-out base rate
+    assert not is_constant(m)
+    cal = calibration_from_json(score.calibration_json, "score")
+    assert cal.round == 5 and cal.rows == 1000 and cal.offsets[1] < -1.0
+
+    # The evaluator node's reply carries it; a malformed one is left out, not stored.
+    def reply(text: str) -> RecordDict:
+        audit = ConfigRecord({R.AUDIT_JSON: "", R.PROVENANCE_JSON: "{}", R.CALIBRATION_JSON: text})
+        return RecordDict({R.EVALUATION: MetricRecord({"accuracy": 0.9}), R.AUDIT: audit})
+
+    assert score_from_reply(reply(score.calibration_json), 7).calibration_json == score.calibration_json
+    assert score_from_reply(reply('{"format": "x"}'), 7).calibration_json is None
+
+    # Without calibration the same scoring is the model's own decisions and releases nothing.
+    plain = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"calibration": "none"})})
+    own = Scorer(plain, evaluator=None).score(None, 5, load(c["ckpt"]).state, {}, None, None)
+    assert own is not None and own.calibration_json is None and "uncalibrated_accuracy" not in own.metrics
+    assert own.metrics["accuracy"] == pytest.approx(m["uncalibrated_accuracy"])
+
+    # `fedguard evaluate` applies the run's calibration.json for that round by default ...
+    (c["ckpt"].parent / "calibration.json").write_text(score.calibration_json, encoding="utf-8")
+    preds, report = tmp_path / "preds.csv", tmp_path / "report.json"
+    assert main(_cli(c, "--predictions", preds, "--format", "json", "--out", report)) == 0
+    out = capsys.readouterr()
+    assert "applying the run's prior calibration" in out.err and "after the prior calibration" in out.out
+    doc = json.loads(report.read_text(encoding="utf-8"))
+    assert doc["post_processing"]["calibration"]["offsets"] == cal.offsets
+    table = pd.read_csv(preds, dtype={"label": str, "prediction": str})
+    calibrated_acc = (table["label"] == table["prediction"]).mean()
+    assert calibrated_acc > m["uncalibrated_accuracy"] + 0.1  # the file holds the calibrated decisions
+    # (the in-run number is cross-fitted; the released offsets are fitted on all rows: close, not equal)
+    assert calibrated_acc == pytest.approx(m["accuracy"], abs=0.03)
+
+    # ... `--calibration none` scores the model's own decisions ...
+    assert main(_cli(c, "--calibration", "none", "--predictions", preds)) == 0
+    capsys.readouterr()
+    table = pd.read_csv(preds, dtype={"label": str, "prediction": str})
+    assert (table["label"] == table["prediction"]).mean() == pytest.approx(m["uncalibrated_accuracy"])
+
+    # ... a calibration fitted for another round is not applied silently, and bad ones are refused.
+    other = cal.model_copy(update={"round": 4})
+    (c["ckpt"].parent / "calibration.json").write_text(other.model_dump_json(), encoding="utf-8")
+    assert main(_cli(c)) == 0
+    assert "is for round 4's model" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(cal.model_copy(update={"classes": ["no", "yes"]}).model_dump_json(), encoding="utf-8")
+    assert main(_cli(c, "--calibration", wrong)) == 2
+    assert "classes ['no', 'yes']" in capsys.readouterr().err
+    assert main(_cli(c, "--calibration", wrong, "--thresholds", wrong)) == 2
+    assert "both move the decision threshold" in capsys.readouterr().err
+    (c["ckpt"].parent / "calibration.json").unlink()
+
+
+def test_score_held_out_without_rows_releases_nothing(swung: dict[str, Path]) -> None:
+    cfg = tabular_config(evaluation={"calibration": "prior"})
+    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+    empty = load_encoded(swung["data"], load_schema(swung["schema"])).subset(np.zeros(0, dtype=np.int64))
+    metrics, _, _, calibration = score_held_out(model, empty, cfg, 1)
+    assert calibration is None and metrics["n"] == 0
