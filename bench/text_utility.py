@@ -79,7 +79,16 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.utility import _quiet, finished, load_results, partition_summary, read_run, save_results, simulate_fresh  # noqa: E402
+from bench.utility import (  # noqa: E402
+    UNCALIBRATED_ACCURACY,
+    _quiet,
+    finished,
+    load_results,
+    partition_summary,
+    read_run,
+    save_results,
+    simulate_fresh,
+)
 
 DELTA = 1e-5
 SPLITS: dict[str, float | None] = {"iid": None, "dir0.5": 0.5}
@@ -253,6 +262,7 @@ def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None, method:
         "rounds": cfg.rounds,
         "train": cfg.train.model_dump(include={"local_epochs", "batch_size", "learning_rate", "optimizer"}),
         "server_optimizer": cfg.server.optimizer.name,
+        "calibration": cfg.evaluation.calibration,
     }
     out["seconds"] = round(seconds, 1)
     return out
@@ -452,6 +462,9 @@ def per_seed_table(results: dict[str, Any]) -> str:
     ]
     for key, r in sorted(results["runs"].items()):
         curve = " → ".join(f"{p['accuracy']:.3f}" for p in r["curve"])
+        if any(UNCALIBRATED_ACCURACY in p for p in r["curve"]):  # prior-calibrated: the model's own beside
+            own = " → ".join(f"{p[UNCALIBRATED_ACCURACY]:.3f}" for p in r["curve"] if UNCALIBRATED_ACCURACY in p)
+            curve = f"{curve} (prior-calibrated; the model's own: {own})"
         nodes = ", ".join(f"{p['rows']} ({next(iter(p['label_shares'].values())):.2f})" for p in r["partitions"])
         sig = f"{min(r['sigmas']):.2f}" if r["sigmas"] else "-"
         mb = None if r["bytes_per_round"] is None else r["bytes_per_round"] / 1e6

@@ -17,24 +17,27 @@ The model's own decisions (argmax, no offsets) are reported beside them (``uncal
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from common.errors import ConfigError
+from common.json_files import parse_json_file, read_json_file
 
 FORMAT: Literal["fedguard-calibration/1"] = "fedguard-calibration/1"
 _FLOOR = 1e-12  # probabilities below this count as this (log 0 would make an offset useless)
 _ITERATIONS = 300  # multi-class: fixed-point steps on the offsets
 FOLDS = 2  # cross-fitting folds for the reported metrics
+#: Prefix of the metrics of the model's own decisions when the reported ones are prior-calibrated.
+UNCALIBRATED = "uncalibrated_"
 
 __all__ = [
     "FORMAT",
+    "UNCALIBRATED",
     "PriorCalibration",
     "apply_offsets",
     "calibration_from_json",
@@ -160,19 +163,7 @@ def cross_fitted(
 def calibration_from_json(text: str | bytes, where: str) -> PriorCalibration:
     """Parse a calibration file's text; anything else is a ConfigError naming the file and the field."""
     fix = "pass a calibration written by FedGuard (calibration.json beside the run's checkpoints)"
-    try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not a JSON file: {exc}", where=where, fix=fix) from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise ConfigError(f"not a calibration (format {got!r}, expected {FORMAT!r})", where=where, fix=fix)
-    try:
-        cal = PriorCalibration.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ConfigError(f"invalid calibration: {field}: {err['msg']}", where=where, fix=fix) from None
+    cal = parse_json_file(text, where, PriorCalibration, FORMAT, "calibration", fix)
     if len(cal.offsets) != len(cal.classes) or not all(math.isfinite(v) for v in cal.offsets):
         raise ConfigError(
             f"invalid calibration: {len(cal.offsets)} offsets for {len(cal.classes)} classes, all must be finite",
@@ -183,12 +174,5 @@ def calibration_from_json(text: str | bytes, where: str) -> PriorCalibration:
 
 
 def load_calibration(path: Path) -> PriorCalibration:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the calibration: {exc.strerror or exc}",
-            where=str(path),
-            fix="pass --calibration with the path of a calibration.json file",
-        ) from None
+    data = read_json_file(path, "calibration", "pass --calibration with the path of a calibration.json file")
     return calibration_from_json(data, str(path))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.calibration import PriorCalibration, apply_offsets, cross_fitted
+from common.calibration import UNCALIBRATED, PriorCalibration, apply_offsets, cross_fitted
 from common.data import Encoded
 from common.errors import ConfigError
 from common.fairness import Audit, FairnessConfig, audit, dataset_fingerprint, prediction_summary
@@ -22,10 +22,6 @@ from common.tokenizer import PAD_ID
 
 if TYPE_CHECKING:
     from common.config import RunConfig
-
-
-#: Prefix of the metrics of the model's own decisions when the reported ones are prior-calibrated.
-UNCALIBRATED = "uncalibrated_"
 
 
 def calibration_note(metrics: dict[str, float]) -> str:

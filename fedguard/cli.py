@@ -469,6 +469,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                     "local_epochs": train["local_epochs"],
                     "rounds": recipe["run"]["rounds"],
                     "server_optimizer": server["name"],
+                    "calibration": recipe.get("evaluation", {}).get("calibration", "none"),
                 },
                 "grad_sample_mode": auto_grad_sample_mode(name),
             }
@@ -479,8 +480,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(
         f"A config that names no model gets {defaults['tabular']} for tabular data and {defaults['text']} for "
         "text" + ("" if pretrained_available() else f" ({PRETRAINED_INSTALL} makes it minilm-lora)") + ";\n"
-        "a config gets its model's recipe below for every [train] field it leaves out (explicit values win);\n"
-        "rounds are what the benchmark trained: set `rounds` in the config (default 3)."
+        "a config gets its model's recipe below for every [train] field it leaves out (explicit values win),\n"
+        "and a config that sets no `rounds` runs the recipe's (what the benchmark trained)."
     )
     for r in rows:
         rc = r["recipe"]
@@ -489,8 +490,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(
             f"  recipe: batch size {rc['batch_size']}, learning rate {rc['learning_rate']:g} ({rc['optimizer']}), "
             f"{rc['local_epochs']} local epoch{'s' if rc['local_epochs'] != 1 else ''}, {rc['rounds']} rounds, "
-            f"server {rc['server_optimizer']}; "
-            f"DP engine {r['grad_sample_mode']}"
+            f"server {rc['server_optimizer']}"
+            + ("; decisions prior-calibrated by the evaluator" if rc["calibration"] == "prior" else "")
+            + f"; DP engine {r['grad_sample_mode']}"
         )
         print(textwrap.fill(r["when"], width=100, initial_indent="  when: ", subsequent_indent="        "))
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from client.supernode import SuperNode
 from common.config import RunConfig
+from common.evaluation import calibration_note
 from common.he_custody import keygen, write_bundle
 from common.kit import RUN_SIGNING_KEY, Federation, NodeSpec, verify_kit
 from common.run_signing import load_signing_key, sign_run
@@ -49,7 +50,7 @@ def _follow(store_path: Path, flower_run: int, seen: set[tuple[str, int]], progr
         for rnd, m in store.evaluations(run_id).items():
             if ("eval", rnd) not in seen:
                 seen.add(("eval", rnd))
-                progress(f"  round {rnd}: held-out accuracy {m['accuracy']:.3f} (evaluator node)")
+                progress(f"  round {rnd}: held-out accuracy {m['accuracy']:.3f}{calibration_note(m)} (evaluator node)")
     return run_id
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.calibration import UNCALIBRATED
 from common.errors import StoreError
 from common.fairness import (
     AttributeAudit,
@@ -100,6 +101,14 @@ class SuppressedGroup(_Model):
     rounds: list[int]
 
 
+OWN_DECISIONS = "the model's own (the most probable class)"
+CALIBRATED_DECISIONS = (
+    "prior-calibrated by the evaluator: one offset per class on the model's log-probabilities, fitted so "
+    "the decisions' class shares match the held-out labels'; each row decided with offsets fitted on the "
+    "other half of the held-out rows (the model's own accuracy is in the run's evaluations)"
+)
+
+
 class FairnessReport(_Model):
     format: Literal["fedguard-fairness-report/1"] = "fedguard-fairness-report/1"
     generated_at: float
@@ -114,6 +123,8 @@ class FairnessReport(_Model):
     client_spread: ClientSpread | None = None
     mitigation: MitigationSummary | None = None
     sweep: FairnessSweep | None = None
+    #: How the audited decisions were made from the model's scores (prior calibration, common.calibration).
+    decisions: str = OWN_DECISIONS
     definitions: list[str] = Field(default_factory=lambda: list(DEFINITIONS))
 
 
@@ -173,6 +184,9 @@ def build_fairness_report(
         else ClientSpread.model_validate(client_spread),
         mitigation=mitigation,
         sweep=sweep,
+        decisions=CALIBRATED_DECISIONS
+        if any(UNCALIBRATED + "accuracy" in m for m in (metrics_by_round or {}).values())
+        else OWN_DECISIONS,
     )
 
 
@@ -296,6 +310,7 @@ def report_blocks(rep: FairnessReport) -> list[Block]:
                 f"Evaluation set: {prov.evaluation_size} rows"
                 + (f" ({prov.source})" if prov.source else "")
                 + f"; SHA-256 {prov.sha256}",
+                f"Decisions audited: {rep.decisions}",
                 f"Minimum group size: {cfg.min_group_size} (smaller groups are shown as suppressed)",
                 f"Thresholds: demographic-parity ratio ≥ {cfg.dp_ratio_min:g}, equalized-odds difference ≤ "
                 f"{cfg.eo_diff_max:g}, equal-opportunity difference ≤ {cfg.eopp_diff_max:g}"

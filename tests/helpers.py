@@ -212,3 +212,58 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float = 180, poll: 
                 raise AssertionError(f"{what}: process exited ({proc.returncode}):\n{text(log)[-3000:]}")
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def central_checkpoint(
+    train: Path, cfg: RunConfig, schema: Path, folder: Path, *, round_: int, head_shift: float = 0.0
+) -> Path:
+    """A model trained centrally on ``train`` (60 full-batch Adam steps), saved with the run's own checkpoint
+    writer as ``folder/checkpoints/run-1/round-NNNNN.ckpt``; ``head_shift`` then moves the output layer's
+    bias toward class 1 (a decision boundary in the wrong place, as DP on skewed nodes leaves it)."""
+    from common.data import load_encoded
+    from common.models import model_max_len
+    from common.schema import load_schema
+    from server.checkpoint import Checkpoint, save
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+    data = load_encoded(train, load_schema(schema), max_len=model_max_len(cfg.model.name, cfg.model.params))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(data.x), data.y).backward()
+        opt.step()
+    if head_shift:
+        with torch.no_grad():
+            model.head.bias += torch.tensor([-head_shift, head_shift])
+    ckpt = Checkpoint(run_id=1, round=round_, state=state_to_numpy(model), rng_state={})
+    return save(folder / "checkpoints" / "run-1", ckpt)
+
+
+def central_case(
+    folder: Path, train: pd.DataFrame, held_out: pd.DataFrame, *, round_: int, head_shift: float = 0.0, **config: Any
+) -> dict[str, Path]:
+    """Files for ``fedguard evaluate`` tests: the tables as CSV, the schema, a run config (``tabular_config``
+    with ``config``) and a checkpoint trained on ``train`` (:func:`central_checkpoint`)."""
+    import tomli_w
+
+    train_csv, held_out_csv, schema = folder / "train.csv", folder / "held_out.csv", folder / "schema.toml"
+    train.to_csv(train_csv, index=False)
+    held_out.to_csv(held_out_csv, index=False)
+    schema.write_bytes(tomli_w.dumps(TABULAR_SCHEMA).encode())
+    cfg = tabular_config(train_csv, **config)
+    ckpt = central_checkpoint(train_csv, cfg, schema, folder, round_=round_, head_shift=head_shift)
+    return {
+        "tmp": folder,
+        "ckpt": ckpt,
+        "data": held_out_csv,
+        "schema": schema,
+        "config": write_run_toml(cfg, folder / "run.toml"),
+    }
+
+
+def evaluate_args(c: dict[str, Path], *extra: object) -> list[str]:
+    """``fedguard evaluate`` on a :func:`central_case`'s checkpoint, held-out data, schema and config."""
+    base = ["evaluate", "--model", c["ckpt"], "--data", c["data"], "--schema", c["schema"], "--config", c["config"]]
+    return [str(x) for x in (*base, *extra)]

@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import tomli_w
-import torch
 
 from common.calibration import (
     PriorCalibration,
@@ -25,17 +23,15 @@ from common.calibration import (
     cross_fitted,
     fit_offsets,
 )
-from common.codec import state_to_numpy
 from common.config import parse_config
 from common.data import load_encoded
 from common.errors import ConfigError
 from common.evaluation import score_held_out
 from common.fairness.model_findings import is_constant
-from common.models import build_model, model_max_len
+from common.models import build_model
 from common.schema import load_schema
 from fedguard.cli import main
-from server.checkpoint import Checkpoint, save
-from tests.helpers import TABULAR_SCHEMA, tabular_config, write_run_toml
+from tests.helpers import TABULAR_SCHEMA, central_case, evaluate_args, tabular_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -154,37 +150,14 @@ def _table(n: int, seed: int) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def swung(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A model trained centrally, then its head pushed toward class 1 (the swing), saved as round 5."""
-    tmp = tmp_path_factory.mktemp("calibration")
-    train, held_out = tmp / "train.csv", tmp / "held_out.csv"
-    _table(1500, 0).to_csv(train, index=False)
-    _table(1000, 1).to_csv(held_out, index=False)
-    cfg = tabular_config(train, evaluation={"calibration": "prior"}, data__evaluation_path=str(held_out))
-    schema = tmp / "schema.toml"
-    schema.write_bytes(tomli_w.dumps(TABULAR_SCHEMA).encode())
-    torch.manual_seed(0)
-    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
-    data = load_encoded(train, load_schema(schema), max_len=model_max_len(cfg.model.name, cfg.model.params))
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    model.train()
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(data.x), data.y).backward()
-        opt.step()
-    with torch.no_grad():
-        model.head.bias += torch.tensor([-2.5, 2.5])
-    ckpt = save(tmp / "checkpoints" / "run-1", Checkpoint(run_id=1, round=5, state=state_to_numpy(model), rng_state={}))
-    return {
-        "tmp": tmp,
-        "ckpt": ckpt,
-        "data": held_out,
-        "schema": schema,
-        "config": write_run_toml(cfg, tmp / "run.toml"),
-    }
-
-
-def _cli(c: dict[str, Path], *extra: object) -> list[str]:
-    base = ["evaluate", "--model", c["ckpt"], "--data", c["data"], "--schema", c["schema"], "--config", c["config"]]
-    return [str(x) for x in (*base, *extra)]
+    return central_case(
+        tmp_path_factory.mktemp("calibration"),
+        _table(1500, 0),
+        _table(1000, 1),
+        round_=5,
+        head_shift=2.5,
+        evaluation={"calibration": "prior"},
+    )
 
 
 def test_the_evaluator_reports_calibrated_decisions_and_releases_the_offsets(
@@ -226,7 +199,7 @@ def test_the_evaluator_reports_calibrated_decisions_and_releases_the_offsets(
     # `fedguard evaluate` applies the run's calibration.json for that round by default ...
     (c["ckpt"].parent / "calibration.json").write_text(score.calibration_json, encoding="utf-8")
     preds, report = tmp_path / "preds.csv", tmp_path / "report.json"
-    assert main(_cli(c, "--predictions", preds, "--format", "json", "--out", report)) == 0
+    assert main(evaluate_args(c, "--predictions", preds, "--format", "json", "--out", report)) == 0
     out = capsys.readouterr()
     assert "applying the run's prior calibration" in out.err and "after the prior calibration" in out.out
     doc = json.loads(report.read_text(encoding="utf-8"))
@@ -238,7 +211,7 @@ def test_the_evaluator_reports_calibrated_decisions_and_releases_the_offsets(
     assert calibrated_acc == pytest.approx(m["accuracy"], abs=0.03)
 
     # ... `--calibration none` scores the model's own decisions ...
-    assert main(_cli(c, "--calibration", "none", "--predictions", preds)) == 0
+    assert main(evaluate_args(c, "--calibration", "none", "--predictions", preds)) == 0
     capsys.readouterr()
     table = pd.read_csv(preds, dtype={"label": str, "prediction": str})
     assert (table["label"] == table["prediction"]).mean() == pytest.approx(m["uncalibrated_accuracy"])
@@ -246,13 +219,13 @@ def test_the_evaluator_reports_calibrated_decisions_and_releases_the_offsets(
     # ... a calibration fitted for another round is not applied silently, and bad ones are refused.
     other = cal.model_copy(update={"round": 4})
     (c["ckpt"].parent / "calibration.json").write_text(other.model_dump_json(), encoding="utf-8")
-    assert main(_cli(c)) == 0
+    assert main(evaluate_args(c)) == 0
     assert "is for round 4's model" in capsys.readouterr().err
     wrong = tmp_path / "wrong.json"
     wrong.write_text(cal.model_copy(update={"classes": ["no", "yes"]}).model_dump_json(), encoding="utf-8")
-    assert main(_cli(c, "--calibration", wrong)) == 2
+    assert main(evaluate_args(c, "--calibration", wrong)) == 2
     assert "classes ['no', 'yes']" in capsys.readouterr().err
-    assert main(_cli(c, "--calibration", wrong, "--thresholds", wrong)) == 2
+    assert main(evaluate_args(c, "--calibration", wrong, "--thresholds", wrong)) == 2
     assert "both move the decision threshold" in capsys.readouterr().err
     (c["ckpt"].parent / "calibration.json").unlink()
 
@@ -263,3 +236,47 @@ def test_score_held_out_without_rows_releases_nothing(swung: dict[str, Path]) ->
     empty = load_encoded(swung["data"], load_schema(swung["schema"])).subset(np.zeros(0, dtype=np.int64))
     metrics, _, _, calibration = score_held_out(model, empty, cfg, 1)
     assert calibration is None and metrics["n"] == 0
+
+
+# -- a real `fedguard simulate` run: the evaluator node calibrates, the run releases the offsets ---------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_simulated_run_reports_calibrated_rounds_and_releases_calibration_json(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from server.store import RunStore
+    from tests.helpers import make_tabular, small_sim_toml, toml_features
+
+    make_tabular(400).to_csv(tmp_path / "data.csv", index=False)
+    schema = f'sensitive = ["group"]\n{toml_features(TABULAR_SCHEMA["features"])}'
+    extra = '[fairness]\nfederated_counts = false\n[evaluation]\ncalibration = "prior"\n'
+    toml = small_sim_toml("calibrated", seed=7, rounds=2, clients=2, schema=schema, extra=extra)
+    (tmp_path / "run.toml").write_text(toml, encoding="utf-8")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedguard.cli", "simulate", "--config", "run.toml", "--json"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "round 2 held-out accuracy" in proc.stdout and "prior-calibrated; the model's own decisions" in proc.stdout
+    with RunStore(summary["store"]) as store:
+        evals = store.evaluations(summary["run_id"])
+    assert set(evals) >= {1, 2} and all("uncalibrated_accuracy" in m for r, m in evals.items() if r > 0)
+    released = Path(summary["store"]).parent / "checkpoints" / f"run-{summary['run_id']}" / "calibration.json"
+    cal = calibration_from_json(released.read_text(encoding="utf-8"), str(released))
+    assert cal.round == 2 and cal.classes == ["0", "1"] and cal.rows == evals[2]["n"]
+    # The run's fairness report says whose decisions it audited.
+    from server.fairness_report import fairness_report_from_store, to_markdown
+
+    report = fairness_report_from_store(summary["store"], summary["run_id"])
+    assert report.decisions.startswith("prior-calibrated")
+    assert "Decisions audited: prior-calibrated" in to_markdown(report)

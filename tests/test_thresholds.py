@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import tomli_w
-import torch
 
-from common.codec import load_numpy_state, state_to_numpy
+from common.codec import load_numpy_state
 from common.config import load_config
 from common.data import load_encoded
 from common.errors import ConfigError, FedGuardError
@@ -34,8 +32,8 @@ from common.models import build_model, model_max_len
 from common.schema import load_schema
 from fedguard.cli import main
 from fedguard.evaluate import FitRequest, run_evaluation
-from server.checkpoint import Checkpoint, load, save
-from tests.helpers import TABULAR_SCHEMA, tabular_config, write_run_toml
+from server.checkpoint import load
+from tests.helpers import central_case, evaluate_args
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -195,35 +193,13 @@ def _biased_table(n: int, seed: int) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A model trained centrally on biased data, saved with the run's own checkpoint writer."""
-    tmp = tmp_path_factory.mktemp("thresholds")
-    train, held_out = tmp / "train.csv", tmp / "held_out.csv"
-    _biased_table(1500, 0).to_csv(train, index=False)
-    _biased_table(1200, 1).to_csv(held_out, index=False)
-    cfg = tabular_config(train, mitigation={"method": "thresholds", "calibration_fraction": 0.5})
-    schema = tmp / "schema.toml"
-    schema.write_bytes(tomli_w.dumps(TABULAR_SCHEMA).encode())
-    torch.manual_seed(0)
-    model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
-    data = load_encoded(train, load_schema(schema), max_len=model_max_len(cfg.model.name, cfg.model.params))
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    model.train()
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(data.x), data.y).backward()
-        opt.step()
-    ckpt = save(tmp / "checkpoints" / "run-1", Checkpoint(run_id=1, round=3, state=state_to_numpy(model), rng_state={}))
-    return {
-        "tmp": tmp,
-        "ckpt": ckpt,
-        "data": held_out,
-        "schema": schema,
-        "config": write_run_toml(cfg, tmp / "run.toml"),
-    }
-
-
-def _cli(c: dict[str, Path], *extra: object) -> list[str]:
-    base = ["evaluate", "--model", c["ckpt"], "--data", c["data"], "--schema", c["schema"], "--config", c["config"]]
-    return [str(x) for x in (*base, *extra)]
+    return central_case(
+        tmp_path_factory.mktemp("thresholds"),
+        _biased_table(1500, 0),
+        _biased_table(1200, 1),
+        round_=3,
+        mitigation={"method": "thresholds", "calibration_fraction": 0.5},
+    )
 
 
 def test_policy_round_trips_through_fedguard_evaluate(
@@ -231,8 +207,8 @@ def test_policy_round_trips_through_fedguard_evaluate(
 ) -> None:
     c = checkpoint
     policy_path, plain, fitted_report = tmp_path / "thresholds.json", tmp_path / "plain.json", tmp_path / "fit.md"
-    assert main(_cli(c, "--format", "json", "--out", plain)) == 0
-    assert main(_cli(c, "--fit-thresholds", policy_path, "--out", fitted_report)) == 0
+    assert main(evaluate_args(c, "--format", "json", "--out", plain)) == 0
+    assert main(evaluate_args(c, "--fit-thresholds", policy_path, "--out", fitted_report)) == 0
     out = capsys.readouterr().out
     assert f"threshold policy written to {policy_path}" in out and "prediction time" in out
     assert "## Group thresholds fitted" in fitted_report.read_text(encoding="utf-8")
@@ -247,7 +223,7 @@ def test_policy_round_trips_through_fedguard_evaluate(
 
     # Applying the file gives the in-memory predictions, row for row, and the report is after the thresholds.
     preds, applied = tmp_path / "preds.csv", tmp_path / "applied.json"
-    args = _cli(c, "--thresholds", policy_path, "--predictions", preds, "--format", "json", "--out", applied)
+    args = evaluate_args(c, "--thresholds", policy_path, "--predictions", preds, "--format", "json", "--out", applied)
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "after the group thresholds" in out and "prediction time" in out
@@ -283,16 +259,16 @@ def test_evaluate_refuses_a_policy_the_data_cannot_use(
     policy = _small_policy().model_dump_json()
     path = tmp_path / "other-attribute.json"
     path.write_text(policy, encoding="utf-8")
-    assert main(_cli(c, "--thresholds", path)) == 2
+    assert main(evaluate_args(c, "--thresholds", path)) == 2
     err = capsys.readouterr().err
     assert "'grp'" in err and "sensitive" in err and "prediction time" in err
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]", encoding="utf-8")
-    assert main(_cli(c, "--thresholds", bad)) == 2
+    assert main(evaluate_args(c, "--thresholds", bad)) == 2
     assert "not a threshold policy" in capsys.readouterr().err
-    assert main(_cli(c, "--thresholds", bad, "--fit-thresholds", tmp_path / "x.json")) == 2
+    assert main(evaluate_args(c, "--thresholds", bad, "--fit-thresholds", tmp_path / "x.json")) == 2
     assert "do not go together" in capsys.readouterr().err
-    assert main(_cli(c, "--strength", "0.5")) == 2
+    assert main(evaluate_args(c, "--strength", "0.5")) == 2
     assert "--fit-thresholds" in capsys.readouterr().err
 
 

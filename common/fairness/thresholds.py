@@ -27,18 +27,18 @@ dependency that this is compared against, never a runtime one).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from common.errors import ConfigError, FedGuardError
+from common.errors import FedGuardError
 from common.fairness.config import FairnessConfig
 from common.fairness.metrics import audit
+from common.json_files import parse_json_file, read_json_file
 
 FORMAT: Literal["fedguard-threshold-policy/1"] = "fedguard-threshold-policy/1"
 DEFAULT_THRESHOLD = 0.5
@@ -346,28 +346,9 @@ def fit_and_measure(
 def policy_from_json(text: str | bytes, where: str) -> ThresholdPolicy:
     """Parse a policy file's text; anything else is a ConfigError naming the file and the field."""
     fix = "pass a threshold policy written by FedGuard (thresholds.json beside the checkpoint, or --fit-thresholds)"
-    try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not a JSON file: {exc}", where=where, fix=fix) from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise ConfigError(f"not a threshold policy (format {got!r}, expected {FORMAT!r})", where=where, fix=fix)
-    try:
-        return ThresholdPolicy.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ConfigError(f"invalid threshold policy: {field}: {err['msg']}", where=where, fix=fix) from None
+    return parse_json_file(text, where, ThresholdPolicy, FORMAT, "threshold policy", fix)
 
 
 def load_policy(path: Path) -> ThresholdPolicy:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the threshold policy: {exc.strerror or exc}",
-            where=str(path),
-            fix="pass --thresholds with the path of a thresholds.json file",
-        ) from None
+    data = read_json_file(path, "threshold policy", "pass --thresholds with the path of a thresholds.json file")
     return policy_from_json(data, str(path))

@@ -226,10 +226,10 @@ class Federation:
         if score.calibration_json:  # [evaluation] calibration: the latest offsets, beside the checkpoints
             atomic_write(folder / CALIBRATION_FILE, score.calibration_json.encode())
         m = score.metrics
+        by = score.evaluated_by if self.evaluator is None else f"evaluator {self.label(self.evaluator)}"  # its name
         self.progress(
             f"  round {rnd} held-out accuracy {m['accuracy']:.3f}{calibration_note(m)}, "
-            f"loss {m.get('loss', float('nan')):.3f}, macro-F1 {m.get('macro_f1', float('nan')):.3f} "
-            f"({score.evaluated_by})"
+            f"loss {m.get('loss', float('nan')):.3f}, macro-F1 {m.get('macro_f1', float('nan')):.3f} ({by})"
         )
         classes = self.cfg.data.schema_.classes
         for f in model_findings(m, self.cfg.fairness, rnd, classes):
