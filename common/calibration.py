@@ -34,8 +34,11 @@ _ITERATIONS = 300  # multi-class: fixed-point steps on the offsets
 FOLDS = 2  # cross-fitting folds for the reported metrics
 #: Prefix of the metrics of the model's own decisions when the reported ones are prior-calibrated.
 UNCALIBRATED = "uncalibrated_"
+#: The latest round's calibration, beside a run's checkpoints (written by the server, read by ``fedguard evaluate``).
+CALIBRATION_FILE = "calibration.json"
 
 __all__ = [
+    "CALIBRATION_FILE",
     "FORMAT",
     "UNCALIBRATED",
     "PriorCalibration",

@@ -62,8 +62,6 @@ Progress = Callable[[str], None]
 MODEL_FIELDS = ("task", "text_column", "features", "label", "classes")
 
 _RUN_DIR = re.compile(r"^run-(\d+)$")
-#: The file the server writes beside a run's checkpoints (``server.rounds.base.CALIBRATION_FILE``).
-CALIBRATION_FILE = "calibration.json"
 NO_CALIBRATION = "none"
 _DEFAULT_STORE = "runs.db"
 
@@ -411,7 +409,7 @@ def _calibration(
     progress: Progress,
 ) -> PriorCalibration | None:
     """The calibration to apply: the file asked for, none, or the run's own for this very round."""
-    from common.calibration import load_calibration
+    from common.calibration import CALIBRATION_FILE, load_calibration
 
     if requested == NO_CALIBRATION:
         return None

@@ -21,6 +21,7 @@ import numpy as np
 from cryptography.exceptions import UnsupportedAlgorithm
 from flwr.app import Message
 
+from common.calibration import CALIBRATION_FILE
 from common.config import RunConfig
 from common.errors import FedGuardError
 from common.evaluation import calibration_note
@@ -40,8 +41,6 @@ log = logging.getLogger("fedguard.server")
 STRANGER = "stranger"
 #: The thresholds policy the evaluator fitted on the latest round's model (``fedguard evaluate --thresholds``).
 THRESHOLDS_FILE = "thresholds.json"  # alarm kind: a key the SuperLink registered that the kit does not enroll
-#: The prior calibration the evaluator fitted on the latest round's model (``fedguard evaluate --calibration``).
-CALIBRATION_FILE = "calibration.json"
 
 
 def _fingerprint(key: bytes, node: int) -> str:
