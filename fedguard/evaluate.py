@@ -572,12 +572,13 @@ def _post_processing_blocks(ev: Evaluation) -> list[tuple[str, object]]:
     """What the group thresholds did, and that they need the sensitive attribute at prediction time."""
     blocks: list[tuple[str, object]] = []
     if ev.calibration is not None:
+        text = _calibration_text(ev)  # not str.capitalize(): it would lower-case the class names
         blocks += [
             ("h2", "Post-processing: prior calibration"),
             (
                 "p",
                 "Every decision, metric and finding in this report is after the calibration "
-                f"({ev.calibration.rule}); the loss is the model's own. {_calibration_text(ev).capitalize()}.",
+                f"({ev.calibration.rule}); the loss is the model's own. {text[:1].upper()}{text[1:]}.",
             ),
         ]
     for p, applied in ((ev.applied, True), (ev.fitted, False)):
