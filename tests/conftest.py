@@ -53,3 +53,22 @@ def server_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def seeded_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training draws its batches and DP noise from OS entropy (``client.training.secure_generator``);
+    a test whose assertion rests on what training reaches seeds them from torch's global generator
+    instead: after the same ``torch.manual_seed`` two trainings see the same draws (a paired
+    comparison), and every run of the test sees the same ones, so it is not a draw (an unlucky one
+    failed a mitigation test in CI). In-process training only; Ray workers are other processes."""
+    import torch
+
+    import client.training
+
+    torch.manual_seed(0)
+
+    def seeded(device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,))))
+
+    monkeypatch.setattr(client.training, "secure_generator", seeded)

@@ -7,7 +7,8 @@ multiplier is set to 0 right after Opacus's ``make_private``) while the plan, th
 report still claim the configured ε: the failure the audit must catch. The node's DP integrity
 guards (``client.dp_guards``) refuse exactly this round, so the harness also switches them off
 (``train_local(..., guards=False)``): the audit is tested as an independent second line, for a
-bug the guards would not see. Only this test helper can break it: the patches live here and
+bug the guards would not see. The broken rounds' batch sampling is seeded (per node and round), so
+the broken run is the same on every machine. Only this test helper can break it: the patches live here and
 apply only inside the wrapped train handler.
 """
 
@@ -28,11 +29,18 @@ from fedguard.privacy_audit import run_audit
 
 
 @contextlib.contextmanager
-def no_noise() -> Iterator[None]:
+def no_noise(seed: int) -> Iterator[None]:
+    import torch
+
     import client.privacy as privacy
     import client.training as training
 
     real_engine, real_train_local = training.PrivacyEngine, privacy.train_local
+    real_generator = training.secure_generator
+    draws = torch.Generator().manual_seed(seed)
+
+    def seeded(device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=draws)))
 
     class SilentlyBroken(real_engine):  # type: ignore[misc,valid-type]
         def make_private(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -43,15 +51,21 @@ def no_noise() -> Iterator[None]:
     def unguarded(*args, **kwargs):  # type: ignore[no-untyped-def]
         return real_train_local(*args, **kwargs, guards=False)
 
-    training.PrivacyEngine, privacy.train_local = SilentlyBroken, unguarded
+    training.PrivacyEngine, privacy.train_local, training.secure_generator = SilentlyBroken, unguarded, seeded
     try:
         yield
     finally:
-        training.PrivacyEngine, privacy.train_local = real_engine, real_train_local
+        training.PrivacyEngine, privacy.train_local, training.secure_generator = (
+            real_engine, real_train_local, real_generator
+        )  # fmt: skip
 
 
 def broken_train(msg: Message, context: Context) -> Message:
-    with no_noise():
+    """The broken round, its Poisson batches seeded by (partition, round): the same run every time, so
+    the test that audits it is not a draw (what an unseeded run proves varies, see the test)."""
+    group = str(msg.metadata.group_id)
+    partition, round_ = int(context.node_config.get("partition-id", 0)), int(group) if group.isdigit() else 0
+    with no_noise(1000 * partition + round_):
         return real_app(msg, context)
 
 

@@ -202,7 +202,7 @@ def _tabular_cfg(**overrides: object):  # type: ignore[no-untyped-def]
     )
 
 
-def test_reweighing_from_noised_counts_narrows_the_planted_gap_under_dp_sgd(seeded_shuffles: None) -> None:
+def test_reweighing_from_noised_counts_narrows_the_planted_gap_under_dp_sgd(seeded_training: None) -> None:
     from common.privacy import plan_dp
 
     cfg = _tabular_cfg(mitigation={"method": "reweighing"})
@@ -249,20 +249,6 @@ def _node_counts(  # type: ignore[no-untyped-def]
     return noisy_counts(counts, 5.0, rng, min_group_size=20).counts
 
 
-@pytest.fixture
-def seeded_shuffles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Training draws its batch order from OS entropy (``secure_generator``); a test that compares two
-    federations seeds it from torch's global generator instead, so after the same ``torch.manual_seed``
-    both see the same batch orders: a paired comparison, the same on every run (it once failed in CI
-    on an unlucky draw)."""
-    import client.training
-
-    def seeded(device: torch.device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,))))
-
-    monkeypatch.setattr(client.training, "secure_generator", seeded)
-
-
 def _aggregate(cfg, start: OrderedDict, updates: dict, multipliers: dict) -> nn.Module:  # type: ignore[no-untyped-def]
     held = HeldWeightedMean(start)
     for state in updates.values():
@@ -294,7 +280,7 @@ def _federate(cfg, nodes: dict[str, pd.DataFrame], rounds: int, multipliers_of) 
     return state
 
 
-def test_fairfed_weights_move_the_global_gap_the_right_way(seeded_shuffles: None) -> None:
+def test_fairfed_weights_move_the_global_gap_the_right_way(seeded_training: None) -> None:
     """Two fair nodes and one whose data ties the label to the group's proxy: over eight rounds FairFed's
     multipliers (from real noised counts of each round's global model) down-weight that node, and the final
     model's gap is well below plain FedAvg's. Paired (both federations see the same batch orders and
@@ -326,7 +312,7 @@ def test_fairfed_weights_move_the_global_gap_the_right_way(seeded_shuffles: None
     assert plain > 0.05 and fair < 0.5 * plain, (plain, fair, seen)
 
 
-def test_qfedavg_raises_the_accuracy_of_the_node_the_model_serves_worst(seeded_shuffles: None) -> None:
+def test_qfedavg_raises_the_accuracy_of_the_node_the_model_serves_worst(seeded_training: None) -> None:
     """Three nodes alike and one whose labels follow another rule: q-FedAvg's multipliers (from real
     noised counts) up-weight it, and its accuracy under the aggregate rises over plain FedAvg's."""
     cfg = _tabular_cfg(mitigation={"method": "qfedavg", "strength": 3.0})

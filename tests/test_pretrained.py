@@ -83,7 +83,7 @@ def _frozen_digest(model: torch.nn.Module) -> dict[str, str]:
     }
 
 
-@pytest.mark.usefixtures("server_identity")
+@pytest.mark.usefixtures("server_identity", "seeded_training")
 def test_lora_dp_round_learns_and_only_adapters_and_head_leave(tweets, server_model, tmp_path: Path) -> None:
     train_df, val_df = tweets
     cfg = _cfg()
