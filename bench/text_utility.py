@@ -94,6 +94,7 @@ from bench.utility import (  # noqa: E402
     save_results,
     simulate_fresh,
 )
+from common.calibration import SHIFT_LEVEL  # noqa: E402
 
 DELTA = 1e-5
 SPLITS: dict[str, float | None] = {"iid": None, "dir0.5": 0.5}
@@ -302,6 +303,8 @@ def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None, method:
         "train": cfg.train.model_dump(include={"local_epochs", "batch_size", "learning_rate", "optimizer"}),
         "server_optimizer": cfg.server.optimizer.name,
         "calibration": cfg.evaluation.calibration,
+        # offsets only when the decisions' class shares differ from the labels' (p below this)
+        "calibration_share_test": SHIFT_LEVEL if cfg.evaluation.calibration == "prior" else None,
     }
     out["seconds"] = round(seconds, 1)
     return out
@@ -503,7 +506,8 @@ def per_seed_table(results: dict[str, Any]) -> str:
         curve = " → ".join(f"{p['accuracy']:.3f}" for p in r["curve"])
         if any(UNCALIBRATED_ACCURACY in p for p in r["curve"]):  # prior-calibrated: the model's own beside
             own = " → ".join(f"{p[UNCALIBRATED_ACCURACY]:.3f}" for p in r["curve"] if UNCALIBRATED_ACCURACY in p)
-            curve = f"{curve} (prior-calibrated; the model's own: {own})"
+            how = "prior-calibrated" if r["recipe"].get("calibration_share_test") else "prior-calibrated, no share test"
+            curve = f"{curve} ({how}; the model's own: {own})"
         nodes = ", ".join(f"{p['rows']} ({next(iter(p['label_shares'].values())):.2f})" for p in r["partitions"])
         sig = f"{min(r['sigmas']):.2f}" if r["sigmas"] else "-"
         mb = None if r["bytes_per_round"] is None else r["bytes_per_round"] / 1e6

