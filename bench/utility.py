@@ -79,6 +79,7 @@ FLOWER_OPACUS: dict[str, Any] = {
     "train": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.001, "optimizer": "sgd", "momentum": 0.9},
     "dp": {"max_grad_norm": 1.0},
     "server": {"optimizer": {"name": "fedavg"}},
+    "evaluation": {"calibration": "none"},  # the example decides by the model's argmax
 }
 CENTRAL_EPOCHS = 20
 DEFAULT_WORKDIR = Path(os.environ.get("TMPDIR", "/tmp")) / "fedguard-bench-utility"
@@ -267,6 +268,7 @@ def run_config(
         raw["train"] = dict(FLOWER_OPACUS["train"])
         raw["dp"].update(FLOWER_OPACUS["dp"])
         raw["server"] = {"optimizer": dict(FLOWER_OPACUS["server"]["optimizer"])}
+        raw["evaluation"] = dict(FLOWER_OPACUS["evaluation"])
     elif method != "fedguard":
         raise ValueError(f"unknown federated method {method!r}")
     return raw
@@ -388,6 +390,7 @@ def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None = None) 
     out = read_run(result.store_path, result.run_id)
     schema = cfg.data.schema_
     out["partitions"] = partition_summary(Path(workdir) / "partitions", schema.label, list(schema.classes))
+    out["calibration"] = cfg.evaluation.calibration  # how decisions were made (runs before 2026-12-05: none)
     out["seconds"] = round(seconds, 1)
     return out
 

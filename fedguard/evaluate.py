@@ -629,12 +629,19 @@ def _post_processing_json(ev: Evaluation) -> dict[str, Any]:
 
 
 def _calibration_text(ev: Evaluation) -> str:
+    from common.calibration import SHIFT_LEVEL
+
     c, m = ev.calibration, ev.metrics
     assert c is not None
     offsets = ", ".join(f"{k} {v:+.3f}" for k, v in zip(c.classes, c.offsets, strict=True))
     fitted = f"fitted on {c.rows} held-out rows" + (f" for round {c.round}'s model" if c.round is not None else "")
-    if not any(c.offsets) and c.shift_p_value is not None:  # the gate: the model's shares already agreed
+    if not any(c.offsets) and c.shift_p_value is not None and c.shift_p_value >= SHIFT_LEVEL:
         offsets = f"all 0: the model's class shares already matched the labels', p = {c.shift_p_value:.2f}"
+    elif not any(c.offsets) and c.matched_accuracy is not None and c.own_accuracy is not None:
+        offsets = (
+            f"all 0: share-matched decisions would be less accurate on these rows, {c.matched_accuracy:.3f} "
+            f"against the model's own {c.own_accuracy:.3f}"
+        )
     own = m.get("uncalibrated_accuracy")
     own_text = "" if own is None else f"; the model's own decisions: accuracy {own:.3f}"
     return f"decisions after the prior calibration (offsets {offsets}; {fitted}){own_text}"

@@ -90,6 +90,8 @@ def option_config(cfg: RunConfig, method: str, strength: float | None) -> RunCon
     if method != "reweighing":
         mitigation["priors"] = None  # only reweighing reads them (and the config refuses them elsewhere)
     raw["mitigation"] = mitigation
+    if method == "thresholds":  # the group thresholds decide alone: no prior calibration under them
+        raw["evaluation"] = {**(raw.get("evaluation") or {}), "calibration": "none"}
     what = "no mitigation" if method == "none" else f"mitigation.method = {method!r}, strength {strength:g}"
     return parse_config(raw, f"the sweep's run with {what}")
 

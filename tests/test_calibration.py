@@ -103,10 +103,48 @@ def test_a_model_whose_shares_already_agree_is_left_alone() -> None:
     decided, cal = cross_fitted(probs, y, list("abcde"), seed=0)
     assert cal.offsets == [0.0] * 5 and cal.shift_p_value is not None and cal.shift_p_value >= 0.05
     assert (decided == probs.argmax(1)).all()
+    from types import SimpleNamespace
+
+    from fedguard.evaluate import _calibration_text
+
+    text = _calibration_text(SimpleNamespace(calibration=cal, metrics={}))  # type: ignore[arg-type]
+    assert "all 0: the model's class shares already matched the labels'" in text
     moved = probs * np.array([1.0, 1.0, 1.0, 1.0, 8.0])  # class e over-predicted
     decided, cal = cross_fitted(moved / moved.sum(1, keepdims=True), y, list("abcde"), seed=0)
     assert cal.shift_p_value is not None and cal.shift_p_value < 1e-6 and cal.offsets[4] < 0
     assert (decided == y).mean() > (moved.argmax(1) == y).mean()
+
+
+def _bayes_scores(log_odds_shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior probabilities of two overlapping classes (30% positive), log-odds moved by ``log_odds_shift``."""
+    rng = np.random.default_rng(5)
+    y = (rng.random(2000) < 0.3).astype(int)
+    x = np.where(y == 1, 1.0, -1.0) + rng.normal(scale=1.5, size=y.size)
+    p1 = 1 / (1 + np.exp(-(np.log(0.3 / 0.7) + 2 * x / 1.5**2 + log_odds_shift)))
+    return np.stack([1 - p1, p1], 1), y
+
+
+def test_offsets_that_would_cost_accuracy_are_not_kept() -> None:
+    """The accuracy-best boundary of overlapping classes gives the minority class fewer rows than its
+    share (here 23% against 31%, p ≈ 5e-12): matching the shares would cost accuracy (0.774 against
+    0.782), so the model decides alone and the calibration says why. A model that swung to one class
+    still gets its offsets (0.697 → 0.774)."""
+    from types import SimpleNamespace
+
+    from fedguard.evaluate import _calibration_text
+
+    probs, y = _bayes_scores(0.0)
+    decided, cal = cross_fitted(probs, y, ["stay", "leave"], seed=0)
+    assert cal.shift_p_value is not None and cal.shift_p_value < 1e-6  # the share test alone would fit offsets
+    assert cal.offsets == [0.0, 0.0] and (decided == probs.argmax(1)).all()
+    assert cal.own_accuracy == pytest.approx(0.782) and cal.matched_accuracy == pytest.approx(0.774)
+    text = _calibration_text(SimpleNamespace(calibration=cal, metrics={}))  # type: ignore[arg-type]
+    assert "share-matched decisions would be less accurate on these rows, 0.774 against the model's own 0.782" in text
+    swung, _ = _bayes_scores(-3.0)
+    assert swung.argmax(1).mean() < 0.01
+    decided, cal = cross_fitted(swung, y, ["stay", "leave"], seed=0)
+    assert cal.offsets[1] > 0 and (decided == y).mean() > (swung.argmax(1) == y).mean() + 0.05
+    assert "all 0" not in _calibration_text(SimpleNamespace(calibration=cal, metrics={}))  # type: ignore[arg-type]
 
 
 def test_a_model_that_knows_nothing_stays_useless_and_flagged() -> None:
@@ -143,13 +181,13 @@ def test_calibration_file_errors_name_the_problem() -> None:
 # -- config -----------------------------------------------------------------------------------------
 
 
-def test_the_text_recipe_calibrates_and_other_configs_do_not_unless_asked() -> None:
+def test_the_text_and_tabular_recipes_calibrate_and_other_configs_do_not_unless_asked() -> None:
     text = {"data": {"schema": {"task": "text", "text_column": "t", "label": "y", "classes": ["a", "b"]}}}
     assert parse_config(text, "t").evaluation.calibration == "prior"  # minilm-lora's recipe
     assert parse_config(text | {"evaluation": {"calibration": "none"}}, "t").evaluation.calibration == "none"
     assert parse_config(text | {"model": {"name": "text-transformer"}}, "t").evaluation.calibration == "none"
-    assert tabular_config().evaluation.calibration == "none"
-    assert tabular_config(evaluation={"calibration": "prior"}).evaluation.calibration == "prior"
+    assert tabular_config().evaluation.calibration == "prior"  # ft-transformer's recipe
+    assert tabular_config(evaluation={"calibration": "none"}).evaluation.calibration == "none"
     # Group thresholds decide alone: the recipe steps aside, an explicit clash is an error.
     thresholds = {"method": "thresholds"}
     schema = {"task": "text", "text_column": "t", "label": "y", "classes": ["a", "b"], "sensitive": ["g"]}

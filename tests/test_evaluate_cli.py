@@ -49,6 +49,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         dp={"enabled": False},
         # 6 local epochs without DP: the model learns the task on every run (training shuffles from os.urandom)
         train={"local_epochs": 6, "batch_size": 32, "learning_rate": 0.02, "optimizer": "adam"},
+        # the model's own decisions: these tests compare with a direct, uncalibrated evaluation
+        # (prior calibration through `fedguard evaluate`: tests/test_calibration.py)
+        evaluation={"calibration": "none"},
     )
     (tmp / "run.json").write_text(cfg.to_json(), encoding="utf-8")
     code = (
