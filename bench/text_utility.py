@@ -303,8 +303,10 @@ def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None, method:
         "train": cfg.train.model_dump(include={"local_epochs", "batch_size", "learning_rate", "optimizer"}),
         "server_optimizer": cfg.server.optimizer.name,
         "calibration": cfg.evaluation.calibration,
-        # offsets only when the decisions' class shares differ from the labels' (p below this)
+        # offsets only when the decisions' class shares differ from the labels' (p below this) ...
         "calibration_share_test": SHIFT_LEVEL if cfg.evaluation.calibration == "prior" else None,
+        # ... and the share-matched decisions are at least as accurate on the fitting rows (from 2026-12-05)
+        "calibration_accuracy_check": cfg.evaluation.calibration == "prior",
     }
     out["seconds"] = round(seconds, 1)
     return out
@@ -506,7 +508,13 @@ def per_seed_table(results: dict[str, Any]) -> str:
         curve = " → ".join(f"{p['accuracy']:.3f}" for p in r["curve"])
         if any(UNCALIBRATED_ACCURACY in p for p in r["curve"]):  # prior-calibrated: the model's own beside
             own = " → ".join(f"{p[UNCALIBRATED_ACCURACY]:.3f}" for p in r["curve"] if UNCALIBRATED_ACCURACY in p)
-            how = "prior-calibrated" if r["recipe"].get("calibration_share_test") else "prior-calibrated, no share test"
+            how = (
+                "prior-calibrated"
+                if r["recipe"].get("calibration_accuracy_check")
+                else "prior-calibrated, share test only"
+                if r["recipe"].get("calibration_share_test")
+                else "prior-calibrated, no share test"
+            )
             curve = f"{curve} ({how}; the model's own: {own})"
         nodes = ", ".join(f"{p['rows']} ({next(iter(p['label_shares'].values())):.2f})" for p in r["partitions"])
         sig = f"{min(r['sigmas']):.2f}" if r["sigmas"] else "-"
