@@ -22,10 +22,12 @@ always from ``os.urandom`` on the node), ε ∈ {1, 3, 8}, δ = 1e-5, 10 rounds;
 hold-out that ``simulate`` keeps aside is where accuracy and macro-F1 are measured. Methods:
 
 - ``fedguard``: a config that names no ``[train]`` or ``[server.optimizer]`` section and only
-  ``target_epsilon``/``delta`` in ``[dp]``: the product's defaults (``common.config.RECIPES``);
+  ``target_epsilon``/``delta`` in ``[dp]``: the product's defaults (``common.config.RECIPES``; the
+  evaluator prior-calibrates the decisions, ``common.calibration``);
 - ``flower-opacus``: the client recipe of Flower's own Opacus example (``examples/opacus``: SGD,
   lr 0.001, momentum 0.9, batch 32, one local epoch, clipping norm 1) with plain FedAvg, written as
-  a FedGuard config and run through the same path, so the split, σ calibration and accounting match;
+  a FedGuard config and run through the same path, so the split, σ calibration and accounting match
+  (decisions: the model's argmax, as in the example);
 - ``central``: the same model trained without privacy on all client rows pooled (10% of them
   for choosing the best epoch), scored on the same hold-out;
 - ``majority``: the training rows' majority class, scored on the same hold-out.
@@ -531,7 +533,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         )
         cell["accuracy"][str(r["seed"])] = r["accuracy"]
         cell["macro_f1"][str(r["seed"])] = r["macro_f1"]
+        cell.setdefault("calibration", set()).add(r.get("calibration", "none"))  # runs before it: argmax
     for cell in cells.values():
+        cell["calibration"] = sorted(cell["calibration"])
         cell["accuracy_mean"] = _mean(list(cell["accuracy"].values()))
         cell["macro_f1_mean"] = _mean(list(cell["macro_f1"].values()))
     refs: dict[str, dict[str, Any]] = {}
@@ -584,6 +588,10 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+#: Marks a ``fedguard`` cell run before the tabular defaults prior-calibrated the decisions (the model's argmax).
+UNCALIBRATED_MARK = "†"
+
+
 def markdown_table(summary: dict[str, Any], epsilons: list[float]) -> str:
     """The README table: mean accuracy (macro-F1) over seeds, with the references."""
     cells, refs = summary["cells"], summary["references"]
@@ -596,7 +604,10 @@ def markdown_table(summary: dict[str, Any], epsilons: list[float]) -> str:
                 if not any(row):
                     continue
                 vals = [
-                    f"{_fmt(c['accuracy_mean'])} ({_fmt(c['macro_f1_mean'])}) [{len(c['accuracy'])}]" if c else "-"
+                    f"{_fmt(c['accuracy_mean'])} ({_fmt(c['macro_f1_mean'])}) [{len(c['accuracy'])}]"
+                    + (f" {UNCALIBRATED_MARK}" if method == "fedguard" and c.get("calibration") == ["none"] else "")
+                    if c
+                    else "-"
                     for c in row
                 ]
                 lines.append(f"| {name} | {split} | {method} | " + " | ".join(vals) + " |")
