@@ -637,7 +637,12 @@ def per_seed_table(results: dict[str, Any], epsilon: float = 8.0) -> str:
             cells = []
             for method in FEDERATED:
                 r = runs.get(f"{name}/{split}/eps{epsilon:g}/seed{seed}/{method}")
-                cells.append(f"{r['accuracy']:.3f} ({r['macro_f1']:.3f})" if r else "-")
+                own = r["curve"][-1].get(UNCALIBRATED_ACCURACY) if r else None  # prior-calibrated: the model's own
+                cells.append(
+                    (f"{r['accuracy']:.3f} ({r['macro_f1']:.3f})" + ("" if own is None else f", own {own:.3f}"))
+                    if r
+                    else "-"
+                )
             c, m = ref["central"], ref["majority"]
             lines.append(
                 f"| {name} | {split} | {seed} | {cells[0]} | {cells[1]} | {c['accuracy']:.3f} ({c['macro_f1']:.3f}) "

@@ -13,6 +13,7 @@ import pytest
 
 from bench import dp_overhead, pretrained
 from bench import text_utility as tu
+from bench import utility
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -33,6 +34,8 @@ TABLES = {
     "pretrained on the GPU": lambda: pretrained.markdown_table(_gpu_pretrained()),
     "text utility": lambda: tu.markdown_table(_load("text_utility.json")),
     "text utility per seed": lambda: tu.per_seed_table(_load("text_utility.json")),
+    "utility": lambda: utility.markdown_table(_load("utility.json")["summary"], [8, 3, 1]),
+    "utility per seed": lambda: utility.per_seed_table(_load("utility.json")),
 }
 
 
