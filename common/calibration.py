@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -137,17 +138,33 @@ def fit_offsets(probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | S
     accurate on these rows than the model's own, or when fewer than two label classes are among the
     rows (there is no prior to match).
     """
+    return _fit(probs, y).offsets
+
+
+@dataclass(frozen=True)
+class _Fit:
+    offsets: np.ndarray
+    shift_p_value: float | None  # None: no rows
+    own_accuracy: float | None
+    matched_accuracy: float | None  # None: fewer than two label classes
+
+
+def _fit(probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | Sequence[int]) -> _Fit:
+    """The offsets :func:`fit_offsets` returns, with the share test's p-value and both accuracies behind them."""
     lp = _log_probs(probs)
     labels = np.asarray(y, dtype=np.int64)
     n, k = lp.shape
     if labels.shape != (n,):
         raise ValueError(f"{labels.size} labels for {n} rows")
-    if n == 0 or np.count_nonzero(np.bincount(labels, minlength=k)[:k]) < 2:
-        return np.zeros(k)
-    if share_shift_p_value(np.argmax(lp, axis=1), labels, k) >= SHIFT_LEVEL:
-        return np.zeros(k)
+    if n == 0:
+        return _Fit(np.zeros(k), None, None, None)
+    p, own = share_shift_p_value(np.argmax(lp, axis=1), labels, k), _accuracy(lp, labels)
+    if np.count_nonzero(np.bincount(labels, minlength=k)[:k]) < 2:
+        return _Fit(np.zeros(k), p, own, None)
     matched = _matched_offsets(lp, labels)
-    return matched if _accuracy(lp + matched, labels) >= _accuracy(lp, labels) else np.zeros(k)
+    matched_accuracy = _accuracy(lp + matched, labels)
+    keep = p < SHIFT_LEVEL and matched_accuracy >= own
+    return _Fit(matched if keep else np.zeros(k), p, own, matched_accuracy)
 
 
 def _accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -199,20 +216,18 @@ def cross_fitted(
         rows = fold == f
         if rows.any() and (~rows).any():
             decided[rows] = apply_offsets(probs[rows], fit_offsets(probs[~rows], labels[~rows]))
-    offsets = fit_offsets(probs, labels)
+    fit = _fit(probs, labels)
     k = len(classes)
     shares = np.bincount(labels, minlength=k)[:k] / max(labels.size, 1)
-    lp = _log_probs(probs)
-    two_classes = labels.size > 0 and np.count_nonzero(shares) >= 2
     cal = PriorCalibration(
         classes=list(classes),
-        offsets=[float(v) for v in offsets],
+        offsets=[float(v) for v in fit.offsets],
         class_shares=[float(v) for v in shares],
         rows=int(labels.size),
         round=round_,
-        shift_p_value=share_shift_p_value(np.argmax(lp, axis=1), labels, k) if labels.size else None,
-        own_accuracy=_accuracy(lp, labels) if labels.size else None,
-        matched_accuracy=_accuracy(lp + _matched_offsets(lp, labels), labels) if two_classes else None,
+        shift_p_value=fit.shift_p_value,
+        own_accuracy=fit.own_accuracy,
+        matched_accuracy=fit.matched_accuracy,
     )
     return decided, cal
 
