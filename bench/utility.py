@@ -533,9 +533,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         )
         cell["accuracy"][str(r["seed"])] = r["accuracy"]
         cell["macro_f1"][str(r["seed"])] = r["macro_f1"]
-        cell.setdefault("calibration", set()).add(r.get("calibration", "none"))  # runs before it: argmax
     for cell in cells.values():
-        cell["calibration"] = sorted(cell["calibration"])
         cell["accuracy_mean"] = _mean(list(cell["accuracy"].values()))
         cell["macro_f1_mean"] = _mean(list(cell["macro_f1"].values()))
     refs: dict[str, dict[str, Any]] = {}
@@ -588,10 +586,6 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-#: Marks a ``fedguard`` cell run before the tabular defaults prior-calibrated the decisions (the model's argmax).
-UNCALIBRATED_MARK = "†"
-
-
 def markdown_table(summary: dict[str, Any], epsilons: list[float]) -> str:
     """The README table: mean accuracy (macro-F1) over seeds, with the references."""
     cells, refs = summary["cells"], summary["references"]
@@ -604,10 +598,7 @@ def markdown_table(summary: dict[str, Any], epsilons: list[float]) -> str:
                 if not any(row):
                     continue
                 vals = [
-                    f"{_fmt(c['accuracy_mean'])} ({_fmt(c['macro_f1_mean'])}) [{len(c['accuracy'])}]"
-                    + (f" {UNCALIBRATED_MARK}" if method == "fedguard" and c.get("calibration") == ["none"] else "")
-                    if c
-                    else "-"
+                    f"{_fmt(c['accuracy_mean'])} ({_fmt(c['macro_f1_mean'])}) [{len(c['accuracy'])}]" if c else "-"
                     for c in row
                 ]
                 lines.append(f"| {name} | {split} | {method} | " + " | ".join(vals) + " |")
