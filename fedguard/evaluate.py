@@ -637,10 +637,15 @@ def _calibration_text(ev: Evaluation) -> str:
     fitted = f"fitted on {c.rows} held-out rows" + (f" for round {c.round}'s model" if c.round is not None else "")
     if not any(c.offsets) and c.shift_p_value is not None and c.shift_p_value >= SHIFT_LEVEL:
         offsets = f"all 0: the model's class shares already matched the labels', p = {c.shift_p_value:.2f}"
-    elif not any(c.offsets) and (c.matched_accuracy or 0.0) < (c.own_accuracy or 0.0):
+    elif (
+        not any(c.offsets)
+        and c.matched_accuracy is not None
+        and c.own_accuracy is not None
+        and c.matched_accuracy < c.own_accuracy
+    ):
         offsets = (
-            f"all 0: share-matched decisions would be less accurate on these rows, {c.matched_accuracy or 0.0:.3f} "
-            f"against the model's own {c.own_accuracy or 0.0:.3f}"
+            f"all 0: share-matched decisions would be less accurate on these rows, {c.matched_accuracy:.3f} "
+            f"against the model's own {c.own_accuracy:.3f}"
         )
     own = m.get("uncalibrated_accuracy")
     own_text = "" if own is None else f"; the model's own decisions: accuracy {own:.3f}"

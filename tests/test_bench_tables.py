@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from bench import dp_overhead, pretrained
+from bench import dp_overhead, pretrained, utility
 from bench import text_utility as tu
-from bench import utility
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

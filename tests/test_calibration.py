@@ -162,6 +162,13 @@ def test_a_model_that_knows_nothing_stays_useless_and_flagged() -> None:
 def test_fewer_than_two_label_classes_means_no_offsets() -> None:
     probs, _ = _shifted(100, shift=2.0)
     assert fit_offsets(probs, np.zeros(100, dtype=int)).tolist() == [0.0, 0.0]
+    from types import SimpleNamespace
+
+    from fedguard.evaluate import _calibration_text
+
+    _, cal = cross_fitted(probs, np.zeros(100, dtype=int), ["a", "b"], seed=0)
+    assert cal.matched_accuracy is None  # nothing to match: no claim about what matching would cost
+    assert "less accurate" not in _calibration_text(SimpleNamespace(calibration=cal, metrics={}))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="3 offsets for 2 classes"):
         apply_offsets(probs, [0.0, 1.0, 2.0])
 
