@@ -499,6 +499,39 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def readme_table(results: dict[str, Any]) -> str:
+    """README.md's table: the default model per cell at ε = 8 (with its target) and ε = 3, beside the
+    references on the ε = 8 cell's seeds (pasted by hand, checked by tests/test_bench_tables.py)."""
+    summary = results["summary"]
+    cells, refs = summary["cells"], summary["references"]
+    lines = [
+        "| data | nodes | split | `minilm-lora` (default), ε = 8 [seeds] | × TF-IDF (goal) | ε = 3 [seeds] "
+        "| TF-IDF + logistic regression, central, no DP | majority class |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    shapes = sorted({(c["dataset"], c["nodes"], c["split"]) for c in cells.values() if c["method"] == "minilm-lora"},
+                    key=lambda k: (list(SOURCES).index(k[0]), k[1], list(SPLITS).index(k[2])))  # fmt: skip
+    for name, nodes, split in shapes:
+        key = f"{name}/n{nodes}/{split}/eps{{}}/minilm-lora"
+        at8, at3 = cells.get(key.format(8)), cells.get(key.format(3))
+
+        def cell(c: dict[str, Any] | None) -> str:
+            seeds = ", ".join(sorted(c["seeds"])) if c else ""
+            return f"{_f(c['accuracy_mean'])} ({_f(c['macro_f1_mean'])}) [{seeds}]" if c else "-"
+
+        t = summary["targets"].get(key.format(8), {})
+        verdict = "" if "goal" not in t else "met" if t["met"] else "**not met**"
+        goal = f"{_f(t.get('to_tfidf'))} ({verdict}, ≥ {t['goal']})" if verdict else "-"
+        seeds = sorted(at8["seeds"]) if at8 else []
+        ref = refs.get(name, {})
+        means = [
+            _f(statistics.fmean(ref[k][s] for s in seeds)) if seeds and all(s in ref.get(k, {}) for s in seeds) else "-"
+            for k in ("tfidf", "majority")
+        ]
+        lines.append(f"| {name} | {nodes} | {split} | {cell(at8)} | {goal} | {cell(at3)} | {means[0]} | {means[1]} |")
+    return "\n".join(lines)
+
+
 def per_seed_table(results: dict[str, Any]) -> str:
     lines = [
         "| run | accuracy per round | macro-F1 | σ | ε max | s/round | MB/round | node sizes (share of first class) |",
@@ -588,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(results))
     print("\nevery run\n")
     print(per_seed_table(results))
+    print("\nREADME.md's table\n")
+    print(readme_table(results))
     return 0
 
 

@@ -614,6 +614,60 @@ def markdown_table(summary: dict[str, Any], epsilons: list[float]) -> str:
     return "\n".join(lines)
 
 
+def _pair(acc: float | None, f1: float | None) -> str:
+    return f"{_fmt(acc)} ({_fmt(f1)})"
+
+
+def readme_table(summary: dict[str, Any]) -> str:
+    """README.md's table: each split's means at ε = 8 beside the references (pasted by hand, checked by
+    tests/test_bench_tables.py, so the README quotes what this bench measured)."""
+    cells, refs = summary["cells"], summary["references"]
+    lines = [
+        "| dataset | split | fedguard (defaults) | Flower's Opacus example recipe | central, no DP | majority class |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, ref in refs.items():
+        first = True
+        for split in SPLITS:
+            fg, fo = (cells.get(f"{name}/{split}/eps8/{m}") for m in FEDERATED)
+            if not (fg or fo):
+                continue
+            means = [_pair(c["accuracy_mean"], c["macro_f1_mean"]) if c else "-" for c in (fg, fo)]
+            pooled = (
+                f"{_pair(ref['central_mean'], ref['central_f1_mean'])} | "
+                f"{_pair(ref['majority_mean'], ref['majority_f1_mean'])}"
+                if first
+                else " | "
+            )
+            lines.append(f"| {name} | {split} | {means[0]} | {means[1]} | {pooled} |")
+            first = False
+    return "\n".join(lines)
+
+
+def targets_table(summary: dict[str, Any]) -> str:
+    """The targets per dataset (``check_targets``), as bench/README.md shows them."""
+    lines = [
+        "| dataset | ε=8, Dir(0.5): mean / central (≥ 0.97) | ε=8, Dir(0.5): over flower-opacus (≥ +3 points) "
+        "| ε=8, Dir(0.1): every seed above the majority's macro-F1 | fedguard runs at or below the majority's "
+        "macro-F1 (any split, any ε) |",
+        "|---|---|---|---|---|",
+    ]
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "**not met**"
+
+    for name, t in summary["targets"].items():
+        ratio = f"{t['ratio_to_central']:.3f} {verdict(t['ratio_met'])}" if "ratio_to_central" in t else "-"
+        gain = (
+            f"{100 * t['gain_over_flower_opacus']:+.1f} {verdict(t['gain_met'])}"
+            if "gain_over_flower_opacus" in t
+            else "-"
+        )
+        below = "; ".join(t["collapsed_runs"]) or "none"
+        lines.append(f"| {name} | {ratio} | {gain} | {verdict(t['dir0.1_met'])} | {below} |")
+    return "\n".join(lines)
+
+
 def per_seed_table(results: dict[str, Any], epsilon: float = 8.0) -> str:
     """Every seed at one ε: accuracy (macro-F1) of each method beside that seed's references."""
     runs = results["runs"]
@@ -645,6 +699,11 @@ def per_seed_table(results: dict[str, Any], epsilon: float = 8.0) -> str:
 def print_report(summary: dict[str, Any], epsilons: list[float]) -> None:
     print("\nheld-out accuracy (macro-F1) [seeds], mean over seeds\n")
     print(markdown_table(summary, epsilons))
+    print("\ntargets\n")
+    print(targets_table(summary))
+    if 8.0 in epsilons:
+        print("\nREADME.md's table (ε = 8)\n")
+        print(readme_table(summary))
     print()
     for name, t in summary["targets"].items():
         parts = []

@@ -35,6 +35,13 @@ TABLES = {
     "text utility per seed": lambda: tu.per_seed_table(_load("text_utility.json")),
     "utility": lambda: utility.markdown_table(_load("utility.json")["summary"], [8, 3, 1]),
     "utility per seed": lambda: utility.per_seed_table(_load("utility.json")),
+    "utility targets": lambda: utility.targets_table(_load("utility.json")["summary"]),
+}
+
+#: The tables README.md quotes, as their benchmarks print them.
+README_TABLES = {
+    "utility": lambda: utility.readme_table(_load("utility.json")["summary"]),
+    "text utility": lambda: tu.readme_table(_load("text_utility.json")),
 }
 
 
@@ -42,6 +49,27 @@ TABLES = {
 def test_bench_readme_shows_the_table_its_benchmark_prints(name: str) -> None:
     table = TABLES[name]()
     assert table in BENCH_README, f"bench/README.md lacks the {name} table its results print:\n{table}"
+
+
+@pytest.mark.parametrize("name", list(README_TABLES))
+def test_readme_shows_the_table_its_benchmark_prints(name: str) -> None:
+    table = README_TABLES[name]()
+    assert table in README, f"README.md lacks the {name} table its results print:\n{table}"
+
+
+def test_a_changed_run_no_longer_matches_the_readme_tables() -> None:
+    """The README checks bite: one federation's accuracy changed by 0.01 moves its cell's mean."""
+    results = _load("text_utility.json")
+    key = next(k for k in sorted(results["runs"]) if k.endswith("/eps8/seed1/minilm-lora") and "/n3/iid/" in k)
+    results["runs"][key]["accuracy"] += 0.01
+    results["summary"] = tu.summarize(results)
+    assert tu.readme_table(_load("text_utility.json")) in README
+    assert tu.readme_table(results) not in README
+    results = _load("utility.json")
+    results["runs"]["spam/dir0.5/eps8/seed1/fedguard"]["accuracy"] += 0.01
+    summary = utility.summarize(results)
+    assert utility.readme_table(summary) not in README
+    assert utility.targets_table(summary) not in BENCH_README
 
 
 def test_a_changed_result_no_longer_matches_the_readme() -> None:
