@@ -466,11 +466,50 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: How README.md names each finding.
+_FINDING_LABEL = {
+    "demographic_parity_ratio": "DP ratio",
+    "demographic_parity_difference": "DP difference",
+    "equalized_odds_difference": "EO difference",
+}
+
+
+def readme_table(summary: dict[str, Any]) -> str:
+    """README.md's short table: means over seeds, thresholds against the same model before post-processing,
+    and how many seeds ended with each finding on the mitigated attribute (checked by tests/test_bench_tables.py)."""
+    lines = [
+        "| data | method | accuracy | DP difference | DP ratio | EO difference | findings on the attribute (seeds) "
+        "| max node ε |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for cell in summary["cells"].values():
+        m, before = cell["mean"], cell.get("own_before_mean")
+
+        def value(key: str, m: dict[str, Any] = m, before: dict[str, Any] | None = before) -> str:
+            shown = before is not None and key in ("accuracy", "dp_difference")
+            return _f(m[key]) + (f" ({_f(before[key])} before)" if shown else "")
+
+        names = sorted({f for found in cell["findings"].values() for f in found})
+        found = ", ".join(
+            f"{_FINDING_LABEL.get(f, f.replace('_', ' '))} {sum(f in v for v in cell['findings'].values())} of "
+            f"{len(cell['findings'])}"
+            for f in names
+        )
+        method = cell["method"] + ("¹" if before else "")
+        lines.append(
+            f"| {cell['dataset']} | {method} | {value('accuracy')} | {value('dp_difference')} | {value('dp_ratio')} "
+            f"| {value('eo_difference')} | {found or 'none'} | {_f(cell['epsilon_max'])} |"
+        )
+    return "\n".join(lines)
+
+
 def print_report(summary: dict[str, Any]) -> None:
     print("\nmean over seeds (every seed); the mitigated attribute's worst-group gaps; cost = points of accuracy")
     print("lost against none on the same seeds; thresholds: after post-processing against the same model before it,")
     print("on the hold-out rows not used to fit the thresholds\n")
     print(markdown_table(summary))
+    print("\nREADME.md's table\n")
+    print(readme_table(summary))
     print()
     for cell in summary["cells"].values():
         if "own_before_mean" in cell:

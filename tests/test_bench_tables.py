@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench import dp_overhead, pretrained, utility
+from bench import dp_overhead, fairness_mitigation, pretrained, secure_aggregation, utility
 from bench import text_utility as tu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +42,8 @@ TABLES = {
 README_TABLES = {
     "utility": lambda: utility.readme_table(_load("utility.json")["summary"]),
     "text utility": lambda: tu.readme_table(_load("text_utility.json")),
+    "fairness mitigation": lambda: fairness_mitigation.readme_table(_load("fairness_mitigation.json")["summary"]),
+    "secure aggregation": lambda: secure_aggregation.readme_table(_load("secure_aggregation.json")["rows"]),
 }
 
 
