@@ -514,11 +514,6 @@ def readme_table(results: dict[str, Any]) -> str:
     for name, nodes, split in shapes:
         key = f"{name}/n{nodes}/{split}/eps{{}}/minilm-lora"
         at8, at3 = cells.get(key.format(8)), cells.get(key.format(3))
-
-        def cell(c: dict[str, Any] | None) -> str:
-            seeds = ", ".join(sorted(c["seeds"])) if c else ""
-            return f"{_f(c['accuracy_mean'])} ({_f(c['macro_f1_mean'])}) [{seeds}]" if c else "-"
-
         t = summary["targets"].get(key.format(8), {})
         verdict = "" if "goal" not in t else "met" if t["met"] else "**not met**"
         goal = f"{_f(t.get('to_tfidf'))} ({verdict}, ≥ {t['goal']})" if verdict else "-"
@@ -528,8 +523,14 @@ def readme_table(results: dict[str, Any]) -> str:
             _f(statistics.fmean(ref[k][s] for s in seeds)) if seeds and all(s in ref.get(k, {}) for s in seeds) else "-"
             for k in ("tfidf", "majority")
         ]
-        lines.append(f"| {name} | {nodes} | {split} | {cell(at8)} | {goal} | {cell(at3)} | {means[0]} | {means[1]} |")
+        row = [name, nodes, split, _mean_cell(at8), goal, _mean_cell(at3), *means]
+        lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines)
+
+
+def _mean_cell(c: dict[str, Any] | None) -> str:
+    """A cell's mean accuracy (macro-F1) and the seeds it is over; "-" for a cell not run."""
+    return f"{_f(c['accuracy_mean'])} ({_f(c['macro_f1_mean'])}) [{', '.join(sorted(c['seeds']))}]" if c else "-"
 
 
 def per_seed_table(results: dict[str, Any]) -> str:
