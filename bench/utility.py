@@ -586,6 +586,10 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _pair(acc: float | None, f1: float | None) -> str:
+    return f"{_fmt(acc)} ({_fmt(f1)})"
+
+
 def markdown_table(summary: dict[str, Any], epsilons: list[float]) -> str:
     """The README table: mean accuracy (macro-F1) over seeds, with the references."""
     cells, refs = summary["cells"], summary["references"]
@@ -598,24 +602,19 @@ def markdown_table(summary: dict[str, Any], epsilons: list[float]) -> str:
                 if not any(row):
                     continue
                 vals = [
-                    f"{_fmt(c['accuracy_mean'])} ({_fmt(c['macro_f1_mean'])}) [{len(c['accuracy'])}]" if c else "-"
-                    for c in row
+                    f"{_pair(c['accuracy_mean'], c['macro_f1_mean'])} [{len(c['accuracy'])}]" if c else "-" for c in row
                 ]
                 lines.append(f"| {name} | {split} | {method} | " + " | ".join(vals) + " |")
         ref = refs[name]
         lines.append(
-            f"| {name} | pooled | central (no DP) | {_fmt(ref['central_mean'])} ({_fmt(ref['central_f1_mean'])}) "
+            f"| {name} | pooled | central (no DP) | {_pair(ref['central_mean'], ref['central_f1_mean'])} "
             f"[{len(ref['central'])}] |" + " |" * (len(epsilons) - 1)
         )
         lines.append(
-            f"| {name} | pooled | majority class | {_fmt(ref['majority_mean'])} ({_fmt(ref['majority_f1_mean'])}) "
+            f"| {name} | pooled | majority class | {_pair(ref['majority_mean'], ref['majority_f1_mean'])} "
             f"[{len(ref['majority'])}] |" + " |" * (len(epsilons) - 1)
         )
     return "\n".join(lines)
-
-
-def _pair(acc: float | None, f1: float | None) -> str:
-    return f"{_fmt(acc)} ({_fmt(f1)})"
 
 
 def readme_table(summary: dict[str, Any]) -> str:
