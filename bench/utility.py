@@ -28,17 +28,20 @@ hold-out that ``simulate`` keeps aside is where accuracy and macro-F1 are measur
   lr 0.001, momentum 0.9, batch 32, one local epoch, clipping norm 1) with plain FedAvg, written as
   a FedGuard config and run through the same path, so the split, σ calibration and accounting match
   (decisions: the model's argmax, as in the example);
+- ``no-dp``: ``fedguard``'s config with ``[dp] enabled = false``, once per split and seed (ε does not
+  apply): the same split, recipe and federation without privacy, so the gap between ``fedguard`` and
+  ``central`` splits into what the skewed federation costs and what DP costs;
 - ``central``: the same model trained without privacy on all client rows pooled (10% of them
   for choosing the best epoch), scored on the same hold-out;
 - ``majority``: the training rows' majority class, scored on the same hold-out.
 
     python bench/utility.py [--quick] [--datasets churn spam computers] [--splits dir0.5 dir0.1]
-                            [--epsilons 8 3 1] [--seeds 1 2 3 4 5] [--methods fedguard flower-opacus]
+                            [--epsilons 8 3 1] [--seeds 1 2 3 4 5] [--methods fedguard flower-opacus no-dp]
                             [--rounds 10] [--workers 2] [--out bench/results/utility.json] [--fresh]
 
 Each finished run is written to the JSON at once; a rerun skips the runs already there (``--fresh``
-starts over). Runs go most important first (ε=8, then 3, then 1). One federation takes 40–100 s on
-2 shared cores with 2 at a time; the whole grid (180 federations and 15 references) about 1.5 h.
+starts over). Runs go most important first (ε=8, then no-dp, 3 and 1). One federation takes 20–100 s
+on 2 shared cores with 2 at a time; the whole grid (210 federations and 15 references) about 1.6 h.
 """
 
 from __future__ import annotations
@@ -75,7 +78,11 @@ NUM_CLIENTS = 5
 DELTA = 1e-5
 ROUNDS = 10
 SPLITS: dict[str, float] = {"dir0.5": 0.5, "dir0.1": 0.1}
+#: The federated methods under DP, run at every ε.
 FEDERATED = ("fedguard", "flower-opacus")
+#: ``fedguard``'s defaults without DP: one run per split and seed (its results carry ``epsilon`` None).
+NO_DP = "no-dp"
+METHODS = (*FEDERATED, NO_DP)
 #: The client recipe of Flower's Opacus example (examples/opacus/opacus_fl/client_app.py, task.py).
 FLOWER_OPACUS: dict[str, Any] = {
     "train": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.001, "optimizer": "sgd", "momentum": 0.9},
@@ -238,20 +245,26 @@ def write_dataset(name: str, folder: Path) -> tuple[Path, dict[str, Any]]:
 class Job:
     dataset: str
     split: str  # dir0.5 | dir0.1
-    epsilon: float
+    epsilon: float | None  # None: no-dp
     seed: int
-    method: str  # fedguard | flower-opacus
+    method: str  # fedguard | flower-opacus | no-dp
     rounds: int = ROUNDS
 
     @property
     def key(self) -> str:
-        return f"{self.dataset}/{self.split}/eps{self.epsilon:g}/seed{self.seed}/{self.method}"
+        return f"{self.dataset}/{self.split}/{eps_tag(self.epsilon)}/seed{self.seed}/{self.method}"
+
+
+def eps_tag(epsilon: float | None) -> str:
+    """The ε part of a run's or cell's key: ``eps8``, or ``no-dp`` for the runs without privacy."""
+    return NO_DP if epsilon is None else f"eps{epsilon:g}"
 
 
 def run_config(
-    data_path: Path, schema: dict[str, Any], *, split: str, epsilon: float, seed: int, method: str, rounds: int
+    data_path: Path, schema: dict[str, Any], *, split: str, epsilon: float | None, seed: int, method: str, rounds: int
 ) -> dict[str, Any]:
-    """The raw config a user would write: ``fedguard`` names no [train] or [server.optimizer] section."""
+    """The raw config a user would write: ``fedguard`` names no [train] or [server.optimizer] section;
+    ``no-dp`` is the same with ``[dp] enabled = false`` (``epsilon`` unused)."""
     raw: dict[str, Any] = {
         "name": f"utility-{method}",
         "seed": seed,
@@ -271,6 +284,8 @@ def run_config(
         raw["dp"].update(FLOWER_OPACUS["dp"])
         raw["server"] = {"optimizer": dict(FLOWER_OPACUS["server"]["optimizer"])}
         raw["evaluation"] = dict(FLOWER_OPACUS["evaluation"])
+    elif method == NO_DP:
+        raw["dp"] = {"enabled": False}
     elif method != "fedguard":
         raise ValueError(f"unknown federated method {method!r}")
     return raw
@@ -526,7 +541,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Per dataset × split × ε × method: per-seed and mean accuracy / macro-F1; then the targets."""
     cells: dict[str, dict[str, Any]] = {}
     for r in results["runs"].values():
-        key = f"{r['dataset']}/{r['split']}/eps{r['epsilon']:g}/{r['method']}"
+        key = f"{r['dataset']}/{r['split']}/{eps_tag(r['epsilon'])}/{r['method']}"
         cell = cells.setdefault(
             key,
             {k: r[k] for k in ("dataset", "split", "epsilon", "method")} | {"accuracy": {}, "macro_f1": {}},
@@ -551,7 +566,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 def check_targets(cells: dict[str, Any], refs: dict[str, Any]) -> dict[str, Any]:
     """Per dataset: at ε=8, Dirichlet 0.5, mean ≥ 0.97 × central and ≥ +3 points over flower-opacus;
     on Dirichlet 0.1, every seed's macro-F1 above the majority baseline's on that seed (at ε=8, and at
-    every ε); ``collapsed_runs`` lists every fedguard run at or below that baseline, any split or ε."""
+    every ε); ``collapsed_runs`` lists every fedguard run at or below that baseline, any split or ε.
+    ``no_dp_ratio_to_central``: the same for ``no-dp`` (what the split and federation cost without DP)."""
     out: dict[str, Any] = {}
     for name, ref in refs.items():
         t: dict[str, Any] = {}
@@ -563,6 +579,11 @@ def check_targets(cells: dict[str, Any], refs: dict[str, Any]) -> dict[str, Any]
             ours = statistics.fmean(fg["accuracy"][s] for s in seeds)
             t["ratio_to_central"] = ours / statistics.fmean(ref["central"][s] for s in seeds)
             t["ratio_met"] = t["ratio_to_central"] >= 0.97
+        nd = cells.get(f"{name}/dir0.5/{NO_DP}/{NO_DP}")
+        seeds = sorted(set(nd["accuracy"]) & set(ref["central"])) if nd else []
+        if seeds:
+            ours = statistics.fmean(nd["accuracy"][s] for s in seeds)
+            t["no_dp_ratio_to_central"] = ours / statistics.fmean(ref["central"][s] for s in seeds)
         seeds = sorted(set(fg["accuracy"]) & set(fo["accuracy"])) if fg and fo else []
         if seeds:
             t["gain_seeds"] = seeds
@@ -605,6 +626,12 @@ def markdown_table(summary: dict[str, Any], epsilons: list[float]) -> str:
                     f"{_pair(c['accuracy_mean'], c['macro_f1_mean'])} [{len(c['accuracy'])}]" if c else "-" for c in row
                 ]
                 lines.append(f"| {name} | {split} | {method} | " + " | ".join(vals) + " |")
+            nd = cells.get(f"{name}/{split}/{NO_DP}/{NO_DP}")
+            if nd:
+                lines.append(
+                    f"| {name} | {split} | fedguard without DP | {_pair(nd['accuracy_mean'], nd['macro_f1_mean'])} "
+                    f"[{len(nd['accuracy'])}] |" + " |" * (len(epsilons) - 1)
+                )
         ref = refs[name]
         lines.append(
             f"| {name} | pooled | central (no DP) | {_pair(ref['central_mean'], ref['central_f1_mean'])} "
@@ -622,8 +649,9 @@ def readme_table(summary: dict[str, Any]) -> str:
     tests/test_bench_tables.py, so the README quotes what this bench measured)."""
     cells, refs = summary["cells"], summary["references"]
     lines = [
-        "| dataset | split | fedguard (defaults) | Flower's Opacus example recipe | central, no DP | majority class |",
-        "|---|---|---|---|---|---|",
+        "| dataset | split | fedguard (defaults) | Flower's Opacus example recipe | fedguard without DP "
+        "| central, no DP | majority class |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, ref in refs.items():
         first = True
@@ -631,14 +659,15 @@ def readme_table(summary: dict[str, Any]) -> str:
             fg, fo = (cells.get(f"{name}/{split}/eps8/{m}") for m in FEDERATED)
             if not (fg or fo):
                 continue
-            means = [_pair(c["accuracy_mean"], c["macro_f1_mean"]) if c else "-" for c in (fg, fo)]
+            nd = cells.get(f"{name}/{split}/{NO_DP}/{NO_DP}")
+            means = [_pair(c["accuracy_mean"], c["macro_f1_mean"]) if c else "-" for c in (fg, fo, nd)]
             pooled = (
                 f"{_pair(ref['central_mean'], ref['central_f1_mean'])} | "
                 f"{_pair(ref['majority_mean'], ref['majority_f1_mean'])}"
                 if first
                 else " | "
             )
-            lines.append(f"| {name} | {split} | {means[0]} | {means[1]} | {pooled} |")
+            lines.append(f"| {name} | {split} | {means[0]} | {means[1]} | {means[2]} | {pooled} |")
             first = False
     return "\n".join(lines)
 
@@ -657,6 +686,8 @@ def targets_table(summary: dict[str, Any]) -> str:
 
     for name, t in summary["targets"].items():
         ratio = f"{t['ratio_to_central']:.3f} {verdict(t['ratio_met'])}" if "ratio_to_central" in t else "-"
+        if "no_dp_ratio_to_central" in t:
+            ratio += f" (without DP {t['no_dp_ratio_to_central']:.3f})"
         gain = (
             f"{100 * t['gain_over_flower_opacus']:+.1f} {verdict(t['gain_met'])}"
             if "gain_over_flower_opacus" in t
@@ -672,15 +703,17 @@ def per_seed_table(results: dict[str, Any], epsilon: float = 8.0) -> str:
     runs = results["runs"]
     refs = {(r["dataset"], r["seed"]): r for r in results["references"].values()}
     lines = [
-        "| dataset | split | seed | fedguard | flower-opacus | central (no DP) | majority class |",
-        "|---|---|---|---|---|---|---|",
+        "| dataset | split | seed | fedguard | flower-opacus | fedguard without DP | central (no DP) "
+        "| majority class |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, seed in sorted(refs, key=lambda k: (list(DATASETS).index(k[0]), k[1])):
         ref = refs[(name, seed)]
         for split in SPLITS:
             cells = []
-            for method in FEDERATED:
-                r = runs.get(f"{name}/{split}/eps{epsilon:g}/seed{seed}/{method}")
+            for method in METHODS:
+                tag = eps_tag(None if method == NO_DP else epsilon)
+                r = runs.get(f"{name}/{split}/{tag}/seed{seed}/{method}")
                 own = r["curve"][-1].get(UNCALIBRATED_ACCURACY) if r else None  # prior-calibrated: the model's own
                 cells.append(
                     (f"{r['accuracy']:.3f} ({r['macro_f1']:.3f})" + ("" if own is None else f", own {own:.3f}"))
@@ -688,10 +721,8 @@ def per_seed_table(results: dict[str, Any], epsilon: float = 8.0) -> str:
                     else "-"
                 )
             c, m = ref["central"], ref["majority"]
-            lines.append(
-                f"| {name} | {split} | {seed} | {cells[0]} | {cells[1]} | {c['accuracy']:.3f} ({c['macro_f1']:.3f}) "
-                f"| {m['accuracy']:.3f} ({m['macro_f1']:.3f}) |"
-            )
+            pooled = f"{_pair(c['accuracy'], c['macro_f1'])} | {_pair(m['accuracy'], m['macro_f1'])}"
+            lines.append(f"| {name} | {split} | {seed} | {' | '.join(cells)} | {pooled} |")
     return "\n".join(lines)
 
 
@@ -708,6 +739,8 @@ def print_report(summary: dict[str, Any], epsilons: list[float]) -> None:
         parts = []
         if "ratio_to_central" in t:
             parts.append(f"ε=8 Dir(0.5) / central = {t['ratio_to_central']:.3f} (≥ 0.97: {t['ratio_met']})")
+        if "no_dp_ratio_to_central" in t:
+            parts.append(f"without DP {t['no_dp_ratio_to_central']:.3f}")
         if "gain_over_flower_opacus" in t:
             g = 100 * t["gain_over_flower_opacus"]
             parts.append(f"over flower-opacus {g:+.1f} points (≥ +3: {t['gain_met']})")
@@ -721,15 +754,24 @@ def print_report(summary: dict[str, Any], epsilons: list[float]) -> None:
 
 
 def plan_jobs(args: argparse.Namespace) -> list[Job]:
-    """Most important first: ε=8 (the targets), Dirichlet 0.1 next to 0.5, then ε=3 and ε=1."""
-    jobs = [
-        Job(d, split, eps, seed, method, args.rounds)
-        for eps in sorted(args.epsilons, reverse=True)
-        for seed in args.seeds
-        for d in args.datasets
-        for split in args.splits
-        for method in args.methods
-    ]
+    """Most important first: ε=8 (the targets), Dirichlet 0.1 next to 0.5, then no-dp, ε=3 and ε=1."""
+    jobs: list[Job] = []
+    for i, eps in enumerate(sorted(args.epsilons, reverse=True)):
+        jobs += [
+            Job(d, split, eps, seed, method, args.rounds)
+            for seed in args.seeds
+            for d in args.datasets
+            for split in args.splits
+            for method in args.methods
+            if method != NO_DP
+        ]
+        if i == 0 and NO_DP in args.methods:  # once per split and seed, after the largest ε
+            jobs += [
+                Job(d, split, None, seed, NO_DP, args.rounds)
+                for seed in args.seeds
+                for d in args.datasets
+                for split in args.splits
+            ]
     return jobs
 
 
@@ -740,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     ap.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 3.0, 1.0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
-    ap.add_argument("--methods", nargs="+", default=list(FEDERATED), choices=list(FEDERATED))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--workers", type=int, default=2, help="federations at a time (each starts its own Ray)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/utility.json)")
@@ -793,9 +835,13 @@ def main(argv: list[str] | None = None) -> int:
             if "method" in r:
                 results["runs"][r["key"]] = r
                 bad = sum(r["not_accepted"].values())
+                dp = (
+                    f"σ {min(r['sigmas']):.2f}–{max(r['sigmas']):.2f} ε≤{r['epsilon_max']:.2f}"
+                    if r["sigmas"]
+                    else "no DP"
+                )
                 print(
-                    f"{tag} {name}: acc {r['accuracy']:.3f} F1 {r['macro_f1']:.3f} "
-                    f"σ {min(r['sigmas']):.2f}–{max(r['sigmas']):.2f} ε≤{r['epsilon_max']:.2f} "
+                    f"{tag} {name}: acc {r['accuracy']:.3f} F1 {r['macro_f1']:.3f} {dp} "
                     f"not accepted {bad} ({r['seconds']:.0f}s; {(time.perf_counter() - t0) / 60:.1f} min)",
                     flush=True,
                 )

@@ -27,7 +27,7 @@ from client.app import app as client_app
 from client.training import PerSampleWeightedCE, loader_batch_size, train_local
 from common import records as R
 from common.codec import record_to_numpy
-from common.config import RECIPES, ServerOptimizerConfig
+from common.config import RECIPES, ServerOptimizerConfig, parse_config
 from common.data import encode
 from common.errors import ConfigError
 from common.models import build_model
@@ -451,3 +451,40 @@ def test_the_bench_and_the_cli_run_the_same_federation(tmp_path: Path) -> None:
         return sum(trained) / len(trained)
 
     assert abs(mean(bench) - mean(cli)) <= 0.08, (bench["curve"], cli["curve"])
+
+
+def test_the_no_dp_reference_is_the_default_config_without_dp_once_per_split_and_seed(tmp_path: Path) -> None:
+    """bench/utility.py's ``no-dp`` rows: the ``fedguard`` config with DP off (nothing else changed), one run per
+    split and seed whatever ``--epsilons`` says, with keys and table cells of their own."""
+    import argparse
+
+    from bench.utility import NO_DP, plan_jobs, run_config, summarize, write_dataset
+
+    data, schema = write_dataset("computers", tmp_path / "data")
+    fedguard = run_config(data, schema, split="dir0.5", epsilon=8.0, seed=1, method="fedguard", rounds=10)
+    no_dp = run_config(data, schema, split="dir0.5", epsilon=None, seed=1, method=NO_DP, rounds=10)
+    assert no_dp["dp"] == {"enabled": False}
+    assert {k: v for k, v in no_dp.items() if k not in ("dp", "name")} == {
+        k: v for k, v in fedguard.items() if k not in ("dp", "name")
+    }
+    assert parse_config(no_dp, "test").dp.enabled is False
+
+    args = argparse.Namespace(
+        epsilons=[1.0, 8.0, 3.0], seeds=[1, 2], datasets=["spam"], splits=["dir0.5", "dir0.1"],
+        methods=["fedguard", NO_DP], rounds=10,
+    )  # fmt: skip
+    jobs = plan_jobs(args)
+    keys = [j.key for j in jobs]
+    assert sorted(k for k in keys if k.endswith(NO_DP)) == sorted(
+        f"spam/{s}/no-dp/seed{seed}/no-dp" for s in ("dir0.5", "dir0.1") for seed in (1, 2)
+    )
+    assert keys.index("spam/dir0.5/no-dp/seed1/no-dp") > keys.index("spam/dir0.1/eps8/seed2/fedguard")  # after ε=8
+    assert keys.index("spam/dir0.5/no-dp/seed1/no-dp") < keys.index("spam/dir0.5/eps3/seed1/fedguard")
+    runs = {
+        j.key: {"dataset": j.dataset, "split": j.split, "epsilon": j.epsilon, "method": j.method, "seed": j.seed,
+                "accuracy": 0.8, "macro_f1": 0.7}
+        for j in jobs
+    }  # fmt: skip
+    cells = summarize({"runs": runs, "references": {}})["cells"]
+    assert cells["spam/dir0.1/no-dp/no-dp"]["accuracy"] == {"1": 0.8, "2": 0.8}
+    assert "spam/dir0.1/eps8/fedguard" in cells
