@@ -38,6 +38,7 @@ from server.checkpoint import Checkpoint, checkpoint_dir, latest_good
 from server.grid_io import MeteredGrid, Progress, collect_replies, wait_for_nodes
 from server.rounds import PROTOCOLS
 from server.rounds.base import Aggregate, Federation, RoundProtocol
+from server.run_health import DP_DISABLED
 from server.store import RunStore
 from server.validation import Outcome
 
@@ -114,6 +115,8 @@ def run_federation(
     if flower_run_id is not None and sim_data_dir is None:
         _fail_if_orphaned(store_path, run_id)
     progress(f"run {run_id} recorded in {store_path}" + (f" (resumes run {resume.run_id})" if resume else ""))
+    if not cfg.dp.enabled:
+        progress(f"WARNING: {DP_DISABLED}")
     base = {R.RUN_CONFIG: cfg.to_json(), R.RUN_ID: run_id, R.RUN_UID: run_uid}
     base |= {R.RUN_SIGNATURE: run_signature} if run_signature else {}
     base |= {R.SIM_DATA_DIR: sim_data_dir} if sim_data_dir else {}
@@ -131,7 +134,7 @@ def run_federation(
                 fix="start more nodes or lower server.min_replies",
             )
         fed.refresh(nodes)
-        progress(fed.scorer.describe())  # type: ignore[union-attr]
+        progress(fed.scorer.describe(fed.label))  # type: ignore[union-attr]
         protocol = protocol_type(fed, state_to_numpy(model) if resume is None else resume.state)
         progress(protocol.describe())
         mitigation.prepare(fed, resume.run_id if resume is not None else None)  # reweighing's table, if any

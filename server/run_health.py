@@ -32,6 +32,9 @@ from common.errors import ConfigError
 from common.fairness import Finding, model_findings, regression_finding
 from server.store import RunStore
 
+#: Said before a run without DP starts (server.app) and again in its summary, report and ``fedguard runs``.
+DP_DISABLED = "DP is disabled (dp.enabled = false): the model updates are not differentially private"
+
 _LOG_ID = re.compile(r" \(node log id (\w+)\)$")  # the tail server.validation.refusal_reason puts on a refusal
 
 
@@ -207,7 +210,7 @@ def run_health(store_path: str | Path, run_id: int) -> RunHealth:
     warnings += [f"{n.name}: a reply was lost after it may have trained; {LEDGER_NOTE}" for n in ordered
                  if n.may_be_higher]  # fmt: skip
     if not dp_enabled and ordered:
-        warnings.append("DP is disabled (dp.enabled = false): the model updates are not differentially private")
+        warnings.append(DP_DISABLED)
     warnings += [f.message for f in found]
     return RunHealth(
         run_id=run_id,

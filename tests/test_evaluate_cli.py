@@ -57,7 +57,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     code = (
         "import sys; from pathlib import Path; from common.config import load_config; "
         "from fedguard.simulate import simulate; "
-        "r = simulate(load_config(sys.argv[1]), Path(sys.argv[2]), progress=lambda s: None); "
+        "r = simulate(load_config(sys.argv[1]), Path(sys.argv[2]), progress=print); "
         "print('RESULT', r.run_id, r.store_path)"
     )
     proc = subprocess.run(
@@ -71,6 +71,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_id, store = proc.stdout.split("RESULT")[1].split()
     assert run_id == "1"
+    (tmp / "progress.txt").write_text(proc.stdout, encoding="utf-8")
     evaluation = tmp / "eval.csv"
     make_tabular(400, seed=11).to_csv(evaluation, index=False)
     return {
@@ -80,7 +81,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "data": evaluation,
         "schema": _write_schema(tmp / "schema.toml"),
         "toml": write_run_toml(cfg, tmp / "run.toml"),
+        "progress": tmp / "progress.txt",
     }
+
+
+def test_a_run_without_dp_says_so_before_its_first_round(trained: dict[str, Path]) -> None:
+    """A user who turned DP off is told before any update leaves a node, not only in the summary."""
+    out = trained["progress"].read_text(encoding="utf-8")
+    lines = out.splitlines()
+    warning = lines.index(
+        "WARNING: DP is disabled (dp.enabled = false): the model updates are not differentially private"
+    )
+    assert warning < lines.index("round 1/1: training on 2 node(s)"), out[-3000:]
 
 
 def _direct(trained: dict[str, Path], data: Path) -> tuple[dict[str, float], object]:

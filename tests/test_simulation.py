@@ -152,6 +152,15 @@ def test_an_evaluator_that_answers_late_scores_from_then_on() -> None:
     fed.adopt_evaluator()
     assert fed.evaluator == 13 and fed.scorer.active
     assert lines == ["evaluator node 13 answered late; it scores and audits the rounds from now on"]
+    # A named node is named as the round lines name it, not by its 19-digit SuperLink id.
+    lines.clear()
+    fed = federation(signed=False)
+    fed.adopt_evaluator()
+    fed.names[13] = "node-5"
+    fed.roles[13] = "evaluator"
+    fed.adopt_evaluator()
+    assert lines == ["evaluator node-5 answered late; it scores and audits the rounds from now on"]
+    assert fed.scorer.describe(fed.label) == "evaluator node-5 scores and audits every round's model"
     # Deployment: a claim from a key that is not the enrolled evaluator's is refused, and reported once.
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -180,7 +180,9 @@ class Federation:
         bound = [n for n in claims if not self.signed or self._is_bound_evaluator(n)]
         if bound and (self.scorer is None or self.scorer.evaluator is None):
             if self.scorer is not None:
-                self.progress(f"evaluator node {bound[0]} answered late; it scores and audits the rounds from now on")
+                self.progress(
+                    f"evaluator {self.label(bound[0])} answered late; it scores and audits the rounds from now on"
+                )
             self.scorer = Scorer(self.cfg, bound[0])
         elif self.scorer is None:
             self.scorer = Scorer(self.cfg, None)
