@@ -146,8 +146,9 @@ class RunHealth:
 
     @property
     def flags(self) -> list[str]:
-        """The warnings in a few words, for run lists (``CONSTANT MODEL``, ``node-1 never contributed``)."""
+        """The warnings in a few words, for run lists (``CONSTANT MODEL``, ``NO DP``, ``node-1 never contributed``)."""
         out = ["CONSTANT MODEL"] if self.constant_final else []
+        out += ["NO DP"] if DP_DISABLED in self.warnings else []
         out += [f"{n.name} never contributed" for n in self.nodes if n.never_contributed]
         out += [f.kind.replace("_", " ") for f in self.final_findings if f.kind != "constant_model"]
         return out

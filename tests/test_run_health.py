@@ -374,6 +374,7 @@ def test_without_dp_no_epsilon_is_shown_for_the_updates_and_the_counts_stand_apa
     assert node.epsilon is None and node.counts_epsilon == 0.4
     assert node.privacy == "updates not private (DP disabled); fairness counts ε 0.400"
     assert any("not differentially private" in w for w in health.warnings)
+    assert health.flags == ["NO DP"]  # what `fedguard runs` shows beside the run
     md = to_markdown(build_privacy_report(path, run))
     assert "updates not private (DP disabled); fairness counts ε 0.400" in md
 
