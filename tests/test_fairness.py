@@ -473,7 +473,12 @@ def test_the_report_adds_a_skewed_model_finding_unless_the_audit_calls_it_degene
     kinds = {f.kind: f for f in rep.findings}
     skew = kinds["skewed_prediction_rate"]
     assert (skew.first_seen_round, skew.last_seen_round) == (1, 1) and skew.value > cfg.prediction_skew_factor * base
-    assert "'yes'" in skew.message and "1.5× limit" in skew.message
+    assert "'yes'" in skew.message and "above the 1.5× limit" in skew.message
+    # too few positives names the lower bound it crossed (0.54× is not "below the 1.5× limit")
+    from common.fairness.model_findings import BASE_RATE, POSITIVE_RATE
+
+    (low,) = model_findings({POSITIVE_RATE: 0.25, BASE_RATE: 0.466}, cfg, 3, ["no", "yes"])
+    assert "(0.54×, below 1/1.5 = 0.67×)" in low.message, low.message
     # round 2 predicts no positives: the audit's degenerate finding says so; no constant-model duplicate
     assert "degenerate_selection_rate" in kinds and "constant_model" not in kinds
     assert skew.message in render(rep, "md")

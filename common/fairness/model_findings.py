@@ -106,7 +106,8 @@ def model_findings(
     ratio = pos / base
     if ratio <= factor and ratio >= 1.0 / factor:
         return []
-    side = "above" if ratio > factor else "below"
+    # Too few positives reads as "below 1/1.5 = 0.67×": "0.54×, below the 1.5× limit" would read as within it.
+    side = f"above the {factor:g}× limit" if ratio > factor else f"below 1/{factor:g} = {1 / factor:.2f}×"
     return [
         Finding(
             kind="skewed_prediction_rate",
@@ -114,7 +115,7 @@ def model_findings(
             value=pos,
             threshold=factor * base if ratio > factor else base / factor,
             message=f"the model predicts {_class_name(1, classes)} for {100 * pos:.1f}% of held-out rows against a "
-            f"base rate of {100 * base:.1f}% ({ratio:.2f}×, {side} the {factor:g}× limit): its errors fall mostly "
+            f"base rate of {100 * base:.1f}% ({ratio:.2f}×, {side}): its errors fall mostly "
             "on one class",
             **common,  # type: ignore[arg-type]
         )
