@@ -316,8 +316,12 @@ def describe_trust(cfg: RunConfig) -> list[str]:
         f"No single party — server, evaluator or node — can read an individual update; the server with fewer than "
         f"t = {t} nodes cannot either (each node reveals, per peer, either the self-mask share or the mask-key "
         "share, never both, and only when enough nodes contributed).",
-        f"The server with t = {t} or more colluding nodes can unmask a node's update; DP-SGD on the node still "
-        "bounds what that update reveals about any record.",
+        f"The server with t = {t} or more colluding nodes can unmask a node's update; "
+        + (
+            "DP-SGD on the node still bounds what that update reveals about any record."
+            if cfg.dp.enabled
+            else "DP is disabled in this run, so nothing bounds what that update reveals about any record."
+        ),
         "As with any sum, colluding nodes can subtract their own updates: if all contributors but one collude with "
         "the server, the sum reveals that one's update.",
         "Peers' keys reach a node through the server, which routes them honestly in this version: nodes do not yet "

@@ -34,6 +34,22 @@ THREAT_MODEL = (
     "numbers."
 )
 
+#: The same for a run with ``dp.enabled = false``: nothing bounds what an update reveals about a record.
+THREAT_MODEL_NO_DP = (
+    "DP is disabled in this run: each client sends its model update without DP-SGD, so the updates are NOT "
+    "differentially private and may reveal information about individual records; no ε bounds them. The "
+    "aggregation server is trusted to run the protocol but not with raw data: it receives only the values listed "
+    "per client below. Raw records, exact dataset sizes, per-sample gradients, secret keys and error texts never "
+    "leave a node."
+)
+
+#: What ``_SECURE_AGG`` claims of DP-SGD, and what is true of a run without it (secagg's own statement,
+#: ``common.secagg.describe_trust``, reads the config itself).
+_NO_DP_CLAUSES = {
+    "each client's DP-protected update": "each client's update, which is NOT differentially private (DP is disabled)",
+    "which DP-SGD still bounds per record": "which nothing bounds per record (DP is disabled in this run)",
+}
+
 _SECURE_AGG = {
     "none": (
         "none: plaintext FedAvg. The server sees each client's DP-protected update; no homomorphic "
@@ -233,9 +249,8 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         target_delta=cfg.dp.delta if cfg.dp.enabled else None,
         engine=str(meta.get("engine", "unknown")),
         transport=str(meta.get("transport", "unknown")),
-        secure_aggregation=" ".join(describe_trust(cfg))
-        or _SECURE_AGG.get(cfg.secure_aggregation, cfg.secure_aggregation),
-        threat_model=THREAT_MODEL,
+        secure_aggregation=_aggregation(cfg),
+        threat_model=THREAT_MODEL if cfg.dp.enabled else THREAT_MODEL_NO_DP,
         central_dp=central,
         versions={str(k): str(v) for k, v in meta.get("versions", {}).items()},
         clients=clients,
@@ -288,7 +303,7 @@ def _client(
         unit_epsilon=num(last, R.UNIT_EPSILON),
         unit_delta=num(last, R.UNIT_DELTA),
         refusals=nh.count("refused"),
-        sent=[SentValue(key=k, privacy_class=_class_label(k)) for k in sent],
+        sent=[SentValue(key=k, privacy_class=_class_label(k, cfg.dp.enabled)) for k in sent],
         count_release=None
         if count is None
         else CountRelease(
@@ -308,9 +323,22 @@ def _empirical_audit(store_path: str | Path, run_id: int) -> EmpiricalAudit | No
     return EmpiricalAudit.model_validate(found) if found else None
 
 
-def _class_label(key: str) -> str:
+def _aggregation(cfg: RunConfig) -> str:
+    """The aggregation mode's trust statement; without DP, its claims about DP-SGD replaced by what is true."""
+    if trust := describe_trust(cfg):
+        return " ".join(trust)
+    text = _SECURE_AGG.get(cfg.secure_aggregation, cfg.secure_aggregation)
+    if not cfg.dp.enabled:
+        for claim, truth in _NO_DP_CLAUSES.items():
+            text = text.replace(claim, truth)
+    return text
+
+
+def _class_label(key: str, dp_enabled: bool = True) -> str:
     record, _, name = key.partition(".")
     cls = R.key_class(record, name)
+    if cls == "dp" and not dp_enabled:  # the model update travels, but nothing made it private
+        return "model update, NOT DP-protected (DP disabled)"
     return R.CLASS_LABELS.get(cls or "", "unclassified")
 
 

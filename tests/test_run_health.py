@@ -379,6 +379,28 @@ def test_without_dp_no_epsilon_is_shown_for_the_updates_and_the_counts_stand_apa
     assert "updates not private (DP disabled); fairness counts ε 0.400" in md
 
 
+@pytest.mark.parametrize("mode", ["none", "homomorphic", "secagg"])
+def test_a_privacy_report_without_dp_claims_no_dp_protection(tmp_path: Path, mode: str) -> None:
+    """With dp.enabled = false nothing in the report may say the updates are DP-protected or bounded by DP-SGD:
+    not the threat model, not the aggregation mode's trust statement, not the class of the values that left."""
+    from server.privacy_report import build_privacy_report, to_markdown
+
+    he = {"homomorphic": {"context_fingerprint": "ab" * 32, "bundle": "/srv/he", "evaluator_key": "SHA256:x"}}
+    extra = {"secure_aggregation": mode, **(he if mode == "homomorphic" else {})}
+    path, run = _store_run(tmp_path, dp={"enabled": False}, **extra)
+    with RunStore(path) as store:
+        store.record_node_names(run, {5: "node-0"}, "node")
+        store.record_round(run, 1, 0.0, [Outcome(5, "accepted", values={}, received=["arrays.w"]).row()], True)
+    md = to_markdown(build_privacy_report(path, run))
+    for claim in ("trains with DP-SGD", "DP-protected update", "DP-SGD still bounds", "DP-SGD on the node still bounds",
+                  "- node-0: DP-protected"):  # fmt: skip
+        assert claim not in md, claim
+    assert "DP is disabled in this run" in md and "node-0: model update, NOT DP-protected (DP disabled): arrays.w" in md
+    (tmp_path / "dp").mkdir()
+    dp_md = to_markdown(build_privacy_report(*_store_run(tmp_path / "dp", **extra)))
+    assert "DP is disabled" not in dp_md  # the DP run keeps its own statements
+
+
 def _curve(accuracies: list[float], n: int = 1500) -> dict[int, dict[str, float]]:
     """Evaluations of rounds 0, 1, … with these held-out accuracies on ``n`` rows."""
     return {r: {"accuracy": a, "n": float(n)} for r, a in enumerate(accuracies)}
