@@ -43,28 +43,30 @@ THREAT_MODEL_NO_DP = (
     "leave a node."
 )
 
-#: What ``_SECURE_AGG`` claims of DP-SGD, and what is true of a run without it (secagg's own statement,
-#: ``common.secagg.describe_trust``, reads the config itself).
-_NO_DP_CLAUSES = {
-    "each client's DP-protected update": "each client's update, which is NOT differentially private (DP is disabled)",
-    "which DP-SGD still bounds per record": "which nothing bounds per record (DP is disabled in this run)",
-}
 
-_SECURE_AGG = {
-    "none": (
-        "none: plaintext FedAvg. The server sees each client's DP-protected update; no homomorphic "
-        "encryption keys exist for this run."
-    ),
-    "homomorphic": (
-        "homomorphic (TenSEAL CKKS, add-only): the server holds only the public context (no secret key, no "
-        "Galois keys) and relays the contexts the evaluator sealed to each node's own key, unopened. It sees "
-        "ciphertexts, their sizes and timings, which nodes replied, and the DP accounting values; it never sees "
-        "an update or the global model, and the evaluator decrypts only a sum it recomputed from updates signed "
-        "by distinct enrolled clients. Every key holder (each client and the evaluator) shares one key: the "
-        "server colluding with any one of them can read individual updates, which DP-SGD still bounds per "
-        "record. Threshold (multiparty) HE would remove that and is not implemented."
-    ),
-}
+def _secure_agg(mode: str, dp_enabled: bool) -> str:
+    """What the server can see in plaintext or homomorphic mode, and what bounds it (secure aggregation's own
+    statement is ``common.secagg.describe_trust``)."""
+    if mode == "none":
+        update = "DP-protected update" if dp_enabled else "update, which is NOT differentially private (DP is disabled)"
+        return (
+            f"none: plaintext FedAvg. The server sees each client's {update}; no homomorphic encryption keys "
+            "exist for this run."
+        )
+    if mode == "homomorphic":
+        bound = (
+            "DP-SGD still bounds per record" if dp_enabled else "nothing bounds per record (DP is disabled in this run)"
+        )
+        return (
+            "homomorphic (TenSEAL CKKS, add-only): the server holds only the public context (no secret key, no "
+            "Galois keys) and relays the contexts the evaluator sealed to each node's own key, unopened. It sees "
+            "ciphertexts, their sizes and timings, which nodes replied, and the DP accounting values; it never sees "
+            "an update or the global model, and the evaluator decrypts only a sum it recomputed from updates signed "
+            "by distinct enrolled clients. Every key holder (each client and the evaluator) shares one key: the "
+            f"server colluding with any one of them can read individual updates, which {bound}. Threshold "
+            "(multiparty) HE would remove that and is not implemented."
+        )
+    return mode
 
 
 class _Model(BaseModel):
@@ -249,7 +251,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         target_delta=cfg.dp.delta if cfg.dp.enabled else None,
         engine=str(meta.get("engine", "unknown")),
         transport=str(meta.get("transport", "unknown")),
-        secure_aggregation=_aggregation(cfg),
+        secure_aggregation=" ".join(describe_trust(cfg)) or _secure_agg(cfg.secure_aggregation, cfg.dp.enabled),
         threat_model=THREAT_MODEL if cfg.dp.enabled else THREAT_MODEL_NO_DP,
         central_dp=central,
         versions={str(k): str(v) for k, v in meta.get("versions", {}).items()},
@@ -321,17 +323,6 @@ def _empirical_audit(store_path: str | Path, run_id: int) -> EmpiricalAudit | No
 
     found = load_audit(store_path, run_id)
     return EmpiricalAudit.model_validate(found) if found else None
-
-
-def _aggregation(cfg: RunConfig) -> str:
-    """The aggregation mode's trust statement; without DP, its claims about DP-SGD replaced by what is true."""
-    if trust := describe_trust(cfg):
-        return " ".join(trust)
-    text = _SECURE_AGG.get(cfg.secure_aggregation, cfg.secure_aggregation)
-    if not cfg.dp.enabled:
-        for claim, truth in _NO_DP_CLAUSES.items():
-            text = text.replace(claim, truth)
-    return text
 
 
 def _class_label(key: str, dp_enabled: bool = True) -> str:

@@ -130,6 +130,7 @@ class RunHealth:
     #: Findings about the final model itself (constant, skewed); they need no sensitive columns.
     final_findings: list[Finding]
     warnings: list[str]
+    dp_enabled: bool = True
 
     def node(self, node_id: int) -> NodeHealth | None:
         return next((n for n in self.nodes if n.node_id == node_id), None)
@@ -148,7 +149,7 @@ class RunHealth:
     def flags(self) -> list[str]:
         """The warnings in a few words, for run lists (``CONSTANT MODEL``, ``NO DP``, ``node-1 never contributed``)."""
         out = ["CONSTANT MODEL"] if self.constant_final else []
-        out += ["NO DP"] if DP_DISABLED in self.warnings else []
+        out += [] if self.dp_enabled else ["NO DP"]
         out += [f"{n.name} never contributed" for n in self.nodes if n.never_contributed]
         out += [f.kind.replace("_", " ") for f in self.final_findings if f.kind != "constant_model"]
         return out
@@ -222,6 +223,7 @@ def run_health(store_path: str | Path, run_id: int) -> RunHealth:
         final_metrics=final,
         final_findings=found,
         warnings=warnings,
+        dp_enabled=dp_enabled,
     )
 
 

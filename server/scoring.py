@@ -91,11 +91,10 @@ class Scorer:
     def active(self) -> bool:
         return self.evaluator is not None or self._holdout is not None
 
-    def describe(self, label: Callable[[int], str] | None = None) -> str:
+    def describe(self, label: Callable[[int], str]) -> str:
         """One line for the run's log; ``label`` names the evaluator as round lines do (``Federation.label``)."""
         if self.evaluator is not None:
-            who = label(self.evaluator) if label is not None else f"node {self.evaluator}"
-            return f"evaluator {who} scores and audits every round's model"
+            return f"evaluator {label(self.evaluator)} scores and audits every round's model"
         if self._holdout is not None:
             return f"the server scores every round's model on {self.cfg.data.evaluation_path}"
         return "no evaluation: no evaluator node and no data.evaluation_path"
