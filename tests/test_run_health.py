@@ -55,6 +55,28 @@ def test_skewed_prediction_rate_on_both_sides_of_the_factor(pos_rate: float, bas
         assert f"base rate of {100 * base_rate:.1f}%" in f.message and "'yes'" in f.message
 
 
+@pytest.mark.parametrize(
+    ("pos_rate", "base_rate", "flagged"),
+    [
+        (0.995, 0.80, True),  # "no" for 0.5% of rows against 20%: 0.03×, although "yes" is only 1.24× its rate
+        (0.86, 0.80, False),  # "no" at 14% against 20%: 0.70×, inside
+        (0.88, 0.80, True),  # "no" at 12% against 20%: 0.60×, below 1/1.5
+    ],
+)
+def test_a_majority_positive_class_over_predicted_is_caught_on_the_other_class(
+    pos_rate: float, base_rate: float, flagged: bool
+) -> None:
+    # With "yes" the positive class at 80% (a drafted schema sorts classes, so this is common), its predicted
+    # share cannot exceed 1.5× its base rate: the skew shows only on "no".
+    found = model_findings(_binary(pos_rate, base_rate), FairnessConfig(), 10, ["no", "yes"])
+    assert [f.kind for f in found] == (["skewed_prediction_rate"] if flagged else [])
+    if flagged:
+        f = found[0]
+        assert f.value == pytest.approx(1 - pos_rate) and f.threshold == pytest.approx((1 - base_rate) / 1.5)
+        assert f"predicts 'no' for {100 * (1 - pos_rate):.1f}% of held-out rows" in f.message
+        assert "base rate of 20.0%" in f.message and "below 1/1.5 = 0.67×" in f.message
+
+
 def test_the_skew_factor_comes_from_the_config() -> None:
     metrics = _binary(0.31, 0.20)
     assert model_findings(metrics, FairnessConfig(prediction_skew_factor=1.6)) == []

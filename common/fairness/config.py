@@ -40,8 +40,8 @@ class FairnessConfig(_Model):
     prediction_skew_factor: float = Field(
         1.5,
         gt=1.0,
-        description="skewed model (every evaluation, sensitive columns or not): the predicted positive rate is "
-        "above factor × the held-out base rate or below it ÷ factor (binary tasks)",
+        description="skewed model (every evaluation, sensitive columns or not): the share of rows predicted as "
+        "either class is above factor × that class's held-out base rate or below it ÷ factor (binary tasks)",
     )
     constant_rounds: int = Field(
         3,

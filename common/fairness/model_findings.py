@@ -72,9 +72,9 @@ def model_findings(
     round: int | None = None,
     classes: Sequence[str] | None = None,
 ) -> list[Finding]:
-    """A constant model (critical) or, for binary tasks, a predicted positive rate off the base rate by more
-    than ``cfg.prediction_skew_factor`` (warning). Empty for metrics without :func:`prediction_summary` and
-    for an empty held-out set (no rows: nothing to judge)."""
+    """A constant model (critical) or, for binary tasks, a class predicted for a share of rows off its base rate
+    by more than ``cfg.prediction_skew_factor`` either way (warning; the positive class checked first). Empty
+    for metrics without :func:`prediction_summary` and for an empty held-out set (no rows: nothing to judge)."""
     cfg = cfg or FairnessConfig()
     if metrics.get("n", 1.0) <= 0:
         return []
@@ -100,26 +100,33 @@ def model_findings(
             )
         ]
     pos, base = metrics.get(POSITIVE_RATE), metrics.get(BASE_RATE)
-    if pos is None or base is None or base <= 0.0:
+    if pos is None or base is None:
         return []
     factor = cfg.prediction_skew_factor
-    ratio = pos / base
-    if ratio <= factor and ratio >= 1.0 / factor:
-        return []
-    # Too few positives reads as "below 1/1.5 = 0.67×": "0.54×, below the 1.5× limit" would read as within it.
-    side = f"above the {factor:g}× limit" if ratio > factor else f"below 1/{factor:g} = {1 / factor:.2f}×"
-    return [
-        Finding(
-            kind="skewed_prediction_rate",
-            severity="warning",
-            value=pos,
-            threshold=factor * base if ratio > factor else base / factor,
-            message=f"the model predicts {_class_name(1, classes)} for {100 * pos:.1f}% of held-out rows against a "
-            f"base rate of {100 * base:.1f}% ({ratio:.2f}×, {side}): its errors fall mostly "
-            "on one class",
-            **common,  # type: ignore[arg-type]
-        )
-    ]
+    # Each class's predicted share against its own base rate, the positive class first. With a majority
+    # positive class (base rate above 1/factor, e.g. "yes" at 80%) its share can never exceed factor × base:
+    # a model answering "yes" for 99.5% of rows only shows as "no" predicted for 0.5% against 20%.
+    for index, rate, base_rate in ((1, pos, base), (0, 1.0 - pos, 1.0 - base)):
+        if base_rate <= 0.0:
+            continue
+        ratio = rate / base_rate
+        if 1.0 / factor <= ratio <= factor:
+            continue
+        # Too few reads as "below 1/1.5 = 0.67×": "0.54×, below the 1.5× limit" would read as within it.
+        side = f"above the {factor:g}× limit" if ratio > factor else f"below 1/{factor:g} = {1 / factor:.2f}×"
+        return [
+            Finding(
+                kind="skewed_prediction_rate",
+                severity="warning",
+                value=rate,
+                threshold=factor * base_rate if ratio > factor else base_rate / factor,
+                message=f"the model predicts {_class_name(index, classes)} for {100 * rate:.1f}% of held-out rows "
+                f"against a base rate of {100 * base_rate:.1f}% ({ratio:.2f}×, {side}): its errors fall mostly "
+                "on one class",
+                **common,  # type: ignore[arg-type]
+            )
+        ]
+    return []
 
 
 def constant_streak(evaluations: Mapping[int, Mapping[str, float]]) -> int:
