@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import FedGuardError
 from fedguard.control_cli import add_commands as add_control_commands
@@ -18,6 +19,9 @@ from fedguard.privacy_audit import add_command as add_privacy_command
 from fedguard.provision import add_client_init, add_provision_commands
 from fedguard.schema_draft import add_parser as add_schema_parser
 from fedguard.tracking import add_mlflow_argument
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 
 def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
@@ -93,8 +97,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         attach_terminal(sys.stdout)
     result = simulate(cfg, workdir, Path(args.store) if args.store else None, ray_address=args.ray_address)
     _print_summary(result.store_path, result.run_id, args.json)
+    paths = _write_reports(workdir, result.store_path, result.run_id, cfg, quiet=args.json)
     if not args.json:
         print(f"wall time {time.perf_counter() - t0:.0f}s")
+        print("\n".join(paths))
     log_after_run(args, result.store_path, result.run_id, progress=print if not args.json else _to_stderr)
     return 0
 
@@ -137,24 +143,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         store_path, run_id = deployed_demo(cfg, workdir, homomorphic=args.he)
     _print_summary(store_path, run_id, args.json)
-    from server import fairness_report, privacy_report
+    paths = _write_reports(workdir, store_path, run_id, cfg, quiet=args.json)
+    if not args.json:
+        print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+        print("\n".join(paths))
+    if args.serve:
+        serve_dashboard(workdir, store_path, args.control_port)
+    return 0
 
-    report = workdir / f"privacy-report-run-{run_id}.html"
-    report.write_text(
-        privacy_report.render(privacy_report.build_privacy_report(store_path, run_id), "html"), encoding="utf-8"
-    )
-    # The text demo has no sensitive attributes: nothing to audit, so no fairness report.
+
+def _write_reports(workdir: Path, store_path: Path, run_id: int, cfg: RunConfig, *, quiet: bool) -> list[str]:
+    """Write the run's privacy, fairness (when the schema names sensitive columns) and cost reports as HTML
+    into ``workdir``; unless ``quiet``, print the final model's fairness findings and the cost summary.
+    Returns the lines naming the reports, for the caller to print last."""
+    from server import cost_report, fairness_report, privacy_report
+
+    privacy_path = workdir / f"privacy-report-run-{run_id}.html"
+    privacy = privacy_report.build_privacy_report(store_path, run_id)
+    privacy_path.write_text(privacy_report.render(privacy, "html"), encoding="utf-8")
+    # Without sensitive attributes there is nothing to audit, so no fairness report.
     audited = bool(cfg.data.schema_.sensitive)
     fairness = fairness_report.fairness_report_from_store(store_path, run_id) if audited else None
     fair_path = workdir / f"fairness-report-run-{run_id}.html"
     if fairness is not None:
         fair_path.write_text(fairness_report.render(fairness, "html"), encoding="utf-8")
-    from server import cost_report
-
     cost_path = workdir / f"cost-report-run-{run_id}.html"
-    costs = cost_report.build_cost_report(store_path, run_id)
-    cost_path.write_text(cost_report.render(costs, "html"), encoding="utf-8")
-    if not args.json:
+    cost_path.write_text(
+        cost_report.render(cost_report.build_cost_report(store_path, run_id), "html"), encoding="utf-8"
+    )
+    if not quiet:
         if fairness is not None:
             last = max((r.round for r in fairness.rounds), default=0)
             current = [f for f in fairness.findings if f.last_seen_round == last]
@@ -163,14 +180,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 print(f"  [{f.severity}]{' (federated view)' if f.view == 'federated' else ''} {f.message}")
         for line in cost_report.summary_lines(store_path, run_id):
             print(line)
-        print(f"demo finished in {time.perf_counter() - t0:.0f}s")
-        if fairness is not None:
-            print(f"fairness report: {fair_path}")
-        print(f"privacy report: {report}")
-        print(f"cost report: {cost_path}")
-    if args.serve:
-        serve_dashboard(workdir, store_path, args.control_port)
-    return 0
+    return ([f"fairness report: {fair_path}"] if fairness is not None else []) + [
+        f"privacy report: {privacy_path}",
+        f"cost report: {cost_path}",
+    ]
 
 
 def serve_dashboard(workdir: Path, store_path: Path, port: int) -> None:

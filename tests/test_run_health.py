@@ -194,6 +194,13 @@ features = [{name = "a", type = "numeric", range = [-3, 3]}, {name = "b", type =
         assert re.search(rf"  round {rnd}: 2/3 accepted, 1 refused in [\d.]+s; node-0: ε=[\d.]+, node-2: ε=", out), out
     assert re.search(r"  node-1 refused: budget-exhausted \(node log id \w+\)", out)
     assert "WARNING: node-1 refused every round it was asked (3): refused: budget-exhausted (node log ids " in out
+    # Like the demo, simulate ends with the final model's fairness findings and its three reports, named last.
+    assert "fairness findings for the final model (" in out
+    for kind in ("fairness", "privacy", "cost"):
+        path = work / f"{kind}-report-run-1.html"
+        assert f"{kind} report: {path}" in out.splitlines()[-3:], out[-1000:]
+        assert "</html>" in path.read_text(encoding="utf-8")
+    assert "node-1" in (work / "privacy-report-run-1.html").read_text(encoding="utf-8")
     store = work / "runs.db"
 
     shown = _fedguard(["runs", "1", "--store", str(store)], tmp_path).stdout
