@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from common import records as R
+from common.fairness.model_findings import is_constant
 from server.report_blocks import Block, Plot
 from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
@@ -221,9 +222,11 @@ def build_cost_report(store_path: str | Path, run_id: int) -> CostReport:
     acc0 = accuracy[scored[0]] if scored else None
     acc1 = accuracy[scored[-1]] if scored else None
     gain = None if acc0 is None or acc1 is None or len(scored) < 2 else 100.0 * (acc1 - acc0)
+    # A final model that predicts one class scores that class's share: its "gain" is no learning to price.
+    constant = bool(scored) and is_constant(evals[scored[-1]])
 
     def per_point(total: float) -> float | None:
-        return total / gain if gain is not None and gain > 0 else None
+        return total / gain if gain is not None and gain > 0 and not constant else None
 
     notes = [
         "Bytes are the server's own exact figures: every message to and from each node in Flower's wire format "
@@ -243,6 +246,11 @@ def build_cost_report(store_path: str | Path, run_id: int) -> CostReport:
         )
     if gain is not None and gain <= 0:
         notes.append("Held-out accuracy did not improve: no cost per accuracy point.")
+    elif constant:
+        notes.append(
+            "The final model predicts one class for every held-out row: its accuracy is that class's share, "
+            "not learning; no cost per accuracy point."
+        )
     server_source = next((c["server"].get("energy_source") for c in reversed(costs) if c["server"]), None)
     return CostReport(
         run_id=run_id,
@@ -302,7 +310,7 @@ def _blocks(rep: CostReport) -> list[Block]:
                     f"{_f(rep.wh_per_point)} Wh, {_f(rep.emissions_g_per_point)} gCO2e, "
                     f"{fmt_bytes(rep.bytes_per_point)}, {_f(rep.seconds_per_point, '.1f')} s"
                     if rep.wh_per_point is not None
-                    else "n/a (held-out accuracy did not improve, or no evaluation)"
+                    else "n/a (held-out accuracy did not improve, the final model is constant, or no evaluation)"
                 ),
                 f"Server energy: {rep.server_energy_source or 'not recorded'}",
             ],
