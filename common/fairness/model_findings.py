@@ -29,7 +29,9 @@ SUMMARY_KEYS = (PREDICTED_CLASSES, TOP_CLASS, TOP_CLASS_SHARE, POSITIVE_RATE, BA
 CONSTANT_ADVICE = (
     "lower train.learning_rate (e.g. halve it), raise train.batch_size (less DP noise per step), run more "
     "rounds, and check the label balance of the nodes' data (a model that predicts the majority class scores "
-    "that class's share)"
+    "that class's share); with a rare class, raise dp.max_grad_norm (e.g. to 5): the records the model gets "
+    "wrong have the largest gradients, so clipping at a small norm weighs them least and pushes the model "
+    "further to the majority class"
 )
 
 
