@@ -268,8 +268,7 @@ def run_config(
     raw: dict[str, Any] = {
         "name": f"utility-{method}",
         "seed": seed,
-        "rounds": rounds,
-        "clients_per_round": NUM_CLIENTS,
+        "rounds": rounds,  # (no clients_per_round: a simulation's default is every node, as here)
         "data": {"schema": schema},
         "dp": {"target_epsilon": epsilon, "delta": DELTA},
         "simulation": {

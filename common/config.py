@@ -163,7 +163,8 @@ def recipe_for(model: str, task: str) -> dict[str, dict[str, Any]]:
 def apply_recipe(raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` with its task's default model (when it names none) and that model's recipe filling
     what it leaves out, ``rounds`` included (explicit values win): a config that sets nothing runs what
-    the benchmark measured.
+    the benchmark measured. A simulation that sets no ``clients_per_round`` samples all its
+    ``simulation.num_clients`` nodes every round (the benchmark's federations); a deployment keeps 3.
 
     A ``[train]`` table that names another optimizer than the recipe's keeps the class defaults for
     ``learning_rate`` and ``momentum``: a learning rate tuned for Adam is wrong for SGD.
@@ -196,6 +197,10 @@ def apply_recipe(raw: dict[str, Any]) -> dict[str, Any]:
     if isinstance(server, dict) and "optimizer" not in server:
         out["server"] = {**server, "optimizer": dict(recipe["server.optimizer"])}
     out.setdefault("rounds", recipe["run"]["rounds"])
+    simulation = out.get("simulation")
+    n = simulation.get("num_clients") if isinstance(simulation, dict) else None
+    if "clients_per_round" not in out and isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+        out["clients_per_round"] = n  # in simulation every node trains every round, as benchmarked
     evaluation, mitigation = out.get("evaluation", {}), out.get("mitigation", {})
     thresholds = isinstance(mitigation, dict) and mitigation.get("method") == "thresholds"
     if "evaluation" in recipe and isinstance(evaluation, dict) and not thresholds:  # group thresholds decide alone
@@ -495,7 +500,8 @@ class RunConfig(_Strict):
     #: A config that sets none gets its model's recipe's rounds (``apply_recipe``); this default is
     #: for a config validated without a known task.
     rounds: int = Field(3, ge=1, le=10_000)
-    #: Nodes sampled per round (capped at those online).
+    #: Nodes sampled per round (capped at those online). A config that sets none gets every simulated
+    #: node in ``fedguard simulate`` (``simulation.num_clients``, ``apply_recipe``), else 3.
     clients_per_round: int = Field(3, ge=1)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -167,6 +167,23 @@ def test_a_config_without_train_or_server_optimizer_gets_its_tasks_recipe(tmp_pa
     assert RECIPES["tabular"]["run"]["rounds"] != RunConfig.model_fields["rounds"].default
 
 
+def test_a_simulation_without_clients_per_round_trains_every_node_as_the_benchmark_does(tmp_path: Path) -> None:
+    """bench/utility.py's configs name no clients_per_round: 5 simulated nodes train every round, for a user too."""
+    from bench.utility import run_config
+
+    schema = {"task": "tabular", "label": "y", "classes": ["0", "1"], "features": [{"name": "a"}]}
+    raw = run_config(tmp_path / "d.csv", schema, split="dir0.5", epsilon=8.0, seed=1, method="fedguard", rounds=10)
+    assert "clients_per_round" not in raw and RunConfig.model_validate(raw).clients_per_round == 5
+    set_two = GOOD.replace("[simulation]\n", "[simulation]\nnum_clients = 5\n")
+    five = set_two.replace("clients_per_round = 2\n", "")
+    assert load_config(write(tmp_path, five)).clients_per_round == 5
+    assert load_config(write(tmp_path, set_two)).clients_per_round == 2  # an explicit value wins
+    # a deployment config (no [simulation] table) keeps the class default
+    deployed = GOOD.replace("clients_per_round = 2\n", "").split("[simulation]")[0]
+    assert load_config(write(tmp_path, deployed)).clients_per_round == 3
+    assert config_from_json(load_config(write(tmp_path, five)).to_json()).clients_per_round == 5
+
+
 def test_explicit_values_win_over_the_recipe(tmp_path: Path) -> None:
     text = GOOD + '[train]\nbatch_size = 256\n[server.optimizer]\nname = "fedadam"\n'
     cfg = load_config(write(tmp_path, text))
