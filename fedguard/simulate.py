@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, small_data_warning
-from common.data import read_table, split_indices
+from common.data import encode, read_table, split_indices
 from common.errors import ConfigError
 from common.flower_internals import fast_simulation_dispatch
 from common.partition import describe_parts, partition_frame
@@ -38,6 +38,9 @@ def prepare_partitions(cfg: RunConfig, workdir: Path, progress: Progress) -> Run
         )
     schema = cfg.data.schema_
     df = read_table(cfg.simulation.data_path, schema)
+    # The nodes' own checks, on the whole file first: a bad row would have its node refuse every round,
+    # the details only in that node's log. Here the error names the row of the user's file, before any run.
+    encode(df, schema, max_len=1, source=str(cfg.simulation.data_path))
     sim_dir = workdir / "partitions"
     sim_dir.mkdir(parents=True, exist_ok=True)
     data = cfg.data.model_copy(update={"schema_": schema.model_copy(update={"format": "auto"})})

@@ -42,6 +42,32 @@ def test_models_lists_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ft-transformer" in out and "text-transformer" in out
 
 
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ("maybe,0.5,x", "label value 'maybe' at row 3 is not one of the declared classes"),
+        ("1,,x", "'a' has 1 missing or empty value(s) at row 3"),
+        ("1,0.5,w", "value 'w' of categorical feature 'c' at row 3 is not one of the declared categories"),
+    ],
+)
+def test_simulate_names_a_bad_row_of_the_users_file_before_any_node_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], row: str, expected: str
+) -> None:
+    """A bad row used to make its node refuse every round, the reason only in that node's log (data-invalid)."""
+    data = tmp_path / "d.csv"
+    data.write_text("y,a,c\n0,0.1,x\n1,0.2,y\n" + row + "\n" + "0,0.3,x\n1,0.4,y\n" * 10, encoding="utf-8")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        '[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\nfeatures = [{name = "a"}, '
+        '{name = "c", type = "categorical", categories = ["x", "y"]}]\n[simulation]\ndata_path = "d.csv"\n',
+        encoding="utf-8",
+    )
+    assert main(["simulate", "--config", str(cfg), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedguard: error:") and str(data) in err and expected in err and "Traceback" not in err
+    assert not (tmp_path / "w" / "partitions").exists() and not (tmp_path / "w" / "runs.db").exists()
+
+
 def test_text_demo_ends_without_a_fairness_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
