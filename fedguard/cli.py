@@ -99,10 +99,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _print_summary(result.store_path, result.run_id, args.json)
     paths = _write_reports(workdir, result.store_path, result.run_id, cfg, quiet=args.json)
     if not args.json:
+        _point_to_node_logs(workdir, result.store_path, result.run_id)
         print(f"wall time {time.perf_counter() - t0:.0f}s")
         print("\n".join(paths))
     log_after_run(args, result.store_path, result.run_id, progress=print if not args.json else _to_stderr)
     return 0
+
+
+def _point_to_node_logs(workdir: Path, store_path: Path, run_id: int) -> None:
+    """Where a simulated node's refusals are explained: the server only hears the reason's class and a log id."""
+    from server.run_health import run_health
+
+    refused = [n.name for n in run_health(store_path, run_id).nodes if n.count("refused")]
+    if refused:
+        where = workdir.resolve() / "partitions"
+        print(f"refusal details (by node log id): {', '.join(str(where / n / 'node.log') for n in refused)}")
 
 
 def _to_stderr(msg: str) -> None:

@@ -195,6 +195,11 @@ features = [{name = "a", type = "numeric", range = [-3, 3]}, {name = "b", type =
         assert re.search(rf"  round {rnd}: 2/3 accepted, 1 refused in [\d.]+s; node-0: ε=[\d.]+, node-2: ε=", out), out
     assert re.search(r"  node-1 refused: budget-exhausted \(node log id \w+\)", out)
     assert "WARNING: node-1 refused every round it was asked (3): refused: budget-exhausted (node log ids " in out
+    # ... and says where a refusal's details are: the node's own log, which holds the ids the summary names.
+    node_log = work.resolve() / "partitions" / "node-1" / "node.log"
+    assert f"refusal details (by node log id): {node_log}" in out
+    log_id = re.search(r"node-1 refused: budget-exhausted \(node log id (\w+)\)", out).group(1)  # type: ignore[union-attr]
+    assert log_id in node_log.read_text(encoding="utf-8")
     # Like the demo, simulate ends with the final model's fairness findings and its three reports, named last.
     assert "fairness findings for the final model (" in out
     for kind in ("fairness", "privacy", "cost"):
