@@ -41,6 +41,8 @@ def prepare_partitions(cfg: RunConfig, workdir: Path, progress: Progress) -> Run
     # The nodes' own checks, on the whole file first: a bad row would have its node refuse every round,
     # the details only in that node's log. Here the error names the row of the user's file, before any run.
     encode(df, schema, max_len=1, source=str(cfg.simulation.data_path))
+    if cfg.data.evaluation_path is not None:  # the evaluator's: a bad row there leaves every round unscored
+        encode(read_table(cfg.data.evaluation_path, schema), schema, max_len=1, source=str(cfg.data.evaluation_path))
     sim_dir = workdir / "partitions"
     sim_dir.mkdir(parents=True, exist_ok=True)
     data = cfg.data.model_copy(update={"schema_": schema.model_copy(update={"format": "auto"})})

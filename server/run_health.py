@@ -14,7 +14,8 @@ One read model for every place a person looks — the CLI summary (``simulate``,
   group selection adds (``fairness.count_selection_delta``);
 - without DP, no ε for the updates ("updates not private"), the counts' ε apart;
 - warnings a reviewer must not miss: a node that never contributed (e.g. refused every round),
-  a final model that is constant or skewed, or scores clearly below an earlier round's
+  no round scored although the run has a held-out set, a final model that is constant or skewed,
+  or scores clearly below an earlier round's
   (``common.fairness.model_findings``).
 """
 
@@ -37,6 +38,12 @@ DP_DISABLED = "DP is disabled (dp.enabled = false): the model updates are not di
 
 _LOG_ID = re.compile(r" \(node log id (\w+)\)$")  # the tail server.validation.refusal_reason puts on a refusal
 
+
+#: Said when a run with a held-out set ends without one scored round (e.g. the evaluator refused its data).
+NOT_EVALUATED = (
+    "no round's model was scored on the held-out set (the evaluator never returned a score; the server log "
+    "names its replies): nothing shows whether the model learned"
+)
 
 #: What a node that may have spent budget without the server hearing of it is told to check.
 LEDGER_NOTE = "ε may be higher: see the node's ledger (`fedguard client budget`)"
@@ -151,6 +158,7 @@ class RunHealth:
         out = ["CONSTANT MODEL"] if self.constant_final else []
         out += [] if self.dp_enabled else ["NO DP"]
         out += [f"{n.name} never contributed" for n in self.nodes if n.never_contributed]
+        out += ["NOT EVALUATED"] if NOT_EVALUATED in self.warnings else []
         out += [f.kind.replace("_", " ") for f in self.final_findings if f.kind != "constant_model"]
         return out
 
@@ -213,6 +221,8 @@ def run_health(store_path: str | Path, run_id: int) -> RunHealth:
                  if n.may_be_higher]  # fmt: skip
     if not dp_enabled and ordered:
         warnings.append(DP_DISABLED)
+    if cfg is not None and cfg.data.evaluation_path is not None and clients and not evals:
+        warnings.append(NOT_EVALUATED)
     warnings += [f.message for f in found]
     return RunHealth(
         run_id=run_id,

@@ -68,6 +68,61 @@ def test_simulate_names_a_bad_row_of_the_users_file_before_any_node_starts(
     assert not (tmp_path / "w" / "partitions").exists() and not (tmp_path / "w" / "runs.db").exists()
 
 
+def test_simulate_names_a_bad_row_of_the_held_out_file_before_any_node_spends_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad held-out row used to have the evaluator refuse every round: a "finished" run, every ε spent, no score."""
+    good = "y,a\n" + "0,0.1\n1,0.2\n" * 10
+    (tmp_path / "d.csv").write_text(good, encoding="utf-8")
+    (tmp_path / "h.csv").write_text(good + "2,0.3\n", encoding="utf-8")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        '[data]\nevaluation_path = "h.csv"\n[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\n'
+        'features = [{name = "a"}]\n[simulation]\ndata_path = "d.csv"\n',
+        encoding="utf-8",
+    )
+    assert main(["simulate", "--config", str(cfg), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "h.csv") in err and "label value '2' at row 21 is not one of the declared classes" in err
+    assert not (tmp_path / "w" / "runs.db").exists()
+
+
+def test_simulate_reports_a_run_that_was_never_audited_without_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sensitive columns but no scored round (an evaluator that refused its data): privacy and cost reports, and
+    why there is no fairness report, instead of the CLI failing on the missing audits after the run.
+
+    The federation is replaced by a finished run in a real store; the reporting is the CLI's own code."""
+    import fedguard.simulate
+    from server.app import RunResult
+    from server.store import RunStore
+
+    def finished_run(cfg, workdir, *_, **__):  # type: ignore[no-untyped-def]
+        assert cfg.data.schema_.sensitive
+        store_path = workdir / "runs.db"
+        workdir.mkdir(parents=True, exist_ok=True)
+        with RunStore(store_path) as store:
+            run_id = store.create_run(cfg.name, cfg.to_json(), "hash", None)
+            store.finish_run(run_id, "finished")
+        return RunResult(run_id=run_id, store_path=store_path, final_metrics={})
+
+    monkeypatch.setattr(fedguard.simulate, "simulate", finished_run)
+    (tmp_path / "d.csv").write_text("y,a,g\n0,0.1,m\n1,0.2,f\n", encoding="utf-8")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        '[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\nsensitive = ["g"]\n'
+        'features = [{name = "a"}]\n[simulation]\ndata_path = "d.csv"\n',
+        encoding="utf-8",
+    )
+    work = tmp_path / "w"
+    assert main(["simulate", "--config", str(cfg), "--workdir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "no fairness report: no round's model was audited" in out
+    assert not any(line.startswith("fairness report:") for line in out.splitlines())
+    assert (work / "privacy-report-run-1.html").exists() and (work / "cost-report-run-1.html").exists()
+
+
 def test_text_demo_ends_without_a_fairness_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -24,7 +24,7 @@ from common.fairness import FairnessConfig, constant_streak, model_findings, pre
 from common.privacy import counts_release, epsilon_spent
 from server.store import RunStore
 from server.validation import Outcome
-from tests.helpers import ROOT, make_tabular, small_sim_toml, tabular_config
+from tests.helpers import ROOT, TABULAR_SCHEMA, make_tabular, small_sim_toml, tabular_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -412,6 +412,25 @@ def test_without_dp_no_epsilon_is_shown_for_the_updates_and_the_counts_stand_apa
     assert health.flags == ["NO DP"]  # what `fedguard runs` shows beside the run
     md = to_markdown(build_privacy_report(path, run))
     assert "updates not private (DP disabled); fairness counts ε 0.400" in md
+
+
+@pytest.mark.parametrize("scored", [False, True])
+def test_a_run_with_a_held_out_set_but_no_scored_round_says_nothing_shows_it_learned(
+    tmp_path: Path, scored: bool
+) -> None:
+    """An evaluator that refused its data every round left a run "finished" with every node's ε spent, no warning."""
+    from server.privacy_report import build_privacy_report, to_markdown
+    from server.run_health import NOT_EVALUATED, run_health
+
+    path, run = _store_run(tmp_path, data={"schema": TABULAR_SCHEMA, "evaluation_path": str(tmp_path / "h.csv")})
+    with RunStore(path) as store:
+        store.record_node_names(run, {5: "node-0"}, "node")
+        store.record_round(run, 1, 0.0, [Outcome(5, "accepted", values={R.EPSILON: 3.0}).row()], aggregated=True)
+        if scored:
+            store.record_evaluation(run, 1, _binary(0.45, 0.42) | {"n": 1000.0}, None, None, "server")
+    health = run_health(path, run)
+    assert (NOT_EVALUATED in health.warnings) is not scored and ("NOT EVALUATED" in health.flags) is not scored
+    assert ("nothing shows whether the model learned" in to_markdown(build_privacy_report(path, run))) is not scored
 
 
 @pytest.mark.parametrize("mode", ["none", "homomorphic", "secagg"])
