@@ -10,6 +10,16 @@ from common.pretrained import pretrained_available
 from fedguard.cli import main
 from tests.helpers import need
 
+SCHEMA = '[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\n'
+
+
+def simulate(tmp_path: Path, config: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``fedguard simulate`` on ``config`` (written to tmp_path/run.toml), work directory tmp_path/w."""
+    (tmp_path / "run.toml").write_text(config, encoding="utf-8")
+    code = main(["simulate", "--config", str(tmp_path / "run.toml"), "--workdir", str(tmp_path / "w")])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
 
 def test_config_check_reports_field_and_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "run.toml"
@@ -25,15 +35,10 @@ def test_config_check_reports_field_and_exit_code(tmp_path: Path, capsys: pytest
 def test_simulate_with_missing_data_file_fails_before_starting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(
-        '[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\n'
-        'features = [{name = "a"}]\n[simulation]\ndata_path = "missing.csv"\n',
-        encoding="utf-8",
+    code, _, err = simulate(
+        tmp_path, SCHEMA + 'features = [{name = "a"}]\n[simulation]\ndata_path = "missing.csv"\n', capsys
     )
-    assert main(["simulate", "--config", str(cfg), "--workdir", str(tmp_path / "w")]) == 2
-    err = capsys.readouterr().err
-    assert "missing.csv" in err and "not found" in err.lower()
+    assert code == 2 and "missing.csv" in err and "not found" in err.lower()
 
 
 def test_models_lists_registry(capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,15 +61,15 @@ def test_simulate_names_a_bad_row_of_the_users_file_before_any_node_starts(
     """A bad row used to make its node refuse every round, the reason only in that node's log (data-invalid)."""
     data = tmp_path / "d.csv"
     data.write_text("y,a,c\n0,0.1,x\n1,0.2,y\n" + row + "\n" + "0,0.3,x\n1,0.4,y\n" * 10, encoding="utf-8")
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(
-        '[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\nfeatures = [{name = "a"}, '
-        '{name = "c", type = "categorical", categories = ["x", "y"]}]\n[simulation]\ndata_path = "d.csv"\n',
-        encoding="utf-8",
+    features = 'features = [{name = "a"}, {name = "c", type = "categorical", categories = ["x", "y"]}]\n'
+    code, _, err = simulate(tmp_path, SCHEMA + features + '[simulation]\ndata_path = "d.csv"\n', capsys)
+    assert (
+        code == 2
+        and err.startswith("fedguard: error:")
+        and str(data) in err
+        and expected in err
+        and "Traceback" not in err
     )
-    assert main(["simulate", "--config", str(cfg), "--workdir", str(tmp_path / "w")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("fedguard: error:") and str(data) in err and expected in err and "Traceback" not in err
     assert not (tmp_path / "w" / "partitions").exists() and not (tmp_path / "w" / "runs.db").exists()
 
 
@@ -75,15 +80,17 @@ def test_simulate_names_a_bad_row_of_the_held_out_file_before_any_node_spends_bu
     good = "y,a\n" + "0,0.1\n1,0.2\n" * 10
     (tmp_path / "d.csv").write_text(good, encoding="utf-8")
     (tmp_path / "h.csv").write_text(good + "2,0.3\n", encoding="utf-8")
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(
-        '[data]\nevaluation_path = "h.csv"\n[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\n'
-        'features = [{name = "a"}]\n[simulation]\ndata_path = "d.csv"\n',
-        encoding="utf-8",
+    config = (
+        '[data]\nevaluation_path = "h.csv"\n'
+        + SCHEMA
+        + 'features = [{name = "a"}]\n[simulation]\ndata_path = "d.csv"\n'
     )
-    assert main(["simulate", "--config", str(cfg), "--workdir", str(tmp_path / "w")]) == 2
-    err = capsys.readouterr().err
-    assert str(tmp_path / "h.csv") in err and "label value '2' at row 21 is not one of the declared classes" in err
+    code, _, err = simulate(tmp_path, config, capsys)
+    assert (
+        code == 2
+        and str(tmp_path / "h.csv") in err
+        and "label value '2' at row 21 is not one of the declared classes" in err
+    )
     assert not (tmp_path / "w" / "runs.db").exists()
 
 
@@ -109,16 +116,10 @@ def test_simulate_reports_a_run_that_was_never_audited_without_failing(
 
     monkeypatch.setattr(fedguard.simulate, "simulate", finished_run)
     (tmp_path / "d.csv").write_text("y,a,g\n0,0.1,m\n1,0.2,f\n", encoding="utf-8")
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(
-        '[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\nsensitive = ["g"]\n'
-        'features = [{name = "a"}]\n[simulation]\ndata_path = "d.csv"\n',
-        encoding="utf-8",
-    )
+    config = SCHEMA + 'sensitive = ["g"]\nfeatures = [{name = "a"}]\n[simulation]\ndata_path = "d.csv"\n'
+    code, out, _ = simulate(tmp_path, config, capsys)
     work = tmp_path / "w"
-    assert main(["simulate", "--config", str(cfg), "--workdir", str(work)]) == 0
-    out = capsys.readouterr().out
-    assert "no fairness report: no round's model was audited" in out
+    assert code == 0 and "no fairness report: no round's model was audited" in out
     assert not any(line.startswith("fairness report:") for line in out.splitlines())
     assert (work / "privacy-report-run-1.html").exists() and (work / "cost-report-run-1.html").exists()
 
