@@ -96,14 +96,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         attach_terminal(sys.stdout)
     result = simulate(cfg, workdir, Path(args.store) if args.store else None, ray_address=args.ray_address)
-    _print_summary(result.store_path, result.run_id, args.json)
-    paths = _write_reports(workdir, result.store_path, result.run_id, cfg, quiet=args.json)
-    if not args.json:
-        _point_to_node_logs(workdir, result.store_path, result.run_id)
-        print(f"wall time {time.perf_counter() - t0:.0f}s")
-        print("\n".join(paths))
+    _end_simulation(workdir, result.store_path, result.run_id, cfg, args.json, t0)
     log_after_run(args, result.store_path, result.run_id, progress=print if not args.json else _to_stderr)
     return 0
+
+
+def _end_simulation(workdir: Path, store_path: Path, run_id: int, cfg: RunConfig, as_json: bool, t0: float) -> None:
+    """How ``simulate`` and ``run resume`` end: the summary, the reports, where refusals are explained."""
+    _print_summary(store_path, run_id, as_json)
+    paths = _write_reports(workdir, store_path, run_id, cfg, quiet=as_json)
+    if not as_json:
+        _point_to_node_logs(workdir, store_path, run_id)
+        print(f"wall time {time.perf_counter() - t0:.0f}s")
+        print("\n".join(paths))
 
 
 def _point_to_node_logs(workdir: Path, store_path: Path, run_id: int) -> None:
@@ -293,10 +298,9 @@ def cmd_run_resume(args: argparse.Namespace) -> int:
     store = _existing_store(args.store or "fedguard-demo/runs.db").resolve()
     cfg, ckpt = resume_point(store, args.run_id)
     t0 = time.perf_counter()
-    result = simulate(cfg, Path(args.workdir) if args.workdir else store.parent, store, resume=ckpt)
-    _print_summary(result.store_path, result.run_id, args.json)
-    if not args.json:
-        print(f"wall time {time.perf_counter() - t0:.0f}s")
+    workdir = Path(args.workdir) if args.workdir else store.parent
+    result = simulate(cfg, workdir, store, resume=ckpt)
+    _end_simulation(workdir, result.store_path, result.run_id, cfg, args.json, t0)
     return 0
 
 
