@@ -120,6 +120,7 @@ def test_a_failed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     assert second["status"] == "finished" and int(second["resumed_from"]) == 1
     assert [(r["round"], r["aggregated"]) for r in rounds] == [(2, 1), (3, 1)]  # round 1 is not run again
     assert sorted(evals) == [2, 3]
+    assert (work / f"privacy-report-run-{summary['run_id']}.html").is_file()  # ends like simulate: its reports
     # The reviewer of the resumed run is pointed at the interrupted one, whose releases count too.
     from server.privacy_report import build_privacy_report, render
 
