@@ -21,7 +21,7 @@ from common.calibration import calibration_from_json
 from common.codec import load_numpy_state, numpy_to_record
 from common.config import RunConfig
 from common.data import Encoded, load_encoded
-from common.errors import FedGuardError
+from common.errors import DataError, FedGuardError
 from common.evaluation import provenance, score_held_out
 from common.fairness.thresholds import policy_from_json
 from common.models import build_model, model_max_len
@@ -30,6 +30,12 @@ from server.store import RunStore
 from server.validation import Envelope
 
 log = logging.getLogger("fedguard.server")
+
+
+class HeldOutRefused(FedGuardError):
+    """The evaluator refused its held-out data before round 1: no round could be scored, so none is trained."""
+
+    code = "held-out-refused"
 
 
 @dataclass
@@ -148,6 +154,16 @@ class Scorer:
             return None
         if (left_out := gate.check(replies[0])) is not None:
             log.warning("round %d: evaluator reply %s: %s", rnd, left_out.status, left_out.reason)
+            if rnd == 0 and left_out.status == "refused" and (left_out.reason or "").startswith(DataError.code):
+                # Its data will not fix itself: training now would spend every node's budget on rounds that
+                # nobody scores. Fail closed before round 1.
+                raise HeldOutRefused(
+                    f"the evaluator refused its held-out data before round 1: {left_out.reason}; nothing was "
+                    "trained and no node spent budget",
+                    where=f"evaluator {node}",
+                    fix="correct the evaluator's held-out file (its node log names the row, by the log id) and "
+                    "start the run again",
+                )
             return None
         content = replies[0].content
         if R.EVALUATION not in content:

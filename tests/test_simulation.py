@@ -86,11 +86,7 @@ def test_bad_replies_are_left_out_and_the_round_completes(tmp_path: Path, bound:
         (3, 2, 1, 1),
     ]
     reasons = [c["reason"] for c in clients if c["status"] == "rejected"]
-    assert (
-        "non-finite values" in reasons[0]
-        and "wrong shape" in reasons[1]
-        and reason in reasons[2]
-    )
+    assert "non-finite values" in reasons[0] and "wrong shape" in reasons[1] and reason in reasons[2]
     # A +1000 shift on any tensor would send the loss far above this; DP noise alone does not.
     assert np.isfinite(evals[3]["loss"]) and evals[3]["loss"] < 3.0
 
@@ -185,3 +181,39 @@ def test_an_evaluator_that_answers_late_scores_from_then_on() -> None:
     fed.roles[15] = "evaluator"
     fed.adopt_evaluator()
     assert fed.evaluator == 15
+
+
+@pytest.mark.slow
+def test_an_evaluator_that_refuses_its_held_out_data_stops_the_run_before_any_node_trains(tmp_path: Path) -> None:
+    """The held-out file turns bad after simulate's own check (in a deployment the evaluator's file is never
+    seen by anyone else): the evaluator refuses round 0 and the run fails at once, with every node's budget
+    untouched. It used to train every round, spend every node's ε and end "finished" with no score."""
+    data, holdout = tmp_path / "data.csv", tmp_path / "holdout.csv"
+    make_tabular(400).to_csv(data, index=False)
+    make_tabular(100, seed=1).to_csv(holdout, index=False)
+    cfg = tabular_config(data, data={"schema": tabular_config().data.schema_.model_dump(by_alias=True),
+                                     "evaluation_path": str(holdout)})  # fmt: skip
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from common.config import config_from_json
+from common.errors import FedGuardError
+from fedguard.simulate import simulate
+
+def corrupt(run_cfg, partitions):
+    path = Path(run_cfg.data.evaluation_path)
+    path.write_text(path.read_text() + "0.1,0.2,w,g1,1\\n")  # an undeclared category of c
+
+try:
+    simulate(config_from_json({cfg.to_json()!r}), Path({str(tmp_path / "work")!r}), after_partitions=corrupt)
+except FedGuardError as exc:
+    print("FAILED", exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "FAILED evaluator" in out and "refused its held-out data before round 1: data-invalid" in out, out[-3000:]
+    with RunStore(tmp_path / "work" / "runs.db") as store:
+        (run,) = store.runs()
+        assert run["status"] == "failed" and "nothing was trained" in run["error"]
+        assert store.client_rounds(run["run_id"]) == [] and store.evaluations(run["run_id"]) == {}
