@@ -160,7 +160,6 @@ class Scorer:
                 raise HeldOutRefused(
                     f"the evaluator refused its held-out data before round 1: {left_out.reason}; nothing was "
                     "trained and no node spent budget",
-                    where=f"evaluator {node}",
                     fix="correct the evaluator's held-out file (its node log names the row, by the log id) and "
                     "start the run again",
                 )

@@ -212,7 +212,7 @@ except FedGuardError as exc:
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=280, cwd=tmp_path)
     out = proc.stdout + proc.stderr
-    assert "FAILED evaluator" in out and "refused its held-out data before round 1: data-invalid" in out, out[-3000:]
+    assert "FAILED the evaluator refused its held-out data before round 1: data-invalid" in out, out[-3000:]
     with RunStore(tmp_path / "work" / "runs.db") as store:
         (run,) = store.runs()
         assert run["status"] == "failed" and "nothing was trained" in run["error"]
