@@ -21,6 +21,7 @@ from fedguard.schema_draft import add_parser as add_schema_parser
 from fedguard.tracking import add_mlflow_argument
 
 if TYPE_CHECKING:
+    from client.ledger import DatasetSummary
     from common.config import RunConfig
 
 
@@ -106,19 +107,23 @@ def _end_simulation(workdir: Path, store_path: Path, run_id: int, cfg: RunConfig
     _print_summary(store_path, run_id, as_json)
     paths = _write_reports(workdir, store_path, run_id, cfg, quiet=as_json)
     if not as_json:
-        _point_to_node_logs(workdir, store_path, run_id)
+        _point_to_node_files(workdir, store_path, run_id)
         print(f"wall time {time.perf_counter() - t0:.0f}s")
         print("\n".join(paths))
 
 
-def _point_to_node_logs(workdir: Path, store_path: Path, run_id: int) -> None:
-    """Where a simulated node's refusals are explained: the server only hears the reason's class and a log id."""
+def _point_to_node_files(workdir: Path, store_path: Path, run_id: int) -> None:
+    """Where the simulated nodes' own records are: refusal details (the server only hears the reason's class
+    and a log id) and each node's privacy budget, as the node's owner would read them."""
     from server.run_health import run_health
 
-    refused = [n.name for n in run_health(store_path, run_id).nodes if n.count("refused")]
+    where = workdir.resolve() / "partitions"
+    nodes = run_health(store_path, run_id).nodes
+    refused = [n.name for n in nodes if n.count("refused")]
     if refused:
-        where = workdir.resolve() / "partitions"
         print(f"refusal details (by node log id): {', '.join(str(where / n / 'node.log') for n in refused)}")
+    if nodes:
+        print(f"a node's privacy budget: fedguard client budget --workdir {where / nodes[0].name} (likewise each node)")
 
 
 def _to_stderr(msg: str) -> None:
@@ -304,16 +309,35 @@ def cmd_run_resume(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+def _ledger_paths(args: argparse.Namespace) -> tuple[Path, Path, set[str] | None]:
+    """A node's ledger, its marker folder and, for a ledger it shares, the datasets that are its own (else None).
+
+    ``--ledger``, else ``<workdir>/ledger.db``, else the one ledger the node's own markers name: a node started
+    with a ``ledger-path`` elsewhere (simulated nodes share their host's ``partitions/ledger.db``) keeps its
+    markers in its work directory, and each marker records the ledger it guards and the dataset it counts.
+    """
     workdir = Path(args.workdir)
-    ledger = Path(args.ledger) if args.ledger else workdir / "ledger.db"
-    return ledger, workdir / "ledger-markers"
+    markers = workdir / "ledger-markers"
+    own = workdir / "ledger.db"
+    if args.ledger or own.exists():
+        return (Path(args.ledger) if args.ledger else own), markers, None
+    named: dict[Path, set[str]] = {}
+    for marker in sorted(markers.glob("*.json")) if markers.is_dir() else []:
+        try:
+            body = json.loads(marker.read_text(encoding="utf-8"))
+            named.setdefault(Path(body["ledger"]), set()).add(str(body["dataset_id"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable: the ledger itself refuses it when the node next spends
+    if len(named) == 1:
+        ledger, datasets = named.popitem()
+        return ledger, markers, datasets
+    return own, markers, None
 
 
 def _open_ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from client.ledger import Ledger
 
-    ledger, markers = _ledger_paths(args)
+    ledger, markers, _ = _ledger_paths(args)
     if not ledger.exists():
         raise FedGuardError(
             "no privacy ledger here",
@@ -327,16 +351,21 @@ def cmd_client_budget(args: argparse.Namespace) -> int:
     from client.ledger import summary_dict
 
     if args.json:
-        with _open_ledger(args) as ledger:
-            print(json.dumps([summary_dict(s) for s in ledger.summaries()]))
+        print(json.dumps([summary_dict(s) for s in _budget_summaries(args)]))
         return 0
     print("\n".join(_budget_table(args)))
     return 0
 
 
-def _budget_table(args: argparse.Namespace) -> list[str]:
+def _budget_summaries(args: argparse.Namespace) -> list[DatasetSummary]:
+    """The node's datasets in its ledger (only its own where the ledger is shared with other nodes)."""
+    only = _ledger_paths(args)[2]
     with _open_ledger(args) as ledger:
-        summaries = ledger.summaries()
+        return [s for s in ledger.summaries() if only is None or s.dataset_id in only]
+
+
+def _budget_table(args: argparse.Namespace) -> list[str]:
+    summaries = _budget_summaries(args)
     lines = [f"{'dataset':40s} {'releases':>8} {'pending':>7} {'spent ε':>8} {'budget ε':>8} {'remaining':>9}  δ"]
     for s in summaries:
         budget = f"{s.budget.epsilon:8.3f}" if s.budget else f"{'-':>8}"
@@ -368,7 +397,7 @@ def cmd_client_inspect(args: argparse.Namespace) -> int:
     for line in describe(policy):
         print(f"  {line}")
     print("\nprivacy budget:")
-    if (Path(args.ledger) if args.ledger else workdir / "ledger.db").exists():
+    if _ledger_paths(args)[0].exists():
         for line in _budget_table(args):
             print(f"  {line}")
     else:
@@ -421,7 +450,7 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
 def cmd_ledger_restore(args: argparse.Namespace) -> int:
     from client.ledger import restore
 
-    ledger, markers = _ledger_paths(args)
+    ledger, markers, _ = _ledger_paths(args)
     summaries = restore(ledger, args.file, markers)
     print(f"ledger restored from {args.file} to {ledger}: {len(summaries)} dataset(s)")
     return 0

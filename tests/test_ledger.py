@@ -234,3 +234,28 @@ def test_budget_command_shows_spent_and_remaining(tabular_csv: Path, tmp_path: P
     assert row["epsilon"] == pytest.approx(metrics[R.EPSILON_TOTAL])
     assert row["remaining"] == pytest.approx(9.0 - metrics[R.EPSILON_TOTAL])
     assert cli(["client", "budget", "--workdir", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_node_whose_ledger_lives_elsewhere_finds_it_and_shows_only_its_own_datasets(
+    tabular_csv: Path, tmp_path: Path, capsys  # noqa: ANN001
+) -> None:
+    """Two nodes on one host share a ledger through `ledger-path` (as simulated nodes share partitions/ledger.db):
+    each node's work directory holds only its markers, yet `client budget` and `client inspect` on that
+    directory show that node's budget, and only its own; before, both said "no privacy ledger here"."""
+    cfg = tabular_config()
+    shared = tmp_path / "host" / "ledger.db"
+    spent = {
+        name: train(cfg, tabular_csv, tmp_path / name, 1, dataset_id=f"ds-{name}", ledger_path=shared).content[
+            R.METRICS
+        ][R.EPSILON_TOTAL]
+        for name in ("a", "b")
+    }
+    assert not (tmp_path / "a" / "ledger.db").exists() and shared.exists()
+    capsys.readouterr()
+    for name in ("a", "b"):
+        assert cli(["client", "budget", "--workdir", str(tmp_path / name), "--json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["dataset_id"] == f"ds-{name}" and row["epsilon"] == pytest.approx(spent[name])
+    assert cli(["client", "inspect", "--workdir", str(tmp_path / "b")]) == 0
+    shown = capsys.readouterr().out
+    assert "ds-b " in shown and "ds-a" not in shown and "no ledger yet" not in shown

@@ -226,14 +226,16 @@ features = [{name = "a", type = "numeric", range = [-3, 3]}, {name = "b", type =
     summary = json.loads(_fedguard(["runs", "1", "--store", str(store), "--json"], tmp_path).stdout)
     by_summary = {n["name"]: n["epsilon"] for n in summary["nodes"]}
     by_report = {c["name"]: c["epsilon_run"] for c in report["clients"]}
-    partitions = work / "partitions"
-    budget = json.loads(_fedguard(["client", "budget", "--workdir", str(partitions), "--json"], tmp_path).stdout)
-    by_ledger = {
-        f"node-{d['dataset_id'].removeprefix('sim-partition-')}": r["epsilon"]
-        for d in budget
-        for r in d["runs"]
-        if r["run_id"] == summary["ledger_run_key"]
-    }
+    # ... each node's ledger read as its owner would, with the command the simulation's summary names.
+    node_dir = work.resolve() / "partitions" / "node-0"
+    assert f"a node's privacy budget: fedguard client budget --workdir {node_dir} (likewise each node)" in out
+    by_ledger: dict[str, float] = {}
+    for name in ("node-0", "node-1", "node-2"):
+        shown = _fedguard(["client", "budget", "--workdir", str(node_dir.parent / name), "--json"], tmp_path)
+        budget = json.loads(shown.stdout) if shown.returncode == 0 else []  # node-1 never spent: no ledger marker
+        assert [d["dataset_id"] for d in budget] in ([f"sim-partition-{name[-1]}"], [])
+        for r in (r for d in budget for r in d["runs"] if r["run_id"] == summary["ledger_run_key"]):
+            by_ledger[name] = r["epsilon"]
     from fastapi.testclient import TestClient
 
     from server.control.app import create_app
