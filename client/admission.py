@@ -71,14 +71,23 @@ def check_policy(
         raise PolicyViolation(violation.message, violation.rule)
 
 
+def ledger_run_key(msg: Message) -> str:
+    """The key this node's ledger files the run's releases under: the server's run uid (the run summary's
+    "nodes' ledgers key this run as …"), else Flower's run id."""
+    config = msg.content[R.CONFIG] if R.CONFIG in msg.content else {}
+    return str(config.get(R.RUN_UID, f"flower-{msg.metadata.run_id}"))
+
+
 def record(
     settings: NodeSettings, msg: Message, purpose: str, *, accepted: bool, code: str = "", reason: str = ""
 ) -> None:
-    """Append one decision to the request log and the node log."""
+    """Append one decision to the request log and the node log, with the run's ledger key so an owner can
+    match a request to its releases in `fedguard client budget`."""
     config = msg.content[R.CONFIG] if R.CONFIG in msg.content else {}
     entry = {
         "time": time.time(),
         "flower_run": int(msg.metadata.run_id),
+        "ledger_run": ledger_run_key(msg),
         "request_id": _request_id(str(config.get(R.RUN_SIGNATURE, ""))),
         "run_name": _run_name(str(config.get(R.RUN_CONFIG, ""))),
         "purpose": purpose,
@@ -91,7 +100,7 @@ def record(
     with open(settings.workdir / REQUESTS, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
     log = node_logger(settings.workdir)
-    where = f"run {entry['flower_run']} ({entry['run_name']}) {purpose}" + (
+    where = f"run {entry['flower_run']} ({entry['run_name']}, ledger key {entry['ledger_run']}) {purpose}" + (
         f" round {entry['round']}" if entry["round"] is not None else ""
     )
     if accepted:

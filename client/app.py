@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import he_node, mitigation, secagg_node
-from client.admission import PolicyViolation, check_policy, check_request, record
+from client.admission import PolicyViolation, check_policy, check_request, ledger_run_key, record
 from client.node import NodeSettings, declared_weight, new_log_id, node_logger, node_settings
 from client.privacy import NodePrivacy
 from client.sent_log import log_sent, log_usage
@@ -50,11 +50,7 @@ _METER: ContextVar[Meter | None] = ContextVar("fedguard_meter", default=None)
 
 def _privacy(msg: Message, context: Context, cfg: RunConfig, settings: NodeSettings) -> NodePrivacy:
     """The privacy facade for this message's run: every DP release on this node goes through it."""
-    return NodePrivacy(cfg, settings, context.state, _run_key(msg))
-
-
-def _run_key(msg: Message) -> str:
-    return str(msg.content[R.CONFIG].get(R.RUN_UID, f"flower-{msg.metadata.run_id}"))
+    return NodePrivacy(cfg, settings, context.state, ledger_run_key(msg))
 
 
 def _round(msg: Message) -> int | None:
@@ -86,7 +82,7 @@ def _reply(msg: Message, content: RecordDict, settings: NodeSettings | None = No
     if settings is not None:
         log_sent(
             settings.workdir,
-            run_id=_run_key(msg),
+            run_id=ledger_run_key(msg),
             round_=_round(msg),
             reply_to=msg.metadata.message_id,
             content=content,
@@ -96,7 +92,7 @@ def _reply(msg: Message, content: RecordDict, settings: NodeSettings | None = No
         usage.bytes_received, usage.bytes_sent = message_bytes(msg), message_bytes(reply)
         log_usage(
             settings.workdir,
-            run_id=_run_key(msg),
+            run_id=ledger_run_key(msg),
             round_=_round(msg),
             purpose=msg.metadata.message_type,
             reply_to=msg.metadata.message_id,
@@ -167,7 +163,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     if homomorphic:  # decrypt only what the pinned evaluator signed, with the context the admin approved
         ctx = he_node.client_context(msg, cfg, settings)
         blobs = he.record_to_blobs(msg.content[R.ARRAYS], where="global model")
-        global_state = he_node.decrypt_global(ctx, cfg, blobs, msg.content[R.CONFIG], _run_key(msg), round_ - 1)
+        global_state = he_node.decrypt_global(ctx, cfg, blobs, msg.content[R.CONFIG], ledger_run_key(msg), round_ - 1)
     else:
         global_state = _global_state(msg, model)
     load_numpy_state(model, global_state)
@@ -377,7 +373,7 @@ def _he_step(
     model = build_model(cfg.model.name, settings.schema, cfg.model.params)
     load_numpy_state(model, state)
     content = _score(model, cfg, settings, _round(msg))
-    record, sig = he_node.signed_global(ctx, cfg, settings, state, _run_key(msg), int(_round(msg) or 0))
+    record, sig = he_node.signed_global(ctx, cfg, settings, state, ledger_run_key(msg), int(_round(msg) or 0))
     content[R.ARRAYS] = record
     content[R.HE] = ConfigRecord({R.HE_SIGNATURE: sig, **timings})
     return _reply(msg, content, settings)
@@ -395,7 +391,7 @@ def _he_aggregate(msg: Message, context: Context, cfg: RunConfig, settings: Node
     ctx = he_node.evaluator_context(cfg, settings)
     round_ = int(msg.content[R.CONFIG][R.ROUND])
     current, delta, timings = he_node.aggregate(
-        msg, ctx, cfg, settings, _run_key(msg), round_, int(msg.metadata.run_id)
+        msg, ctx, cfg, settings, ledger_run_key(msg), round_, int(msg.metadata.run_id)
     )
     optimizer = make_server_optimizer(cfg.server.optimizer)
     saved = context.state.get(_OPTIMIZER_STATE)

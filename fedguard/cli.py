@@ -408,7 +408,8 @@ def cmd_client_inspect(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
         rnd = f" round {e['round']}" if e.get("round") is not None else ""
         verdict = "accepted" if e["accepted"] else f"REFUSED {e['code']}: {e['reason']}"
-        print(f"  {when} run {e['flower_run']} {e['run_name']!r} {e['purpose']}{rnd}: {verdict}")
+        key = f" (ledger key {e['ledger_run']})" if e.get("ledger_run") else ""  # logs before 2026-12-05 lack it
+        print(f"  {when} run {e['flower_run']} {e['run_name']!r}{key} {e['purpose']}{rnd}: {verdict}")
     return 0
 
 

@@ -75,7 +75,7 @@ def test_only_runs_signed_by_the_pinned_key_train(tabular_csv: Path, tmp_path: P
         (True, ""),
     ]
     node_log = (tmp_path / "node" / "node.log").read_text(encoding="utf-8")
-    assert "refused run 1 (test) train round 1: run-unsigned" in node_log
+    assert "refused run 1 (test, ledger key run-a) train round 1: run-unsigned" in node_log
 
 
 def test_a_signed_request_is_good_for_one_flower_run_only(tabular_csv: Path, tmp_path: Path, run_key) -> None:
@@ -211,3 +211,6 @@ def test_inspect_shows_policy_budget_and_decisions(tabular_csv: Path, tmp_path: 
     assert "max rounds per run: 5" in out.stdout
     assert "REFUSED run-unsigned" in out.stdout and "train round 1: accepted" in out.stdout
     assert "releases" in out.stdout  # the budget table
+    # each decision names the run's ledger key, the one the budget table files its releases under
+    assert "'test' (ledger key run-a) train round 1: accepted" in out.stdout
+    assert "  run run-a: 1 release(s)" in out.stdout

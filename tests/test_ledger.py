@@ -237,7 +237,9 @@ def test_budget_command_shows_spent_and_remaining(tabular_csv: Path, tmp_path: P
 
 
 def test_a_node_whose_ledger_lives_elsewhere_finds_it_and_shows_only_its_own_datasets(
-    tabular_csv: Path, tmp_path: Path, capsys  # noqa: ANN001
+    tabular_csv: Path,
+    tmp_path: Path,
+    capsys,  # noqa: ANN001
 ) -> None:
     """Two nodes on one host share a ledger through `ledger-path` (as simulated nodes share partitions/ledger.db):
     each node's work directory holds only its markers, yet `client budget` and `client inspect` on that
