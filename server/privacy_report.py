@@ -186,6 +186,9 @@ class PrivacyReport(_Model):
     run_name: str
     status: str
     config_hash: str
+    #: The key each node's ledger files this run's releases under (`fedguard client budget`, signed ledger
+    #: exports): how a reviewer matches a node's own accounting to this report. None for older runs.
+    ledger_run_key: str | None = None
     seed: int
     seed_note: str
     rounds_planned: int
@@ -242,6 +245,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         run_name=run["name"],
         status=run["status"],
         config_hash=run["config_hash"],
+        ledger_run_key=health.ledger_run_key,
         seed=cfg.seed,
         seed_note="the config seed drives data splits, model initialisation and client selection only; "
         "DP sampling and noise come from each node's OS CSPRNG",
@@ -371,6 +375,14 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
                 f"Transport: {rep.transport}",
                 f"Secure aggregation and key custody: {rep.secure_aggregation}",
                 f"Config hash: {rep.config_hash}; seed {rep.seed} ({rep.seed_note})",
+                *(
+                    [
+                        f"Ledger key: {rep.ledger_run_key} (each node's ledger, `fedguard client budget` and its "
+                        "signed ledger export file this run's releases under it)"
+                    ]
+                    if rep.ledger_run_key
+                    else []
+                ),
                 "Software: " + ", ".join(f"{k} {v}" for k, v in rep.versions.items()),
             ],
         ),

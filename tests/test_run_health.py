@@ -229,6 +229,7 @@ features = [{name = "a", type = "numeric", range = [-3, 3]}, {name = "b", type =
     # ... each node's ledger read as its owner would, with the command the simulation's summary names.
     node_dir = work.resolve() / "partitions" / "node-0"
     assert f"a node's privacy budget: fedguard client budget --workdir {node_dir} (likewise each node)" in out
+    assert report["ledger_run_key"] == summary["ledger_run_key"] and f"Ledger key: {report['ledger_run_key']} " in md
     by_ledger: dict[str, float] = {}
     for name in ("node-0", "node-1", "node-2"):
         shown = _fedguard(["client", "budget", "--workdir", str(node_dir.parent / name), "--json"], tmp_path)
