@@ -15,6 +15,7 @@ from fedguard.deploy import add_commands as add_deployment_commands
 from fedguard.deploy import add_signing_args
 from fedguard.evaluate import add_command as add_evaluate_command
 from fedguard.fairness_sweep import add_command as add_fairness_command
+from fedguard.json_output import json_mode, print_json
 from fedguard.privacy_audit import add_command as add_privacy_command
 from fedguard.provision import add_client_init, add_provision_commands
 from fedguard.schema_draft import add_parser as add_schema_parser
@@ -38,7 +39,7 @@ def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
         evals = store.evaluations(run_id)
     outcomes = round_outcomes(health)
     if as_json:
-        print(
+        print_json(
             json.dumps(
                 {
                     "run_id": run_id,
@@ -283,7 +284,7 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
             }
             for p in plans
         ]
-        print(json.dumps(rows))
+        print_json(json.dumps(rows))
     else:
         print(plan_table(plans, cfg))
     short = [p for p in plans if not p.affordable]
@@ -626,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve", action="store_true", help="afterwards keep the dashboard up (HTTPS) and print a reviewer token"
     )
     d.add_argument("--control-port", type=int, default=8443, help="with --serve: the dashboard's port (0: any free)")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, streams_progress=True)
 
     s = sub.add_parser("simulate", help="run a federation from a config on Flower's simulation engine")
     s.add_argument("--config", required=True, help="run config TOML")
@@ -639,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", action="store_true")
     add_mlflow_argument(s)
-    s.set_defaults(func=cmd_simulate)
+    s.set_defaults(func=cmd_simulate, streams_progress=True)
 
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
@@ -663,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--config", required=True)
     rp.add_argument("--workdir", help="simulation folder (default: <config>-sim)")
     rp.add_argument("--json", action="store_true")
-    rp.set_defaults(func=cmd_run_plan)
+    rp.set_defaults(func=cmd_run_plan, streams_progress=True)
     rr = runsub.add_parser("resume", help="continue a crashed or stopped run from its last complete round")
     rr.add_argument("run_id", type=int)
     rr.add_argument("--store", help="run store (default: fedguard-demo/runs.db; deployed: <server workdir>/runs.db)")
@@ -673,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--timeout", type=float, default=3600.0)
     add_signing_args(rr)
     rr.add_argument("--json", action="store_true")
-    rr.set_defaults(func=cmd_run_resume)
+    rr.set_defaults(func=cmd_run_resume, streams_progress=True)
 
     add_provision_commands(sub)
 
@@ -744,7 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        # a command that runs a federation prints progress as it goes: with --json, stdout is its JSON only
+        with json_mode(getattr(args, "streams_progress", False) and bool(getattr(args, "json", False))):
+            return int(args.func(args))
     except FedGuardError as exc:
         print(f"fedguard: error: {exc}", file=sys.stderr)
         return 2

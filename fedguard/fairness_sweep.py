@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
 from common.errors import ConfigError, FedGuardError
+from fedguard.json_output import print_json
 
 if TYPE_CHECKING:  # imported where used: `fedguard --help` stays fast
     from common.config import RunConfig
@@ -380,7 +381,7 @@ def cmd_fairness_sweep(args: argparse.Namespace) -> int:
         run_progress=_stderr if args.json else print,
     )  # fmt: skip
     if args.json:
-        print(sweep.model_dump_json())
+        print_json(sweep.model_dump_json())
         return 0
     for line in table(sweep):
         print(line)
@@ -412,6 +413,6 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     s.add_argument(
         "--json",
         action="store_true",
-        help="print the sweep JSON as the last line of stdout (sweep progress goes to stderr)",
+        help="print the sweep JSON on stdout, nothing else (progress goes to stderr)",
     )
-    s.set_defaults(func=cmd_fairness_sweep)
+    s.set_defaults(func=cmd_fairness_sweep, streams_progress=True)

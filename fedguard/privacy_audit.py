@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from common.errors import ConfigError
+from fedguard.json_output import print_json
 
 if TYPE_CHECKING:  # imported where used: `fedguard --help` stays fast
     import pandas as pd
@@ -431,7 +432,7 @@ def cmd_privacy_audit(args: argparse.Namespace) -> int:
     atomic_write(report, render(build_privacy_report(audit["store"], audit["run_id"]), "html").encode("utf-8"))
     audit["report"] = str(report)
     if args.json:
-        print(json.dumps(audit, indent=2))
+        print_json(json.dumps(audit, indent=2))
     else:
         print(summary(audit))
         print(f"privacy report: {report}")
@@ -453,4 +454,4 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     a.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE, help="default %(default)s")
     a.add_argument("--workdir", help="the audit's throw-away simulation folder (default: <config>-audit)")
     a.add_argument("--json", action="store_true")
-    a.set_defaults(func=cmd_privacy_audit)
+    a.set_defaults(func=cmd_privacy_audit, streams_progress=True)

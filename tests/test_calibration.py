@@ -341,7 +341,8 @@ def test_a_simulated_run_reports_calibrated_rounds_and_releases_calibration_json
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "round 2 held-out accuracy" in proc.stdout and "prior-calibrated; the model's own decisions" in proc.stdout
+    progress = proc.stderr  # with --json, stdout is the summary alone
+    assert "round 2 held-out accuracy" in progress and "prior-calibrated; the model's own decisions" in progress
     with RunStore(summary["store"]) as store:
         evals = store.evaluations(summary["run_id"])
     assert set(evals) >= {1, 2} and all("uncalibrated_accuracy" in m for r, m in evals.items() if r > 0)

@@ -176,6 +176,23 @@ def _write_config(tmp: Path, data: Path, schema: str, extra: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_simulate_json_prints_its_json_document_alone_on_stdout(tmp_path: Path) -> None:
+    """`fedguard simulate --json | jq`: the partition sizes, round lines and the nodes' DP plans (forwarded by Ray
+    from its workers) go to stderr, and stdout is the run summary alone; before, all of it came first on stdout."""
+    data = tmp_path / "data.csv"
+    make_tabular(300).to_csv(data, index=False)
+    toml = _write_config(tmp_path, data, 'features = [{name = "a", type = "numeric", range = [-3, 3]}]', "")
+    toml.write_text(toml.read_text().replace("rounds = 3", "rounds = 1"), encoding="utf-8")
+    proc = _fedguard(["simulate", "--config", str(toml), "--workdir", str(tmp_path / "w"), "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads(proc.stdout)
+    assert summary["run_id"] == 1 and summary["status"] == "finished" and len(summary["nodes"]) == 3
+    assert "split 240 rows into 3 iid partitions" in proc.stderr and "round 1/1" in proc.stderr
+    assert "DP plan:" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_node_that_refuses_every_round_is_named_everywhere_and_one_epsilon_holds(tmp_path: Path) -> None:
     """node-1's owner gave it a budget one round cannot fit: it refuses every round, by name, with the reason;
     the other nodes' ε is the same in `fedguard runs`, the privacy report, `fedguard client budget` and the

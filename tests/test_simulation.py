@@ -42,7 +42,7 @@ def test_cli_simulation_records_both_rounds(tmp_path: Path) -> None:
     assert all(r["accepted"] == 2 and r["aggregated"] == 1 for r in rounds), (rounds, proc.stdout[-3000:])
     assert len(clients) == 4 and all(0 < c["epsilon"] <= 4.0 for c in clients)
     assert sorted(evals) == [0, 1, 2]
-    assert "round 2/2" in proc.stdout
+    assert "round 2/2" in proc.stderr  # with --json, progress goes to stderr
     # One ε per node: the summary states the privacy report's (the fairness counts release included).
     from server.privacy_report import build_privacy_report
 

@@ -202,7 +202,7 @@ def test_simulated_single_class_node_is_accepted_every_round_and_spends_budget(t
     single = [i for i, y in enumerate(labels) if y.nunique() == 1]
     assert single, f"the seeded split has no single-class node: {[y.value_counts().to_dict() for y in labels]}"
     k = single[0]
-    assert f"node-{k}: {len(labels[k])} rows;" in proc.stdout and "(one class only)" in proc.stdout
+    assert f"node-{k}: {len(labels[k])} rows;" in proc.stderr and "(one class only)" in proc.stderr  # --json
 
     assert summary["status"] == "finished"
     with RunStore(summary["store"]) as store:
