@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from common.pretrained import pretrained_available
 from fedguard.cli import main
-from tests.helpers import need
+from tests.helpers import ROOT, need
 
 SCHEMA = '[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\n'
 
@@ -174,3 +176,15 @@ def test_config_check_of_a_deeply_nested_file(tmp_path: Path, capsys: pytest.Cap
     assert main(["config", "check", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedguard: error:") and "nested too deeply" in err and "Traceback" not in err
+
+
+def test_output_cut_short_by_its_reader_ends_quietly() -> None:
+    """`fedguard models | head -2`: the reader closes the pipe early; the CLI stops with a shell's SIGPIPE code
+    and no stack trace (before: a BrokenPipeError traceback on stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedguard.cli", "models"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the CLI has printed anything: its first write finds no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "Error" not in err, err
