@@ -626,9 +626,8 @@ class RunConfig(_Strict):
     @property
     def wants_federated_counts(self) -> bool:
         """Clients send noised per-group counts after the last round (binary tasks with sensitive columns)."""
-        schema = self.data.schema_
         plaintext = self.secure_aggregation == "none"  # encrypted counts in homomorphic mode: not yet
-        return plaintext and self.fairness.federated_counts and bool(schema.sensitive) and len(schema.classes) == 2
+        return plaintext and self.fairness.federated_counts and self.data.schema_.no_audit_reason() is None
 
     def to_toml(self) -> str:
         """The config as a run file (unset optional values are left out: TOML has no null)."""

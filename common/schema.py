@@ -101,14 +101,24 @@ class DataSchema(BaseModel):
         leaked = sorted(set(self.sensitive) & set(names))
         if leaked and not self.sensitive_as_features:
             raise ValueError(
-                f"sensitive columns {leaked} are listed as features; remove them or set "
-                "sensitive_as_features = true"
+                f"sensitive columns {leaked} are listed as features; remove them or set sensitive_as_features = true"
             )
         return self
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def no_audit_reason(self) -> str | None:
+        """Why a model of this data gets no fairness audit, in words for the operator; None when it gets one."""
+        if not self.sensitive:
+            return "the schema declares no sensitive columns"
+        if self.num_classes != 2:
+            return (
+                f"the task has {self.num_classes} classes; fairness audits and mitigation are defined for binary "
+                f"tasks (the sensitive columns {self.sensitive} are still kept out of the model's inputs)"
+            )
+        return None
 
     def required_columns(self) -> list[str]:
         cols = [self.label, *self.sensitive, *([self.privacy_unit] if self.privacy_unit else [])]

@@ -186,12 +186,13 @@ def _write_reports(workdir: Path, store_path: Path, run_id: int, cfg: RunConfig,
     privacy = privacy_report.build_privacy_report(store_path, run_id)
     privacy_path.write_text(privacy_report.render(privacy, "html"), encoding="utf-8")
     # Without sensitive attributes there is nothing to audit, so no fairness report; nor without a scored round.
-    audited = False
+    audited, gap = False, cfg.data.schema_.no_audit_reason()
     if cfg.data.schema_.sensitive:
         with RunStore(store_path) as store:
             audited = bool(store.audits(run_id))
         if not audited and not quiet:
-            print("no fairness report: no round's model was audited (the held-out set was never scored)")
+            why = gap or "no round's model was audited (the held-out set was never scored)"
+            print(f"no fairness report: {why}")
     fairness = fairness_report.fairness_report_from_store(store_path, run_id) if audited else None
     fair_path = workdir / f"fairness-report-run-{run_id}.html"
     if fairness is not None:

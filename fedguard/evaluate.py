@@ -393,10 +393,8 @@ def run_evaluation(
         report = build_fairness_report(
             ckpt.run_id, cfg.name, [(ckpt.round, audit)], provenance(data, data_path.name), cfg=cfg.fairness
         )
-    elif schema.num_classes != 2:
-        reason = f"the task has {schema.num_classes} classes; the fairness audit is for binary tasks"
     else:
-        reason = "the schema declares no sensitive columns"
+        reason = schema.no_audit_reason()
     return Evaluation(metrics, report, ckpt, cfg, source, data_path, reason, predictions, applied, fitted, cal)
 
 

@@ -100,7 +100,13 @@ class Scorer:
     def describe(self, label: Callable[[int], str]) -> str:
         """One line for the run's log; ``label`` names the evaluator as round lines do (``Federation.label``)."""
         if self.evaluator is not None:
-            return f"evaluator {label(self.evaluator)} scores and audits every round's model"
+            gap = self.cfg.data.schema_.no_audit_reason()
+            does = (
+                f"scores every round's model (no fairness audit: {gap})"
+                if gap
+                else "scores and audits every round's model"
+            )
+            return f"evaluator {label(self.evaluator)} {does}"
         if self._holdout is not None:
             return f"the server scores every round's model on {self.cfg.data.evaluation_path}"
         return "no evaluation: no evaluator node and no data.evaluation_path"

@@ -126,6 +126,32 @@ def test_simulate_reports_a_run_that_was_never_audited_without_failing(
     assert (work / "privacy-report-run-1.html").exists() and (work / "cost-report-run-1.html").exists()
 
 
+def test_a_multi_class_run_with_sensitive_columns_says_why_it_has_no_fairness_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three classes and a sensitive column (penguins by sex, tried as a stranger): audits are for binary tasks, so
+    the run ends saying that, not "the held-out set was never scored" (it was, every round)."""
+    import fedguard.simulate
+    from server.app import RunResult
+    from server.store import RunStore
+
+    def finished_run(cfg, workdir, *_, **__):  # type: ignore[no-untyped-def]
+        workdir.mkdir(parents=True, exist_ok=True)
+        with RunStore(workdir / "runs.db") as store:
+            run_id = store.create_run(cfg.name, cfg.to_json(), "hash", None)
+            store.finish_run(run_id, "finished")
+        return RunResult(run_id=run_id, store_path=workdir / "runs.db", final_metrics={})
+
+    monkeypatch.setattr(fedguard.simulate, "simulate", finished_run)
+    (tmp_path / "d.csv").write_text("y,a,g\n0,0.1,m\n1,0.2,f\n2,0.3,f\n", encoding="utf-8")
+    schema = '[data.schema]\ntask = "tabular"\nlabel = "y"\nclasses = ["0", "1", "2"]\nsensitive = ["g"]\n'
+    config = schema + 'features = [{name = "a"}]\n[simulation]\ndata_path = "d.csv"\n'
+    code, out, _ = simulate(tmp_path, config, capsys)
+    assert code == 0, out
+    assert "no fairness report: the task has 3 classes; fairness audits and mitigation are defined for binary" in out
+    assert "never scored" not in out
+
+
 def test_text_demo_ends_without_a_fairness_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
