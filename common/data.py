@@ -181,6 +181,12 @@ def check_columns(df: pd.DataFrame, schema: DataSchema, source: str) -> None:
     fix = "rename the columns in the file or correct the names in the data schema (names are case-sensitive)"
     if hints:
         fix += "; did you mean " + ", ".join(hints)
+    separator = next((sep for sep in (";", "\t", "|") if len(available) == 1 and sep in available[0]), None)
+    if separator is not None:  # one column whose name holds the others: not a comma-separated file
+        fix = (
+            f"the file looks {separator!r}-separated (its one column name holds {separator!r}); FedGuard reads "
+            "comma-separated CSV: save the file with ',' between fields (and '.' as the decimal mark), or as Parquet"
+        )
     shown = ", ".join(repr(a) for a in available[:30]) + (" ..." if len(available) > 30 else "")
     wanted = ", ".join(repr(c) for c in missing)
     raise DataError(

@@ -130,6 +130,11 @@ def test_clear_errors_for_missing_file_and_columns(tmp_path: Path) -> None:
     with pytest.raises(DataError) as exc:
         draft_schema(path, "Y")
     assert "missing required column(s) 'Y'" in str(exc.value) and "'Y' -> 'y'" in (exc.value.fix or "")
+    # a European spreadsheet's export: ';' between fields, ',' as the decimal mark
+    make_tabular(20).to_csv(semi := tmp_path / "semi.csv", index=False, sep=";", decimal=",")
+    with pytest.raises(DataError) as exc:
+        draft_schema(semi, "y")
+    assert "the file looks ';'-separated" in (exc.value.fix or "") and "comma-separated CSV" in (exc.value.fix or "")
     with pytest.raises(DataError, match="'sex'"):
         draft_schema(path, "y", sensitive=["sex"])
     with pytest.raises(DataError, match="'ID'"):
