@@ -355,10 +355,13 @@ class Ledger:
             for run, mine in by_run.items()
         )
 
-    def export(self, private_key_openssh: bytes) -> dict[str, object]:
-        """Every dataset's releases, signed with the node's key, for a reviewer to recompute ε."""
+    def export(self, private_key_openssh: bytes, only: set[str] | None = None) -> dict[str, object]:
+        """Every dataset's releases (or those in ``only``: a node's own in a ledger its host shares), signed with
+        the node's key, for a reviewer to recompute ε."""
         datasets = []
         for s in self.summaries():
+            if only is not None and s.dataset_id not in only:
+                continue
             datasets.append(
                 ExportedDataset(
                     dataset_id=s.dataset_id,

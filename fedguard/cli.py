@@ -424,8 +424,9 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
             where=str(key),
             fix="pass --key with the node's private key, or create one with `fedguard client init --workdir DIR`",
         )
+    only = _ledger_paths(args)[2]  # a shared ledger: this node signs for its own datasets only
     with _open_ledger(args) as ledger:
-        doc = ledger.export(key.read_bytes())
+        doc = ledger.export(key.read_bytes(), only)
     out = Path(args.out)
     out.write_text(json.dumps(doc, indent=1), encoding="utf-8")
     print(f"signed ledger export written to {out} (key {doc['export']['public_key_fingerprint']})")  # type: ignore[index]

@@ -261,3 +261,9 @@ def test_a_node_whose_ledger_lives_elsewhere_finds_it_and_shows_only_its_own_dat
     assert cli(["client", "inspect", "--workdir", str(tmp_path / "b")]) == 0
     shown = capsys.readouterr().out
     assert "ds-b " in shown and "ds-a" not in shown and "no ledger yet" not in shown
+    # node b's signed export holds its own dataset, not its neighbour's, and verifies with Opacus's ε
+    out = tmp_path / "b-export.json"
+    assert cli(["client", "ledger", "export", "--workdir", str(tmp_path / "b"), "--key", str(node_key(tmp_path)),
+                "--out", str(out)]) == 0  # fmt: skip
+    body = verify_export(out)
+    assert [d.dataset_id for d in body.datasets] == ["ds-b"] and body.datasets[0].epsilon == pytest.approx(spent["b"])
