@@ -57,6 +57,16 @@ class NodeSettings:
         return self.workdir / "ledger-markers"
 
 
+def simulated_dataset_id(partition: int) -> str:
+    """The ledger key of a simulated node's data (partition ``partition`` of the simulation's file)."""
+    return f"sim-partition-{partition}"
+
+
+def simulated_ledger(sim_data_dir: str | Path) -> Path:
+    """The one ledger the simulated nodes share, as owners on one host would."""
+    return Path(sim_data_dir) / "ledger.db"
+
+
 def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str | None) -> NodeSettings:
     """Resolve where this node's data and work directory are, from node config."""
     schema = cfg.data.schema_
@@ -92,8 +102,8 @@ def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str
         if role == "client":  # partition files are Parquet; the evaluator's file keeps the schema's format
             schema = schema.model_copy(update={"format": "parquet"})
         # Simulated owners: one host, one ledger; budgets from the run's simulation section.
-        dataset_id = f"sim-partition-{pid}"
-        ledger_path = Path(sim_data_dir) / "ledger.db"
+        dataset_id = simulated_dataset_id(pid)
+        ledger_path = simulated_ledger(sim_data_dir)
         budget = (cfg.simulation.budget_for(pid), DEFAULT_BUDGET_DELTA)
     else:
         raise ConfigError(

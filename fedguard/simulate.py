@@ -95,6 +95,8 @@ def simulate(
     """
     workdir = workdir.resolve()
     run_cfg = cfg if resume is not None else prepare_partitions(cfg, workdir, progress)
+    if resume is None and (spent := earlier_spending(cfg, workdir / "partitions")):
+        progress(f"WARNING: {spent}")
     if after_partitions is not None:
         after_partitions(run_cfg, workdir / "partitions")
     store_path = (store_path or workdir / "runs.db").resolve()
@@ -104,6 +106,36 @@ def simulate(
     if not results:
         raise RuntimeError("the simulation ended without a result; see the log above")
     return results[0]
+
+
+def earlier_spending(cfg: RunConfig, sim_dir: Path) -> str | None:
+    """What earlier runs in this work directory spent of the simulated owners' budgets, or None.
+
+    The simulated nodes keep one ledger in the work directory, as real owners keep theirs: a second run
+    there composes with the first, and a node refuses every round its remaining budget cannot cover
+    (a rerun of a finished ε = 8 run with the default budget of 10 fails at its third round).
+    """
+    from client.ledger import Ledger
+    from client.node import simulated_dataset_id, simulated_ledger
+
+    path = simulated_ledger(sim_dir)
+    if not path.exists():
+        return None
+    with Ledger(path) as ledger:
+        spent = {s.dataset_id: s.epsilon for s in ledger.summaries()}
+    shown = [
+        f"node-{i} ε {eps:.2f} of {cfg.simulation.budget_for(i):g}"
+        for i in range(cfg.simulation.num_clients)
+        if (eps := spent.get(simulated_dataset_id(i), 0.0)) > 0
+    ]
+    if not shown:
+        return None
+    return (
+        f"earlier runs in this work directory ({sim_dir.parent}) already spent part of the simulated owners' "
+        f"budgets ({', '.join(shown)}); a node refuses every round its remaining budget cannot cover. "
+        "`fedguard run plan` with the same --workdir shows what each node can afford; a fresh --workdir starts "
+        "with full budgets"
+    )
 
 
 def plan(cfg: RunConfig, workdir: Path, progress: Progress = print) -> list[NodePlan]:

@@ -54,10 +54,25 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict:
         update={"central_dp": cfg1.central_dp.model_copy(update={"enabled": True, "noise_multiplier": 0.5})}
     )
     (tmp / "run2.json").write_text(cfg2.to_json())
-    run2 = json.loads(
-        fedguard("simulate", "--config", "run2.json", "--workdir", str(work), "--json", cwd=tmp).stdout.splitlines()[-1]
+    second = fedguard("simulate", "--config", "run2.json", "--workdir", str(work), "--json", cwd=tmp)
+    run2 = json.loads(second.stdout.splitlines()[-1])
+    return {
+        "tmp": tmp, "work": work, "run1": run1, "run2": run2, "plan": plan, "store": run1["store"],
+        "run2_progress": second.stderr,
+    }  # fmt: skip
+
+
+def test_a_second_run_in_the_same_work_directory_says_what_the_first_spent(federation: dict) -> None:
+    """The simulated owners keep their ledger in the work directory, so run 2 composes with run 1: it says so
+    before training, with what each node spent (node-1, whose budget fit no round, spent nothing)."""
+    with Ledger(federation["work"] / "partitions" / "ledger.db") as ledger:  # run 1's releases: all there was
+        history = ledger.history("sim-partition-0", federation["run1"]["ledger_run_key"])
+        budget, accountant = ledger.budget("sim-partition-0"), ledger.releases("sim-partition-0")[0]["accountant"]
+    assert budget is not None
+    spent = epsilon_spent(history, budget.delta, accountant)
+    assert f"already spent part of the simulated owners' budgets (node-0 ε {spent:.2f} of 20);" in (
+        federation["run2_progress"]
     )
-    return {"tmp": tmp, "work": work, "run1": run1, "run2": run2, "plan": plan, "store": run1["store"]}
 
 
 def test_a_node_out_of_budget_refuses_and_the_run_continues(federation: dict) -> None:
