@@ -279,6 +279,7 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
         rows = [
             {
                 "node_id": p.node_id,
+                "name": p.name,
                 "status": p.status,
                 "reason": p.reason,
                 **p.values,

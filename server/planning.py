@@ -26,6 +26,12 @@ class NodePlan:
     status: str  # planned | refused | failed | silent
     values: dict[str, float]
     reason: str | None = None
+    #: The node's name as round lines give it (simulation: ``node-3``); None where only the id is known.
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.node_id)
 
     @property
     def affordable(self) -> bool:
@@ -37,7 +43,8 @@ def plan_federation(grid: Grid, cfg: RunConfig, sim_data_dir: str | None, progre
     base: dict[str, object] = {R.RUN_CONFIG: cfg.to_json(), R.RUN_UID: f"plan-{uuid.uuid4().hex}"}
     if sim_data_dir:
         base[R.SIM_DATA_DIR] = sim_data_dir
-    roles = discover_roles(grid, nodes, {}, base, cfg.server.round_timeout, cfg.server.poll_interval, None, None)
+    names: dict[int, str] = {}  # self-reported, so taken in simulation only (as Federation.learn_names does)
+    roles = discover_roles(grid, nodes, {}, base, cfg.server.round_timeout, cfg.server.poll_interval, None, None, names)
     nodes = [n for n in nodes if roles.get(n, "client") == "client"]  # the evaluator spends no budget
     messages = [
         Message(RecordDict({R.CONFIG: ConfigRecord(base)}), dst_node_id=node, message_type="query.plan")
@@ -58,7 +65,9 @@ def plan_federation(grid: Grid, cfg: RunConfig, sim_data_dir: str | None, progre
         else:
             plans.append(NodePlan(node, "failed", {}, "reply without a plan record"))
     plans += [NodePlan(n, "silent", {}, "no reply in time") for n in silent | unreachable]
-    return sorted(plans, key=lambda p: p.node_id)
+    for p in plans if sim_data_dir else []:
+        p.name = names.get(p.node_id)
+    return sorted(plans, key=lambda p: (p.name or "", p.node_id))
 
 
 def plan_table(plans: list[NodePlan], cfg: RunConfig) -> str:
@@ -71,11 +80,11 @@ def plan_table(plans: list[NodePlan], cfg: RunConfig) -> str:
     for p in plans:
         v = p.values
         if p.status != "planned":
-            lines.append(f"{p.node_id:>22}  {p.status}: {p.reason}")
+            lines.append(f"{p.label:>22}  {p.status}: {p.reason}")
             continue
         verdict = "ok" if p.affordable else "CANNOT AFFORD: remaining budget too small"
         lines.append(
-            f"{p.node_id:>22}  {v[R.NOISE_MULTIPLIER]:6.3f}  {v[R.SAMPLE_RATE]:7.4f}  {int(v[R.PLAN_STEPS]):5d}  "
+            f"{p.label:>22}  {v[R.NOISE_MULTIPLIER]:6.3f}  {v[R.SAMPLE_RATE]:7.4f}  {int(v[R.PLAN_STEPS]):5d}  "
             f"{v[R.PLAN_EPSILON_ROUND]:8.3f}  {v[R.PLAN_EPSILON_RUN]:6.2f}  {v[R.EPSILON_TOTAL]:6.2f}  "
             f"{v[R.PLAN_EPSILON_AFTER]:6.2f}  {v[R.BUDGET_EPSILON]:6.2f}  {verdict}"
         )

@@ -90,6 +90,7 @@ def test_a_node_out_of_budget_refuses_and_the_run_continues(federation: dict) ->
 def test_plan_shows_spent_budget_and_who_cannot_afford(federation: dict) -> None:
     plans = sorted(federation["plan"], key=lambda p: p["budget-epsilon"])
     poor, rich = plans
+    assert (poor["name"], rich["name"]) == ("node-1", "node-0")  # as the round lines name them, not by SuperLink id
     assert poor["status"] == "planned" and poor["affordable"] == 0 and poor["budget-epsilon"] == 0.5
     assert rich["affordable"] == 1 and rich["epsilon-total"] > 0
     # The node's answer is its ledger's history (run 1) composed with the planned run, at its budget δ.
