@@ -45,6 +45,7 @@ def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
                 {
                     "run_id": run_id,
                     "status": health.status,
+                    "error": health.error,
                     "store": str(store_path),
                     "final": health.final_metrics,
                     # keyed by the SuperLink id (as before); names and tallies under "nodes"
@@ -59,7 +60,10 @@ def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
             )
         )
         return
-    print(f"\nrun {run_id} {health.status}" + (f" WITH {len(health.warnings)} WARNING(S)" if health.warnings else ""))
+    warned = f" WITH {len(health.warnings)} WARNING(S)" if health.warnings else ""
+    print(f"\nrun {run_id} {health.status}{warned}" + (f": {health.failure}" if health.failure else ""))
+    for line in (health.error or "").splitlines()[1:]:  # the fix, as the failed command printed it
+        print(f"  {line}")
     for rnd in sorted(set(evals) | set(outcomes)):
         m = evals.get(rnd)
         score = (
@@ -584,7 +588,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             json.dumps(
                 [
                     {k: r[k] for k in ("run_id", "name", "status", "config_hash")}
-                    | {"warnings": health[int(r["run_id"])].warnings}
+                    | {"error": health[int(r["run_id"])].error, "warnings": health[int(r["run_id"])].warnings}
                     for r in runs
                 ]
             )
@@ -593,7 +597,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         h = health[int(r["run_id"])]
         acc = f"accuracy {h.final_metrics['accuracy']:.3f}" if "accuracy" in h.final_metrics else "not evaluated"
         warn = f"  WARNING: {'; '.join(h.flags)}" if h.flags else ""
-        print(f"{r['run_id']:4d}  {r['status']:9s}  {r['name']}  {acc}{warn}")
+        why = f"  ({h.failure})" if h.failure else ""
+        print(f"{r['run_id']:4d}  {r['status']:9s}  {r['name']}  {acc}{why}{warn}")
     return 0
 
 

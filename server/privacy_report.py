@@ -185,6 +185,7 @@ class PrivacyReport(_Model):
     run_id: int
     run_name: str
     status: str
+    error: str | None = None  # why a failed run failed
     config_hash: str
     #: The key each node's ledger files this run's releases under (`fedguard client budget`, signed ledger
     #: exports): how a reviewer matches a node's own accounting to this report. None for older runs.
@@ -244,6 +245,7 @@ def build_privacy_report(store_path: str | Path, run_id: int) -> PrivacyReport:
         run_id=run_id,
         run_name=run["name"],
         status=run["status"],
+        error=health.failure or None,
         config_hash=run["config_hash"],
         ledger_run_key=health.ledger_run_key,
         seed=cfg.seed,
@@ -358,7 +360,8 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
         (
             "ul",
             [
-                f"Status: {rep.status}{warned}; {rep.rounds_planned} rounds planned",
+                f"Status: {rep.status}{f' ({rep.error})' if rep.error else ''}{warned}; "
+                f"{rep.rounds_planned} rounds planned",
                 *(
                     [
                         f"Resumes run {rep.resumed_from}: the rounds before the interruption, and every "

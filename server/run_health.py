@@ -138,6 +138,13 @@ class RunHealth:
     final_findings: list[Finding]
     warnings: list[str]
     dp_enabled: bool = True
+    #: Why a failed run failed, as the ServerApp recorded it (None when it did not fail, or said nothing).
+    error: str | None = None
+
+    @property
+    def failure(self) -> str:
+        """The failure's first line (what went wrong; the fix follows on the next lines), or ''."""
+        return self.error.splitlines()[0] if self.error else ""
 
     def node(self, node_id: int) -> NodeHealth | None:
         return next((n for n in self.nodes if n.node_id == node_id), None)
@@ -234,6 +241,7 @@ def run_health(store_path: str | Path, run_id: int) -> RunHealth:
         final_findings=found,
         warnings=warnings,
         dp_enabled=dp_enabled,
+        error=run.get("error") or None,
     )
 
 

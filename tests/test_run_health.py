@@ -579,3 +579,22 @@ def test_nodes_sort_in_natural_order_everywhere(tmp_path: Path) -> None:
     assert [c.name for c in build_privacy_report(path, run).clients] == ["node-1", "node-2", "node-10"]
     line = _round_line(1, 1, [Outcome(n, "refused", "x") for n in names], False, 1.0, lambda n: names[n])
     assert [ln.split()[0] for ln in line.splitlines()[1:]] == ["node-1", "node-2", "node-10"]
+
+
+def test_a_failed_run_says_why_wherever_it_is_listed(tmp_path: Path) -> None:
+    """A run that failed (every node out of budget at round 3) showed only "failed" in `fedguard runs`, the run's
+    summary and its privacy report; now each gives the ServerApp's reason, and the summary its fix."""
+    from server.privacy_report import build_privacy_report, render
+
+    path, run = _store_run(tmp_path)
+    error = "round 3: fewer than 1 accepted update(s) in 2 attempt(s)\nFix: start more nodes"
+    with RunStore(path) as store:
+        store.finish_run(run, "failed", error)
+    why = "round 3: fewer than 1 accepted update(s) in 2 attempt(s)"
+    listed = _fedguard(["runs", "--store", str(path)], tmp_path).stdout
+    assert f"{run}  failed     test  not evaluated  ({why})" in listed
+    shown = _fedguard(["runs", str(run), "--store", str(path)], tmp_path).stdout
+    assert f"run {run} failed: {why}\n  Fix: start more nodes" in shown
+    assert json.loads(_fedguard(["runs", str(run), "--store", str(path), "--json"], tmp_path).stdout)["error"] == error
+    report = render(build_privacy_report(path, run), "md")
+    assert "- Status: failed (round 3: fewer than 1 accepted update(s) in 2 attempt(s)); " in report
