@@ -6,6 +6,7 @@ and is deterministic given its seed, so a simulated federation can be rerun exac
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -19,9 +20,7 @@ from common.schema import DataSchema
 
 def _check_parts(n: int, num_parts: int) -> None:
     if num_parts < 1:
-        raise ConfigError(
-            f"number of partitions must be at least 1, got {num_parts}", fix="set num_parts >= 1"
-        )
+        raise ConfigError(f"number of partitions must be at least 1, got {num_parts}", fix="set num_parts >= 1")
     if num_parts > n:
         raise ConfigError(
             f"cannot split {n} rows into {num_parts} partitions (more partitions than rows)",
@@ -55,9 +54,7 @@ def dirichlet(
     n = len(keys)
     _check_parts(n, num_parts)
     if alpha <= 0:
-        raise ConfigError(
-            f"Dirichlet alpha must be > 0, got {alpha}", fix="use e.g. 0.5 (smaller = more skew)"
-        )
+        raise ConfigError(f"Dirichlet alpha must be > 0, got {alpha}", fix="use e.g. 0.5 (smaller = more skew)")
     if min_size < 0 or min_size * num_parts > n:
         raise ConfigError(
             f"cannot give each of {num_parts} partitions at least {min_size} of {n} rows",
@@ -100,9 +97,7 @@ def describe_parts(parts: Sequence[pd.DataFrame], label: str, classes: Sequence[
     return lines
 
 
-def by_column(
-    values: Sequence[Any] | np.ndarray | pd.Series, num_parts: int | None = None
-) -> list[np.ndarray]:
+def by_column(values: Sequence[Any] | np.ndarray | pd.Series, num_parts: int | None = None) -> list[np.ndarray]:
     """Natural split: one part per distinct value (sorted as strings; missing is the value "missing").
 
     With ``num_parts`` below the number of distinct values, the sorted values are dealt round-robin.
@@ -112,13 +107,10 @@ def by_column(
     if num_parts is None:
         num_parts = len(distinct)
     if num_parts < 1:
-        raise ConfigError(
-            f"number of partitions must be at least 1, got {num_parts}", fix="set num_parts >= 1"
-        )
+        raise ConfigError(f"number of partitions must be at least 1, got {num_parts}", fix="set num_parts >= 1")
     if len(distinct) < num_parts:
         raise ConfigError(
-            f"the column has {len(distinct)} distinct value(s), fewer than the {num_parts} partitions "
-            "asked for",
+            f"the column has {len(distinct)} distinct value(s), fewer than the {num_parts} partitions asked for",
             fix="use at most that many partitions, or another partitioning",
         )
     part_of = codes % num_parts
@@ -139,9 +131,7 @@ def partition_frame(
     ``dirichlet`` skews the schema's label column; ``column`` splits by ``column`` (e.g. a site id).
     """
     if num_parts < 1:
-        raise ConfigError(
-            f"number of partitions must be at least 1, got {num_parts}", fix="set num_parts >= 1"
-        )
+        raise ConfigError(f"number of partitions must be at least 1, got {num_parts}", fix="set num_parts >= 1")
     if num_parts > len(df):
         raise ConfigError(
             f"cannot split {len(df)} rows into {num_parts} partitions (more partitions than rows)",
@@ -151,9 +141,7 @@ def partition_frame(
         parts = iid(len(df), num_parts, seed)
     elif kind == "dirichlet":
         if alpha <= 0:
-            raise ConfigError(
-                f"Dirichlet alpha must be > 0, got {alpha}", fix="use e.g. 0.5 (smaller = more skew)"
-            )
+            raise ConfigError(f"Dirichlet alpha must be > 0, got {alpha}", fix="use e.g. 0.5 (smaller = more skew)")
         if schema.label not in df.columns:
             raise ConfigError(
                 f"label column {schema.label!r} is not in the data",
@@ -164,10 +152,14 @@ def partition_frame(
         if not column:
             raise ConfigError("partitioning by column needs a column name", fix="set the partition column")
         if column not in df.columns:
-            have = ", ".join(map(str, df.columns))
+            have = [str(c) for c in df.columns]
+            close = [c for c in have if c.lower() == column.lower()] or difflib.get_close_matches(column, have, n=1)
             raise ConfigError(
-                f"partition column {column!r} is not in the data (columns: {have})",
-                fix="use one of the data's columns",
+                f"partition column {column!r} is not in the data (columns: {', '.join(have)})",
+                where="simulation.column",
+                fix=f"did you mean {close[0]!r}? (names are case-sensitive)"
+                if close
+                else "use one of the data's columns",
             )
         parts = by_column(df[column], num_parts)
     else:

@@ -155,6 +155,10 @@ def test_partition_frame_errors() -> None:
         partition_frame(df, SCHEMA, "dirichlet", 2, seed=0, alpha=0)
     with pytest.raises(ConfigError, match="'hospital' is not in the data"):
         partition_frame(df, SCHEMA, "column", 2, seed=0, column="hospital")
+    with pytest.raises(ConfigError) as exc:  # a name that differs in case only: the fix names the column
+        partition_frame(df, SCHEMA, "column", 2, seed=0, column=str(df.columns[0]).upper())
+    assert exc.value.fix == f"did you mean {str(df.columns[0])!r}? (names are case-sensitive)"
+    assert exc.value.where == "simulation.column"
     with pytest.raises(ConfigError, match="needs a column"):
         partition_frame(df, SCHEMA, "column", 2, seed=0)
     with pytest.raises(ConfigError, match="label column 'label'"):
