@@ -688,7 +688,7 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(
-            "invalid run configuration:\n" + format_validation_error(exc, source),
+            "invalid run configuration:\n" + format_validation_error(exc, source, RunConfig),
             fix="correct the fields above; see 'Run configuration' in docs/configuration.md",
         ) from None
 

@@ -7,6 +7,7 @@ node's private rows would leak them.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -126,14 +127,29 @@ class DataSchema(BaseModel):
         return list(dict.fromkeys(cols))
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem: ``source: field.path: reason``."""
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: ``source: field.path: reason``; an unknown key of ``model`` (or of a table
+    inside it) gets the field it most resembles (``[server.optimiser]``: did you mean 'optimizer'?)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and model is not None:
+            close = difflib.get_close_matches(str(err["loc"][-1]), _field_names(model, err["loc"][:-1]), n=1)
+            msg += f" (did you mean {close[0]!r}?)" if close else ""
         lines.append(f"{source}: {loc}: {msg}")
     return "\n".join(lines)
+
+
+def _field_names(model: type[BaseModel], path: tuple[int | str, ...]) -> list[str]:
+    """The keys a config table accepts at ``path`` inside ``model`` (aliases included); [] where unknown."""
+    for part in path:
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        nested = field.annotation if field is not None else None
+        if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+            return []
+        model = nested
+    return [f.alias or n for n, f in model.model_fields.items()]
 
 
 def load_schema(path: str | Path) -> DataSchema:
@@ -149,6 +165,6 @@ def load_schema(path: str | Path) -> DataSchema:
         return DataSchema.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(
-            "invalid data schema:\n" + format_validation_error(exc, str(p)),
+            "invalid data schema:\n" + format_validation_error(exc, str(p), DataSchema),
             fix="see 'Data schema' in docs/configuration.md",
         ) from None

@@ -47,6 +47,14 @@ def test_good_config_loads_and_resolves_relative_paths(tmp_path: Path) -> None:
         ("rounds = 2", "rounds = 0", "rounds: Input should be greater than or equal to 1"),
         ("target_epsilon = 3.0", "target_epsilon = -1", "dp.target_epsilon: Input should be greater than 0"),
         ("[dp]", "[dp]\nnoise = 1", "dp.noise: Extra inputs are not permitted"),
+        # a misspelt table or key gets the one it most resembles, at any depth (aliases included)
+        ("[dp]", "[dpp]", "dpp: Extra inputs are not permitted (did you mean 'dp'?)"),
+        (
+            "[dp]",
+            "[server.optimiser]\nname = 'fedadam'\n[dp]",
+            "server.optimiser: Extra inputs are not permitted (did you mean 'optimizer'?)",
+        ),
+        ('label = "y"', 'lable = "y"', "data.schema.lable: Extra inputs are not permitted (did you mean 'label'?)"),
         ('task = "tabular"', 'task = "image"', "data.schema.task: Input should be 'text' or 'tabular'"),
         ('classes = ["0", "1"]', 'classes = ["0"]', "data.schema.classes: List should have at least 2 items"),
         ('type = "numeric"', 'type = "categorical"', "needs a 'categories' list"),

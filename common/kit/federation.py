@@ -128,7 +128,7 @@ def parse_federation(raw: dict[str, Any], source: str = "federation file", base_
         fed = Federation.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(
-            "invalid federation file:\n" + format_validation_error(exc, source),
+            "invalid federation file:\n" + format_validation_error(exc, source, Federation),
             fix="correct the fields above; see deploy/PROVISIONING.md for an example",
         ) from None
     keys: dict[str, str] = {}
