@@ -8,7 +8,6 @@ row; pandas' own exception text is never passed through as the message.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, closest_name
 from common.schema import DataSchema, Feature
 from common.tokenizer import encode_texts
 
@@ -172,21 +171,16 @@ def check_columns(df: pd.DataFrame, schema: DataSchema, source: str) -> None:
     missing = [c for c in schema.required_columns() if c not in have]
     if not missing:
         return
-    hints = []
-    for col in missing:
-        close = difflib.get_close_matches(col, available, n=1, cutoff=0.6)
-        close = close or [a for a in available if a.lower() == col.lower()]
-        if close:
-            hints.append(f"{col!r} -> {close[0]!r}?")
-    fix = "rename the columns in the file or correct the names in the data schema (names are case-sensitive)"
-    if hints:
-        fix += "; did you mean " + ", ".join(hints)
     separator = next((sep for sep in (";", "\t", "|") if len(available) == 1 and sep in available[0]), None)
     if separator is not None:  # one column whose name holds the others: not a comma-separated file
         fix = (
             f"the file looks {separator!r}-separated (its one column name holds {separator!r}); FedGuard reads "
             "comma-separated CSV: save the file with ',' between fields (and '.' as the decimal mark), or as Parquet"
         )
+    else:
+        fix = "rename the columns in the file or correct the names in the data schema (names are case-sensitive)"
+        hints = [f"{col!r} -> {close!r}?" for col in missing if (close := closest_name(col, available))]
+        fix += "; did you mean " + ", ".join(hints) if hints else ""
     shown = ", ".join(repr(a) for a in available[:30]) + (" ..." if len(available) > 30 else "")
     wanted = ", ".join(repr(c) for c in missing)
     raise DataError(

@@ -5,6 +5,9 @@ The CLI prints these without a stack trace; anything else is a bug.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class FedGuardError(Exception):
     """A problem the user can fix. ``where`` names the file/field/row, ``fix`` the remedy."""
@@ -52,3 +55,12 @@ class StoreError(FedGuardError):
     """The run store cannot be opened or does not hold what was asked for."""
 
     code = "store-error"
+
+
+def closest_name(name: str, names: Iterable[str]) -> str | None:
+    """The name in ``names`` that a mistyped ``name`` most likely meant, for a "did you mean" (the same
+    letters in another case first, then the closest spelling), or None."""
+    candidates = list(names)
+    same = [n for n in candidates if n.lower() == name.lower()]
+    close = same or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None

@@ -6,7 +6,6 @@ and is deterministic given its seed, so a simulated federation can be rerun exac
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from common.data import group_keys
-from common.errors import ConfigError
+from common.errors import ConfigError, closest_name
 from common.schema import DataSchema
 
 
@@ -153,13 +152,11 @@ def partition_frame(
             raise ConfigError("partitioning by column needs a column name", fix="set the partition column")
         if column not in df.columns:
             have = [str(c) for c in df.columns]
-            close = [c for c in have if c.lower() == column.lower()] or difflib.get_close_matches(column, have, n=1)
+            close = closest_name(column, have)
             raise ConfigError(
                 f"partition column {column!r} is not in the data (columns: {', '.join(have)})",
                 where="simulation.column",
-                fix=f"did you mean {close[0]!r}? (names are case-sensitive)"
-                if close
-                else "use one of the data's columns",
+                fix=f"did you mean {close!r}? (names are case-sensitive)" if close else "use one of the data's columns",
             )
         parts = by_column(df[column], num_parts)
     else:

@@ -7,14 +7,13 @@ node's private rows would leak them.
 
 from __future__ import annotations
 
-import difflib
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.errors import ConfigError
+from common.errors import ConfigError, closest_name
 
 
 class Feature(BaseModel):
@@ -135,8 +134,8 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden" and model is not None:
-            close = difflib.get_close_matches(str(err["loc"][-1]), _field_names(model, err["loc"][:-1]), n=1)
-            msg += f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest_name(str(err["loc"][-1]), _field_names(model, err["loc"][:-1]))
+            msg += f" (did you mean {close!r}?)" if close else ""
         lines.append(f"{source}: {loc}: {msg}")
     return "\n".join(lines)
 
