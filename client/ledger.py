@@ -139,6 +139,20 @@ def _marker_name(dataset_id: str) -> str:
     return hashlib.sha256(dataset_id.encode()).hexdigest()[:32] + ".json"
 
 
+def marked_ledgers(marker_dir: Path) -> dict[Path, set[str]]:
+    """The ledgers a node's markers guard, each with the datasets counted there (a marker records both):
+    how a node whose ``ledger-path`` lies elsewhere (a host's shared ledger) finds it. Unreadable markers
+    are skipped here; ``check_continuity`` refuses them when the node next spends."""
+    named: dict[Path, set[str]] = {}
+    for marker in sorted(marker_dir.glob("*.json")) if marker_dir.is_dir() else []:
+        try:
+            body = json.loads(marker.read_text(encoding="utf-8"))
+            named.setdefault(Path(body["ledger"]), set()).add(str(body["dataset_id"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return named
+
+
 class Ledger:
     """Open (or create) the ledger at ``path``; ``marker_dir`` keeps the per-dataset high-water marks."""
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from common.config import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON, RunConfig
 from common.errors import ConfigError
+from common.partition import simulated_node_name
 from common.policy import NodePolicy, load_policy
 from common.progress import PlainFormatter
 from common.schema import DataSchema, load_schema
@@ -94,11 +95,11 @@ def node_settings(node_config: dict[str, Any], cfg: RunConfig, sim_data_dir: str
             schema = own
     elif "partition-id" in node_config and sim_data_dir:
         pid = int(node_config["partition-id"])
-        node_config = {"node-name": f"node-{pid}", **node_config}  # the name the plan and the round lines use
+        node_config = {"node-name": simulated_node_name(pid), **node_config}  # as the plan and round lines say
         data_path = Path(sim_data_dir) / f"partition-{pid}.parquet"
         if pid == cfg.simulation.num_clients and cfg.data.evaluation_path:  # the extra simulated node
             role, data_path = "evaluator", Path(cfg.data.evaluation_path)
-        workdir = Path(sim_data_dir) / f"node-{pid}"
+        workdir = Path(sim_data_dir) / simulated_node_name(pid)
         if role == "client":  # partition files are Parquet; the evaluator's file keeps the schema's format
             schema = schema.model_copy(update={"format": "parquet"})
         # Simulated owners: one host, one ledger; budgets from the run's simulation section.

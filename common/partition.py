@@ -84,6 +84,11 @@ def label_shares(labels: Sequence[Any] | np.ndarray | pd.Series, classes: Sequen
     return {c: float(np.count_nonzero(keys == c)) / total for c in classes}
 
 
+def simulated_node_name(partition: int) -> str:
+    """The simulated node holding partition ``partition``: its name in round lines and its work folder's."""
+    return f"node-{partition}"
+
+
 def describe_parts(parts: Sequence[pd.DataFrame], label: str, classes: Sequence[str]) -> list[str]:
     """One line per simulated node: its name, rows and label shares (what that node will train on)."""
     lines = []
@@ -92,7 +97,7 @@ def describe_parts(parts: Sequence[pd.DataFrame], label: str, classes: Sequence[
         shown = ", ".join(f"{c} {share:.0%}" for c, share in shares.items())
         present = sum(share > 0 for share in shares.values())
         note = " (one class only)" if present == 1 else ""
-        lines.append(f"  node-{i}: {len(part)} rows; labels {shown}{note}")
+        lines.append(f"  {simulated_node_name(i)}: {len(part)} rows; labels {shown}{note}")
     return lines
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from common.errors import FedGuardError
 from fedguard.control_cli import add_commands as add_control_commands
@@ -317,63 +317,63 @@ def cmd_run_resume(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger_paths(args: argparse.Namespace) -> tuple[Path, Path, set[str] | None]:
-    """A node's ledger, its marker folder and, for a ledger it shares, the datasets that are its own (else None).
+class _NodeLedger(NamedTuple):
+    path: Path
+    markers: Path
+    #: For a ledger the node shares with others on its host: the datasets that are its own; else None (all).
+    own_datasets: set[str] | None
 
-    ``--ledger``, else ``<workdir>/ledger.db``, else the one ledger the node's own markers name: a node started
-    with a ``ledger-path`` elsewhere (simulated nodes share their host's ``partitions/ledger.db``) keeps its
-    markers in its work directory, and each marker records the ledger it guards and the dataset it counts.
-    """
+
+def _ledger_paths(args: argparse.Namespace) -> _NodeLedger:
+    """A node's ledger: ``--ledger``, else ``<workdir>/ledger.db``, else the one ledger the node's own markers
+    name (a node started with a ``ledger-path`` elsewhere: simulated nodes share ``partitions/ledger.db``)."""
+    from client.ledger import marked_ledgers
+
     workdir = Path(args.workdir)
     markers = workdir / "ledger-markers"
     own = workdir / "ledger.db"
     if args.ledger or own.exists():
-        return (Path(args.ledger) if args.ledger else own), markers, None
-    named: dict[Path, set[str]] = {}
-    for marker in sorted(markers.glob("*.json")) if markers.is_dir() else []:
-        try:
-            body = json.loads(marker.read_text(encoding="utf-8"))
-            named.setdefault(Path(body["ledger"]), set()).add(str(body["dataset_id"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # unreadable: the ledger itself refuses it when the node next spends
+        return _NodeLedger(Path(args.ledger) if args.ledger else own, markers, None)
+    named = marked_ledgers(markers)
     if len(named) == 1:
         ledger, datasets = named.popitem()
-        return ledger, markers, datasets
-    return own, markers, None
+        return _NodeLedger(ledger, markers, datasets)
+    return _NodeLedger(own, markers, None)
 
 
-def _open_ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _open_ledger(paths: _NodeLedger):  # type: ignore[no-untyped-def]
+    """The resolved ledger, opened; a clear error where there is none."""
     from client.ledger import Ledger
 
-    ledger, markers, _ = _ledger_paths(args)
-    if not ledger.exists():
+    if not paths.path.exists():
         raise FedGuardError(
             "no privacy ledger here",
-            where=str(ledger),
+            where=str(paths.path),
             fix="pass the node's --workdir (or --ledger PATH); a node creates its ledger on its first DP round",
         )
-    return Ledger(ledger, markers)
+    return Ledger(paths.path, paths.markers)
 
 
 def cmd_client_budget(args: argparse.Namespace) -> int:
     from client.ledger import summary_dict
 
+    paths = _ledger_paths(args)
     if args.json:
-        print(json.dumps([summary_dict(s) for s in _budget_summaries(args)]))
+        print(json.dumps([summary_dict(s) for s in _budget_summaries(paths)]))
         return 0
-    print("\n".join(_budget_table(args)))
+    print("\n".join(_budget_table(paths)))
     return 0
 
 
-def _budget_summaries(args: argparse.Namespace) -> list[DatasetSummary]:
+def _budget_summaries(paths: _NodeLedger) -> list[DatasetSummary]:
     """The node's datasets in its ledger (only its own where the ledger is shared with other nodes)."""
-    only = _ledger_paths(args)[2]
-    with _open_ledger(args) as ledger:
+    only = paths.own_datasets
+    with _open_ledger(paths) as ledger:
         return [s for s in ledger.summaries() if only is None or s.dataset_id in only]
 
 
-def _budget_table(args: argparse.Namespace) -> list[str]:
-    summaries = _budget_summaries(args)
+def _budget_table(paths: _NodeLedger) -> list[str]:
+    summaries = _budget_summaries(paths)
     lines = [f"{'dataset':40s} {'releases':>8} {'pending':>7} {'spent ε':>8} {'budget ε':>8} {'remaining':>9}  δ"]
     for s in summaries:
         budget = f"{s.budget.epsilon:8.3f}" if s.budget else f"{'-':>8}"
@@ -405,8 +405,9 @@ def cmd_client_inspect(args: argparse.Namespace) -> int:
     for line in describe(policy):
         print(f"  {line}")
     print("\nprivacy budget:")
-    if _ledger_paths(args)[0].exists():
-        for line in _budget_table(args):
+    paths = _ledger_paths(args)
+    if paths.path.exists():
+        for line in _budget_table(paths):
             print(f"  {line}")
     else:
         print("  no ledger yet (nothing released)")
@@ -429,9 +430,9 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
             where=str(key),
             fix="pass --key with the node's private key, or create one with `fedguard client init --workdir DIR`",
         )
-    only = _ledger_paths(args)[2]  # a shared ledger: this node signs for its own datasets only
-    with _open_ledger(args) as ledger:
-        doc = ledger.export(key.read_bytes(), only)
+    paths = _ledger_paths(args)
+    with _open_ledger(paths) as ledger:  # a shared ledger: this node signs for its own datasets only
+        doc = ledger.export(key.read_bytes(), paths.own_datasets)
     out = Path(args.out)
     out.write_text(json.dumps(doc, indent=1), encoding="utf-8")
     print(f"signed ledger export written to {out} (key {doc['export']['public_key_fingerprint']})")  # type: ignore[index]
@@ -451,7 +452,7 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_backup(args: argparse.Namespace) -> int:
-    with _open_ledger(args) as ledger:
+    with _open_ledger(_ledger_paths(args)) as ledger:
         dest = ledger.backup(args.out)
     print(f"ledger backed up to {dest}")
     return 0
