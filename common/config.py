@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.errors import ConfigError
 from common.fairness import FairnessConfig
 from common.fairness.config import MitigationConfig
-from common.schema import DataSchema, format_validation_error
+from common.schema import DataSchema, format_validation_error, read_schema_table
 
 #: A node's budget per dataset when its owner sets none: one default run (ε=8) fits, a second does not.
 DEFAULT_BUDGET_EPSILON = 10.0
@@ -693,9 +693,10 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         ) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path, *, schema_files: bool = True) -> RunConfig:
     """Read and validate a run config (TOML, or JSON as ``to_json`` writes it); relative data paths
-    resolve against its folder."""
+    resolve against its folder. ``schema_files=False`` refuses ``[data] schema = "file.toml"``: a config
+    submitted over the control API must not make the server read files of its choosing."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config file not found", where=str(p), fix="pass the path of an existing TOML file")
@@ -713,13 +714,38 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"cannot read the config file: {exc.strerror or exc}", where=str(p)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"a run config is a {kind} table, not a {type(raw).__name__}", where=str(p))
-    cfg = parse_config(raw, str(p))
     base = p.resolve().parent
+    cfg = parse_config(_with_schema_file(raw, base, str(p), schema_files), str(p))
     if cfg.simulation.data_path and not Path(cfg.simulation.data_path).is_absolute():
         cfg.simulation.data_path = str(base / cfg.simulation.data_path)
     if cfg.data.evaluation_path and not Path(cfg.data.evaluation_path).is_absolute():
         cfg.data.evaluation_path = str(base / cfg.data.evaluation_path)
     return cfg
+
+
+def _with_schema_file(raw: dict[str, Any], base: Path, source: str, allowed: bool) -> dict[str, Any]:
+    """``[data] schema = "schema.toml"`` (the file ``fedguard schema draft --out`` writes, a node's
+    ``--schema``): that file's table in place of its name, relative to the config's folder. The config
+    that travels to the server and the nodes holds the table itself, so they never read the file."""
+    data = raw.get("data")
+    if not (isinstance(data, dict) and isinstance(data.get("schema"), str)):
+        return raw
+    named = data["schema"]
+    if not allowed:
+        raise ConfigError(
+            f"data.schema names a file ({named!r}); a submitted config must hold the schema itself",
+            where=source,
+            fix="put the schema's keys under [data.schema] (the server reads no file a submitted config names)",
+        )
+    path = Path(named) if Path(named).is_absolute() else base / named
+    if not path.is_file():
+        raise ConfigError(
+            f"data.schema names the schema file {named!r}, which does not exist ({path})",
+            where=source,
+            fix="give the path of a schema TOML file, relative to this config (`fedguard schema draft --out` "
+            "writes one), or put its keys under [data.schema]",
+        )
+    return {**raw, "data": {**data, "schema": read_schema_table(path)}}
 
 
 def config_from_json(text: str) -> RunConfig:

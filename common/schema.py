@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -151,19 +151,35 @@ def _field_names(model: type[BaseModel], path: tuple[int | str, ...]) -> list[st
     return [f.alias or n for n, f in model.model_fields.items()]
 
 
+def read_schema_table(path: str | Path) -> dict[str, Any]:
+    """A schema TOML file's table, checked as ``load_schema`` checks it: what a run config's
+    ``[data] schema = "file.toml"`` puts in place of the file name (the config the nodes get holds it)."""
+    raw = _schema_toml(Path(path))
+    _validated(raw, str(path))
+    return raw
+
+
 def load_schema(path: str | Path) -> DataSchema:
     """Read a schema TOML file (the same table as ``[data.schema]`` in a run config)."""
-    p = Path(path)
+    return _validated(_schema_toml(Path(path)), str(path))
+
+
+def _schema_toml(p: Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError("schema file not found", where=str(p), fix="pass the path of an existing TOML file")
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"not valid TOML: {exc}", where=str(p)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the schema file: {exc.strerror or exc}", where=str(p)) from None
+
+
+def _validated(raw: dict[str, Any], source: str) -> DataSchema:
     try:
         return DataSchema.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(
-            "invalid data schema:\n" + format_validation_error(exc, str(p), DataSchema),
+            "invalid data schema:\n" + format_validation_error(exc, source, DataSchema),
             fix="see 'Data schema' in docs/configuration.md",
         ) from None

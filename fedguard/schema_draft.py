@@ -125,8 +125,8 @@ def _feature(name: str, series: pd.Series, max_categories: int, notes: list[str]
         return None
     if missing.any():
         notes.append(
-            f"{int(missing.sum())} missing value(s): nodes refuse rows with a missing feature value; "
-            "fill or drop them before training"
+            f"{int(missing.sum())} missing value(s): a node refuses a data file with missing feature values; "
+            "fill or drop those rows before training"
         )
     present = series[~missing]
     nums = _numbers(present)
@@ -294,7 +294,8 @@ def render(draft: Draft) -> str:
         "#   - categories and classes: the values this file holds; remove or merge any that could identify",
         "#     someone, and add values other nodes hold (every node declares the same lists, same order);",
         "#   - classes are in class-index order; with two classes the second is the positive class.",
-        "# Use it as a node's --schema file, or paste the keys below under [data.schema] in a run config.",
+        '# Use it as a node\'s --schema file and in a run config ([data] schema = "<this file>", relative to',
+        "# the config; or paste the keys below under [data.schema]).",
         "",
         f"task = {_toml(s.task)}",
     ]

@@ -85,6 +85,28 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_schema(bad_schema)
 
 
+SCHEMA_TABLE = GOOD[GOOD.index("[data.schema]") + len("[data.schema]\n") : GOOD.index("[simulation]")]
+BY_FILE = GOOD.replace("[data.schema]\n" + SCHEMA_TABLE, '[data]\nschema = "schemas/draft.toml"\n')
+
+
+def test_the_schema_may_be_a_file_next_to_the_config(tmp_path: Path) -> None:
+    """``[data] schema = "draft.toml"`` (what ``fedguard schema draft --out`` wrote, a node's ``--schema``):
+    the config that goes to the server and the nodes holds the table itself."""
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "draft.toml").write_text(SCHEMA_TABLE, encoding="utf-8")
+    cfg = load_config(write(tmp_path, BY_FILE))
+    assert cfg.data.schema_ == load_config(write(tmp_path, GOOD)).data.schema_
+    assert config_from_json(cfg.to_json()).data.schema_.features[0].name == "a"  # no file on the nodes
+    with pytest.raises(ConfigError, match="must hold the schema itself"):  # the control API's configs
+        load_config(write(tmp_path, BY_FILE), schema_files=False)
+    (tmp_path / "schemas" / "draft.toml").write_text(SCHEMA_TABLE.replace("label", "lable"), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"draft.toml: lable: Extra inputs .*did you mean 'label'"):
+        load_config(write(tmp_path, BY_FILE))
+    (tmp_path / "schemas" / "draft.toml").unlink()
+    with pytest.raises(ConfigError, match=r"names the schema file 'schemas/draft.toml', which does not exist"):
+        load_config(write(tmp_path, BY_FILE))
+
+
 @pytest.mark.parametrize(
     ("old", "new", "field"),
     [

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from fastapi.testclient import TestClient
@@ -280,6 +282,14 @@ def test_bad_input_gives_clear_4xx(world: dict[str, Any]) -> None:
     assert r.status_code == 422 and "rounds" in r.json()["detail"]
     r = client.post("/api/runs", json={"config_toml": demo_toml(world["tmp"]), "signature": "garbage"}, headers=op)
     assert r.status_code == 422 and "signature" in r.json()["detail"].lower()
+    # a submitted config never makes the server read a file it names as its schema (a real schema file here)
+    schema_file = world["tmp"] / "server-side-schema.toml"
+    schema_file.write_text('task = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\nfeatures = [{name = "a"}]\n')
+    raw = tomllib.loads(demo_toml(world["tmp"]))
+    by_name = tomli_w.dumps({**raw, "data": {**raw["data"], "schema": str(schema_file)}})
+    for path in ("/api/runs/plan", "/api/runs"):
+        r = client.post(path, json={"config_toml": by_name}, headers=op)
+        assert r.status_code == 422 and "must hold the schema itself" in r.json()["detail"], (path, r.text[:300])
     assert client.post("/api/runs/1/stop", headers=op).status_code == 409  # finished
     r = client.post("/api/users", json={"name": "the-admin", "role": "admin"}, headers=bearer(world["tokens"]["admin"]))
     assert r.status_code == 409

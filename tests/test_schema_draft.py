@@ -67,6 +67,12 @@ def test_draft_loads_as_node_schema_and_in_a_run_config(tmp_path: Path) -> None:
     )
     cfg = load_config(run)
     assert cfg.data.schema_ == schema
+    assert '[data] schema = "<this file>"' in text  # or by name, as the header says
+    run.write_text(
+        'name = "drafted"\nrounds = 1\n[simulation]\ndata_path = "clinic.csv"\n[data]\nschema = "schema.toml"\n',
+        encoding="utf-8",
+    )
+    assert load_config(run).data.schema_ == schema
     with pytest.raises(ConfigError, match="already exists"):
         cli(["schema", "draft", "--data", str(data), "--label", "y", "--out", str(out)])
     assert cli(["schema", "draft", "--data", str(data), "--label", "y", "--out", str(out), "--force"]) == 0
@@ -113,7 +119,11 @@ def test_notes_for_values_nodes_would_refuse(tmp_path: Path) -> None:
     path = tmp_path / "gaps.csv"
     df.to_csv(path, index=False)
     draft = draft_schema(path, "y", exclude=["group"])
-    assert "2 missing value(s)" in draft.notes["b"][0]
+    assert "2 missing value(s): a node refuses a data file with missing feature values" in draft.notes["b"][0]
+    labelled = tmp_path / "labelled.csv"
+    df.dropna(subset=["y"]).to_csv(labelled, index=False)
+    with pytest.raises(DataError, match="'b' has 2 missing"):  # as the note says: the file, not the rows
+        load_encoded(labelled, draft.schema)
     assert "1 row(s) without a label" in draft.notes["y"][0]
     assert "one value only" in draft.notes["const"][0]
     assert "group" not in {f.name for f in draft.schema.features}

@@ -214,7 +214,7 @@ class ControlService:
         path = folder / f"run-{uuid.uuid4().hex[:12]}.toml"
         path.write_text(config_toml, encoding="utf-8")
         try:
-            return load_config(path), path
+            return load_config(path, schema_files=False), path
         except FedGuardError as exc:
             path.unlink(missing_ok=True)
             raise Invalid(exc.render().replace(str(path), "config_toml")) from None
