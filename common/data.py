@@ -342,6 +342,40 @@ def _rows_text(mask: np.ndarray) -> tuple[int, str]:
     return int(rows[0]), f"{'row' if len(rows) == 1 else 'rows'} {shown}{more}"
 
 
+_NUMBER = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+#: Text that holds numbers or dates a node cannot read as numbers: (shape, what it is, what to do).
+_TEXT_SHAPES = (
+    (  # reached only when some value is not a plain number: here, one with separators
+        re.compile(_NUMBER),
+        "numbers written with ',' thousands separators ('1,234.5')",
+        "write them without separators (1234.5) to use them as a numeric feature",
+    ),
+    (re.compile(_NUMBER + r"\s?%"), "percentages ('12%')", "write them as plain numbers, without '%'"),
+    (
+        re.compile(r"[$€£¥]\s?" + _NUMBER + "|" + _NUMBER + r"\s?[$€£¥]"),
+        "amounts with a currency sign ('$1,234')",
+        "write them as plain numbers, without the sign or separators",
+    ),
+    (
+        re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2})?)?|\d{1,2}[/.]\d{1,2}[/.]\d{2,4}"),
+        "dates ('2024-01-31', '31/01/2024')",
+        "derive numbers from them before training (a year, a month, days since a public reference date)",
+    ),
+)
+
+
+def text_shape(present: pd.Series) -> str | None:
+    """What a text column holds when every value has one shape of number or date (``_TEXT_SHAPES``), and the
+    fix; None otherwise. For the node's error on a numeric feature and for ``fedguard schema draft``."""
+    values = [v.strip() for v in present if isinstance(v, str)]
+    if not values or len(values) < len(present):
+        return None
+    for pattern, what, fix in _TEXT_SHAPES:
+        if all(pattern.fullmatch(v) for v in values):
+            return f"its values are {what}, which a node reads as text: {fix}"  # no value of the file in the note
+    return None
+
+
 def _check_missing(series: pd.Series, values: np.ndarray, col: str, role: str, source: str) -> None:
     if pd.api.types.is_numeric_dtype(series.dtype):  # fast path: no empty strings possible
         mask = series.isna().to_numpy(dtype=bool)
@@ -378,7 +412,8 @@ def _encode_numeric(series: pd.Series, feat: Feature, source: str) -> np.ndarray
         raise DataError(
             f"numeric feature {col!r} has a non-numeric or infinite value {values[first - 1]!r} at {rows}",
             where=f"{source}:{col}:row {first}",
-            fix=f'correct those values, or declare {col!r} with type = "categorical" and its categories',
+            fix=text_shape(series.dropna())
+            or f'correct those values, or declare {col!r} with type = "categorical" and its categories',
         )
     if feat.range is not None:
         lo, hi = feat.range

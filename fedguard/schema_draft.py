@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from common.data import check_columns, group_keys, read_table
+from common.data import check_columns, group_keys, read_table, text_shape
 from common.errors import ConfigError, DataError
 from common.schema import DataSchema, Feature, format_validation_error
 
@@ -148,6 +148,11 @@ def _feature(name: str, series: pd.Series, max_categories: int, notes: list[str]
             return Feature(name=name, type="numeric", range=(lo, hi))
         return Feature(name=name, type="numeric")
     categories = _sorted_values(group_keys(present).tolist())
+    if (shape := text_shape(present)) is not None:
+        if len(categories) > max_categories:
+            notes.append(f"left out: {shape}")
+            return None
+        notes.append(f"drafted as categories, losing their order: {shape}")
     if len(categories) > max_categories:
         notes.append(
             f"left out: {len(categories)} distinct text values (an identifier or free text?); "

@@ -7,12 +7,13 @@ import json
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.config import load_config
 from common.data import load_encoded
 from common.errors import ConfigError, DataError
-from common.schema import load_schema
+from common.schema import DataSchema, load_schema
 from fedguard.schema_draft import add_parser, draft_schema, outward_range, render
 from tests.helpers import make_tabular
 
@@ -183,3 +184,30 @@ def test_identifier_like_columns_are_left_out_with_a_note(tmp_path: Path) -> Non
     assert "its name ('PatientID') marks an identifier" in draft.notes["PatientID"][0]
     text = render(draft)
     assert "# record: left out: looks like a record identifier" in text and "add it by hand" in text.lower()
+
+
+def test_numbers_and_dates_written_as_text_get_a_specific_fix(tmp_path: Path) -> None:
+    """Spreadsheet exports write 1,549.34, 62%, $12 and dates: a node reads them as text, so the draft
+    says what they are and what to do (never quoting the file's values), and so does the node's error."""
+    df = make_tabular(80)
+    rng = np.random.default_rng(0)
+    df["amount"] = [f"{v:,.2f}" for v in rng.uniform(500, 5_000, len(df))]
+    df["share"] = [f"{v}%" for v in rng.integers(0, 100, len(df))]
+    df["fee"] = [f"${v}" for v in rng.integers(0, 5, len(df))]  # few values: drafted as categories
+    df["visit"] = [str(np.datetime64("2024-01-01") + d) for d in rng.permutation(len(df))]
+    df["word"] = [f"w{i}" for i in range(len(df))]  # plain free text: the general note
+    path = tmp_path / "export.csv"
+    df.to_csv(path, index=False)
+    draft = draft_schema(path, "y", exclude=["group"])
+    names = {f.name for f in draft.schema.features}
+    assert "thousands separators" in draft.notes["amount"][0] and "amount" not in names
+    assert "percentages" in draft.notes["share"][0] and "share" not in names
+    assert "dates" in draft.notes["visit"][0] and "derive numbers" in draft.notes["visit"][0] and "visit" not in names
+    assert "currency sign" in draft.notes["fee"][0] and "losing their order" in draft.notes["fee"][0]
+    assert "fee" in names
+    assert "distinct text values" in draft.notes["word"][0] and "dates" not in draft.notes["word"][0]
+    assert df["amount"][0] not in render(draft) and df["visit"][0] not in render(draft)
+    schema = DataSchema(task="tabular", label="y", classes=["0", "1"], features=[{"name": "amount"}])
+    with pytest.raises(DataError) as err:
+        load_encoded(path, schema)
+    assert "write them without separators" in (err.value.fix or "")
