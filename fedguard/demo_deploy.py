@@ -131,6 +131,7 @@ def deployed_demo(
                     "data-path": str(data),
                     "workdir": str(deploy_dir / name),
                     "dataset-id": f"demo-{name}",
+                    "budget-epsilon": run_cfg.simulation.budget_for(0),  # the demo's owners (fedguard.demo)
                     "role": "evaluator" if name == "evaluator" else "client",
                     "run-signing-pub-path": str(kit.run_signing_public_key),
                     "policy-path": "default" if name == "evaluator" else str(policy),

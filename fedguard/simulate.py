@@ -94,6 +94,7 @@ def simulate(
     starting a local one (see ``deploy/ray/README.md``).
     """
     workdir = workdir.resolve()
+    check_budgets(cfg, progress)
     run_cfg = cfg if resume is not None else prepare_partitions(cfg, workdir, progress)
     if resume is None and (spent := earlier_spending(cfg, workdir / "partitions")):
         progress(f"WARNING: {spent}")
@@ -106,6 +107,33 @@ def simulate(
     if not results:
         raise RuntimeError("the simulation ended without a result; see the log above")
     return results[0]
+
+
+def check_budgets(cfg: RunConfig, progress: Progress) -> None:
+    """Refuse, before anything is spent, a run whose target ε no simulated owner's budget covers; warn for some.
+
+    A node refuses every round its budget cannot cover (client.privacy), so with ``target_epsilon = 20``
+    and the default budget of 10 the nodes train until 10 is spent and the run fails there.
+    """
+    if not cfg.dp.enabled:
+        return
+    sim, target = cfg.simulation, cfg.dp.target_epsilon
+    short = [i for i in range(sim.num_clients) if sim.budget_for(i) < target]
+    if not short:
+        return
+    budgets = sorted({sim.budget_for(i) for i in short})
+    what = (
+        f"the run's target ε = {target:g} exceeds the simulated owners' budget ε = "
+        f"{' / '.join(f'{b:g}' for b in budgets)} ([simulation] budget_epsilon)"
+    )
+    fix = f"set [simulation] budget_epsilon to at least {target:g}, or lower [dp] target_epsilon"
+    if len(short) == sim.num_clients:
+        raise ConfigError(
+            f"{what} on every node: each would refuse the rounds its budget cannot cover, and the run would fail",
+            fix=fix,
+        )
+    names = ", ".join(simulated_node_name(i) for i in short)
+    progress(f"WARNING: {what} on {names}: they will refuse the rounds their budgets cannot cover ({fix})")
 
 
 def earlier_spending(cfg: RunConfig, sim_dir: Path) -> str | None:

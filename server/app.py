@@ -196,12 +196,29 @@ def _play_round(fed: Federation, protocol: RoundProtocol, rnd: int, run: RunProg
             fed.progress(f"  round {rnd} discarded, global model unchanged: {result.discarded}")
         if result.updated or result.discarded:
             return result.updated, seconds
-    raise RoundFailed(
-        f"round {rnd}: fewer than {needed} accepted update(s) in {cfg.server.round_retries + 1} attempt(s)",
-        fix="check the node logs for the refusals and rejections above, start more nodes, or lower "
-        "server.min_replies / server.min_fraction; then `fedguard run resume` continues from the "
-        "last complete round",
-    )
+    raise round_failed(rnd, needed, cfg.server.round_retries + 1, outcomes)
+
+
+#: The refusal code of a node whose privacy budget cannot cover a round (``client.ledger.BudgetExceeded``).
+BUDGET_REFUSAL = "budget-exhausted"
+
+
+def round_failed(rnd: int, needed: int, attempts: int, outcomes: list[Outcome]) -> RoundFailed:
+    """Why a round could not be aggregated, with the fix; nodes out of privacy budget get their own."""
+    resume = "then `fedguard run resume` continues from the last complete round"
+    spent = [o for o in outcomes if o.status == "refused" and (o.reason or "").startswith(BUDGET_REFUSAL)]
+    if spent and len(spent) == sum(o.status != "accepted" for o in outcomes):
+        fix = (
+            f"{len(spent)} node(s) refused because their privacy budgets cannot cover this round ({BUDGET_REFUSAL}): "
+            "lower [dp] target_epsilon or the rounds, or the node owners raise their budgets "
+            "(`fedguard client budget` shows what each node has left); " + resume
+        )
+    else:
+        fix = (
+            "check the node logs for the refusals and rejections above, start more nodes, or lower "
+            "server.min_replies / server.min_fraction; " + resume
+        )
+    return RoundFailed(f"round {rnd}: fewer than {needed} accepted update(s) in {attempts} attempt(s)", fix=fix)
 
 
 def _collect(

@@ -42,9 +42,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = {"num_clients": 2, "data_path": str(data), "budget_epsilon": [20.0, 0.5]}
     cfg1 = tabular_config(data, server={"min_replies": 1, "round_timeout": 120, "wait_for_nodes": 60}, simulation=base)
     (tmp / "run1.json").write_text(cfg1.to_json())
-    run1 = json.loads(
-        fedguard("simulate", "--config", "run1.json", "--workdir", str(work), "--json", cwd=tmp).stdout.splitlines()[-1]
-    )
+    first = fedguard("simulate", "--config", "run1.json", "--workdir", str(work), "--json", cwd=tmp)
+    run1 = json.loads(first.stdout.splitlines()[-1])
     plan = json.loads(
         fedguard("run", "plan", "--config", "run1.json", "--workdir", str(work), "--json", cwd=tmp).stdout.splitlines()[
             -1
@@ -58,7 +57,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run2 = json.loads(second.stdout.splitlines()[-1])
     return {
         "tmp": tmp, "work": work, "run1": run1, "run2": run2, "plan": plan, "store": run1["store"],
-        "run2_progress": second.stderr,
+        "run1_progress": first.stderr, "run2_progress": second.stderr,
     }  # fmt: skip
 
 
@@ -73,6 +72,28 @@ def test_a_second_run_in_the_same_work_directory_says_what_the_first_spent(feder
     assert f"already spent part of the simulated owners' budgets (node-0 ε {spent:.2f} of 20);" in (
         federation["run2_progress"]
     )
+
+
+def test_simulate_says_before_training_which_owners_cannot_afford_the_target(federation: dict, tmp_path: Path) -> None:
+    """node-1's budget (0.5) is below the target ε 4: a warning before training; when no owner's budget
+    covers the target the run is refused before anything is written or spent (``fedguard demo --epsilon 20``
+    once failed that way: every node refused round 1)."""
+    from common.errors import ConfigError
+    from fedguard.demo import demo_config
+    from fedguard.simulate import check_budgets, simulate
+
+    progress = federation["run1_progress"]
+    assert "WARNING: the run's target ε = 4 exceeds the simulated owners' budget ε = 0.5" in progress
+    assert "on node-1: they will refuse" in progress
+    assert progress.index("WARNING: the run's") < progress.index("round 1")
+    cfg = tabular_config(tmp_path / "data.csv", simulation__budget_epsilon=3.0)
+    with pytest.raises(ConfigError, match=r"target ε = 4 exceeds .* budget ε = 3 .* on every node") as err:
+        simulate(cfg, tmp_path / "work")
+    assert "budget_epsilon to at least 4" in (err.value.fix or "")
+    assert not (tmp_path / "work").exists()
+    demo = demo_config(tmp_path / "gss.csv", epsilon=20.0)
+    check_budgets(demo, progress=pytest.fail)  # the demo's owners can afford what the demo asks
+    assert demo.simulation.budget_for(0) == 20.0 and demo_config(tmp_path / "gss.csv").simulation.budget_for(0) == 10
 
 
 def test_a_node_out_of_budget_refuses_and_the_run_continues(federation: dict) -> None:

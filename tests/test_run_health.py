@@ -598,3 +598,17 @@ def test_a_failed_run_says_why_wherever_it_is_listed(tmp_path: Path) -> None:
     assert json.loads(_fedguard(["runs", str(run), "--store", str(path), "--json"], tmp_path).stdout)["error"] == error
     report = render(build_privacy_report(path, run), "md")
     assert "- Status: failed (round 3: fewer than 1 accepted update(s) in 2 attempt(s)); " in report
+
+
+def test_a_round_every_node_refused_for_its_budget_says_so_in_its_fix() -> None:
+    """`fedguard demo --epsilon 20` on owners with budgets of 10 failed with "start more nodes"; when every
+    node that did not contribute refused for its budget, the fix is about budgets (reasons as nodes send them)."""
+    from server.app import round_failed
+
+    out = [Outcome(n, "refused", f"budget-exhausted (node log id {n}a)") for n in (1, 2, 3)]
+    err = round_failed(1, 2, 2, out)
+    assert str(err).startswith("round 1: fewer than 2 accepted update(s) in 2 attempt(s)")
+    assert "3 node(s) refused because their privacy budgets cannot cover this round" in (err.fix or "")
+    assert "lower [dp] target_epsilon" in (err.fix or "") and "start more nodes" not in (err.fix or "")
+    mixed = round_failed(1, 2, 2, [*out[:2], Outcome(3, "dropped", "no reply")])  # another cause too
+    assert "start more nodes" in (mixed.fix or "") and "budgets cannot cover" not in (mixed.fix or "")
