@@ -11,9 +11,23 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import ConfigError, closest_name
+
+
+def _numbers_as_text(values: Any) -> Any:
+    """Declared values written as TOML numbers (``classes = [0, 1]``) as the text the data is compared with
+    (1 and 1.0 read "1"); anything else is left for validation to report."""
+    if not isinstance(values, list):
+        return values
+
+    def text(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return v
+        return str(int(v)) if float(v).is_integer() else str(v)
+
+    return [text(v) for v in values]
 
 
 class Feature(BaseModel):
@@ -28,6 +42,8 @@ class Feature(BaseModel):
     #: Public bounds (numeric only): values are clipped to [lo, hi] and scaled to [-1, 1].
     #: Without bounds a data-independent signed log1p transform is used.
     range: tuple[float, float] | None = None
+
+    _categories_as_text = field_validator("categories", mode="before")(_numbers_as_text)
 
     @model_validator(mode="after")
     def _check_kind(self) -> Feature:
@@ -62,6 +78,7 @@ class DataSchema(BaseModel):
     label: str = Field(min_length=1)
     #: Declared label values, in class-index order (compared as strings).
     classes: list[str] = Field(min_length=2)
+    _classes_as_text = field_validator("classes", mode="before")(_numbers_as_text)
     #: Sensitive attribute columns, kept for fairness audits.
     sensitive: list[str] = Field(default_factory=list)
     #: Allow sensitive columns to also be model inputs (off by default).

@@ -94,7 +94,7 @@ def simulate(
     starting a local one (see ``deploy/ray/README.md``).
     """
     workdir = workdir.resolve()
-    check_budgets(cfg, progress)
+    check_simulation(cfg, progress)
     run_cfg = cfg if resume is not None else prepare_partitions(cfg, workdir, progress)
     if resume is None and (spent := earlier_spending(cfg, workdir / "partitions")):
         progress(f"WARNING: {spent}")
@@ -109,15 +109,27 @@ def simulate(
     return results[0]
 
 
-def check_budgets(cfg: RunConfig, progress: Progress) -> None:
-    """Refuse, before anything is spent, a run whose target ε no simulated owner's budget covers; warn for some.
+def check_simulation(cfg: RunConfig, progress: Progress) -> None:
+    """Refuse what a simulation's own settings make impossible before anything is written or spent; warn
+    about what they make partial.
 
-    A node refuses every round its budget cannot cover (client.privacy), so with ``target_epsilon = 20``
-    and the default budget of 10 the nodes train until 10 is spent and the run fails there.
+    - ``clients_per_round`` above ``num_clients``: the server would wait ``wait_for_nodes`` seconds for
+      nodes that never come, then train on fewer.
+    - a target ε no simulated owner's budget covers: a node refuses every round its budget cannot cover
+      (client.privacy), so with ``target_epsilon = 20`` and the default budget of 10 the nodes train until
+      10 is spent and the run fails there. Some owners short: a warning naming them.
     """
+    sim = cfg.simulation
+    if cfg.clients_per_round > sim.num_clients:
+        raise ConfigError(
+            f"clients_per_round = {cfg.clients_per_round} exceeds [simulation] num_clients = {sim.num_clients}: "
+            "a simulation has no other nodes to sample",
+            fix=f"lower clients_per_round to {sim.num_clients} or less (left out, a simulation samples every node), "
+            "or raise num_clients",
+        )
     if not cfg.dp.enabled:
         return
-    sim, target = cfg.simulation, cfg.dp.target_epsilon
+    target = cfg.dp.target_epsilon
     short = [i for i in range(sim.num_clients) if sim.budget_for(i) < target]
     if not short:
         return

@@ -131,6 +131,23 @@ def test_label_and_category_values_normalised() -> None:
     assert enc.groups["g"].tolist() == ["1", "2", "missing", "2"]
 
 
+def test_classes_and_categories_written_as_toml_numbers_are_the_same_values(tmp_path: Path) -> None:
+    """``classes = [0, 1]`` is what a data owner writes for a 0/1 label; it was refused ("Input should be a
+    valid string"). Numbers read as the text the data is compared with; booleans are still refused."""
+    import tomllib
+
+    text = (
+        'task = "tabular"\nlabel = "y"\nclasses = [0, 1]\n'
+        'features = [{name = "k", type = "categorical", categories = [1, 2.0, 2.5]}]\n'
+    )
+    schema = DataSchema.model_validate(tomllib.loads(text))
+    assert schema.classes == ["0", "1"] and schema.features[0].categories == ["1", "2", "2.5"]
+    enc = encode(pd.DataFrame({"k": [2, 1, 2.5], "y": [1, 0, 1]}), schema)
+    assert enc.x[:, 0].tolist() == [1.0, 0.0, 2.0] and enc.y.tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="valid string"):
+        DataSchema(task="tabular", label="y", classes=[True, False])  # type: ignore[list-item]
+
+
 def test_subset() -> None:
     enc = encode(tab_frame(), TAB)
     sub = enc.subset(np.array([3, 1]))

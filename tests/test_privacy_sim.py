@@ -74,13 +74,13 @@ def test_a_second_run_in_the_same_work_directory_says_what_the_first_spent(feder
     )
 
 
-def test_simulate_says_before_training_which_owners_cannot_afford_the_target(federation: dict, tmp_path: Path) -> None:
+def test_simulate_says_before_training_what_its_own_settings_make_impossible(federation: dict, tmp_path: Path) -> None:
     """node-1's budget (0.5) is below the target ε 4: a warning before training; when no owner's budget
     covers the target the run is refused before anything is written or spent (``fedguard demo --epsilon 20``
-    once failed that way: every node refused round 1)."""
+    once failed that way: every node refused round 1); so is sampling more nodes than the simulation has."""
     from common.errors import ConfigError
     from fedguard.demo import demo_config
-    from fedguard.simulate import check_budgets, simulate
+    from fedguard.simulate import check_simulation, simulate
 
     progress = federation["run1_progress"]
     assert "WARNING: the run's target ε = 4 exceeds the simulated owners' budget ε = 0.5" in progress
@@ -91,8 +91,10 @@ def test_simulate_says_before_training_which_owners_cannot_afford_the_target(fed
         simulate(cfg, tmp_path / "work")
     assert "budget_epsilon to at least 4" in (err.value.fix or "")
     assert not (tmp_path / "work").exists()
+    with pytest.raises(ConfigError, match=r"clients_per_round = 3 exceeds \[simulation\] num_clients = 2"):
+        simulate(tabular_config(tmp_path / "data.csv", clients_per_round=3), tmp_path / "work")  # waited 120 s
     demo = demo_config(tmp_path / "gss.csv", epsilon=20.0)
-    check_budgets(demo, progress=pytest.fail)  # the demo's owners can afford what the demo asks
+    check_simulation(demo, progress=pytest.fail)  # the demo's owners can afford what the demo asks
     assert demo.simulation.budget_for(0) == 20.0 and demo_config(tmp_path / "gss.csv").simulation.budget_for(0) == 10
 
 
