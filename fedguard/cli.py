@@ -502,7 +502,14 @@ def cmd_report_cost(args: argparse.Namespace) -> int:
 def _existing_store(path: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise FedGuardError("run store not found", where=str(p), fix="pass --store PATH")
+        nearby = sorted(str(q) for q in Path.cwd().glob("*/runs.db"))
+        fix = (
+            f"pass --store with one of the run stores here: {', '.join(nearby[:5])}"
+            if nearby
+            else "pass --store PATH: `fedguard simulate` writes <workdir>/runs.db (by default <config>-sim/runs.db), "
+            "`fedguard demo` fedguard-demo/runs.db, a deployed server <server workdir>/runs.db"
+        )
+        raise FedGuardError("run store not found", where=str(p), fix=fix)
     return p
 
 

@@ -43,6 +43,20 @@ def test_simulate_with_missing_data_file_fails_before_starting(
     assert code == 2 and "missing.csv" in err and "not found" in err.lower()
 
 
+def test_a_missing_run_store_points_at_the_stores_it_can_see(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedguard runs` after `fedguard simulate --config run.toml` looked for fedguard-demo/runs.db and said only
+    "pass --store PATH"; it names the stores in the folders here, or where each command writes one."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["runs"]) == 2
+    assert "`fedguard simulate` writes <workdir>/runs.db (by default <config>-sim/runs.db)" in capsys.readouterr().err
+    (tmp_path / "run-sim").mkdir()
+    (tmp_path / "run-sim" / "runs.db").touch()
+    assert main(["runs"]) == 2
+    assert f"one of the run stores here: {tmp_path / 'run-sim' / 'runs.db'}" in capsys.readouterr().err
+
+
 def test_models_lists_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
