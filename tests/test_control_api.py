@@ -290,6 +290,12 @@ def test_bad_input_gives_clear_4xx(world: dict[str, Any]) -> None:
     for path in ("/api/runs/plan", "/api/runs"):
         r = client.post(path, json={"config_toml": by_name}, headers=op)
         assert r.status_code == 422 and "must hold the schema itself" in r.json()["detail"], (path, r.text[:300])
+    # nor a run whose ServerApp would read a server file as its held-out set (its errors quote the file's rows)
+    started = len(world["fed"].started)
+    reads = tomli_w.dumps({**raw, "data": {**raw["data"], "evaluation_path": "/etc/passwd"}})
+    r = client.post("/api/runs", json={"config_toml": reads}, headers=op)
+    assert r.status_code == 422 and "names a file on the server host" in r.json()["detail"], r.text[:300]
+    assert len(world["fed"].started) == started
     assert client.post("/api/runs/1/stop", headers=op).status_code == 409  # finished
     r = client.post("/api/users", json={"name": "the-admin", "role": "admin"}, headers=bearer(world["tokens"]["admin"]))
     assert r.status_code == 409

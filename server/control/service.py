@@ -260,6 +260,15 @@ class ControlService:
             raise
         target = f"config {cfg.digest()[:16]} ({cfg.name})"
         signature = (signature or "").strip()
+        if not signature and cfg.data.evaluation_path is not None:
+            path.unlink(missing_ok=True)
+            self.record(p, "run.start", target, "rejected: names a server-side held-out file, unsigned")
+            raise Invalid(
+                "data.evaluation_path names a file on the server host, which the ServerApp would read; the "
+                "control service signs only runs that read no server file",
+                fix="score on the evaluator node (leave data.evaluation_path out), or have an admin sign this "
+                "config with `fedguard run sign` and pass the token",
+            )
         if not signature and self.signing_key is None:
             path.unlink(missing_ok=True)
             self.record(p, "run.start", target, "rejected: unsigned")
