@@ -393,6 +393,9 @@ def run_evaluation(
         report = build_fairness_report(
             ckpt.run_id, cfg.name, [(ckpt.round, audit)], provenance(data, data_path.name), cfg=cfg.fairness
         )
+        if applied is not None or cal is not None:  # the audit scored these decisions, not the model's own
+            how = "the group thresholds" if applied is not None else "the prior calibration"
+            report = report.model_copy(update={"decisions": f"after {how} (see Post-processing)"})
     else:
         reason = schema.no_audit_reason()
     return Evaluation(metrics, report, ckpt, cfg, source, data_path, reason, predictions, applied, fitted, cal)

@@ -278,6 +278,7 @@ def test_the_evaluator_reports_calibrated_decisions_and_releases_the_offsets(
     assert "applying the run's prior calibration" in out.err and "after the prior calibration" in out.out
     doc = json.loads(report.read_text(encoding="utf-8"))
     assert doc["post_processing"]["calibration"]["offsets"] == cal.offsets
+    assert doc["decisions"] == "after the prior calibration (see Post-processing)"  # not "the model's own"
     table = pd.read_csv(preds, dtype={"label": str, "prediction": str})
     calibrated_acc = (table["label"] == table["prediction"]).mean()
     assert calibrated_acc > m["uncalibrated_accuracy"] + 0.1  # the file holds the calibrated decisions

@@ -227,6 +227,8 @@ def test_policy_round_trips_through_fedguard_evaluate(
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "after the group thresholds" in out and "prediction time" in out
+    decisions = json.loads(applied.read_text(encoding="utf-8"))["decisions"]
+    assert decisions == "after the group thresholds (see Post-processing)"
     cfg = load_config(c["config"])
     model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
     load_numpy_state(model, load(c["ckpt"]).state)
