@@ -8,6 +8,7 @@ row; pandas' own exception text is never passed through as the message.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -57,13 +58,38 @@ def _data_format(path: Path, schema: DataSchema) -> str:
     fmt = _EXTENSIONS.get(path.suffix.lower())
     if fmt is None:
         known = ", ".join(sorted(_EXTENSIONS))
+        spreadsheet = path.suffix.lower() in _SPREADSHEETS
         raise DataError(
             f"cannot tell the file format from the extension {path.suffix or '(none)'!r} (known: {known})",
             where=str(path),
-            fix='rename the file with a known extension, or set format = "csv", "parquet" or '
-            '"jsonl" in the data schema',
+            fix="save the sheet as CSV (UTF-8) or Parquet from the spreadsheet program: a workbook is not read"
+            if spreadsheet
+            else 'rename the file with a known extension, or set format = "csv", "parquet" or "jsonl" in the '
+            "data schema",
         )
     return fmt
+
+
+#: Workbook extensions: renaming one to .csv does not make it CSV, so their error says to export instead.
+_SPREADSHEETS = {".xlsx", ".xlsm", ".xls", ".ods", ".numbers"}
+
+
+def _repeated_header_names(path: Path, encoding: str) -> None:
+    """A CSV header that names a column twice: pandas would silently read the second as 'name.1'."""
+    with path.open(encoding=encoding, newline="") as fh:
+        header = next(csv.reader(fh), [])
+    seen: dict[str, list[int]] = {}
+    for i, name in enumerate(header, 1):
+        if name.strip():  # unnamed columns (a spreadsheet's trailing commas) get pandas' own 'Unnamed: i'
+            seen.setdefault(name, []).append(i)
+    repeated = {n: cols for n, cols in seen.items() if len(cols) > 1}
+    if repeated:
+        name, cols = next(iter(repeated.items()))
+        raise DataError(
+            f"the header names column {name!r} {len(cols)} times (columns {', '.join(map(str, cols))})",
+            where=f"{path}:line 1",
+            fix="give every column its own name in the header, then export the file again",
+        )
 
 
 def _reading_encoding(encoding: str) -> str:
@@ -100,6 +126,7 @@ def _read_csv(path: Path, schema: DataSchema) -> pd.DataFrame:
     # Declared-category, label, group and text columns stay strings, so "01" is not read as 1.
     kwargs: dict[str, Any] = {"encoding": enc, "dtype": dict.fromkeys(str_cols, str)}
     try:
+        _repeated_header_names(path, enc)
         if schema.text_column:
             # Text is kept verbatim: a review reading "NA" or "None" is text, not a missing value.
             header = pd.read_csv(path, encoding=enc, nrows=0).columns

@@ -176,6 +176,25 @@ def test_unknown_extension(tmp_path: Path) -> None:
     assert "'.txt'" in err(exc) and "data.txt" in err(exc) and "format" in exc.value.fix
 
 
+def test_a_workbook_is_told_to_be_exported_not_renamed(tmp_path: Path) -> None:
+    path = tmp_path / "clinic.xlsx"
+    path.write_bytes(b"PK\x03\x04 not a csv")
+    with pytest.raises(DataError) as exc:
+        read_table(path, TAB)
+    assert "save the sheet as CSV (UTF-8) or Parquet" in exc.value.fix and "rename" not in exc.value.fix
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    """pandas reads a repeated name as 'age.1', so the second column silently became another feature."""
+    path = tmp_path / "dup.csv"
+    path.write_text("age,income,color,age,y,sex\n1,2,red,3,0,f\n", encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        read_table(path, TAB)
+    assert "the header names column 'age' 2 times (columns 1, 4)" in err(exc) and "dup.csv:line 1" in err(exc)
+    path.write_text('age,income,color,"age ",y,sex,,\n1,2,red,3,0,f,,\n', encoding="utf-8")  # other names
+    assert list(read_table(path, TAB).columns)[:6] == ["age", "income", "color", "age ", "y", "sex"]
+
+
 def test_explicit_format_overrides_extension(tmp_path: Path) -> None:
     path = write(tab_frame(), tmp_path / "data.csv").rename(tmp_path / "data.txt")
     assert len(read_table(path, TAB.model_copy(update={"format": "csv"}))) == 4
