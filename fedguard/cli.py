@@ -756,7 +756,20 @@ def build_parser() -> argparse.ArgumentParser:
                 "--sweep", help="a `fedguard fairness sweep` JSON: adds its options as a Pareto chart and a table"
             )
         rep.set_defaults(func=func)
+    _describe_commands(p)
     return p
+
+
+def _describe_commands(parser: argparse.ArgumentParser) -> None:
+    """``fedguard X --help`` starts with what X does: a command without a description of its own gets the
+    one-line help its parent lists it with (it showed only usage and options)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not sub.description and (text := helps.get(name)):
+                    sub.description = f"{text[:1].upper()}{text[1:]}."
+                _describe_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,3 +228,25 @@ def test_output_cut_short_by_its_reader_ends_quietly() -> None:
     proc.stdout.close()  # before the CLI has printed anything: its first write finds no reader
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "Error" not in err, err
+
+
+def test_every_command_says_what_it_does_in_its_help() -> None:
+    """`fedguard privacy audit --help` showed only usage and options; every command's help now opens with
+    what it does (its own description, or the line its parent lists it with)."""
+    import argparse
+
+    from fedguard.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.ArgumentParser]]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += [(f"{path} {name}", sub), *commands(sub, f"{path} {name}")]
+        return found
+
+    every = commands(build_parser(), "fedguard")
+    assert len(every) > 40 and ("fedguard privacy audit" in dict(every))
+    bare = [name for name, sub in every if not (sub.description or "").strip()]
+    assert not bare, bare
+    assert "Measure an ε lower bound" in dict(every)["fedguard privacy audit"].format_help()
