@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import importlib.metadata
 import io
 import json
@@ -363,16 +362,12 @@ def read_run(store_path: Path, run_id: int) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _only_run_in(workdir: Path) -> Iterator[None]:
+def _only_run_in(workdir: Path) -> contextlib.AbstractContextManager[None]:
     """One run per folder: a second one (a leftover worker of a stopped bench) would delete the first's
-    run store and share its nodes' ledgers."""
-    with Path(str(workdir) + ".lock").open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another run is using {workdir}; stop it or use another --workdir") from None
-        yield
+    run store and share its nodes' ledgers. (The lock sits beside the folder: the bench deletes the folder.)"""
+    from common.files import only_one
+
+    return only_one(Path(str(workdir) + ".lock"), f"another run is using {workdir}", "stop it or use another --workdir")
 
 
 def simulate_fresh(raw: dict[str, Any], workdir: Path, log: Path | None, source: str) -> tuple[Any, Any, float]:

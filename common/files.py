@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from common.errors import FedGuardError
 
 
 def fsync_dir(path: Path) -> None:
@@ -52,3 +56,17 @@ def group_or_world_readable(path: Path) -> str | None:
         return None
     mode = stat.S_IMODE(path.stat().st_mode)
     return f"{mode:04o}" if mode & 0o077 else None
+
+
+@contextlib.contextmanager
+def only_one(lock_path: Path, what: str, fix: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` while the block runs; a second holder gets
+    ``FedGuardError(what, fix=fix)`` at once. An flock: the OS drops it when the process ends, killed too,
+    so a crash never leaves a folder locked."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FedGuardError(what, where=str(lock_path.parent), fix=fix) from None
+        yield

@@ -6,6 +6,7 @@ partition file per virtual node, and each node reads its own by Flower's ``parti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig, small_data_warning
 from common.data import encode, read_table, split_indices
 from common.errors import ConfigError
+from common.files import only_one
 from common.flower_internals import fast_simulation_dispatch
 from common.partition import describe_parts, partition_frame, simulated_node_name
 from common.progress import no_colour_codes
@@ -95,18 +97,29 @@ def simulate(
     """
     workdir = workdir.resolve()
     check_simulation(cfg, progress)
-    run_cfg = cfg if resume is not None else prepare_partitions(cfg, workdir, progress)
-    if resume is None and (spent := earlier_spending(cfg, workdir / "partitions")):
-        progress(f"WARNING: {spent}")
-    if after_partitions is not None:
-        after_partitions(run_cfg, workdir / "partitions")
-    store_path = (store_path or workdir / "runs.db").resolve()
-    results: list[RunResult] = []
-    server_app = make_server_app(run_cfg, store_path, str(workdir / "partitions"), results.append, resume)
-    run_on_simulation(run_cfg, server_app, client_app, ray_address)
+    with work_dir_lock(workdir):
+        run_cfg = cfg if resume is not None else prepare_partitions(cfg, workdir, progress)
+        if resume is None and (spent := earlier_spending(cfg, workdir / "partitions")):
+            progress(f"WARNING: {spent}")
+        if after_partitions is not None:
+            after_partitions(run_cfg, workdir / "partitions")
+        store_path = (store_path or workdir / "runs.db").resolve()
+        results: list[RunResult] = []
+        server_app = make_server_app(run_cfg, store_path, str(workdir / "partitions"), results.append, resume)
+        run_on_simulation(run_cfg, server_app, client_app, ray_address)
     if not results:
         raise RuntimeError("the simulation ended without a result; see the log above")
     return results[0]
+
+
+def work_dir_lock(workdir: Path) -> contextlib.AbstractContextManager[None]:
+    """One simulation (run, resume or plan) per work directory at a time: a second one would rewrite the
+    partition files the first one's nodes are reading."""
+    return only_one(
+        workdir / ".fedguard-simulate.lock",
+        "another fedguard simulate, run plan or run resume is using this work directory",
+        "wait for it to finish, or pass another --workdir",
+    )
 
 
 def check_simulation(cfg: RunConfig, progress: Progress) -> None:
@@ -181,15 +194,16 @@ def earlier_spending(cfg: RunConfig, sim_dir: Path) -> str | None:
 def plan(cfg: RunConfig, workdir: Path, progress: Progress = print) -> list[NodePlan]:
     """Ask the simulated nodes for their privacy plan (nothing is trained or spent)."""
     workdir = workdir.resolve()
-    run_cfg = prepare_partitions(cfg, workdir, progress)
-    plans: list[NodePlan] = []
-    app = ServerApp()
+    with work_dir_lock(workdir):
+        run_cfg = prepare_partitions(cfg, workdir, progress)
+        plans: list[NodePlan] = []
+        app = ServerApp()
 
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        plans.extend(plan_federation(grid, run_cfg, str(workdir / "partitions"), progress))
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            plans.extend(plan_federation(grid, run_cfg, str(workdir / "partitions"), progress))
 
-    run_on_simulation(run_cfg, app)
+        run_on_simulation(run_cfg, app)
     return plans
 
 

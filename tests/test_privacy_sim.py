@@ -98,6 +98,22 @@ def test_simulate_says_before_training_what_its_own_settings_make_impossible(fed
     assert demo.simulation.budget_for(0) == 20.0 and demo_config(tmp_path / "gss.csv").simulation.budget_for(0) == 10
 
 
+def test_a_second_simulation_in_the_same_work_directory_waits_for_none_and_touches_nothing(tmp_path: Path) -> None:
+    """Two `fedguard simulate` (or `run plan`) in one work directory at once: the second would rewrite the
+    partition files the first one's nodes read. It stops before writing anything."""
+    from common.errors import FedGuardError
+    from fedguard.simulate import plan, simulate, work_dir_lock
+
+    data = tmp_path / "data.csv"
+    make_tabular(60).to_csv(data, index=False)
+    work = tmp_path / "work"
+    with work_dir_lock(work):  # the first run, still going
+        for second in (simulate, plan):
+            with pytest.raises(FedGuardError, match="another fedguard simulate, run plan or run resume is using"):
+                second(tabular_config(data), work)
+    assert not (work / "partitions").exists()
+
+
 def test_a_node_out_of_budget_refuses_and_the_run_continues(federation: dict) -> None:
     with RunStore(federation["store"]) as store:
         run = federation["run1"]["run_id"]

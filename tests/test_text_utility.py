@@ -125,6 +125,7 @@ def test_a_second_run_in_the_same_folder_stops_before_touching_the_first(tmp_pat
     """A leftover worker of a stopped bench still running a federation: a new one in its folder must not
     delete its run store or share its nodes' ledgers."""
     from bench.utility import _only_run_in, simulate_fresh
+    from common.errors import FedGuardError
 
     data = tmp_path / "reviews.csv"
     data.write_text("text,label\ngreat film,fresh\ndull film,rotten\n", encoding="utf-8")
@@ -134,6 +135,6 @@ def test_a_second_run_in_the_same_folder_stops_before_touching_the_first(tmp_pat
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "runs.db").write_bytes(b"the first run's store")
-    with _only_run_in(workdir), pytest.raises(RuntimeError, match="another run is using"):
+    with _only_run_in(workdir), pytest.raises(FedGuardError, match="another run is using"):
         simulate_fresh(raw, workdir, None, "test")
     assert (workdir / "runs.db").read_bytes() == b"the first run's store"
