@@ -62,7 +62,7 @@ DEFINITIONS = [
 
 FEDERATED_NOTE = (
     "The federated view sums per-group confusion counts that each client computed for the global model on its "
-    "own validation split. Counts left a node only encrypted (homomorphic mode) or with Laplace noise charged to "
+    "own validation split. Counts left a node only encrypted (homomorphic mode) or with Gaussian noise charged to "
     "the node's privacy ledger (plaintext mode); a group below a node's minimum size never left that node, so "
     "federated group sizes are lower bounds. It describes the clients' validation data, not the held-out set."
 )
@@ -246,8 +246,10 @@ _DISPARITIES = [
 
 
 def _attribute_blocks(att: AttributeAudit, level: str, confidence: float | None, min_size: int) -> list[Block]:
-    rows = [_group_cells(g, min_size) for g in att.groups]
-    blocks: list[Block] = [("h" + level, att.name), ("table", (_GROUP_HEADER, rows))]
+    rows = [_group_cells(g, min_size) for g in att.groups if not g.suppressed]
+    blocks: list[Block] = [("h" + level, att.name)] + ([("table", (_GROUP_HEADER, rows))] if rows else [])
+    if small := [g.group for g in att.groups if g.suppressed]:  # a sentence, not a row of "suppressed" each
+        blocks.append(("p", f"{_some(small)} suppressed: fewer than {min_size} rows (see Suppressed groups)."))
     if att.disparities is None:
         blocks.append(("p", att.note or "no disparities"))
         return blocks
@@ -265,6 +267,16 @@ def _attribute_blocks(att: AttributeAudit, level: str, confidence: float | None,
         rows.append(row)
     blocks.append(("table", (header, rows)))
     return blocks
+
+
+#: Names listed where many groups share one fate (zip codes: hundreds); the JSON keeps every one.
+_LISTED = 12
+
+
+def _some(groups: list[str]) -> str:
+    """``3 groups (a, b, c)`` or ``260 groups (10000, 10001, … and 248 more)``."""
+    shown = ", ".join(groups[:_LISTED]) + (f", … and {len(groups) - _LISTED} more" if len(groups) > _LISTED else "")
+    return f"{len(groups)} group{'s' if len(groups) != 1 else ''} ({shown})"
 
 
 def _series(rep: FairnessReport, attribute: str, metric: str) -> Series:
@@ -401,6 +413,9 @@ def report_blocks(rep: FairnessReport) -> list[Block]:
         rounds = [r.round for r in rep.rounds]
         for att in latest.audit.attributes:
             sel, tpr = _series(rep, att.name, "selection_rate"), _series(rep, att.name, "tpr")
+            if not sel and not tpr:
+                blocks += [("h3", att.name), ("p", f"No group with at least {cfg.min_group_size} rows in any round.")]
+                continue
             blocks += [
                 ("h3", att.name),
                 ("plot", _rate_plot(f"{att.name}: selection rate", "selection rate", sel)),
@@ -420,13 +435,16 @@ def report_blocks(rep: FairnessReport) -> list[Block]:
 
     blocks.append(("h2", "Suppressed groups"))
     if rep.suppressed:
+        alike: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
+        for sg in rep.suppressed:  # one line per view, attribute and rounds, however many groups share it
+            alike.setdefault((sg.view, sg.attribute, tuple(sg.rounds)), []).append(sg.group)
         blocks.append(
             (
                 "ul",
                 [
-                    f"{s.view} — {s.attribute}: {s.group} (fewer than {cfg.min_group_size} rows)"
-                    + (f", rounds {', '.join(map(str, s.rounds))}" if s.rounds else "")
-                    for s in rep.suppressed
+                    f"{view} — {attribute}: {_some(groups)}, fewer than {cfg.min_group_size} rows"
+                    + (f", rounds {', '.join(map(str, rounds))}" if rounds else "")
+                    for (view, attribute, rounds), groups in alike.items()
                 ],
             )
         )
@@ -456,13 +474,17 @@ def report_blocks(rep: FairnessReport) -> list[Block]:
             )
         )
         central = {a.name: a for a in latest.audit.attributes} if latest else {}
-        rows = []
+        rows: list[list[str]] = []
+        hidden: dict[str, list[str]] = {}
         for att in fed.attributes:
             c_groups = {g.group: g for g in central[att.name].groups} if att.name in central else {}
             names = sorted({g.group for g in att.groups} | set(c_groups))
             f_groups = {g.group: g for g in att.groups}
             for name in names:
                 c, f = c_groups.get(name), f_groups.get(name)
+                if (c is None or c.suppressed) and (f is None or f.suppressed):
+                    hidden.setdefault(att.name, []).append(name)
+                    continue
                 rows.append(
                     [
                         att.name,
@@ -493,6 +515,9 @@ def report_blocks(rep: FairnessReport) -> list[Block]:
                 ),
             )
         )
+        if hidden:
+            left_out = "; ".join(f"{att}: {_some(names)}" for att, names in hidden.items())
+            blocks.append(("p", f"Suppressed in both views, so not in this table: {left_out}."))
         blocks.append(("h3", "Federated disparities"))
         for att in fed.attributes:
             blocks += _attribute_blocks(att, "4", None, fed.min_group_size)

@@ -421,6 +421,26 @@ def test_report_json_validates_and_tracks_findings() -> None:
     assert again.provenance.evaluation_size == 2000 and len(again.provenance.sha256) == 64
 
 
+def test_hundreds_of_tiny_groups_are_summarised_not_listed_row_by_row() -> None:
+    """A zip-code column (300 groups of ~7 rows): the report listed a row of "suppressed" per group and
+    zip × sex pair in three places (179 kB of Markdown); each place now says how many and names a few.
+    The JSON keeps every group."""
+    d = _planted(n=2000)
+    zips = np.array([f"z{i % 300:03d}" for i in range(2000)])
+    cfg = FairnessConfig(bootstrap_n=0, min_group_size=20)
+    a = audit(d["y"], d["pred"], d["score"], {"sex": d["groups"]["sex"], "zip": zips}, cfg)  # type: ignore[arg-type,index]
+    x = np.zeros((2000, 1), dtype=np.float32)
+    prov = Provenance(evaluation_size=2000, sha256=dataset_fingerprint(x, d["y"], {"zip": zips}), source="h.csv")  # type: ignore[arg-type]
+    rep = build_fairness_report(1, "zips", [(1, a), (2, a)], prov, cfg=cfg)
+    md = render(rep, "md")
+    assert md.count("| suppressed |") == 0 and md.count("z0") < 60
+    assert "300 groups (z000, z001, z002" in md and "… and 288 more) suppressed: fewer than 20 rows" in md
+    assert "- central — zip: 300 groups (z000" in md and ", fewer than 20 rows, rounds 1, 2" in md
+    assert "No group with at least 20 rows in any round." in md  # no empty chart or table for zip
+    assert "| f |" in md and "| m |" in md  # the groups that are reported still are, row by row
+    assert len(json.loads(render(rep, "json"))["suppressed"]) > 300  # zip and zip × sex, every one
+
+
 def test_report_markdown_and_html_show_the_group_values() -> None:
     rep, audits = _report()
     md, page = render(rep, "md"), render(rep, "html")
