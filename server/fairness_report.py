@@ -212,18 +212,7 @@ def _latest(rep: FairnessReport) -> RoundAudit | None:
     return rep.rounds[-1] if rep.rounds else None
 
 
-def _group_cells(g: GroupMetrics, min_size: int) -> list[str]:
-    if g.suppressed:
-        return [
-            g.group,
-            f"< {min_size}",
-            "suppressed",
-            "suppressed",
-            "suppressed",
-            "suppressed",
-            "suppressed",
-            "suppressed",
-        ]
+def _group_cells(g: GroupMetrics) -> list[str]:
     return [
         g.group,
         _fmt(g.size, "d"),
@@ -246,7 +235,7 @@ _DISPARITIES = [
 
 
 def _attribute_blocks(att: AttributeAudit, level: str, confidence: float | None, min_size: int) -> list[Block]:
-    rows = [_group_cells(g, min_size) for g in att.groups if not g.suppressed]
+    rows = [_group_cells(g) for g in att.groups if not g.suppressed]
     blocks: list[Block] = [("h" + level, att.name)] + ([("table", (_GROUP_HEADER, rows))] if rows else [])
     if small := [g.group for g in att.groups if g.suppressed]:  # a sentence, not a row of "suppressed" each
         blocks.append(("p", f"{_some(small)} suppressed: fewer than {min_size} rows (see Suppressed groups)."))
