@@ -126,20 +126,14 @@ def check_simulation(cfg: RunConfig, progress: Progress) -> None:
     """Refuse what a simulation's own settings make impossible before anything is written or spent; warn
     about what they make partial.
 
-    - ``clients_per_round`` above ``num_clients``: the server would wait ``wait_for_nodes`` seconds for
-      nodes that never come, then train on fewer.
+    - ``clients_per_round`` above ``num_clients`` (``check_node_count``): the server would wait
+      ``wait_for_nodes`` seconds for nodes that never come, then train on fewer.
     - a target ε no simulated owner's budget covers: a node refuses every round its budget cannot cover
       (client.privacy), so with ``target_epsilon = 20`` and the default budget of 10 the nodes train until
       10 is spent and the run fails there. Some owners short: a warning naming them.
     """
     sim = cfg.simulation
-    if cfg.clients_per_round > sim.num_clients:
-        raise ConfigError(
-            f"clients_per_round = {cfg.clients_per_round} exceeds [simulation] num_clients = {sim.num_clients}: "
-            "a simulation has no other nodes to sample",
-            fix=f"lower clients_per_round to {sim.num_clients} or less (left out, a simulation samples every node), "
-            "or raise num_clients",
-        )
+    check_node_count(cfg)
     if not cfg.dp.enabled:
         return
     target = cfg.dp.target_epsilon
@@ -159,6 +153,18 @@ def check_simulation(cfg: RunConfig, progress: Progress) -> None:
         )
     names = ", ".join(simulated_node_name(i) for i in short)
     progress(f"WARNING: {what} on {names}: they will refuse the rounds their budgets cannot cover ({fix})")
+
+
+def check_node_count(cfg: RunConfig) -> None:
+    """Sampling more nodes than the simulation has: the server would wait ``wait_for_nodes`` for the rest."""
+    n = cfg.simulation.num_clients
+    if cfg.clients_per_round > n:
+        raise ConfigError(
+            f"clients_per_round = {cfg.clients_per_round} exceeds [simulation] num_clients = {n}: "
+            "a simulation has no other nodes to sample",
+            fix=f"lower clients_per_round to {n} or less (left out, a simulation samples every node), "
+            "or raise num_clients",
+        )
 
 
 def earlier_spending(cfg: RunConfig, sim_dir: Path) -> str | None:
@@ -192,7 +198,9 @@ def earlier_spending(cfg: RunConfig, sim_dir: Path) -> str | None:
 
 
 def plan(cfg: RunConfig, workdir: Path, progress: Progress = print) -> list[NodePlan]:
-    """Ask the simulated nodes for their privacy plan (nothing is trained or spent)."""
+    """Ask the simulated nodes for their privacy plan (nothing is trained or spent); a target ε above the
+    owners' budgets shows in each node's verdict."""
+    check_node_count(cfg)
     workdir = workdir.resolve()
     with work_dir_lock(workdir):
         run_cfg = prepare_partitions(cfg, workdir, progress)

@@ -80,7 +80,7 @@ def test_simulate_says_before_training_what_its_own_settings_make_impossible(fed
     once failed that way: every node refused round 1); so is sampling more nodes than the simulation has."""
     from common.errors import ConfigError
     from fedguard.demo import demo_config
-    from fedguard.simulate import check_simulation, simulate
+    from fedguard.simulate import check_simulation, plan, simulate
 
     progress = federation["run1_progress"]
     assert "WARNING: the run's target ε = 4 exceeds the simulated owners' budget ε = 0.5" in progress
@@ -91,8 +91,9 @@ def test_simulate_says_before_training_what_its_own_settings_make_impossible(fed
         simulate(cfg, tmp_path / "work")
     assert "budget_epsilon to at least 4" in (err.value.fix or "")
     assert not (tmp_path / "work").exists()
-    with pytest.raises(ConfigError, match=r"clients_per_round = 3 exceeds \[simulation\] num_clients = 2"):
-        simulate(tabular_config(tmp_path / "data.csv", clients_per_round=3), tmp_path / "work")  # waited 120 s
+    for command in (simulate, plan):  # each waited wait_for_nodes (120 s) for a node that never came
+        with pytest.raises(ConfigError, match=r"clients_per_round = 3 exceeds \[simulation\] num_clients = 2"):
+            command(tabular_config(tmp_path / "data.csv", clients_per_round=3), tmp_path / "work")
     demo = demo_config(tmp_path / "gss.csv", epsilon=20.0)
     check_simulation(demo, progress=pytest.fail)  # the demo's owners can afford what the demo asks
     assert demo.simulation.budget_for(0) == 20.0 and demo_config(tmp_path / "gss.csv").simulation.budget_for(0) == 10
