@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import FedGuardError
+from common.errors import BudgetExceeded, FedGuardError
 from common.ledger_export import (
     ExportedDataset,
     ExportedRelease,
@@ -74,12 +74,6 @@ class LedgerError(FedGuardError):
     """The ledger cannot be used as it is (missing history, unreadable file)."""
 
     code = "ledger-invalid"
-
-
-class BudgetExceeded(FedGuardError):
-    """This release would take a dataset past its owner's budget: nothing is trained or sent."""
-
-    code = "budget-exhausted"
 
 
 @dataclass(frozen=True)

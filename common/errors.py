@@ -51,6 +51,13 @@ class PrivacyPlanError(FedGuardError):
     code = "privacy-plan-infeasible"
 
 
+class BudgetExceeded(FedGuardError):
+    """This release would take a dataset past its owner's budget: nothing is trained or sent (the node's
+    ledger raises it; its code is the refusal the server reads)."""
+
+    code = "budget-exhausted"
+
+
 class StoreError(FedGuardError):
     """The run store cannot be opened or does not hold what was asked for."""
 

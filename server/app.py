@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import records as R
 from common.codec import state_to_numpy
 from common.config import RunConfig, config_from_json
-from common.errors import ConfigError, FedGuardError
+from common.errors import BudgetExceeded, ConfigError, FedGuardError
 from common.models import build_model, describe_model
 from common.progress import RunProgress, terminal
 from common.resources import EnergyModel, Meter
@@ -199,18 +199,14 @@ def _play_round(fed: Federation, protocol: RoundProtocol, rnd: int, run: RunProg
     raise round_failed(rnd, needed, cfg.server.round_retries + 1, outcomes)
 
 
-#: The refusal code of a node whose privacy budget cannot cover a round (``client.ledger.BudgetExceeded``).
-BUDGET_REFUSAL = "budget-exhausted"
-
-
 def round_failed(rnd: int, needed: int, attempts: int, outcomes: list[Outcome]) -> RoundFailed:
     """Why a round could not be aggregated, with the fix; nodes out of privacy budget get their own."""
     resume = "then `fedguard run resume` continues from the last complete round"
-    spent = [o for o in outcomes if o.status == "refused" and (o.reason or "").startswith(BUDGET_REFUSAL)]
+    spent = [o for o in outcomes if o.status == "refused" and (o.reason or "").startswith(BudgetExceeded.code)]
     if spent and len(spent) == sum(o.status != "accepted" for o in outcomes):
         fix = (
-            f"{len(spent)} node(s) refused because their privacy budgets cannot cover this round ({BUDGET_REFUSAL}): "
-            "lower [dp] target_epsilon or the rounds, or the node owners raise their budgets "
+            f"{len(spent)} node(s) refused because their privacy budgets cannot cover this round "
+            f"({BudgetExceeded.code}): lower [dp] target_epsilon or the rounds, or the node owners raise their budgets "
             "(`fedguard client budget` shows what each node has left); " + resume
         )
     else:
