@@ -239,7 +239,7 @@ def _label_counts(msg: Message, context: Context, cfg: RunConfig, settings: Node
     record, spend = mitigation.release(privacy, counts, msg, cfg, settings, _round(msg) or 0, "label counts")
     metrics = {
         R.EPSILON: spend.epsilon_run,
-        R.DELTA: cfg.dp.delta,
+        R.DELTA: privacy.accountant_delta,
         R.NOISE_MULTIPLIER: cfg.mitigation.noise_multiplier,
         R.EPSILON_TOTAL: spend.epsilon_total,
         R.BUDGET_EPSILON: settings.budget_epsilon,
@@ -457,7 +457,7 @@ def _fairness_counts(msg: Message, context: Context, cfg: RunConfig, settings: N
             R.METRICS: MetricRecord(
                 {
                     R.EPSILON: spend.epsilon_run,
-                    R.DELTA: cfg.dp.delta,  # the run's δ: its ε composes the run's releases at it
+                    R.DELTA: privacy.accountant_delta,  # its ε composes the run's releases at it
                     R.NOISE_MULTIPLIER: fc.count_noise_multiplier,
                     R.EPSILON_TOTAL: spend.epsilon_total,
                     R.BUDGET_EPSILON: settings.budget_epsilon,

@@ -5,7 +5,9 @@ its result leaves the node, in the same ``BEGIN IMMEDIATE`` transaction as the b
 so two processes can never both spend the last of a budget and a crash can only over-count:
 a reserved release is ``pending`` until training ends, counts as spent either way and never
 shrinks. ε is always recomputed from a dataset's whole history (all rounds, all runs) with
-Opacus's accountant.
+Opacus's accountant, at the budget's δ less the δ some releases add outside the accountant (a
+count release's group selection, ``extra_delta``): what a dataset has spent is (ε, budget δ), every
+release included.
 
 A dataset is keyed by the id its owner declares, not by a content hash, so appending rows
 does not reset its budget. A marker file in the node's work directory remembers how many
@@ -54,6 +56,7 @@ CREATE TABLE IF NOT EXISTS releases (
     delta            REAL NOT NULL,
     max_grad_norm    REAL NOT NULL,
     accountant       TEXT NOT NULL,
+    extra_delta      REAL NOT NULL DEFAULT 0,  -- δ outside the accountant: a count release's group selection
     status           TEXT NOT NULL,     -- pending | confirmed (both count as spent)
     created_at       REAL NOT NULL,
     confirmed_at     REAL
@@ -95,6 +98,7 @@ class Release:
     max_grad_norm: float
     accountant: str
     mechanism: str = "dp-sgd"
+    extra_delta: float = 0.0  # δ this release adds outside the accountant (a count release's group selection)
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class RunSpend:
     releases: int
     epsilon: float
     delta: float
+    extra_delta: float = 0.0  # the run's count releases' selection δ: its δ total is delta + extra_delta
 
 
 @dataclass(frozen=True)
@@ -115,9 +120,10 @@ class DatasetSummary:
     releases: int
     pending: int
     budget: Budget | None
-    epsilon: float  # at the budget's δ (or the last release's δ without a budget)
+    epsilon: float  # at the budget's δ (or the last release's δ without a budget), extra_delta included
     delta: float
     accountant: str
+    extra_delta: float = 0.0  # the part of ``delta`` spent outside the accountant (count releases' selection)
     runs: tuple[RunSpend, ...] = ()
 
     @property
@@ -127,6 +133,23 @@ class DatasetSummary:
 
 def _history(rows: list[sqlite3.Row]) -> History:
     return [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"])) for r in rows]
+
+
+def _extra_delta(rows: list[sqlite3.Row] | list[dict[str, Any]]) -> float:
+    return sum(float(r["extra_delta"]) for r in rows)
+
+
+def epsilon_within(history: History, delta: float, extra_delta: float, accountant: str) -> float:
+    """ε of ``history`` when the releases' total δ is ``delta`` and ``extra_delta`` of it is spent outside
+    the accountant (it gets the rest); infinite when nothing is left for it."""
+    if extra_delta >= delta:
+        return float("inf")
+    return epsilon_spent(history, delta - extra_delta, accountant)
+
+
+#: What a ledger written before ``extra_delta`` existed is migrated with: each count release's selection δ
+#: at the largest value any FedGuard release used (the default); over-counting is the safe side.
+_LEGACY_SELECTION_DELTA = 1e-7
 
 
 def _marker_name(dataset_id: str) -> str:
@@ -160,6 +183,7 @@ class Ledger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._migrate()
             with self._immediate() as db:
                 if db.execute("SELECT value FROM meta WHERE key='ledger-id'").fetchone() is None:
                     db.execute("INSERT INTO meta VALUES ('ledger-id', ?)", (uuid.uuid4().hex,))
@@ -170,6 +194,17 @@ class Ledger:
                 where=str(self.path),
                 fix="restore it from a backup with `fedguard client ledger restore`",
             ) from None
+
+    def _migrate(self) -> None:
+        """Add ``extra_delta`` to a ledger written before it existed, counting its count releases' selection δ."""
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(releases)")}
+        if "extra_delta" in columns:
+            return
+        with self._immediate() as db:
+            db.execute("ALTER TABLE releases ADD COLUMN extra_delta REAL NOT NULL DEFAULT 0")
+            db.execute(
+                "UPDATE releases SET extra_delta=? WHERE mechanism LIKE 'gaussian-%'", (_LEGACY_SELECTION_DELTA,)
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -258,9 +293,13 @@ class Ledger:
             sql, args = sql + " AND run_id=?", [*args, run_id]
         return _history(self._db.execute(sql + " ORDER BY seq", args).fetchall())
 
-    def would_spend(self, dataset_id: str, extra: History, delta: float, accountant: str) -> float:
-        """ε of the dataset's whole history plus ``extra`` releases (planning; writes nothing)."""
-        return epsilon_spent(self.history(dataset_id) + extra, delta, accountant)
+    def would_spend(
+        self, dataset_id: str, extra: History, delta: float, accountant: str, extra_delta: float = 0.0
+    ) -> float:
+        """ε of the dataset's whole history plus ``extra`` releases, which add ``extra_delta`` outside the
+        accountant, within a total δ of ``delta`` (planning; writes nothing)."""
+        spent = _extra_delta(self.releases(dataset_id))
+        return epsilon_within(self.history(dataset_id) + extra, delta, spent + extra_delta, accountant)
 
     def reserve(self, release: Release, budget: Budget) -> float:
         """Check the budget and record ``release`` as pending, atomically; return the new total ε.
@@ -277,19 +316,25 @@ class Ledger:
                     f"message {release.message_id} already has a release on this node; a replay is not trained again",
                     where=str(self.path),
                 )
-            before = epsilon_spent(_history(rows), budget.delta, release.accountant)
-            after = epsilon_spent(_history(rows) + [new], budget.delta, release.accountant)
+            extra = _extra_delta(rows)
+            before = epsilon_within(_history(rows), budget.delta, extra, release.accountant)
+            after = epsilon_within(
+                _history(rows) + [new], budget.delta, extra + release.extra_delta, release.accountant
+            )
             if after > budget.epsilon:
+                outside = extra + release.extra_delta
+                share = f", {outside:g} of it spent by group selection" if outside else ""
+                what = "round" if release.mechanism == "dp-sgd" else "release"
                 raise BudgetExceeded(
                     f"dataset {release.dataset_id!r} has spent ε={before:.3f} of its ε={budget.epsilon:g} budget "
-                    f"(δ={budget.delta:g}); this round would bring it to ε={after:.3f}",
+                    f"(δ={budget.delta:g}{share}); this {what} would bring it to ε={after:.3f}",
                     where=str(self.path),
-                    fix="the owner may raise the budget (--budget-epsilon) or the run may use more noise",
+                    fix="the owner may raise the budget (--budget-epsilon, --budget-delta) or the run may add noise",
                 )
             db.execute(
                 "INSERT INTO releases(dataset_id, run_id, round, message_id, mechanism, noise_multiplier, "
-                "sample_rate, steps, delta, max_grad_norm, accountant, status, created_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,'pending',?)",
+                "sample_rate, steps, delta, max_grad_norm, accountant, extra_delta, status, created_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'pending',?)",
                 (
                     release.dataset_id,
                     release.run_id,
@@ -302,6 +347,7 @@ class Ledger:
                     release.delta,
                     release.max_grad_norm,
                     release.accountant,
+                    release.extra_delta,
                     time.time(),
                 ),
             )
@@ -341,9 +387,10 @@ class Ledger:
                     releases=len(rows),
                     pending=sum(r["status"] == "pending" for r in rows),
                     budget=budget,
-                    epsilon=epsilon_spent(self.history(dataset_id), delta, accountant) if rows else 0.0,
+                    epsilon=epsilon_within(_history(rows), delta, _extra_delta(rows), accountant) if rows else 0.0,
                     delta=delta,
                     accountant=accountant,
+                    extra_delta=_extra_delta(rows),
                     runs=self._run_spends(dataset_id, rows),
                 )
             )
@@ -357,8 +404,9 @@ class Ledger:
             RunSpend(
                 run_id=run,
                 releases=len(mine),
-                epsilon=epsilon_spent(self.history(dataset_id, run), float(mine[-1]["delta"]), mine[-1]["accountant"]),
+                epsilon=epsilon_spent(_history(mine), float(mine[-1]["delta"]), mine[-1]["accountant"]),
                 delta=float(mine[-1]["delta"]),
+                extra_delta=_extra_delta(mine),
             )
             for run, mine in by_run.items()
         )
@@ -377,6 +425,7 @@ class Ledger:
                     budget_delta=s.budget.delta if s.budget else None,
                     epsilon=s.epsilon,
                     delta=s.delta,
+                    extra_delta=s.extra_delta,
                     accountant=s.accountant,
                     releases=[
                         ExportedRelease.model_validate({k: r[k] for k in ExportedRelease.model_fields})

@@ -54,11 +54,7 @@ class Spend:
     release_id: str
     epsilon_total: float  # the dataset's whole history (all runs) including this release
     epsilon_run: float = 0.0  # this run's releases on this dataset; set once the release is confirmed
-    count_releases: int = 0  # this run's Gaussian count releases on this dataset (each adds its selection δ)
-
-    def selection_delta(self, per_release: float) -> float:
-        """δ the group selection of this run's count releases added (a union bound over them)."""
-        return self.count_releases * per_release
+    selection_delta: float = 0.0  # δ the group selection of this run's count releases added (the ledger's sum)
 
 
 class NodePrivacy:
@@ -120,6 +116,7 @@ class NodePrivacy:
             rounds=cfg.rounds,
             noise_multiplier=earlier[1] if same and earlier else None,
             also=self.other_releases(),
+            outside_delta=self.planned_selection(),
         )
         self.state[_DP_STATE] = ConfigRecord({"planned-n": n_train, "planned-sigma": plan.noise_multiplier})
         return plan
@@ -136,6 +133,16 @@ class NodePrivacy:
         """Every release the run would make on this node: its DP-SGD rounds, mitigation and fairness counts."""
         per_round = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
         return [per_round] * self.cfg.rounds + self.other_releases()
+
+    def planned_selection(self) -> float:
+        """δ the run's count releases would add by their group selection (each noises counts, thresholded)."""
+        return len(self.other_releases()) * self.cfg.fairness.count_selection_delta
+
+    @property
+    def accountant_delta(self) -> float:
+        """The δ every release of the run is accounted at: ``dp.delta`` less the planned group selection, so
+        the run's δ total (what its reports state) is ``dp.delta`` (``DPPlan.delta`` is the same)."""
+        return self.cfg.dp.delta - self.planned_selection()
 
     # -- 2. owner policy ------------------------------------------------------
     def admit(self, purpose: Purpose, plan: DPPlan) -> float:
@@ -154,7 +161,7 @@ class NodePrivacy:
         with Ledger(s.ledger_path, s.marker_dir) as ledger:
             ledger.check_continuity(s.dataset_id)
             spent = ledger.would_spend(s.dataset_id, [], s.budget_delta, plan.accountant)
-            after = ledger.would_spend(s.dataset_id, planned, s.budget_delta, plan.accountant)
+            after = ledger.would_spend(s.dataset_id, planned, s.budget_delta, plan.accountant, self.planned_selection())
         round_h = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
         return {
             R.NOISE_MULTIPLIER: plan.noise_multiplier,
@@ -184,9 +191,8 @@ class NodePrivacy:
             yield spend
             ledger.confirm(release.message_id)
             spend.epsilon_run = epsilon_spent(ledger.history(s.dataset_id, self.run_id), delta, release.accountant)
-            spend.count_releases = sum(
-                r["run_id"] == self.run_id and str(r["mechanism"]).startswith("gaussian-")
-                for r in ledger.releases(s.dataset_id)
+            spend.selection_delta = sum(
+                float(r["extra_delta"]) for r in ledger.releases(s.dataset_id) if r["run_id"] == self.run_id
             )
 
     def _release(
@@ -201,6 +207,7 @@ class NodePrivacy:
         max_grad_norm: float,
         accountant: str,
         mechanism: str = "dp-sgd",
+        extra_delta: float = 0.0,
     ) -> Release:
         """The ledger row of one release of this run; a message without an id (built in-process,
         never by Flower) is still a new release."""
@@ -216,6 +223,7 @@ class NodePrivacy:
             max_grad_norm=max_grad_norm,
             accountant=accountant,
             mechanism=mechanism,
+            extra_delta=extra_delta,
         )
 
     # -- 4. the releases ------------------------------------------------------
@@ -308,8 +316,9 @@ class NodePrivacy:
 
         ``mitigation``: a release for ``[mitigation]`` (its own z; ledger mechanism ``gaussian-mitigation``),
         else the federated-fairness counts after the last round. Its ``epsilon_run`` composes the run's
-        releases at the run's δ (``dp.delta``), like every round's: the owner's budget δ only checks the
-        budget and states the dataset's total (``epsilon_total``).
+        releases at the run's accountant δ (``accountant_delta``), like every round's; the group selection
+        adds the rest of ``dp.delta``. The owner's budget δ checks the budget and states the dataset's total
+        (``epsilon_total``).
         """
         fc = self.cfg.fairness
         z = self.cfg.mitigation.noise_multiplier if mitigation else fc.count_noise_multiplier
@@ -320,20 +329,21 @@ class NodePrivacy:
             noise_multiplier=mechanism.noise_multiplier,
             sample_rate=1.0,
             steps=1,
-            delta=self.cfg.dp.delta,  # one δ for every release of a run: its ε composes with the rounds'
+            delta=self.accountant_delta,  # one δ for every release of a run: its ε composes with the rounds'
             max_grad_norm=mechanism.sensitivity,  # the L2 sensitivity: one cell per table
             accountant=self.cfg.dp.accountant,
             mechanism="gaussian-mitigation" if mitigation else "gaussian-counts",
+            extra_delta=fc.count_selection_delta,  # the released groups' selection: the ledger counts it in δ
         )
-        with self._reserved(release, self.cfg.dp.delta) as spend:
+        with self._reserved(release, self.accountant_delta) as spend:
             noisy = noisy_counts(counts, z, min_group_size=min_group_size, selection_delta=fc.count_selection_delta)
         return noisy, spend
 
     def selection_values(self, spend: Spend) -> dict[str, float]:
         """δ the run's count releases added so far (absent when it made none): the run's δ total adds it."""
-        if not spend.count_releases:
+        if not spend.selection_delta:
             return {}
-        return {R.SELECTION_DELTA_RUN: spend.selection_delta(self.cfg.fairness.count_selection_delta)}
+        return {R.SELECTION_DELTA_RUN: spend.selection_delta}
 
     def _unit_values(self, eps_total: float) -> dict[str, float | int]:
         """Group privacy for a unit (a patient) contributing up to k records, if the schema declares units."""

@@ -3,6 +3,9 @@
 The node signs the export with its own authentication key (EC P-384, OpenSSH format, the key
 the federation registered), so a reviewer who knows the node's public-key fingerprint can
 check that the releases came from that node and recompute ε with Opacus's accountant.
+
+Format 2 adds each release's ``extra_delta`` (δ spent outside the accountant: a count release's group
+selection); the dataset's ε is at its δ less their sum. Format 1 exports (without it) still verify.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from common.errors import FedGuardError
 from common.kit.keys import fingerprint_public_key, load_node_private_key, load_node_public_key, public_line
 from common.privacy import epsilon_spent
+
+_V1, _V2 = "fedguard-ledger-export/1", "fedguard-ledger-export/2"
 
 
 class ExportError(FedGuardError):
@@ -41,6 +46,7 @@ class ExportedRelease(BaseModel):
     accountant: str
     status: Literal["pending", "confirmed"]
     created_at: float
+    extra_delta: float = 0.0  # format 2: δ spent outside the accountant (a count release's group selection)
 
 
 class ExportedDataset(BaseModel):
@@ -49,17 +55,19 @@ class ExportedDataset(BaseModel):
     dataset_id: str
     budget_epsilon: float | None
     budget_delta: float | None
-    #: ε the node computed at ``delta`` with ``accountant`` over every release below.
+    #: ε the node computed with ``accountant`` over every release below, within a total δ of ``delta``:
+    #: the accountant gets ``delta`` less ``extra_delta`` (the releases' sum; format 2).
     epsilon: float
     delta: float
     accountant: str
+    extra_delta: float = 0.0
     releases: list[ExportedRelease]
 
 
 class LedgerExport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["fedguard-ledger-export/1"] = "fedguard-ledger-export/1"
+    format: Literal["fedguard-ledger-export/1", "fedguard-ledger-export/2"] = "fedguard-ledger-export/2"
     ledger_id: str
     created_at: float
     #: The node's public key (OpenSSH) and its fingerprint, ``SHA256:<base64>`` like ssh-keygen.
@@ -74,7 +82,13 @@ def ssh_fingerprint(public_openssh: str | bytes) -> str:
 
 
 def _canonical(body: LedgerExport) -> bytes:
-    return json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+    doc = body.model_dump(mode="json")
+    if body.format == _V1:  # signed before extra_delta existed
+        for ds in doc["datasets"]:
+            ds.pop("extra_delta")
+            for r in ds["releases"]:
+                r.pop("extra_delta")
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 def sign_export(body: LedgerExport, private_key_openssh: bytes) -> dict[str, object]:
@@ -114,7 +128,14 @@ def verify_export(path: str | Path, expected_fingerprint: str | None = None) -> 
         raise ExportError("bad signature: the export was modified or not signed by this key", where=str(p)) from None
     for ds in body.datasets:
         history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in ds.releases]
-        recomputed = epsilon_spent(history, ds.delta, ds.accountant)
+        extra = sum(r.extra_delta for r in ds.releases)
+        if abs(extra - ds.extra_delta) > 1e-12 or extra >= ds.delta or (extra and body.format == _V1):
+            raise ExportError(
+                f"dataset {ds.dataset_id!r}: its releases spend δ={extra:g} outside the accountant, "
+                f"but the export states {ds.extra_delta:g} of its δ={ds.delta:g}",
+                where=str(p),
+            )
+        recomputed = epsilon_spent(history, ds.delta - extra, ds.accountant)
         if abs(recomputed - ds.epsilon) > 1e-6 * max(1.0, ds.epsilon):
             raise ExportError(
                 f"dataset {ds.dataset_id!r}: reported ε={ds.epsilon} but its releases give ε={recomputed}",

@@ -90,15 +90,17 @@ class DPPlan:
     rounds: int
     noise_multiplier: float
     target_epsilon: float
-    delta: float
+    delta: float  # the accountant's: the run's δ less ``outside_delta``
     max_grad_norm: float
     accountant: str
+    outside_delta: float = 0.0  # the run's count releases' group selection
 
     def describe(self) -> str:
+        outside = f", {self.outside_delta:g} of it by group selection" if self.outside_delta else ""
         return (
             f"DP plan: n={self.n_train}, q={self.sample_rate:.4f}, {self.steps_per_round} steps/round × "
             f"{self.rounds} rounds, σ={self.noise_multiplier:.3f}, C={self.max_grad_norm}, "
-            f"target (ε={self.target_epsilon}, δ={self.delta:g}) [{self.accountant}]"
+            f"target (ε={self.target_epsilon}, δ={self.delta + self.outside_delta:g}{outside}) [{self.accountant}]"
         )
 
 
@@ -123,6 +125,7 @@ def plan_dp(
     rounds: int,
     noise_multiplier: float | None = None,
     also: History | None = None,
+    outside_delta: float = 0.0,
 ) -> DPPlan:
     """Calibrate σ so that ``rounds`` rounds of local DP-SGD reach at most the target ε.
 
@@ -130,6 +133,9 @@ def plan_dp(
     σ is calibrated for their composition, so the whole run, not only its training, stays within
     the target. ``noise_multiplier``: σ this node already calibrated for the same run and size;
     it skips the (≈1 s) search on later rounds. The δ and schedule checks still run.
+    ``outside_delta``: the part of ``dp.delta`` the run spends outside the accountant (the group selection
+    of its count releases); the accountant gets the rest (``DPPlan.delta``), so the run's δ total is
+    ``dp.delta``.
     """
     if n_train < 1:  # one record is a dataset too (a tiny clinic): DP-SGD's guarantee holds at any n ≥ 1
         raise PrivacyPlanError(
@@ -143,10 +149,17 @@ def plan_dp(
             where="dp.delta",
             fix=f"set dp.delta ≤ {max_delta:.1g}",
         )
+    delta = dp.delta - outside_delta
+    if delta <= 0:
+        raise PrivacyPlanError(
+            f"the group selection of the run's count releases takes δ={outside_delta:g}, all of dp.delta={dp.delta:g}",
+            where="dp.delta",
+            fix="raise dp.delta or lower fairness.count_selection_delta",
+        )
     q, per_epoch = poisson_schedule(n_train, batch_size)
     steps = per_epoch * local_epochs
     others = tuple(compact(also or []))
-    fixed = epsilon_spent(list(others), dp.delta, dp.accountant)
+    fixed = epsilon_spent(list(others), delta, dp.accountant)
     if fixed >= dp.target_epsilon:
         raise PrivacyPlanError(
             f"the run's other releases {list(others)} (σ, q, steps) alone spend "
@@ -160,7 +173,7 @@ def plan_dp(
             sigma = (
                 noise_multiplier
                 if noise_multiplier is not None
-                else calibrate_sigma(dp.target_epsilon, dp.delta, q, steps * rounds, dp.accountant, others)
+                else calibrate_sigma(dp.target_epsilon, delta, q, steps * rounds, dp.accountant, others)
             )
     except ValueError as exc:
         raise PrivacyPlanError(
@@ -176,9 +189,10 @@ def plan_dp(
         rounds=rounds,
         noise_multiplier=float(sigma),
         target_epsilon=dp.target_epsilon,
-        delta=dp.delta,
+        delta=delta,
         max_grad_norm=dp.max_grad_norm,
         accountant=dp.accountant,
+        outside_delta=outside_delta,
     )
 
 

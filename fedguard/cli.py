@@ -379,12 +379,22 @@ def _budget_table(paths: _NodeLedger) -> list[str]:
         budget = f"{s.budget.epsilon:8.3f}" if s.budget else f"{'-':>8}"
         remaining = f"{s.remaining:9.3f}" if s.remaining is not None else f"{'-':>9}"
         counts = f"{s.releases:8d} {s.pending:7d} {s.epsilon:8.3f}"
-        lines.append(f"{s.dataset_id[-40:]:40s} {counts} {budget} {remaining}  {s.delta:g}")
-        # Per run, the ε the node reported to that run's server (the privacy report's and `fedguard runs`' ε).
+        lines.append(
+            f"{s.dataset_id[-40:]:40s} {counts} {budget} {remaining}  {s.delta:g}{_selection_share(s.extra_delta)}"
+        )
+        # Per run, the ε the node reported to that run's server (the privacy report's and `fedguard runs`' ε)
+        # and the run's δ total, its count releases' group selection included (as the server shows it).
         lines += [
-            f"  run {r.run_id}: {r.releases} release(s), ε this run {r.epsilon:.3f} at δ={r.delta:g}" for r in s.runs
+            f"  run {r.run_id}: {r.releases} release(s), ε this run {r.epsilon:.3f} at δ={r.delta + r.extra_delta:.3g}"
+            + (f" (accountant δ {r.delta:g} + group selection {r.extra_delta:g})" if r.extra_delta else "")
+            for r in s.runs
         ]
     return lines
+
+
+def _selection_share(extra_delta: float) -> str:
+    """The part of a dataset's δ its count releases' group selection spent (the accountant gets the rest)."""
+    return f" ({extra_delta:g} of it by group selection)" if extra_delta else ""
 
 
 def cmd_client_inspect(args: argparse.Namespace) -> int:
@@ -446,7 +456,8 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     print(f"{args.file}: signature valid ({body.public_key_fingerprint}); ε recomputed with Opacus:")
     for ds in body.datasets:
         print(
-            f"  {ds.dataset_id}: {len(ds.releases)} release(s), ε={ds.epsilon:.4f} at δ={ds.delta:g} [{ds.accountant}]"
+            f"  {ds.dataset_id}: {len(ds.releases)} release(s), ε={ds.epsilon:.4f} at δ={ds.delta:g}"
+            f"{_selection_share(ds.extra_delta)} [{ds.accountant}]"
         )
     return 0
 

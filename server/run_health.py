@@ -5,13 +5,14 @@ One read model for every place a person looks — the CLI summary (``simulate``,
 
 - nodes by the name the operator knows (the kit's name; ``node-N`` in simulation), each round's
   status and reason (a refusal's reason starts with its class, the node's error code);
-- one ε per node: this run's at the run's δ (``dp.delta``), every release included (DP-SGD rounds
-  and the fairness-counts release: the node's accountant composes them at that δ, so the largest
-  value any authentic reply reported covers all; a reply the server rejected still counts, and a
-  reply lost after the node may have trained says to check the node's ledger). The owner's
-  budget δ only checks the budget and states the dataset's total;
-- δ as the total of every release: the run's δ plus, when the fairness counts left, the δ their
-  group selection adds (``fairness.count_selection_delta``);
+- one ε per node: this run's at the node's accountant δ (``dp.delta`` less the group selection its
+  count releases plan), every release included (DP-SGD rounds and the counts releases: the node's
+  accountant composes them at that δ, so the largest value any authentic reply reported covers all;
+  a reply the server rejected still counts, and a reply lost after the node may have trained says
+  to check the node's ledger). The owner's budget δ only checks the budget and states the
+  dataset's total;
+- δ as the total of every release: the accountant's δ plus the group selection of the count
+  releases that left (``fairness.count_selection_delta`` each): at most ``dp.delta``;
 - without DP, no ε for the updates ("updates not private"), the counts' ε apart;
 - warnings a reviewer must not miss: a node that never contributed (e.g. refused every round),
   no round scored although the run has a held-out set, a final model that is constant or skewed,
@@ -270,7 +271,8 @@ def _account(node: NodeHealth, run_delta: float | None, selection_delta: float) 
     node.counts_epsilon = num(node.count_values, R.EPSILON)
     if node.epsilon is None:
         return
-    delta = run_delta if run_delta is not None else num(node.count_values or node.last_values, R.DELTA)
+    reported_delta = num(node.count_values or node.last_values, R.DELTA)  # the node's accountant δ
+    delta = reported_delta if reported_delta is not None else run_delta
     # The node reports the selection δ of its count releases so far (mitigation's and the fairness counts');
     # older nodes did not: then the fairness counts' one release, where sent.
     reported = [

@@ -32,8 +32,10 @@ def test_dp_training_changes_model_and_stays_within_target(tabular_csv: Path, tm
         state = new
     assert 0 < eps[0] < eps[1] <= cfg.dp.target_epsilon
     # The reported ε is what Opacus's accountant gives for the recorded history.
+    # It is accounted at the run's δ less what the planned fairness counts' group selection takes.
     sigma, q = metrics[R.NOISE_MULTIPLIER], metrics[R.SAMPLE_RATE]
-    assert eps[1] == pytest.approx(epsilon_spent([(sigma, q, 2 * int(metrics[R.STEPS]))], cfg.dp.delta))
+    assert metrics[R.DELTA] == pytest.approx(cfg.dp.delta - cfg.fairness.count_selection_delta)
+    assert eps[1] == pytest.approx(epsilon_spent([(sigma, q, 2 * int(metrics[R.STEPS]))], metrics[R.DELTA]))
     # The exact training-set size never leaves: the weight is rounded to 100.
     assert metrics[R.NUM_EXAMPLES] % 100 == 0
     log = (tmp_path / "node" / "node.log").read_text(encoding="utf-8")

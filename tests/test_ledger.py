@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -12,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from opacus.accountants import RDPAccountant
 
+from client import ledger as ledger_module
 from client.app import app as client_app
 from client.ledger import Budget, BudgetExceeded, Ledger, LedgerError, Release, restore
 from common import records as R
@@ -267,3 +269,111 @@ def test_a_node_whose_ledger_lives_elsewhere_finds_it_and_shows_only_its_own_dat
                 "--out", str(out)]) == 0  # fmt: skip
     body = verify_export(out)
     assert [d.dataset_id for d in body.datasets] == ["ds-b"] and body.datasets[0].epsilon == pytest.approx(spent["b"])
+
+
+# -- δ spent outside the accountant: a count release's group selection ------------------------------------------------
+def _counts_release(message_id: str, extra_delta: float, run_id: str = "r") -> Release:
+    return Release("ds", run_id, 3, message_id, 5.0, 1.0, 1, 1e-5, 1.0, "rdp", "gaussian-counts", extra_delta)
+
+
+def test_the_budget_counts_the_delta_a_count_releases_group_selection_spends(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Budget (ε, 1e-5): a count release whose group selection adds 1e-7 leaves the accountant 1e-5 − 1e-7, so the
+    dataset's ε is the larger value at that δ, and a release whose selection would take the whole δ is refused."""
+    rounds = (1.0, 0.1, 50)
+    work = tmp_path / "node"
+    with Ledger(work / "ledger.db") as ledger:
+        ledger.reserve(Release("ds", "r", 1, "m1", *rounds, 1e-5, 1.0, "rdp"), Budget(100.0, 1e-5))
+        ledger.reserve(_counts_release("m2", 1e-7), Budget(100.0, 1e-5))
+        with pytest.raises(BudgetExceeded, match=r"spent by group selection\); this release"):
+            ledger.reserve(_counts_release("m3", 1e-5), Budget(100.0, 1e-5))
+        (ds,) = ledger.summaries()
+        rows = ledger.releases("ds")
+    assert len(rows) == 2 and sum(r["extra_delta"] for r in rows) == 1e-7
+    assert ds.epsilon == pytest.approx(opacus_epsilon(rows, 1e-5 - 1e-7), rel=1e-9)
+    assert ds.epsilon > opacus_epsilon(rows, 1e-5)  # what the ledger said before it counted the selection
+    (run,) = ds.runs
+    assert (run.delta, run.extra_delta) == (1e-5, 1e-7)
+    # The owner sees the dataset's δ split and the run's δ total, as the server shows it.
+    assert cli(["client", "budget", "--workdir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "1e-05 (1e-07 of it by group selection)" in out
+    assert "at δ=1.01e-05 (accountant δ 1e-05 + group selection 1e-07)" in out
+    # A budget that the DP-SGD rounds and the counts fit only at the full δ refuses the counts.
+    exact = opacus_epsilon(rows, 1e-5)
+    with Ledger(tmp_path / "other.db") as ledger:
+        ledger.reserve(Release("ds", "r", 1, "m1", *rounds, 1e-5, 1.0, "rdp"), Budget(exact * 1.00001, 1e-5))
+        with pytest.raises(BudgetExceeded):
+            ledger.reserve(_counts_release("m2", 1e-7), Budget(exact * 1.00001, 1e-5))
+
+
+def test_a_ledger_written_before_the_selection_delta_counts_its_count_releases(tmp_path: Path) -> None:
+    """A ledger file from before ``extra_delta`` existed opens, and its count releases count the default selection δ."""
+    path = tmp_path / "ledger.db"
+    (new_line,) = [line for line in ledger_module.SCHEMA.splitlines(keepends=True) if "extra_delta" in line]
+    old_schema = ledger_module.SCHEMA.replace(new_line, "")
+    assert old_schema != ledger_module.SCHEMA
+    db = sqlite3.connect(path)
+    db.executescript(old_schema)
+    for seq, (mechanism, sigma, q, steps) in enumerate([("dp-sgd", 1.0, 0.1, 50), ("gaussian-counts", 5.0, 1.0, 1)]):
+        db.execute(
+            "INSERT INTO releases(dataset_id, run_id, round, message_id, mechanism, noise_multiplier, sample_rate, "
+            "steps, delta, max_grad_norm, accountant, status, created_at) VALUES ('ds','r',1,?,?,?,?,?,1e-5,1,'rdp',"
+            "'confirmed',0)",
+            (f"m{seq}", mechanism, sigma, q, steps),
+        )
+    db.commit()
+    db.close()
+    with Ledger(path) as ledger:
+        rows = ledger.releases("ds")
+        assert [r["extra_delta"] for r in rows] == [0.0, 1e-7]
+        assert ledger.would_spend("ds", [], 1e-5, "rdp") == pytest.approx(opacus_epsilon(rows, 1e-5 - 1e-7))
+
+
+def test_a_signed_export_states_the_selection_delta_and_a_changed_one_fails(tmp_path: Path) -> None:
+    work = tmp_path / "node"
+    with Ledger(work / "ledger.db") as ledger:
+        ledger.reserve(Release("ds", "r", 1, "m1", 1.0, 0.1, 50, 1e-5, 1.0, "rdp"), Budget(100.0, 1e-5))
+        ledger.reserve(_counts_release("m2", 1e-7), Budget(100.0, 1e-5))
+    key, export = node_key(tmp_path), tmp_path / "export.json"
+    assert cli(["client", "ledger", "export", "--workdir", str(work), "--key", str(key), "--out", str(export)]) == 0
+    (ds,) = verify_export(export).datasets
+    assert ds.extra_delta == 1e-7 and [r.extra_delta for r in ds.releases] == [0.0, 1e-7]
+    assert ds.epsilon == pytest.approx(opacus_epsilon([r.model_dump() for r in ds.releases], 1e-5 - 1e-7), rel=1e-9)
+    doc = json.loads(export.read_text())
+    doc["export"]["datasets"][0]["releases"][1]["extra_delta"] = 0.0  # a node hiding its selection δ
+    export.write_text(json.dumps(doc))
+    with pytest.raises(ExportError, match="bad signature"):
+        verify_export(export)
+
+
+def test_an_export_signed_before_format_2_still_verifies(tmp_path: Path) -> None:
+    """A reviewer's format-1 export (no selection δ field, signed without it) keeps verifying."""
+    from common.kit.keys import load_node_private_key
+    from common.ledger_export import ExportedDataset, ExportedRelease, LedgerExport, public_openssh, ssh_fingerprint
+
+    key = node_key(tmp_path).read_bytes()
+    row = {"run_id": "r", "round": 1, "message_id": "m1", "mechanism": "dp-sgd", "noise_multiplier": 1.0,
+           "sample_rate": 0.1, "steps": 50, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "rdp",
+           "status": "confirmed", "created_at": 0.0}  # fmt: skip
+    eps = opacus_epsilon([row], 1e-5)
+    pub = public_openssh(key)
+    body = LedgerExport(
+        format="fedguard-ledger-export/1", ledger_id="l", created_at=0.0, public_key=pub,
+        public_key_fingerprint=ssh_fingerprint(pub),
+        datasets=[ExportedDataset(dataset_id="ds", budget_epsilon=10.0, budget_delta=1e-5, epsilon=eps, delta=1e-5,
+                                  accountant="rdp", releases=[ExportedRelease.model_validate(row)])],
+    )  # fmt: skip
+    doc = body.model_dump(mode="json")
+    for ds in doc["datasets"]:  # what a format-1 node wrote and signed
+        ds.pop("extra_delta")
+        for r in ds["releases"]:
+            r.pop("extra_delta")
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    sig = load_node_private_key(key, where="k", error=ExportError).sign(canonical, ec.ECDSA(hashes.SHA384()))
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps({"export": doc, "signature": base64.b64encode(sig).decode()}))
+    assert verify_export(path).datasets[0].epsilon == eps
+    doc["datasets"][0]["releases"][0]["extra_delta"] = 1e-6  # a field format 1 never signed
+    path.write_text(json.dumps({"export": doc, "signature": base64.b64encode(sig).decode()}))
+    with pytest.raises(ExportError, match="outside the accountant"):
+        verify_export(path)

@@ -177,10 +177,13 @@ def test_counts_release_is_reserved_before_noise(tmp_path: Path, monkeypatch: py
     assert (row["noise_multiplier"], row["sample_rate"], row["steps"]) == counts_release(z)[0]
     assert row["max_grad_norm"] == pytest.approx(math.sqrt(len(counts)))
     assert noisy.sigma == counts_mechanism(z, len(counts)).sigma == pytest.approx(z * math.sqrt(len(counts)))
-    # Composed and reported at the run's δ (dp.delta = 1e-4), not the owner's budget δ (1e-5): one δ per run.
-    assert row["delta"] == cfg.dp.delta != rich.budget_delta
-    assert spend.epsilon_run == pytest.approx(epsilon_spent(counts_release(z), cfg.dp.delta, cfg.dp.accountant))
-    assert spend.epsilon_total == pytest.approx(epsilon_spent(counts_release(z), rich.budget_delta, cfg.dp.accountant))
+    # Composed and reported at the run's δ (dp.delta = 1e-4), not the owner's budget δ (1e-5): one δ per run, of
+    # which the group selection takes its share (recorded with the release) and the accountant the rest.
+    sel = cfg.fairness.count_selection_delta
+    assert row["delta"] == pytest.approx(cfg.dp.delta - sel) and row["extra_delta"] == sel
+    assert spend.epsilon_run == pytest.approx(epsilon_spent(counts_release(z), cfg.dp.delta - sel, cfg.dp.accountant))
+    total = epsilon_spent(counts_release(z), rich.budget_delta - sel, cfg.dp.accountant)
+    assert spend.epsilon_total == pytest.approx(total)
 
 
 def test_rounds_and_counts_of_a_run_compose_at_one_delta(tmp_path: Path, trained: list[DPPlan | None]) -> None:
@@ -191,15 +194,17 @@ def test_rounds_and_counts_of_a_run_compose_at_one_delta(tmp_path: Path, trained
     privacy = NodePrivacy(cfg, s, RecordDict(), "run")
     last = [train(privacy, rnd, f"m{rnd}") for rnd in range(1, cfg.rounds + 1)][-1]
     _, spend = privacy.release_counts(_counts(cfg), round_=cfg.rounds, message_id="c", min_group_size=20)
-    assert last[R.DELTA] == cfg.dp.delta and spend.epsilon_run > last[R.EPSILON]
+    accounted = cfg.dp.delta - cfg.fairness.count_selection_delta
+    assert last[R.DELTA] == pytest.approx(accounted) and spend.epsilon_run > last[R.EPSILON]
     plan = trained[-1]
     assert plan is not None
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * cfg.rounds
     history += counts_release(cfg.fairness.count_noise_multiplier)
-    assert spend.epsilon_run == pytest.approx(epsilon_spent(history, cfg.dp.delta, cfg.dp.accountant), rel=1e-9)
+    assert spend.epsilon_run == pytest.approx(epsilon_spent(history, accounted, cfg.dp.accountant), rel=1e-9)
     with Ledger(s.ledger_path, s.marker_dir) as ledger:
         (run,) = ledger.summaries()[0].runs
-    assert run.delta == cfg.dp.delta and run.epsilon == pytest.approx(spend.epsilon_run, rel=1e-9)  # client budget
+    assert run.delta + run.extra_delta == pytest.approx(cfg.dp.delta, rel=1e-12)  # client budget: the run's δ total
+    assert run.epsilon == pytest.approx(spend.epsilon_run, rel=1e-9)
 
 
 def test_sigma_has_one_home() -> None:

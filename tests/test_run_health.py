@@ -271,8 +271,9 @@ features = [{name = "a", type = "numeric", range = [-3, 3]}, {name = "b", type =
         assert by_dashboard[name] == pytest.approx(by_summary[name], abs=1e-12)
     counted = {c["name"]: c["count_release"] for c in report["clients"]}
     assert counted["node-0"]["status"] == "accepted" and counted["node-0"]["epsilon_run"] == by_report["node-0"]
-    # δ in total: the run's δ (dp.delta = 1e-4; the owner's budget δ, 1e-5, only checks the budget) plus the
-    # counts' group selection; and the one ε is every release composed at it, never below a round's.
+    # δ in total: the run's δ (dp.delta = 1e-4; the owner's budget δ, 1e-5, only checks the budget), of which the
+    # counts' group selection takes 1e-7 and the accountant the rest; the one ε is every release composed at
+    # the accountant's δ, never below a round's.
     cfg = tabular_config()  # same accountant; σ, q and steps come from what the node reported
     with RunStore(store) as rs:
         rows, count_rows = rs.client_rounds(1), rs.count_releases(1)
@@ -280,13 +281,13 @@ features = [{name = "a", type = "numeric", range = [-3, 3]}, {name = "b", type =
         node = next(n for n in summary["nodes"] if n["name"] == name)
         mine = [r for r in rows if r["node_id"] == node["node_id"]]
         last = mine[-1]["values"]
-        assert last[R.DELTA] == 1e-4 and last[R.EPSILON] <= node["epsilon"]
-        assert next(c for c in count_rows if c["node_id"] == node["node_id"])["values"][R.DELTA] == 1e-4
+        assert last[R.DELTA] == pytest.approx(1e-4 - 1e-7) and last[R.EPSILON] <= node["epsilon"]
+        assert next(c for c in count_rows if c["node_id"] == node["node_id"])["values"][R.DELTA] == last[R.DELTA]
         history = [(last[R.NOISE_MULTIPLIER], last[R.SAMPLE_RATE], last[R.STEPS])] * len(mine)
         history += counts_release(FairnessConfig().count_noise_multiplier)
-        assert node["epsilon"] == pytest.approx(epsilon_spent(history, 1e-4, cfg.dp.accountant), rel=1e-6)
-        assert node["delta_total"] == pytest.approx(1e-4 + 1e-7)
-    assert summary["delta_total"] == pytest.approx(1e-4 + 1e-7) == report["delta_total"]
+        assert node["epsilon"] == pytest.approx(epsilon_spent(history, 1e-4 - 1e-7, cfg.dp.accountant), rel=1e-6)
+        assert node["delta_total"] == pytest.approx(1e-4, rel=1e-9)
+    assert summary["delta_total"] == pytest.approx(1e-4, rel=1e-9) == report["delta_total"]
     assert detail["health"]["delta_total"] == pytest.approx(summary["delta_total"])
     assert detail["health"]["warnings"] == summary["warnings"] == report["warnings"]
 
@@ -381,10 +382,11 @@ def test_an_update_rejected_by_the_server_still_counts_in_the_nodes_epsilon(tabu
         with RunStore(path) as store:
             store.record_round(run, rnd, 0.0, [outcome.row()], aggregated=outcome.status == "accepted")
     assert outcome.status == "rejected" and "exceeds server.max_update_norm" in (outcome.reason or "")
-    assert outcome.values[R.EPSILON] == epsilons[1] and outcome.values[R.DELTA] == cfg.dp.delta
+    accounted = cfg.dp.delta - cfg.fairness.count_selection_delta  # the counts' selection, planned, is the rest
+    assert outcome.values[R.EPSILON] == epsilons[1] and outcome.values[R.DELTA] == pytest.approx(accounted)
     (node,) = run_health(path, run).nodes
     assert epsilons[1] > epsilons[0] and node.epsilon == epsilons[1]
-    assert node.delta_total == cfg.dp.delta and node.tally == "accepted 1/2, rejected 1/2"
+    assert node.delta_total == pytest.approx(accounted) and node.tally == "accepted 1/2, rejected 1/2"
 
 
 def test_a_lost_counts_reply_says_the_ledger_may_hold_more(tmp_path: Path) -> None:
