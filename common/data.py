@@ -74,10 +74,10 @@ def _data_format(path: Path, schema: DataSchema) -> str:
 _SPREADSHEETS = {".xlsx", ".xlsm", ".xls", ".ods", ".numbers"}
 
 
-def _repeated_header_names(path: Path, encoding: str) -> None:
+def _repeated_header_names(path: Path, encoding: str, delimiter: str) -> None:
     """A CSV header that names a column twice: pandas would silently read the second as 'name.1'."""
     with path.open(encoding=encoding, newline="") as fh:
-        header = next(csv.reader(fh), [])
+        header = next(csv.reader(fh, delimiter=delimiter), [])
     seen: dict[str, list[int]] = {}
     for i, name in enumerate(header, 1):
         if name.strip():  # unnamed columns (a spreadsheet's trailing commas) get pandas' own 'Unnamed: i'
@@ -124,12 +124,17 @@ def _read_csv(path: Path, schema: DataSchema) -> pd.DataFrame:
     if schema.text_column:
         str_cols.append(schema.text_column)
     # Declared-category, label, group and text columns stay strings, so "01" is not read as 1.
-    kwargs: dict[str, Any] = {"encoding": enc, "dtype": dict.fromkeys(str_cols, str)}
+    kwargs: dict[str, Any] = {
+        "encoding": enc,
+        "sep": schema.delimiter,
+        "decimal": schema.decimal,
+        "dtype": dict.fromkeys(str_cols, str),
+    }
     try:
-        _repeated_header_names(path, enc)
+        _repeated_header_names(path, enc, schema.delimiter)
         if schema.text_column:
             # Text is kept verbatim: a review reading "NA" or "None" is text, not a missing value.
-            header = pd.read_csv(path, encoding=enc, nrows=0).columns
+            header = pd.read_csv(path, encoding=enc, sep=schema.delimiter, nrows=0).columns
             kwargs["keep_default_na"] = False
             kwargs["na_values"] = {c: ([""] if c == schema.text_column else _CSV_NA) for c in header}
         return pd.read_csv(path, **kwargs)
@@ -198,11 +203,21 @@ def check_columns(df: pd.DataFrame, schema: DataSchema, source: str) -> None:
     missing = [c for c in schema.required_columns() if c not in have]
     if not missing:
         return
-    separator = next((sep for sep in (";", "\t", "|") if len(available) == 1 and sep in available[0]), None)
-    if separator is not None:  # one column whose name holds the others: not a comma-separated file
+    separator = next(
+        (
+            sep
+            for sep in (";", "\t", "|", ",")
+            if len(available) == 1 and sep != schema.delimiter and sep in available[0]
+        ),
+        None,
+    )
+    if separator is not None:  # one column whose name holds the others: written with another delimiter
+        comma = ' (and decimal = "," if its numbers are written 3,5)' if separator != "," else ""
         fix = (
-            f"the file looks {separator!r}-separated (its one column name holds {separator!r}); FedGuard reads "
-            "comma-separated CSV: save the file with ',' between fields (and '.' as the decimal mark), or as Parquet"
+            f"the file looks {separator!r}-separated (its one column name holds {separator!r}), not "
+            f"{schema.delimiter!r}: set delimiter = {json.dumps(separator)}{comma} in the data schema (a node's own "
+            "--schema file; `fedguard schema draft` detects both), or save the file with "
+            f"{schema.delimiter!r} between fields"
         )
     else:
         fix = "rename the columns in the file or correct the names in the data schema (names are case-sensitive)"

@@ -87,6 +87,10 @@ class DataSchema(BaseModel):
     format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
     #: Text encoding for CSV and JSONL files.
     encoding: str = "utf-8"
+    #: How a CSV file is written: the character between fields (``";"`` in many European Excel exports, ``"\t"``)
+    #: and the decimal mark of its numbers. A node's own schema may set these for its own file.
+    delimiter: str = Field(",", min_length=1, max_length=1)
+    decimal: Literal[".", ","] = "."
     #: Optional column naming the person a record is about (e.g. a patient id). Each unit keeps at
     #: most ``max_records_per_unit`` records (the first ones in file order), and reports add the
     #: group-privacy ε for a whole unit to the record-level ε.
@@ -95,6 +99,11 @@ class DataSchema(BaseModel):
 
     @model_validator(mode="after")
     def _check_task(self) -> DataSchema:
+        if self.delimiter in ('"', "\n", "\r") or self.delimiter == self.decimal:
+            raise ValueError(
+                f"delimiter {self.delimiter!r} cannot separate fields"
+                + (f" (it is also the decimal mark {self.decimal!r})" if self.delimiter == self.decimal else "")
+            )
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("'classes' has duplicates")
         if self.task == "text":

@@ -41,6 +41,34 @@ class Draft:
     skipped: list[str] = field(default_factory=list)
 
 
+#: Field delimiters a CSV header line is checked for (the first is the default when none appears).
+_DELIMITERS = (",", ";", "\t", "|")
+_DECIMAL_COMMA = r"^\s*[+-]?\d+,\d+\s*$"
+_COMMA_NUMBER = r"^\s*[+-]?\d+(,\d+)?\s*$"
+
+
+def _delimiter(path: Path, encoding: str) -> str:
+    """The delimiter a CSV file's header line uses most (``","`` when it holds none): European Excel writes ``;``."""
+    try:
+        with path.open(encoding=encoding, errors="replace", newline="") as fh:
+            header = fh.readline()
+    except (OSError, LookupError):
+        return ","  # reading the table reports it
+    return max(_DELIMITERS, key=header.count) if any(d in header for d in _DELIMITERS) else ","
+
+
+def _decimal_commas(df: pd.DataFrame, reserved: set[str]) -> bool:
+    """Whether some column's numbers are written with a decimal comma (``3,5``) and all of its values are such
+    numbers: read with ``decimal = "."`` they would be text."""
+    for col in df.columns:
+        if str(col) in reserved or pd.api.types.is_numeric_dtype(df[col].dtype):
+            continue
+        present = df[col].dropna().astype(str)
+        if len(present) and present.str.match(_DECIMAL_COMMA).any() and present.str.match(_COMMA_NUMBER).all():
+            return True
+    return False
+
+
 def _split_names(text: str | None) -> list[str]:
     return [name.strip() for name in (text or "").split(",") if name.strip()]
 
@@ -200,11 +228,15 @@ def draft_schema(
     classes: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     max_categories: int = MAX_CATEGORIES,
+    encoding: str = "utf-8",
 ) -> Draft:
     """Read ``path`` locally and draft its schema: every other column becomes a feature (tabular),
-    except ``sensitive`` (kept for audits, never a model input), ``exclude`` and, for text, all but ``text``."""
+    except ``sensitive`` (kept for audits, never a model input), ``exclude`` and, for text, all but ``text``.
+    A CSV file's delimiter and decimal mark are detected and go into the draft."""
     p = Path(path)
     source = str(p)
+    csv_file = p.suffix.lower() == ".csv"
+    delimiter = _delimiter(p, encoding) if csv_file else ","
     # The columns the draft needs, unvalidated (classes and features are what the draft finds out).
     wanted = DataSchema.model_construct(
         task="text" if text else "tabular",
@@ -215,9 +247,14 @@ def draft_schema(
         sensitive=list(sensitive),
         privacy_unit=None,
         format="auto",
-        encoding="utf-8",
+        encoding=encoding,
+        delimiter=delimiter,
+        decimal=".",
     )
     df = read_table(p, wanted)  # the file's own errors: not found, format, encoding, no rows
+    if csv_file and delimiter != "," and _decimal_commas(df, {label, *sensitive, *exclude, text or ""}):
+        wanted = wanted.model_copy(update={"decimal": ","})
+        df = read_table(p, wanted)
     missing_excluded = [c for c in exclude if c not in df.columns]
     if missing_excluded:
         check_columns(df, wanted.model_copy(update={"sensitive": missing_excluded}), source)
@@ -261,6 +298,9 @@ def draft_schema(
             label=label,
             classes=found_classes,
             sensitive=list(sensitive),
+            encoding=encoding,
+            delimiter=wanted.delimiter,
+            decimal=wanted.decimal,
         )
     except ValidationError as exc:
         raise ConfigError("the drafted schema is not valid:\n" + format_validation_error(exc, source)) from None
@@ -311,6 +351,11 @@ def render(draft: Draft) -> str:
         f"classes = {_toml(s.classes)}",
         f"sensitive = {_toml(s.sensitive)}  # kept for fairness audits; never a model input",
     ]
+    layout = [f"{key} = {_toml(getattr(s, key))}" for key in ("encoding", "delimiter", "decimal")
+              if getattr(s, key) != DataSchema.model_fields[key].default]  # fmt: skip
+    if layout:
+        lines.append("# how this file is written (a node's own --schema may differ here for its own file):")
+        lines += layout
     for col in (s.text_column, s.label):
         lines += [f"# {col}: {note}" for note in draft.notes.get(col or "", [])]
     if s.features:
@@ -333,6 +378,7 @@ def cmd_schema_draft(args: argparse.Namespace) -> int:
         classes=_split_names(args.classes) or None,
         exclude=_split_names(args.exclude),
         max_categories=args.max_categories,
+        encoding=args.encoding,
     )
     text = render(draft)
     if not args.out:
@@ -357,7 +403,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "draft",
         help="draft a data schema from your own data file, for you to review (nothing leaves this machine)",
         description="Read a CSV, Parquet or JSONL file on this machine and print a draft [data.schema]: label "
-        "classes, numeric features with ranges (rounded outward), categorical features with their categories. "
+        "classes, numeric features with ranges (rounded outward), categorical features with their categories, "
+        "and a CSV file's delimiter and decimal mark. "
         "Sensitive columns are kept for audits and never made features. Nothing is sent anywhere; review the "
         "draft before it goes into a run config, which the server and every node see.",
     )
@@ -372,6 +419,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         type=int,
         default=MAX_CATEGORIES,
         help=f"leave out text columns with more distinct values (default {MAX_CATEGORIES})",
+    )
+    d.add_argument(
+        "--encoding",
+        default="utf-8",
+        help='the file\'s text encoding (default utf-8; Western Excel exports are often "cp1252")',
     )
     d.add_argument("--out", help="write the draft to this file (default: stdout)")
     d.add_argument("--force", action="store_true", help="overwrite --out if it exists")

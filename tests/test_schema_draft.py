@@ -141,11 +141,6 @@ def test_clear_errors_for_missing_file_and_columns(tmp_path: Path) -> None:
     with pytest.raises(DataError) as exc:
         draft_schema(path, "Y")
     assert "missing required column(s) 'Y'" in str(exc.value) and "'Y' -> 'y'" in (exc.value.fix or "")
-    # a European spreadsheet's export: ';' between fields, ',' as the decimal mark
-    make_tabular(20).to_csv(semi := tmp_path / "semi.csv", index=False, sep=";", decimal=",")
-    with pytest.raises(DataError) as exc:
-        draft_schema(semi, "y")
-    assert "the file looks ';'-separated" in (exc.value.fix or "") and "comma-separated CSV" in (exc.value.fix or "")
     with pytest.raises(DataError, match="'sex'"):
         draft_schema(path, "y", sensitive=["sex"])
     with pytest.raises(DataError, match="'ID'"):
@@ -211,3 +206,33 @@ def test_numbers_and_dates_written_as_text_get_a_specific_fix(tmp_path: Path) ->
     with pytest.raises(DataError) as err:
         load_encoded(path, schema)
     assert "write them without separators" in (err.value.fix or "")
+
+
+def test_a_european_excel_export_is_drafted_and_read_as_written(tmp_path: Path) -> None:
+    """';' between fields, ',' as the decimal mark, cp1252 text with accents, CRLF lines: the draft says how the file
+    is written, and a node reading it with that schema gets the same numbers and categories as the owner's pandas."""
+    df = make_tabular(60, seed=3)
+    df["région"] = ["Île-de-France", "Bretagne", "Provence"] * 20
+    path = tmp_path / "export.csv"
+    df.to_csv(path, index=False, sep=";", decimal=",", encoding="cp1252", lineterminator="\r\n")
+    with pytest.raises(DataError, match="not valid utf-8"):  # told how to say the encoding
+        draft_schema(path, "y", sensitive=["group"])
+    assert cli(["schema", "draft", "--data", str(path), "--label", "y", "--sensitive", "group",
+                "--encoding", "cp1252", "--out", str(out := tmp_path / "schema.toml")]) == 0  # fmt: skip
+    drafted = tomllib.loads(out.read_text(encoding="utf-8"))
+    assert (drafted["encoding"], drafted["delimiter"], drafted["decimal"]) == ("cp1252", ";", ",")
+    schema = load_schema(str(out))
+    assert [(f.name, f.type) for f in schema.features] == [
+        ("a", "numeric"), ("b", "numeric"), ("c", "categorical"), ("région", "categorical")
+    ]  # fmt: skip
+    encoded = load_encoded(path, schema)
+    assert len(encoded) == 60 and encoded.x.shape[1] == 4
+    assert sorted(schema.features[3].categories or []) == sorted({"Île-de-France", "Bretagne", "Provence"})
+    # What the node's features hold: the file's numbers, not 3 and 5 from "3,5".
+    assert schema.features[0].range is not None and schema.features[0].range[0] < df["a"].min()
+    # A node whose schema says ',' (the default) is told which delimiter the file uses and how to say so.
+    with pytest.raises(DataError) as exc:
+        load_encoded(path, schema.model_copy(update={"delimiter": ",", "decimal": "."}))
+    assert 'set delimiter = ";" (and decimal = "," if its numbers are written 3,5)' in (exc.value.fix or "")
+    with pytest.raises(ValueError, match="also the decimal mark"):
+        DataSchema.model_validate({**schema.model_dump(), "delimiter": ",", "decimal": ","})
