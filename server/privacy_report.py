@@ -403,7 +403,7 @@ def _blocks(rep: PrivacyReport) -> list[Block]:
                     "C",
                     "q",
                     "steps/round",
-                    "δ (DP-SGD)",
+                    "δ (accountant)",
                     "accountant",
                     "ε this run",
                     "δ total (of that ε)",
