@@ -31,7 +31,7 @@ from common.tokenizer import encode_texts
 log = logging.getLogger(__name__)
 
 #: Bump when the encoding of any value changes, so stale cache files are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: CSV fields read without the spaces after a delimiter ("39, State-gov")
 
 #: Group value used for a missing sensitive attribute (kept, so audits see the missing group).
 MISSING_GROUP = "missing"
@@ -77,7 +77,7 @@ _SPREADSHEETS = {".xlsx", ".xlsm", ".xls", ".ods", ".numbers"}
 def _repeated_header_names(path: Path, encoding: str, delimiter: str) -> None:
     """A CSV header that names a column twice: pandas would silently read the second as 'name.1'."""
     with path.open(encoding=encoding, newline="") as fh:
-        header = next(csv.reader(fh, delimiter=delimiter), [])
+        header = next(csv.reader(fh, delimiter=delimiter, skipinitialspace=True), [])
     seen: dict[str, list[int]] = {}
     for i, name in enumerate(header, 1):
         if name.strip():  # unnamed columns (a spreadsheet's trailing commas) get pandas' own 'Unnamed: i'
@@ -88,7 +88,7 @@ def _repeated_header_names(path: Path, encoding: str, delimiter: str) -> None:
         raise DataError(
             f"the header names column {name!r} {len(cols)} times (columns {', '.join(map(str, cols))})",
             where=f"{path}:line 1",
-            fix="give every column its own name in the header, then export the file again",
+            fix=_data_row_fix(header) or "give every column its own name in the header, then export the file again",
         )
 
 
@@ -123,18 +123,20 @@ def _read_csv(path: Path, schema: DataSchema) -> pd.DataFrame:
     str_cols += [f.name for f in schema.features if f.type == "categorical"]
     if schema.text_column:
         str_cols.append(schema.text_column)
-    # Declared-category, label, group and text columns stay strings, so "01" is not read as 1.
+    # Declared-category, label, group and text columns stay strings, so "01" is not read as 1. Spaces after a
+    # delimiter are layout, not data (UCI's "39, State-gov, 77516"): a name or category never starts with one.
     kwargs: dict[str, Any] = {
         "encoding": enc,
         "sep": schema.delimiter,
         "decimal": schema.decimal,
+        "skipinitialspace": True,
         "dtype": dict.fromkeys(str_cols, str),
     }
     try:
         _repeated_header_names(path, enc, schema.delimiter)
         if schema.text_column:
             # Text is kept verbatim: a review reading "NA" or "None" is text, not a missing value.
-            header = pd.read_csv(path, encoding=enc, sep=schema.delimiter, nrows=0).columns
+            header = pd.read_csv(path, encoding=enc, sep=schema.delimiter, skipinitialspace=True, nrows=0).columns
             kwargs["keep_default_na"] = False
             kwargs["na_values"] = {c: ([""] if c == schema.text_column else _CSV_NA) for c in header}
         return pd.read_csv(path, **kwargs)
@@ -219,6 +221,8 @@ def check_columns(df: pd.DataFrame, schema: DataSchema, source: str) -> None:
             "--schema file; `fedguard schema draft` detects both), or save the file with "
             f"{schema.delimiter!r} between fields"
         )
+    elif data_row := _data_row_fix(available):
+        fix = data_row
     else:
         fix = "rename the columns in the file or correct the names in the data schema (names are case-sensitive)"
         hints = [f"{col!r} -> {close!r}?" for col in missing if (close := closest_name(col, available))]
@@ -230,6 +234,20 @@ def check_columns(df: pd.DataFrame, schema: DataSchema, source: str) -> None:
         where=source,
         fix=fix,
     )
+
+
+def _data_row_fix(header: Sequence[str]) -> str | None:
+    """The fix for a file without a header line (its first line holds numbers where names belong), else None."""
+    for name in header:
+        try:
+            float(name)
+        except ValueError:
+            continue
+        return (
+            f"the file's first line looks like a data row (it holds {name.strip()!r}), not column names: add a "
+            "header line naming the columns (in file order), then read the file again"
+        )
+    return None
 
 
 def _check_file(p: Path) -> None:

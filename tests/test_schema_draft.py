@@ -236,3 +236,25 @@ def test_a_european_excel_export_is_drafted_and_read_as_written(tmp_path: Path) 
     assert 'set delimiter = ";" (and decimal = "," if its numbers are written 3,5)' in (exc.value.fix or "")
     with pytest.raises(ValueError, match="also the decimal mark"):
         DataSchema.model_validate({**schema.model_dump(), "delimiter": ",", "decimal": ","})
+
+
+def test_a_uci_style_file_reads_without_the_spaces_after_its_commas(tmp_path: Path) -> None:
+    """UCI's files write "39, State-gov, 77516, Male": names, categories and labels carry no leading space, and a file
+    without a header line is told so instead of 'no column income'."""
+    rows = [f"{20 + i % 50}, {['Private', 'State-gov', '?'][i % 3]}, {10 + i % 60}, {['Male', 'Female'][i % 2]}, "
+            f"{['<=50K', '>50K'][(i // 3) % 2]}" for i in range(90)]  # fmt: skip
+    path = tmp_path / "adult.csv"
+    path.write_text("age, workclass, hours, sex, income\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    draft = draft_schema(path, "income", sensitive=["sex"])
+    assert draft.schema.classes == ["<=50K", ">50K"]
+    assert [(f.name, f.categories) for f in draft.schema.features] == [
+        ("age", None), ("workclass", ["?", "Private", "State-gov"]), ("hours", None)
+    ]  # fmt: skip
+    encoded = load_encoded(path, draft.schema)
+    assert len(encoded) == 90 and encoded.y.tolist()[:6] == [0, 0, 0, 1, 1, 1]
+    headless = tmp_path / "adult-data.csv"
+    headless.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    for schema in (None, draft.schema):  # drafting it, and a node reading it
+        with pytest.raises(DataError) as exc:
+            draft_schema(headless, "income") if schema is None else load_encoded(headless, schema)
+        assert "first line looks like a data row (it holds '20')" in (exc.value.fix or "")
