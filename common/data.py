@@ -36,7 +36,11 @@ CACHE_VERSION = 2  # 2: CSV fields read without the spaces after a delimiter ("3
 #: Group value used for a missing sensitive attribute (kept, so audits see the missing group).
 MISSING_GROUP = "missing"
 
-_EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+_EXTENSIONS = {
+    **dict.fromkeys((".csv", ".tsv"), "csv"),
+    **dict.fromkeys((".parquet", ".pq"), "parquet"),
+    **dict.fromkeys((".jsonl", ".ndjson"), "jsonl"),
+}
 
 #: pandas' default missing-value markers (read_csv docs); applied to every column but the text column.
 _CSV_NA = [

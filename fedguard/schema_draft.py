@@ -235,7 +235,7 @@ def draft_schema(
     A CSV file's delimiter and decimal mark are detected and go into the draft."""
     p = Path(path)
     source = str(p)
-    csv_file = p.suffix.lower() == ".csv"
+    csv_file = p.suffix.lower() in (".csv", ".tsv")
     delimiter = _delimiter(p, encoding) if csv_file else ","
     # The columns the draft needs, unvalidated (classes and features are what the draft finds out).
     wanted = DataSchema.model_construct(

@@ -234,6 +234,9 @@ def test_a_european_excel_export_is_drafted_and_read_as_written(tmp_path: Path) 
     with pytest.raises(DataError) as exc:
         load_encoded(path, schema.model_copy(update={"delimiter": ",", "decimal": "."}))
     assert 'set delimiter = ";" (and decimal = "," if its numbers are written 3,5)' in (exc.value.fix or "")
+    tsv = tmp_path / "export.tsv"  # a tab-separated export is CSV with another delimiter
+    df.to_csv(tsv, index=False, sep="\t")
+    assert draft_schema(tsv, "y", sensitive=["group"]).schema.delimiter == "\t"
     with pytest.raises(ValueError, match="also the decimal mark"):
         DataSchema.model_validate({**schema.model_dump(), "delimiter": ",", "decimal": ","})
 
