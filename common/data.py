@@ -459,10 +459,21 @@ def _shown(values: Sequence[str], limit: int = 20) -> str:
     return f"[{head}{', ...' if len(values) > limit else ''}]"
 
 
+#: What to do with a date or time column (a Parquet timestamp): its raw value (nanoseconds) means nothing to a model.
+DATE_FIX = "derive a number from it (a year, or days since a public date) in a new column and declare that"
+
+
+def is_date_time(series: pd.Series) -> bool:
+    return pd.api.types.is_datetime64_any_dtype(series.dtype) or pd.api.types.is_timedelta64_dtype(series.dtype)
+
+
 def _encode_numeric(series: pd.Series, feat: Feature, source: str) -> np.ndarray:
     col = feat.name
     values = series.to_numpy(dtype=object)
     _check_missing(series, values, col, "feature", source)
+    if is_date_time(series):
+        raise DataError(f"numeric feature {col!r} holds dates or times, not numbers", where=f"{source}:{col}",
+                        fix=DATE_FIX)  # fmt: skip
     if pd.api.types.is_bool_dtype(series.dtype):
         nums = series.to_numpy(dtype=np.float64)
     elif pd.api.types.is_numeric_dtype(series.dtype):

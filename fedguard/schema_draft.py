@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from common.data import check_columns, group_keys, read_table, text_shape
+from common.data import DATE_FIX, check_columns, group_keys, is_date_time, read_table, text_shape
 from common.errors import ConfigError, DataError
 from common.schema import DataSchema, Feature, format_validation_error
 
@@ -157,6 +157,9 @@ def _feature(name: str, series: pd.Series, max_categories: int, notes: list[str]
             "fill or drop those rows before training"
         )
     present = series[~missing]
+    if is_date_time(series):
+        notes.append(f"left out: a date or time column is not a model input as it is; {DATE_FIX}")
+        return None
     nums = _numbers(present)
     if nums is not None and (why := _identifier_reason(name, nums)) is not None:
         notes.append(

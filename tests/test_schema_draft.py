@@ -13,7 +13,7 @@ import pytest
 from common.config import load_config
 from common.data import load_encoded
 from common.errors import ConfigError, DataError
-from common.schema import DataSchema, load_schema
+from common.schema import DataSchema, Feature, load_schema
 from fedguard.schema_draft import add_parser, draft_schema, outward_range, render
 from tests.helpers import make_tabular
 
@@ -261,3 +261,31 @@ def test_a_uci_style_file_reads_without_the_spaces_after_its_commas(tmp_path: Pa
         with pytest.raises(DataError) as exc:
             draft_schema(headless, "income") if schema is None else load_encoded(headless, schema)
         assert "first line looks like a data row (it holds '20')" in (exc.value.fix or "")
+
+
+def test_a_parquet_files_own_types_draft_and_a_timestamp_is_never_a_number(tmp_path: Path) -> None:
+    """Nullable integers, booleans and categoricals draft as features; a timestamp column is left out with what to
+    do, and a node whose schema declares one numeric refuses it instead of feeding the model nanoseconds."""
+    import pandas as pd
+
+    n = 120
+    df = pd.DataFrame({
+        "age": pd.array([18 + i % 70 for i in range(n)], dtype="Int64"),
+        "smoker": pd.array([i % 3 == 0 for i in range(n)], dtype="boolean"),
+        "region": pd.Categorical([["n", "s", "e"][i % 3] for i in range(n)]),
+        "visit": pd.Timestamp("2024-01-01") + pd.to_timedelta([(i // 4) * 7 for i in range(n)], unit="D"),
+        "y": pd.Categorical([["no", "yes"][(i // 2) % 2] for i in range(n)]),
+    })  # fmt: skip
+    df.to_parquet(path := tmp_path / "visits.parquet")
+    draft = draft_schema(path, "y")
+    assert [(f.name, f.type) for f in draft.schema.features] == [
+        ("age", "numeric"), ("smoker", "numeric"), ("region", "categorical")
+    ]  # fmt: skip
+    assert draft.skipped == ["visit"] and "a date or time column" in draft.notes["visit"][0]
+    assert len(load_encoded(path, draft.schema)) == n
+    dated = draft.schema.model_copy(
+        update={"features": [*draft.schema.features, Feature(name="visit", type="numeric")]}
+    )
+    with pytest.raises(DataError, match="'visit' holds dates or times, not numbers") as exc:
+        load_encoded(path, dated)
+    assert "days since a public date" in (exc.value.fix or "")
