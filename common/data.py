@@ -31,7 +31,7 @@ from common.tokenizer import encode_texts
 log = logging.getLogger(__name__)
 
 #: Bump when the encoding of any value changes, so stale cache files are not reused.
-CACHE_VERSION = 2  # 2: CSV fields read without the spaces after a delimiter ("39, State-gov")
+CACHE_VERSION = 2  # 2: CSV fields without the spaces after a delimiter ("39, State-gov"); nested JSON flattened
 
 #: Group value used for a missing sensitive attribute (kept, so audits see the missing group).
 MISSING_GROUP = "missing"
@@ -188,7 +188,8 @@ def _read_jsonl(path: Path, schema: DataSchema) -> pd.DataFrame:
                     fix='write one JSON object per line, e.g. {"text": "...", "label": 1}',
                 )
             records.append(rec)
-    return pd.DataFrame.from_records(records)
+    # Nested objects become dotted columns ({"review": {"text": ...}} → "review.text"), as pandas flattens them.
+    return pd.json_normalize(records) if records else pd.DataFrame()
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -296,7 +297,25 @@ def read_table(path: str | Path, schema: DataSchema) -> pd.DataFrame:
         raise DataError(
             "the file has no data rows", where=str(p), fix="check that the right file was exported"
         )
+    if fmt != "csv":  # JSON and Parquet values can be lists; a CSV field is always one value
+        _check_scalars(df, schema, str(p))
     return df.reset_index(drop=True)
+
+
+def _check_scalars(df: pd.DataFrame, schema: DataSchema, source: str) -> None:
+    """A JSON list in a column the schema uses is not one value: its text form would reach the model silently."""
+    for col in schema.required_columns():
+        if df[col].dtype != object:
+            continue
+        nested = df[col].map(lambda v: isinstance(v, list | dict | np.ndarray)).to_numpy(dtype=bool)
+        if nested.any():
+            first, rows = _rows_text(nested)
+            kind = "an object" if isinstance(df[col].iloc[first - 1], dict) else "a list"
+            raise DataError(
+                f"column {col!r} holds {kind} at {rows}, not one value",
+                where=f"{source}:{col}:row {first}",
+                fix="write one value per field (join a list into one text, or keep the item the model should see)",
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -289,3 +289,32 @@ def test_a_parquet_files_own_types_draft_and_a_timestamp_is_never_a_number(tmp_p
     with pytest.raises(DataError, match="'visit' holds dates or times, not numbers") as exc:
         load_encoded(path, dated)
     assert "days since a public date" in (exc.value.fix or "")
+
+
+def test_nested_json_lines_read_as_dotted_columns_and_a_list_is_not_one_value(tmp_path: Path) -> None:
+    """{"review": {"text": ...}} is the column 'review.text' (a node read the dict's repr as the text, silently);
+    a list where one value belongs is refused with the row, not tokenized as "['good', 'film']"."""
+    rows = [{"id": i, "review": {"text": ["bad film", "good film"][i % 2]}, "stars": i % 2} for i in range(40)]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        draft_schema(path, "stars", text="review")
+    assert "'review' -> 'review.text'" in (exc.value.fix or "")
+    draft = draft_schema(path, "stars", text="review.text")
+    assert draft.schema.classes == ["0", "1"]
+    encoded = load_encoded(path, draft.schema)
+    flat = tmp_path / "flat.jsonl"  # the same reviews as a plain text field: the node sees the same tokens
+    flat.write_text("".join(json.dumps({"t": r["review"]["text"], "stars": r["stars"]}) + "\n" for r in rows))
+    same = load_encoded(flat, draft.schema.model_copy(update={"text_column": "t"}))
+    assert len(encoded) == 40 and encoded.x.equal(same.x)
+    rows[7]["review"]["text"] = ["good", "film"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(DataError, match="column 'review.text' holds a list at row 8, not one value"):
+        load_encoded(path, draft.schema)
+    import pandas as pd  # a Parquet list column, likewise
+
+    pd.DataFrame({"t": [["good", "film"]] * len(rows), "stars": [r["stars"] for r in rows]}).to_parquet(
+        pq := tmp_path / "lists.parquet"
+    )
+    with pytest.raises(DataError, match="column 't' holds a list at rows 1"):
+        load_encoded(pq, draft.schema.model_copy(update={"text_column": "t"}))
