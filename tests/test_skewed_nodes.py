@@ -90,7 +90,8 @@ def test_single_class_node_trains_and_spends_budget(tmp_path: Path, task: str) -
     assert 0 < eps[0] < eps[1] <= cfg.dp.target_epsilon
     last = metrics[-1]
     history = [(last[R.NOISE_MULTIPLIER], last[R.SAMPLE_RATE], 2 * int(last[R.STEPS]))]
-    assert eps[1] == pytest.approx(epsilon_spent(history, cfg.dp.delta))
+    assert last[R.DELTA] == pytest.approx(cfg.dp.delta - cfg.fairness.count_selection_delta)  # the accountant's δ
+    assert eps[1] == pytest.approx(epsilon_spent(history, last[R.DELTA]))
     log = (tmp_path / "node" / "node.log").read_text(encoding="utf-8")
     assert "round 2: trained" in log and "only one class" not in log
 
