@@ -197,10 +197,14 @@ class Ledger:
 
     def _migrate(self) -> None:
         """Add ``extra_delta`` to a ledger written before it existed, counting its count releases' selection δ."""
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(releases)")}
-        if "extra_delta" in columns:
+        def migrated() -> bool:
+            return "extra_delta" in {r["name"] for r in self._db.execute("PRAGMA table_info(releases)")}
+
+        if migrated():
             return
         with self._immediate() as db:
+            if migrated():  # another process sharing this ledger got there first
+                return
             db.execute("ALTER TABLE releases ADD COLUMN extra_delta REAL NOT NULL DEFAULT 0")
             db.execute(
                 "UPDATE releases SET extra_delta=? WHERE mechanism LIKE 'gaussian-%'", (_LEGACY_SELECTION_DELTA,)
