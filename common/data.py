@@ -56,10 +56,15 @@ _MAX_SHOWN = 5
 # Reading
 
 
+def format_of(path: Path) -> str | None:
+    """The format a file's extension names ("csv" for .csv and .tsv), or None."""
+    return _EXTENSIONS.get(path.suffix.lower())
+
+
 def _data_format(path: Path, schema: DataSchema) -> str:
     if schema.format != "auto":
         return schema.format
-    fmt = _EXTENSIONS.get(path.suffix.lower())
+    fmt = format_of(path)
     if fmt is None:
         known = ", ".join(sorted(_EXTENSIONS))
         spreadsheet = path.suffix.lower() in _SPREADSHEETS
@@ -425,6 +430,9 @@ def _rows_text(mask: np.ndarray) -> tuple[int, str]:
     return int(rows[0]), f"{'row' if len(rows) == 1 else 'rows'} {shown}{more}"
 
 
+#: What to do with dates or times (text, or a Parquet timestamp): a raw date means nothing to a model.
+DATE_FIX = "derive a number from them (a year, or days since a public date) in a new column and declare that"
+
 _NUMBER = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 #: Text that holds numbers or dates a node cannot read as numbers: (shape, what it is, what to do).
 _TEXT_SHAPES = (
@@ -442,7 +450,7 @@ _TEXT_SHAPES = (
     (
         re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2})?)?|\d{1,2}[/.]\d{1,2}[/.]\d{2,4}"),
         "dates ('2024-01-31', '31/01/2024')",
-        "derive numbers from them before training (a year, a month, days since a public reference date)",
+        DATE_FIX,
     ),
 )
 
@@ -476,10 +484,6 @@ def _check_missing(series: pd.Series, values: np.ndarray, col: str, role: str, s
 def _shown(values: Sequence[str], limit: int = 20) -> str:
     head = ", ".join(repr(v) for v in values[:limit])
     return f"[{head}{', ...' if len(values) > limit else ''}]"
-
-
-#: What to do with a date or time column (a Parquet timestamp): its raw value (nanoseconds) means nothing to a model.
-DATE_FIX = "derive a number from it (a year, or days since a public date) in a new column and declare that"
 
 
 def is_date_time(series: pd.Series) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from common.data import DATE_FIX, check_columns, group_keys, is_date_time, read_table, text_shape
+from common.data import DATE_FIX, check_columns, format_of, group_keys, is_date_time, read_table, text_shape
 from common.errors import ConfigError, DataError
 from common.schema import DataSchema, Feature, format_validation_error
 
@@ -238,7 +238,7 @@ def draft_schema(
     A CSV file's delimiter and decimal mark are detected and go into the draft."""
     p = Path(path)
     source = str(p)
-    csv_file = p.suffix.lower() in (".csv", ".tsv")
+    csv_file = format_of(p) == "csv"
     delimiter = _delimiter(p, encoding) if csv_file else ","
     # The columns the draft needs, unvalidated (classes and features are what the draft finds out).
     wanted = DataSchema.model_construct(

@@ -197,7 +197,7 @@ def test_numbers_and_dates_written_as_text_get_a_specific_fix(tmp_path: Path) ->
     names = {f.name for f in draft.schema.features}
     assert "thousands separators" in draft.notes["amount"][0] and "amount" not in names
     assert "percentages" in draft.notes["share"][0] and "share" not in names
-    assert "dates" in draft.notes["visit"][0] and "derive numbers" in draft.notes["visit"][0] and "visit" not in names
+    assert "dates" in draft.notes["visit"][0] and "derive a number" in draft.notes["visit"][0] and "visit" not in names
     assert "currency sign" in draft.notes["fee"][0] and "losing their order" in draft.notes["fee"][0]
     assert "fee" in names
     assert "distinct text values" in draft.notes["word"][0] and "dates" not in draft.notes["word"][0]
