@@ -366,12 +366,18 @@ def _evaluate(msg: Message, context: Context, cfg: RunConfig, settings: NodeSett
 
 
 def _he_step(
-    msg: Message, cfg: RunConfig, settings: NodeSettings, state: OrderedDict[str, np.ndarray], timings: dict[str, float]
+    msg: Message,
+    cfg: RunConfig,
+    settings: NodeSettings,
+    state: OrderedDict[str, np.ndarray],
+    timings: dict[str, float],
+    released: OrderedDict[str, np.ndarray] | None = None,
 ) -> Message:
-    """Score ``state``, then hand it out re-encrypted and signed for the next round."""
+    """Score ``released`` (the run's model average; default ``state``), then hand ``state`` out
+    re-encrypted and signed for the next round."""
     ctx = he_node.evaluator_context(cfg, settings)
     model = build_model(cfg.model.name, settings.schema, cfg.model.params)
-    load_numpy_state(model, state)
+    load_numpy_state(model, state if released is None else released)
     content = _score(model, cfg, settings, _round(msg))
     record, sig = he_node.signed_global(ctx, cfg, settings, state, ledger_run_key(msg), int(_round(msg) or 0))
     content[R.ARRAYS] = record
@@ -401,7 +407,7 @@ def _he_aggregate(msg: Message, context: Context, cfg: RunConfig, settings: Node
     new = optimizer.step(current, aggregated)
     context.state[_OPTIMIZER_STATE] = ConfigRecord({"scalars": json.dumps(optimizer.scalars())})
     context.state[_OPTIMIZER_ARRAYS] = numpy_to_record(optimizer.arrays())
-    return _he_step(msg, cfg, settings, new, timings)
+    return _he_step(msg, cfg, settings, new, timings, optimizer.released(new))
 
 
 _OPTIMIZER_STATE, _OPTIMIZER_ARRAYS = "fedguard-he-optimizer", "fedguard-he-optimizer-arrays"

@@ -33,7 +33,9 @@ DEFAULT_BUDGET_DELTA = 1e-5
 #:   rate on batches of 64 for two local epochs (enough DP steps per round for nodes of a few hundred
 #:   rows to learn; little drift towards a skewed node's own labels) and strong server momentum
 #:   (FedAvgM 0.8), which keeps the direction the rounds agree on while skewed clients pull the mean
-#:   back and forth.
+#:   back and forth. The run releases the moving average of the rounds' models (``ema_decay`` 0.7,
+#:   ``common.optimizers.ModelAverage``): it averages part of each round's DP noise away (+0.75 points
+#:   at round 10 over six ε = 8 cells, 5 seeds each, both models scored in the same runs).
 #: - ``text`` (the pretrained ``minilm-lora``/``minilm-full``; 6 rounds): Adam on the small adapter set,
 #:   batch 128, plain FedAvg. On label-skewed nodes the global model swings between the nodes' majority
 #:   classes from round to round; 6 rounds at batch 128 take the same DP steps as 3 at batch 64 but
@@ -51,7 +53,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "tabular": {
         "train": {"local_epochs": 2, "batch_size": 64, "learning_rate": 0.002, "optimizer": "adam"},
         "dp": {"max_grad_norm": 1.0},
-        "server.optimizer": {"name": "fedavgm", "learning_rate": 1.0, "momentum": 0.8},
+        "server.optimizer": {"name": "fedavgm", "learning_rate": 1.0, "momentum": 0.8, "ema_decay": 0.7},
         "run": {"rounds": 10},
         # A model that swung to one class is repaired by matching the held-out class shares; offsets that
         # would cost accuracy are not kept (common.calibration). churn, Dirichlet 0.5, seed 5: the model's
@@ -363,6 +365,10 @@ class ServerOptimizerConfig(_Strict):
     beta_2: float | None = Field(None, ge=0, lt=1)
     #: τ, the adaptivity floor of FedAdagrad, FedAdam and FedYogi.
     tau: float | None = Field(None, gt=0)
+    #: Any optimizer: the model the run scores, reports and saves is an exponential moving average of
+    #: the rounds' global models with this decay (unset or 0: the latest model); nodes train from the latest
+    #: model. Post-processing: no privacy cost (``common.optimizers.ModelAverage``).
+    ema_decay: float | None = Field(None, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _check_fields(self) -> ServerOptimizerConfig:

@@ -12,7 +12,9 @@ it against Flower's strategies on identical inputs.
 
 Everything here is post-processing of the aggregate: it needs no client data and costs no
 privacy. In homomorphic mode the evaluator, which sees the decrypted aggregate, calls the same
-``step``.
+``step``. ``ModelAverage`` adds what the run releases: an exponential moving average of the
+rounds' global models (``[server.optimizer] ema_decay``), while training goes on from the models
+themselves.
 """
 
 from __future__ import annotations
@@ -209,17 +211,83 @@ def resolved(cfg: ServerOptimizerConfig) -> dict[str, float]:
     return out
 
 
-def make_server_optimizer(cfg: ServerOptimizerConfig) -> ServerOptimizer:
-    """A fresh optimizer for one run (it keeps momentum/second-moment state across rounds)."""
+#: Where ``ModelAverage`` keeps the average among a checkpoint's extra arrays.
+AVERAGE_PREFIX = "model-average"
+
+
+class ModelAverage:
+    """A server optimizer whose released model is an exponential moving average of its global models.
+
+    Why: under DP every round's global model carries that round's noise; the average of the last few
+    rounds' models (Polyak–Ruppert averaging; the EMA of De et al. 2022 for DP-SGD) cancels part of it,
+    at no privacy cost (post-processing of released models). The nodes keep training from the global
+    models themselves; the evaluator scores, and the run reports and saves, ``released(state)``:
+    ``a ← d·a + (1 − d)·w`` after the t-th step with ``d = min(decay, (t − 1)/(t + 1))`` (``a = w``
+    after the first; the warm-up keeps round 1's model from dominating a short run); with
+    ``decay = 0`` the model itself. Measured with the tabular recipe (bench/utility.py, 5 clients,
+    ε = 8, 5 seeds, both models scored in the same runs, constant decay 0.7): at round 10 +1.1 / +1.3
+    / +0.5 points (spam / computers / churn) on Dirichlet 0.5, −0.4 / +0.9 / +1.1 on Dirichlet 0.1;
+    decays 0.5 and 0.8 gained less.
+    """
+
+    def __init__(self, inner: ServerOptimizer, decay: float) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.decay = decay
+        self.average: dict[str, np.ndarray] | None = None
+        self.steps = 0
+
+    def step(self, global_state: State, aggregated: State) -> State:
+        new = self.inner.step(global_state, aggregated)
+        if self.decay > 0.0:
+            self.steps += 1
+            keys = _float_keys(new)
+            if self.average is None:
+                self.average = {k: new[k].astype(np.float64) for k in keys}
+            else:
+                d = min(self.decay, (self.steps - 1) / (self.steps + 1))
+                self.average = {k: d * self.average[k] + (1.0 - d) * new[k] for k in keys}
+        return new
+
+    def released(self, state: State) -> State:
+        """The model to score, report and save for ``state`` (the model the nodes train from)."""
+        return released_state(state, _pack(AVERAGE_PREFIX, self.average))
+
+    def scalars(self) -> dict[str, Any]:
+        return self.inner.scalars() | ({"average_steps": self.steps} if self.decay > 0.0 else {})
+
+    def arrays(self) -> OrderedDict[str, np.ndarray]:
+        return OrderedDict([*self.inner.arrays().items(), *_pack(AVERAGE_PREFIX, self.average).items()])
+
+    def load(self, scalars: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        self.inner.load(scalars, arrays)
+        self.average = _unpack(AVERAGE_PREFIX, arrays) if self.decay > 0.0 else None
+        self.steps = int(scalars.get("average_steps", 0)) if self.average is not None else 0
+
+
+def released_state(state: State, arrays: Mapping[str, np.ndarray]) -> State:
+    """``state`` with the model average's arrays (a checkpoint's extra arrays) in place of its own, if any."""
+    out = OrderedDict(state)
+    for k, v in state.items():
+        if (avg := arrays.get(f"{AVERAGE_PREFIX}/{k}")) is not None:
+            out[k] = np.asarray(avg).astype(v.dtype)
+    return out
+
+
+def make_server_optimizer(cfg: ServerOptimizerConfig) -> ModelAverage:
+    """A fresh optimizer for one run (it keeps momentum/second-moment state and the model average across rounds)."""
     p = resolved(cfg)
+    inner: ServerOptimizer
     if cfg.name == "fedavg":
-        return FedAvg()
-    if cfg.name == "fedavgm":
-        return FedAvgM(p["learning_rate"], p["momentum"])
-    return FedOpt(cfg.name, p["learning_rate"], p.get("momentum", 0.0), p.get("beta_2", 0.0), p["tau"])
+        inner = FedAvg()
+    elif cfg.name == "fedavgm":
+        inner = FedAvgM(p["learning_rate"], p["momentum"])
+    else:
+        inner = FedOpt(cfg.name, p["learning_rate"], p.get("momentum", 0.0), p.get("beta_2", 0.0), p["tau"])
+    return ModelAverage(inner, cfg.ema_decay or 0.0)
 
 
 def describe(cfg: ServerOptimizerConfig) -> str:
-    """One line for logs and reports, e.g. ``fedadam (learning_rate=0.01, momentum=0.9, …)``."""
-    p = resolved(cfg)
+    """One line for logs and reports, e.g. ``fedavgm (learning_rate=1, momentum=0.8, ema_decay=0.7)``."""
+    p = resolved(cfg) | ({"ema_decay": cfg.ema_decay} if cfg.ema_decay else {})
     return cfg.name + (" (" + ", ".join(f"{k}={v:g}" for k, v in p.items()) + ")" if p else "")

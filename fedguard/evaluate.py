@@ -207,7 +207,7 @@ def check_state(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], model_na
     from server.checkpoint import CheckpointError
 
     fix = "pass the --config of the run that wrote this checkpoint"
-    got = list(ckpt.state.items())
+    got = list(ckpt.model.items())
     names = list(expected)
     for i, name in enumerate(names):
         if i >= len(got):
@@ -362,7 +362,7 @@ def run_evaluation(
     model = build_model(cfg.model.name, run_schema, cfg.model.params)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state(ckpt, expected, cfg.model.name, str(ckpt_path))
-    load_numpy_state(model, ckpt.state)
+    load_numpy_state(model, ckpt.model)
     progress(f"checkpoint {ckpt_path}: run {ckpt.run_id} ({cfg.name}), round {ckpt.round}; config from {source}")
 
     progress(f"loading {data_path} ...")

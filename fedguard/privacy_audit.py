@@ -224,7 +224,7 @@ def _final_model(cfg: RunConfig, store_path: Path, run_id: int) -> Any:
 
     ckpt = latest_good(checkpoint_dir(store_path, run_id), warn=lambda _msg: None)
     model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
-    load_numpy_state(model, ckpt.state)
+    load_numpy_state(model, ckpt.model)
     return model
 
 

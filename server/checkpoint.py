@@ -21,6 +21,7 @@ import numpy as np
 
 from common.errors import FedGuardError
 from common.files import fsync_dir
+from common.optimizers import released_state
 
 _MAGIC = "fedguard-checkpoint/1"
 KEEP = 2
@@ -40,6 +41,12 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     extra_arrays: OrderedDict[str, np.ndarray] = field(default_factory=OrderedDict)
     path: Path | None = None
+
+    @property
+    def model(self) -> OrderedDict[str, np.ndarray]:
+        """The run's model after this round, as it scored it: the server optimizer's model average
+        when the run keeps one (``[server.optimizer] ema_decay``), else ``state``, which the nodes train from."""
+        return released_state(self.state, self.extra_arrays)
 
 
 def checkpoint_dir(store_path: Path, run_id: int) -> Path:

@@ -100,7 +100,7 @@ def _direct(trained: dict[str, Path], data: Path) -> tuple[dict[str, float], obj
     with RunStore(trained["store"]) as store:
         cfg = config_from_json(store.run(1)["config_json"])
     model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
-    load_numpy_state(model, load(trained["ckpt"]).state)
+    load_numpy_state(model, load(trained["ckpt"]).model)
     enc = load_encoded(data, load_schema(trained["schema"]), max_len=model_max_len(cfg.model.name, cfg.model.params))
     return evaluate_and_audit(model, enc, cfg.fairness)
 

@@ -31,7 +31,7 @@ from common.config import RECIPES, ServerOptimizerConfig, parse_config
 from common.data import encode
 from common.errors import ConfigError
 from common.models import build_model
-from common.optimizers import FLOWER_DEFAULTS, make_server_optimizer
+from common.optimizers import AVERAGE_PREFIX, FLOWER_DEFAULTS, make_server_optimizer
 from common.privacy import epsilon_spent, plan_dp
 from server.aggregation import WeightedMean
 from tests.helpers import ROOT, global_state, make_tabular, node_context, tabular_config, train_message
@@ -181,6 +181,39 @@ def test_server_optimizer_state_survives_a_checkpoint() -> None:
     resumed.load(*saved)
     np.testing.assert_array_equal(resumed.step(s1, aggs[1])["w"], expected)
     assert not np.array_equal(make_server_optimizer(cfg).step(s1, aggs[1])["w"], expected)  # state matters
+
+
+def test_the_model_average_is_released_while_nodes_train_from_the_latest_model() -> None:
+    """``ema_decay``: the released model is the EMA of the rounds' global models (decay warming up over
+    the first rounds); the optimizer's own trajectory (what the nodes train from) is unchanged, and a
+    checkpoint resumes both."""
+    rng = np.random.default_rng(2)
+    state: State = OrderedDict(w=rng.normal(size=4).astype(np.float32), n=np.array([3], np.int64))
+    aggs = [OrderedDict(w=(state["w"] + rng.normal(size=4)).astype(np.float32), n=state["n"]) for _ in range(4)]
+    plain = make_server_optimizer(ServerOptimizerConfig(name="fedavgm", momentum=0.5))
+    avg = make_server_optimizer(ServerOptimizerConfig(name="fedavgm", momentum=0.5, ema_decay=0.6))
+    assert avg.released(state) is not state and np.array_equal(avg.released(state)["w"], state["w"])  # round 0
+    s_plain, s_avg, expected = state, state, state["w"].astype(np.float64)
+    for r, agg in enumerate(aggs):
+        s_plain, s_avg = plain.step(s_plain, agg), avg.step(s_avg, agg)
+        np.testing.assert_array_equal(s_avg["w"], s_plain["w"])  # training follows the optimizer alone
+        d = min(0.6, r / (r + 2))  # step t = r + 1: d = min(decay, (t − 1)/(t + 1)); 0 in round 1 (a = w)
+        expected = d * expected + (1 - d) * s_avg["w"].astype(np.float64)
+        released = avg.released(s_avg)
+        np.testing.assert_allclose(released["w"], expected, rtol=1e-6)
+        assert released["w"].dtype == np.float32 and released["n"] is s_avg["n"]  # integers are not averaged
+        if r == 1:
+            saved = json.loads(json.dumps(avg.scalars())), {k: v.copy() for k, v in avg.arrays().items()}
+            resumed = make_server_optimizer(ServerOptimizerConfig(name="fedavgm", momentum=0.5, ema_decay=0.6))
+            resumed.load(*saved)
+            s_resumed = s_avg
+    assert not np.allclose(avg.released(s_avg)["w"], s_avg["w"])  # the average is not the latest model
+    for agg in aggs[2:]:
+        s_resumed = resumed.step(s_resumed, agg)
+    np.testing.assert_allclose(resumed.released(s_resumed)["w"], avg.released(s_avg)["w"], rtol=1e-6)
+    # Without ema_decay the released model is the latest one.
+    assert plain.released(s_plain)["w"] is s_plain["w"]
+    assert not any(k.startswith(AVERAGE_PREFIX) for k in plain.arrays())
 
 
 def test_server_optimizer_config_is_validated() -> None:
@@ -398,6 +431,67 @@ def test_server_app_applies_the_server_optimizer(tmp_path: Path) -> None:
         losses[name] = json.loads(proc.stdout.split("LOSSES")[1].strip().splitlines()[0])
     assert losses["frozen"][2] == pytest.approx(losses["frozen"][0], abs=1e-6)
     assert abs(losses["fedavg"][2] - losses["fedavg"][0]) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_run_scores_and_checkpoints_the_model_average(tmp_path: Path) -> None:
+    """Real ServerApp on Flower's simulation engine, 3 rounds, ``ema_decay = 0.5``: each checkpoint keeps
+    the nodes' model and the average; the round's recorded held-out score is the average's, and
+    ``Checkpoint.model`` (what ``fedguard evaluate`` and the privacy audit load) is the average."""
+    from common.codec import load_numpy_state
+    from common.data import load_encoded
+    from common.evaluation import evaluate_and_audit
+    from common.models import model_max_len
+    from server.checkpoint import load as load_checkpoint
+
+    data = tmp_path / "data.csv"
+    make_tabular(500).to_csv(data, index=False)
+    cfg = tabular_config(
+        data,
+        rounds=3,
+        dp={"enabled": False},
+        evaluation={"calibration": "none"},
+        server={"round_timeout": 120, "wait_for_nodes": 60, "optimizer": {"name": "fedavg", "ema_decay": 0.5}},
+    )
+    (tmp_path / "run.json").write_text(cfg.to_json(), encoding="utf-8")
+    code = (
+        "import sys; from pathlib import Path; from common.config import load_config; "
+        "from fedguard.simulate import simulate; from server.store import RunStore; "
+        "r = simulate(load_config(sys.argv[1]), Path(sys.argv[2]), progress=lambda s: None); "
+        "evals = RunStore(r.store_path).evaluations(r.run_id); "
+        "print('RESULT', r.run_id, [e['loss'] for _, e in sorted(evals.items())])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "run.json"), str(tmp_path / "work")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_id, _, losses = proc.stdout.split("RESULT")[1].strip().splitlines()[0].partition(" ")
+    losses = json.loads(losses)
+    folder = tmp_path / "work" / "checkpoints" / f"run-{run_id}"
+    two, three = load_checkpoint(folder / "round-00002.ckpt"), load_checkpoint(folder / "round-00003.ckpt")
+    moved = False
+    for k, v in three.state.items():
+        if np.issubdtype(v.dtype, np.floating):
+            want = 0.5 * two.model[k].astype(np.float64) + 0.5 * v
+            np.testing.assert_allclose(three.model[k], want, rtol=1e-5, atol=1e-6)
+            moved |= not np.allclose(three.model[k], v)
+    assert moved  # the average is not the nodes' model
+
+    def held_out_loss(state: State) -> float:
+        model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
+        load_numpy_state(model, state)
+        (holdout,) = (tmp_path / "work").rglob("holdout.parquet")
+        enc = load_encoded(holdout, cfg.data.schema_, max_len=model_max_len(cfg.model.name, cfg.model.params))
+        return float(evaluate_and_audit(model, enc, cfg.fairness)[0]["loss"])
+
+    assert losses[3] == pytest.approx(held_out_loss(three.model), abs=1e-5)
+    assert losses[3] != pytest.approx(held_out_loss(three.state), abs=1e-5)
 
 
 # --------------------------------------------------------------------------- the benchmark runs the product's path

@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from common import records as R
 from common.codec import numpy_to_record
+from common.optimizers import describe as describe_optimizer
 from common.optimizers import make_server_optimizer
 from common.privacy import epsilon_spent
 from server.aggregation import CentralDPMean, CoordinateRobust, HeldWeightedMean, WeightedMean
@@ -87,7 +88,7 @@ class PlaintextRounds(RoundProtocol):
             how = f"FedAvg weighted by {m.method} (strength {m.strength:g}) from the nodes' noised counts"
         else:
             how = "streaming weighted FedAvg"
-        return f"plaintext aggregation: {how}, server optimizer {cfg.server.optimizer.name}"
+        return f"plaintext aggregation: {how}, server optimizer {describe_optimizer(cfg.server.optimizer)}"
 
     def resume(self, ckpt: Checkpoint) -> None:
         self.central_releases = int(ckpt.extra.get("central_releases", 0))
@@ -226,12 +227,13 @@ class PlaintextRounds(RoundProtocol):
         return self._score(rnd)
 
     def final_state(self) -> OrderedDict[str, np.ndarray]:
-        return self.state
+        return self.optimizer.released(self.state)
 
     def _score(self, rnd: int) -> Score | None:
         fed = self.fed
         assert fed.scorer is not None
-        return fed.scorer.score(fed.grid, rnd, self.state, fed.base, fed.node_keys, fed.flower_run_id)
+        model = self.optimizer.released(self.state)  # the model average, when the run keeps one
+        return fed.scorer.score(fed.grid, rnd, model, fed.base, fed.node_keys, fed.flower_run_id)
 
     def _aggregator(self) -> Aggregator:
         cfg = self.cfg

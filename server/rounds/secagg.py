@@ -30,6 +30,7 @@ from common import secagg as S
 from common.codec import numpy_to_record
 from common.config import RunConfig
 from common.he_custody import trainable_keys
+from common.optimizers import describe as describe_optimizer
 from server.grid_io import collect_replies
 from server.rounds.base import Aggregate, Federation
 from server.rounds.plaintext import PlaintextRounds
@@ -76,7 +77,7 @@ class SecAggRounds(PlaintextRounds):
         t = S.threshold(cfg, cfg.clients_per_round)
         return (
             f"threshold secure aggregation (SecAgg): t = {t} of {cfg.clients_per_round} nodes per round; the server "
-            f"routes sealed shares and learns only the sum; server optimizer {cfg.server.optimizer.name}"
+            f"routes sealed shares and learns only the sum; server optimizer {describe_optimizer(cfg.server.optimizer)}"
         )
 
     # -- before training: keys and sealed shares ----------------------------------------------------
