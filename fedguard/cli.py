@@ -561,6 +561,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                     "local_epochs": train["local_epochs"],
                     "rounds": recipe["run"]["rounds"],
                     "server_optimizer": server["name"],
+                    "ema_decay": server.get("ema_decay", 0.0),
                     "calibration": recipe.get("evaluation", {}).get("calibration", "none"),
                 },
                 "grad_sample_mode": auto_grad_sample_mode(name),
@@ -583,6 +584,11 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"  recipe: batch size {rc['batch_size']}, learning rate {rc['learning_rate']:g} ({rc['optimizer']}), "
             f"{rc['local_epochs']} local epoch{'s' if rc['local_epochs'] != 1 else ''}, {rc['rounds']} rounds, "
             f"server {rc['server_optimizer']}"
+            + (
+                f", releasing the moving average of the rounds' models (decay {rc['ema_decay']:g})"
+                if rc["ema_decay"]
+                else ""
+            )
             + ("; decisions prior-calibrated by the evaluator" if rc["calibration"] == "prior" else "")
             + f"; DP engine {r['grad_sample_mode']}"
         )

@@ -293,10 +293,12 @@ def test_fedguard_models_says_which_model_for_which_data_and_the_docs_agree(
         assert row["recipe"]["batch_size"] == recipe["train"]["batch_size"]
         assert row["recipe"]["learning_rate"] == recipe["train"]["learning_rate"]
         assert row["recipe"]["rounds"] == recipe["run"]["rounds"]
+        assert row["recipe"]["ema_decay"] == recipe["server.optimizer"].get("ema_decay", 0.0)
         assert "rows per node" in row["when"], name
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "batch size 64, learning rate 0.01 (adam), 1 local epoch, 3 rounds" in out
+    assert "server fedavgm, releasing the moving average of the rounds' models (decay 0.7)" in out
     docs = " ".join((ROOT / "docs" / "models.md").read_text(encoding="utf-8").split())
     for name, text in MODEL_GUIDANCE.items():
         assert text in docs, f"docs/models.md lacks the guidance for {name}"
