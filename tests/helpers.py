@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -92,6 +94,30 @@ def tabular_config(data_path: Path | None = None, **overrides: object) -> RunCon
         else:
             raw[section] = value
     return parse_config(raw, "test config")
+
+
+def simulate_in_subprocess(cfg: RunConfig, workdir: Path, timeout: float = 400) -> tuple[int, Path, str]:
+    """``fedguard.simulate.simulate(cfg, workdir)`` in a fresh Python process (Ray and Flower's engine stay
+    out of the test process); returns the run id, its store and the run's progress lines."""
+    cfg_file = workdir.with_name(f"{workdir.name}-config.json")
+    cfg_file.write_text(cfg.to_json(), encoding="utf-8")
+    code = (
+        "import sys; from pathlib import Path; from common.config import load_config; "
+        "from fedguard.simulate import simulate; "
+        "r = simulate(load_config(sys.argv[1]), Path(sys.argv[2]), progress=print); "
+        "print('RESULT', r.run_id, r.store_path)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(cfg_file), str(workdir)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_id, store = proc.stdout.split("RESULT")[1].split()
+    return int(run_id), Path(store), proc.stdout
 
 
 # -- the real ClientApp, in process ---------------------------------------------------------

@@ -28,7 +28,7 @@ from fedguard.evaluate import evaluate_checkpoint
 from server.checkpoint import load
 from server.fairness_report import FairnessReport
 from server.store import RunStore
-from tests.helpers import ROOT, TABULAR_SCHEMA, make_tabular, tabular_config, write_run_toml
+from tests.helpers import ROOT, TABULAR_SCHEMA, make_tabular, simulate_in_subprocess, tabular_config, write_run_toml
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -53,30 +53,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         # (prior calibration through `fedguard evaluate`: tests/test_calibration.py)
         evaluation={"calibration": "none"},
     )
-    (tmp / "run.json").write_text(cfg.to_json(), encoding="utf-8")
-    code = (
-        "import sys; from pathlib import Path; from common.config import load_config; "
-        "from fedguard.simulate import simulate; "
-        "r = simulate(load_config(sys.argv[1]), Path(sys.argv[2]), progress=print); "
-        "print('RESULT', r.run_id, r.store_path)"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(tmp / "run.json"), str(tmp / "work")],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_id, store = proc.stdout.split("RESULT")[1].split()
-    assert run_id == "1"
-    (tmp / "progress.txt").write_text(proc.stdout, encoding="utf-8")
+    run_id, store, progress = simulate_in_subprocess(cfg, tmp / "work")
+    assert run_id == 1
+    (tmp / "progress.txt").write_text(progress, encoding="utf-8")
     evaluation = tmp / "eval.csv"
     make_tabular(400, seed=11).to_csv(evaluation, index=False)
     return {
         "tmp": tmp,
-        "store": Path(store),
+        "store": store,
         "ckpt": tmp / "work" / "checkpoints" / "run-1" / "round-00001.ckpt",
         "data": evaluation,
         "schema": _write_schema(tmp / "schema.toml"),

@@ -34,7 +34,16 @@ from common.models import build_model
 from common.optimizers import AVERAGE_PREFIX, FLOWER_DEFAULTS, make_server_optimizer
 from common.privacy import epsilon_spent, plan_dp
 from server.aggregation import WeightedMean
-from tests.helpers import ROOT, global_state, make_tabular, node_context, tabular_config, train_message
+from server.store import RunStore
+from tests.helpers import (
+    ROOT,
+    global_state,
+    make_tabular,
+    node_context,
+    simulate_in_subprocess,
+    tabular_config,
+    train_message,
+)
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -409,26 +418,9 @@ def test_server_app_applies_the_server_optimizer(tmp_path: Path) -> None:
     losses = {}
     for name, opt in {"frozen": {"name": "fedavgm", "learning_rate": 1e-9}, "fedavg": {"name": "fedavg"}}.items():
         cfg = tabular_config(data, server={"round_timeout": 120, "wait_for_nodes": 60, "optimizer": opt})
-        cfg_file = tmp_path / f"{name}.json"
-        cfg_file.write_text(cfg.to_json(), encoding="utf-8")
-        code = (
-            "import sys; from pathlib import Path; from common.config import load_config; "
-            "from fedguard.simulate import simulate; from server.store import RunStore; "
-            "r = simulate(load_config(sys.argv[1]), Path(sys.argv[2]), progress=lambda s: None); "
-            "evals = RunStore(r.store_path).evaluations(r.run_id); "
-            "print('LOSSES', [e['loss'] for _, e in sorted(evals.items())])"
-        )
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(
-            [sys.executable, "-c", code, str(cfg_file), str(tmp_path / name)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        losses[name] = json.loads(proc.stdout.split("LOSSES")[1].strip().splitlines()[0])
+        run_id, store, _ = simulate_in_subprocess(cfg, tmp_path / name)
+        with RunStore(store) as runs:
+            losses[name] = [e["loss"] for _, e in sorted(runs.evaluations(run_id).items())]
     assert losses["frozen"][2] == pytest.approx(losses["frozen"][0], abs=1e-6)
     assert abs(losses["fedavg"][2] - losses["fedavg"][0]) > 1e-4
 
@@ -454,25 +446,9 @@ def test_a_run_scores_and_checkpoints_the_model_average(tmp_path: Path) -> None:
         evaluation={"calibration": "none"},
         server={"round_timeout": 120, "wait_for_nodes": 60, "optimizer": {"name": "fedavg", "ema_decay": 0.5}},
     )
-    (tmp_path / "run.json").write_text(cfg.to_json(), encoding="utf-8")
-    code = (
-        "import sys; from pathlib import Path; from common.config import load_config; "
-        "from fedguard.simulate import simulate; from server.store import RunStore; "
-        "r = simulate(load_config(sys.argv[1]), Path(sys.argv[2]), progress=lambda s: None); "
-        "evals = RunStore(r.store_path).evaluations(r.run_id); "
-        "print('RESULT', r.run_id, [e['loss'] for _, e in sorted(evals.items())])"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "run.json"), str(tmp_path / "work")],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_id, _, losses = proc.stdout.split("RESULT")[1].strip().splitlines()[0].partition(" ")
-    losses = json.loads(losses)
+    run_id, store, _ = simulate_in_subprocess(cfg, tmp_path / "work")
+    with RunStore(store) as runs:
+        losses = {rnd: e["loss"] for rnd, e in runs.evaluations(run_id).items()}
     folder = tmp_path / "work" / "checkpoints" / f"run-{run_id}"
     two, three = load_checkpoint(folder / "round-00002.ckpt"), load_checkpoint(folder / "round-00003.ckpt")
     moved = False
@@ -540,6 +516,7 @@ def test_the_bench_and_the_cli_run_the_same_federation(tmp_path: Path) -> None:
     assert len(bench["sigmas"]) == 5 and bench["sigmas"] == pytest.approx(cli["sigmas"], rel=1e-9)
     assert bench["accepted"] == cli["accepted"] == 5 * 3  # every node trained every round, in both
     assert bench["status"] == cli["status"] == "finished"
+
     # Within DP noise: the mean held-out accuracy of rounds 1-3 (eight runs of this config: 0.755-0.792; the last
     # round alone: 0.728-0.804, one DP draw can swing a round).
     def mean(run: dict) -> float:
