@@ -39,7 +39,7 @@ from common.ledger_export import (
     sign_export,
     ssh_fingerprint,
 )
-from common.privacy import History, epsilon_spent
+from common.privacy import History, epsilon_spent, epsilon_within
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -137,14 +137,6 @@ def _history(rows: list[sqlite3.Row]) -> History:
 
 def _extra_delta(rows: list[sqlite3.Row] | list[dict[str, Any]]) -> float:
     return sum(float(r["extra_delta"]) for r in rows)
-
-
-def epsilon_within(history: History, delta: float, extra_delta: float, accountant: str) -> float:
-    """ε of ``history`` when the releases' total δ is ``delta`` and ``extra_delta`` of it is spent outside
-    the accountant (it gets the rest); infinite when nothing is left for it."""
-    if extra_delta >= delta:
-        return float("inf")
-    return epsilon_spent(history, delta - extra_delta, accountant)
 
 
 #: What a ledger written before ``extra_delta`` existed is migrated with: each count release's selection δ

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.errors import FedGuardError
 from common.kit.keys import fingerprint_public_key, load_node_private_key, load_node_public_key, public_line
-from common.privacy import epsilon_spent
+from common.privacy import epsilon_within
 
 _V1, _V2 = "fedguard-ledger-export/1", "fedguard-ledger-export/2"
 
@@ -135,7 +135,7 @@ def verify_export(path: str | Path, expected_fingerprint: str | None = None) -> 
                 f"but the export states {ds.extra_delta:g} of its δ={ds.delta:g}",
                 where=str(p),
             )
-        recomputed = epsilon_spent(history, ds.delta - extra, ds.accountant)
+        recomputed = epsilon_within(history, ds.delta, extra, ds.accountant)
         if abs(recomputed - ds.epsilon) > 1e-6 * max(1.0, ds.epsilon):
             raise ExportError(
                 f"dataset {ds.dataset_id!r}: reported ε={ds.epsilon} but its releases give ε={recomputed}",

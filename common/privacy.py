@@ -301,6 +301,15 @@ def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> fl
         return float(acc.get_epsilon(delta=delta))
 
 
+def epsilon_within(history: History, delta: float, extra_delta: float, accountant: str = "rdp") -> float:
+    """ε of ``history`` when the releases' total δ is ``delta`` and ``extra_delta`` of it is spent outside
+    the accountant (a count release's group selection; the accountant gets the rest); infinite when
+    nothing is left for it."""
+    if extra_delta >= delta:
+        return float("inf")
+    return epsilon_spent(history, delta - extra_delta, accountant)
+
+
 def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
     """(ε, δ) for a unit contributing up to ``k`` records: (kε, k·e^{(k−1)ε}·δ), the group-privacy bound."""
     if k <= 1:
