@@ -1,4 +1,5 @@
-"""Prior calibration: decisions whose class shares match the held-out set's, fitted by the central evaluator.
+"""Prior calibration: decisions whose class shares match the held-out set's, and a temperature for the
+probabilities, fitted by the central evaluator.
 
 Why: under DP on skewed nodes a global model's decision boundary can swing from round to round (the
 5-node Dirichlet 0.5 review federation predicts one class for most rows every other round) while
@@ -13,6 +14,14 @@ The evaluator fits the offsets on all its held-out rows (the released calibratio
 reports metrics by two-fold cross-fitting: each row is decided with offsets fitted on the other
 fold only, so no row's own label ever moves its decision and the held-out numbers stay honest.
 The model's own decisions (argmax, no offsets) are reported beside them (``uncalibrated_*``).
+
+The same calibration scales the probabilities by one temperature (Guo et al. 2017): DP-Adam's
+noisy steps grow a model's logits faster than its accuracy (the demo's round-3 model gave 88% of
+held-out rows a probability ≥ 0.99 at accuracy 0.745, held-out loss 1.28), so the model's own
+scores overstate its certainty. ``softmax(log p / T)``, with T minimizing the cross-entropy on the
+fitting rows, leaves every decision as it was (it divides each row's log-odds by the same T) and
+makes the scores mean what they say; its loss is reported cross-fitted (``calibrated_loss``) beside
+the model's own (``loss``).
 
 Offsets are kept only when they are needed and help: the decisions' class shares differ from the
 labels' beyond chance (Stuart–Maxwell test of marginal homogeneity on the fitting rows, McNemar's
@@ -35,6 +44,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.optimize import minimize_scalar
 from scipy.stats import chi2
 
 from common.errors import ConfigError
@@ -46,6 +56,8 @@ _ITERATIONS = 300  # multi-class: fixed-point steps on the offsets
 FOLDS = 2  # cross-fitting folds for the reported metrics
 #: Offsets are fitted only when the test of equal decision and label shares gives p below this.
 SHIFT_LEVEL = 0.05
+#: The temperatures a fit may choose (1/T is searched in the inverse range).
+TEMPERATURE_RANGE = (0.05, 100.0)
 #: Prefix of the metrics of the model's own decisions when the reported ones are prior-calibrated.
 UNCALIBRATED = "uncalibrated_"
 #: The latest round's calibration, beside a run's checkpoints (written by the server, read by ``fedguard evaluate``).
@@ -59,9 +71,13 @@ __all__ = [
     "apply_offsets",
     "calibration_from_json",
     "cross_fitted",
+    "cross_fitted_loss",
     "fit_offsets",
+    "fit_temperature",
     "load_calibration",
     "share_shift_p_value",
+    "tempered",
+    "tempered_loss",
 ]
 
 
@@ -84,6 +100,12 @@ class PriorCalibration(BaseModel):
     matched_accuracy: float | None = Field(
         None, description="accuracy of share-matched decisions on these rows; offsets are 0 if below own_accuracy"
     )
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="calibrated probabilities: softmax(log p / temperature); decisions do not change",
+    )
     rule: str = "class = argmax over classes of log p(class) + offset(class)"
 
 
@@ -101,6 +123,36 @@ def apply_offsets(probs: np.ndarray | Sequence[Sequence[float]], offsets: np.nda
     if b.shape != (lp.shape[1],):
         raise ValueError(f"{b.size} offsets for {lp.shape[1]} classes")
     return np.argmax(lp + b, axis=1).astype(np.int64)
+
+
+def tempered(probs: np.ndarray | Sequence[Sequence[float]], temperature: float) -> np.ndarray:
+    """The probabilities after the temperature: ``softmax(log p / T)`` per row (T = 1: unchanged)."""
+    z = _log_probs(probs) / float(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _nll(lp: np.ndarray, labels: np.ndarray, inverse_t: float) -> float:
+    """Mean cross-entropy of ``softmax(inverse_t · lp)`` against ``labels``."""
+    z = lp * inverse_t
+    top = z.max(axis=1)
+    return float(np.mean(top + np.log(np.exp(z - top[:, None]).sum(axis=1)) - z[np.arange(z.shape[0]), labels]))
+
+
+def fit_temperature(probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | Sequence[int]) -> float:
+    """The temperature T that minimizes the cross-entropy of ``softmax(log p / T)`` on these rows.
+
+    The loss is convex in 1/T, so a bounded scalar search finds its minimum; 1.0 with no rows."""
+    lp, labels = _log_probs(probs), np.asarray(y, dtype=np.int64)
+    if labels.shape != (lp.shape[0],):
+        raise ValueError(f"{labels.size} labels for {lp.shape[0]} rows")
+    if not labels.size:
+        return 1.0
+    lo, hi = 1.0 / TEMPERATURE_RANGE[1], 1.0 / TEMPERATURE_RANGE[0]
+    best = minimize_scalar(lambda s: _nll(lp, labels, s), bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
+    inverse = float(best.x) if _nll(lp, labels, float(best.x)) <= _nll(lp, labels, 1.0) else 1.0
+    return 1.0 / inverse
 
 
 def _binary_offset(lp: np.ndarray, positives: int) -> float:
@@ -228,8 +280,31 @@ def cross_fitted(
         shift_p_value=fit.shift_p_value,
         own_accuracy=fit.own_accuracy,
         matched_accuracy=fit.matched_accuracy,
+        temperature=fit_temperature(probs, labels),
     )
     return decided, cal
+
+
+def tempered_loss(
+    probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | Sequence[int], temperature: float
+) -> float:
+    """The mean cross-entropy of ``softmax(log p / temperature)`` against ``y`` (0 rows: 0)."""
+    labels = np.asarray(y, dtype=np.int64)
+    return _nll(_log_probs(probs), labels, 1.0 / float(temperature)) if labels.size else 0.0
+
+
+def cross_fitted_loss(probs: np.ndarray, y: np.ndarray | Sequence[int], *, seed: int) -> float:
+    """The mean cross-entropy of the temperature-scaled probabilities, each row's temperature fitted on
+    the other fold (the folds :func:`cross_fitted` uses), so no row's own label sets its temperature."""
+    labels = np.asarray(y, dtype=np.int64)
+    if not labels.size:
+        return 0.0
+    fold, total = _folds(labels, seed), 0.0
+    for f in range(FOLDS):
+        rows = fold == f
+        t = fit_temperature(probs[~rows], labels[~rows]) if (~rows).any() else 1.0
+        total += tempered_loss(probs[rows], labels[rows], t) * int(rows.sum())
+    return total / labels.size
 
 
 # -- files ---------------------------------------------------------------------------------------

@@ -13,7 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.calibration import UNCALIBRATED, PriorCalibration, apply_offsets, cross_fitted
+from common.calibration import (
+    UNCALIBRATED,
+    PriorCalibration,
+    apply_offsets,
+    cross_fitted,
+    cross_fitted_loss,
+    tempered_loss,
+)
 from common.data import Encoded
 from common.errors import ConfigError
 from common.fairness import Audit, FairnessConfig, audit, dataset_fingerprint, prediction_summary
@@ -24,10 +31,20 @@ if TYPE_CHECKING:
     from common.config import RunConfig
 
 
+#: The metric of the temperature-scaled probabilities' loss (common.calibration), beside the model's own ``loss``.
+CALIBRATED_LOSS = "calibrated_loss"
+
+
 def calibration_note(metrics: dict[str, float]) -> str:
     """What to print after a calibrated accuracy: that it is calibrated, and the model's own ("" otherwise)."""
     own = metrics.get(f"{UNCALIBRATED}accuracy")
     return "" if own is None else f" (prior-calibrated; the model's own decisions {own:.3f})"
+
+
+def loss_note(metrics: dict[str, float], digits: int = 3) -> str:
+    """The loss to print: the model's own, and the temperature-scaled one beside it when there is one."""
+    own, scaled = metrics.get("loss", float("nan")), metrics.get(CALIBRATED_LOSS)
+    return f"loss {own:.{digits}f}" + ("" if scaled is None else f" (temperature-scaled {scaled:.{digits}f})")
 
 
 @torch.no_grad()
@@ -94,12 +111,14 @@ def evaluate_and_audit(
     """Metrics (with what the model predicted overall) plus the fairness audit over the sensitive groups
     (binary tasks with sensitive columns). With ``policy``, of the decisions after its group thresholds;
     with ``calibration``, after its per-class offsets, the model's own decisions kept as
-    ``uncalibrated_*`` (the loss is the model's own: both change decisions, not probabilities)."""
+    ``uncalibrated_*``; ``loss`` stays the model's own and ``calibrated_loss`` is that of the
+    probabilities after the calibration's temperature."""
     probs, loss = predict(model, data)
     if calibration is None:
         return _audit_predictions(probs, loss, data, fairness, policy)
     metrics, found = _audit_predictions(probs, loss, data, fairness, decided=apply_offsets(probs, calibration.offsets))
-    return metrics | _uncalibrated(probs, loss, data), found
+    scaled = tempered_loss(probs, data.y.numpy(), calibration.temperature)
+    return metrics | _uncalibrated(probs, loss, data) | {CALIBRATED_LOSS: scaled}, found
 
 
 def _uncalibrated(probs: np.ndarray, loss: float, data: Encoded) -> dict[str, float]:
@@ -138,15 +157,16 @@ def score_held_out(
 
     With calibration every metric, finding and the audit describe the calibrated decisions, each row
     decided with offsets fitted on the other fold (``common.calibration.cross_fitted``); the model's own
-    decisions are kept as ``uncalibrated_accuracy`` and ``uncalibrated_macro_f1``."""
+    decisions are kept as ``uncalibrated_accuracy`` and ``uncalibrated_macro_f1``. ``loss`` is the
+    model's own; ``calibrated_loss`` that of its temperature-scaled probabilities, cross-fitted too."""
     probs, loss = predict(model, data)
     decided, calibration = None, None
     if cfg.evaluation.calibration == "prior" and len(data):
-        classes = cfg.data.schema_.classes
-        decided, calibration = cross_fitted(probs, data.y.numpy(), classes, seed=cfg.seed, round_=round_)
+        classes, y = cfg.data.schema_.classes, data.y.numpy()
+        decided, calibration = cross_fitted(probs, y, classes, seed=cfg.seed, round_=round_)
     metrics, found = _audit_predictions(probs, loss, data, cfg.fairness, decided=decided)
     if calibration is not None:
-        metrics |= _uncalibrated(probs, loss, data)
+        metrics |= _uncalibrated(probs, loss, data) | {CALIBRATED_LOSS: cross_fitted_loss(probs, y, seed=cfg.seed)}
     return metrics, found, _fit_policy(probs, data, cfg, round_), calibration
 
 

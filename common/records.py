@@ -189,6 +189,7 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         # [evaluation] calibration = "prior": the model's own decisions, beside the calibrated ones.
         "uncalibrated_accuracy": "evaluation",
         "uncalibrated_macro_f1": "evaluation",
+        "calibrated_loss": "evaluation",  # the loss of the temperature-scaled probabilities, cross-fitted
     },
     AUDIT: {
         AUDIT_JSON: "evaluation",

@@ -31,7 +31,7 @@ def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
     """A run as the operator must read it: metrics per round, who took part or refused (by node name, with
     the reason), each node's ε as the privacy report states it, δ in total, and warnings — a node that
     never contributed, a constant or skewed final model — so "finished" never stands over a useless run."""
-    from common.evaluation import calibration_note
+    from common.evaluation import calibration_note, loss_note
     from server.run_health import round_outcomes, round_summary, run_health
     from server.store import RunStore
 
@@ -67,7 +67,7 @@ def _print_summary(store_path: Path, run_id: int, as_json: bool) -> None:
     for rnd in sorted(set(evals) | set(outcomes)):
         m = evals.get(rnd)
         score = (
-            f"accuracy {m['accuracy']:.3f}{calibration_note(m)}  loss {m['loss']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+            f"accuracy {m['accuracy']:.3f}{calibration_note(m)}  {loss_note(m)}  macro-F1 {m['macro_f1']:.3f}"
             if m
             else "not evaluated"
         )

@@ -474,21 +474,24 @@ def predictions_frame(
     ``score:<class>`` column per class. Sensitive columns hold the group keys the audit grouped by;
     a sensitive column named like one of the fixed columns gets a ``sensitive:`` prefix. With a threshold
     ``policy`` the prediction is the post-processed one and a ``threshold`` column holds the row's threshold;
-    with a prior ``calibration``, the prediction is the calibrated one (argmax of log-score + offset).
+    with a prior ``calibration``, the prediction is the calibrated one (argmax of log-score + offset)
+    and ``calibrated_score`` (``calibrated_score:<class>``) holds the probabilities after its temperature.
     """
     import numpy as np
     import pandas as pd
 
-    from common.calibration import apply_offsets
+    from common.calibration import apply_offsets, tempered
     from common.fairness.thresholds import apply_thresholds
 
     classes = np.asarray(schema.classes, dtype=object)
     cols: dict[str, Any] = {"row": rows, "label": classes[data.y.numpy()]}
     p = probs.astype(np.float64)  # float32 → float64 is exact; CSV floats are written round-trip
-    if len(schema.classes) == 2:
-        cols["score"] = p[:, 1]
-    else:
-        cols.update({f"score:{c}": p[:, i] for i, c in enumerate(schema.classes)})
+    scores = [("score", p)] + ([("calibrated_score", tempered(p, calibration.temperature))] if calibration else [])
+    for name, q in scores:
+        if len(schema.classes) == 2:
+            cols[name] = q[:, 1]
+        else:
+            cols.update({f"{name}:{c}": q[:, i] for i, c in enumerate(schema.classes)})
     if calibration is not None:
         cols["prediction"] = classes[apply_offsets(probs, calibration.offsets)]
     elif policy is None:
@@ -509,6 +512,7 @@ def _metrics_document(ev: Evaluation, fmt: str) -> str:
     """What --out gets when there is no fairness report: the metrics and why there is no audit."""
     import json
 
+    from common.evaluation import loss_note
     from server.report_blocks import to_html, to_markdown
 
     m, ck = ev.metrics, ev.checkpoint
@@ -529,7 +533,7 @@ def _metrics_document(ev: Evaluation, fmt: str) -> str:
     title = f"Evaluation — run {ck.run_id} ({ev.config.name}), round {ck.round}"
     lines = [
         f"Evaluation set: {int(m['n'])} rows ({ev.data_path.name})",
-        f"Accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, macro-F1 {m['macro_f1']:.4f}",
+        f"Accuracy {m['accuracy']:.4f}, {loss_note(m, 4)}, macro-F1 {m['macro_f1']:.4f}",
         f"No fairness audit: {ev.no_audit_reason}.",
     ]
     blocks = [("h1", title), ("ul", lines), *_post_processing_blocks(ev)]
@@ -579,7 +583,8 @@ def _post_processing_blocks(ev: Evaluation) -> list[tuple[str, object]]:
             (
                 "p",
                 "Every decision, metric and finding in this report is after the calibration "
-                f"({ev.calibration.rule}); the loss is the model's own. {text[:1].upper()}{text[1:]}.",
+                f"({ev.calibration.rule}); the loss is the model's own, the temperature-scaled loss that of "
+                f"softmax(log p / {ev.calibration.temperature:.3g}). {text[:1].upper()}{text[1:]}.",
             ),
         ]
     for p, applied in ((ev.applied, True), (ev.fitted, False)):
@@ -650,7 +655,8 @@ def _calibration_text(ev: Evaluation) -> str:
         )
     own = m.get("uncalibrated_accuracy")
     own_text = "" if own is None else f"; the model's own decisions: accuracy {own:.3f}"
-    return f"decisions after the prior calibration (offsets {offsets}; {fitted}){own_text}"
+    scale = f"; probabilities at temperature {c.temperature:.3g}" if c.temperature != 1.0 else ""
+    return f"decisions after the prior calibration (offsets {offsets}; {fitted}{scale}){own_text}"
 
 
 def render(ev: Evaluation, fmt: str) -> str:
@@ -676,10 +682,12 @@ def render(ev: Evaluation, fmt: str) -> str:
 
 
 def summary(ev: Evaluation) -> str:
+    from common.evaluation import loss_note
+
     m, ck = ev.metrics, ev.checkpoint
     lines = [
         f"run {ck.run_id} ({ev.config.name}), round {ck.round}, on {ev.data_path.name} ({int(m['n'])} rows): "
-        f"accuracy {m['accuracy']:.3f}  loss {m['loss']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+        f"accuracy {m['accuracy']:.3f}  {loss_note(m)}  macro-F1 {m['macro_f1']:.3f}"
     ]
     if ev.report is None:
         lines.append(f"no fairness audit: {ev.no_audit_reason}")

@@ -21,8 +21,11 @@ from common.calibration import (
     apply_offsets,
     calibration_from_json,
     cross_fitted,
+    cross_fitted_loss,
     fit_offsets,
+    fit_temperature,
     share_shift_p_value,
+    tempered,
 )
 from common.config import parse_config
 from common.data import load_encoded
@@ -173,6 +176,34 @@ def test_fewer_than_two_label_classes_means_no_offsets() -> None:
         apply_offsets(probs, [0.0, 1.0, 2.0])
 
 
+def _nll(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.log(probs[np.arange(y.size), y]).mean())
+
+
+def test_temperature_scaling_undoes_overconfidence_and_moves_no_decision() -> None:
+    """A model whose logits are 4× too large (what DP-Adam's noisy steps did to the demo's model: 88%
+    of rows at probability ≥ 0.99, accuracy 0.745) gets T ≈ 4 back; its probabilities then score the
+    true model's loss, rows it was not fitted on included, and not one decision changes. A model that
+    is already calibrated keeps T ≈ 1."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(scale=1.5, size=(4000, 3))
+    truth = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in truth])
+    sharp = np.exp(4 * logits) / np.exp(4 * logits).sum(1, keepdims=True)
+    t = fit_temperature(sharp, y)
+    assert t == pytest.approx(4.0, rel=0.1)
+    assert (tempered(sharp, t).argmax(1) == sharp.argmax(1)).all()
+    own, honest = _nll(sharp, y), cross_fitted_loss(sharp, y, seed=0)
+    assert own > 1.8 * _nll(truth, y) and honest == pytest.approx(_nll(truth, y), rel=0.03)
+    assert fit_temperature(truth, y) == pytest.approx(1.0, abs=0.1)
+    decided, cal = cross_fitted(sharp, y, list("abc"), seed=0)
+    assert cal.temperature == pytest.approx(t)
+    assert (
+        fit_temperature(np.zeros((0, 2)), np.zeros(0, dtype=int)) == 1.0
+        and cross_fitted_loss(np.zeros((0, 2)), np.zeros(0, dtype=int), seed=0) == 0.0
+    )
+
+
 def test_calibration_file_errors_name_the_problem() -> None:
     good = PriorCalibration(classes=["a", "b"], offsets=[0.0, -1.0], class_shares=[0.4, 0.6], rows=10)
     assert calibration_from_json(good.model_dump_json(), "f") == good
@@ -183,6 +214,14 @@ def test_calibration_file_errors_name_the_problem() -> None:
     bad = good.model_dump() | {"offsets": [0.0]}
     with pytest.raises(ConfigError, match="1 offsets for 2 classes"):
         calibration_from_json(json.dumps(bad), "f")
+    for t in (0.0, -1.0, "Infinity"):
+        with pytest.raises(ConfigError, match="temperature"):
+            calibration_from_json(
+                json.dumps(good.model_dump() | {"temperature": t}).replace('"Infinity"', "Infinity"), "f"
+            )
+    older = good.model_dump()  # written before calibrations carried a temperature: the scores stay as they are
+    del older["temperature"]
+    assert calibration_from_json(json.dumps(older), "f").temperature == 1.0
 
 
 # -- config -----------------------------------------------------------------------------------------
@@ -284,6 +323,13 @@ def test_the_evaluator_reports_calibrated_decisions_and_releases_the_offsets(
     assert calibrated_acc > m["uncalibrated_accuracy"] + 0.1  # the file holds the calibrated decisions
     # (the in-run number is cross-fitted; the released offsets are fitted on all rows: close, not equal)
     assert calibrated_acc == pytest.approx(m["accuracy"], abs=0.03)
+    # The calibrated scores are the released temperature's: their log-loss is the one the summary prints.
+    import re
+
+    p_true = np.where(table["label"] == "1", table["calibrated_score"], 1 - table["calibrated_score"])
+    printed = re.search(r"loss [0-9.]+ \(temperature-scaled ([0-9.]+)\)", out.out)
+    assert printed and float(-np.log(p_true).mean()) == pytest.approx(float(printed[1]), abs=5e-4)
+    assert "calibrated_loss" in m and cal.temperature != 1.0
 
     # ... `--calibration none` scores the model's own decisions ...
     assert main(evaluate_args(c, "--calibration", "none", "--predictions", preds)) == 0
@@ -344,9 +390,11 @@ def test_a_simulated_run_reports_calibrated_rounds_and_releases_calibration_json
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     progress = proc.stderr  # with --json, stdout is the summary alone
     assert "round 2 held-out accuracy" in progress and "prior-calibrated; the model's own decisions" in progress
+    assert "(temperature-scaled " in progress
     with RunStore(summary["store"]) as store:
         evals = store.evaluations(summary["run_id"])
     assert set(evals) >= {1, 2} and all("uncalibrated_accuracy" in m for r, m in evals.items() if r > 0)
+    assert all("calibrated_loss" in m for r, m in evals.items() if r > 0)  # the evaluator node sent it, stored
     released = Path(summary["store"]).parent / "checkpoints" / f"run-{summary['run_id']}" / "calibration.json"
     cal = calibration_from_json(released.read_text(encoding="utf-8"), str(released))
     assert cal.round == 2 and cal.classes == ["0", "1"] and cal.rows == evals[2]["n"]

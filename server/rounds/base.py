@@ -24,7 +24,7 @@ from flwr.app import Message
 from common.calibration import CALIBRATION_FILE
 from common.config import RunConfig
 from common.errors import FedGuardError
-from common.evaluation import calibration_note
+from common.evaluation import calibration_note, loss_note
 from common.fairness.model_findings import constant_streak, constant_streak_line, model_findings
 from common.files import atomic_write
 from common.reply_signing import key_fingerprint
@@ -230,7 +230,7 @@ class Federation:
         by = score.evaluated_by if self.evaluator is None else f"evaluator {self.label(self.evaluator)}"  # its name
         self.progress(
             f"  round {rnd} held-out accuracy {m['accuracy']:.3f}{calibration_note(m)}, "
-            f"loss {m.get('loss', float('nan')):.3f}, macro-F1 {m.get('macro_f1', float('nan')):.3f} ({by})"
+            f"{loss_note(m)}, macro-F1 {m.get('macro_f1', float('nan')):.3f} ({by})"
         )
         classes = self.cfg.data.schema_.classes
         for f in model_findings(m, self.cfg.fairness, rnd, classes):
