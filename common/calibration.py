@@ -20,8 +20,9 @@ noisy steps grow a model's logits faster than its accuracy (the demo's round-3 m
 held-out rows a probability ≥ 0.99 at accuracy 0.745, held-out loss 1.28), so the model's own
 scores overstate its certainty. ``softmax(log p / T)``, with T minimizing the cross-entropy on the
 fitting rows, leaves every decision as it was (it divides each row's log-odds by the same T) and
-makes the scores mean what they say; its loss is reported cross-fitted (``calibrated_loss``) beside
-the model's own (``loss``).
+makes the scores mean what they say. The evaluator scores (``calibrated_loss``, and the fairness
+audit's calibration error and log loss) the cross-fitted tempered probabilities; ``loss`` stays the
+model's own.
 
 Offsets are kept only when they are needed and help: the decisions' class shares differ from the
 labels' beyond chance (Stuart–Maxwell test of marginal homogeneity on the fitting rows, McNemar's
@@ -71,13 +72,13 @@ __all__ = [
     "apply_offsets",
     "calibration_from_json",
     "cross_fitted",
-    "cross_fitted_loss",
+    "cross_fitted_tempered",
     "fit_offsets",
     "fit_temperature",
     "load_calibration",
+    "mean_log_loss",
     "share_shift_p_value",
     "tempered",
-    "tempered_loss",
 ]
 
 
@@ -285,26 +286,27 @@ def cross_fitted(
     return decided, cal
 
 
-def tempered_loss(
-    probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | Sequence[int], temperature: float
-) -> float:
-    """The mean cross-entropy of ``softmax(log p / temperature)`` against ``y`` (0 rows: 0)."""
-    labels = np.asarray(y, dtype=np.int64)
-    return _nll(_log_probs(probs), labels, 1.0 / float(temperature)) if labels.size else 0.0
-
-
-def cross_fitted_loss(probs: np.ndarray, y: np.ndarray | Sequence[int], *, seed: int) -> float:
-    """The mean cross-entropy of the temperature-scaled probabilities, each row's temperature fitted on
-    the other fold (the folds :func:`cross_fitted` uses), so no row's own label sets its temperature."""
+def mean_log_loss(probs: np.ndarray, y: np.ndarray | Sequence[int]) -> float:
+    """Mean cross-entropy of class probabilities against the labels (0 rows: 0), clipped at 1e-15 as the
+    fairness audit's log loss is, so the two agree on binary tasks."""
     labels = np.asarray(y, dtype=np.int64)
     if not labels.size:
         return 0.0
-    fold, total = _folds(labels, seed), 0.0
+    p = np.asarray(probs, dtype=np.float64)[np.arange(labels.size), labels]
+    return float(-np.mean(np.log(np.clip(p, 1e-15, 1.0))))
+
+
+def cross_fitted_tempered(probs: np.ndarray, y: np.ndarray | Sequence[int], *, seed: int) -> np.ndarray:
+    """Every row's temperature-scaled probabilities, its temperature fitted on the other fold (the folds
+    :func:`cross_fitted` uses), so no row's own label sets the scale of its scores."""
+    labels = np.asarray(y, dtype=np.int64)
+    out = np.asarray(probs, dtype=np.float64).copy()
+    fold = _folds(labels, seed)
     for f in range(FOLDS):
         rows = fold == f
-        t = fit_temperature(probs[~rows], labels[~rows]) if (~rows).any() else 1.0
-        total += tempered_loss(probs[rows], labels[rows], t) * int(rows.sum())
-    return total / labels.size
+        if rows.any() and (~rows).any():
+            out[rows] = tempered(probs[rows], fit_temperature(probs[~rows], labels[~rows]))
+    return out
 
 
 # -- files ---------------------------------------------------------------------------------------

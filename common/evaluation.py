@@ -18,8 +18,9 @@ from common.calibration import (
     PriorCalibration,
     apply_offsets,
     cross_fitted,
-    cross_fitted_loss,
-    tempered_loss,
+    cross_fitted_tempered,
+    mean_log_loss,
+    tempered,
 )
 from common.data import Encoded
 from common.errors import ConfigError
@@ -110,20 +111,24 @@ def evaluate_and_audit(
 ) -> tuple[dict[str, float], Audit | None]:
     """Metrics (with what the model predicted overall) plus the fairness audit over the sensitive groups
     (binary tasks with sensitive columns). With ``policy``, of the decisions after its group thresholds;
-    with ``calibration``, after its per-class offsets, the model's own decisions kept as
-    ``uncalibrated_*``; ``loss`` stays the model's own and ``calibrated_loss`` is that of the
-    probabilities after the calibration's temperature."""
+    with ``calibration``, of the decisions after its per-class offsets and the probabilities after its
+    temperature (``calibrated_loss``; the audit's calibration error and log loss), the model's own
+    decisions kept as ``uncalibrated_*`` and its own loss as ``loss``."""
     probs, loss = predict(model, data)
     if calibration is None:
         return _audit_predictions(probs, loss, data, fairness, policy)
-    metrics, found = _audit_predictions(probs, loss, data, fairness, decided=apply_offsets(probs, calibration.offsets))
-    scaled = tempered_loss(probs, data.y.numpy(), calibration.temperature)
-    return metrics | _uncalibrated(probs, loss, data) | {CALIBRATED_LOSS: scaled}, found
+    decided, scores = apply_offsets(probs, calibration.offsets), tempered(probs, calibration.temperature)
+    return _calibrated(probs, loss, data, fairness, decided, scores)
 
 
-def _uncalibrated(probs: np.ndarray, loss: float, data: Encoded) -> dict[str, float]:
+def _calibrated(
+    probs: np.ndarray, loss: float, data: Encoded, fairness: FairnessConfig, decided: np.ndarray, scores: np.ndarray
+) -> tuple[dict[str, float], Audit | None]:
+    """Metrics and audit of calibrated decisions and scores, with the model's own accuracy, macro-F1 and loss."""
+    metrics, found = _audit_predictions(scores, loss, data, fairness, decided=decided)
     own = _metrics(data.y.numpy(), probs.argmax(-1), loss)
-    return {f"{UNCALIBRATED}{k}": own[k] for k in ("accuracy", "macro_f1")}
+    metrics |= {f"{UNCALIBRATED}{k}": own[k] for k in ("accuracy", "macro_f1")}
+    return metrics | {CALIBRATED_LOSS: mean_log_loss(scores, data.y.numpy())}, found
 
 
 def _audit_predictions(
@@ -155,19 +160,18 @@ def score_held_out(
     metrics, the fairness audit, in a thresholds run the fitted policy and with ``[evaluation]
     calibration = "prior"`` the fitted calibration — from one inference pass.
 
-    With calibration every metric, finding and the audit describe the calibrated decisions, each row
-    decided with offsets fitted on the other fold (``common.calibration.cross_fitted``); the model's own
-    decisions are kept as ``uncalibrated_accuracy`` and ``uncalibrated_macro_f1``. ``loss`` is the
-    model's own; ``calibrated_loss`` that of its temperature-scaled probabilities, cross-fitted too."""
+    With calibration every metric, finding and the audit describe the calibrated decisions and
+    scores, each row decided with offsets and scaled with a temperature fitted on the other fold
+    (``common.calibration.cross_fitted``, ``cross_fitted_tempered``); the model's own decisions are
+    kept as ``uncalibrated_accuracy`` and ``uncalibrated_macro_f1``, its own loss as ``loss``."""
     probs, loss = predict(model, data)
-    decided, calibration = None, None
-    if cfg.evaluation.calibration == "prior" and len(data):
-        classes, y = cfg.data.schema_.classes, data.y.numpy()
-        decided, calibration = cross_fitted(probs, y, classes, seed=cfg.seed, round_=round_)
-    metrics, found = _audit_predictions(probs, loss, data, cfg.fairness, decided=decided)
-    if calibration is not None:
-        metrics |= _uncalibrated(probs, loss, data) | {CALIBRATED_LOSS: cross_fitted_loss(probs, y, seed=cfg.seed)}
-    return metrics, found, _fit_policy(probs, data, cfg, round_), calibration
+    policy = _fit_policy(probs, data, cfg, round_)
+    if cfg.evaluation.calibration != "prior" or not len(data):
+        return *_audit_predictions(probs, loss, data, cfg.fairness), policy, None
+    y = data.y.numpy()
+    decided, calibration = cross_fitted(probs, y, cfg.data.schema_.classes, seed=cfg.seed, round_=round_)
+    scores = cross_fitted_tempered(probs, y, seed=cfg.seed)
+    return *_calibrated(probs, loss, data, cfg.fairness, decided, scores), policy, calibration
 
 
 def threshold_policy(

@@ -583,8 +583,8 @@ def _post_processing_blocks(ev: Evaluation) -> list[tuple[str, object]]:
             (
                 "p",
                 "Every decision, metric and finding in this report is after the calibration "
-                f"({ev.calibration.rule}); the loss is the model's own, the temperature-scaled loss that of "
-                f"softmax(log p / {ev.calibration.temperature:.3g}). {text[:1].upper()}{text[1:]}.",
+                f"({ev.calibration.rule}), and every score after its temperature, softmax(log p / "
+                f"{ev.calibration.temperature:.3g}); the loss is the model's own. {text[:1].upper()}{text[1:]}.",
             ),
         ]
     for p, applied in ((ev.applied, True), (ev.fitted, False)):

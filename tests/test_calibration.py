@@ -21,9 +21,10 @@ from common.calibration import (
     apply_offsets,
     calibration_from_json,
     cross_fitted,
-    cross_fitted_loss,
+    cross_fitted_tempered,
     fit_offsets,
     fit_temperature,
+    mean_log_loss,
     share_shift_p_value,
     tempered,
 )
@@ -193,15 +194,13 @@ def test_temperature_scaling_undoes_overconfidence_and_moves_no_decision() -> No
     t = fit_temperature(sharp, y)
     assert t == pytest.approx(4.0, rel=0.1)
     assert (tempered(sharp, t).argmax(1) == sharp.argmax(1)).all()
-    own, honest = _nll(sharp, y), cross_fitted_loss(sharp, y, seed=0)
+    own, honest = _nll(sharp, y), mean_log_loss(cross_fitted_tempered(sharp, y, seed=0), y)
     assert own > 1.8 * _nll(truth, y) and honest == pytest.approx(_nll(truth, y), rel=0.03)
     assert fit_temperature(truth, y) == pytest.approx(1.0, abs=0.1)
     decided, cal = cross_fitted(sharp, y, list("abc"), seed=0)
     assert cal.temperature == pytest.approx(t)
-    assert (
-        fit_temperature(np.zeros((0, 2)), np.zeros(0, dtype=int)) == 1.0
-        and cross_fitted_loss(np.zeros((0, 2)), np.zeros(0, dtype=int), seed=0) == 0.0
-    )
+    assert fit_temperature(np.zeros((0, 2)), np.zeros(0, dtype=int)) == 1.0
+    assert mean_log_loss(np.zeros((0, 2)), np.zeros(0, dtype=int)) == 0.0
 
 
 def test_calibration_file_errors_name_the_problem() -> None:
@@ -294,6 +293,10 @@ def test_the_evaluator_reports_calibrated_decisions_and_releases_the_offsets(
     assert not is_constant(m)
     cal = calibration_from_json(score.calibration_json, "score")
     assert cal.round == 5 and cal.rows == 1000 and cal.offsets[1] < -1.0
+    # The audit scored the cross-fitted temperature-scaled probabilities: its log loss is calibrated_loss.
+    assert score.audit_json is not None and cal.temperature != 1.0
+    overall = json.loads(score.audit_json)["overall"]
+    assert overall["log_loss"] == pytest.approx(m["calibrated_loss"], rel=1e-9) and m["calibrated_loss"] != m["loss"]
 
     # The evaluator node's reply carries it; a malformed one is left out, not stored.
     def reply(text: str) -> RecordDict:
@@ -329,6 +332,8 @@ def test_the_evaluator_reports_calibrated_decisions_and_releases_the_offsets(
     p_true = np.where(table["label"] == "1", table["calibrated_score"], 1 - table["calibrated_score"])
     printed = re.search(r"loss [0-9.]+ \(temperature-scaled ([0-9.]+)\)", out.out)
     assert printed and float(-np.log(p_true).mean()) == pytest.approx(float(printed[1]), abs=5e-4)
+    # ... and the audit scored them: its log loss is that loss, not the model's own.
+    assert doc["rounds"][0]["audit"]["overall"]["log_loss"] == pytest.approx(float(-np.log(p_true).mean()), rel=1e-9)
     assert "calibrated_loss" in m and cal.temperature != 1.0
 
     # ... `--calibration none` scores the model's own decisions ...
