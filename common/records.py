@@ -186,6 +186,8 @@ REPLY_ALLOWLIST: dict[str, dict[str, PrivacyClass]] = {
         "positive_rate": "evaluation",
         "base_rate": "evaluation",
         "true_classes": "evaluation",  # how many classes the held-out labels hold (a count, not the labels)
+        "majority_class": "evaluation",  # the held-out labels' most common class and its share (one count)
+        "majority_share": "evaluation",
         # [evaluation] calibration = "prior": the model's own decisions, beside the calibrated ones.
         "uncalibrated_accuracy": "evaluation",
         "uncalibrated_macro_f1": "evaluation",

@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # imported where used: `fedguard --help` stays fast
     from common.calibration import PriorCalibration
     from common.config import RunConfig
     from common.data import Encoded
+    from common.fairness import Finding
     from common.fairness.thresholds import Summary, ThresholdPolicy
     from common.schema import DataSchema
     from server.checkpoint import Checkpoint
@@ -90,6 +91,14 @@ class Evaluation:
     fitted: ThresholdPolicy | None = None
     #: The prior calibration the decisions went through (``--calibration``, or the run's own), or None.
     calibration: PriorCalibration | None = None
+
+    def model_findings(self) -> list[Finding]:
+        """Findings about the model itself (constant, skewed, no better than the majority class): they need no
+        sensitive columns, so an evaluation without a fairness report states them too (a report holds them)."""
+        from common.fairness import model_findings
+
+        cfg = self.config
+        return model_findings(self.metrics, cfg.fairness, self.checkpoint.round, cfg.data.schema_.classes)
 
 
 @dataclass(frozen=True)
@@ -391,8 +400,9 @@ def run_evaluation(
     report, reason = None, None
     if audit is not None:
         report = build_fairness_report(
-            ckpt.run_id, cfg.name, [(ckpt.round, audit)], provenance(data, data_path.name), cfg=cfg.fairness
-        )
+            ckpt.run_id, cfg.name, [(ckpt.round, audit)], provenance(data, data_path.name), cfg=cfg.fairness,
+            metrics_by_round={ckpt.round: metrics}, classes=schema.classes,
+        )  # fmt: skip
         if applied is not None or cal is not None:  # the audit scored these decisions, not the model's own
             how = "the group thresholds" if applied is not None else "the prior calibration"
             report = report.model_copy(update={"decisions": f"after {how} (see Post-processing)"})
@@ -525,6 +535,7 @@ def _metrics_document(ev: Evaluation, fmt: str) -> str:
         "metrics": m,
         "fairness_report": None,
         "note": ev.no_audit_reason,
+        "model_findings": [f.model_dump(mode="json") for f in ev.model_findings()],
     }
     if ev.applied is not None or ev.fitted is not None or ev.calibration is not None:
         doc["post_processing"] = _post_processing_json(ev)
@@ -535,6 +546,7 @@ def _metrics_document(ev: Evaluation, fmt: str) -> str:
         f"Evaluation set: {int(m['n'])} rows ({ev.data_path.name})",
         f"Accuracy {m['accuracy']:.4f}, {loss_note(m, 4)}, macro-F1 {m['macro_f1']:.4f}",
         f"No fairness audit: {ev.no_audit_reason}.",
+        *(f"Model finding ({f.severity}): {f.message}" for f in ev.model_findings()),
     ]
     blocks = [("h1", title), ("ul", lines), *_post_processing_blocks(ev)]
     return to_markdown(blocks) if fmt == "md" else to_html(blocks, title, json.dumps(doc))
@@ -691,6 +703,7 @@ def summary(ev: Evaluation) -> str:
     ]
     if ev.report is None:
         lines.append(f"no fairness audit: {ev.no_audit_reason}")
+        lines += [f"model finding: [{f.severity}] {f.message}" for f in ev.model_findings()]
     elif ev.report.findings:
         lines.append(f"fairness findings ({len(ev.report.findings)}):")
         lines += [f"  [{f.severity}] {f.message}" for f in ev.report.findings]

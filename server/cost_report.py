@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from common import records as R
-from common.fairness.model_findings import is_constant
+from common.fairness.model_findings import is_constant, no_better_than_majority
 from server.report_blocks import Block, Plot
 from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
@@ -222,11 +222,13 @@ def build_cost_report(store_path: str | Path, run_id: int) -> CostReport:
     acc0 = accuracy[scored[0]] if scored else None
     acc1 = accuracy[scored[-1]] if scored else None
     gain = None if acc0 is None or acc1 is None or len(scored) < 2 else 100.0 * (acc1 - acc0)
-    # A final model that predicts one class scores that class's share: its "gain" is no learning to price.
+    # A final model that predicts one class scores that class's share, and one no better than always predicting the
+    # majority class has learned nothing usable: their "gain" (from the initial model's chance) is none to price.
     constant = bool(scored) and is_constant(evals[scored[-1]])
+    useless = bool(scored) and not constant and no_better_than_majority(evals[scored[-1]])
 
     def per_point(total: float) -> float | None:
-        return total / gain if gain is not None and gain > 0 and not constant else None
+        return total / gain if gain is not None and gain > 0 and not (constant or useless) else None
 
     notes = [
         "Bytes are the server's own exact figures: every message to and from each node in Flower's wire format "
@@ -250,6 +252,11 @@ def build_cost_report(store_path: str | Path, run_id: int) -> CostReport:
         notes.append(
             "The final model predicts one class for every held-out row: its accuracy is that class's share, "
             "not learning; no cost per accuracy point."
+        )
+    elif useless:
+        notes.append(
+            "The final model's held-out accuracy is not above what always predicting the majority class scores: "
+            "no cost per accuracy point."
         )
     server_source = next((c["server"].get("energy_source") for c in reversed(costs) if c["server"]), None)
     return CostReport(

@@ -268,19 +268,21 @@ def test_the_plan_takes_exactly_the_steps_opacus_samples(batches: int) -> None:
     assert steps == len(UniformWithReplacementSampler(num_samples=batches * 32, sample_rate=q))
 
 
-@pytest.mark.parametrize("final_classes", [1.0, 2.0])
-def test_no_cost_per_accuracy_point_for_a_final_model_that_predicts_one_class(
-    tmp_path: Path, final_classes: float
+@pytest.mark.parametrize(("final_classes", "majority_share"), [(1.0, 0.8), (2.0, 0.8), (2.0, 0.75)])
+def test_no_cost_per_accuracy_point_for_a_final_model_no_better_than_the_majority_class(
+    tmp_path: Path, final_classes: float, majority_share: float
 ) -> None:
-    """Collapsing to the majority class lifts accuracy from 0.70 to its share, 0.80: no learning to put a price on."""
+    """Collapsing to the majority class lifts accuracy from 0.70 to its share, 0.80, and a model that varies its
+    decisions but scores no more than that share has learned no more: no learning to put a price on."""
     path = tmp_path / "runs.db"
     with RunStore(path) as store:
         run = store.create_run("r", "{}", "h", None)
         for rnd in (0, 1):
             store.record_costs(run, rnd, {7: {"sent": 1000, "received": 1000, "messages": 2}}, {7: "client"},
                                server={"energy_wh": 0.5, "emissions_g": 0.1}, wall_seconds=2.0)  # fmt: skip
-        store.record_evaluation(run, 0, {"accuracy": 0.7, "predicted_classes": 2.0, "true_classes": 2.0})
-        store.record_evaluation(run, 1, {"accuracy": 0.8, "predicted_classes": final_classes, "true_classes": 2.0})
+        summary = {"true_classes": 2.0, "majority_share": majority_share, "majority_class": 0.0}
+        store.record_evaluation(run, 0, {"accuracy": 0.7, "predicted_classes": 2.0} | summary)
+        store.record_evaluation(run, 1, {"accuracy": 0.8, "predicted_classes": final_classes} | summary)
     rep = build_cost_report(path, run)
     assert rep.accuracy_gain_points == pytest.approx(10.0)
     lines = "\n".join(summary_lines(path, run))
@@ -288,5 +290,8 @@ def test_no_cost_per_accuracy_point_for_a_final_model_that_predicts_one_class(
     if final_classes == 1.0:
         assert rep.wh_per_point is None and rep.bytes_per_point is None and "cost per accuracy point" not in lines
         assert "predicts one class for every held-out row" in md and "Cost per accuracy point: n/a" in md
+    elif majority_share >= 0.8:
+        assert rep.wh_per_point is None and "cost per accuracy point" not in lines
+        assert "not above what always predicting the majority class scores" in md
     else:
         assert rep.wh_per_point == pytest.approx(0.1) and "cost per accuracy point: 0.1 Wh" in lines

@@ -31,9 +31,10 @@ pytestmark = pytest.mark.timeout(120)
 
 # -- the model findings: on every evaluation, sensitive columns or not ------------------------------------------------
 def _binary(pos_rate: float, base_rate: float, n: int = 1000) -> dict[str, float]:
-    """Metrics of a model that predicts class 1 for ``pos_rate`` of ``n`` rows whose base rate is ``base_rate``."""
+    """Metrics of a model that predicts class 1 for ``pos_rate`` of ``n`` rows whose base rate is ``base_rate``,
+    as accurately as those rates allow (its predicted positives are the first rows, as its true positives)."""
     y_true = (np.arange(n) < round(base_rate * n)).astype(int)
-    y_pred = (np.arange(n)[::-1] < round(pos_rate * n)).astype(int)
+    y_pred = (np.arange(n) < round(pos_rate * n)).astype(int)
     return {"accuracy": float(np.mean(y_true == y_pred))} | prediction_summary(y_true, y_pred, 2)
 
 
@@ -85,6 +86,43 @@ def test_the_skew_factor_comes_from_the_config() -> None:
     ]
     with pytest.raises(ValueError, match="greater than 1"):
         FairnessConfig(prediction_skew_factor=1.0)
+
+
+def _scored(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, **extra: float) -> dict[str, float]:
+    acc = float(np.mean(y_true == y_pred))
+    return {"accuracy": acc, "macro_f1": 0.4, **extra} | prediction_summary(y_true, y_pred, num_classes)
+
+
+def test_a_model_no_better_than_the_majority_class_is_a_finding_even_when_not_constant() -> None:
+    """Prior calibration spreads a useless model's decisions over the classes, so it is neither constant nor (within
+    1.5×) skewed; its accuracy at or below the majority class's share is what gives it away (Titanic, IID, ε = 8:
+    0.579 against 0.589, and the run said "finished")."""
+    y = (np.arange(1000) < 411).astype(int)  # 41.1% 'yes': always 'no' scores 0.589
+    rows = np.arange(1000)
+    useless = ((rows >= 300) & (rows < 650)).astype(int)  # 'yes' for 35%: 111 right, 239 wrong → 0.461
+    metrics = _scored(y, useless, 2, uncalibrated_accuracy=0.589)
+    assert metrics["accuracy"] == pytest.approx(0.461)
+    (f,) = model_findings(metrics, FairnessConfig(), 10, ["no", "yes"])
+    assert f.kind == "no_better_than_majority" and f.severity == "warning"
+    assert f.value == pytest.approx(0.461) and f.threshold == pytest.approx(0.589)
+    assert "accuracy (0.461; the model's own decisions 0.589; macro-F1 0.400)" in f.message
+    assert "not above 0.589, what predicting the most common class ('no') for every row scores" in f.message
+    assert "[dp] enabled = false" in f.message and "more training rows" in f.message  # what to try
+    assert model_findings(metrics, FairnessConfig(), 0, ["no", "yes"]) == []  # round 0: the untrained model
+    # the boundary: the majority's own accuracy is not above it, one more right row is
+    at = ((rows < 10) | ((rows >= 411) & (rows < 421))).astype(int)  # 10 right, 10 wrong 'yes' → 0.589
+    above = ((rows < 11) | ((rows >= 411) & (rows < 421))).astype(int)  # 11 right → 0.590
+    kinds = [[g.kind for g in model_findings(_scored(y, d, 2), None, 3)] for d in (at, above)]
+    assert kinds == [["skewed_prediction_rate", "no_better_than_majority"], ["skewed_prediction_rate"]]
+    # multiclass: the most common class's share, that class named
+    y3 = np.repeat([0, 1, 2], [500, 300, 200])
+    shuffled = np.repeat([1, 0, 2], [500, 300, 200])  # only class 2 right: 0.2
+    (g,) = model_findings(_scored(y3, shuffled, 3), None, 4, ["a", "b", "c"])
+    assert g.kind == "no_better_than_majority" and "not above 0.500" in g.message and "('a')" in g.message
+    assert model_findings(_scored(y3, y3, 3), None, 4, ["a", "b", "c"]) == []
+    # an evaluation stored before majority_share: a binary one's base rate says it
+    old = {k: v for k, v in metrics.items() if k not in ("majority_class", "majority_share")}
+    assert [g.kind for g in model_findings(old, None, 5)] == ["no_better_than_majority"]
 
 
 def test_a_constant_model_is_critical_for_binary_and_multiclass_tasks() -> None:
@@ -317,6 +355,49 @@ def test_a_constant_model_without_sensitive_columns_ends_with_a_warning(tmp_path
     assert re.search(r"1  finished   health  accuracy [\d.]+  WARNING: CONSTANT MODEL", listed), listed
     md = _fedguard(["report", "privacy", "1", "--store", str(store), "--format", "md"], tmp_path).stdout
     assert "finished, WITH 1 WARNING(S)" in md and "WARNING: the model predicts one class" in md
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_model_no_better_than_the_majority_class_ends_with_a_warning_everywhere(tmp_path: Path) -> None:
+    """The nodes' rows say y = 1 above a = 0.5; the held-out file says y = 1 below a = -0.5. The model learns the
+    nodes' rule and predicts both classes on the held-out rows, worse than always saying '0': no constant model, no
+    sensitive column, and before this finding a run that said "finished". Without DP, so it learns in 3 rounds."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=900)
+    pd.DataFrame({"a": a, "y": (a > 0.5).astype(int)}).to_csv(tmp_path / "data.csv", index=False)
+    h = rng.normal(size=300)
+    pd.DataFrame({"a": h, "y": (h < -0.5).astype(int)}).to_csv(tmp_path / "holdout.csv", index=False)
+    schema = 'features = [{name = "a", type = "numeric", range = [-3, 3]}]'
+    toml = _write_config(tmp_path, tmp_path / "data.csv", schema, "")
+    text = toml.read_text().replace(
+        "validation_fraction = 0.2", 'validation_fraction = 0.2\nevaluation_path = "holdout.csv"'
+    )
+    toml.write_text(text.replace("target_epsilon = 4.0\ndelta = 1e-4", "enabled = false"), encoding="utf-8")
+    work = tmp_path / "work"
+    proc = _fedguard(["simulate", "--config", str(toml), "--workdir", str(work)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    said = r"the model's held-out accuracy \(0\.[0-4]\d\d; macro-F1 [\d.]+\) is not above 0\.\d+, what predicting"
+    assert re.search(r"  round 3: WARNING " + said, out), out  # the round line, every evaluation
+    assert "round 0: WARNING the model's held-out accuracy" not in out  # not for the untrained model
+    assert re.search(r"\nWARNING: " + said + r" the most common class \('0'\) for every row scores", out), out
+    assert re.search(r"run 1 finished WITH \d WARNING\(S\)", out)
+    store = work / "runs.db"
+    listed = _fedguard(["runs", "--store", str(store)], tmp_path).stdout
+    assert "no better than majority" in listed, listed
+    md = _fedguard(["report", "privacy", "1", "--store", str(store), "--format", "md"], tmp_path).stdout
+    assert re.search(r"WARNING: " + said, md), md
+    # `fedguard evaluate` on the final checkpoint says it too, with no sensitive column to audit
+    (tmp_path / "schema.toml").write_text(f'task = "tabular"\nlabel = "y"\nclasses = ["0", "1"]\n{schema}\n')
+    ckpt = work / "checkpoints" / "run-1" / "round-00003.ckpt"
+    args = ["evaluate", "--model", str(ckpt), "--data", "holdout.csv", "--schema", "schema.toml"]
+    evaluated = _fedguard(args, tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert re.search(r"model finding: \[warning\] " + said, evaluated.stderr), evaluated.stderr  # the summary
+    assert re.search(r"Model finding \(warning\): " + said, evaluated.stdout), evaluated.stdout  # the document
+    as_json = json.loads(_fedguard([*args, "--format", "json"], tmp_path).stdout)
+    assert [f["kind"] for f in as_json["model_findings"]] == ["no_better_than_majority"]
 
 
 def test_in_deployment_nodes_take_their_kit_names_from_the_enrolled_keys(

@@ -22,6 +22,7 @@ FindingKind = Literal[
     "degenerate_low_tpr",
     "constant_model",
     "skewed_prediction_rate",
+    "no_better_than_majority",
     "final_model_regressed",
 ]
 

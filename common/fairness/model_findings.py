@@ -1,5 +1,5 @@
-"""Findings about the model itself: a constant or skewed model on every evaluation, and a final model that
-scores clearly below an earlier round's.
+"""Findings about the model itself: a constant or skewed model, or one no better than the majority class, on
+every evaluation, and a final model that scores clearly below an earlier round's.
 
 The fairness audit needs sensitive columns; these findings do not. They read four numbers every
 evaluation reports with its accuracy (:func:`prediction_summary`), so a model that predicts the
@@ -23,7 +23,10 @@ TOP_CLASS_SHARE = "top_class_share"  # share of held-out rows predicted as that 
 POSITIVE_RATE = "positive_rate"  # binary: share of rows predicted as class 1
 BASE_RATE = "base_rate"  # binary: share of rows whose label is class 1
 TRUE_CLASSES = "true_classes"  # how many distinct classes the held-out labels hold
-SUMMARY_KEYS = (PREDICTED_CLASSES, TOP_CLASS, TOP_CLASS_SHARE, POSITIVE_RATE, BASE_RATE, TRUE_CLASSES)
+MAJORITY_CLASS = "majority_class"  # index of the held-out labels' most common class
+MAJORITY_SHARE = "majority_share"  # its share of the held-out rows: the accuracy of always predicting it
+SUMMARY_KEYS: tuple[str, ...] = (PREDICTED_CLASSES, TOP_CLASS, TOP_CLASS_SHARE, POSITIVE_RATE, BASE_RATE)
+SUMMARY_KEYS += (TRUE_CLASSES, MAJORITY_CLASS, MAJORITY_SHARE)
 
 #: What to try when a model collapses to one class; concrete, in config terms.
 CONSTANT_ADVICE = (
@@ -32,6 +35,14 @@ CONSTANT_ADVICE = (
     "that class's share); with a rare class, raise dp.max_grad_norm (e.g. to 5): the records the model gets "
     "wrong have the largest gradients, so clipping at a small norm weighs them least and pushes the model "
     "further to the majority class"
+)
+
+#: What to try when a model scores no better than always predicting the majority class.
+NO_SKILL_ADVICE = (
+    "the same config without DP ([dp] enabled = false, in simulation) shows whether the features carry the signal; "
+    "if they do without DP and not with it, the noise drowns it at this data size: give each node more training rows "
+    "(fewer, larger nodes), or raise dp.target_epsilon or train.batch_size; if they do not, check that the held-out "
+    "set is drawn like the nodes' data and that the label column is the one meant"
 )
 
 
@@ -47,6 +58,10 @@ def prediction_summary(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int)
         TOP_CLASS_SHARE: float(counts[top] / n),
         TRUE_CLASSES: float(len(np.unique(y_true))),
     }
+    if len(y_true):
+        label_counts = np.bincount(y_true.astype(np.int64), minlength=num_classes)
+        out[MAJORITY_CLASS] = float(np.argmax(label_counts))
+        out[MAJORITY_SHARE] = float(label_counts.max() / len(y_true))
     if num_classes == 2:
         out[POSITIVE_RATE] = float(np.mean(y_pred == 1)) if len(y_pred) else 0.0
         out[BASE_RATE] = float(np.mean(y_true == 1)) if len(y_true) else 0.0
@@ -74,9 +89,11 @@ def model_findings(
     round: int | None = None,
     classes: Sequence[str] | None = None,
 ) -> list[Finding]:
-    """A constant model (critical) or, for binary tasks, a class predicted for a share of rows off its base rate
-    by more than ``cfg.prediction_skew_factor`` either way (warning; the positive class checked first). Empty
-    for metrics without :func:`prediction_summary` and for an empty held-out set (no rows: nothing to judge)."""
+    """A constant model (critical); otherwise, for binary tasks, a class predicted for a share of rows off its
+    base rate by more than ``cfg.prediction_skew_factor`` either way (warning; the positive class checked first),
+    and a model whose accuracy is not above the majority class's share (warning; not for round 0, the
+    untrained initial model). Empty for metrics without :func:`prediction_summary` and for an empty held-out
+    set (no rows: nothing to judge)."""
     cfg = cfg or FairnessConfig()
     if metrics.get("n", 1.0) <= 0:
         return []
@@ -101,6 +118,59 @@ def model_findings(
                 **common,  # type: ignore[arg-type]
             )
         ]
+    no_skill = _no_better_than_majority(metrics, classes, common) if round != 0 else []
+    return _skewed(metrics, cfg, classes, common) + no_skill
+
+
+def majority_baseline(metrics: Mapping[str, float]) -> tuple[float, int] | None:
+    """The held-out labels' most common class's share and index (always predicting it scores that share), or None
+    when the evaluation cannot say: no summary, no rows, or labels that do not vary (then the constant is right).
+    Binary evaluations from before ``majority_share`` take it from the base rate."""
+    share, majority = metrics.get(MAJORITY_SHARE), metrics.get(MAJORITY_CLASS)
+    if share is None and metrics.get(BASE_RATE) is not None:
+        base = metrics[BASE_RATE]
+        share, majority = max(base, 1.0 - base), float(base > 0.5)
+    if share is None or majority is None or metrics.get("n", 1.0) <= 0 or metrics.get(TRUE_CLASSES, 2.0) < 2:
+        return None
+    return share, int(majority)
+
+
+def no_better_than_majority(metrics: Mapping[str, float]) -> bool:
+    """Held-out accuracy at or below the majority class's share: whatever the decisions look like (spread over the
+    classes by prior calibration, say), the model adds nothing to always predicting that class."""
+    baseline, acc = majority_baseline(metrics), metrics.get("accuracy")
+    return baseline is not None and acc is not None and bool(np.isfinite(acc)) and acc <= baseline[0] + 1e-9
+
+
+def _no_better_than_majority(
+    metrics: Mapping[str, float], classes: Sequence[str] | None, common: dict[str, object]
+) -> list[Finding]:
+    baseline = majority_baseline(metrics)
+    if baseline is None or not no_better_than_majority(metrics):
+        return []
+    acc, (share, majority) = metrics["accuracy"], baseline
+    own = metrics.get("uncalibrated_accuracy")
+    own_note = f"; the model's own decisions {own:.3f}" if own is not None and abs(own - acc) > 5e-4 else ""
+    f1 = metrics.get("macro_f1")
+    f1_note = f"; macro-F1 {f1:.3f}" if f1 is not None and np.isfinite(f1) else ""
+    return [
+        Finding(
+            kind="no_better_than_majority",
+            severity="warning",
+            value=acc,
+            threshold=share,
+            message=f"the model's held-out accuracy ({acc:.3f}{own_note}{f1_note}) is not above {share:.3f}, what "
+            f"predicting the most common class ({_class_name(majority, classes)}) for every row scores: as a "
+            f"classifier it is no better than that constant. Try: {NO_SKILL_ADVICE}",
+            **common,  # type: ignore[arg-type]
+        )
+    ]
+
+
+def _skewed(
+    metrics: Mapping[str, float], cfg: FairnessConfig, classes: Sequence[str] | None, common: dict[str, object]
+) -> list[Finding]:
+    """A binary model's class predicted for a share of rows off its base rate beyond ``cfg.prediction_skew_factor``."""
     pos, base = metrics.get(POSITIVE_RATE), metrics.get(BASE_RATE)
     if pos is None or base is None:
         return []
