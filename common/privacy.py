@@ -116,6 +116,18 @@ def poisson_schedule(n_train: int, batch_size: int) -> tuple[float, int]:
     return q, int(1.0 / q)
 
 
+def max_delta(n_train: int) -> float:
+    """The largest δ a node accepts for ``n_train`` training records: 1/(10·n). At δ near 1/n a mechanism may
+    publish a whole record with probability δ and still claim (ε, δ)-DP."""
+    return 1 / (10 * n_train)
+
+
+def delta_within(limit: float) -> float:
+    """A round δ at or below ``limit``, one significant digit, rounded down (8.6e-06 → 8e-06, never 9e-06)."""
+    scale = 10.0 ** math.floor(math.log10(limit))
+    return math.floor(limit / scale + 1e-9) * scale
+
+
 def plan_dp(
     n_train: int,
     dp: DPConfig,
@@ -142,12 +154,11 @@ def plan_dp(
             "no training records on this node (all rows went to the validation split, or none were valid)",
             fix="add rows, or lower data.validation_fraction",
         )
-    max_delta = 1 / (10 * n_train)
-    if dp.delta > max_delta:
+    if dp.delta > max_delta(n_train):
         raise PrivacyPlanError(
-            f"δ={dp.delta:g} is larger than 1/(10·n)={max_delta:.3g} for n={n_train} training records",
+            f"δ={dp.delta:g} is larger than 1/(10·n)={max_delta(n_train):.3g} for n={n_train} training records",
             where="dp.delta",
-            fix=f"set dp.delta ≤ {max_delta:.1g}",
+            fix=f"set dp.delta ≤ {delta_within(max_delta(n_train)):g}",
         )
     delta = dp.delta - outside_delta
     if delta <= 0:

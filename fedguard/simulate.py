@@ -23,6 +23,7 @@ from common.errors import ConfigError
 from common.files import only_one
 from common.flower_internals import fast_simulation_dispatch
 from common.partition import describe_parts, partition_frame, simulated_node_name
+from common.privacy import delta_within, max_delta
 from common.progress import no_colour_codes
 from server import grid_io
 from server.app import Progress, RunResult, make_server_app
@@ -76,6 +77,32 @@ def prepare_partitions(cfg: RunConfig, workdir: Path, progress: Progress) -> Run
     return cfg.model_copy(update={"data": data})
 
 
+def check_delta(cfg: RunConfig, sim_dir: Path) -> None:
+    """Refuse, before any node trains, a ``dp.delta`` that a simulated node's plan refuses (above 1/(10·n) for its
+    training records, ``common.privacy.max_delta``): that node would refuse every round, the run would finish
+    without its data and the reason would be in its log only. Counted as the node counts: its rows after the
+    schema's checks, less its validation split."""
+    if not cfg.dp.enabled:
+        return
+    schema = cfg.data.schema_
+    over: list[tuple[str, int]] = []
+    for i in range(cfg.simulation.num_clients):
+        path = sim_dir / f"partition-{i}.parquet"
+        n = len(encode(read_table(path, schema), schema, max_len=1, source=str(path)))
+        n_train = len(split_indices(n, cfg.data.validation_fraction, cfg.seed)[0])
+        if cfg.dp.delta > max_delta(n_train):
+            over.append((simulated_node_name(i), n_train))
+    if over:
+        nodes = ", ".join(f"{name} ({n:,} training records: at most {max_delta(n):.3g})" for name, n in over)
+        raise ConfigError(
+            f"δ = {cfg.dp.delta:g} is larger than 1/(10·n) on {nodes}: "
+            f"{'that node' if len(over) == 1 else 'those nodes'} would refuse every round (privacy-plan-infeasible)",
+            where="dp.delta",
+            fix=f"set dp.delta ≤ {delta_within(min(max_delta(n) for _, n in over)):g} (a smaller δ is a stronger "
+            "guarantee; the noise for the same ε grows only slightly)",
+        )
+
+
 def simulate(
     cfg: RunConfig,
     workdir: Path,
@@ -103,6 +130,8 @@ def simulate(
             progress(f"WARNING: {spent}")
         if after_partitions is not None:
             after_partitions(run_cfg, workdir / "partitions")
+        if resume is None:  # the nodes' rows as they will train on them (a privacy audit's canaries included)
+            check_delta(run_cfg, workdir / "partitions")
         store_path = (store_path or workdir / "runs.db").resolve()
         results: list[RunResult] = []
         server_app = make_server_app(run_cfg, store_path, str(workdir / "partitions"), results.append, resume)

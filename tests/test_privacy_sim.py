@@ -100,6 +100,38 @@ def test_simulate_says_before_training_what_its_own_settings_make_impossible(fed
     assert demo.simulation.budget_for(0) == 20.0 and demo_config(tmp_path / "gss.csv").simulation.budget_for(0) == 10
 
 
+def test_simulate_refuses_before_training_a_delta_that_a_node_would_refuse(tmp_path: Path) -> None:
+    """Diamonds, 4 nodes, δ = 1e-5: the node with 11,878 training rows refused every round (δ > 1/(10·n)), the run
+    finished without its data and the reason was in its log only. Now the run is refused before any node starts,
+    the node named, with a δ it accepts: rounded down (8.6e-06 → 8e-06; the node's own fix once said 9e-06)."""
+    from common.config import DPConfig
+    from common.errors import ConfigError
+    from common.privacy import delta_within, max_delta, plan_dp
+    from fedguard.simulate import simulate
+
+    data = tmp_path / "data.csv"
+    make_tabular(600).to_csv(data, index=False)  # 480 after the hold-out: 240 per node, 192 training rows each
+    cfg = tabular_config(data, dp__delta=1e-3)
+    with pytest.raises(ConfigError) as err:
+        simulate(cfg, tmp_path / "work", progress=lambda _: None)
+    said = "dp.delta: δ = 0.001 is larger than 1/(10·n) on node-0 (192 training records: at most 0.000521)"
+    assert str(err.value).startswith(said)
+    assert "node-1 (192 training records" in str(err.value) and "would refuse every round" in str(err.value)
+    assert err.value.where == "dp.delta" and (err.value.fix or "").startswith("set dp.delta ≤ 0.0005 ")
+    assert (
+        not (tmp_path / "work" / "runs.db").exists() and not (tmp_path / "work" / "partitions" / "ledger.db").exists()
+    )
+    accepted = DPConfig(target_epsilon=4.0, delta=delta_within(max_delta(192)))
+    plan_dp(192, accepted, batch_size=32, local_epochs=1, rounds=2)  # the fix's δ is one the node accepts
+    assert delta_within(8.6e-6) == pytest.approx(8e-6) and delta_within(1e-5) == pytest.approx(1e-5)
+    assert max_delta(11_628) > 8.5e-6 and delta_within(max_delta(11_628)) <= max_delta(11_628)
+    # without DP there is no δ to refuse
+    cfg_off = tabular_config(data, dp={"enabled": False}, rounds=1)
+    from fedguard.simulate import check_delta
+
+    check_delta(cfg_off, tmp_path / "work" / "partitions")
+
+
 def test_a_second_simulation_in_the_same_work_directory_waits_for_none_and_touches_nothing(tmp_path: Path) -> None:
     """Two `fedguard simulate` (or `run plan`) in one work directory at once: the second would rewrite the
     partition files the first one's nodes read. It stops before writing anything."""
