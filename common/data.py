@@ -268,9 +268,7 @@ def _check_file(p: Path) -> None:
             fix=f"check the path (a relative path starts from the working directory {os.getcwd()})",
         )
     if not p.is_file():
-        raise DataError(
-            "the data path is not a file", where=str(p), fix="give the path of the data file itself"
-        )
+        raise DataError("the data path is not a file", where=str(p), fix="give the path of the data file itself")
 
 
 def read_table(path: str | Path, schema: DataSchema) -> pd.DataFrame:
@@ -294,14 +292,10 @@ def read_table(path: str | Path, schema: DataSchema) -> pd.DataFrame:
             fix='set encoding in the data schema to a Python codec name such as "utf-8" or "gb18030"',
         ) from None
     except PermissionError:
-        raise DataError(
-            "no permission to read the file", where=str(p), fix="check the file permissions"
-        ) from None
+        raise DataError("no permission to read the file", where=str(p), fix="check the file permissions") from None
     check_columns(df, schema, str(p))
     if len(df) == 0:
-        raise DataError(
-            "the file has no data rows", where=str(p), fix="check that the right file was exported"
-        )
+        raise DataError("the file has no data rows", where=str(p), fix="check that the right file was exported")
     if fmt != "csv":  # JSON and Parquet values can be lists; a CSV field is always one value
         _check_scalars(df, schema, str(p))
     return df.reset_index(drop=True)
@@ -467,17 +461,22 @@ def text_shape(present: pd.Series) -> str | None:
     return None
 
 
-def _check_missing(series: pd.Series, values: np.ndarray, col: str, role: str, source: str) -> None:
+def _missing(series: pd.Series, values: np.ndarray) -> np.ndarray:
+    """Which values are missing or empty (NaN, None, blank text)."""
     if pd.api.types.is_numeric_dtype(series.dtype):  # fast path: no empty strings possible
-        mask = series.isna().to_numpy(dtype=bool)
-    else:
-        mask = np.fromiter((_is_missing(v) for v in values), dtype=bool, count=len(values))
+        return series.isna().to_numpy(dtype=bool)
+    return np.fromiter((_is_missing(v) for v in values), dtype=bool, count=len(values))
+
+
+def _check_missing(series: pd.Series, values: np.ndarray, col: str, role: str, source: str) -> None:
+    mask = _missing(series, values)
     if mask.any():
         first, rows = _rows_text(mask)
         raise DataError(
             f"{role} column {col!r} has {int(mask.sum())} missing or empty value(s) at {rows}",
             where=f"{source}:{col}:row {first}",
-            fix=f"fill in or drop those rows; the {role} column may not have missing values",
+            fix=f"fill in or drop those rows; the {role} column may not have missing values"
+            + (f', or declare {col!r} with missing = "token" in the schema' if role == "feature" else ""),
         )
 
 
@@ -493,7 +492,9 @@ def is_date_time(series: pd.Series) -> bool:
 def _encode_numeric(series: pd.Series, feat: Feature, source: str) -> np.ndarray:
     col = feat.name
     values = series.to_numpy(dtype=object)
-    _check_missing(series, values, col, "feature", source)
+    gone = _missing(series, values) if feat.missing == "token" else None
+    if gone is None:
+        _check_missing(series, values, col, "feature", source)
     if is_date_time(series):
         raise DataError(f"numeric feature {col!r} holds dates or times, not numbers", where=f"{source}:{col}",
                         fix=DATE_FIX)  # fmt: skip
@@ -504,7 +505,7 @@ def _encode_numeric(series: pd.Series, feat: Feature, source: str) -> np.ndarray
     else:
         stripped = series.map(lambda v: v.strip() if isinstance(v, str) else v)
         nums = pd.to_numeric(stripped, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = ~np.isfinite(nums)
+    bad = ~np.isfinite(nums) if gone is None else ~np.isfinite(nums) & ~gone
     if bad.any():
         first, rows = _rows_text(bad)
         raise DataError(
@@ -513,6 +514,8 @@ def _encode_numeric(series: pd.Series, feat: Feature, source: str) -> np.ndarray
             fix=text_shape(series.dropna())
             or f'correct those values, or declare {col!r} with type = "categorical" and its categories',
         )
+    if gone is not None:
+        nums = np.where(gone, np.nan, nums)  # missing = "token": NaN tells the model to use the missing vector
     if feat.range is not None:
         lo, hi = feat.range
         return 2.0 * (np.clip(nums, lo, hi) - lo) / (hi - lo) - 1.0
@@ -522,8 +525,10 @@ def _encode_numeric(series: pd.Series, feat: Feature, source: str) -> np.ndarray
 def _encode_categorical(series: pd.Series, feat: Feature, source: str) -> np.ndarray:
     col, cats = feat.name, feat.categories or []
     values = series.to_numpy(dtype=object)
-    _check_missing(series, values, col, "feature", source)
+    if feat.missing == "refuse":
+        _check_missing(series, values, col, "feature", source)
     codes = _codes(values, cats)
+    codes[codes == -2] = len(cats)  # missing = "token": one more category, after the declared ones
     bad = codes < 0
     if bad.any():
         first, rows = _rows_text(bad)
@@ -547,8 +552,7 @@ def _encode_labels(series: pd.Series, schema: DataSchema, source: str) -> np.nda
     if bad.any():
         first, rows = _rows_text(bad)
         raise DataError(
-            f"label value {values[first - 1]!r} at {rows} is not one of the declared classes "
-            f"{_shown(schema.classes)}",
+            f"label value {values[first - 1]!r} at {rows} is not one of the declared classes {_shown(schema.classes)}",
             where=f"{source}:{col}:row {first}",
             fix="add the value to 'classes' in the data schema, or correct the label column",
         )
@@ -678,9 +682,7 @@ def _store_cached(path: Path, enc: Encoded) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def load_encoded(
-    path: str | Path, schema: DataSchema, *, max_len: int = 128, cache_dir: Path | None = None
-) -> Encoded:
+def load_encoded(path: str | Path, schema: DataSchema, *, max_len: int = 128, cache_dir: Path | None = None) -> Encoded:
     """Read and encode a data file, reusing ``cache_dir/<key>.pt`` when file, schema and max_len match.
 
     A cache hit only hashes the file; it is not parsed or tokenized again.

@@ -186,6 +186,11 @@ class FTTransformer(nn.Module):
     of ONE ``nn.Embedding`` looked up with per-sample row ids: Opacus has per-sample gradients for
     embeddings but not for a bare ``nn.Parameter``, and one table is one hook instead of four.
     The last block computes only the [CLS] token (the only output the head reads).
+
+    A feature declared with ``missing = "token"`` learns what "missing" means: a categorical one has
+    one more category (code = its number of categories), a numeric one a vector ``M_j`` that
+    replaces ``x_j · W_j`` where ``x_j`` is NaN (one more table row per such feature, looked up for
+    every row and masked, so each record's gradient stays its own).
     """
 
     fixed_ids: torch.Tensor
@@ -193,29 +198,38 @@ class FTTransformer(nn.Module):
     cat_pos: torch.Tensor
     cat_offsets: torch.Tensor
     cat_sizes: torch.Tensor
+    miss_pos: torch.Tensor
+    miss_ids: torch.Tensor
 
     def __init__(
         self,
         categories: list[int | None],
         num_classes: int,
         *,
+        missing: list[bool] | None = None,
         d_model: int = 32,
         layers: int = 2,
         heads: int = 4,
         ffn_mult: float = 4 / 3,
         dropout: float = 0.0,
     ) -> None:
-        """``categories[j]``: number of categories of feature j, ``None`` for a numeric feature."""
+        """``categories[j]``: number of categories of feature j, ``None`` for a numeric feature;
+        ``missing[j]``: feature j may be missing (``missing = "token"``); default none."""
         super().__init__()
         n_feat = len(categories)
+        missing = missing or [False] * n_feat
+        if len(missing) != n_feat:
+            raise ValueError(f"missing has {len(missing)} entries for {n_feat} features")
         num_pos = [j for j, c in enumerate(categories) if c is None]
         cat_pos = [j for j, c in enumerate(categories) if c is not None]
-        cat_sizes = [int(categories[j]) for j in cat_pos]  # type: ignore[arg-type]
+        cat_sizes = [int(categories[j]) + int(missing[j]) for j in cat_pos]  # type: ignore[arg-type]
+        miss_pos = [k for k, j in enumerate(num_pos) if missing[j]]  # among the numeric features
         n_num, n_cat = len(num_pos), len(cat_pos)
-        # Table layout: [CLS] | W_num (n_num) | b (n_feat, numeric first) | E (sum of category counts)
+        # Table layout: [CLS] | W_num (n_num) | b (n_feat, numeric first) | E (sum of category counts) | M (missing)
         w_start, b_start, e_start = 1, 1 + n_num, 1 + n_num + n_feat
+        m_start = e_start + sum(cat_sizes)
         self.n_num = n_num
-        self.table = nn.Embedding(e_start + sum(cat_sizes), d_model)
+        self.table = nn.Embedding(m_start + len(miss_pos), d_model)
         nn.init.normal_(self.table.weight, std=1.0 / math.sqrt(d_model))
         fixed = [0, *range(w_start, b_start), *range(b_start, e_start)]
         self.register_buffer("fixed_ids", torch.tensor(fixed, dtype=torch.long), persistent=False)
@@ -224,6 +238,9 @@ class FTTransformer(nn.Module):
         offsets = [e_start + sum(cat_sizes[:i]) for i in range(n_cat)]
         self.register_buffer("cat_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
         self.register_buffer("cat_sizes", torch.tensor(cat_sizes, dtype=torch.long), persistent=False)
+        self.register_buffer("miss_pos", torch.tensor(miss_pos, dtype=torch.long), persistent=False)
+        miss_ids = list(range(m_start, m_start + len(miss_pos)))
+        self.register_buffer("miss_ids", torch.tensor(miss_ids, dtype=torch.long), persistent=False)
         self.n_features = n_feat
         self.blocks = nn.ModuleList(
             _Block(d_model, heads, ffn_mult, dropout, glu=True, first_norm=i > 0) for i in range(layers)
@@ -242,10 +259,18 @@ class FTTransformer(nn.Module):
             if bool(((cat < 0) | (cat >= self.cat_sizes)).any()):  # would silently read another row
                 raise ValueError("categorical input outside its declared categories")
             ids = torch.cat([ids, cat + self.cat_offsets], dim=1)
-        e = self.table(ids.contiguous())  # (B, 1 + n_num + F + n_cat, d)
-        n, f = self.n_num, self.n_features
-        cls, w, bias, emb = e[:, :1], e[:, 1 : 1 + n], e[:, 1 + n : 1 + n + f], e[:, 1 + n + f :]
-        num = w * x[:, self.num_pos].unsqueeze(-1)
+        n_miss = self.miss_ids.numel()
+        if n_miss:
+            ids = torch.cat([ids, self.miss_ids.expand(b, -1)], dim=1)
+        e = self.table(ids.contiguous())  # (B, 1 + n_num + F + n_cat + n_miss, d)
+        n, f, c = self.n_num, self.n_features, self.cat_pos.numel()
+        cls, w, bias, emb = e[:, :1], e[:, 1 : 1 + n], e[:, 1 + n : 1 + n + f], e[:, 1 + n + f : 1 + n + f + c]
+        xn = x[:, self.num_pos]
+        if not n_miss:
+            num = w * xn.unsqueeze(-1)
+        else:  # a NaN numeric value takes its feature's "missing" vector instead of x · W
+            gone = torch.isnan(xn[:, self.miss_pos]).unsqueeze(-1).to(e.dtype)  # (B, n_miss, 1)
+            num = (w * torch.nan_to_num(xn, nan=0.0).unsqueeze(-1)).index_add(1, self.miss_pos, e[:, -n_miss:] * gone)
         h = torch.cat([cls, torch.cat([num, emb], dim=1) + bias], dim=1)  # (B, 1 + F, d)
         for i, block in enumerate(self.blocks):
             h = block(h, None, cls_only=i == len(self.blocks) - 1)
@@ -287,7 +312,7 @@ def _build_pretrained(finetune: str) -> Callable[[DataSchema, dict[str, Any]], n
 
 def _build_tabular(schema: DataSchema, p: dict[str, Any]) -> nn.Module:
     cats = [len(f.categories) if f.type == "categorical" and f.categories else None for f in schema.features]
-    return FTTransformer(cats, schema.num_classes, **p)
+    return FTTransformer(cats, schema.num_classes, missing=[f.missing == "token" for f in schema.features], **p)
 
 
 MODELS: dict[str, ModelSpec] = {

@@ -42,6 +42,10 @@ class Feature(BaseModel):
     #: Public bounds (numeric only): values are clipped to [lo, hi] and scaled to [-1, 1].
     #: Without bounds a data-independent signed log1p transform is used.
     range: tuple[float, float] | None = None
+    #: A missing or empty value: "refuse" (the node refuses the data file, naming the rows) or "token" (the
+    #: model learns one vector meaning "missing" for this feature; FT-Transformer's per-feature tokens). Whether
+    #: a value is missing is part of the record, so under DP-SGD it is protected like any other value.
+    missing: Literal["refuse", "token"] = "refuse"
 
     _categories_as_text = field_validator("categories", mode="before")(_numbers_as_text)
 

@@ -153,9 +153,10 @@ def _feature(name: str, series: pd.Series, max_categories: int, notes: list[str]
         return None
     if missing.any():
         notes.append(
-            f"{int(missing.sum())} missing value(s): a node refuses a data file with missing feature values; "
-            "fill or drop those rows before training"
+            f'{int(missing.sum())} missing value(s): drafted with missing = "token" (the model learns a vector '
+            'meaning "missing" for this feature); "refuse" has nodes refuse a file with a missing value instead'
         )
+    gaps = "token" if missing.any() else "refuse"
     present = series[~missing]
     if is_date_time(series):
         notes.append(f"left out: a date or time column is not a model input as it is; {DATE_FIX}")
@@ -176,8 +177,8 @@ def _feature(name: str, series: pd.Series, max_categories: int, notes: list[str]
             if lo == hi:
                 notes.append("one value only in this file: it tells the model nothing here")
             lo, hi = outward_range(lo, hi)
-            return Feature(name=name, type="numeric", range=(lo, hi))
-        return Feature(name=name, type="numeric")
+            return Feature(name=name, type="numeric", range=(lo, hi), missing=gaps)
+        return Feature(name=name, type="numeric", missing=gaps)
     categories = _sorted_values(group_keys(present).tolist())
     if (shape := text_shape(present)) is not None:
         if len(categories) > max_categories:
@@ -190,7 +191,7 @@ def _feature(name: str, series: pd.Series, max_categories: int, notes: list[str]
             f"add it by hand if it is a feature, or raise --max-categories"
         )
         return None
-    return Feature(name=name, type="categorical", categories=categories)
+    return Feature(name=name, type="categorical", categories=categories, missing=gaps)
 
 
 def _classes(series: pd.Series, declared: list[str] | None, source: str, label: str) -> list[str]:
@@ -327,6 +328,8 @@ def _feature_line(feat: Feature) -> str:
         parts.append(f"range = {_toml(list(feat.range))}")
     if feat.categories is not None:
         parts.append(f"categories = {_toml(feat.categories)}")
+    if feat.missing != "refuse":
+        parts.append(f"missing = {_toml(feat.missing)}")
     return "  { " + ", ".join(parts) + " },"
 
 

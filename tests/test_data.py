@@ -280,6 +280,29 @@ def test_missing_feature_value_names_column_and_rows(tmp_path: Path) -> None:
     assert msg.startswith(f"{path}:income:row 2:") and "rows 2, 4" in msg and "'income'" in msg
 
 
+def test_missing_token_features_encode_missing_values_and_still_refuse_bad_ones(tmp_path: Path) -> None:
+    """Titanic's 263 missing ages: a node refused the file; with missing = "token" the value encodes as NaN
+    (numeric; the model's missing vector) or one code past the categories; a wrong value is still refused."""
+    df = tab_frame().astype({"income": object, "color": object})
+    df.loc[[1, 3], "income"] = [np.nan, " "]  # NaN in a numeric column and a blank cell in a text-typed one
+    df.loc[2, "color"] = None
+    with pytest.raises(DataError) as exc:  # the default still refuses, and says how to allow it
+        encode(df, TAB, source="m.csv")
+    assert 'missing = "token"' in (exc.value.fix or "")
+    token = TAB.model_copy(
+        update={"features": [f.model_copy(update={"missing": "token"}) if f.name != "age" else f for f in TAB.features]}
+    )
+    enc = encode(df, token, source="m.csv")
+    income, color = enc.x[:, 1].numpy(), enc.x[:, 2].numpy()
+    assert np.isnan(income[[1, 3]]).all() and np.isfinite(income[[0, 2]]).all()
+    assert color.tolist() == [0.0, 1.0, 3.0, 0.0]  # missing: code 3, after red, green, 01
+    df.loc[0, "income"] = "12k"  # not a number and not missing: refused as before
+    with pytest.raises(DataError, match=r"m\.csv:income:row 1: numeric feature 'income' has a non-numeric"):
+        encode(df, token, source="m.csv")
+    with pytest.raises(ValueError, match="missing"):
+        Feature(name="a", missing="zero")  # type: ignore[arg-type]
+
+
 def test_missing_label_and_text(tmp_path: Path) -> None:
     df = text_frame()
     df.loc[2, "label"] = None

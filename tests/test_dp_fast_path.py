@@ -48,6 +48,21 @@ def _tabular() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, torch.randint(0, 3, (BATCH,), generator=g)
 
 
+def _tabular_missing() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The tabular model with missing = "token" features: NaN numerics take their feature's missing vector (a table
+    row looked up for every record and masked), a missing category its extra code."""
+    feats: list[dict[str, Any]] = [{"name": f"n{i}", "missing": "token" if i % 2 else "refuse"} for i in range(4)]
+    feats.append({"name": "c", "type": "categorical", "categories": ["p", "q", "r"], "missing": "token"})
+    schema = DataSchema(task="tabular", features=feats, label="y", classes=["a", "b"])
+    torch.manual_seed(0)
+    model = build_model("ft-transformer", schema)
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(BATCH, 4, generator=g), torch.randint(0, 4, (BATCH, 1), generator=g)], dim=1)
+    x[::2, 1] = float("nan")  # feature n1 missing in every other record
+    x[1::3, 3] = float("nan")
+    return model, x.float(), torch.randint(0, 2, (BATCH,), generator=g)
+
+
 def _text() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The text model (small) on byte sequences with padding, so a repeated byte and PAD both occur."""
     schema = DataSchema(task="text", text_column="t", label="y", classes=["a", "b"])
@@ -84,7 +99,12 @@ def _shared() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return _Shared(), ids, torch.randint(0, 3, (BATCH,), generator=g)
 
 
-CASES = {"ft-transformer": _tabular, "text-transformer": _text, "shared-layers": _shared}
+CASES = {
+    "ft-transformer": _tabular,
+    "missing-values": _tabular_missing,
+    "text-transformer": _text,
+    "shared-layers": _shared,
+}
 
 
 def _step(
@@ -138,7 +158,7 @@ def _clip_at_median(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return clip
 
 
-@pytest.mark.parametrize("case", ["ft-transformer", "text-transformer"])
+@pytest.mark.parametrize("case", ["ft-transformer", "missing-values", "text-transformer"])
 def test_bk_step_equals_opacus_hooks_step(case: str) -> None:
     model, x, y = CASES[case]()
     clip = _clip_at_median(model, x, y)

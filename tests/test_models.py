@@ -265,3 +265,27 @@ def test_pick_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="CUDA is not available"):
             pick_device("cuda:0")
+
+
+def test_a_missing_value_takes_its_features_learned_vector() -> None:
+    """missing = "token": NaN never reaches the logits; a missing value is not read as 0 (its own vector, which
+    training moves); a missing category is one code past the declared ones and a code beyond that is refused."""
+    from common.models import build_model
+    from common.schema import DataSchema
+
+    feats: list[dict[str, object]] = [{"name": "a", "missing": "token"}, {"name": "b"}]
+    feats.append({"name": "c", "type": "categorical", "categories": ["p", "q"], "missing": "token"})
+    schema = DataSchema(task="tabular", features=feats, label="y", classes=["n", "y"])
+    torch.manual_seed(0)
+    model = build_model("ft-transformer", schema)
+    x = torch.tensor([[float("nan"), 0.5, 2.0], [0.0, 0.5, 2.0], [0.3, 0.5, 1.0]])
+    logits = model(x)
+    assert torch.isfinite(logits).all() and not torch.allclose(logits[0], logits[1])
+    logits[0].sum().backward()
+    table = model.table.weight.grad
+    assert table is not None and table[-1].abs().sum() > 0  # the missing vector of feature a learns
+    plain = build_model("ft-transformer", DataSchema(task="tabular", features=[{"name": "a"}, {"name": "b"},
+        {"name": "c", "type": "categorical", "categories": ["p", "q"]}], label="y", classes=["n", "y"]))  # fmt: skip
+    assert model.table.weight.shape[0] == plain.table.weight.shape[0] + 2  # one row each for a and c
+    with pytest.raises(ValueError, match="outside its declared categories"):
+        model(torch.tensor([[0.1, 0.5, 3.0]]))

@@ -120,17 +120,21 @@ def test_notes_for_values_nodes_would_refuse(tmp_path: Path) -> None:
     path = tmp_path / "gaps.csv"
     df.to_csv(path, index=False)
     draft = draft_schema(path, "y", exclude=["group"])
-    assert "2 missing value(s): a node refuses a data file with missing feature values" in draft.notes["b"][0]
+    assert '2 missing value(s): drafted with missing = "token"' in draft.notes["b"][0]
     labelled = tmp_path / "labelled.csv"
     df.dropna(subset=["y"]).to_csv(labelled, index=False)
-    with pytest.raises(DataError, match="'b' has 2 missing"):  # as the note says: the file, not the rows
-        load_encoded(labelled, draft.schema)
+    b = next(f for f in draft.schema.features if f.name == "b")
+    assert b.missing == "token" and load_encoded(labelled, draft.schema).x.isnan().sum() == 2  # the node encodes them
+    refusing = [f.model_copy(update={"missing": "refuse"}) for f in draft.schema.features]
+    with pytest.raises(DataError, match="'b' has 2 missing"):  # "refuse": the file, not the rows
+        load_encoded(labelled, draft.schema.model_copy(update={"features": refusing}))
     assert "1 row(s) without a label" in draft.notes["y"][0]
     assert "one value only" in draft.notes["const"][0]
     assert "group" not in {f.name for f in draft.schema.features}
     text = render(draft)
     assert "# b: 2 missing value(s)" in text and "# y: 1 row(s) without a label" in text
     assert tomllib.loads(text)["features"][3] == {"name": "const", "type": "numeric", "range": [4.0, 6.0]}
+    assert tomllib.loads(text)["features"][1]["missing"] == "token"  # b, as written for the owner to review
 
 
 def test_clear_errors_for_missing_file_and_columns(tmp_path: Path) -> None:
