@@ -108,6 +108,34 @@ def test_tiny_nodes_train_down_to_one_record(tmp_path: Path) -> None:
     assert one[-1][R.SAMPLE_RATE] == pytest.approx(1.0) and 0 < one[-1][R.EPSILON] <= 4.0
 
 
+@pytest.mark.usefixtures("server_identity")
+def test_a_node_with_gaps_in_its_rows_trains_on_them_with_missing_tokens(tmp_path: Path) -> None:
+    """A node whose file has empty cells (a third of a's values, some of c's) refused every round; with the
+    features declared missing = "token" the real ClientApp trains on every row under DP and spends budget, and its
+    update carries the two extra table rows (a's missing vector, c's "missing" category)."""
+    features = [dict(f, missing="token") if f["name"] in ("a", "c") else f for f in TABULAR_SCHEMA["features"]]
+    cfg = tabular_config(data={"schema": dict(TABULAR_SCHEMA, features=features), "validation_fraction": 0.2})
+    df = make_tabular(120).astype({"c": object})
+    df.loc[df.index % 3 == 0, "a"] = np.nan
+    df.loc[df.index % 7 == 0, "c"] = ""
+    data = tmp_path / "gaps.csv"
+    df.to_csv(data, index=False)
+    state = global_state(cfg)
+    reply = client_app(train_message(cfg, state, 1), node_context(data, tmp_path / "node"))
+    assert R.REFUSAL not in reply.content, dict(reply.content[R.REFUSAL])
+    metrics = dict(reply.content[R.METRICS])
+    assert 0 < metrics[R.EPSILON] <= cfg.dp.target_epsilon
+    log = (tmp_path / "node" / "node.log").read_text(encoding="utf-8")
+    assert "DP plan: n=96," in log  # every row of the training split: 120 rows less the validation fifth
+    table = next(k for k in state if k.endswith("table.weight"))
+    sent = record_to_numpy(reply.content[R.ARRAYS])[table]
+    assert sent.shape[0] == state[table].shape[0]  # the update carries a's missing vector and c's extra category
+    refusing = tabular_config(data={"schema": TABULAR_SCHEMA, "validation_fraction": 0.2})
+    assert global_state(refusing)[table].shape[0] == state[table].shape[0] - 2
+    reply = client_app(train_message(refusing, global_state(refusing), 1), node_context(data, tmp_path / "other"))
+    assert R.REFUSAL in reply.content  # without the declaration the node refuses the file, as before
+
+
 def test_an_empty_poisson_batch_takes_a_noised_step_that_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Poisson sampling may draw no record at all for a step (likely on a tiny node). The step must still be
     taken, with noise only: the accountant charged it, so the noise must be in the update. The sampler's first
@@ -178,7 +206,7 @@ SEED = 7  # with make_tabular(400), 3 clients and alpha 0.5 this split gives nod
 def simulate(tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], dict]:
     make_tabular(400).to_csv(tmp_path / "data.csv", index=False)
     schema = f'sensitive = ["group"]\n{toml_features(TABULAR_SCHEMA["features"])}'
-    extra = "[fairness]\nfederated_counts = false\n[simulation]\npartitioner = \"dirichlet\"\nalpha = 0.5\n"
+    extra = '[fairness]\nfederated_counts = false\n[simulation]\npartitioner = "dirichlet"\nalpha = 0.5\n'
     toml = small_sim_toml("skewed", seed=SEED, rounds=2, clients=3, schema=schema, extra=extra)
     (tmp_path / "run.toml").write_text(toml, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
