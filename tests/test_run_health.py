@@ -107,7 +107,16 @@ def test_a_model_no_better_than_the_majority_class_is_a_finding_even_when_not_co
     assert f.value == pytest.approx(0.461) and f.threshold == pytest.approx(0.589)
     assert "accuracy (0.461; the model's own decisions 0.589; macro-F1 0.400)" in f.message
     assert "not above 0.589, what predicting the most common class ('no') for every row scores" in f.message
+    assert "nor answering at random at the rate it predicts each class (0.527): it has learned nothing" in f.message
     assert "[dp] enabled = false" in f.message and "more training rows" in f.message  # what to try
+    # a rare class (ISLR's Default: 3.4% 'yes'): decisions that find some of it can still lose to 'no' on accuracy
+    rare = (rows < 34).astype(int)
+    some = ((rows >= 20) & (rows < 80)).astype(int)  # 14 of 34 found, 46 false alarms: 0.934 < 0.966
+    (r,) = [g for g in model_findings(_scored(rare, some, 2), None, 10, ["no", "yes"]) if g.kind.startswith("no_")]
+    assert (
+        "not above 0.966" in r.message
+        and "it beats answering at random at the rate it predicts each class" in r.message
+    )
     assert model_findings(metrics, FairnessConfig(), 0, ["no", "yes"]) == []  # round 0: the untrained model
     # the boundary: the majority's own accuracy is not above it, one more right row is
     at = ((rows < 10) | ((rows >= 411) & (rows < 421))).astype(int)  # 10 right, 10 wrong 'yes' → 0.589

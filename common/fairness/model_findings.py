@@ -153,15 +153,27 @@ def _no_better_than_majority(
     own_note = f"; the model's own decisions {own:.3f}" if own is not None and abs(own - acc) > 5e-4 else ""
     f1 = metrics.get("macro_f1")
     f1_note = f"; macro-F1 {f1:.3f}" if f1 is not None and np.isfinite(f1) else ""
+    said = (
+        f"the model's held-out accuracy ({acc:.3f}{own_note}{f1_note}) is not above {share:.3f}, what predicting the "
+        f"most common class ({_class_name(majority, classes)}) for every row scores"
+    )
+    pos, base = metrics.get(POSITIVE_RATE), metrics.get(BASE_RATE)
+    if pos is not None and base is not None:  # binary: against answering at random at the model's own rates
+        chance = pos * base + (1.0 - pos) * (1.0 - base)
+        said += (
+            f"; it beats answering at random at the rate it predicts each class ({chance:.3f}), so it tells some "
+            "rows apart, but not well enough to beat that constant"
+            if acc > chance
+            else f", nor answering at random at the rate it predicts each class ({chance:.3f}): it has learned "
+            "nothing that holds on these rows"
+        )
     return [
         Finding(
             kind="no_better_than_majority",
             severity="warning",
             value=acc,
             threshold=share,
-            message=f"the model's held-out accuracy ({acc:.3f}{own_note}{f1_note}) is not above {share:.3f}, what "
-            f"predicting the most common class ({_class_name(majority, classes)}) for every row scores: as a "
-            f"classifier it is no better than that constant. Try: {NO_SKILL_ADVICE}",
+            message=f"{said}. Try: {NO_SKILL_ADVICE}",
             **common,  # type: ignore[arg-type]
         )
     ]
