@@ -233,6 +233,10 @@ def plan(cfg: RunConfig, workdir: Path, progress: Progress = print) -> list[Node
     workdir = workdir.resolve()
     with work_dir_lock(workdir):
         run_cfg = prepare_partitions(cfg, workdir, progress)
+        try:  # the nodes' verdicts say only "privacy-plan-infeasible"; here the partitions say why
+            check_delta(run_cfg, workdir / "partitions")
+        except ConfigError as err:
+            progress(f"WARNING: {err}")
         plans: list[NodePlan] = []
         app = ServerApp()
 

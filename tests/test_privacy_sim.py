@@ -100,7 +100,9 @@ def test_simulate_says_before_training_what_its_own_settings_make_impossible(fed
     assert demo.simulation.budget_for(0) == 20.0 and demo_config(tmp_path / "gss.csv").simulation.budget_for(0) == 10
 
 
-def test_simulate_refuses_before_training_a_delta_that_a_node_would_refuse(tmp_path: Path) -> None:
+def test_simulate_refuses_before_training_a_delta_that_a_node_would_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Diamonds, 4 nodes, δ = 1e-5: the node with 11,878 training rows refused every round (δ > 1/(10·n)), the run
     finished without its data and the reason was in its log only. Now the run is refused before any node starts,
     the node named, with a δ it accepts: rounded down (8.6e-06 → 8e-06; the node's own fix once said 9e-06)."""
@@ -125,6 +127,13 @@ def test_simulate_refuses_before_training_a_delta_that_a_node_would_refuse(tmp_p
     plan_dp(192, accepted, batch_size=32, local_epochs=1, rounds=2)  # the fix's δ is one the node accepts
     assert delta_within(8.6e-6) == pytest.approx(8e-6) and delta_within(1e-5) == pytest.approx(1e-5)
     assert max_delta(11_628) > 8.5e-6 and delta_within(max_delta(11_628)) <= max_delta(11_628)
+    # `fedguard run plan` still asks the nodes (their verdict: privacy-plan-infeasible) and says why beforehand
+    import fedguard.simulate
+
+    monkeypatch.setattr(fedguard.simulate, "run_on_simulation", lambda *a, **k: None)  # the nodes' part: not here
+    lines: list[str] = []
+    fedguard.simulate.plan(cfg, tmp_path / "planned", progress=lines.append)
+    assert any(line.startswith("WARNING: " + said) and "set dp.delta ≤ 0.0005" in line for line in lines), lines
     # without DP there is no δ to refuse
     cfg_off = tabular_config(data, dp={"enabled": False}, rounds=1)
     from fedguard.simulate import check_delta
