@@ -156,6 +156,30 @@ def test_constant_streak_counts_the_latest_rounds_only() -> None:
     assert constant_streak({0: const}) == 0  # the initial model is not a round of training
 
 
+def test_round_lines_give_what_to_try_once_per_finding_then_only_the_finding(tmp_path: Path) -> None:
+    """A 10-round run of a useless model printed the same 600-character advice under every round."""
+    from server.rounds.base import Federation
+    from server.scoring import Score
+
+    cfg = tabular_config(fairness={"federated_counts": False})
+    lines: list[str] = []
+    y = (np.arange(1000) < 411).astype(int)
+    useless = ((np.arange(1000) >= 300) & (np.arange(1000) < 650)).astype(int)  # 0.461 against 0.589
+    with RunStore(tmp_path / "runs.db") as store:
+        run = store.create_run(cfg.name, cfg.to_json(), cfg.digest(), None)
+        fed = Federation(
+            None, cfg, store, run, 0, {}, signed=False, evaluator_key="", meter=None,  # type: ignore[arg-type]
+            progress=lines.append, rng=np.random.default_rng(0),
+        )  # fmt: skip
+        for rnd in range(4):
+            fed.record_score(rnd, Score(_scored(y, useless, 2) | {"n": 1000.0}, None, None, "server"))
+    said = [line for line in lines if "not above 0.589" in line]
+    assert [line.split(":")[0] for line in said] == ["  round 1", "  round 2", "  round 3"]  # not the initial model
+    assert "Try: the same config without DP" in said[0]
+    ending = "it has learned nothing that holds on these rows."
+    assert all("Try:" not in line and line.endswith(ending) for line in said[1:])
+
+
 def test_k_constant_rounds_say_so_in_the_round_line_with_what_to_try(tmp_path: Path) -> None:
     from server.rounds.base import Federation
     from server.scoring import Score

@@ -79,6 +79,7 @@ class Federation:
     names: dict[int, str] = field(default_factory=dict)
     _vetted: set[int] = field(default_factory=set)  # evaluator claims already checked (each reported once)
     _strangers: set[str] = field(default_factory=set)  # fingerprints already alarmed in this run
+    _advised: set[str] = field(default_factory=set)  # model findings whose "Try: ..." a round line has shown
 
     @property
     def timeouts(self) -> tuple[float, float]:
@@ -235,7 +236,10 @@ class Federation:
         classes = self.cfg.data.schema_.classes
         for f in model_findings(m, self.cfg.fairness, rnd, classes):
             if f.kind != "constant_model":  # a constant model is called out once it persists (below)
-                self.progress(f"  round {rnd}: {f.severity.upper()} {f.message}")
+                # What to try is said once per run and kind; later rounds state the finding (the summary repeats it).
+                said = f.message if f.kind not in self._advised else f.message.split(" Try: ")[0]
+                self._advised.add(f.kind)
+                self.progress(f"  round {rnd}: {f.severity.upper()} {said}")
         streak = constant_streak(self.store.evaluations(self.run_id)) if rnd > 0 else 0
         if streak >= self.cfg.fairness.constant_rounds:
             self.progress(constant_streak_line(rnd, streak, m, classes))
