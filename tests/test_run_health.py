@@ -156,23 +156,29 @@ def test_constant_streak_counts_the_latest_rounds_only() -> None:
     assert constant_streak({0: const}) == 0  # the initial model is not a round of training
 
 
-def test_round_lines_give_what_to_try_once_per_finding_then_only_the_finding(tmp_path: Path) -> None:
-    """A 10-round run of a useless model printed the same 600-character advice under every round."""
+def _round_lines(tmp_path: Path, scores: list[dict[str, float]], **fairness: object) -> list[str]:
+    """The round lines a run's Federation prints while it records ``scores`` for rounds 0, 1, ..."""
     from server.rounds.base import Federation
     from server.scoring import Score
 
-    cfg = tabular_config(fairness={"federated_counts": False})
+    cfg = tabular_config(fairness={"federated_counts": False, **fairness})
     lines: list[str] = []
-    y = (np.arange(1000) < 411).astype(int)
-    useless = ((np.arange(1000) >= 300) & (np.arange(1000) < 650)).astype(int)  # 0.461 against 0.589
     with RunStore(tmp_path / "runs.db") as store:
         run = store.create_run(cfg.name, cfg.to_json(), cfg.digest(), None)
         fed = Federation(
             None, cfg, store, run, 0, {}, signed=False, evaluator_key="", meter=None,  # type: ignore[arg-type]
             progress=lines.append, rng=np.random.default_rng(0),
         )  # fmt: skip
-        for rnd in range(4):
-            fed.record_score(rnd, Score(_scored(y, useless, 2) | {"n": 1000.0}, None, None, "server"))
+        for rnd, metrics in enumerate(scores):
+            fed.record_score(rnd, Score(metrics, None, None, "server"))
+    return lines
+
+
+def test_round_lines_give_what_to_try_once_per_finding_then_only_the_finding(tmp_path: Path) -> None:
+    """A 10-round run of a useless model printed the same 600-character advice under every round."""
+    y = (np.arange(1000) < 411).astype(int)
+    useless = ((np.arange(1000) >= 300) & (np.arange(1000) < 650)).astype(int)  # 0.461 against 0.589
+    lines = _round_lines(tmp_path, [_scored(y, useless, 2) | {"n": 1000.0}] * 4)
     said = [line for line in lines if "not above 0.589" in line]
     assert [line.split(":")[0] for line in said] == ["  round 1", "  round 2", "  round 3"]  # not the initial model
     assert "Try: the same config without DP" in said[0]
@@ -181,19 +187,8 @@ def test_round_lines_give_what_to_try_once_per_finding_then_only_the_finding(tmp
 
 
 def test_k_constant_rounds_say_so_in_the_round_line_with_what_to_try(tmp_path: Path) -> None:
-    from server.rounds.base import Federation
-    from server.scoring import Score
-
-    cfg = tabular_config(fairness={"constant_rounds": 2, "federated_counts": False})
-    lines: list[str] = []
-    with RunStore(tmp_path / "runs.db") as store:
-        run = store.create_run(cfg.name, cfg.to_json(), cfg.digest(), None)
-        fed = Federation(
-            None, cfg, store, run, 0, {}, signed=False, evaluator_key="", meter=None,  # type: ignore[arg-type]
-            progress=lines.append, rng=np.random.default_rng(0),
-        )  # fmt: skip
-        for rnd, metrics in enumerate([_binary(0.4, 0.5), _binary(0.0, 0.5), _binary(0.0, 0.5), _binary(0.0, 0.5)]):
-            fed.record_score(rnd, Score(metrics, None, None, "server"))
+    scores = [_binary(0.4, 0.5), _binary(0.0, 0.5), _binary(0.0, 0.5), _binary(0.0, 0.5)]
+    lines = _round_lines(tmp_path, scores, constant_rounds=2)
     warned = [line for line in lines if "consecutive" in line]
     assert [re.match(r"  round (\d+):", w).group(1) for w in warned] == ["2", "3"]  # type: ignore[union-attr]
     assert "for 2 consecutive round(s)" in warned[0] and "for 3 consecutive round(s)" in warned[1]
