@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, small_data_warning
-from common.data import encode, read_table, split_indices
+from common.data import encode, read_table, split_indices, unit_cap_mask
 from common.errors import ConfigError
 from common.files import only_one
 from common.flower_internals import fast_simulation_dispatch
@@ -80,15 +80,17 @@ def prepare_partitions(cfg: RunConfig, workdir: Path, progress: Progress) -> Run
 def check_delta(cfg: RunConfig, sim_dir: Path) -> None:
     """Refuse, before any node trains, a ``dp.delta`` that a simulated node's plan refuses (above 1/(10·n) for its
     training records, ``common.privacy.max_delta``): that node would refuse every round, the run would finish
-    without its data and the reason would be in its log only. Counted as the node counts: its rows after the
-    schema's checks, less its validation split."""
+    without its data and the reason would be in its log only. Counted as the node counts: its rows (the file's
+    checks passed in ``prepare_partitions``) within the privacy-unit cap, less its validation split."""
     if not cfg.dp.enabled:
         return
     schema = cfg.data.schema_
     over: list[tuple[str, int]] = []
     for i in range(cfg.simulation.num_clients):
         path = sim_dir / f"partition-{i}.parquet"
-        n = len(encode(read_table(path, schema), schema, max_len=1, source=str(path)))
+        part = read_table(path, schema)
+        unit = schema.privacy_unit
+        n = int(unit_cap_mask(part[unit], schema, str(path)).sum()) if unit else len(part)
         n_train = len(split_indices(n, cfg.data.validation_fraction, cfg.seed)[0])
         if cfg.dp.delta > max_delta(n_train):
             over.append((simulated_node_name(i), n_train))
