@@ -116,6 +116,12 @@ def poisson_schedule(n_train: int, batch_size: int) -> tuple[float, int]:
     return q, int(1.0 / q)
 
 
+def eps_text(epsilon: float) -> str:
+    """ε as every output prints it (three decimals): a round line, the run's summary, the plan, a node's ledger
+    and the reports show one figure for one node (7.995 everywhere, never 8.00 in one place and 7.995 in another)."""
+    return f"{epsilon:.3f}"
+
+
 def max_delta(n_train: int) -> float:
     """The largest δ a node accepts for ``n_train`` training records: 1/(10·n). At δ near 1/n a mechanism may
     publish a whole record with probability δ and still claim (ε, δ)-DP."""

@@ -373,6 +373,8 @@ def _budget_summaries(paths: _NodeLedger) -> list[DatasetSummary]:
 
 
 def _budget_table(paths: _NodeLedger) -> list[str]:
+    from common.privacy import eps_text
+
     summaries = _budget_summaries(paths)
     lines = [f"{'dataset':40s} {'releases':>8} {'pending':>7} {'spent ε':>8} {'budget ε':>8} {'remaining':>9}  δ"]
     for s in summaries:
@@ -385,7 +387,8 @@ def _budget_table(paths: _NodeLedger) -> list[str]:
         # Per run, the ε the node reported to that run's server (the privacy report's and `fedguard runs`' ε)
         # and the run's δ total, its count releases' group selection included (as the server shows it).
         lines += [
-            f"  run {r.run_id}: {r.releases} release(s), ε this run {r.epsilon:.3f} at δ={r.delta + r.extra_delta:.3g}"
+            f"  run {r.run_id}: {r.releases} release(s), ε this run {eps_text(r.epsilon)} "
+            f"at δ={r.delta + r.extra_delta:.3g}"
             + (f" (accountant δ {r.delta:g} + group selection {r.extra_delta:g})" if r.extra_delta else "")
             for r in s.runs
         ]
@@ -451,12 +454,13 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     from common.ledger_export import verify_export
+    from common.privacy import eps_text
 
     body = verify_export(args.file, args.fingerprint)
     print(f"{args.file}: signature valid ({body.public_key_fingerprint}); ε recomputed with Opacus:")
     for ds in body.datasets:
         print(
-            f"  {ds.dataset_id}: {len(ds.releases)} release(s), ε={ds.epsilon:.4f} at δ={ds.delta:g}"
+            f"  {ds.dataset_id}: {len(ds.releases)} release(s), ε={eps_text(ds.epsilon)} at δ={ds.delta:g}"
             f"{_selection_share(ds.extra_delta)} [{ds.accountant}]"
         )
     return 0

@@ -23,7 +23,7 @@ from common.errors import ConfigError
 from common.files import only_one
 from common.flower_internals import fast_simulation_dispatch
 from common.partition import describe_parts, partition_frame, simulated_node_name
-from common.privacy import delta_within, max_delta
+from common.privacy import delta_within, eps_text, max_delta
 from common.progress import no_colour_codes
 from server import grid_io
 from server.app import Progress, RunResult, make_server_app
@@ -214,7 +214,7 @@ def earlier_spending(cfg: RunConfig, sim_dir: Path) -> str | None:
     with Ledger(path) as ledger:
         spent = {s.dataset_id: s.epsilon for s in ledger.summaries()}
     shown = [
-        f"{simulated_node_name(i)} ε {eps:.2f} of {cfg.simulation.budget_for(i):g}"
+        f"{simulated_node_name(i)} ε {eps_text(eps)} of {cfg.simulation.budget_for(i):g}"
         for i in range(cfg.simulation.num_clients)
         if (eps := spent.get(simulated_dataset_id(i), 0.0)) > 0
     ]

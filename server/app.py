@@ -31,6 +31,7 @@ from common.codec import state_to_numpy
 from common.config import RunConfig, config_from_json
 from common.errors import BudgetExceeded, ConfigError, FedGuardError
 from common.models import build_model, describe_model
+from common.privacy import eps_text
 from common.progress import RunProgress, terminal
 from common.resources import EnergyModel, Meter
 from server import federated_fairness, mitigation
@@ -310,9 +311,9 @@ def _round_line(
     acc = [o for o in outcomes if o.status == "accepted"]
     eps_values = [o.values[R.EPSILON] for o in acc if R.EPSILON in o.values]
     if len(eps_values) > _LIST_NODES:
-        eps = f"ε {min(eps_values):.2f}–{max(eps_values):.2f} over {len(eps_values)} nodes"
+        eps = f"ε {eps_text(min(eps_values))}–{eps_text(max(eps_values))} over {len(eps_values)} nodes"
     else:
-        eps = ", ".join(f"{label(o.node_id)}: ε={o.values[R.EPSILON]:.2f}" for o in acc if R.EPSILON in o.values)
+        eps = ", ".join(f"{label(o.node_id)}: ε={eps_text(o.values[R.EPSILON])}" for o in acc if R.EPSILON in o.values)
     tally = Counter(o.status for o in outcomes if o.status != "accepted")
     lines = [
         f"  round {rnd}: {len(acc)}/{len(outcomes)} accepted"

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from common import records as R
 from common.config import RunConfig, federation_warning
+from common.privacy import eps_text
 from server.grid_io import Progress, collect_replies, discover_roles, wait_for_nodes
 from server.validation import refusal_reason
 
@@ -74,8 +75,8 @@ def plan_table(plans: list[NodePlan], cfg: RunConfig) -> str:
     lines = [
         f"privacy plan for {cfg.rounds} round(s), target ε={cfg.dp.target_epsilon} per run, δ={cfg.dp.delta:g} "
         f"[{cfg.dp.accountant}]",
-        f"{'node':>22}  {'σ':>6}  {'q':>7}  {'steps':>5}  {'ε/round':>8}  {'ε run':>6}  {'spent':>6}  "
-        f"{'after':>6}  {'budget':>6}  verdict",
+        f"{'node':>22}  {'σ':>6}  {'q':>7}  {'steps':>5}  {'ε/round':>8}  {'ε run':>7}  {'spent':>7}  "
+        f"{'after':>7}  {'budget':>7}  verdict",
     ]
     for p in plans:
         v = p.values
@@ -85,8 +86,9 @@ def plan_table(plans: list[NodePlan], cfg: RunConfig) -> str:
         verdict = "ok" if p.affordable else "CANNOT AFFORD: remaining budget too small"
         lines.append(
             f"{p.label:>22}  {v[R.NOISE_MULTIPLIER]:6.3f}  {v[R.SAMPLE_RATE]:7.4f}  {int(v[R.PLAN_STEPS]):5d}  "
-            f"{v[R.PLAN_EPSILON_ROUND]:8.3f}  {v[R.PLAN_EPSILON_RUN]:6.2f}  {v[R.EPSILON_TOTAL]:6.2f}  "
-            f"{v[R.PLAN_EPSILON_AFTER]:6.2f}  {v[R.BUDGET_EPSILON]:6.2f}  {verdict}"
+            f"{eps_text(v[R.PLAN_EPSILON_ROUND]):>8}  {eps_text(v[R.PLAN_EPSILON_RUN]):>7}  "
+            f"{eps_text(v[R.EPSILON_TOTAL]):>7}  {eps_text(v[R.PLAN_EPSILON_AFTER]):>7}  "
+            f"{v[R.BUDGET_EPSILON]:>7g}  {verdict}"
         )
     warning = federation_warning(cfg, [p.values[R.SAMPLE_RATE] for p in plans if p.status == "planned"])
     if warning:

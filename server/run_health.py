@@ -32,6 +32,7 @@ from common import records as R
 from common.config import RunConfig, config_from_json
 from common.errors import ConfigError
 from common.fairness import Finding, model_findings, regression_finding
+from common.privacy import eps_text
 from server.store import RunStore
 
 #: Said before a run without DP starts (server.app) and again in its summary, report and ``fedguard runs``.
@@ -79,9 +80,9 @@ class NodeHealth:
         if not self.dp_enabled:
             text = "updates not private (DP disabled)"
             if self.counts_epsilon is not None:
-                text += f"; fairness counts ε {self.counts_epsilon:.3f}"
+                text += f"; fairness counts ε {eps_text(self.counts_epsilon)}"
         else:
-            text = f"ε {self.epsilon:.3f}" if self.epsilon is not None else "ε –"
+            text = f"ε {eps_text(self.epsilon)}" if self.epsilon is not None else "ε –"
         return text + (f" ({LEDGER_NOTE})" if self.may_be_higher else "")
 
     def view(self) -> dict[str, Any]:

@@ -206,7 +206,7 @@ def test_the_round_line_names_nodes_and_counts_each_status() -> None:
     ]
     line = _round_line(2, 1, outcomes, True, 3.0, lambda n: names[n])
     assert line.splitlines() == [
-        "  round 2: 1/3 accepted, 1 dropped, 1 refused in 3.0s; node-0: ε=1.25",
+        "  round 2: 1/3 accepted, 1 dropped, 1 refused in 3.0s; node-0: ε=1.250",
         "  node-1 refused: budget-exhausted (node log id abc123)",
         "  node-2 dropped: no reply within 60s",
     ]
@@ -498,6 +498,21 @@ def test_an_update_rejected_by_the_server_still_counts_in_the_nodes_epsilon(tabu
     assert node.delta_total == pytest.approx(accounted) and node.tally == "accepted 1/2, rejected 1/2"
 
 
+def test_one_epsilon_is_one_figure_in_the_round_line_and_the_summary(tmp_path: Path) -> None:
+    """A node at ε 7.9954 read "ε=8.00" in its last round line and "ε 7.995" in the summary of the same run."""
+    from server.app import _round_line
+    from server.run_health import run_health
+
+    path, run = _store_run(tmp_path)
+    last = Outcome(5, "accepted", values={R.EPSILON: 7.9954, R.DELTA: 1e-5})
+    with RunStore(path) as store:
+        store.record_node_names(run, {5: "node-0"}, "node")
+        store.record_round(run, 1, 0.0, [last.row()], aggregated=True)
+    line = _round_line(1, 1, [last], True, 1.0, lambda _: "node-0")
+    (node,) = run_health(path, run).nodes
+    assert line.endswith("; node-0: ε=7.995") and node.privacy == "ε 7.995"
+
+
 def test_a_lost_counts_reply_says_the_ledger_may_hold_more(tmp_path: Path) -> None:
     from server.run_health import LEDGER_NOTE, run_health
 
@@ -673,7 +688,7 @@ def test_two_nodes_with_one_name_are_told_apart_by_id(tmp_path: Path) -> None:
     assert [n.name for n in run_health(path, run).nodes] == ["node-1 (11)", "node-1 (12)", "node-2"]
     line = _round_line(1, 1, [Outcome(n, "accepted", values={R.EPSILON: 1.0}) for n in names], True, 1.0,
                        lambda n: node_label(n, names))  # fmt: skip
-    assert "node-1 (11): ε=1.00, node-1 (12): ε=1.00, node-2: ε=1.00" in line
+    assert "node-1 (11): ε=1.000, node-1 (12): ε=1.000, node-2: ε=1.000" in line
 
 
 def test_nodes_sort_in_natural_order_everywhere(tmp_path: Path) -> None:
