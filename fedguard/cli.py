@@ -214,10 +214,19 @@ def _write_reports(workdir: Path, store_path: Path, run_id: int, cfg: RunConfig,
                 print(f"  [{f.severity}]{' (federated view)' if f.view == 'federated' else ''} {f.message}")
         for line in cost_report.summary_lines(store_path, run_id):
             print(line)
-    return ([f"fairness report: {fair_path}"] if fairness is not None else []) + [
-        f"privacy report: {privacy_path}",
-        f"cost report: {cost_path}",
-    ]
+    from server.checkpoint import checkpoint_dir
+
+    # The model the run released, so its user can score it on any file without guessing the name.
+    final = sorted(checkpoint_dir(store_path, run_id).glob("round-*.ckpt"))[-1:]
+    model = [f"final model: {p} (score it on any file: fedguard evaluate --model {p} ...)" for p in final]
+    return (
+        model
+        + ([f"fairness report: {fair_path}"] if fairness is not None else [])
+        + [
+            f"privacy report: {privacy_path}",
+            f"cost report: {cost_path}",
+        ]
+    )
 
 
 def serve_dashboard(workdir: Path, store_path: Path, port: int) -> None:

@@ -824,7 +824,11 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "macro-F1 and, for binary tasks with sensitive columns, a fairness report. The run config comes from "
         "--config or from the run store next to the checkpoint.",
     )
-    e.add_argument("--model", required=True, help="checkpoint file (<store folder>/checkpoints/run-N/round-R.ckpt)")
+    e.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint file (<store folder>/checkpoints/run-N/round-NNNNN.ckpt: round 6 is round-00006.ckpt)",
+    )
     e.add_argument("--data", required=True, help="data file to evaluate on (CSV, Parquet or JSONL)")
     e.add_argument("--schema", required=True, help="data schema TOML of --data (its sensitive columns are audited)")
     e.add_argument("--config", help="the run's config (TOML or JSON); default: read from the run store")

@@ -290,6 +290,9 @@ features = [{name = "a", type = "numeric", range = [-3, 3]}, {name = "b", type =
         assert f"{kind} report: {path}" in out.splitlines()[-3:], out[-1000:]
         assert "</html>" in path.read_text(encoding="utf-8")
     assert "node-1" in (work / "privacy-report-run-1.html").read_text(encoding="utf-8")
+    # ... and the released model's file, by name, for `fedguard evaluate` (round-00003.ckpt, not round-3.ckpt).
+    final = re.search(r"final model: (\S+) \(score it on any file: fedguard evaluate --model \1 \.\.\.\)", out)
+    assert final and Path(final.group(1)).name == "round-00003.ckpt" and Path(final.group(1)).is_file(), out[-1500:]
     store = work / "runs.db"
 
     shown = _fedguard(["runs", "1", "--store", str(store)], tmp_path).stdout
