@@ -193,6 +193,8 @@ def test_k_constant_rounds_say_so_in_the_round_line_with_what_to_try(tmp_path: P
     assert [re.match(r"  round (\d+):", w).group(1) for w in warned] == ["2", "3"]  # type: ignore[union-attr]
     assert "for 2 consecutive round(s)" in warned[0] and "for 3 consecutive round(s)" in warned[1]
     assert "one class ('0')" in warned[0] and "train.learning_rate" in warned[0] and "train.batch_size" in warned[0]
+    # What to try once per run (a constant 10-round run printed the 600-character advice under 8 rounds).
+    assert "Try:" not in warned[1] and warned[1].endswith("for 3 consecutive round(s).")
 
 
 def test_the_round_line_names_nodes_and_counts_each_status() -> None:

@@ -236,14 +236,17 @@ class Federation:
         classes = self.cfg.data.schema_.classes
         for f in model_findings(m, self.cfg.fairness, rnd, classes):
             if f.kind != "constant_model":  # a constant model is called out once it persists (below)
-                # What to try is said once per run and kind; later rounds state the finding (the summary repeats it).
-                said = f.message if f.kind not in self._advised else f.message.split(" Try: ")[0]
-                self._advised.add(f.kind)
-                self.progress(f"  round {rnd}: {f.severity.upper()} {said}")
+                self.progress(self._advise_once(f.kind, f"  round {rnd}: {f.severity.upper()} {f.message}"))
         streak = constant_streak(self.store.evaluations(self.run_id)) if rnd > 0 else 0
         if streak >= self.cfg.fairness.constant_rounds:
-            self.progress(constant_streak_line(rnd, streak, m, classes))
+            self.progress(self._advise_once("constant_streak", constant_streak_line(rnd, streak, m, classes)))
         return m
+
+    def _advise_once(self, kind: str, line: str) -> str:
+        """What to try is said once per run and kind; later rounds state the finding (the summary repeats it)."""
+        said = line if kind not in self._advised else line.split(" Try: ")[0]
+        self._advised.add(kind)
+        return said
 
     def record_costs(self, rnd: int, aggregation_seconds: float | None) -> None:
         """The round's traffic and the server's usage since the last call (round 0: setup)."""
