@@ -214,11 +214,7 @@ def _write_reports(workdir: Path, store_path: Path, run_id: int, cfg: RunConfig,
                 print(f"  [{f.severity}]{' (federated view)' if f.view == 'federated' else ''} {f.message}")
         for line in cost_report.summary_lines(store_path, run_id):
             print(line)
-    from server.checkpoint import checkpoint_dir
-
-    # The model the run released, so its user can score it on any file without guessing the name.
-    final = sorted(checkpoint_dir(store_path, run_id).glob("round-*.ckpt"))[-1:]
-    model = [f"final model: {p} (score it on any file: fedguard evaluate --model {p} ...)" for p in final]
+    model = final_model_lines(store_path, run_id)
     return (
         model
         + ([f"fairness report: {fair_path}"] if fairness is not None else [])
@@ -227,6 +223,23 @@ def _write_reports(workdir: Path, store_path: Path, run_id: int, cfg: RunConfig,
             f"cost report: {cost_path}",
         ]
     )
+
+
+def final_model_lines(store_path: Path, run_id: int) -> list[str]:
+    """Where the run's released model is, so its user can score it on any file without guessing the name
+    (the mode is the recorded run's: the demo's config gains homomorphic mode only when it is deployed)."""
+    from server.checkpoint import checkpoint_dir
+    from server.store import RunStore
+
+    final = sorted(checkpoint_dir(store_path, run_id).glob("round-*.ckpt"))[-1:]
+    if final:
+        return [f"final model: {final[0]} (score it on any file: fedguard evaluate --model {final[0]} ...)"]
+    with RunStore(store_path) as store:
+        mode = json.loads(store.run(run_id)["config_json"]).get("secure_aggregation")
+    if mode == "homomorphic":
+        return ["final model: none on the server (homomorphic aggregation: only the key holders, the nodes and "
+                "the evaluator, can decrypt it)"]  # fmt: skip
+    return []
 
 
 def serve_dashboard(workdir: Path, store_path: Path, port: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -250,3 +251,27 @@ def test_every_command_says_what_it_does_in_its_help() -> None:
     bare = [name for name, sub in every if not (sub.description or "").strip()]
     assert not bare, bare
     assert "Measure an ε lower bound" in dict(every)["fedguard privacy audit"].format_help()
+
+
+def test_the_final_model_line_names_the_newest_checkpoint_or_says_why_there_is_none(tmp_path: Path) -> None:
+    """After a run its user is told which file to give `fedguard evaluate`; a homomorphic run has none to give
+    (the mode is read from the recorded run: `fedguard demo --he` turns it on only when it deploys)."""
+    from fedguard.cli import final_model_lines
+    from server.checkpoint import checkpoint_dir
+    from server.store import RunStore
+
+    store = tmp_path / "runs.db"
+    with RunStore(store) as s:
+        plain = s.create_run("plain", json.dumps({"secure_aggregation": "none"}), "h", None)
+        he = s.create_run("he", json.dumps({"secure_aggregation": "homomorphic"}), "h", None)
+    assert final_model_lines(store, plain) == []  # a run stopped before its first round
+    assert final_model_lines(store, he) == [
+        "final model: none on the server (homomorphic aggregation: only the key holders, the nodes and the "
+        "evaluator, can decrypt it)"
+    ]
+    folder = checkpoint_dir(store, plain)
+    folder.mkdir(parents=True)
+    for rnd in (9, 10):  # round-00010 sorts after round-00009 (round-10 would sort before round-9)
+        (folder / f"round-{rnd:05d}.ckpt").write_bytes(b"")
+    (line,) = final_model_lines(store, plain)
+    assert line.startswith(f"final model: {folder / 'round-00010.ckpt'} (score it on any file: fedguard evaluate")
