@@ -29,6 +29,7 @@ def _gpu_pretrained() -> list[dict[str, Any]]:
 
 
 TABLES = {
+    "dp_overhead on the CPU": lambda: dp_overhead.markdown_table(_load("dp_overhead.json")["rows"]),
     "dp_overhead on the GPU": lambda: dp_overhead.markdown_table(_load("dp_overhead_gpu.json")["rows"]),
     "pretrained on the GPU": lambda: pretrained.markdown_table(_gpu_pretrained()),
     "text utility": lambda: tu.markdown_table(_load("text_utility.json")),

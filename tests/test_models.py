@@ -16,6 +16,7 @@ from common.models import (
     MODELS,
     FTTransformer,
     TextTransformer,
+    _Attention,
     build_model,
     count_parameters,
     describe_model,
@@ -289,3 +290,33 @@ def test_a_missing_value_takes_its_features_learned_vector() -> None:
     assert model.table.weight.shape[0] == plain.table.weight.shape[0] + 2  # one row each for a and c
     with pytest.raises(ValueError, match="outside its declared categories"):
         model(torch.tensor([[0.1, 0.5, 3.0]]))
+
+
+@pytest.mark.parametrize("cls_only", [False, True])
+def test_attention_is_textbook_multi_head_attention(cls_only: bool) -> None:
+    """The fused qkv projection splits into q, k, v per head as written in Vaswani et al.: outputs
+    and gradients equal a plain softmax(q·kᵀ/√d_h + mask)·v, masked keys ignored (the split is done
+    with views for speed; a wrong split dimension would mix heads or q/k/v)."""
+    torch.manual_seed(0)
+    b, t, d, h = 3, 5, 16, 4
+    attn = _Attention(d, h, dropout=0.0)
+    x = torch.randn(b, t, d, requires_grad=True)
+    mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
+    mask[0, ..., 3:] = False  # record 0: last two tokens are padding
+    got = attn(x, mask, cls_only)
+    got.square().sum().backward()
+    got_grads = [x.grad.clone(), attn.qkv.weight.grad.clone(), attn.out.weight.grad.clone()]
+    x.grad = None
+    attn.zero_grad()
+
+    qkv = x @ attn.qkv.weight.T  # (B, T, 3d): [q | k | v], each [head 0 | head 1 | ...]
+    q, k, v = (qkv[..., i * d : (i + 1) * d].reshape(b, t, h, d // h).transpose(1, 2) for i in range(3))
+    if cls_only:
+        q = q[:, :, :1]
+    scores = q @ k.transpose(-1, -2) / (d // h) ** 0.5
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    want = (weights @ v).transpose(1, 2).reshape(b, q.shape[2], d) @ attn.out.weight.T
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, [x.grad, attn.qkv.weight.grad, attn.out.weight.grad], strict=True):
+        torch.testing.assert_close(g, w)
