@@ -59,7 +59,7 @@ import tomli_w  # noqa: E402
 from client.supernode import SuperNode  # noqa: E402
 from common.kit import Federation, NodeSpec  # noqa: E402
 from fedguard.provisioning import init_federation  # noqa: E402
-from server.runs import start_run, wait_for_run  # noqa: E402
+from server.runs import recorded_end, start_run, wait_for_run  # noqa: E402
 from server.store import RunStore  # noqa: E402
 from server.superlink import SuperLink, TlsFiles  # noqa: E402
 from tests.helpers import make_tabular, tabular_config  # noqa: E402
@@ -187,7 +187,14 @@ def run_mode(name: str, base: Path, kits: Any, n_nodes: int, rounds: int, progre
         store_path = work / "server" / "runs.db"
         t1, submitted = time.perf_counter(), time.time()
         run_id = start_run(server.address, kits.server_kit / "ca.crt", ROOT, config, store_path, server.flwr_home)
-        status = wait_for_run(run_id, server.address, kits.server_kit / "ca.crt", server.flwr_home, timeout=1800)
+        status = wait_for_run(  # asks the SuperLink (a flwr process) only when the store records the end
+            run_id,
+            server.address,
+            kits.server_kit / "ca.crt",
+            server.flwr_home,
+            timeout=1800,
+            ended=recorded_end(store_path, run_id),
+        )
         run_wall = time.perf_counter() - t1
         if not status.succeeded:
             raise RuntimeError(f"{name}: run {run_id} ended {status.status}: {status.details}")

@@ -13,7 +13,6 @@ on the nodes.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 from client.supernode import SuperNode
@@ -26,7 +25,7 @@ from common.secagg import describe_trust
 from fedguard.provisioning import ProvisionResult, init_federation
 from fedguard.simulate import prepare_partitions
 from server.grid_io import Progress
-from server.runs import run_logs, run_status, start_run
+from server.runs import RunError, recorded_end, run_logs, run_status, start_run, wait_for_run
 from server.store import RunStore
 from server.superlink import SuperLink, TlsFiles
 
@@ -161,13 +160,17 @@ def deployed_demo(
             run_signature=token,
         )
         seen: set[tuple[str, int]] = set()
-        deadline = time.monotonic() + timeout
-        while True:
-            _follow(store_path, flower_run, seen, progress)
-            status = run_status(flower_run, superlink.address, server_kit.ca_cert, superlink.flwr_home)
-            if status.finished or time.monotonic() > deadline:
-                break
-            time.sleep(2.0)
+        where = (superlink.address, server_kit.ca_cert, superlink.flwr_home)
+        try:
+            status = wait_for_run(
+                flower_run,
+                *where,
+                timeout=timeout,
+                on_poll=lambda: _follow(store_path, flower_run, seen, progress),
+                ended=recorded_end(store_path, flower_run),
+            )
+        except RunError:  # still working at the deadline
+            status = run_status(flower_run, *where)
         run_id = _follow(store_path, flower_run, seen, progress)
         if not status.succeeded or run_id is None:
             progress(run_logs(flower_run, superlink.address, server_kit.ca_cert, superlink.flwr_home)[-3000:])

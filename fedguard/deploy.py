@@ -309,7 +309,7 @@ def _run_token(args: argparse.Namespace, config_json: str) -> str:
 def _submit(args: argparse.Namespace, config: Path | None, config_json: str, what: str, resume_run_id: int = 0) -> int:
     """Submit a signed run (or the continuation of one) to this host's SuperLink; follow it if asked."""
     from common.kit import verify_kit
-    from server.runs import run_logs, start_run, wait_for_run
+    from server.runs import recorded_end, run_logs, start_run, wait_for_run
 
     token = _run_token(args, config_json)
 
@@ -341,7 +341,9 @@ def _submit(args: argparse.Namespace, config: Path | None, config_json: str, wha
     if not args.follow:
         return 0
     log = _LogFollower(lambda: run_logs(run_id, address, ca, home))
-    status = wait_for_run(run_id, address, ca, home, timeout=args.timeout, poll=2.0, on_poll=log.poll)
+    status = wait_for_run(
+        run_id, address, ca, home, timeout=args.timeout, poll=2.0, on_poll=log.poll, ended=recorded_end(store, run_id)
+    )
     log.flush()
     print(f"run {run_id}: {status.status}")
     if status.succeeded and getattr(args, "mlflow_uri", None):

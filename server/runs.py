@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -46,6 +47,7 @@ from common.errors import FedGuardError
 from common.files import atomic_write
 from common.flower_internals import CLI_AUTH_FAILED, CLI_CREDENTIALS_FILE, cli_credentials
 from common.processes import bin_path, flwr_env
+from server.store import RunStore
 
 #: Top-level packages that make up the FedGuard app bundle.
 APP_PACKAGES = ("common", "server", "client")
@@ -379,14 +381,26 @@ def wait_for_run(
     timeout: float = 600.0,
     poll: float = 2.0,
     on_poll: Callable[[], None] | None = None,
+    ended: Callable[[], bool] | None = None,
+    check_every: float = 30.0,
 ) -> RunStatus:
-    """Poll until the run finishes; a ``RunError`` after ``timeout`` seconds. ``on_poll`` runs after each poll
-    (``run start --follow`` prints the ServerApp's new log lines there: progress while the run works)."""
+    """Poll until the run finishes; a ``RunError`` after ``timeout`` seconds. ``on_poll`` runs every ``poll``
+    seconds (``run start --follow`` prints the ServerApp's new log lines there: progress while the run works).
+
+    Every status read is a ``flwr ls`` process: an interpreter and Flower's imports, ~1.3 CPU-seconds,
+    taken from the federation on a small server (a 10-node round on 2 cores took 0.7 s longer with a read
+    every 2 s). With ``ended`` (a cheap local sign that the run has ended: ``recorded_end``) the SuperLink is
+    asked when ``ended()`` says so, and otherwise only every ``check_every`` seconds — a ServerApp that dies
+    never records its end, and the SuperLink then reports the run failed.
+    """
     deadline = time.monotonic() + timeout
+    asked = -float("inf")
+    status: RunStatus | None = None
     while True:
-        status = run_status(run_id, superlink_address, ca, flwr_home)
-        if status.finished:
-            return status
+        if status is None or ended is None or ended() or time.monotonic() - asked >= check_every:
+            status, asked = run_status(run_id, superlink_address, ca, flwr_home), time.monotonic()
+            if status.finished:
+                return status
         if on_poll is not None:
             on_poll()
         if time.monotonic() > deadline:
@@ -395,6 +409,23 @@ def wait_for_run(
                 fix="check the ServerApp log (run_logs) and the nodes' logs",
             )
         time.sleep(poll)
+
+
+def recorded_end(store_path: Path, flower_run: int) -> Callable[[], bool]:
+    """``wait_for_run``'s cheap sign for a run whose store is on this host: the ServerApp has recorded its
+    end (finished or failed) for this Flower run. A store that cannot be read says "ask the SuperLink"."""
+
+    def ended() -> bool:
+        if not Path(store_path).is_file():
+            return False
+        try:
+            with RunStore(store_path) as store:
+                run = store.run_by_flower_id(flower_run)
+        except (FedGuardError, sqlite3.Error):
+            return True
+        return run is not None and run["status"] != "running"
+
+    return ended
 
 
 def stop_run(run_id: int, superlink_address: str, ca: Path, flwr_home: Path) -> None:

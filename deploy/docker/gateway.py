@@ -4,7 +4,8 @@
 The gateway must share the server's network namespace (a sidecar in the server's pod, or
 ``network_mode: service:server`` in compose): it forwards ``/v1/fleet/*`` and ``/health`` to
 the SuperLink on 127.0.0.1, which never listens on another address. The config is rendered by
-FedGuard's own ``server.gateway.render`` from the templates installed with the ``server`` package, checked with ``nginx -t``, then nginx replaces this process in the foreground.
+FedGuard's own ``server.gateway.render`` from the templates installed with the ``server`` package,
+checked with ``nginx -t``, then nginx replaces this process in the foreground.
 """
 
 from __future__ import annotations
