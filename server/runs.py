@@ -388,8 +388,8 @@ def wait_for_run(
     seconds (``run start --follow`` prints the ServerApp's new log lines there: progress while the run works).
 
     Every status read is a ``flwr ls`` process: an interpreter and Flower's imports, ~1.3 CPU-seconds,
-    taken from the federation on a small server (a 10-node round on 2 cores took 0.7 s longer with a read
-    every 2 s). With ``ended`` (a cheap local sign that the run has ended: ``recorded_end``) the SuperLink is
+    taken from the federation on a small server (with a read every 2 s the 3-node demo's rounds took ~1 s
+    longer on 2 cores). With ``ended`` (a cheap local sign that the run has ended: ``recorded_end``) the SuperLink is
     asked when ``ended()`` says so, and otherwise only every ``check_every`` seconds — a ServerApp that dies
     never records its end, and the SuperLink then reports the run failed.
     """
