@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from common import records as R
-from common.fairness.model_findings import is_constant, no_better_than_majority
+from common.fairness.model_findings import is_constant, majority_baseline, no_better_than_majority
 from server.report_blocks import Block, Plot
 from server.report_blocks import to_html as blocks_to_html
 from server.report_blocks import to_markdown as blocks_to_markdown
@@ -92,6 +92,10 @@ class CostReport(_Model):
     accuracy_start: float | None
     accuracy_end: float | None
     accuracy_gain_points: float | None
+    #: The points the per-point figures divide by: final accuracy above the better of the initial model's and
+    #: always predicting the held-out majority class (points up to that share take no learning).
+    priced_points: float | None = None
+    priced_from: float | None = None
     wh_per_point: float | None
     emissions_g_per_point: float | None
     bytes_per_point: float | None
@@ -227,8 +231,12 @@ def build_cost_report(store_path: str | Path, run_id: int) -> CostReport:
     constant = bool(scored) and is_constant(evals[scored[-1]])
     useless = bool(scored) and not constant and no_better_than_majority(evals[scored[-1]])
 
+    baseline = majority_baseline(evals[scored[-1]]) if scored else None
+    priced_from = None if acc0 is None else max(acc0, baseline[0]) if baseline is not None else acc0
+    priced = None if gain is None or acc1 is None or priced_from is None else 100.0 * (acc1 - priced_from)
+
     def per_point(total: float) -> float | None:
-        return total / gain if gain is not None and gain > 0 and not (constant or useless) else None
+        return total / priced if priced is not None and priced > 0 and not (constant or useless) else None
 
     notes = [
         "Bytes are the server's own exact figures: every message to and from each node in Flower's wire format "
@@ -258,6 +266,12 @@ def build_cost_report(store_path: str | Path, run_id: int) -> CostReport:
             "The final model's held-out accuracy is not above what always predicting the majority class scores: "
             "no cost per accuracy point."
         )
+    elif priced is not None and priced > 0 and acc0 is not None and priced_from is not None and priced_from > acc0:
+        notes.append(
+            f"Cost per accuracy point counts the {priced:.1f} point(s) above always predicting the majority class "
+            f"({priced_from:.3f}), not the {gain:.1f} from the initial model's {acc0:.3f}: points up to the "
+            "majority's share take no learning."
+        )
     server_source = next((c["server"].get("energy_source") for c in reversed(costs) if c["server"]), None)
     return CostReport(
         run_id=run_id,
@@ -267,6 +281,8 @@ def build_cost_report(store_path: str | Path, run_id: int) -> CostReport:
         accuracy_start=acc0,
         accuracy_end=acc1,
         accuracy_gain_points=gain,
+        priced_points=priced,
+        priced_from=priced_from,
         wh_per_point=per_point(cum_e),
         emissions_g_per_point=per_point(cum_g),
         bytes_per_point=per_point(float(totals.bytes_sent + totals.bytes_received)),
@@ -296,6 +312,12 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
+def _above_majority(rep: CostReport) -> str:
+    """Where the priced points start, when it is the majority class's share rather than the initial model."""
+    start, first = rep.priced_from, rep.accuracy_start
+    return "" if start is None or first is None or start <= first else f" above the majority class's {start:.3f}"
+
+
 def _blocks(rep: CostReport) -> list[Block]:
     t = rep.totals
     blocks: list[Block] = [
@@ -315,7 +337,8 @@ def _blocks(rep: CostReport) -> list[Block]:
                 "Cost per accuracy point: "
                 + (
                     f"{_f(rep.wh_per_point)} Wh, {_f(rep.emissions_g_per_point)} gCO2e, "
-                    f"{fmt_bytes(rep.bytes_per_point)}, {_f(rep.seconds_per_point, '.1f')} s"
+                    f"{fmt_bytes(rep.bytes_per_point)}, {_f(rep.seconds_per_point, '.1f')} s "
+                    f"(over +{_f(rep.priced_points, '.1f')} points{_above_majority(rep)})"
                     if rep.wh_per_point is not None
                     else "n/a (held-out accuracy did not improve, the final model is constant, or no evaluation)"
                 ),
@@ -452,7 +475,7 @@ def summary_lines(store_path: str | Path, run_id: int) -> list[str]:
     if rep.wh_per_point is not None:
         lines.append(
             f"cost per accuracy point: {rep.wh_per_point:.3g} Wh, {fmt_bytes(rep.bytes_per_point)} "
-            f"(+{rep.accuracy_gain_points:.1f} points)"
+            f"(+{rep.priced_points:.1f} points{_above_majority(rep)})"
         )
     if t.clients_not_reporting:
         lines.append(f"{t.clients_not_reporting} client(s) kept their resource figures local: bytes only")

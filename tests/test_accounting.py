@@ -268,12 +268,13 @@ def test_the_plan_takes_exactly_the_steps_opacus_samples(batches: int) -> None:
     assert steps == len(UniformWithReplacementSampler(num_samples=batches * 32, sample_rate=q))
 
 
-@pytest.mark.parametrize(("final_classes", "majority_share"), [(1.0, 0.8), (2.0, 0.8), (2.0, 0.75)])
+@pytest.mark.parametrize(("final_classes", "majority_share"), [(1.0, 0.8), (2.0, 0.8), (2.0, 0.75), (2.0, 0.6)])
 def test_no_cost_per_accuracy_point_for_a_final_model_no_better_than_the_majority_class(
     tmp_path: Path, final_classes: float, majority_share: float
 ) -> None:
     """Collapsing to the majority class lifts accuracy from 0.70 to its share, 0.80, and a model that varies its
-    decisions but scores no more than that share has learned no more: no learning to put a price on."""
+    decisions but scores no more than that share has learned no more: no learning to put a price on. Above the
+    share, only the points above it are priced (from 0.75: 5 of the 10), never those up to it."""
     path = tmp_path / "runs.db"
     with RunStore(path) as store:
         run = store.create_run("r", "{}", "h", None)
@@ -293,5 +294,10 @@ def test_no_cost_per_accuracy_point_for_a_final_model_no_better_than_the_majorit
     elif majority_share >= 0.8:
         assert rep.wh_per_point is None and "cost per accuracy point" not in lines
         assert "not above what always predicting the majority class scores" in md
-    else:
-        assert rep.wh_per_point == pytest.approx(0.1) and "cost per accuracy point: 0.1 Wh" in lines
+    elif majority_share == 0.75:  # 1.0 Wh over the 5 points above the majority class, not the 10 from 0.70
+        assert rep.priced_points == pytest.approx(5.0) and rep.wh_per_point == pytest.approx(0.2)
+        assert "cost per accuracy point: 0.2 Wh, 800 B (+5.0 points above the majority class's 0.750)" in lines
+        assert "counts the 5.0 point(s) above always predicting the majority class (0.750)" in md
+    else:  # the initial model already beat the majority class: all 10 points are learned
+        assert rep.priced_points == pytest.approx(10.0) and rep.wh_per_point == pytest.approx(0.1)
+        assert "cost per accuracy point: 0.1 Wh, 400 B (+10.0 points)" in lines and "majority" not in lines
