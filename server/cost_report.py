@@ -312,10 +312,14 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
-def _above_majority(rep: CostReport) -> str:
-    """Where the priced points start, when it is the majority class's share rather than the initial model."""
+def priced_text(rep: CostReport) -> str:
+    """The points the per-point figures divide by, as the summary, the report and the dashboard say it:
+    "+0.3 points above the majority class's 0.970" (or "+10.0 points" when they count from the initial model)."""
+    if rep.priced_points is None:
+        return "–"
     start, first = rep.priced_from, rep.accuracy_start
-    return "" if start is None or first is None or start <= first else f" above the majority class's {start:.3f}"
+    above = "" if start is None or first is None or start <= first else f" above the majority class's {start:.3f}"
+    return f"+{rep.priced_points:.1f} points{above}"
 
 
 def _blocks(rep: CostReport) -> list[Block]:
@@ -338,7 +342,7 @@ def _blocks(rep: CostReport) -> list[Block]:
                 + (
                     f"{_f(rep.wh_per_point)} Wh, {_f(rep.emissions_g_per_point)} gCO2e, "
                     f"{fmt_bytes(rep.bytes_per_point)}, {_f(rep.seconds_per_point, '.1f')} s "
-                    f"(over +{_f(rep.priced_points, '.1f')} points{_above_majority(rep)})"
+                    f"(over {priced_text(rep)})"
                     if rep.wh_per_point is not None
                     else "n/a (held-out accuracy did not improve, the final model is constant, or no evaluation)"
                 ),
@@ -474,8 +478,7 @@ def summary_lines(store_path: str | Path, run_id: int) -> list[str]:
     ]
     if rep.wh_per_point is not None:
         lines.append(
-            f"cost per accuracy point: {rep.wh_per_point:.3g} Wh, {fmt_bytes(rep.bytes_per_point)} "
-            f"(+{rep.priced_points:.1f} points{_above_majority(rep)})"
+            f"cost per accuracy point: {rep.wh_per_point:.3g} Wh, {fmt_bytes(rep.bytes_per_point)} ({priced_text(rep)})"
         )
     if t.clients_not_reporting:
         lines.append(f"{t.clients_not_reporting} client(s) kept their resource figures local: bytes only")

@@ -386,6 +386,7 @@ def test_cost_report_download_is_audited_and_the_run_page_shows_the_cost(world: 
     cost = page[page.index('id="cost"') :]
     assert 'id="chart-energy"' in cost and 'data-series="cumulative Wh"' in cost and "round 3: 3.7<" in cost
     assert "3.7 Wh</strong> (estimated)" in cost and "0.37 Wh</strong>" in cost  # total, per accuracy point
+    assert "s per point, over +10.0 points" in cost  # the points the figures divide by, as the summary says
     rows = re.findall(r"<tr><td>(setup|\d)</td>.*?</tr>", cost[: cost.index('id="cost-nodes"')], re.S)
     assert rows == ["setup", "1", "2", "3"]
     assert cost.count('<td class="energy-label">estimated</td>') == 4 + 2  # every round; nodes 101, 202

@@ -18,7 +18,7 @@ from common.config import config_from_json
 from common.errors import ConfigError
 from common.fairness import Audit, findings
 from common.secagg import describe_trust
-from server.cost_report import build_cost_report
+from server.cost_report import build_cost_report, priced_text
 from server.run_health import RunHealth, node_label, run_health
 from server.store import RunStore
 
@@ -182,7 +182,7 @@ def run_costs(store_path: Path, run_id: int) -> dict[str, Any] | None:
     with RunStore(store_path) as store:
         server = {int(c["round"]): c["server"] for c in store.round_costs(run_id)}
         clients = store.client_rounds(run_id)
-    out = rep.model_dump(mode="json")
+    out = rep.model_dump(mode="json") | {"priced_text": priced_text(rep)}
     for r in out["rounds"]:
         labels = {str(server[r["round"]]["energy_label"])} if server.get(r["round"], {}).get("energy_label") else set()
         labels |= {
