@@ -70,7 +70,7 @@ class _Attention(nn.Module):
         h = self.heads
         # unbind, not qkv[0], qkv[1], qkv[2]: indexing's backward writes each gradient into its own
         # zero-filled (3, B, H, T, dh) tensor and adds the three; unbind's stacks them once. Same values,
-        # bit for bit; training steps 8-10% faster plain and 13-16% under DP-SGD (both built-in models).
+        # bit for bit; training steps 8-15% faster plain and 14-16% under DP-SGD (bench/README.md).
         q, k, v = self.qkv(x).view(b, t, 3, h, d // h).unbind(2)  # (B, T, H, dh) each
         if cls_only:  # only the first token's output is used downstream: query it alone
             q = q[:, :1]
