@@ -509,7 +509,7 @@ def report_blocks(rep: FairnessReport) -> list[Block]:
             blocks.append(("p", f"Suppressed in both views, so not in this table: {left_out}."))
         blocks.append(("h3", "Federated disparities"))
         for att in fed.attributes:
-            blocks += _attribute_blocks(att, "4", None, fed.min_group_size)
+            blocks += _attribute_blocks(att, "4", fed.confidence, fed.min_group_size)
 
     blocks.append(("h2", "Client-level fairness"))
     if rep.client_spread is None:

@@ -88,6 +88,22 @@ def _classify(reply: Message) -> tuple[Outcome, Counts | None]:
     return Outcome(node, "accepted", values=values, received=received_keys(content)), counts
 
 
+def summed_noise_sd(parts: list[Counts], sigmas: list[float]) -> dict[str, dict[str, float]]:
+    """Per table and group, the standard deviation of the summed cells' noise: √Σ σᵢ² over the clients that sent it.
+
+    A σ the node did not state (NaN) fails closed to the largest stated one (none stated: no noise known, 0).
+    """
+    stated = [s for s in sigmas if math.isfinite(s)]
+    fallback = max(stated, default=0.0)
+    var: dict[str, dict[str, float]] = {}
+    for part, s in zip(parts, sigmas, strict=True):
+        s = s if math.isfinite(s) else fallback
+        for table, rows in part.items():
+            for group in rows:
+                var.setdefault(table, {})[group] = var.get(table, {}).get(group, 0.0) + s * s
+    return {t: {g: math.sqrt(v) for g, v in rows.items()} for t, rows in var.items()}
+
+
 def _accuracy(counts: Counts) -> float | None:
     cells = counts.get(OVERALL, {}).get(OVERALL)
     if not cells:
@@ -122,6 +138,7 @@ def collect(
     replies, silent, unreachable = collect_replies(grid, messages, cfg.server.round_timeout, cfg.server.poll_interval)
     outcomes: list[Outcome] = []
     parts: list[Counts] = []
+    sigmas: list[float] = []
     accuracy: list[float] = []
     sigma = math.nan
     for reply in replies:
@@ -131,6 +148,7 @@ def collect(
         if counts is not None:
             parts.append(counts)
             sigma = outcome.values["count-sigma"]
+            sigmas.append(sigma)
             acc = _accuracy(counts)
             if acc is not None:
                 accuracy.append(acc)
@@ -143,5 +161,12 @@ def collect(
         f"charged to each node's privacy ledger; a group leaves a node only if its noisy size clears a threshold "
         f"(δ += {cfg.fairness.count_selection_delta:g})"
     )
-    audit = metrics_from_counts(merge_counts(parts), cfg.fairness, round=rnd, clients=len(parts), noise=noise)
+    audit = metrics_from_counts(
+        merge_counts(parts),
+        cfg.fairness,
+        round=rnd,
+        clients=len(parts),
+        noise=noise,
+        noise_sd=summed_noise_sd(parts, sigmas),
+    )
     return FederatedView(audit, client_spread(accuracy) if accuracy else None, outcomes)

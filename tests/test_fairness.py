@@ -49,6 +49,7 @@ from common.fairness import (
     track_findings,
 )
 from server.fairness_report import FairnessReport, Provenance, build_fairness_report, render
+from server.federated_fairness import summed_noise_sd
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -356,6 +357,49 @@ def test_noisy_counts_sum_within_tolerance_and_state_their_cost() -> None:
     assert sex_f is not None and sex_c is not None
     assert sex_f.demographic_parity_ratio.value == pytest.approx(sex_c.demographic_parity_ratio.value, abs=0.03)
     assert any(f.kind == "demographic_parity_ratio" for f in findings(fed, FairnessConfig(), 1, view="federated"))
+    # with the noise stated, a real bias on large groups is still critical, and its interval shows it
+    sd = summed_noise_sd([r.counts for r in releases], [r.sigma for r in releases])
+    assert sd["sex"]["f"] == pytest.approx(r0.sigma * math.sqrt(3))
+    fed = metrics_from_counts(totals, FairnessConfig(bootstrap_n=200), round=1, clients=3, noise_sd=sd)
+    dp = [f for f in findings(fed, FairnessConfig(), 1, view="federated") if f.kind == "demographic_parity_ratio"]
+    sex = next(f for f in dp if f.attribute == "sex")
+    assert sex.severity == "critical" and sex.significant is True and "95% CI" in sex.message
+
+
+def test_the_counts_noise_alone_never_makes_a_critical_finding() -> None:
+    """A fair model, a rare positive class (3%) and a group of 200 rows per node: the default counts noise
+    (z = 5, σ ≈ 7 per cell) swamps the group's ~25 predicted positives per node, so its demographic-parity ratio
+    read off the noised sums swings far below 0.8, down to 0 when a sum is clipped. Its interval must
+    say so: no critical finding on any draw, and the true ratio inside the interval on nearly every one."""
+    rng = np.random.default_rng(11)
+    nodes = []
+    for _ in range(3):
+        sex = np.array(["a"] * 1500 + ["b"] * 200)
+        y = (rng.random(sex.size) < 0.03).astype(int)
+        pred = np.where(rng.random(sex.size) < 0.9, y, 1 - y)  # the same error rate in both groups
+        nodes.append((y, pred, {"sex": sex}))
+    exact = merge_counts(group_confusion_counts(y, p, g, 20) for y, p, g in nodes)
+    truth = metrics_from_counts(exact, EXACT).attributes[0].disparities
+    assert truth is not None and truth.demographic_parity_ratio.value is not None
+    true_ratio = truth.demographic_parity_ratio.value
+    cfg = FairnessConfig(bootstrap_n=200)
+    point_breaches = severe = covered = 0
+    draws = 40
+    for seed in range(draws):
+        noise = np.random.default_rng(seed)
+        rel = [noisy_counts(group_confusion_counts(y, p, g, 20), 5.0, noise, min_group_size=20) for y, p, g in nodes]
+        parts = [r.counts for r in rel]
+        fed = metrics_from_counts(merge_counts(parts), cfg, noise_sd=summed_noise_sd(parts, [r.sigma for r in rel]))
+        ratio = fed.attributes[0].disparities.demographic_parity_ratio  # type: ignore[union-attr]
+        point_breaches += ratio.value is not None and ratio.value < 0.8
+        covered += ratio.ci_low is not None and ratio.ci_low <= true_ratio <= ratio.ci_high  # type: ignore[operator]
+        for f in findings(fed, cfg, 1, view="federated"):
+            if f.kind == "demographic_parity_ratio":
+                severe += f.severity == "critical"
+                assert f.significant is False and "DP noise" in f.message
+    assert point_breaches >= draws // 4  # the noise does move the point estimate past the threshold
+    assert severe == 0
+    assert covered >= 0.85 * draws
 
 
 def test_threshold_bounds_the_chance_a_group_at_the_cut_leaves() -> None:
@@ -454,6 +498,10 @@ def test_report_markdown_and_html_show_the_group_values() -> None:
     assert "suppressed" in md and "suppressed" in page
     assert rep.provenance.sha256 in md and rep.provenance.sha256 in page
     assert "Central vs federated view" in md and "Client-level fairness" in page
+    federated = md.split("Federated disparities", 1)[1]  # the federated table shows its intervals too
+    sex = next(a for a in rep.federated.attributes if a.name == "sex").disparities  # type: ignore[union-attr]
+    assert "95% CI" in federated and sex is not None and sex.demographic_parity_ratio.ci_low is not None
+    assert f"{sex.demographic_parity_ratio.ci_low:.3f} – {sex.demographic_parity_ratio.ci_high:.3f}" in federated
     # one selection-rate and one TPR plot per attribute, one polyline per reported group
     lines = re.findall(r'<polyline class="series" data-series="([^"]+)"', page)
     assert lines.count("m") == 2 and lines.count(f"m{SEP}north") == 2

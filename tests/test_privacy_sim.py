@@ -241,3 +241,5 @@ def test_the_evaluator_node_scores_and_audits_every_round(federation: dict) -> N
     assert [s for s, _ in releases] == ["accepted", "refused"] and "budget" in releases[1][1]
     assert report.federated is not None and report.federated.clients == 1
     assert report.federated.noise is not None and "Gaussian" in report.federated.noise
+    # its disparities get intervals over the counts' noise (tests/test_fairness.py), as the central view's
+    assert report.federated.confidence == 0.95 and report.federated.bootstrap_n > 0

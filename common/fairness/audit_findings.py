@@ -37,7 +37,7 @@ class Finding(_Model):
     threshold: float
     ci_low: float | None = None
     ci_high: float | None = None
-    significant: bool | None = None  # the whole CI lies past the threshold (None: no CI)
+    significant: bool | None = None  # the whole CI lies past the threshold (None: no CI); False: never critical
     first_seen_round: int | None = None
     last_seen_round: int | None = None
     message: str
@@ -106,6 +106,11 @@ def findings(
             if not breach:
                 continue
             ci = "" if d.ci_low is None else f" ({_confidence(result):.0%} CI {d.ci_low:.3f}–{d.ci_high:.3f})"
+            chance = ""
+            if significant is False:  # the interval reaches the limit: never critical on a maybe
+                critical = False
+                cause = "the counts' DP noise or chance" if view == "federated" else "chance"
+                chance = f"; not significant: the interval reaches {limit:g}, so {cause} could explain it"
             add(
                 kind,
                 "critical" if critical else "warning",
@@ -117,7 +122,7 @@ def findings(
                 ci_high=d.ci_high,
                 significant=significant,
                 message=f"{_LABELS[kind]} for {att.name} is {d.value:.3f}{ci}, {cmp} {limit:g}; "
-                f"between {' and '.join(d.groups)}",
+                f"between {' and '.join(d.groups)}{chance}",
             )
 
     base, sel, tpr = _overall_rates(result)
@@ -157,7 +162,7 @@ def findings(
 
 
 def _confidence(result: Audit | FederatedAudit) -> float:
-    return result.confidence if isinstance(result, Audit) else 0.95
+    return result.confidence if result.confidence is not None else 0.95
 
 
 def _overall_rates(result: Audit | FederatedAudit) -> tuple[float | None, float | None, float | None]:

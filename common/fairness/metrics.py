@@ -90,7 +90,7 @@ class Audit(_Model):
 
 
 class FederatedAudit(_Model):
-    """Group metrics from summed per-client confusion counts (no per-row data, so no bootstrap CIs)."""
+    """Group metrics from summed per-client confusion counts; CIs cover the counts' noise and sampling."""
 
     round: int | None = None
     overall: GroupMetrics | None
@@ -98,6 +98,8 @@ class FederatedAudit(_Model):
     min_group_size: int
     clients: int | None = None
     noise: str | None = None  # e.g. "Gaussian, σ=10 per cell per client" or "none (homomorphic sum)"
+    bootstrap_n: int = 0  # parametric replicates behind the disparities' CIs (0: no CIs)
+    confidence: float | None = None  # the CIs' level (None: no CIs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,24 +409,37 @@ def metrics_from_counts(
     round: int | None = None,
     clients: int | None = None,
     noise: str | None = None,
+    noise_sd: Mapping[str, Mapping[str, float]] | None = None,
 ) -> FederatedAudit:
     """Group metrics and disparities from summed confusion tables, as the central audit computes them.
 
     Noisy cells below zero are read as zero; groups whose summed size is below the minimum are
     suppressed here too. Sizes are lower bounds: each node omits its own small groups.
+
+    Disparities get CIs (``cfg.bootstrap_n`` replicates) from a parametric bootstrap over both of
+    their errors: every summed cell's Gaussian noise (standard deviation ``noise_sd[table][group]``,
+    σ·√(clients that sent the group); none when omitted) and the sampling of the rows (one multinomial
+    over the table's cells, as the central audit's bootstrap). A disparity that only the noise made —
+    a small group's noised positives clipped to 0 read as a demographic-parity ratio of 0 — then
+    shows an interval that reaches the threshold, and its finding is not significant.
     """
     cfg = cfg or FairnessConfig()
     overall = None
     attributes = []
-    for table, rows in totals.items():
+    for i, (table, rows) in enumerate(totals.items()):
         labels = np.array(sorted(rows), dtype=object)
-        tables = np.clip(np.array([rows[g] for g in labels], dtype=np.float64).reshape(-1, 4), 0.0, None)
+        observed = np.array([rows[g] for g in labels], dtype=np.float64).reshape(-1, 4)
+        tables = np.clip(observed, 0.0, None)
         if table == OVERALL:
             if len(labels):
                 overall = _group_rows([OVERALL], tables[:1], tables[:1].sum(axis=1) >= cfg.min_group_size)[0]
             continue
         keep = tables.sum(axis=1) >= cfg.min_group_size
-        disp = _disparities(labels.astype(str), tables, keep, None, cfg.confidence)
+        boot = None
+        if cfg.bootstrap_n > 0 and keep.sum() >= 2:
+            sd = np.array([float((noise_sd or {}).get(table, {}).get(str(g), 0.0)) for g in labels])
+            boot = _noisy_replicates(observed, sd, cfg.bootstrap_n, np.random.default_rng([cfg.bootstrap_seed, i]))
+        disp = _disparities(labels.astype(str), tables, keep, boot, cfg.confidence)
         attributes.append(
             AttributeAudit(
                 name=table,
@@ -443,7 +458,23 @@ def metrics_from_counts(
         min_group_size=cfg.min_group_size,
         clients=clients,
         noise=noise,
+        bootstrap_n=cfg.bootstrap_n,
+        confidence=cfg.confidence if cfg.bootstrap_n > 0 else None,
     )
+
+
+def _noisy_replicates(observed: np.ndarray, sd: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, G, 4) tables: the summed counts with their noise drawn again, then the rows resampled.
+
+    The true counts lie within the Gaussian noise of the observed ones (same spread, either
+    direction); each replicate draws them, clips at zero, and resamples that many rows from them.
+    """
+    drawn = np.clip(observed[None] + rng.normal(size=(n, *observed.shape)) * sd[None, :, None], 0.0, None)
+    flat = drawn.reshape(n, -1)
+    sizes = np.rint(flat.sum(axis=1)).astype(np.int64)
+    shares = flat / np.where(flat.sum(axis=1, keepdims=True) > 0, flat.sum(axis=1, keepdims=True), 1.0)
+    shares[sizes == 0] = 1.0 / flat.shape[1]
+    return rng.multinomial(sizes, shares).reshape(drawn.shape).astype(np.float64)
 
 
 def client_spread(per_client_accuracy: Sequence[float]) -> dict[str, float | int]:
