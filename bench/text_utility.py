@@ -99,6 +99,8 @@ from common.calibration import SHIFT_LEVEL  # noqa: E402
 DELTA = 1e-5
 SPLITS: dict[str, float | None] = {"iid": None, "dir0.5": 0.5}
 METHODS = ("minilm-lora", "text-transformer")
+#: What MiniLM read of each text in runs recorded before its default became 128 pieces of 768 bytes.
+EARLIER_READS = {"max_len": 256, "max_tokens": 64}
 CENTRAL_EPOCHS = 3
 #: The central references train for at least this many optimizer steps (small sets get more epochs).
 CENTRAL_MIN_STEPS = 400
@@ -276,6 +278,19 @@ def run_config(
     return raw
 
 
+def reads(model: str, params: dict[str, Any]) -> dict[str, int]:
+    """What the model reads of each text: ``max_len`` bytes, and for MiniLM at most ``max_tokens`` word pieces."""
+    from common.models import MODELS
+
+    p = {**MODELS[model].defaults, **params}
+    return {k: int(p[k]) for k in ("max_len", "max_tokens") if k in p}
+
+
+def run_reads(r: dict[str, Any]) -> dict[str, int]:
+    """A recorded run's input length; runs recorded before 2026-12-06 do not say: MiniLM read 64 pieces of 256 bytes."""
+    return r["recipe"].get("reads") or ({"max_len": 128} if r["method"] == "text-transformer" else EARLIER_READS)
+
+
 def round_costs(store_path: Path, run_id: int) -> list[dict[str, Any]]:
     from server.store import RunStore
 
@@ -299,6 +314,7 @@ def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None, method:
     out["seconds_per_round"] = statistics.fmean(r["seconds"] for r in out["rounds"]) if out["rounds"] else None
     out["bytes_per_round"] = statistics.fmean(r["bytes"] for r in out["rounds"]) if out["rounds"] else None
     out["recipe"] = {
+        "reads": reads(cfg.model.name, cfg.model.params),
         "rounds": cfg.rounds,
         "train": cfg.train.model_dump(include={"local_epochs", "batch_size", "learning_rate", "optimizer"}),
         "server_optimizer": cfg.server.optimizer.name,
@@ -431,7 +447,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             key, {k: r[k] for k in ("dataset", "nodes", "split", "epsilon", "method")} | {"seeds": {}}
         )
         cell["seeds"][str(r["seed"])] = {k: r[k] for k in ("accuracy", "macro_f1", "seconds_per_round",
-                                                           "bytes_per_round")}  # fmt: skip
+                                                           "bytes_per_round")} | {"reads": run_reads(r)}  # fmt: skip
     for cell in cells.values():
         for k in ("accuracy", "macro_f1", "seconds_per_round", "bytes_per_round"):
             vals = [s[k] for s in cell["seeds"].values() if s[k] is not None]
@@ -524,8 +540,19 @@ def readme_table(results: dict[str, Any]) -> str:
             for k in ("tfidf", "majority")
         ]
         row = [name, nodes, split, _mean_cell(at8), goal, _mean_cell(at3), *means]
+        row[3], row[5] = _marked(row[3], at8), _marked(row[5], at3)
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines)
+
+
+def _marked(text: str, c: dict[str, Any] | None) -> str:
+    """``text`` with ‡ when any of the cell's runs read less of each text than the default does today."""
+    from common.models import MODELS
+
+    today = reads("minilm-lora", {})
+    if c is None or c["method"] not in MODELS or all(s["reads"] == today for s in c["seeds"].values()):
+        return text
+    return f"{text} ‡"
 
 
 def _mean_cell(c: dict[str, Any] | None) -> str:
@@ -553,6 +580,8 @@ def per_seed_table(results: dict[str, Any]) -> str:
         nodes = ", ".join(f"{p['rows']} ({next(iter(p['label_shares'].values())):.2f})" for p in r["partitions"])
         sig = f"{min(r['sigmas']):.2f}" if r["sigmas"] else "-"
         mb = None if r["bytes_per_round"] is None else r["bytes_per_round"] / 1e6
+        rd = run_reads(r)
+        key = f"{key} ({rd['max_tokens']} pieces of {rd['max_len']} bytes)" if "max_tokens" in rd else key
         lines.append(
             f"| {key} | {curve} | {r['macro_f1']:.3f} | {sig} | {_f(r['epsilon_max'], '.2f')} | "
             f"{_f(r['seconds_per_round'], '.0f')} | {_f(mb, '.2f')} | {nodes} |"
