@@ -22,6 +22,7 @@ from common import records as R
 from common.codec import numpy_to_record
 from common.config import RunConfig
 from common.fairness import OVERALL, Counts, FederatedAudit, client_spread, merge_counts, metrics_from_counts
+from common.privacy import counts_mechanism
 from server.grid_io import collect_replies
 from server.validation import (
     Envelope,
@@ -88,16 +89,14 @@ def _classify(reply: Message) -> tuple[Outcome, Counts | None]:
     return Outcome(node, "accepted", values=values, received=received_keys(content)), counts
 
 
-def summed_noise_sd(parts: list[Counts], sigmas: list[float]) -> dict[str, dict[str, float]]:
+def summed_noise_sd(parts: list[Counts], sigmas: list[float], z: float) -> dict[str, dict[str, float]]:
     """Per table and group, the standard deviation of the summed cells' noise: √Σ σᵢ² over the clients that sent it.
 
-    A σ the node did not state (NaN) fails closed to the largest stated one (none stated: no noise known, 0).
+    A node that did not state its σ is taken at the run's: ``z``·√tables, what every node must use.
     """
-    stated = [s for s in sigmas if math.isfinite(s)]
-    fallback = max(stated, default=0.0)
     var: dict[str, dict[str, float]] = {}
     for part, s in zip(parts, sigmas, strict=True):
-        s = s if math.isfinite(s) else fallback
+        s = s if math.isfinite(s) and s > 0 else counts_mechanism(z, len(part)).sigma
         for table, rows in part.items():
             for group in rows:
                 var.setdefault(table, {})[group] = var.get(table, {}).get(group, 0.0) + s * s
@@ -167,6 +166,6 @@ def collect(
         round=rnd,
         clients=len(parts),
         noise=noise,
-        noise_sd=summed_noise_sd(parts, sigmas),
+        noise_sd=summed_noise_sd(parts, sigmas, cfg.fairness.count_noise_multiplier),
     )
     return FederatedView(audit, client_spread(accuracy) if accuracy else None, outcomes)

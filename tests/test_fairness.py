@@ -358,7 +358,8 @@ def test_noisy_counts_sum_within_tolerance_and_state_their_cost() -> None:
     assert sex_f.demographic_parity_ratio.value == pytest.approx(sex_c.demographic_parity_ratio.value, abs=0.03)
     assert any(f.kind == "demographic_parity_ratio" for f in findings(fed, FairnessConfig(), 1, view="federated"))
     # with the noise stated, a real bias on large groups is still critical, and its interval shows it
-    sd = summed_noise_sd([r.counts for r in releases], [r.sigma for r in releases])
+    sd = summed_noise_sd([r.counts for r in releases], [r.sigma for r in releases], z)
+    assert summed_noise_sd([r.counts for r in releases], [math.nan] * 3, z) == sd  # unstated: the run's σ
     assert sd["sex"]["f"] == pytest.approx(r0.sigma * math.sqrt(3))
     fed = metrics_from_counts(totals, FairnessConfig(bootstrap_n=200), round=1, clients=3, noise_sd=sd)
     dp = [f for f in findings(fed, FairnessConfig(), 1, view="federated") if f.kind == "demographic_parity_ratio"]
@@ -389,7 +390,9 @@ def test_the_counts_noise_alone_never_makes_a_critical_finding() -> None:
         noise = np.random.default_rng(seed)
         rel = [noisy_counts(group_confusion_counts(y, p, g, 20), 5.0, noise, min_group_size=20) for y, p, g in nodes]
         parts = [r.counts for r in rel]
-        fed = metrics_from_counts(merge_counts(parts), cfg, noise_sd=summed_noise_sd(parts, [r.sigma for r in rel]))
+        fed = metrics_from_counts(
+            merge_counts(parts), cfg, noise_sd=summed_noise_sd(parts, [r.sigma for r in rel], 5.0)
+        )
         ratio = fed.attributes[0].disparities.demographic_parity_ratio  # type: ignore[union-attr]
         point_breaches += ratio.value is not None and ratio.value < 0.8
         covered += ratio.ci_low is not None and ratio.ci_low <= true_ratio <= ratio.ci_high  # type: ignore[operator]
