@@ -288,7 +288,7 @@ def reads(model: str, params: dict[str, Any]) -> dict[str, int]:
 
 def run_reads(r: dict[str, Any]) -> dict[str, int]:
     """A recorded run's input length; runs recorded before 2026-12-06 do not say: MiniLM read 64 pieces of 256 bytes."""
-    return r["recipe"].get("reads") or ({"max_len": 128} if r["method"] == "text-transformer" else EARLIER_READS)
+    return r.get("recipe", {}).get("reads") or ({"max_len": 128} if r["method"] == "text-transformer" else EARLIER_READS)
 
 
 def round_costs(store_path: Path, run_id: int) -> list[dict[str, Any]]:
