@@ -326,9 +326,9 @@ def _build_tabular(schema: DataSchema, p: dict[str, Any]) -> nn.Module:
 #: What the pretrained MiniLM models read of a text: 128 word pieces (the length MiniLM was trained
 #: at) of its first 768 UTF-8 bytes (about 150 English word pieces, so the bytes rarely cut first).
 #: 64 pieces of 256 bytes until 2026-12-06: a news article (median 1,954 bytes) was read as its
-#: headline and first sentence; reading 128 took 5-node BBC news from 0.934 to 0.953 at ε = 8 (seed 1)
-#: for 18% more time per round. Texts shorter than the limit cost nothing more (batches are padded
-#: to their longest text).
+#: headline and first sentence; reading 128 took 5-node BBC news at ε = 8 from 0.940 to 0.954 (IID)
+#: and 0.939 to 0.954 (Dirichlet 0.5; seeds 1-3, bench/text_utility.py) for about 15% more time per
+#: round. Texts shorter than the limit cost nothing more (batches are padded to their longest text).
 _PRETRAINED_MAX_LEN = 768
 _PRETRAINED_MAX_TOKENS = 128
 
