@@ -104,6 +104,23 @@ def test_a_seed_on_the_majority_class_is_named_even_when_the_mean_looks_fine() -
     assert "| reviews | 3 | iid | 8 | minilm-lora | 0.690 (0.690) [2] |" in table and "| 2 |" in table
 
 
+def test_a_cell_with_a_run_at_an_earlier_input_length_is_marked() -> None:
+    """README's ‡: a run recorded without what it read was run when MiniLM read 64 pieces of 256 bytes."""
+    res = _result({"1": 0.80, "2": 0.79}, {"1": 0.78, "2": 0.78}, {"1": 0.58, "2": 0.58}, "iid")
+    today = {"reads": tu.reads("minilm-lora", {})}
+    assert today["reads"] == {"max_len": 768, "max_tokens": 128}
+    for run in res["runs"].values():
+        run["recipe"] = today
+    res["summary"] = tu.summarize(res)
+    assert "‡" not in tu.readme_table(res)
+    del res["runs"]["reviews/n3/iid/eps8/seed2/minilm-lora"]["recipe"]  # one earlier run marks its cell
+    res["summary"] = tu.summarize(res)
+    assert "0.795 (0.795) [1, 2] ‡" in tu.readme_table(res)
+    assert "(64 pieces of 256 bytes)" in tu.per_seed_table({**res, "runs": {
+        k: {**r, "curve": [], "partitions": [], "sigmas": [], "epsilon_max": 8.0} for k, r in res["runs"].items()
+    }})  # fmt: skip
+
+
 def test_a_failed_run_is_reported_and_the_others_still_count(capsys: pytest.CaptureFixture[str]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
