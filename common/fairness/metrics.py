@@ -471,10 +471,9 @@ def _noisy_replicates(observed: np.ndarray, sd: np.ndarray, n: int, rng: np.rand
     """
     drawn = np.clip(observed[None] + rng.normal(size=(n, *observed.shape)) * sd[None, :, None], 0.0, None)
     flat = drawn.reshape(n, -1)
-    sizes = np.rint(flat.sum(axis=1)).astype(np.int64)
-    shares = flat / np.where(flat.sum(axis=1, keepdims=True) > 0, flat.sum(axis=1, keepdims=True), 1.0)
-    shares[sizes == 0] = 1.0 / flat.shape[1]
-    return rng.multinomial(sizes, shares).reshape(drawn.shape).astype(np.float64)
+    total = flat.sum(axis=1, keepdims=True)
+    shares = np.where(total > 0, flat / np.where(total > 0, total, 1.0), 1.0 / flat.shape[1])
+    return rng.multinomial(np.rint(total[:, 0]).astype(np.int64), shares).reshape(drawn.shape).astype(np.float64)
 
 
 def client_spread(per_client_accuracy: Sequence[float]) -> dict[str, float | int]:
