@@ -392,6 +392,58 @@ def test_a_constant_model_without_sensitive_columns_ends_with_a_warning(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_a_constant_text_model_without_sensitive_columns_ends_with_a_warning(tmp_path: Path) -> None:
+    """The text run of the review: a text schema, no sensitive column (so no fairness audit), a model that ends
+    constant. Every review reads the same, so no model can tell them apart: the summary, `fedguard runs` and
+    the privacy report must still say the model predicts one class, never a plain "finished"."""
+    rng = np.random.default_rng(1)
+    data = tmp_path / "reviews.csv"
+    labels = np.where(rng.random(450) < 0.3, "neg", "pos")
+    pd.DataFrame({"review": "the film was a film", "sentiment": labels}).to_csv(data, index=False)
+    toml = tmp_path / "text.toml"
+    toml.write_text(
+        f"""name = "text-health"
+seed = 3
+rounds = 2
+[model]
+name = "text-transformer"
+params = {{ d_model = 16, layers = 1, heads = 2, max_len = 32 }}
+[dp]
+target_epsilon = 8.0
+delta = 1e-4
+[data.schema]
+task = "text"
+text_column = "review"
+label = "sentiment"
+classes = ["neg", "pos"]
+[fairness]
+constant_rounds = 2
+[server]
+round_timeout = 120
+wait_for_nodes = 60
+[simulation]
+num_clients = 3
+data_path = "{data.name}"
+""",
+        encoding="utf-8",
+    )
+    work = tmp_path / "work"
+    proc = _fedguard(["simulate", "--config", str(toml), "--workdir", str(work)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert re.search(r"  round 2: WARNING the model has predicted one class \('(neg|pos)'\) for every held-out row "
+                     r"for 2 consecutive round\(s\)", out), out  # fmt: skip
+    assert "run 1 finished WITH 1 WARNING(S)" in out
+    assert re.search(r"WARNING: the model predicts one class \('(neg|pos)'\) for every held-out row", out), out
+    store = work / "runs.db"
+    listed = _fedguard(["runs", "--store", str(store)], tmp_path).stdout
+    assert re.search(r"1  finished   text-health  accuracy [\d.]+  WARNING: CONSTANT MODEL", listed), listed
+    md = _fedguard(["report", "privacy", "1", "--store", str(store), "--format", "md"], tmp_path).stdout
+    assert "finished, WITH 1 WARNING(S)" in md and "WARNING: the model predicts one class" in md
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_model_no_better_than_the_majority_class_ends_with_a_warning_everywhere(tmp_path: Path) -> None:
     """The nodes' rows say y = 1 above a = 0.5; the held-out file says y = 1 below a = -0.5. The model learns the
     nodes' rule and predicts both classes on the held-out rows, worse than always saying '0': no constant model, no
