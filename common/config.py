@@ -140,7 +140,7 @@ MODEL_GUIDANCE: dict[str, str] = {
     "IID and 0.746 Dirichlet 0.5 (seeds 1-3, decisions prior-calibrated by the evaluator; the "
     "model's own 0.717; 0.666 with 3 rounds at batch 64). BBC news articles in five topics, 340-567 rows per "
     "node: 0.954-0.964 (central TF-IDF 0.971; seeds 1-3, 3 and 5 nodes, IID and Dirichlet 0.5). Drug reviews with "
-    "116-385 rows per node: within 0.01 of the majority class (the DP plan warns below 300). About 2 minutes "
+    "29-412 rows per node: the majority class in all 12 runs (the DP plan warns below 300). About 2 minutes "
     "per round on 2 CPU cores at 1,800 rows per node (12 for the 6 rounds); a GPU helps.",
     "minilm-full": "English text when LoRA adapters are not enough and nodes have a GPU: 10.8M parameters "
     "per update (~290× the LoRA upload), about 2× plain training time under DP. Not yet benchmarked for "
