@@ -374,20 +374,8 @@ def test_a_constant_model_without_sensitive_columns_ends_with_a_warning(tmp_path
     pd.DataFrame({"a": np.ones(500), "y": (rng.random(500) < 0.3).astype(int)}).to_csv(data, index=False)
     schema = 'features = [{name = "a", type = "numeric", range = [-3, 3]}]'
     toml = _write_config(tmp_path, data, schema, "[fairness]\nconstant_rounds = 2")
-    work = tmp_path / "work"
-    proc = _fedguard(["simulate", "--config", str(toml), "--workdir", str(work)], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    out = proc.stdout
-    assert re.search(r"  round 2: WARNING the model has predicted one class \('[01]'\) for every held-out row for 2 "
-                     r"consecutive round\(s\)\. Try: lower train\.learning_rate", out), out  # fmt: skip
-    assert "round 1: WARNING" not in out  # k = 2: one constant round is not yet a pattern
-    assert "run 1 finished WITH 1 WARNING(S)" in out
-    assert re.search(r"WARNING: the model predicts one class \('[01]'\) for every held-out row: its accuracy", out)
-    store = work / "runs.db"
-    listed = _fedguard(["runs", "--store", str(store)], tmp_path).stdout
-    assert re.search(r"1  finished   health  accuracy [\d.]+  WARNING: CONSTANT MODEL", listed), listed
-    md = _fedguard(["report", "privacy", "1", "--store", str(store), "--format", "md"], tmp_path).stdout
-    assert "finished, WITH 1 WARNING(S)" in md and "WARNING: the model predicts one class" in md
+    out = _simulate_a_constant_model(toml, tmp_path, "health", "[01]")
+    assert "Try: lower train.learning_rate" in out
 
 
 @pytest.mark.slow
@@ -427,19 +415,30 @@ data_path = "{data.name}"
 """,
         encoding="utf-8",
     )
+    _simulate_a_constant_model(toml, tmp_path, "text-health", "(neg|pos)")
+
+
+def _simulate_a_constant_model(toml: Path, tmp_path: Path, name: str, classes: str) -> str:
+    """Run `fedguard simulate` on a config whose model can only be constant ([fairness] constant_rounds = 2) and
+    check every place a user reads: round 2's line (not round 1's), the summary, `fedguard runs` and the privacy
+    report. ``classes``: a regex for the class it predicts. Returns the run's output."""
     work = tmp_path / "work"
     proc = _fedguard(["simulate", "--config", str(toml), "--workdir", str(work)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout
-    assert re.search(r"  round 2: WARNING the model has predicted one class \('(neg|pos)'\) for every held-out row "
-                     r"for 2 consecutive round\(s\)", out), out  # fmt: skip
+    assert re.search(rf"  round 2: WARNING the model has predicted one class \('{classes}'\) for every held-out row "
+                     r"for 2 consecutive round\(s\)\. Try: ", out), out  # fmt: skip
+    assert "round 1: WARNING" not in out  # k = 2: one constant round is not yet a pattern
     assert "run 1 finished WITH 1 WARNING(S)" in out
-    assert re.search(r"WARNING: the model predicts one class \('(neg|pos)'\) for every held-out row", out), out
+    assert re.search(
+        rf"WARNING: the model predicts one class \('{classes}'\) for every held-out row: its accuracy", out
+    )
     store = work / "runs.db"
     listed = _fedguard(["runs", "--store", str(store)], tmp_path).stdout
-    assert re.search(r"1  finished   text-health  accuracy [\d.]+  WARNING: CONSTANT MODEL", listed), listed
+    assert re.search(rf"1  finished   {name}  accuracy [\d.]+  WARNING: CONSTANT MODEL", listed), listed
     md = _fedguard(["report", "privacy", "1", "--store", str(store), "--format", "md"], tmp_path).stdout
     assert "finished, WITH 1 WARNING(S)" in md and "WARNING: the model predicts one class" in md
+    return out
 
 
 @pytest.mark.slow
