@@ -655,16 +655,15 @@ def _calibration_text(ev: Evaluation) -> str:
     fitted = f"fitted on {c.rows} held-out rows" + (f" for round {c.round}'s model" if c.round is not None else "")
     if not any(c.offsets) and c.shift_p_value is not None and c.shift_p_value >= SHIFT_LEVEL:
         offsets = f"all 0: the model's class shares already matched the labels', p = {c.shift_p_value:.2f}"
-    elif (
-        not any(c.offsets)
-        and c.matched_accuracy is not None
-        and c.own_accuracy is not None
-        and c.matched_accuracy < c.own_accuracy
-    ):
-        offsets = (
-            f"all 0: share-matched decisions would be less accurate on these rows, {c.matched_accuracy:.3f} "
-            f"against the model's own {c.own_accuracy:.3f}"
-        )
+    elif not any(c.offsets) and c.matched_accuracy is not None and c.own_accuracy is not None:
+        accuracies = f"{c.matched_accuracy:.3f} against the model's own {c.own_accuracy:.3f}"
+        if c.matched_accuracy < c.own_accuracy:
+            offsets = f"all 0: share-matched decisions would be less accurate on these rows, {accuracies}"
+        elif c.rows_gained is not None and c.rows_lost is not None:
+            offsets = (
+                f"all 0: share-matched decisions would not be clearly more accurate on these rows, {accuracies} "
+                f"({c.rows_gained} rows gained, {c.rows_lost} lost; kept only if gained − lost ≥ √(gained + lost))"
+            )
     own = m.get("uncalibrated_accuracy")
     own_text = "" if own is None else f"; the model's own decisions: accuracy {own:.3f}"
     scale = f"; probabilities at temperature {c.temperature:.3g}" if c.temperature != 1.0 else ""
