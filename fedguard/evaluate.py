@@ -659,10 +659,13 @@ def _calibration_text(ev: Evaluation) -> str:
         accuracies = f"{c.matched_accuracy:.3f} against the model's own {c.own_accuracy:.3f}"
         if c.matched_accuracy < c.own_accuracy:
             offsets = f"all 0: share-matched decisions would be less accurate on these rows, {accuracies}"
+        elif c.rows_gained == 0 and c.rows_lost == 0:
+            offsets = "all 0: share-matched offsets would change no decision on these rows"
         elif c.rows_gained is not None and c.rows_lost is not None:
             offsets = (
                 f"all 0: share-matched decisions would not be clearly more accurate on these rows, {accuracies} "
-                f"({c.rows_gained} rows gained, {c.rows_lost} lost; kept only if gained − lost ≥ √(gained + lost))"
+                f"({c.rows_gained} rows gained, {c.rows_lost} lost; kept only if gained − lost ≥ "
+                "max(1, √(gained + lost)))"
             )
     own = m.get("uncalibrated_accuracy")
     own_text = "" if own is None else f"; the model's own decisions: accuracy {own:.3f}"

@@ -20,6 +20,7 @@ from common.calibration import (
     PriorCalibration,
     apply_offsets,
     calibration_from_json,
+    clearly_better,
     cross_fitted,
     cross_fitted_tempered,
     fit_offsets,
@@ -177,6 +178,8 @@ def test_on_a_small_hold_out_calibration_never_reports_below_the_models_own_deci
         gains.append((decided == y).mean() - (probs.argmax(1) == y).mean())
     assert worse == 0
     assert np.mean(gains) > 0.15
+    assert clearly_better(1, 0) and clearly_better(3, 0) and clearly_better(30, 15)
+    assert not clearly_better(0, 0) and not clearly_better(2, 1) and not clearly_better(41, 37)
     from types import SimpleNamespace
 
     from fedguard.evaluate import _calibration_text
@@ -195,8 +198,10 @@ def test_a_model_that_knows_nothing_stays_useless_and_flagged() -> None:
     constant-model finding still fires); scores of pure noise: calibrated accuracy stays at chance."""
     y = np.random.default_rng(2).random(500) < 0.6
     constant = np.tile([0.3, 0.7], (500, 1))
-    decided, _ = cross_fitted(constant, y.astype(int), ["a", "b"], seed=0)
+    decided, cal = cross_fitted(constant, y.astype(int), ["a", "b"], seed=0)
     assert len(np.unique(decided)) == 1
+    assert cal.offsets == [0.0, 0.0]  # a tie moved to the other class: every row flips, more lost than gained
+    assert cal.rows_gained is not None and cal.rows_lost is not None and cal.rows_gained < cal.rows_lost
     noise = np.random.default_rng(3).random(500)
     decided, _ = cross_fitted(np.stack([1 - noise, noise], 1), y.astype(int), ["a", "b"], seed=0)
     assert (decided == y).mean() < 0.6  # at or below the majority share: nothing learned, nothing claimed
@@ -257,9 +262,11 @@ def test_calibration_file_errors_name_the_problem() -> None:
             calibration_from_json(
                 json.dumps(good.model_dump() | {"temperature": t}).replace('"Infinity"', "Infinity"), "f"
             )
-    older = good.model_dump()  # written before calibrations carried a temperature: the scores stay as they are
-    del older["temperature"]
-    assert calibration_from_json(json.dumps(older), "f").temperature == 1.0
+    older = good.model_dump()  # written before calibrations carried a temperature and the sign test's counts
+    for field in ("temperature", "rows_gained", "rows_lost"):
+        del older[field]
+    loaded = calibration_from_json(json.dumps(older), "f")
+    assert loaded.temperature == 1.0 and loaded.rows_gained is None and loaded.offsets == good.offsets
 
 
 # -- config -----------------------------------------------------------------------------------------
