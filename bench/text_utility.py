@@ -324,8 +324,10 @@ def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None, method:
         "calibration_share_test": SHIFT_LEVEL if cfg.evaluation.calibration == "prior" else None,
         # ... and the share-matched decisions are at least as accurate on the fitting rows (from 2026-12-05)
         "calibration_accuracy_check": cfg.evaluation.calibration == "prior",
-        # ... clearly more accurate: the changed decisions pass a sign test on the fitting rows (from 2026-12-06)
+        # ... clearly more accurate: the changed decisions pass a sign test on the fitting rows, or for a model
+        # whose own decisions are one class, are right clearly more often than chance (from 2026-12-06)
         "calibration_sign_test": cfg.evaluation.calibration == "prior",
+        "calibration_signal_test": cfg.evaluation.calibration == "prior",
     }
     out["seconds"] = round(seconds, 1)
     return out
@@ -571,7 +573,7 @@ def per_seed_table(results: dict[str, Any]) -> str:
             own = " → ".join(f"{p[UNCALIBRATED_ACCURACY]:.3f}" for p in r["curve"] if UNCALIBRATED_ACCURACY in p)
             how = (
                 "prior-calibrated"
-                if r["recipe"].get("calibration_sign_test")
+                if r["recipe"].get("calibration_signal_test")
                 else "prior-calibrated, accuracy check before the sign test"
                 if r["recipe"].get("calibration_accuracy_check")
                 else "prior-calibrated, share test only"

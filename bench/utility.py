@@ -402,8 +402,9 @@ def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None = None) 
     schema = cfg.data.schema_
     out["partitions"] = partition_summary(Path(workdir) / "partitions", schema.label, list(schema.classes))
     out["calibration"] = cfg.evaluation.calibration  # how decisions were made (runs before 2026-12-05: none)
-    # offsets kept only if the changed decisions clearly gain rows (common.calibration.clearly_better; from 2026-12-06)
-    out["calibration_sign_test"] = cfg.evaluation.calibration == "prior"
+    # offsets kept only if the changed decisions clearly gain rows (common.calibration.clearly_better) or, for a
+    # model whose own decisions are one class, are right clearly more often than chance (signal_z); from 2026-12-06
+    out["calibration_sign_test"] = out["calibration_signal_test"] = cfg.evaluation.calibration == "prior"
     out["seconds"] = round(seconds, 1)
     return out
 

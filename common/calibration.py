@@ -36,9 +36,14 @@ overlap unevenly the accuracy-best boundary does not give the label shares (tabu
 and on a small hold-out a fold's offsets can look no worse on its own rows by chance and cost the
 other fold (178 drug reviews, a model with no signal on the majority class: "at least as accurate"
 put the calibrated accuracy over 3 points under the model's own in 4–9% of simulated draws, the
-sign test in none). The price is a smaller repair of a weak ranking on a small hold-out (+5.9
-instead of +7.7 points at 178 rows); a model that swung to one class is still repaired (``churn``:
-0.731 → 0.795).
+sign test in none). A model whose own decisions are all one class is the one exception: it is the
+majority baseline whatever its accuracy, and share-matched decisions from a weak ranking of a rare
+class are often less accurate than "everyone is the majority" while telling the classes apart
+(churn, 27% leavers: the sign test left 4 of 90 DP runs constant at the majority's macro-F1). Its
+offsets are kept when the decisions they change are right clearly more often than a ranking without
+information would make them (:func:`signal_z` ≥ ``SIGNAL_Z``, 0.1% one-sided), so a model that
+swung to one class is repaired (``churn``: 0.731 → 0.795) and one with no signal stays constant and
+flagged.
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ _ITERATIONS = 300  # multi-class: fixed-point steps on the offsets
 FOLDS = 2  # cross-fitting folds for the reported metrics
 #: Offsets are fitted only when the test of equal decision and label shares gives p below this.
 SHIFT_LEVEL = 0.05
+#: A model whose own decisions are all one class keeps offsets when the decisions they change are right
+#: more often than a ranking without information would make them: z at least this (one-sided, 0.1%).
+SIGNAL_Z = 3.09
 #: The temperatures a fit may choose (1/T is searched in the inverse range).
 TEMPERATURE_RANGE = (0.05, 100.0)
 #: Prefix of the metrics of the model's own decisions when the reported ones are prior-calibrated.
@@ -85,6 +93,7 @@ __all__ = [
     "load_calibration",
     "mean_log_loss",
     "share_shift_p_value",
+    "signal_z",
     "tempered",
 ]
 
@@ -118,6 +127,13 @@ class PriorCalibration(BaseModel):
         ge=0,
         description="rows the model's own decisions get right and the share-matched ones get wrong; "
         "offsets are 0 unless rows_gained − rows_lost ≥ max(1, √(rows_gained + rows_lost))",
+    )
+    signal_z: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="only when the model's own decisions are all one class: how far above chance (standard "
+        "errors) the decisions the offsets change are right; offsets are 0 unless at least 3.09 (then the "
+        "rows_gained/rows_lost rule does not apply)",
     )
     temperature: float = Field(
         1.0,
@@ -206,8 +222,9 @@ def fit_offsets(probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | S
 
     Zeros when the model's own shares already agree with the labels' within chance
     (:func:`share_shift_p_value` ≥ ``SHIFT_LEVEL``), when the share-matched decisions are not clearly
-    more accurate on these rows than the model's own (:func:`clearly_better`), or when fewer than two
-    label classes are among the rows (there is no prior to match).
+    more accurate on these rows than the model's own (:func:`clearly_better`; for a model whose own
+    decisions are all one class: not right clearly more often than chance, :func:`signal_z`), or when
+    fewer than two label classes are among the rows (there is no prior to match).
     """
     return _fit(probs, y).offsets
 
@@ -220,6 +237,7 @@ class _Fit:
     matched_accuracy: float | None  # None: fewer than two label classes
     gained: int | None = None  # rows the matched decisions get right and the model's own wrong
     lost: int | None = None  # rows the model's own decisions get right and the matched ones wrong
+    signal_z: float | None = None  # own decisions all one class: the changed decisions' hits over chance
 
 
 def clearly_better(gained: int, lost: int) -> bool:
@@ -230,9 +248,33 @@ def clearly_better(gained: int, lost: int) -> bool:
     return gained - lost >= max(1.0, math.sqrt(gained + lost))
 
 
-def _fit(probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | Sequence[int]) -> _Fit:
+def signal_z(targets: np.ndarray, hits: int, labels: np.ndarray, k: int) -> float:
+    """How many standard errors above chance ``hits`` right decisions among rows newly decided
+    ``targets`` are, were the model's ranking no information about the labels (the changed rows'
+    labels then a draw without replacement from ``labels``); −inf when nothing or everything changed.
+
+    Why: a model whose own decisions are all one class is the majority baseline whatever its accuracy
+    (the constant-model finding flags it), so the question for its offsets is not whether they beat
+    its accuracy (where a rare class is hard to rank they seldom do) but whether its ranking carries
+    signal that the share-matched decisions pass on."""
+    n, m = labels.size, targets.size
+    if m == 0 or m >= n:
+        return -math.inf
+    share = (np.bincount(labels, minlength=k)[:k] / n)[targets]
+    var = float((share * (1 - share)).sum()) * (n - m) / (n - 1)
+    return (hits - float(share.sum())) / math.sqrt(var) if var > 0 else -math.inf
+
+
+def _fit(
+    probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | Sequence[int], constant: bool | None = None
+) -> _Fit:
     """The offsets :func:`fit_offsets` returns, with the share test's p-value, both accuracies and the
-    changed decisions' gained and lost rows behind them."""
+    changed decisions' gained and lost rows behind them. ``constant``: whether the model's own decisions
+    are all one class (default: on these rows; :func:`cross_fitted` passes it for all held-out rows).
+
+    Offsets are kept when the shares differ beyond chance and the decisions they change either clearly
+    gain rows (:func:`clearly_better`) or, for a model whose own decisions are all one class, are right
+    clearly more often than chance (:func:`signal_z` ≥ ``SIGNAL_Z``)."""
     lp = _log_probs(probs)
     labels = np.asarray(y, dtype=np.int64)
     n, k = lp.shape
@@ -244,11 +286,16 @@ def _fit(probs: np.ndarray | Sequence[Sequence[float]], y: np.ndarray | Sequence
     if np.count_nonzero(np.bincount(labels, minlength=k)[:k]) < 2:
         return _Fit(np.zeros(k), p, own, None)
     matched = _matched_offsets(lp, labels)
-    own_right = np.argmax(lp, axis=1) == labels
-    matched_right = np.argmax(lp + matched, axis=1) == labels
+    own_decided, matched_decided = np.argmax(lp, axis=1), np.argmax(lp + matched, axis=1)
+    own_right, matched_right = own_decided == labels, matched_decided == labels
     gained, lost = int(np.sum(matched_right & ~own_right)), int(np.sum(own_right & ~matched_right))
-    keep = p < SHIFT_LEVEL and clearly_better(gained, lost)
-    return _Fit(matched if keep else np.zeros(k), p, own, float(matched_right.mean()), gained, lost)
+    if constant is None:
+        constant = np.unique(own_decided).size == 1
+    changed = matched_decided != own_decided
+    z = signal_z(matched_decided[changed], int(matched_right[changed].sum()), labels, k) if constant else None
+    helps = z >= SIGNAL_Z if z is not None else clearly_better(gained, lost)
+    keep = p < SHIFT_LEVEL and helps
+    return _Fit(matched if keep else np.zeros(k), p, own, float(matched_right.mean()), gained, lost, z)
 
 
 def _accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -295,12 +342,13 @@ def cross_fitted(
     calibration fitted on all rows (the one to release)."""
     labels = np.asarray(y, dtype=np.int64)
     decided = np.argmax(_log_probs(probs), axis=1).astype(np.int64)
+    constant = np.unique(decided).size == 1  # the constant-model finding's question, on every held-out row
     fold = _folds(labels, seed)
     for f in range(FOLDS):
         rows = fold == f
         if rows.any() and (~rows).any():
-            decided[rows] = apply_offsets(probs[rows], fit_offsets(probs[~rows], labels[~rows]))
-    fit = _fit(probs, labels)
+            decided[rows] = apply_offsets(probs[rows], _fit(probs[~rows], labels[~rows], constant).offsets)
+    fit = _fit(probs, labels, constant)
     k = len(classes)
     shares = np.bincount(labels, minlength=k)[:k] / max(labels.size, 1)
     cal = PriorCalibration(
@@ -314,6 +362,7 @@ def cross_fitted(
         matched_accuracy=fit.matched_accuracy,
         rows_gained=fit.gained,
         rows_lost=fit.lost,
+        signal_z=None if fit.signal_z is None else max(-1e6, fit.signal_z),
         temperature=fit_temperature(probs, labels),
     )
     return decided, cal

@@ -647,7 +647,7 @@ def _post_processing_json(ev: Evaluation) -> dict[str, Any]:
 
 
 def _calibration_text(ev: Evaluation) -> str:
-    from common.calibration import SHIFT_LEVEL
+    from common.calibration import SHIFT_LEVEL, SIGNAL_Z
 
     c, m = ev.calibration, ev.metrics
     assert c is not None
@@ -655,6 +655,12 @@ def _calibration_text(ev: Evaluation) -> str:
     fitted = f"fitted on {c.rows} held-out rows" + (f" for round {c.round}'s model" if c.round is not None else "")
     if not any(c.offsets) and c.shift_p_value is not None and c.shift_p_value >= SHIFT_LEVEL:
         offsets = f"all 0: the model's class shares already matched the labels', p = {c.shift_p_value:.2f}"
+    elif not any(c.offsets) and c.signal_z is not None:
+        offsets = (
+            "all 0: the model's own decisions are one class, and share-matched decisions would be right no "
+            f"more often than a ranking without information would make them (z = {c.signal_z:.2f}, kept from "
+            f"{SIGNAL_Z})"
+        )
     elif not any(c.offsets) and c.matched_accuracy is not None and c.own_accuracy is not None:
         accuracies = f"{c.matched_accuracy:.3f} against the model's own {c.own_accuracy:.3f}"
         if c.matched_accuracy < c.own_accuracy:
