@@ -35,8 +35,8 @@ overlap unevenly the accuracy-best boundary does not give the label shares (tabu
 5 skewed nodes, ε = 8: share-matched decisions 0.851 against the model's own 0.858 over 5 seeds);
 and on a small hold-out a fold's offsets can look no worse on its own rows by chance and cost the
 other fold (178 drug reviews, a model with no signal on the majority class: "at least as accurate"
-put the calibrated accuracy over 3 points under the model's own in 4–9% of simulated draws, the
-sign test in none). A model whose own decisions are all one class is the one exception: it is the
+put the calibrated accuracy over 3 points under the model's own in 7–12% of simulated draws, the
+sign test in at most 0.5%). A model whose own decisions are all one class is the one exception: it is the
 majority baseline whatever its accuracy, and share-matched decisions from a weak ranking of a rare
 class are often less accurate than "everyone is the majority" while telling the classes apart
 (churn, 27% leavers: the sign test left 4 of 90 DP runs constant at the majority's macro-F1). Its

@@ -414,7 +414,8 @@ class ServerConfig(_Strict):
     #: Reject an update whose L2 distance from the global model exceeds this (None: no fixed bound).
     max_update_norm: float | None = Field(None, gt=0)
     #: On by default (plaintext FedAvg and robust modes): reject an update whose norm exceeds this
-    #: multiple of the round's median update norm. Honest DP-SGD updates differ a lot with node size
+    #: multiple of the round's median update norm and the global model's own norm (without DP, nodes the
+    #: model already fits send ~0 and can make the median ~0). Honest DP-SGD updates differ a lot with node size
     #: (the noise per step scales with 1/batch: 150 vs 1,000 rows gave 9×), so the default catches
     #: gross poisoning (a +1e3 update is ~10⁵× the median), not subtle drift: for that set
     #: max_update_norm or a robust aggregation. 0 turns the bound off (explicitly).

@@ -191,6 +191,13 @@ def update_norm(state: OrderedDict[str, np.ndarray], reference: OrderedDict[str,
     return math.sqrt(total)
 
 
+def model_norm(state: OrderedDict[str, np.ndarray]) -> float:
+    """L2 norm of the float tensors of a model state."""
+    return math.sqrt(
+        sum(float(np.sum(v.astype(np.float64) ** 2)) for v in state.values() if np.issubdtype(v.dtype, np.floating))
+    )
+
+
 def check_plain_update(
     content: RecordDict, reference: OrderedDict[str, np.ndarray], max_update_norm: float | None
 ) -> OrderedDict[str, np.ndarray]:

@@ -80,6 +80,30 @@ def test_a_poisoned_update_is_rejected_with_its_reason_by_default() -> None:
     assert drift(before, p.state) < 0.05  # the honest mean moved the model; +1e3 never reached it
 
 
+def test_nodes_the_model_already_fits_do_not_make_the_informative_ones_look_poisoned() -> None:
+    """Without DP, three nodes whose single-class data the model already fits send updates of ~0; the
+    two nodes holding the other class send real steps (norm ~1, against the model's ~8). A median of
+    ~0 made those "10⁵× the median" and rejected them (churn, Dirichlet 0.1: the model ended on the
+    majority class); an update no larger than the model itself is never rejected, and +1e3 still is."""
+    from server.validation import model_norm, update_norm
+
+    p = protocol(tabular_config())
+    messages, _ = p.configure_train(1, [1, 2, 3, 4, 5, 6])
+    steps = [(0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.02), (0.0, 0.02), (1e3, 0.0)]  # (shift, honest scale)
+    outcomes = []
+    for i, (msg, (shift, scale)) in enumerate(zip(messages, steps, strict=True)):
+        update = shifted(p.state, shift, seed=i, scale=scale)
+        if i == 3:
+            assert 0.5 < update_norm(update, p.state) < model_norm(p.state)
+        content = RecordDict({R.ARRAYS: numpy_to_record(update), R.METRICS: MetricRecord({R.NUM_EXAMPLES: 500.0})})
+        outcomes.append(p.accept(Message(content, reply_to=msg)))
+    result = p.aggregate(1, outcomes, needed=1)
+    assert result.updated and [o.status for o in outcomes] == ["accepted"] * 5 + ["rejected"]
+    assert "the global model's own norm" in str(outcomes[5].reason)
+    assert result.meta["bounds"]["median_norm"] == 0.0
+    assert result.meta["bounds"]["norm_limit"] == pytest.approx(model_norm(global_state(tabular_config())))
+
+
 def test_an_outsized_declared_weight_counts_only_as_the_cap() -> None:
     p = protocol(tabular_config())
     outcomes, updated = play(p, [*HONEST, (0.0, 1e6)])
