@@ -282,12 +282,14 @@ def _fit(
         raise ValueError(f"{labels.size} labels for {n} rows")
     if n == 0:
         return _Fit(np.zeros(k), None, None, None)
-    p, own = share_shift_p_value(np.argmax(lp, axis=1), labels, k), _accuracy(lp, labels)
+    own_decided = np.argmax(lp, axis=1)
+    own_right = own_decided == labels
+    p, own = share_shift_p_value(own_decided, labels, k), float(own_right.mean())
     if np.count_nonzero(np.bincount(labels, minlength=k)[:k]) < 2:
         return _Fit(np.zeros(k), p, own, None)
     matched = _matched_offsets(lp, labels)
-    own_decided, matched_decided = np.argmax(lp, axis=1), np.argmax(lp + matched, axis=1)
-    own_right, matched_right = own_decided == labels, matched_decided == labels
+    matched_decided = np.argmax(lp + matched, axis=1)
+    matched_right = matched_decided == labels
     gained, lost = int(np.sum(matched_right & ~own_right)), int(np.sum(own_right & ~matched_right))
     if constant is None:
         constant = np.unique(own_decided).size == 1
@@ -296,10 +298,6 @@ def _fit(
     helps = z >= SIGNAL_Z if z is not None else clearly_better(gained, lost)
     keep = p < SHIFT_LEVEL and helps
     return _Fit(matched if keep else np.zeros(k), p, own, float(matched_right.mean()), gained, lost, z)
-
-
-def _accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
-    return float((np.argmax(scores, axis=1) == labels).mean())
 
 
 def _matched_offsets(lp: np.ndarray, labels: np.ndarray) -> np.ndarray:
