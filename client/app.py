@@ -36,7 +36,7 @@ from common.devices import node_device, usable_cpus
 from common.errors import FedGuardError
 from common.evaluation import predict, provenance, score_held_out
 from common.fairness import group_confusion_counts
-from common.models import build_model, model_max_len
+from common.models import build_model, long_text_note, model_max_len
 from common.optimizers import make_server_optimizer
 from common.policy import Purpose, sends_resource_figures
 from common.reply_signing import sign_reply
@@ -131,6 +131,23 @@ def _training_split(settings: NodeSettings, cfg: RunConfig, data: Encoded | None
     return data.subset(train_idx)
 
 
+#: Context state key: this node has said whether the model reads its texts whole (once per run).
+_LONG_TEXTS_NOTED = "fedguard-long-texts"
+
+
+def _note_long_texts(model: torch.nn.Module, train: Encoded, cfg: RunConfig, settings: NodeSettings,
+                     context: Context) -> None:  # fmt: skip
+    """Once per run: say on the node (never to the server) when the model reads only the beginning of
+    many of its training texts (``common.models.long_text_note``)."""
+    if settings.schema.task != "text" or _LONG_TEXTS_NOTED in context.state:
+        return
+    context.state[_LONG_TEXTS_NOTED] = ConfigRecord({"noted": True})
+    note = long_text_note(model, train.x, cfg.model.name)
+    if note:
+        print(f"[{settings.workdir.name}] NOTE: {note}", flush=True)
+        node_logger(settings.workdir).info("data: %s", note)
+
+
 class RoundClosed(FedGuardError):
     """The server stopped waiting for this round (the message outlived its TTL): training it would
     spend privacy budget on an update nobody aggregates."""
@@ -172,6 +189,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     run_preflight(model, cfg, resolve_grad_sample_mode(cfg), device)
     data = _node_data(settings, cfg)
     train = _training_split(settings, cfg, data)
+    _note_long_texts(model, train, cfg, settings, context)
     # fairfed / qfedavg: counts of the global model as received, on all the node's rows (as FairFed's local
     # metric; a validation split alone would leave most groups under the release threshold); they leave
     # only noised, after training.

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ModelError
-from common.tokenizer import BYTE_OFFSET, PAD_ID
+from common.tokenizer import BYTE_OFFSET, PAD_ID, filled_rows
 
 __all__ = [
     "BASE_SHA256",
@@ -162,6 +162,21 @@ def _wordpiece(folder: str, max_tokens: int, texts: list[str]) -> tuple[np.ndarr
     ids = np.array([e.ids for e in batch], dtype=np.int64)
     mask = np.array([e.attention_mask for e in batch], dtype=np.int64)
     return ids, mask
+
+
+@lru_cache(maxsize=1)
+def _untruncated(folder: str) -> Any:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def piece_counts(folder: str, texts: list[str]) -> np.ndarray:
+    """Each text's WordPiece count with [CLS] and [SEP], uncut (what ``max_tokens`` is compared with)."""
+    return np.array([len(e.ids) for e in _untruncated(folder).encode_batch(texts)], dtype=np.int64)
 
 
 class _EncodingCache:
@@ -358,6 +373,12 @@ class PretrainedTextClassifier(nn.Module):
         lengths[(body != PAD_ID).all(axis=1)] = body.shape[1]
         raw = (np.clip(body - BYTE_OFFSET, 0, 255)).astype(np.uint8)
         return [raw[i, : lengths[i]].tobytes().decode("utf-8", errors="ignore") for i in range(len(arr))]
+
+    def cut_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows whose text this model reads only the beginning of: cut to ``max_len`` bytes, or longer
+        than ``max_tokens`` word pieces. Bool (B,)."""
+        longer = piece_counts(self.folder, self.texts_from_bytes(tokens)) > self.max_tokens
+        return filled_rows(tokens).cpu() | torch.from_numpy(longer)
 
     def encode(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """WordPiece ids and attention mask, (B, T) each, padded to the batch's longest text."""

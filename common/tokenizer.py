@@ -41,3 +41,9 @@ def encode_texts(texts: Sequence[str], max_len: int) -> torch.Tensor:
     mask = np.arange(body)[None, :] < lengths[:, None]
     out[:, 1:][mask] = flat
     return torch.from_numpy(out)
+
+
+def filled_rows(tokens: torch.Tensor) -> torch.Tensor:
+    """Rows of ``encode_texts`` output with no PAD left at the end: texts cut to ``max_len`` (or that
+    fill it exactly), whose model reads only their beginning. Bool (B,)."""
+    return tokens[:, -1] != PAD_ID

