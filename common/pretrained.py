@@ -154,7 +154,7 @@ def _tokenizer(folder: str, max_tokens: int) -> Any:
 def _wordpiece(folder: str, max_tokens: int, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """WordPiece ids and attention mask, (B, T) int64 each, padded to the batch's longest text.
 
-    The one place texts are tokenized (tests count its calls).
+    The one place texts are tokenized for the model (tests count its calls; ``piece_counts`` only counts).
     """
     if not texts:  # an empty split: one [PAD] column keeps every shape two-dimensional
         return np.zeros((0, 1), dtype=np.int64), np.zeros((0, 1), dtype=np.int64)
