@@ -332,6 +332,8 @@ def _build_tabular(schema: DataSchema, p: dict[str, Any]) -> nn.Module:
 #: round. Texts shorter than the limit cost nothing more (batches are padded to their longest text).
 _PRETRAINED_MAX_LEN = 768
 _PRETRAINED_MAX_TOKENS = 128
+#: MiniLM's position table: it cannot read more word pieces than this.
+_PRETRAINED_POSITIONS = 512
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -453,6 +455,12 @@ def _check_params(spec: ModelSpec, given: dict[str, Any]) -> dict[str, Any]:
         )
     if "max_len" in p and p["max_len"] < 2:
         raise ModelError(f"max_len must be ≥ 2 ([CLS] plus one byte), got {p['max_len']}", where=where)
+    if spec.pretrained and p.get("max_tokens", 0) > _PRETRAINED_POSITIONS:
+        raise ModelError(
+            f"max_tokens must be at most {_PRETRAINED_POSITIONS} (MiniLM's position table), got {p['max_tokens']}",
+            where=where,
+            fix=f"set max_tokens to {_PRETRAINED_POSITIONS} or less",
+        )
     if spec.task == "text" and "d_model" in p and p["d_model"] % 2:
         raise ModelError(f"d_model must be even (sinusoidal positions), got {p['d_model']}", where=where)
     return p

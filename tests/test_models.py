@@ -245,6 +245,9 @@ def test_model_max_len() -> None:
     assert model_max_len("ft-transformer") == 128  # no max_len: the encoder default
     with pytest.raises(ModelError, match="unknown model"):
         model_max_len("nope")
+    assert model_max_len("minilm-lora", {"max_tokens": 512, "max_len": 4096}) == 4096
+    with pytest.raises(ModelError, match="max_tokens must be at most 512"):  # before any data is read
+        model_max_len("minilm-lora", {"max_tokens": 513})
 
 
 def test_count_and_describe() -> None:

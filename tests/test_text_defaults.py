@@ -1,5 +1,6 @@
 """The default text path (issue 27): the model and recipe a text config gets, the plan's honesty about
-the from-scratch model at small data, WordPiece tokenization once per held-out set, and model guidance.
+the from-scratch model at small data, the node's note when its model reads texts only in part,
+WordPiece tokenization once per held-out set, and model guidance.
 
 Real parts: the config parser every command uses, the real ClientApp answering a ``query.plan``
 message in-process (its node log and stdout), the pretrained MiniLM from the installed package and
