@@ -141,13 +141,19 @@ def _offline() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-@lru_cache(maxsize=2)
-def _tokenizer(folder: str, max_tokens: int) -> Any:
+@lru_cache(maxsize=3)
+def _tokenizer(folder: str, max_tokens: int | None) -> Any:
+    """The checkpoint's WordPiece tokenizer: cut to ``max_tokens`` and padded to the batch's longest
+    text, or with ``None`` neither (to count pieces)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-    tok.enable_truncation(max_length=max_tokens)
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")  # pads to the longest text of the batch
+    if max_tokens is None:
+        tok.no_truncation()
+        tok.no_padding()
+    else:
+        tok.enable_truncation(max_length=max_tokens)
+        tok.enable_padding(pad_id=0, pad_token="[PAD]")
     return tok
 
 
@@ -164,19 +170,9 @@ def _wordpiece(folder: str, max_tokens: int, texts: list[str]) -> tuple[np.ndarr
     return ids, mask
 
 
-@lru_cache(maxsize=1)
-def _untruncated(folder: str) -> Any:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-    tok.no_truncation()
-    tok.no_padding()
-    return tok
-
-
 def piece_counts(folder: str, texts: list[str]) -> np.ndarray:
     """Each text's WordPiece count with [CLS] and [SEP], uncut (what ``max_tokens`` is compared with)."""
-    return np.array([len(e.ids) for e in _untruncated(folder).encode_batch(texts)], dtype=np.int64)
+    return np.array([len(e.ids) for e in _tokenizer(folder, None).encode_batch(texts)], dtype=np.int64)
 
 
 class _EncodingCache:
