@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from client.training import train_local  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.data import Encoded, encode  # noqa: E402
-from common.models import build_model, count_parameters, model_max_len  # noqa: E402
+from common.models import build_model, count_parameters, text_encoding  # noqa: E402
 from common.pretrained import pretrained_available  # noqa: E402
 from common.privacy import DPPlan, plan_dp  # noqa: E402
 from fedguard.demo import demo_config, demo_frame, text_demo_frame  # noqa: E402
@@ -57,7 +57,7 @@ def setup(model: str, rows: int) -> tuple[RunConfig, Encoded, DPPlan]:
         cfg = cfg.model_copy(
             update={"model": cfg.model.model_copy(update={"params": {**cfg.model.params, "max_tokens": 32}})}
         )
-    data = encode(df, cfg.data.schema_, max_len=model_max_len(cfg.model.name, cfg.model.params))
+    data = encode(df, cfg.data.schema_, **text_encoding(cfg.model.name, cfg.model.params))
     n = len(data)
     plan = plan_dp(
         n,

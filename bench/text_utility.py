@@ -104,7 +104,14 @@ from common.calibration import SHIFT_LEVEL  # noqa: E402
 
 DELTA = 1e-5
 SPLITS: dict[str, float | None] = {"iid": None, "dir0.5": 0.5}
-METHODS = ("minilm-lora", "text-transformer")
+#: Each row's model and ``[model.params]``; ``minilm-lora``'s config names none (the text default).
+METHOD_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "minilm-lora": ("minilm-lora", {}),
+    "text-transformer": ("text-transformer", {}),
+    # the default model reading each long text's first and last 63 word pieces (Sun et al. 2019)
+    "minilm-lora-head-tail": ("minilm-lora", {"read": "head+tail"}),
+}
+METHODS = tuple(METHOD_MODELS)
 #: What MiniLM read of each text in runs recorded before its default became 128 pieces of 768 bytes.
 EARLIER_READS = {"max_len": 256, "max_tokens": 64}
 CENTRAL_EPOCHS = 3
@@ -296,22 +303,25 @@ def run_config(
         "dp": {"target_epsilon": epsilon, "delta": DELTA},
         "simulation": sim,
     }
-    if method == "text-transformer":
-        raw["model"] = {"name": "text-transformer"}
-    elif method != "minilm-lora":
+    if method not in METHOD_MODELS:
         raise ValueError(f"unknown method {method!r}")
+    model, params = METHOD_MODELS[method]
+    if method != "minilm-lora":
+        raw["model"] = {"name": model, "params": params} if params else {"name": model}
     return raw
 
 
-def reads(model: str, params: dict[str, Any]) -> dict[str, int]:
-    """What the model reads of each text: ``max_len`` bytes, and for MiniLM at most ``max_tokens`` word pieces."""
+def reads(model: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What the model reads of each text: ``max_len`` bytes, for MiniLM at most ``max_tokens`` word
+    pieces, and which part of a longer text (``read``, recorded when not the head)."""
     from common.models import MODELS
 
     p = {**MODELS[model].defaults, **params}
-    return {k: int(p[k]) for k in ("max_len", "max_tokens") if k in p}
+    out: dict[str, Any] = {k: int(p[k]) for k in ("max_len", "max_tokens") if k in p}
+    return out | ({"read": p["read"]} if p.get("read", "head") != "head" else {})
 
 
-def run_reads(r: dict[str, Any]) -> dict[str, int]:
+def run_reads(r: dict[str, Any]) -> dict[str, Any]:
     """A recorded run's input length; runs recorded before 2026-12-06 do not say: MiniLM read 64 pieces of 256 bytes."""
     earlier = {"max_len": 128} if r["method"] == "text-transformer" else EARLIER_READS
     return r.get("recipe", {}).get("reads") or earlier
@@ -374,7 +384,7 @@ def references(name: str, data_path: Path, schema: dict[str, Any], seed: int, me
     from common.data import encode, read_table, split_indices
     from common.devices import resolve_device, usable_cpus
     from common.evaluation import evaluate, macro_f1
-    from common.models import build_model, model_max_len
+    from common.models import build_model, text_encoding
     from fedguard.simulate import prepare_partitions
 
     torch.set_num_threads(usable_cpus())
@@ -415,10 +425,10 @@ def references(name: str, data_path: Path, schema: dict[str, Any], seed: int, me
         c_raw |= {"train": {"batch_size": 32, "learning_rate": 0.001, "optimizer": "adam", "local_epochs": 1},
                   "dp": {"enabled": False}}  # fmt: skip
         c_cfg = parse_config(c_raw, "central reference")
-        max_len = model_max_len(c_cfg.model.name, c_cfg.model.params)
-        train = encode(pool.iloc[train_idx], sch, max_len=max_len, source="pool")
-        val = encode(pool.iloc[val_idx], sch, max_len=max_len, source="validation")
-        ho = encode(hold, sch, max_len=max_len, source="hold-out")
+        reads = text_encoding(c_cfg.model.name, c_cfg.model.params)
+        train = encode(pool.iloc[train_idx], sch, **reads, source="pool")
+        val = encode(pool.iloc[val_idx], sch, **reads, source="validation")
+        ho = encode(hold, sch, **reads, source="hold-out")
         torch.manual_seed(seed)
         model = build_model(c_cfg.model.name, sch, c_cfg.model.params).to(device)
         best = {"val_accuracy": -1.0}
@@ -577,7 +587,7 @@ def readme_table(results: dict[str, Any]) -> str:
 
 def _marked(text: str, c: dict[str, Any] | None) -> str:
     """``text`` with ‡ when any of the cell's runs read other than its model's default reads today."""
-    if c is None or all(s["reads"] == reads(c["method"], {}) for s in c["seeds"].values()):
+    if c is None or all(s["reads"] == reads(*METHOD_MODELS[c["method"]]) for s in c["seeds"].values()):
         return text
     return f"{text} ‡"
 
@@ -610,7 +620,8 @@ def per_seed_table(results: dict[str, Any]) -> str:
         sig = f"{min(r['sigmas']):.2f}" if r["sigmas"] else "-"
         mb = None if r["bytes_per_round"] is None else r["bytes_per_round"] / 1e6
         rd = run_reads(r)
-        key = f"{key} ({rd['max_tokens']} pieces of {rd['max_len']} bytes)" if "max_tokens" in rd else key
+        part = f"{rd['read']}, " if "read" in rd else ""
+        key = f"{key} ({part}{rd['max_tokens']} pieces of {rd['max_len']} bytes)" if "max_tokens" in rd else key
         lines.append(
             f"| {key} | {curve} | {r['macro_f1']:.3f} | {sig} | {_f(r['epsilon_max'], '.2f')} | "
             f"{_f(r['seconds_per_round'], '.0f')} | {_f(mb, '.2f')} | {nodes} |"

@@ -36,7 +36,7 @@ from common.devices import node_device, usable_cpus
 from common.errors import FedGuardError
 from common.evaluation import predict, provenance, score_held_out
 from common.fairness import group_confusion_counts
-from common.models import build_model, long_text_note, model_max_len
+from common.models import build_model, long_text_note, text_encoding
 from common.optimizers import make_server_optimizer
 from common.policy import Purpose, sends_resource_figures
 from common.reply_signing import sign_reply
@@ -119,7 +119,7 @@ def _node_data(settings: NodeSettings, cfg: RunConfig) -> Encoded:
     return load_encoded(
         settings.data_path,
         settings.schema,
-        max_len=model_max_len(cfg.model.name, cfg.model.params),
+        **text_encoding(cfg.model.name, cfg.model.params),
         cache_dir=settings.workdir / "cache",
     )
 

@@ -189,6 +189,7 @@ class Ledger:
 
     def _migrate(self) -> None:
         """Add ``extra_delta`` to a ledger written before it existed, counting its count releases' selection δ."""
+
         def migrated() -> bool:
             return "extra_delta" in {r["name"] for r in self._db.execute("PRAGMA table_info(releases)")}
 

@@ -128,6 +128,7 @@ def preflight(
     grad_sample_mode: str,
     num_classes: int,
     max_len: int,
+    read: str = "head",
     device: torch.device | str = "cpu",
     batch: int = 3,
     tolerance: float = 1e-3,
@@ -142,7 +143,7 @@ def preflight(
     params = dict(work.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
     texts = (PREFLIGHT_TEXTS * batch)[:batch]
-    x = encode_texts(texts, max_len).to(device)
+    x = encode_texts(texts, max_len, read).to(device)
     y = (torch.arange(batch) % num_classes).to(device)
 
     seen: dict[str, tuple[int, ...]] = {}

@@ -53,7 +53,7 @@ from client.preflight import preflight
 from common.config import RunConfig
 from common.data import Encoded
 from common.devices import loader_options
-from common.models import MODELS, model_max_len
+from common.models import MODELS, text_encoding
 from common.privacy import DPPlan, History
 from common.progress import Progress
 
@@ -119,7 +119,7 @@ def run_preflight(model: nn.Module, cfg: RunConfig, mode: str, device: torch.dev
         model,
         grad_sample_mode=mode,
         num_classes=cfg.data.schema_.num_classes,
-        max_len=model_max_len(cfg.model.name, cfg.model.params),
+        **text_encoding(cfg.model.name, cfg.model.params),
         device=device,
     )
     _PREFLIGHT_DONE.add(key)

@@ -564,6 +564,7 @@ def encode(
     schema: DataSchema,
     *,
     max_len: int = 128,
+    read: str = "head",
     source: str = "data",
 ) -> Encoded:
     """Encode ``df`` per ``schema`` (rows keep their order; row numbers in errors are 1-based positions).
@@ -579,7 +580,7 @@ def encode(
         col = schema.text_column or ""
         values = df[col].to_numpy(dtype=object)
         _check_missing(df[col], values, col, "text", source)
-        x = encode_texts([v if isinstance(v, str) else str(v) for v in values], max_len)
+        x = encode_texts([v if isinstance(v, str) else str(v) for v in values], max_len, read)
     else:
         cols = np.empty((len(df), len(schema.features)), dtype=np.float32)
         for j, feat in enumerate(schema.features):
@@ -627,10 +628,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(file_hash: str, schema: DataSchema, max_len: int) -> str:
-    """Key over everything that determines the encoding: file content, schema, max_len, code version."""
+def cache_key(file_hash: str, schema: DataSchema, max_len: int, read: str = "head") -> str:
+    """Key over everything that determines the encoding: file content, schema, max_len, read, code version."""
     blob = json.dumps(
-        {"v": CACHE_VERSION, "file": file_hash, "schema": schema.model_dump(mode="json"), "max_len": max_len},
+        {
+            "v": CACHE_VERSION,
+            "file": file_hash,
+            "schema": schema.model_dump(mode="json"),
+            "max_len": max_len,
+            "read": read,
+        },
         sort_keys=True,
         ensure_ascii=False,
     )
@@ -682,21 +689,23 @@ def _store_cached(path: Path, enc: Encoded) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def load_encoded(path: str | Path, schema: DataSchema, *, max_len: int = 128, cache_dir: Path | None = None) -> Encoded:
-    """Read and encode a data file, reusing ``cache_dir/<key>.pt`` when file, schema and max_len match.
+def load_encoded(
+    path: str | Path, schema: DataSchema, *, max_len: int = 128, read: str = "head", cache_dir: Path | None = None
+) -> Encoded:
+    """Read and encode a data file, reusing ``cache_dir/<key>.pt`` when file, schema, max_len and read match.
 
     A cache hit only hashes the file; it is not parsed or tokenized again.
     """
     p = Path(path)
     if cache_dir is None:
-        return encode(read_table(p, schema), schema, max_len=max_len, source=str(p))
+        return encode(read_table(p, schema), schema, max_len=max_len, read=read, source=str(p))
     _check_file(p)
     digest = file_sha256(p)
-    cached_path = Path(cache_dir) / f"{cache_key(digest, schema, max_len)}.pt"
+    cached_path = Path(cache_dir) / f"{cache_key(digest, schema, max_len, read)}.pt"
     cached = _load_cached(cached_path)
     if cached is not None:
         return cached
-    enc = encode(read_table(p, schema), schema, max_len=max_len, source=str(p))
+    enc = encode(read_table(p, schema), schema, max_len=max_len, read=read, source=str(p))
     if file_sha256(p) == digest:  # do not file an encoding under a hash of other content
         _store_cached(cached_path, enc)
     return enc

@@ -33,7 +33,7 @@ from torch import nn
 from common.devices import resolve_device
 from common.errors import ModelError
 from common.schema import DataSchema
-from common.tokenizer import PAD_ID, VOCAB_SIZE, filled_rows
+from common.tokenizer import PAD_ID, READS, VOCAB_SIZE, filled_rows
 
 #: SHA-256 of the pinned pretrained checkpoint (mirrors ``common.pretrained.BASE_SHA256``; kept here so
 #: the registry imports without the optional extra).
@@ -48,8 +48,8 @@ __all__ = [
     "count_parameters",
     "describe_model",
     "long_text_note",
-    "model_max_len",
     "pick_device",
+    "text_encoding",
 ]
 
 
@@ -307,7 +307,7 @@ class ModelSpec:
 
 
 def _build_text(schema: DataSchema, p: dict[str, Any]) -> nn.Module:
-    return TextTransformer(schema.num_classes, **p)
+    return TextTransformer(schema.num_classes, **{k: v for k, v in p.items() if k != "read"})  # read: the encoder's
 
 
 def _build_pretrained(finetune: str) -> Callable[[DataSchema, dict[str, Any]], nn.Module]:
@@ -349,6 +349,7 @@ MODELS: dict[str, ModelSpec] = {
                 "ffn_mult": 2.0,
                 "dropout": 0.0,
                 "max_len": 128,
+                "read": "head",
                 "pooling": "cls",
             }
         ),
@@ -381,6 +382,7 @@ MODELS: dict[str, ModelSpec] = {
                 "freeze_lora_a": True,
                 "max_len": _PRETRAINED_MAX_LEN,
                 "max_tokens": _PRETRAINED_MAX_TOKENS,
+                "read": "head",
                 "base_sha256": _BASE_SHA256,
             }
         ),
@@ -399,6 +401,7 @@ MODELS: dict[str, ModelSpec] = {
             {
                 "max_len": _PRETRAINED_MAX_LEN,
                 "max_tokens": _PRETRAINED_MAX_TOKENS,
+                "read": "head",
                 "freeze_embeddings": True,
                 "base_sha256": _BASE_SHA256,
             }
@@ -409,7 +412,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
 }
 
-_CHOICES: dict[str, tuple[str, ...]] = {"pooling": ("cls", "mean")}
+_CHOICES: dict[str, tuple[str, ...]] = {"pooling": ("cls", "mean"), "read": READS}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _DEFAULT_MAX_LEN = 128  # what the encoder gets for models that take no max_len (ignored for tabular)
 
@@ -473,13 +476,17 @@ def _spec(name: str) -> ModelSpec:
     return spec
 
 
-def model_max_len(name: str, params: dict[str, Any] | None = None) -> int:
-    """Token length the data encoder must produce for this model (text); 128 for models without one.
+def text_encoding(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How the data encoder must encode texts for this model: ``max_len`` (bytes) and ``read`` (the
+    part of a longer text kept), as keyword arguments of ``common.data.encode``/``load_encoded``;
+    ``max_len`` 128 and ``read`` "head" for models without them (tabular ignores both).
 
-    Checked like ``build_model`` so a bad name or parameter fails before any data is read.
+    The one source for every side (node, evaluator, CLI): a model trained on heads and tails must be
+    scored on heads and tails. Checked like ``build_model``, so a bad name or parameter fails before
+    any data is read.
     """
     p = _check_params(_spec(name), dict(params or {}))
-    return int(p.get("max_len", _DEFAULT_MAX_LEN))
+    return {"max_len": int(p.get("max_len", _DEFAULT_MAX_LEN)), "read": str(p.get("read", "head"))}
 
 
 #: Share of a node's training texts read only in part above which the node says so (``long_text_note``).
@@ -487,7 +494,7 @@ LONG_TEXT_SHARE = 0.1
 
 
 def long_text_note(model: nn.Module, tokens: torch.Tensor, name: str) -> str | None:
-    """What a node says, once per run, when ``model`` reads only the beginning of more than
+    """What a node says, once per run, when ``model`` reads only part of more than
     ``LONG_TEXT_SHARE`` of its training texts ``tokens`` (byte ids), and what to change; else None.
 
     Why: a model that reads a review's first hundred words misses a verdict at its end, and nothing
@@ -503,18 +510,35 @@ def long_text_note(model: nn.Module, tokens: torch.Tensor, name: str) -> str | N
         return None
     body = int(tokens.shape[1]) - 1  # [CLS] + bytes
     pieces = getattr(model, "max_tokens", None)
+    both = (getattr(model, "hparams", None) or {}).get("read") == "head+tail"
+    longer = "a round then takes about proportionally longer"
     if pieces is not None:
-        reads = f"the first {pieces} word pieces, about {pieces * 3 // 4} English words, of at most {body:,} bytes"
-        change = (
-            f"raise [model.params] max_tokens and max_len together (e.g. {2 * pieces} and {2 * (body + 1):,}; "
-            "MiniLM reads at most 512 pieces)"
+        half = (pieces - 2) // 2
+        reads = (
+            f"the first and last {half} word pieces, about {(pieces - 2) * 3 // 4} English words, "
+            f"of each text's first and last {body // 2:,} bytes"
+            if both
+            else f"the first {pieces} word pieces, about {pieces * 3 // 4} English words, of at most {body:,} bytes"
         )
+        raise_it = (
+            f"raise [model.params] max_tokens and max_len together (e.g. {2 * pieces} and {2 * (body + 1):,}; "
+            f"MiniLM reads at most 512 pieces; {longer})"
+        )
+        end_too = f"each text's first and last {half} pieces"
     else:
-        reads, change = f"the first {body:,} bytes", "raise [model.params] max_len"
+        reads = f"the first and last {body // 2:,} bytes" if both else f"the first {body:,} bytes"
+        raise_it, end_too = (
+            f"raise [model.params] max_len ({longer})",
+            f"each text's first and last {body // 2:,} bytes",
+        )
+    if both:
+        gist, change = "it skips their middles", raise_it
+    else:
+        gist = "it learns from their beginnings only"
+        change = f'set [model.params] read = "head+tail" to read {end_too} at the same cost, or {raise_it}'
     return (
         f"{cut:,} of {n:,} training texts on this node ({cut / n:.0%}) are longer than {name} reads ({reads}): "
-        f"it learns from their beginnings only. If what decides the label can come later in a text, {change}; "
-        "a round then takes about proportionally longer"
+        f"{gist}. If what decides the label can come later in a text, {change}"
     )
 
 

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ModelError
-from common.tokenizer import BYTE_OFFSET, PAD_ID, filled_rows
+from common.tokenizer import BYTE_OFFSET, CUT_ID, PAD_ID, filled_rows
 
 __all__ = [
     "BASE_SHA256",
@@ -157,16 +157,43 @@ def _tokenizer(folder: str, max_tokens: int | None) -> Any:
     return tok
 
 
-def _wordpiece(folder: str, max_tokens: int, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _wordpiece(
+    folder: str, max_tokens: int, texts: list[str], tails: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """WordPiece ids and attention mask, (B, T) int64 each, padded to the batch's longest text.
 
+    ``tails`` None: each text's first ``max_tokens - 2`` pieces. Otherwise (``read = "head+tail"``)
+    ``texts[i] + tails[i]`` is row i (a byte-cut text's head and tail; ``""`` for an uncut one) and a
+    row longer than that keeps its first and last pieces, half the budget each (Sun et al. 2019).
     The one place texts are tokenized for the model (tests count its calls; ``piece_counts`` only counts).
     """
     if not texts:  # an empty split: one [PAD] column keeps every shape two-dimensional
         return np.zeros((0, 1), dtype=np.int64), np.zeros((0, 1), dtype=np.int64)
-    batch = _tokenizer(folder, max_tokens).encode_batch(texts)
-    ids = np.array([e.ids for e in batch], dtype=np.int64)
-    mask = np.array([e.attention_mask for e in batch], dtype=np.int64)
+    if tails is None:
+        batch = _tokenizer(folder, max_tokens).encode_batch(texts)
+        ids = np.array([e.ids for e in batch], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in batch], dtype=np.int64)
+        return ids, mask
+    tok = _tokenizer(folder, None)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    budget = max_tokens - 2
+    first, last = budget - budget // 2, budget // 2
+    rows = []
+    for head, tail in zip(
+        tok.encode_batch(texts, add_special_tokens=False),
+        tok.encode_batch(tails, add_special_tokens=False),
+        strict=True,
+    ):
+        pieces = head.ids + tail.ids
+        if len(pieces) > budget:
+            pieces = pieces[:first] + pieces[len(pieces) - last :]
+        rows.append([cls, *pieces, sep])
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
     return ids, mask
 
 
@@ -278,6 +305,7 @@ class PretrainedTextClassifier(nn.Module):
         freeze_lora_a: bool = True,
         max_len: int = 768,
         max_tokens: int = 128,
+        read: str = "head",
         dropout: float = 0.0,
         freeze_embeddings: bool = True,
         base_sha256: str = BASE_SHA256,
@@ -304,6 +332,7 @@ class PretrainedTextClassifier(nn.Module):
         self.freeze_embeddings = finetune == "full" and freeze_embeddings
         self.max_len = max_len
         self.max_tokens = max_tokens
+        self.read = read
         hidden = int(config.hidden_size)
         if finetune == "lora":
             for p in self.encoder.parameters():
@@ -361,44 +390,59 @@ class PretrainedTextClassifier(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def texts_from_bytes(self, tokens: torch.Tensor) -> list[str]:
-        """Decode ``[CLS] + bytes + PAD…`` rows back to their UTF-8 text (a cut last character is dropped)."""
+    def segments_from_bytes(self, tokens: torch.Tensor) -> tuple[list[str], list[str]]:
+        """Decode ``[CLS] + bytes + PAD…`` rows back to their UTF-8 text (a cut character is dropped):
+        the text before ``CUT_ID`` and the text after it (``""`` in a row without one)."""
         arr = tokens.detach().to("cpu").numpy()
         body = arr[:, 1:]
         lengths = (body != PAD_ID).argmin(axis=1)
         lengths[(body != PAD_ID).all(axis=1)] = body.shape[1]
         raw = (np.clip(body - BYTE_OFFSET, 0, 255)).astype(np.uint8)
-        return [raw[i, : lengths[i]].tobytes().decode("utf-8", errors="ignore") for i in range(len(arr))]
+        heads, tails = [], []
+        for i in range(len(arr)):
+            row = body[i, : lengths[i]]
+            cut = np.flatnonzero(row == CUT_ID)
+            end = int(cut[0]) if len(cut) else int(lengths[i])
+            heads.append(raw[i, :end].tobytes().decode("utf-8", errors="ignore"))
+            tails.append(raw[i, end + 1 : lengths[i]].tobytes().decode("utf-8", errors="ignore") if len(cut) else "")
+        return heads, tails
+
+    def texts_from_bytes(self, tokens: torch.Tensor) -> list[str]:
+        """Each row's text as the model gets it (a head+tail row's two parts joined by a space)."""
+        heads, tails = self.segments_from_bytes(tokens)
+        return [f"{h} {t}" if t else h for h, t in zip(heads, tails, strict=True)]
 
     def cut_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Rows whose text this model reads only the beginning of: cut to ``max_len`` bytes, or longer
-        than ``max_tokens`` word pieces. Bool (B,)."""
+        """Rows whose text this model reads only in part: cut to ``max_len`` bytes, or longer than
+        ``max_tokens`` word pieces. Bool (B,)."""
         longer = piece_counts(self.folder, self.texts_from_bytes(tokens)) > self.max_tokens
         return filled_rows(tokens).cpu() | torch.from_numpy(longer)
 
-    def encode(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """WordPiece ids and attention mask, (B, T) each, padded to the batch's longest text."""
-        ids, mask = _wordpiece(self.folder, self.max_tokens, texts)
-        return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+    def _pieces(self, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        if self.read == "head":
+            return _wordpiece(self.folder, self.max_tokens, self.texts_from_bytes(tokens))
+        return _wordpiece(self.folder, self.max_tokens, *self.segments_from_bytes(tokens))
 
     def wordpiece(self, tokens: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``encode`` of the byte-id batch ``tokens``; in eval mode reused from ``_ENCODINGS``.
+        """WordPiece ids and mask of the byte-id batch ``tokens``; in eval mode reused from ``_ENCODINGS``.
 
         Training batches are Poisson-sampled anew every step: caching them would only churn the cache.
         """
         if self.training:
-            return self.encode(self.texts_from_bytes(tokens), device)
+            ids, mask = self._pieces(tokens)
+            return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
         arr = np.ascontiguousarray(tokens.detach().to("cpu").numpy())
         key = (
             self.folder,
             self.max_tokens,
+            self.read,
             arr.shape,
             str(arr.dtype),
             hashlib.blake2b(arr.tobytes(), digest_size=16).digest(),
         )
         hit = _ENCODINGS.get(key)
         if hit is None:
-            hit = _wordpiece(self.folder, self.max_tokens, self.texts_from_bytes(tokens))
+            hit = self._pieces(tokens)
             _ENCODINGS.put(key, hit)
         return torch.from_numpy(hit[0]).to(device), torch.from_numpy(hit[1]).to(device)
 

@@ -15,21 +15,38 @@ from common.errors import ConfigError
 
 PAD_ID = 0
 CLS_ID = 1
-#: Id 2 is reserved (e.g. a future SEP/MASK token); byte value b has id b + BYTE_OFFSET.
+#: Between a long text's head and tail in ``read = "head+tail"`` (the middle left out there); byte
+#: value b has id b + BYTE_OFFSET.
+CUT_ID = 2
 BYTE_OFFSET = 3
 VOCAB_SIZE = 256 + BYTE_OFFSET
+#: What a text model reads of a text longer than its input: its beginning, or its beginning and its
+#: end (Sun et al. 2019 found head+tail best for long IMDB reviews: a verdict often comes last).
+READS = ("head", "head+tail")
 
 
-def encode_texts(texts: Sequence[str], max_len: int) -> torch.Tensor:
-    """Encode texts as ``[CLS] + UTF-8 bytes``, truncated to ``max_len`` and right-padded with PAD.
+def encode_texts(texts: Sequence[str], max_len: int, read: str = "head") -> torch.Tensor:
+    """Encode texts as ``[CLS] + UTF-8 bytes``, right-padded with PAD to ``max_len``.
 
-    Returns a LongTensor of shape (len(texts), max_len). Truncation may cut a multi-byte
-    character; that is harmless for a byte-level model.
+    A text longer than ``max_len - 1`` bytes is cut: ``read = "head"`` keeps its first bytes,
+    ``"head+tail"`` its first ``(max_len - 1) // 2`` and its last bytes, ``CUT_ID`` between. Returns a
+    LongTensor of shape (len(texts), max_len). A cut may split a multi-byte character; that is
+    harmless for a byte-level model, and the pretrained model's decoder drops the broken character.
     """
     if max_len < 1:
         raise ConfigError(f"max_len must be at least 1, got {max_len}", fix="set max_len to e.g. 128")
+    if read not in READS:
+        raise ConfigError(f"read must be one of {list(READS)}, got {read!r}", fix='set read = "head" or "head+tail"')
     body = max_len - 1
-    chunks = [(t if isinstance(t, str) else str(t)).encode("utf-8", errors="replace")[:body] for t in texts]
+    raw = [(t if isinstance(t, str) else str(t)).encode("utf-8", errors="replace") for t in texts]
+    both = read == "head+tail" and body >= 3
+    head = body // 2  # head+tail: head bytes, CUT_ID, then the last body - head - 1 bytes
+    tail = body - head - 1
+    was_cut = np.fromiter((len(c) > body for c in raw), dtype=bool, count=len(raw))
+    # b"\0" holds the cut's place; it becomes CUT_ID below (a byte value cannot be CUT_ID).
+    chunks = [
+        c[:head] + b"\0" + c[len(c) - tail :] if both and cut else c[:body] for c, cut in zip(raw, was_cut, strict=True)
+    ]
     n = len(chunks)
     out = np.full((n, max_len), PAD_ID, dtype=np.int64)
     if n == 0:
@@ -40,10 +57,12 @@ def encode_texts(texts: Sequence[str], max_len: int) -> torch.Tensor:
     # A boolean mask assignment fills True cells in row-major order, i.e. text by text.
     mask = np.arange(body)[None, :] < lengths[:, None]
     out[:, 1:][mask] = flat
+    if both:
+        out[was_cut, 1 + head] = CUT_ID
     return torch.from_numpy(out)
 
 
 def filled_rows(tokens: torch.Tensor) -> torch.Tensor:
     """Rows of ``encode_texts`` output with no PAD left at the end: texts cut to ``max_len`` (or that
-    fill it exactly), whose model reads only their beginning. Bool (B,)."""
+    fill it exactly), whose model reads them only in part. Bool (B,)."""
     return tokens[:, -1] != PAD_ID

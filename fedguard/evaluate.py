@@ -340,7 +340,7 @@ def run_evaluation(
     from common.data import encode, read_table, unit_cap_mask
     from common.evaluation import evaluate_and_audit, predict, provenance
     from common.fairness.thresholds import fit_and_measure, load_policy
-    from common.models import build_model, model_max_len
+    from common.models import build_model, text_encoding
     from common.schema import load_schema
     from server.fairness_report import build_fairness_report
 
@@ -376,7 +376,7 @@ def run_evaluation(
 
     progress(f"loading {data_path} ...")
     table = read_table(data_path, schema)
-    data = encode(table, schema, max_len=model_max_len(cfg.model.name, cfg.model.params), source=str(data_path))
+    data = encode(table, schema, **text_encoding(cfg.model.name, cfg.model.params), source=str(data_path))
     if applied is not None and applied.round is not None and applied.round != ckpt.round:
         progress(
             f"note: the threshold policy was fitted on round {applied.round}'s model, this checkpoint is round "

@@ -230,9 +230,9 @@ def _final_model(cfg: RunConfig, store_path: Path, run_id: int) -> Any:
 
 def _encode(df: pd.DataFrame, cfg: RunConfig, source: str) -> Any:
     from common.data import encode
-    from common.models import model_max_len
+    from common.models import text_encoding
 
-    return encode(df, cfg.data.schema_, max_len=model_max_len(cfg.model.name, cfg.model.params), source=source)
+    return encode(df, cfg.data.schema_, **text_encoding(cfg.model.name, cfg.model.params), source=source)
 
 
 def _accountant_bound(store_path: Path, run_id: int, cfg: RunConfig) -> tuple[float | None, float]:

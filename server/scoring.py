@@ -24,7 +24,7 @@ from common.data import Encoded, load_encoded
 from common.errors import DataError, FedGuardError
 from common.evaluation import provenance, score_held_out
 from common.fairness.thresholds import policy_from_json
-from common.models import build_model, model_max_len
+from common.models import build_model, text_encoding
 from server.grid_io import collect_replies
 from server.store import RunStore
 from server.validation import Envelope
@@ -89,7 +89,7 @@ class Scorer:
             self._holdout = load_encoded(
                 cfg.data.evaluation_path,
                 cfg.data.schema_,
-                max_len=model_max_len(cfg.model.name, cfg.model.params),
+                **text_encoding(cfg.model.name, cfg.model.params),
                 cache_dir=None,
             )
 

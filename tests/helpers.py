@@ -247,13 +247,13 @@ def central_checkpoint(
     writer as ``folder/checkpoints/run-1/round-NNNNN.ckpt``; ``head_shift`` then moves the output layer's
     bias toward class 1 (a decision boundary in the wrong place, as DP on skewed nodes leaves it)."""
     from common.data import load_encoded
-    from common.models import model_max_len
+    from common.models import text_encoding
     from common.schema import load_schema
     from server.checkpoint import Checkpoint, save
 
     torch.manual_seed(0)
     model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
-    data = load_encoded(train, load_schema(schema), max_len=model_max_len(cfg.model.name, cfg.model.params))
+    data = load_encoded(train, load_schema(schema), **text_encoding(cfg.model.name, cfg.model.params))
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     model.train()
     for _ in range(60):

@@ -222,9 +222,7 @@ def test_unclipped_gradients_are_refused(tabular_csv: Path, tmp_path: Path, monk
         opt.clip_and_accumulate = clip_and_accumulate
 
     _sabotage(monkeypatch, inflate)
-    reply = _round(
-        tabular_config(dp={**OPACUS_DP, "max_grad_norm": 0.5}), tabular_csv, tmp_path / "node"
-    )
+    reply = _round(tabular_config(dp={**OPACUS_DP, "max_grad_norm": 0.5}), tabular_csv, tmp_path / "node")
     _assert_refused(reply, tmp_path / "node", "clipping")
 
 

@@ -21,7 +21,7 @@ from common.codec import load_numpy_state
 from common.config import config_from_json
 from common.data import load_encoded
 from common.evaluation import evaluate_and_audit
-from common.models import build_model, model_max_len
+from common.models import build_model, text_encoding
 from common.schema import load_schema
 from fedguard.cli import main
 from fedguard.evaluate import evaluate_checkpoint
@@ -85,7 +85,7 @@ def _direct(trained: dict[str, Path], data: Path) -> tuple[dict[str, float], obj
         cfg = config_from_json(store.run(1)["config_json"])
     model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
     load_numpy_state(model, load(trained["ckpt"]).model)
-    enc = load_encoded(data, load_schema(trained["schema"]), max_len=model_max_len(cfg.model.name, cfg.model.params))
+    enc = load_encoded(data, load_schema(trained["schema"]), **text_encoding(cfg.model.name, cfg.model.params))
     return evaluate_and_audit(model, enc, cfg.fairness)
 
 

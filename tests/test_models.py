@@ -20,8 +20,8 @@ from common.models import (
     build_model,
     count_parameters,
     describe_model,
-    model_max_len,
     pick_device,
+    text_encoding,
 )
 from common.pretrained import pretrained_available
 from common.schema import DataSchema
@@ -239,15 +239,20 @@ def test_bad_hyper_parameter_values(params: dict, message: str) -> None:
         build_model("text-transformer", text_schema(), params)
 
 
-def test_model_max_len() -> None:
-    assert model_max_len("text-transformer") == 128
-    assert model_max_len("text-transformer", {"max_len": 256}) == 256
-    assert model_max_len("ft-transformer") == 128  # no max_len: the encoder default
+def test_text_encoding() -> None:
+    assert text_encoding("text-transformer") == {"max_len": 128, "read": "head"}
+    assert text_encoding("text-transformer", {"max_len": 256, "read": "head+tail"}) == {
+        "max_len": 256,
+        "read": "head+tail",
+    }
+    assert text_encoding("ft-transformer") == {"max_len": 128, "read": "head"}  # the encoder's defaults
     with pytest.raises(ModelError, match="unknown model"):
-        model_max_len("nope")
-    assert model_max_len("minilm-lora", {"max_tokens": 512, "max_len": 4096}) == 4096
+        text_encoding("nope")
+    assert text_encoding("minilm-lora", {"max_tokens": 512, "max_len": 4096})["max_len"] == 4096
+    with pytest.raises(ModelError, match=r"read must be one of \['head', 'head\+tail'\], got 'tail'"):
+        text_encoding("minilm-lora", {"read": "tail"})
     with pytest.raises(ModelError, match="max_tokens must be at most 512"):  # before any data is read
-        model_max_len("minilm-lora", {"max_tokens": 513})
+        text_encoding("minilm-lora", {"max_tokens": 513})
 
 
 def test_count_and_describe() -> None:

@@ -30,7 +30,7 @@ from common.devices import DeviceError, node_device, resolve_device  # noqa: E40
 from common.errors import ModelError  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.he_custody import flatten_state, trainable_keys  # noqa: E402
-from common.models import build_model, count_parameters, model_max_len  # noqa: E402
+from common.models import build_model, count_parameters, text_encoding  # noqa: E402
 from common.pretrained import BASE_SHA256, PretrainedTextClassifier  # noqa: E402
 from fedguard.demo import TEXT_DEMO_SCHEMA, text_demo_frame  # noqa: E402
 from tests.helpers import node_context, train_message  # noqa: E402
@@ -89,7 +89,7 @@ def test_lora_dp_round_learns_and_only_adapters_and_head_leave(tweets, server_mo
     cfg = _cfg()
     data = tmp_path / "node.csv"
     train_df.to_csv(data, index=False)
-    val = encode(val_df, cfg.data.schema_, max_len=model_max_len(cfg.model.name, cfg.model.params))
+    val = encode(val_df, cfg.data.schema_, **text_encoding(cfg.model.name, cfg.model.params))
     global_state = state_to_numpy(server_model)
     before = evaluate(server_model, val)["accuracy"]
     frozen_before = _frozen_digest(server_model)

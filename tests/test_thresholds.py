@@ -28,7 +28,7 @@ from common.fairness.thresholds import (
     fit_thresholds,
     load_policy,
 )
-from common.models import build_model, model_max_len
+from common.models import build_model, text_encoding
 from common.schema import load_schema
 from fedguard.cli import main
 from fedguard.evaluate import FitRequest, run_evaluation
@@ -232,7 +232,7 @@ def test_policy_round_trips_through_fedguard_evaluate(
     cfg = load_config(c["config"])
     model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
     load_numpy_state(model, load(c["ckpt"]).state)
-    data = load_encoded(c["data"], load_schema(c["schema"]), max_len=model_max_len(cfg.model.name, cfg.model.params))
+    data = load_encoded(c["data"], load_schema(c["schema"]), **text_encoding(cfg.model.name, cfg.model.params))
     probs = predict(model, data)[0]
     want = apply_thresholds(ev.fitted, probs, data.groups)
     table = pd.read_csv(preds, dtype={"prediction": str})
@@ -304,7 +304,7 @@ def test_server_side_scoring_fits_the_policy_and_reads_the_evaluators(checkpoint
     assert Scorer(plain, evaluator=None).score(None, 3, state, {}, None, None).threshold_policy_json is None  # type: ignore[union-attr]
     model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
     load_numpy_state(model, state)
-    data = load_encoded(c["data"], load_schema(c["schema"]), max_len=model_max_len(cfg.model.name, cfg.model.params))
+    data = load_encoded(c["data"], load_schema(c["schema"]), **text_encoding(cfg.model.name, cfg.model.params))
     data.groups = {}
     with pytest.raises(ConfigError, match="'group'.*does not\\s+declare"):
         threshold_policy(model, data, cfg, 3)

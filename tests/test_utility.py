@@ -434,7 +434,7 @@ def test_a_run_scores_and_checkpoints_the_model_average(tmp_path: Path) -> None:
     from common.codec import load_numpy_state
     from common.data import load_encoded
     from common.evaluation import evaluate_and_audit
-    from common.models import model_max_len
+    from common.models import text_encoding
     from server.checkpoint import load as load_checkpoint
 
     data = tmp_path / "data.csv"
@@ -463,7 +463,7 @@ def test_a_run_scores_and_checkpoints_the_model_average(tmp_path: Path) -> None:
         model = build_model(cfg.model.name, cfg.data.schema_, cfg.model.params)
         load_numpy_state(model, state)
         (holdout,) = (tmp_path / "work").rglob("holdout.parquet")
-        enc = load_encoded(holdout, cfg.data.schema_, max_len=model_max_len(cfg.model.name, cfg.model.params))
+        enc = load_encoded(holdout, cfg.data.schema_, **text_encoding(cfg.model.name, cfg.model.params))
         return float(evaluate_and_audit(model, enc, cfg.fairness)[0]["loss"])
 
     assert losses[3] == pytest.approx(held_out_loss(three.model), abs=1e-5)
