@@ -38,6 +38,8 @@ gets (``common.config.RECIPES``: rounds, batch, learning rate). Methods:
 - ``minilm-lora``: a config that names no model (the text default when the ``pretrained`` extra is
   installed; the bench stops if a config without a model gets anything else);
 - ``text-transformer``: the from-scratch byte-level model, named in the config;
+- ``minilm-lora-head-tail`` (not in the default list): ``minilm-lora`` named with ``read =
+  "head+tail"``, reading each long text's first and last word pieces instead of its first;
 - references on the same hold-out, from the same pooled node rows: ``tfidf`` (TF-IDF on words and
   bigrams + logistic regression, central, no privacy, C chosen on 10% of the pool), ``central``
   (the same model centrally without privacy: Adam, lr 1e-3, batch 32, at least ``--central-epochs``
@@ -50,7 +52,8 @@ Flower wire format), each node's σ and ε, and each node's size and label share
 
     python bench/text_utility.py [--quick] [--datasets reviews drugs news imdb] [--nodes 3 5]
                                  [--splits iid dir0.5] [--epsilons 8 3] [--seeds 1 2 3]
-                                 [--methods minilm-lora text-transformer] [--rows 7500]
+                                 [--methods minilm-lora text-transformer minilm-lora-head-tail]
+                                 [--rows 7500]
                                  [--workers 1] [--out bench/results/text_utility.json] [--fresh]
                                  [--report]
 
@@ -112,6 +115,8 @@ METHOD_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "minilm-lora-head-tail": ("minilm-lora", {"read": "head+tail"}),
 }
 METHODS = tuple(METHOD_MODELS)
+#: What a plain invocation runs (the default model and the from-scratch one).
+DEFAULT_METHODS = ("minilm-lora", "text-transformer")
 #: What MiniLM read of each text in runs recorded before its default became 128 pieces of 768 bytes.
 EARLIER_READS = {"max_len": 256, "max_tokens": 64}
 CENTRAL_EPOCHS = 3
@@ -281,7 +286,7 @@ class Job:
     split: str  # iid | dir0.5
     epsilon: float
     seed: int
-    method: str  # minilm-lora | text-transformer
+    method: str  # a METHOD_MODELS key
 
     @property
     def key(self) -> str:
@@ -340,8 +345,12 @@ def round_costs(store_path: Path, run_id: int) -> list[dict[str, Any]]:
 
 def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None, method: str) -> dict[str, Any]:
     cfg, result, seconds = simulate_fresh(raw, workdir, log, "text utility bench")
-    if cfg.model.name != method:
-        raise SystemExit(f"a text config naming {raw.get('model', 'no model')} got {cfg.model.name}, not {method}")
+    model, params = METHOD_MODELS[method]
+    if cfg.model.name != model or any(cfg.model.params.get(k) != v for k, v in params.items()):
+        raise SystemExit(
+            f"a text config naming {raw.get('model', 'no model')} got {cfg.model.name} {cfg.model.params}, "
+            f"not {model} {params}"
+        )
     out = read_run(result.store_path, result.run_id)
     schema = cfg.data.schema_
     nodes = cfg.simulation.num_clients
@@ -653,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     ap.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 3.0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     ap.add_argument("--rows", type=int, default=None,
                     help="rows of each data set used (a fixed subset; default 7,500; imdb 3,000)")  # fmt: skip
     ap.add_argument("--central-epochs", type=int, default=CENTRAL_EPOCHS)

@@ -137,8 +137,8 @@ _LONG_TEXTS_NOTED = "fedguard-long-texts"
 
 def _note_long_texts(model: torch.nn.Module, train: Encoded, cfg: RunConfig, settings: NodeSettings,
                      context: Context) -> None:  # fmt: skip
-    """Once per run: say on the node (never to the server) when the model reads only the beginning of
-    many of its training texts (``common.models.long_text_note``)."""
+    """Once per run: say on the node (never to the server) when the model reads only part of many of
+    its training texts (``common.models.long_text_note``)."""
     if settings.schema.task != "text" or _LONG_TEXTS_NOTED in context.state:
         return
     context.state[_LONG_TEXTS_NOTED] = ConfigRecord({"noted": True})

@@ -33,7 +33,7 @@ from torch import nn
 from common.devices import resolve_device
 from common.errors import ModelError
 from common.schema import DataSchema
-from common.tokenizer import PAD_ID, READS, VOCAB_SIZE, filled_rows
+from common.tokenizer import PAD_ID, READS, VOCAB_SIZE, filled_rows, halves
 
 #: SHA-256 of the pinned pretrained checkpoint (mirrors ``common.pretrained.BASE_SHA256``; kept here so
 #: the registry imports without the optional extra).
@@ -458,6 +458,14 @@ def _check_params(spec: ModelSpec, given: dict[str, Any]) -> dict[str, Any]:
         )
     if "max_len" in p and p["max_len"] < 2:
         raise ModelError(f"max_len must be ≥ 2 ([CLS] plus one byte), got {p['max_len']}", where=where)
+    if p.get("read") == "head+tail" and p.get("max_len", _DEFAULT_MAX_LEN) < 4:
+        raise ModelError(
+            f'read = "head+tail" needs max_len ≥ 4 ([CLS], a byte of the head, the cut, one of the tail), '
+            f"got {p['max_len']}",
+            where=where,
+        )
+    if spec.pretrained and p.get("max_tokens", 3) < 3:
+        raise ModelError(f"max_tokens must be ≥ 3 ([CLS], one word piece, [SEP]), got {p['max_tokens']}", where=where)
     if spec.pretrained and p.get("max_tokens", 0) > _PRETRAINED_POSITIONS:
         raise ModelError(
             f"max_tokens must be at most {_PRETRAINED_POSITIONS} (MiniLM's position table), got {p['max_tokens']}",
@@ -512,11 +520,15 @@ def long_text_note(model: nn.Module, tokens: torch.Tensor, name: str) -> str | N
     pieces = getattr(model, "max_tokens", None)
     both = (getattr(model, "hparams", None) or {}).get("read") == "head+tail"
     longer = "a round then takes about proportionally longer"
+
+    def ends(n: int, unit: str) -> str:  # "first and last 63 bytes", or "first 64 and last 63 bytes"
+        a, b = halves(n)
+        return f"first and last {a:,} {unit}" if a == b else f"first {a:,} and last {b:,} {unit}"
+
     if pieces is not None:
-        half = (pieces - 2) // 2
         reads = (
-            f"the first and last {half} word pieces, about {(pieces - 2) * 3 // 4} English words, "
-            f"of each text's first and last {body // 2:,} bytes"
+            f"the {ends(pieces - 2, 'word pieces')}, about {(pieces - 2) * 3 // 4} English words, "
+            f"of each text's {ends(body - 1, 'bytes')}"
             if both
             else f"the first {pieces} word pieces, about {pieces * 3 // 4} English words, of at most {body:,} bytes"
         )
@@ -524,13 +536,10 @@ def long_text_note(model: nn.Module, tokens: torch.Tensor, name: str) -> str | N
             f"raise [model.params] max_tokens and max_len together (e.g. {2 * pieces} and {2 * (body + 1):,}; "
             f"MiniLM reads at most 512 pieces; {longer})"
         )
-        end_too = f"each text's first and last {half} pieces"
+        end_too = f"each text's {ends(pieces - 2, 'pieces')}"
     else:
-        reads = f"the first and last {body // 2:,} bytes" if both else f"the first {body:,} bytes"
-        raise_it, end_too = (
-            f"raise [model.params] max_len ({longer})",
-            f"each text's first and last {body // 2:,} bytes",
-        )
+        reads = f"the {ends(body - 1, 'bytes')}" if both else f"the first {body:,} bytes"
+        raise_it, end_too = f"raise [model.params] max_len ({longer})", f"each text's {ends(body - 1, 'bytes')}"
     if both:
         gist, change = "it skips their middles", raise_it
     else:

@@ -26,10 +26,11 @@ the same byte-level ids every text model gets (``common.tokenizer``), decodes th
 exact UTF-8 text and applies WordPiece inside ``forward``: data loading, caching and the wire
 format stay model-independent. With ``read = "head+tail"`` a text longer than ``max_tokens`` pieces
 is read as its first and last pieces, half the budget each (a text longer than ``max_len`` bytes
-arrives as its head, ``CUT_ID`` and its tail, and no piece crosses the cut). In eval mode (held-out scoring) each batch's WordPiece encoding is
-kept in a bounded per-process cache keyed by a hash of its byte ids, so a held-out set is tokenized
-once per run, not once per round (the evaluator's process lives across rounds); training batches
-(Poisson-sampled, new every step) are never cached.
+arrives as its head, ``CUT_ID`` and its tail, and no piece crosses the cut). In eval mode
+(held-out scoring) each batch's WordPiece encoding is kept in a bounded per-process cache keyed by
+a hash of its byte ids, so a held-out set is tokenized once per run, not once per round (the
+evaluator's process lives across rounds); training batches (Poisson-sampled, new every step) are
+never cached.
 
 **Opacus pitfalls handled here** (measured on torch 2.13 / Opacus 1.6): ``position_ids`` and
 ``token_type_ids`` are passed explicitly as contiguous (batch, seq) tensors (the BERT defaults are
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ModelError
-from common.tokenizer import BYTE_OFFSET, CUT_ID, PAD_ID, filled_rows
+from common.tokenizer import BYTE_OFFSET, CUT_ID, PAD_ID, filled_rows, halves
 
 __all__ = [
     "BASE_SHA256",
@@ -179,7 +180,7 @@ def _wordpiece(
     tok = _tokenizer(folder, None)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     budget = max_tokens - 2
-    first, last = budget - budget // 2, budget // 2
+    first, last = halves(budget)
     rows = []
     for head, tail in zip(
         tok.encode_batch(texts, add_special_tokens=False),
@@ -207,7 +208,7 @@ def piece_counts(folder: str, texts: list[str]) -> np.ndarray:
 class _EncodingCache:
     """Least-recently-used WordPiece encodings of whole inference batches, bounded in bytes.
 
-    Keyed by tokenizer (folder, ``max_tokens``) and a BLAKE2b hash of the batch's byte ids: the
+    Keyed by tokenizer (folder, ``max_tokens``, ``read``) and a BLAKE2b hash of the batch's byte ids: the
     evaluator scores the same held-out batches every round, and a new model object per round finds
     them here. Values are numpy arrays, so no tensor made under ``inference_mode`` outlives its call.
     """

@@ -25,11 +25,16 @@ VOCAB_SIZE = 256 + BYTE_OFFSET
 READS = ("head", "head+tail")
 
 
+def halves(n: int) -> tuple[int, int]:
+    """How ``read = "head+tail"`` splits a budget of ``n`` bytes or word pieces: head, tail."""
+    return n - n // 2, n // 2
+
+
 def encode_texts(texts: Sequence[str], max_len: int, read: str = "head") -> torch.Tensor:
     """Encode texts as ``[CLS] + UTF-8 bytes``, right-padded with PAD to ``max_len``.
 
     A text longer than ``max_len - 1`` bytes is cut: ``read = "head"`` keeps its first bytes,
-    ``"head+tail"`` its first ``(max_len - 1) // 2`` and its last bytes, ``CUT_ID`` between. Returns a
+    ``"head+tail"`` its first and last ``halves(max_len - 2)`` bytes, ``CUT_ID`` between. Returns a
     LongTensor of shape (len(texts), max_len). A cut may split a multi-byte character; that is
     harmless for a byte-level model, and the pretrained model's decoder drops the broken character.
     """
@@ -37,11 +42,12 @@ def encode_texts(texts: Sequence[str], max_len: int, read: str = "head") -> torc
         raise ConfigError(f"max_len must be at least 1, got {max_len}", fix="set max_len to e.g. 128")
     if read not in READS:
         raise ConfigError(f"read must be one of {list(READS)}, got {read!r}", fix='set read = "head" or "head+tail"')
+    both = read == "head+tail"
+    if both and max_len < 4:
+        raise ConfigError(f'read = "head+tail" needs max_len ≥ 4, got {max_len}', fix="raise max_len")
     body = max_len - 1
     raw = [(t if isinstance(t, str) else str(t)).encode("utf-8", errors="replace") for t in texts]
-    both = read == "head+tail" and body >= 3
-    head = body // 2  # head+tail: head bytes, CUT_ID, then the last body - head - 1 bytes
-    tail = body - head - 1
+    head, tail = halves(body - 1)  # head+tail: head bytes, CUT_ID, tail bytes
     was_cut = np.fromiter((len(c) > body for c in raw), dtype=bool, count=len(raw))
     # b"\0" holds the cut's place; it becomes CUT_ID below (a byte value cannot be CUT_ID).
     chunks = [

@@ -49,6 +49,8 @@ def test_a_long_text_keeps_its_first_and_last_bytes_with_the_cut_between() -> No
     assert CUT_ID not in fits.tolist()[0]
     with pytest.raises(ConfigError, match=r"read must be one of \['head', 'head\+tail'\], got 'middle'"):
         encode_texts(texts, 16, "middle")
+    with pytest.raises(ConfigError, match=r'read = "head\+tail" needs max_len ≥ 4, got 3'):
+        encode_texts(texts, 3, "head+tail")
 
 
 def test_every_side_encodes_the_part_the_model_was_configured_to_read(tmp_path: Path) -> None:
@@ -114,6 +116,11 @@ def test_the_note_says_what_a_head_tail_model_reads() -> None:
     note = long_text_note(both, encode_texts(texts, 64, "head+tail"), "text-transformer")
     assert note is not None and "(the first and last 31 bytes): it skips their middles" in note
     assert "read = " not in note and "raise [model.params] max_len" in note
+    odd = build_model("text-transformer", SCHEMA, {"max_len": 65, "read": "head+tail"})  # 63 bytes: 32 + cut + 31
+    tokens = encode_texts(texts, 65, "head+tail")
+    assert (tokens[:, 33] == CUT_ID).all()
+    note = long_text_note(odd, tokens, "text-transformer")
+    assert note is not None and "(the first 32 and last 31 bytes)" in note
 
 
 @pytest.mark.usefixtures("server_identity")

@@ -232,6 +232,7 @@ def test_d_model_must_divide_by_heads() -> None:
         ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
         ({"pooling": "max"}, r"pooling must be one of \['cls', 'mean'\]"),
         ({"max_len": 1}, "max_len must be ≥ 2"),
+        ({"max_len": 3, "read": "head+tail"}, r'read = "head\+tail" needs max_len ≥ 4'),
     ],
 )
 def test_bad_hyper_parameter_values(params: dict, message: str) -> None:
@@ -251,6 +252,8 @@ def test_text_encoding() -> None:
     assert text_encoding("minilm-lora", {"max_tokens": 512, "max_len": 4096})["max_len"] == 4096
     with pytest.raises(ModelError, match=r"read must be one of \['head', 'head\+tail'\], got 'tail'"):
         text_encoding("minilm-lora", {"read": "tail"})
+    with pytest.raises(ModelError, match=r"max_tokens must be ≥ 3 \(\[CLS\], one word piece, \[SEP\]\), got 2"):
+        text_encoding("minilm-lora", {"max_tokens": 2})
     with pytest.raises(ModelError, match="max_tokens must be at most 512"):  # before any data is read
         text_encoding("minilm-lora", {"max_tokens": 513})
 
