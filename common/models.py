@@ -544,7 +544,7 @@ def long_text_note(model: nn.Module, tokens: torch.Tensor, name: str) -> str | N
         gist, change = "it skips their middles", raise_it
     else:
         gist = "it learns from their beginnings only"
-        change = f'set [model.params] read = "head+tail" to read {end_too} at the same cost, or {raise_it}'
+        change = f'set [model.params] read = "head+tail" to read {end_too} at about the same cost, or {raise_it}'
     return (
         f"{cut:,} of {n:,} training texts on this node ({cut / n:.0%}) are longer than {name} reads ({reads}): "
         f"{gist}. If what decides the label can come later in a text, {change}"
