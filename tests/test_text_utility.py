@@ -122,14 +122,19 @@ def test_a_seed_on_the_majority_class_is_named_even_when_the_mean_looks_fine() -
 
 
 def test_a_cell_with_a_run_at_an_earlier_input_length_is_marked() -> None:
-    """README's ‡: a run recorded without what it read was run when MiniLM read 64 pieces of 256 bytes."""
+    """README's ‡: a run recorded without what it read was run when MiniLM read 64 pieces of 256 bytes;
+    §: one that read each text's first 126 pieces (the default before head+tail)."""
     res = _result({"1": 0.80, "2": 0.79}, {"1": 0.78, "2": 0.78}, {"1": 0.58, "2": 0.58}, "iid")
     today = {"reads": tu.reads("minilm-lora", {})}
-    assert today["reads"] == {"max_len": 768, "max_tokens": 128}
+    assert today["reads"] == {"max_len": 768, "max_tokens": 128, "read": "head+tail"}
+    assert tu.reads(*tu.METHOD_MODELS["minilm-lora-head"]) == {"max_len": 768, "max_tokens": 128}
     for run in res["runs"].values():
         run["recipe"] = today
     res["summary"] = tu.summarize(res)
-    assert "‡" not in tu.readme_table(res)
+    assert "‡" not in tu.readme_table(res) and "§" not in tu.readme_table(res)
+    res["runs"]["reviews/n3/iid/eps8/seed1/minilm-lora"]["recipe"] = {"reads": {"max_len": 768, "max_tokens": 128}}
+    res["summary"] = tu.summarize(res)
+    assert "0.795 (0.795) [1, 2] §" in tu.readme_table(res)  # one run that read heads marks its cell
     del res["runs"]["reviews/n3/iid/eps8/seed2/minilm-lora"]["recipe"]  # one earlier run marks its cell
     res["summary"] = tu.summarize(res)
     assert "0.795 (0.795) [1, 2] ‡" in tu.readme_table(res)
