@@ -139,11 +139,11 @@ MODEL_GUIDANCE: dict[str, str] = {
     "regression without DP 0.754 on those seeds; this model central without DP 0.794); over 5 nodes 0.769 "
     "IID and 0.746 Dirichlet 0.5 (seeds 1-3, decisions prior-calibrated by the evaluator; the "
     "model's own 0.717; 0.666 with 3 rounds at batch 64). BBC news articles in five topics, 340-567 rows per "
-    "node: 0.954-0.964 (central TF-IDF 0.971; seeds 1-3, 3 and 5 nodes, IID and Dirichlet 0.5). Drug reviews with "
+    "node: 0.947-0.961 (central TF-IDF 0.971; seeds 1-3, 3 and 5 nodes, IID and Dirichlet 0.5). Drug reviews with "
     "29-412 rows per node: the majority class in all 12 runs (the DP plan warns below 300). IMDB movie reviews "
-    "(232 words on average; it reads the first 128 word pieces, about 96 words), 720 rows per node over 3 nodes: "
-    "0.743-0.754 against central TF-IDF's 0.869 (seeds 1-3), 0.781-0.786 reading each review's first and last 63 "
-    'pieces ([model.params] read = "head+tail"). About 2 minutes '
+    "(232 words on average; it reads each long review's first and last 63 word pieces, about 94 words), 720 rows "
+    "per node over 3 nodes: 0.781-0.786 against central TF-IDF's 0.869 (seeds 1-3; 0.743-0.754 reading the first "
+    '126, [model.params] read = "head"). About 2 minutes '
     "per round on 2 CPU cores at 1,800 rows per node (12 for the 6 rounds); a GPU helps.",
     "minilm-full": "English text when LoRA adapters are not enough and nodes have a GPU: 10.8M parameters "
     "per update (~290× the LoRA upload), about 2× plain training time under DP. Not yet benchmarked for "

@@ -115,6 +115,7 @@ def test_the_note_says_what_a_head_tail_model_reads() -> None:
     both = build_model("text-transformer", SCHEMA, {"max_len": 64, "read": "head+tail"})
     note = long_text_note(both, encode_texts(texts, 64, "head+tail"), "text-transformer")
     assert note is not None and "(the first and last 31 bytes): it skips their middles" in note
+    assert "If what decides the label can come in the middle of a text, raise [model.params] max_len" in note
     assert "read = " not in note and "raise [model.params] max_len" in note
     odd = build_model("text-transformer", SCHEMA, {"max_len": 65, "read": "head+tail"})  # 63 bytes: 32 + cut + 31
     tokens = encode_texts(texts, 65, "head+tail")
