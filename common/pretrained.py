@@ -24,7 +24,7 @@ fixed by the package, never learned from a node's data. Other scripts fall back 
 single characters: use the byte-level ``text-transformer`` for non-English text. The model takes
 the same byte-level ids every text model gets (``common.tokenizer``), decodes them back to the
 exact UTF-8 text and applies WordPiece inside ``forward``: data loading, caching and the wire
-format stay model-independent. With ``read = "head+tail"`` (the built-in models' default) a text
+format stay model-independent. With ``read = "head+tail"`` (the MiniLM models' default) a text
 longer than ``max_tokens`` pieces is read as its first and last pieces, half the budget each (a
 text longer than ``max_len`` bytes arrives as its head, ``CUT_ID`` and its tail, and no piece
 crosses the cut). In eval mode (held-out scoring) each batch's WordPiece encoding is kept in a
