@@ -603,7 +603,8 @@ def _marked(text: str, c: dict[str, Any] | None) -> str:
         return text
     today = reads(*METHOD_MODELS[c["method"]])
     ran = [s["reads"] for s in c["seeds"].values()]
-    if any({k: v for k, v in r.items() if k != "read"} != {k: v for k, v in today.items() if k != "read"} for r in ran):
+    length = {k: v for k, v in today.items() if k != "read"}
+    if any({k: v for k, v in r.items() if k != "read"} != length for r in ran):
         return f"{text} ‡"
     return text if all(r == today for r in ran) else f"{text} §"
 
