@@ -18,6 +18,9 @@ from flwr.app import ArrayRecord, RecordDict
 
 from common.records import key_class
 
+SENT = "sent.jsonl"
+USAGE = "resources.jsonl"
+
 
 def _size(value: Any) -> int:
     """Bytes a config value carries: lists (sealed shares, key lists) count every element."""
@@ -64,17 +67,11 @@ def log_sent(workdir: Path, *, run_id: str, round_: int | None, reply_to: str, c
         "bytes": total,
         "records": records,
     }
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "sent.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
-        f.flush()
+    _append(workdir / SENT, line)
 
 
 def read_sent(workdir: Path) -> list[dict[str, Any]]:
-    path = workdir / "sent.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _read(workdir / SENT)
 
 
 def log_usage(
@@ -101,14 +98,22 @@ def log_usage(
         "usage": usage,
         "sent": sent,
     }
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "resources.jsonl", "a", encoding="utf-8") as f:
+    _append(workdir / USAGE, line)
+
+
+def read_usage(workdir: Path) -> list[dict[str, Any]]:
+    return _read(workdir / USAGE)
+
+
+def _append(path: Path, line: dict[str, Any]) -> None:
+    """One JSON line, flushed at once: the log is the owner's record of what happened, line by line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
         f.flush()
 
 
-def read_usage(workdir: Path) -> list[dict[str, Any]]:
-    path = workdir / "resources.jsonl"
+def _read(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
