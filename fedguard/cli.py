@@ -19,7 +19,7 @@ from fedguard.fairness_sweep import add_command as add_fairness_command
 from fedguard.json_output import json_mode, print_json
 from fedguard.privacy_audit import add_command as add_privacy_command
 from fedguard.provision import add_client_init, add_provision_commands
-from fedguard.schema_draft import add_parser as add_schema_parser
+from fedguard.schema_cli import add_parser as add_schema_parser
 from fedguard.tracking import add_mlflow_argument
 
 if TYPE_CHECKING:

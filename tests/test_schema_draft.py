@@ -14,7 +14,8 @@ from common.config import load_config
 from common.data import load_encoded
 from common.errors import ConfigError, DataError
 from common.schema import DataSchema, Feature, load_schema
-from fedguard.schema_draft import add_parser, draft_schema, outward_range, render
+from fedguard.schema_cli import add_parser
+from fedguard.schema_draft import draft_schema, outward_range, render
 from tests.helpers import make_tabular
 
 
