@@ -286,7 +286,13 @@ def run_on_simulation(
         init_args: dict[str, object] = {"address": _check_ray_address(ray_address)}
     else:
         # "local": a new Ray instance even when a cluster runs on this host (Ray would attach to it).
-        init_args = {"address": "local", "num_cpus": os.cpu_count() or 1}
+        # No prestarted workers: Ray starts one idle Python worker per CPU for tasks without a runtime
+        # environment, and Flower's actors carry one, so those workers only cost a Python start each.
+        init_args = {
+            "address": "local",
+            "num_cpus": os.cpu_count() or 1,
+            "_system_config": {"enable_worker_prestart": False, "prestart_worker_first_driver": False},
+        }
     run_simulation(
         server_app=server_app,
         client_app=client_app,
