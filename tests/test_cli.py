@@ -275,3 +275,12 @@ def test_the_final_model_line_names_the_newest_checkpoint_or_says_why_there_is_n
         (folder / f"round-{rnd:05d}.ckpt").write_bytes(b"")
     (line,) = final_model_lines(store, plain)
     assert line.startswith(f"final model: {folder / 'round-00010.ckpt'} (score it on any file: fedguard evaluate")
+
+
+def test_the_command_line_starts_without_torch_or_pandas() -> None:
+    """`fedguard --help`, `runs`, `report` … parse before any heavy import: each command imports what it
+    needs when it runs. A module-level torch or pandas import behind the parser (as `schema draft`'s had)
+    costs every command two CPU-seconds; this fails when one comes back."""
+    probe = "import sys, fedguard.cli; print(sorted({'torch', 'pandas', 'opacus', 'flwr'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", f"fedguard.cli imports {out.stdout.strip()} before any command runs"
