@@ -39,7 +39,7 @@ from common.fairness.mitigation import (
 )
 from common.models import build_model
 from server.aggregation import HeldWeightedMean, WeightedMean
-from tests.helpers import ROOT, make_tabular, tabular_config
+from tests.helpers import ONE_ACTOR, ROOT, make_tabular, tabular_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -399,7 +399,7 @@ def test_a_mitigated_run_spends_exactly_the_composition_of_its_releases(tmp_path
         clients_per_round=2,
         dp={"target_epsilon": 6.0, "delta": 1e-4},
         mitigation={"method": method},
-        simulation={"num_clients": 2, "data_path": str(data)},
+        simulation={"num_clients": 2, "data_path": str(data), **ONE_ACTOR},
     )
     reported = _simulate(tmp_path, cfg)["nodes"]
     with Ledger(tmp_path / "partitions" / "ledger.db") as ledger:
@@ -439,7 +439,7 @@ def test_a_node_that_refuses_every_round_never_breaks_a_method(tmp_path: Path, m
         dp={"target_epsilon": 6.0, "delta": 1e-4},
         server={"min_replies": 1, "round_timeout": 120, "wait_for_nodes": 60},
         mitigation={"method": method},
-        simulation={"num_clients": 3, "data_path": str(data), "budget_epsilon": [20.0, 0.5, 20.0]},
+        simulation={"num_clients": 3, "data_path": str(data), "budget_epsilon": [20.0, 0.5, 20.0], **ONE_ACTOR},
     )
     result = _simulate(tmp_path, cfg)
     assert result["status"] == "finished"

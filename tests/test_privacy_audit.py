@@ -245,6 +245,7 @@ def _audit_data(tmp: Path, rows: int = 1000) -> Path:
 
 def _audit_config(data: Path, epsilon: float, rounds: int = 3, federated_counts: bool = True):  # type: ignore[no-untyped-def]
     from common.config import parse_config
+    from tests.helpers import ONE_ACTOR
 
     return parse_config(
         {
@@ -257,7 +258,7 @@ def _audit_config(data: Path, epsilon: float, rounds: int = 3, federated_counts:
             "model": {"name": "ft-transformer", "params": {"d_model": 16, "layers": 1, "heads": 2}},
             "data": {"schema": TWIN_SCHEMA, "validation_fraction": 0.1},
             "server": {"round_timeout": 300, "wait_for_nodes": 60, "optimizer": {"name": "fedavg"}},
-            "simulation": {"num_clients": 2, "data_path": str(data), "holdout_fraction": 0.2},
+            "simulation": {"num_clients": 2, "data_path": str(data), "holdout_fraction": 0.2, **ONE_ACTOR},
             "fairness": {"federated_counts": federated_counts},
         },
         "audit test config",

@@ -19,7 +19,7 @@ from common.privacy import epsilon_spent, epsilon_within
 from server.fairness_report import FairnessReport
 from server.privacy_report import PrivacyReport
 from server.store import RunStore
-from tests.helpers import ROOT, make_tabular, tabular_config
+from tests.helpers import ONE_ACTOR, ROOT, make_tabular, tabular_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -39,7 +39,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = tmp / "data.csv"
     make_tabular(700).to_csv(data, index=False)
     work = tmp / "work"
-    base = {"num_clients": 2, "data_path": str(data), "budget_epsilon": [20.0, 0.5]}
+    base = {"num_clients": 2, "data_path": str(data), "budget_epsilon": [20.0, 0.5], **ONE_ACTOR}
     cfg1 = tabular_config(data, server={"min_replies": 1, "round_timeout": 120, "wait_for_nodes": 60}, simulation=base)
     (tmp / "run1.json").write_text(cfg1.to_json())
     first = fedguard("simulate", "--config", "run1.json", "--workdir", str(work), "--json", cwd=tmp)

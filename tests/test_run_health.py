@@ -24,7 +24,7 @@ from common.fairness import FairnessConfig, constant_streak, model_findings, pre
 from common.privacy import counts_release, epsilon_spent
 from server.store import RunStore
 from server.validation import Outcome
-from tests.helpers import ROOT, TABULAR_SCHEMA, make_tabular, small_sim_toml, tabular_config
+from tests.helpers import ONE_ACTOR, ROOT, TABULAR_SCHEMA, make_tabular, small_sim_toml, tabular_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -412,6 +412,7 @@ wait_for_nodes = 60
 [simulation]
 num_clients = 3
 data_path = "{data.name}"
+client_cpus = {ONE_ACTOR["client_cpus"]}
 """,
         encoding="utf-8",
     )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from server.store import RunStore
-from tests.helpers import ROOT, make_tabular, small_sim_toml, tabular_config, toml_features
+from tests.helpers import ONE_ACTOR, ROOT, make_tabular, small_sim_toml, tabular_config, toml_features
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -67,7 +67,7 @@ def test_bad_replies_are_left_out_and_the_round_completes(tmp_path: Path, bound:
         data,
         rounds=3,
         clients_per_round=3,
-        simulation={"num_clients": 3, "data_path": str(data)},
+        simulation={"num_clients": 3, "data_path": str(data), **ONE_ACTOR},
         server={**bound, "round_timeout": 120, "wait_for_nodes": 60},
     )
     cfg_file = tmp_path / "cfg.json"
