@@ -9,6 +9,8 @@ between minor releases without notice, so they live here and nowhere else:
 - three **patches of the SuperNode** (``clean_up_receives_of_stopped_runs``,
   ``take_over_crashed_session``, ``shorten_fleet_poll``) and its entry point
   (``run_flower_supernode``);
+- two **patches of the SuperLink's SQL state** (``throttle_task_claim_sweeps``,
+  ``serialize_state_sessions``) and its entry point (``run_flower_superlink``);
 - Flower's **wire format** (``wire_object_sizes``, for the bytes a message costs), its **FlatClip**
   for central DP (``compute_clip_model_update``) and its **error-reply codes** (``ErrorCode``).
 
@@ -589,6 +591,7 @@ def run_flower_superlink(argv: list[str], control_secret: str) -> None:
     plugin = shared_secret_authn_plugin(control_secret)
     fsl.load_control_authn_plugin = lambda: plugin  # type: ignore[attr-defined]
     throttle_task_claim_sweeps()
+    serialize_state_sessions()
     sys.argv = ["flower-superlink", *argv]
     fsl.flower_superlink()
 
@@ -626,6 +629,39 @@ def throttle_task_claim_sweeps(interval: float = TASK_CLAIM_SWEEP_S) -> None:
 
     sweep._fedguard_throttled = True  # type: ignore[attr-defined]
     SqlCoreState._cleanup_expired_task_tokens = sweep  # type: ignore[method-assign]
+
+
+def serialize_state_sessions() -> None:
+    """The SuperLink's SQL state runs one database session at a time (a process-wide lock).
+
+    flwr 1.42 serves each Fleet, ServerAppIo and Control request in a worker thread with its own
+    SQLite session on the one state file. When write transactions collide, SQLite's busy handler
+    puts the loser to sleep (1, 2, 5, 10 … 100 ms steps, up to ``busy_timeout``) instead of queueing
+    it. In a 10-node round the ServerApp's upload of the round's objects met the nodes' object pulls
+    (each a write: Flower records its traffic) and nodes retrying objects not yet uploaded: requests
+    took 0.3–0.6 s each, the upload of 15 small objects 2–8 s (bench/README.md, Round overhead).
+    With a lock around each session, requests wait their turn in the process instead of sleeping in
+    SQLite. The GIL already runs one request's Python at a time; SQLite still guards the file
+    against other processes. Re-entrant: a nested session in one thread (Flower reuses the outer
+    one) passes. In-process only (the SuperLink's).
+    """
+    import contextlib
+    from collections.abc import Iterator
+
+    from flwr.supercore.sql_mixin import SqlMixin
+
+    original = SqlMixin.session
+    if getattr(original, "_fedguard_serialized", False):
+        return
+    lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def session(self: Any) -> Iterator[Any]:
+        with lock, original(self) as opened:
+            yield opened
+
+    session._fedguard_serialized = True  # type: ignore[attr-defined]
+    SqlMixin.session = session  # type: ignore[method-assign]
 
 
 def pass_task_tokens_in_files(token_dir: str) -> None:

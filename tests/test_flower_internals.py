@@ -435,6 +435,55 @@ def test_the_superlink_reads_its_state_through_the_throttled_sweep() -> None:
     assert "throttle_task_claim_sweeps()" in inspect.getsource(fi.run_flower_superlink)
 
 
+def test_the_superlinks_state_sessions_run_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads on Flower's own SQL state: the second enters while the first is inside, until patched."""
+    from flwr.supercore.sql_mixin import SqlMixin
+
+    monkeypatch.setattr(SqlMixin, "session", SqlMixin.session)  # the patch is undone after the test
+    state = _sql_core_state(tmp_path)
+
+    def second_waited() -> float:
+        inside, done = threading.Event(), threading.Event()
+
+        def first() -> None:
+            with state.session():
+                inside.set()
+                done.wait(0.5)
+
+        t = threading.Thread(target=first)
+        t.start()
+        assert inside.wait(5)
+        t0 = time.monotonic()
+        with state.session():
+            waited = time.monotonic() - t0
+        done.set()
+        t.join()
+        return waited
+
+    assert second_waited() < 0.3  # Flower's own: sessions overlap (SQLite arbitrates the writes)
+    fi.serialize_state_sessions()
+    fi.serialize_state_sessions()  # applying it twice wraps once
+    assert second_waited() >= 0.4  # patched: the second waits for the first to end
+    with state.session(), state.session():  # a nested session in one thread does not deadlock
+        assert state.query("SELECT 1 AS one") == [{"one": 1}]
+
+
+def test_every_superlink_state_opens_its_sessions_through_the_serialized_method() -> None:
+    """flwr 1.42's link state, core state and object store reach SQLite only through ``SqlMixin.session``."""
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+    from flwr.supercore.object_store.sql_object_store import SqlObjectStore
+    from flwr.supercore.sql_mixin import SqlMixin
+
+    for cls in (SqlLinkState, SqlCoreState, SqlObjectStore):
+        assert issubclass(cls, SqlMixin)
+        assert not any("session" in k.__dict__ for k in cls.__mro__ if k is not SqlMixin)
+    source = inspect.getsource(SqlMixin)
+    assert source.count("self._session_factory()") == 1 and "_engine.connect" not in source
+    assert "with self.session() as session" in inspect.getsource(SqlMixin.query)
+    assert "serialize_state_sessions()" in inspect.getsource(fi.run_flower_superlink)
+
+
 def test_flower_supernode_entry_point_takes_every_option_fedguard_passes(tmp_path: Path) -> None:
     """``python -m client.supernode --help`` runs the patches, then Flower's own argument parser."""
     from client.supernode import SuperNode
