@@ -48,7 +48,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.dp_guards import DPGuard, GuardReport
+from client.dp_guards import DPGuard, GuardReport, flat_base
 from client.preflight import preflight
 from common.config import RunConfig
 from common.data import Encoded
@@ -404,8 +404,9 @@ def bk_supported(model: nn.Module) -> bool:
 
 
 #: One parameter's share of a batch: per-record gradient norms (B,) of the unscaled loss, and the
-#: function that turns per-record weights (B,) into the weighted sum of per-record gradients.
-_Part = tuple[nn.Parameter, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+#: function that writes the weighted sum of per-record gradients for per-record weights (B,) into a
+#: flat output (the parameter's slice of the step's one gradient buffer).
+_Part = tuple[nn.Parameter, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], Any]]
 
 
 class BKModule(nn.Module):
@@ -416,7 +417,9 @@ class BKModule(nn.Module):
     batch gradient that Opacus would discard. When the backward pass ends, the per-record gradients
     of each layer come from one batched product (Linear), one scatter (Embedding) or one product
     (LayerNorm), and every parameter's ``grad`` becomes the clipped sum
-    ``Σ_i min(1, C/(‖g_i‖+1e-6))·g_i`` — Opacus's flat clip factor, ‖g_i‖ over all parameters.
+    ``Σ_i min(1, C/(‖g_i‖+1e-6))·g_i`` — Opacus's flat clip factor, ‖g_i‖ over all parameters —
+    written as consecutive slices of one flat buffer (``flat_base``), so the optimizer's noise and
+    scaling and the DP guards' checks are a few whole-buffer operations instead of one per tensor.
     Opacus's ``DPOptimizerFastGradientClipping`` (``BKOptimizer``) then adds N(0, σ²C²) per tensor,
     scales and counts the step as for its own ghost clipping. The clipped sum equals Opacus's
     ``hooks`` mode's (tests/test_dp_fast_path.py). Batch first; a layer used several times in one
@@ -507,9 +510,17 @@ class BKModule(nn.Module):
         weights = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale  # Opacus's clip factor
         if self.record_weights is not None:  # after clipping: record i moves the sum by at most w_i·C ≤ C
             weights = weights * self.record_weights.to(weights)
-        for (p, _, weighted_sum), n in zip(parts, per_param.unbind(1), strict=True):
-            p.grad = weighted_sum(weights).view_as(p)
+        like = self.trainable_parameters[0]
+        one_buffer = all(q.dtype == like.dtype and q.device == like.device for q, _, _ in parts)
+        size = sum(q.numel() for q, _, _ in parts)
+        flat = torch.empty(size, dtype=like.dtype, device=like.device) if one_buffer else None
+        start = 0
+        for (p, _, write), n in zip(parts, per_param.unbind(1), strict=True):
+            out = flat[start : start + p.numel()] if flat is not None else p.new_empty(p.numel())
+            write(weights, out)
+            p.grad = out.view_as(p)
             p._norm_sample = n  # type: ignore[attr-defined]  # per-record coverage, read by client.dp_guards
+            start += p.numel()
         self.per_sample_gradient_norms = norms
 
     def empty_batch(self) -> None:
@@ -524,8 +535,8 @@ def _trained(m: nn.Module) -> list[nn.Parameter]:
     return [p for p in m.parameters(recurse=False) if p.requires_grad]
 
 
-def _zero_sum(p: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda w: torch.zeros_like(p)
+def _zero_sum(p: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    return lambda w, out: out.zero_()
 
 
 def _join_uses(uses: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,7 +555,7 @@ def _join_uses(uses: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
 def _records(p: nn.Parameter, per: torch.Tensor) -> _Part:
     """A parameter's materialized per-record gradients ``per`` (B, …)."""
     flat = per.reshape(per.shape[0], -1)
-    return p, torch.linalg.vector_norm(flat, dim=1), lambda w: w @ flat
+    return p, torch.linalg.vector_norm(flat, dim=1), lambda w, out: torch.mv(flat.T, w, out=out)
 
 
 class _Scratch:
@@ -573,7 +584,7 @@ def _bk_linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, scratch: _Scr
         if a.shape[1] == 1:  # one token: g aᵀ is an outer product, ‖g aᵀ‖ = ‖g‖·‖a‖
             a1, g1 = a[:, 0], g[:, 0]
             norm = torch.linalg.vector_norm(a1, dim=1) * torch.linalg.vector_norm(g1, dim=1)
-            parts.append((w, norm, lambda c: (g1 * c.unsqueeze(1)).T @ a1))
+            parts.append((w, norm, lambda c, out: torch.mm((g1 * c.unsqueeze(1)).T, a1, out=out.view(w.shape))))
         else:
             per = scratch(w, (a.shape[0], *w.shape), g)
             parts.append(_records(w, torch.bmm(g.transpose(1, 2), a, out=per)))
@@ -604,10 +615,11 @@ def _bk_layer_norm(layer: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, scratc
 
 
 class BKOptimizer(DPOptimizerFastGradientClipping):
-    """Opacus's optimizer for precomputed clipped sums, with its per-tensor loops as foreach calls.
+    """Opacus's optimizer for precomputed clipped sums, with its per-tensor loops as whole-buffer ops.
 
     The noise is drawn exactly as Opacus draws it (``torch.normal`` per tensor, in parameter order,
-    from ``generator``), so with the same generator state the noised step equals Opacus's.
+    from ``generator``), so with the same generator state the noised step equals Opacus's. When the
+    clipped sums are one flat buffer (``BKModule``), the noised gradients are one too.
     """
 
     def accumulate(self) -> None:
@@ -624,18 +636,41 @@ class BKOptimizer(DPOptimizerFastGradientClipping):
         if self.secure_mode:  # Opacus's own noise (2n draws per coordinate), never reached by train_local
             super().add_noise()
             return
-        noise = [
-            torch.normal(0, std, size=p.summed_grad.shape, device=p.device, generator=self.generator, dtype=p.dtype)
-            if std > 0
-            else torch.zeros_like(p.summed_grad)
-            for p in params
-        ]
-        for p, noised in zip(params, torch._foreach_add([p.summed_grad for p in params], noise), strict=True):
-            p.grad = noised.view_as(p)
+        summed = [p.summed_grad for p in params]
+        base = flat_base(summed)
+        if base is None:
+            noise = [
+                torch.normal(0, std, size=s.shape, device=s.device, generator=self.generator, dtype=s.dtype)
+                if std > 0
+                else torch.zeros_like(s)
+                for s in summed
+            ]
+            for p, noised in zip(params, torch._foreach_add(summed, noise), strict=True):
+                p.grad = noised.view_as(p)
+            return
+        noised = torch.empty_like(base)
+        start = 0
+        for p, s in zip(params, summed, strict=True):
+            out = noised[start : start + s.numel()]
+            if std > 0:
+                torch.normal(0, std, size=s.shape, generator=self.generator, out=out.view(s.shape))
+            p.grad = out.view_as(p)
+            start += s.numel()
+        if std > 0:
+            noised.add_(base)  # noise + clipped sum: Opacus adds the same two values
+        else:
+            noised.copy_(base)
 
     def scale_grad(self) -> None:
-        if self.loss_reduction == "mean":
-            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
+        if self.loss_reduction != "mean":
+            return
+        grads = [p.grad for p in self.params]
+        base = flat_base(grads)
+        divisor = self.expected_batch_size * self.accumulated_iterations
+        if base is not None:
+            base.div_(divisor)
+        else:
+            torch._foreach_div_(grads, divisor)
 
 
 class PrivacyEngine(OpacusPrivacyEngine):

@@ -16,7 +16,6 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
-from opacus import PrivacyEngine
 
 import client.training as training
 from client.admission import read_requests
@@ -63,8 +62,8 @@ def _assert_refused(reply: Any, workdir: Path, check: str) -> None:
         assert [r["status"] for r in ledger.releases()] == ["pending"]  # spent stays spent, nothing more
 
 
-class _Patched(PrivacyEngine):
-    """A PrivacyEngine whose ``make_private`` result is sabotaged by ``tamper(optimizer, module)``."""
+class _Patched(training.PrivacyEngine):
+    """FedGuard's PrivacyEngine (Opacus's, plus bk); ``tamper(optimizer, module)`` sabotages what it makes."""
 
     tamper: Callable[[Any, Any], None] = staticmethod(lambda opt, module: None)
 
@@ -127,8 +126,18 @@ def test_guards_pass_an_honest_text_round(tmp_path: Path) -> None:
 
 
 # -- each check has a round that fails it -------------------------------------------------------
+#: The noise and clipping checks read bk's flat buffers (client.dp_guards.flat_base) and every other
+#: mode's per-tensor gradients: each sabotage runs on both paths.
+GUARD_PATHS = ["ew", "bk"]
+
+
+def _dp(mode: str, **extra: Any) -> dict[str, Any]:
+    return {**OPACUS_DP, "grad_sample_mode": mode, **extra}
+
+
+@pytest.mark.parametrize("mode", GUARD_PATHS)
 def test_noise_multiplier_silently_zero_is_refused(
-    tabular_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tabular_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """The ledger records the planned σ; the optimizer adds no noise at all."""
 
@@ -136,13 +145,14 @@ def test_noise_multiplier_silently_zero_is_refused(
         opt.noise_multiplier = 0.0
 
     _sabotage(monkeypatch, no_noise)
-    reply = _round(tabular_config(dp=OPACUS_DP), tabular_csv, tmp_path / "node")
+    reply = _round(tabular_config(dp=_dp(mode)), tabular_csv, tmp_path / "node")
     _assert_refused(reply, tmp_path / "node", "noise")
 
 
+@pytest.mark.parametrize("mode", GUARD_PATHS)
 @pytest.mark.parametrize("factor", [0.5, 2.0])
 def test_noise_of_another_scale_is_refused(
-    tabular_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, factor: float
+    tabular_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, factor: float, mode: str
 ) -> None:
     """Half or twice the planned noise: still 'noised', but not the release the ledger charged for."""
 
@@ -150,16 +160,18 @@ def test_noise_of_another_scale_is_refused(
         opt.noise_multiplier *= factor
 
     _sabotage(monkeypatch, rescale)
-    reply = _round(tabular_config(dp=OPACUS_DP), tabular_csv, tmp_path / "node")
+    reply = _round(tabular_config(dp=_dp(mode)), tabular_csv, tmp_path / "node")
     _assert_refused(reply, tmp_path / "node", "noise")
     log = (tmp_path / "node" / "node.log").read_text(encoding="utf-8")
     assert ("missing or too small" if factor < 1 else "larger than planned") in log
 
 
+@pytest.mark.parametrize("mode", GUARD_PATHS)
 def test_noise_missing_on_one_tensor_is_refused(
-    tabular_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tabular_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    """Noise skipped for a single small tensor: the per-tensor test catches what a pooled one would not."""
+    """Noise skipped for a single small tensor: the per-tensor test catches what a pooled one would not.
+    Written in place, so bk's gradients stay one flat buffer and its flat path is the one tested."""
 
     def skip_one(opt: Any, _: Any) -> None:
         original = opt.add_noise
@@ -167,12 +179,12 @@ def test_noise_missing_on_one_tensor_is_refused(
         def add_noise() -> None:
             original()
             p = opt.params[-1]
-            p.grad = p.summed_grad.clone().view_as(p)
+            p.grad.copy_(p.summed_grad.view_as(p.grad))
 
         opt.add_noise = add_noise
 
     _sabotage(monkeypatch, skip_one)
-    reply = _round(tabular_config(dp=OPACUS_DP), tabular_csv, tmp_path / "node")
+    reply = _round(tabular_config(dp=_dp(mode)), tabular_csv, tmp_path / "node")
     _assert_refused(reply, tmp_path / "node", "noise")
 
 
@@ -208,21 +220,25 @@ def test_parameter_outside_the_dp_optimizer_is_refused(
     _assert_refused(reply, tmp_path / "node", "coverage")
 
 
-def test_unclipped_gradients_are_refused(tabular_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A clipping bug: the clipped sum is inflated far beyond b·C before noise."""
+@pytest.mark.parametrize("mode", GUARD_PATHS)
+def test_unclipped_gradients_are_refused(
+    tabular_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A clipping bug: the clipped sum is inflated far beyond b·C before noise (in place: bk's stays flat)."""
 
     def inflate(opt: Any, _: Any) -> None:
-        original = opt.clip_and_accumulate
+        name = "accumulate" if mode == "bk" else "clip_and_accumulate"  # where each fills p.summed_grad
+        original = getattr(opt, name)
 
-        def clip_and_accumulate() -> None:
+        def fill_and_inflate() -> None:
             original()
             for p in opt.params:
                 p.summed_grad.mul_(1e4)
 
-        opt.clip_and_accumulate = clip_and_accumulate
+        setattr(opt, name, fill_and_inflate)
 
     _sabotage(monkeypatch, inflate)
-    reply = _round(tabular_config(dp={**OPACUS_DP, "max_grad_norm": 0.5}), tabular_csv, tmp_path / "node")
+    reply = _round(tabular_config(dp=_dp(mode, max_grad_norm=0.5)), tabular_csv, tmp_path / "node")
     _assert_refused(reply, tmp_path / "node", "clipping")
 
 
