@@ -125,11 +125,36 @@ def run_preflight(model: nn.Module, cfg: RunConfig, mode: str, device: torch.dev
     _PREFLIGHT_DONE.add(key)
 
 
+class Rows(TensorDataset):
+    """A ``TensorDataset`` whose batches are gathered with one index per tensor.
+
+    Why: the default fetch calls ``__getitem__`` once per record and stacks the pieces, ~0.3 ms of
+    a ~5 ms tabular training step at batch 64; ``__getitems__`` takes the whole batch's indices.
+    Use with ``collate_fn=Rows.collate`` (the batch is already stacked). Opacus's Poisson loader
+    keeps both; an empty Poisson batch comes out as tensors with zero rows.
+    """
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[idx] for t in self.tensors)
+
+    @staticmethod
+    def collate(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return batch
+
+
 def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The local optimizer, with torch's fused kernel where it has one for the parameters.
+
+    Why fused: torch defaults to its per-tensor Python loop on the CPU; for the tabular model (15
+    tensors, batch 64) Adam's step took 0.62 ms of a ~5 ms training step, fused 0.16 ms (same
+    update to float rounding; SGD with momentum 0.21 → 0.09 ms).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if cfg.train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.train.learning_rate)
-    return torch.optim.SGD(params, lr=cfg.train.learning_rate, momentum=cfg.train.momentum)
+        return torch.optim.Adam(params, lr=cfg.train.learning_rate, fused=fused or None)
+    return torch.optim.SGD(params, lr=cfg.train.learning_rate, momentum=cfg.train.momentum, fused=fused or None)
 
 
 class PerSampleWeightedCE(nn.Module):
@@ -259,10 +284,17 @@ def train_local(
     anchor = [p.detach().clone() for p in params] if tc.proximal_mu > 0 else []
     if weights is not None and not (len(weights) == len(data) and bool(((weights > 0) & (weights <= 1)).all())):
         raise ValueError("record weights need one value in (0, 1] per training record")
-    dataset = TensorDataset(data.x, data.y) if weights is None else TensorDataset(data.x, data.y, weights.float())
+    dataset = Rows(data.x, data.y) if weights is None else Rows(data.x, data.y, weights.float())
     sampling = secure_generator(torch.device("cpu"))
     batch = loader_batch_size(len(data), plan) if plan is not None else tc.logical_batch_size(len(data))
-    loader = DataLoader(dataset, batch_size=batch, shuffle=plan is None, generator=sampling, **loader_options(device))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=plan is None,
+        generator=sampling,
+        collate_fn=Rows.collate,
+        **loader_options(device),
+    )
     optimizer = _optimizer(model, cfg)
     criterion: nn.Module = make_criterion(cfg, device, record_weighted=weights is not None)
     engine: PrivacyEngine | None = None

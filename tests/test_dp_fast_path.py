@@ -297,3 +297,19 @@ def test_models_with_other_trainable_layers_stay_on_opacus() -> None:
     assert training.bk_supported(nn.Sequential(nn.Conv1d(2, 4, 3).requires_grad_(False), nn.Flatten(), nn.Linear(8, 2)))
     with pytest.raises(ValueError, match="use an Opacus grad_sample_mode"):
         training.BKModule(conv, max_grad_norm=1.0)
+
+
+def test_node_batches_hold_exactly_the_records_the_sampler_drew() -> None:
+    """``Rows`` gathers a batch with one index per tensor: the same records, in the same order, as
+    the default one-record-at-a-time fetch, record weights included; an empty Poisson draw is a
+    batch of zero rows with the records' shape, which the noise-only step needs."""
+    x, y, w = torch.randn(50, 4), torch.randint(0, 3, (50,)), torch.rand(50)
+    drawn = [[7, 3, 3, 49], [0], list(range(50))]
+    plain = DataLoader(TensorDataset(x, y, w), batch_sampler=drawn)
+    fast = DataLoader(training.Rows(x, y, w), batch_sampler=drawn, collate_fn=training.Rows.collate)
+    for (want_x, want_y, want_w), (got_x, got_y, got_w), idx in zip(plain, fast, drawn, strict=True):
+        assert torch.equal(got_x, want_x) and torch.equal(got_y, want_y) and torch.equal(got_w, want_w)
+        assert torch.equal(got_y, y[idx])
+    empty = DataLoader(training.Rows(x, y), batch_sampler=[[]], collate_fn=training.Rows.collate)
+    ex, ey = next(iter(empty))
+    assert ex.shape == (0, 4) and ey.shape == (0,)
