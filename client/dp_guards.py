@@ -36,7 +36,7 @@ Checks (``DPGuard``):
 Cost: a copy of the trainable parameters around the first optimizer step, one checksum pass over
 the frozen ones at each end of the round, and per step a few operations on the ``bk`` path's two flat
 buffers (``flat_base``), or two reductions per parameter tensor in Opacus's own modes
-(``bench/dp_guards.py``: 1.6% of a round for the demo's tabular model at 250 steps per round, 0.6%
+(``bench/dp_guards.py``: 1.9% of a round for the demo's tabular model at 250 steps per round, 0.6%
 for MiniLM LoRA).
 """
 
