@@ -440,7 +440,12 @@ def references(name: str, data_path: Path, schema: dict[str, Any], seed: int, wo
     train = encode(pool.iloc[train_idx], sch, source="pool")
     val = encode(pool.iloc[val_idx], sch, source="validation")
     central_cfg = parse_config(
-        {**raw, "train": {"batch_size": 128, "learning_rate": 0.001, "optimizer": "adam"}, "dp": {"enabled": False}},
+        # 2 epochs per checkpoint, pinned: the recipe's local_epochs must not change the reference
+        {
+            **raw,
+            "train": {"local_epochs": 2, "batch_size": 128, "learning_rate": 0.001, "optimizer": "adam"},
+            "dp": {"enabled": False},
+        },
         "central reference",
     )
     torch.manual_seed(seed)

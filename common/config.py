@@ -225,10 +225,14 @@ def rows_from_sample_rate(train: TrainConfig, sample_rate: float) -> int | None:
     """A node's training rows as its DP plan's sampling rate states them, to within one batch.
 
     Opacus samples at q = 1/⌈n/B⌉, so n ≈ B/q: what the server can tell from a node's plan (never
-    the exact size). None with ``train.sample_rate`` set: the batch then grows with n, and q alone
-    does not give n.
+    the exact size). With ``train.sample_rate`` set, a node whose batch grew with its size plans
+    q ≤ ``sample_rate``, and q then no longer gives n: None for it (it holds at least about
+    ``batch_size / sample_rate`` rows), as for a rate that is not positive. A smaller node keeps
+    ``batch_size`` (q > ``sample_rate``), and q gives its size as without ``sample_rate``.
     """
-    if train.sample_rate is not None or not sample_rate > 0:
+    if not sample_rate > 0:
+        return None
+    if train.sample_rate is not None and sample_rate <= train.sample_rate * (1 + 1e-9):
         return None
     return round(train.batch_size / sample_rate)
 

@@ -260,8 +260,15 @@ def test_the_server_reads_a_nodes_size_from_its_plan_to_within_one_batch(n: int)
     plan = plan_dp(n, cfg.dp, batch_size=cfg.train.batch_size, local_epochs=1, rounds=3)
     rows = rows_from_sample_rate(cfg.train, plan.sample_rate)
     assert rows is not None and abs(rows - n) < cfg.train.batch_size
+    # with sample_rate, a node whose batch grew (q ≤ sample_rate) is not read; a smaller one is, as before
     growing = _text_config(train={"sample_rate": 0.05})
-    assert rows_from_sample_rate(growing.train, plan.sample_rate) is None  # q alone does not give n then
+    q = plan_dp(n, cfg.dp, batch_size=growing.train.logical_batch_size(n), local_epochs=1, rounds=3).sample_rate
+    read = rows_from_sample_rate(growing.train, q)
+    if q > 0.05:
+        assert growing.train.logical_batch_size(n) == growing.train.batch_size
+        assert read is not None and abs(read - n) < growing.train.batch_size
+    else:
+        assert read is None and n > growing.train.batch_size / 0.05 - growing.train.batch_size
 
 
 def test_the_server_plan_warns_for_its_smallest_node() -> None:
@@ -272,6 +279,18 @@ def test_the_server_plan_warns_for_its_smallest_node() -> None:
     assert federation_warning(cfg, rates[1:]) is None  # every node large enough
     assert federation_warning(cfg, []) is None  # no node planned
     assert federation_warning(_text_config(model={"name": "minilm-lora"}), rates) is None
+
+
+def test_the_server_plan_warns_for_a_small_node_when_batches_grow_with_node_size() -> None:
+    """With ``train.sample_rate`` a large node's q no longer gives its size, a small node's still does."""
+    cfg = tabular_config(train={"batch_size": 64, "sample_rate": 0.05}, dp={"delta": 1e-5})
+    rates = [
+        plan_dp(n, cfg.dp, batch_size=cfg.train.logical_batch_size(n), local_epochs=1, rounds=3).sample_rate
+        for n in (123, 5_000)
+    ]
+    warning = federation_warning(cfg, rates)
+    assert warning is not None and "~128 training rows on the smallest node" in warning
+    assert federation_warning(cfg, rates[1:]) is None  # 5,000 rows: batch 250, nothing to warn about
 
 
 # --------------------------------------------------------------------------- tokenized once per held-out set
