@@ -73,9 +73,12 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from common.config import RECIPES  # noqa: E402
+
 NUM_CLIENTS = 5
 DELTA = 1e-5
-ROUNDS = 10
+#: The tabular recipe's rounds: what a config that sets none runs (``common.config.RECIPES``).
+ROUNDS: int = RECIPES["tabular"]["run"]["rounds"]
 SPLITS: dict[str, float] = {"dir0.5": 0.5, "dir0.1": 0.1}
 #: The federated methods under DP, run at every ε.
 FEDERATED = ("fedguard", "flower-opacus")
@@ -866,8 +869,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _recipe() -> dict[str, Any]:
-    from common.config import RECIPES
-
     return RECIPES["tabular"]
 
 
