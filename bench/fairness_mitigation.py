@@ -595,15 +595,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{out} holds {results['meta']['rounds']}-round runs; pass --fresh or another --out")
     from common.config import RECIPES
 
-    recipe_rounds = RECIPES["tabular"]["run"]["rounds"]
-    if rounds < recipe_rounds:
+    if rounds < ROUNDS:
         print(
-            f"note: {rounds} rounds, fewer than the recipe's {recipe_rounds}: the models are less trained than a "
+            f"note: {rounds} rounds, fewer than the recipe's {ROUNDS}: the models are less trained than a "
             "user's and the numbers are not the benchmark's (the README table uses the recipe's rounds)"
         )
     results["meta"] = {
         "rounds": rounds,
-        "recipe_rounds": recipe_rounds,
+        "recipe_rounds": ROUNDS,
         "clients": NUM_CLIENTS,
         "partitioner": f"dirichlet alpha {ALPHA}",
         "target_epsilon": EPSILON,

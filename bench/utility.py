@@ -814,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         "delta": DELTA,
         "holdout_fraction": 0.2,
         "flower_opacus_recipe": FLOWER_OPACUS,
-        "fedguard_recipe": _recipe(),
+        "fedguard_recipe": RECIPES["tabular"],
         "datasets": {d: DATASETS[d].about for d in args.datasets},
         "central_epochs": CENTRAL_EPOCHS,
         "workers": args.workers,
@@ -866,10 +866,6 @@ def main(argv: list[str] | None = None) -> int:
         print(per_seed_table(results))
     print(f"\nwall time {(time.perf_counter() - t0) / 60:.1f} min; wrote {out}")
     return 0
-
-
-def _recipe() -> dict[str, Any]:
-    return RECIPES["tabular"]
 
 
 if __name__ == "__main__":
