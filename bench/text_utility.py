@@ -41,6 +41,8 @@ gets (``common.config.RECIPES``: rounds, batch, learning rate). Methods:
 - ``text-transformer``: the from-scratch byte-level model, named in the config;
 - ``minilm-lora-head`` (not in the default list): ``minilm-lora`` named with ``read = "head"``, the
   earlier default, reading each long text's first word pieces only;
+- ``minilm-lora-256`` (not in the default list): ``minilm-lora`` named with ``max_tokens = 256`` and
+  ``max_len = 1536``: twice the default's reading of a long text (its first and last 127 pieces);
 - references on the same hold-out, from the same pooled node rows: ``tfidf`` (TF-IDF on words and
   bigrams + logistic regression, central, no privacy, C chosen on 10% of the pool), ``central``
   (the same model centrally without privacy: Adam, lr 1e-3, batch 32, at least ``--central-epochs``
@@ -53,10 +55,15 @@ Flower wire format), each node's σ and ε, and each node's size and label share
 
     python bench/text_utility.py [--quick] [--datasets reviews drugs news imdb] [--nodes 3 5]
                                  [--splits iid dir0.5] [--epsilons 8 3] [--seeds 1 2 3]
-                                 [--methods minilm-lora text-transformer minilm-lora-head]
+                                 [--methods minilm-lora text-transformer minilm-lora-head minilm-lora-256]
                                  [--rows 7500]
                                  [--workers 1] [--out bench/results/text_utility.json] [--fresh]
-                                 [--report]
+                                 [--report] [--probe]
+
+``--probe`` runs no federation: for ``--datasets`` and ``--seeds`` it fits a logistic regression on
+the unchanged MiniLM's sentence embeddings (the head's input) reading 128, 256 and 512 word pieces
+of each text, on the references' rows and hold-out — what the encoder holds at each reading
+length, without training or privacy — and prints them beside TF-IDF and the federations.
 
 Each finished run is written to the JSON at once; a rerun skips the runs already there. Runs go
 most important first (ε = 8, 3 nodes, IID then Dirichlet). On 2 CPU cores a MiniLM federation of
@@ -114,6 +121,8 @@ METHOD_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "text-transformer": ("text-transformer", {}),
     # the default model reading each long text's first 126 word pieces (the default before 2026-12-06)
     "minilm-lora-head": ("minilm-lora", {"read": "head"}),
+    # the default model reading twice as much of a long text: its first and last 127 word pieces
+    "minilm-lora-256": ("minilm-lora", {"max_tokens": 256, "max_len": 1536}),
 }
 METHODS = tuple(METHOD_MODELS)
 #: What a plain invocation runs (the default model and the from-scratch one).
@@ -381,23 +390,26 @@ def run_federation(raw: dict[str, Any], workdir: Path, log: Path | None, method:
 # --------------------------------------------------------------------------- references
 
 
-def references(name: str, data_path: Path, schema: dict[str, Any], seed: int, methods: list[str], epochs: int,
-               workdir: Path) -> dict[str, Any]:  # fmt: skip
-    """TF-IDF + logistic regression, each model centrally without privacy, and the majority class, on
-    the hold-out ``simulate`` keeps for this seed, trained on the pooled rows the nodes would hold."""
-    import torch
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
+@dataclass
+class _SeedData:
+    """One seed's rows as the references see them: the nodes' pooled rows (10% of them for choosing
+    C or an epoch) and the hold-out ``simulate`` keeps for that seed."""
 
-    from client.training import train_local
+    schema: Any
+    pool: pd.DataFrame
+    hold: pd.DataFrame
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    ytr: np.ndarray
+    yval: np.ndarray
+    yho: np.ndarray
+
+
+def _seed_data(data_path: Path, schema: dict[str, Any], seed: int, workdir: Path) -> _SeedData:
     from common.config import parse_config
-    from common.data import encode, read_table, split_indices
-    from common.devices import resolve_device, usable_cpus
-    from common.evaluation import evaluate, macro_f1
-    from common.models import build_model, text_encoding
+    from common.data import read_table, split_indices
     from fedguard.simulate import prepare_partitions
 
-    torch.set_num_threads(usable_cpus())
     raw = run_config(data_path, schema, nodes=3, split="iid", epsilon=8.0, seed=seed, method="minilm-lora")
     cfg = prepare_partitions(parse_config(raw, "text utility bench"), workdir, lambda _: None)
     sch = cfg.data.schema_
@@ -408,26 +420,55 @@ def references(name: str, data_path: Path, schema: dict[str, Any], seed: int, me
     hold = read_table(cfg.data.evaluation_path, sch)
     train_idx, val_idx = split_indices(len(pool), 0.1, seed)
     y_of = {c: i for i, c in enumerate(sch.classes)}
-    ytr = pool["label"].iloc[train_idx].map(y_of).to_numpy()
-    yval = pool["label"].iloc[val_idx].map(y_of).to_numpy()
-    yho = hold["label"].map(y_of).to_numpy()
+    labels = pool["label"].map(y_of).to_numpy()
+    return _SeedData(sch, pool, hold, train_idx, val_idx, labels[train_idx], labels[val_idx],
+                     hold["label"].map(y_of).to_numpy())  # fmt: skip
+
+
+def _logistic(d: _SeedData, xtr: Any, xval: Any, xho: Any) -> dict[str, Any]:
+    """Logistic regression on features of the pool's training rows, C chosen by accuracy on its 10%."""
+    from sklearn.linear_model import LogisticRegression
+
+    from common.evaluation import macro_f1
+
+    best: dict[str, Any] = {"val_accuracy": -1.0}
+    for c in (0.25, 1.0, 4.0, 16.0):
+        lr = LogisticRegression(C=c, max_iter=2000).fit(xtr, d.ytr)
+        v = float(np.mean(lr.predict(xval) == d.yval))
+        if v > best["val_accuracy"]:
+            pred = lr.predict(xho)
+            best = {"val_accuracy": v, "C": c, "accuracy": float(np.mean(pred == d.yho)),
+                    "macro_f1": macro_f1(d.yho, pred)}  # fmt: skip
+    return best
+
+
+def references(name: str, data_path: Path, schema: dict[str, Any], seed: int, methods: list[str], epochs: int,
+               workdir: Path) -> dict[str, Any]:  # fmt: skip
+    """TF-IDF + logistic regression, each model centrally without privacy, and the majority class, on
+    the hold-out ``simulate`` keeps for this seed, trained on the pooled rows the nodes would hold."""
+    import torch
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from client.training import train_local
+    from common.config import parse_config
+    from common.data import encode
+    from common.devices import resolve_device, usable_cpus
+    from common.evaluation import evaluate, macro_f1
+    from common.models import build_model, text_encoding
+
+    torch.set_num_threads(usable_cpus())
+    d = _seed_data(data_path, schema, seed, workdir)
+    sch, pool, hold, train_idx, val_idx = d.schema, d.pool, d.hold, d.train_idx, d.val_idx
     out: dict[str, Any] = {"holdout_rows": len(hold), "pool_rows": len(pool)}
 
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     xtr = vec.fit_transform(pool["text"].iloc[train_idx])
-    best: dict[str, Any] = {"val_accuracy": -1.0}
-    for c in (0.25, 1.0, 4.0, 16.0):
-        lr = LogisticRegression(C=c, max_iter=2000).fit(xtr, ytr)
-        v = float(np.mean(lr.predict(vec.transform(pool["text"].iloc[val_idx])) == yval))
-        if v > best["val_accuracy"]:
-            pred = lr.predict(vec.transform(hold["text"]))
-            best = {"val_accuracy": v, "C": c, "accuracy": float(np.mean(pred == yho)), "macro_f1": macro_f1(yho, pred)}
-    out["tfidf"] = best
+    out["tfidf"] = _logistic(d, xtr, vec.transform(pool["text"].iloc[val_idx]), vec.transform(hold["text"]))
 
-    majority = int(np.bincount(ytr, minlength=len(sch.classes)).argmax())
-    pred = np.full_like(yho, majority)
-    out["majority"] = {"class": sch.classes[majority], "accuracy": float(np.mean(yho == pred)),
-                       "macro_f1": macro_f1(yho, pred)}  # fmt: skip
+    majority = int(np.bincount(d.ytr, minlength=len(sch.classes)).argmax())
+    pred = np.full_like(d.yho, majority)
+    out["majority"] = {"class": sch.classes[majority], "accuracy": float(np.mean(d.yho == pred)),
+                       "macro_f1": macro_f1(d.yho, pred)}  # fmt: skip
 
     device = resolve_device("auto")
     for method in methods:
@@ -452,6 +493,54 @@ def references(name: str, data_path: Path, schema: dict[str, Any], seed: int, me
                 best = {"val_accuracy": v["accuracy"], "accuracy": h["accuracy"], "macro_f1": h["macro_f1"],
                         "epoch": epoch}  # fmt: skip
         out[f"central/{method}"] = {**best, "seconds": round(time.perf_counter() - t0, 1)}
+    return out
+
+
+#: Word pieces the frozen-encoder probe reads of each text (head and tail): the default, then longer.
+PROBE_PIECES = (128, 256, 512)
+
+
+def _embeddings(model: Any, x: Any) -> np.ndarray:
+    """The head's input (the normalised pooled embedding) for byte ids ``x``, shortest texts first."""
+    import torch
+
+    from common.tokenizer import PAD_ID
+
+    seen: list[torch.Tensor] = []
+    hook = model.head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    order = torch.argsort((x != PAD_ID).sum(1))  # a batch is padded to its longest text
+    with torch.inference_mode():
+        for i in range(0, len(x), 64):
+            model(x[order[i : i + 64]])
+    hook.remove()
+    return torch.cat(seen)[torch.argsort(order)].numpy()
+
+
+def probes(data_path: Path, schema: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+    """What MiniLM's sentence embedding holds, frozen: logistic regression on its pooled output (the
+    head's input) reading each text's first and last pieces, ``PROBE_PIECES`` in all (bytes 6 × pieces,
+    the default's ratio), on the same rows and hold-out as the references. No training, no privacy: an
+    upper view of what a head on the unchanged encoder can reach at each reading length."""
+    import torch
+
+    from common.data import encode
+    from common.devices import usable_cpus
+    from common.models import build_model, text_encoding
+
+    torch.set_num_threads(usable_cpus())
+    d = _seed_data(data_path, schema, seed, workdir)
+    out: dict[str, Any] = {}
+    for pieces in PROBE_PIECES:
+        params = {"max_tokens": pieces, "max_len": 6 * pieces}
+        model = build_model("minilm-lora", d.schema, params).eval()
+        reads = text_encoding("minilm-lora", params)
+        t0 = time.perf_counter()
+        xtr, xval, xho = (
+            _embeddings(model, encode(df, d.schema, **reads, source=src).x)
+            for df, src in ((d.pool.iloc[d.train_idx], "pool"), (d.pool.iloc[d.val_idx], "validation"),
+                            (d.hold, "hold-out"))
+        )  # fmt: skip
+        out[f"probe{pieces}"] = {**_logistic(d, xtr, xval, xho), "seconds": round(time.perf_counter() - t0, 1)}
     return out
 
 
@@ -646,6 +735,30 @@ def per_seed_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def probe_table(results: dict[str, Any]) -> str:
+    """Frozen-encoder probes beside TF-IDF, the fine-tuned model without DP and ``minilm-lora`` at ε = 8
+    (3 nodes, IID), each the mean over the seeds the probe ran."""
+    refs = results["summary"]["references"]
+    cells = results["summary"]["cells"]
+    heads = [f"frozen MiniLM + logistic regression, {p} pieces" for p in PROBE_PIECES]
+    lines = ["| data | seeds | " + " | ".join(heads) + " | TF-IDF | MiniLM LoRA central, no DP | `minilm-lora` "
+             "ε = 8, 3 nodes IID |", "|---" * (len(heads) + 5) + "|"]  # fmt: skip
+    by_data: dict[str, list[dict[str, Any]]] = {}
+    for r in results.get("probes", {}).values():
+        by_data.setdefault(r["dataset"], []).append(r)
+    for name, rs in sorted(by_data.items(), key=lambda kv: list(SOURCES).index(kv[0])):
+        seeds = sorted(str(r["seed"]) for r in rs)
+        vals = [_f(statistics.fmean(r[f"probe{p}"]["accuracy"] for r in rs)) for p in PROBE_PIECES]
+        ref = refs.get(name, {})
+        for k in ("tfidf", "central/minilm-lora"):
+            per = ref.get(k, {})
+            vals.append(_f(statistics.fmean(per[s] for s in seeds)) if all(s in per for s in seeds) else "-")
+        fed = cells.get(f"{name}/n3/iid/eps8/minilm-lora", {}).get("seeds", {})
+        vals.append(_f(statistics.fmean(fed[s]["accuracy"] for s in seeds)) if all(s in fed for s in seeds) else "-")
+        lines.append(f"| {name} | {', '.join(seeds)} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -681,12 +794,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="forget earlier results in --out")
     ap.add_argument("--no-references", action="store_true", help="federations only")
     ap.add_argument("--report", action="store_true", help="only print the tables of the results in --out")
+    ap.add_argument("--probe", action="store_true",
+                    help="only the frozen-encoder probes (MiniLM unchanged + logistic regression, 128/256/512 "
+                         "pieces) of --datasets and --seeds, added to --out")  # fmt: skip
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.epsilons, args.nodes = args.seeds[:1], [8.0], [3]
     out = args.out or ROOT / "bench" / "results" / ("text_utility-quick.json" if args.quick else "text_utility.json")
     results = {"meta": {}, "references": {}, "runs": {}} if args.fresh else load_results(out)
-    if not args.report:
+    if args.probe:
+        run_probes(args, results, out)
+    elif not args.report:
         from common.config import RECIPES
 
         results["meta"] = {
@@ -703,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         run_grid(args, results, out)
     results["summary"] = summarize(results)
-    if not args.report:
+    if args.probe or not args.report:
         save_results(out, results)
     print("\nheld-out accuracy, mean over seeds; × TF-IDF = mean / the TF-IDF reference's mean on the same seeds\n")
     print(markdown_table(results))
@@ -711,6 +829,9 @@ def main(argv: list[str] | None = None) -> int:
     print(per_seed_table(results))
     print("\nREADME.md's table\n")
     print(readme_table(results))
+    if results.get("probes"):
+        print("\nwhat the frozen encoder holds (held-out accuracy, mean over the seeds the probes ran)\n")
+        print(probe_table(results))
     return 0
 
 
@@ -760,6 +881,24 @@ def run_grid(args: argparse.Namespace, results: dict[str, Any], out: Path) -> No
             results["summary"] = summarize(results)
             save_results(out, results)
     print(f"\nwall time {(time.perf_counter() - t0) / 60:.1f} min; wrote {out}")
+
+
+def run_probes(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
+    """``--probe``: one seed at a time in this process (the encoder's forward passes use every core)."""
+    _quiet()
+    data_dir = args.workdir / "data"
+    for d in args.datasets:
+        data_path, schema = write_dataset(d, data_dir, args.rows)
+        for seed in args.seeds:
+            workdir = args.workdir / "runs" / f"{d}-seed{seed}-probes"
+            shutil.rmtree(workdir, ignore_errors=True)
+            print(f"  probing {d}/seed{seed} at {', '.join(map(str, PROBE_PIECES))} word pieces", flush=True)
+            with contextlib.redirect_stdout(io.StringIO()):
+                r = probes(data_path, schema, seed, workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
+            results.setdefault("probes", {})[f"{d}/seed{seed}"] = {"dataset": d, "seed": seed, **r}
+            print("  " + ", ".join(f"{k} {v['accuracy']:.3f} ({v['seconds']:.0f} s)" for k, v in r.items()), flush=True)
+            save_results(out, results | {"summary": summarize(results)})
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ TABLES = {
     "pretrained on the GPU": lambda: pretrained.markdown_table(_gpu_pretrained()),
     "text utility": lambda: tu.markdown_table(_load("text_utility.json")),
     "text utility per seed": lambda: tu.per_seed_table(_load("text_utility.json")),
+    "text probes": lambda: tu.probe_table({**(r := _load("text_utility.json")), "summary": tu.summarize(r)}),
     "utility": lambda: utility.markdown_table(_load("utility.json")["summary"], [8, 3, 1]),
     "utility per seed": lambda: utility.per_seed_table(_load("utility.json")),
     "utility targets": lambda: utility.targets_table(_load("utility.json")["summary"]),

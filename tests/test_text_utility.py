@@ -177,3 +177,26 @@ def test_a_second_run_in_the_same_folder_stops_before_touching_the_first(tmp_pat
     with _only_run_in(workdir), pytest.raises(FedGuardError, match="another run is using"):
         simulate_fresh(raw, workdir, None, "test")
     assert (workdir / "runs.db").read_bytes() == b"the first run's store"
+
+
+def test_probe_features_come_back_in_the_rows_order_whatever_order_they_were_scored_in() -> None:
+    """``--probe`` scores the shortest texts first; each row's features must still be its own."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    class Lengths(nn.Module):  # the head's input is each row's length, so a row's features name it
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(1, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head((x != 0).sum(1, keepdim=True).float())
+
+    lengths = [5, 1, 70, 3, 3, 100, 2] * 20  # 140 rows: three batches of 64, out of order
+    x = torch.zeros(len(lengths), 101, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        x[i, :n] = 7
+    feats = tu._embeddings(Lengths(), x)
+    assert feats.shape == (140, 1)
+    assert np.array_equal(feats[:, 0], np.array(lengths, dtype=np.float32))
