@@ -26,7 +26,7 @@ from client.admission import PolicyViolation, check_policy, check_request, ledge
 from client.node import NodeSettings, declared_weight, new_log_id, node_logger, node_settings
 from client.privacy import NodePrivacy
 from client.sent_log import log_sent, log_usage
-from client.training import AdamMoments, resolve_grad_sample_mode, run_preflight
+from client.training import resolve_grad_sample_mode, run_preflight
 from common import he, secagg
 from common import records as R
 from common.codec import load_numpy_state, module_layout, numpy_to_record, record_to_numpy, state_to_numpy
@@ -148,29 +148,6 @@ def _note_long_texts(model: torch.nn.Module, train: Encoded, cfg: RunConfig, set
         node_logger(settings.workdir).info("data: %s", note)
 
 
-#: Context state keys: this node's Adam second moments and step count (``train.keep_second_moments``).
-_ADAM_SQUARES, _ADAM_STEP = "fedguard-adam-second-moments", "fedguard-adam-step"
-
-
-def _adam_moments(context: Context, cfg: RunConfig) -> AdamMoments | None:
-    """The moments this node's earlier rounds left in its run context (none yet: empty); None when off."""
-    if not (cfg.train.keep_second_moments and cfg.train.optimizer == "adam"):
-        return None
-    if _ADAM_SQUARES not in context.state:
-        return AdamMoments()
-    squares = record_to_numpy(context.state[_ADAM_SQUARES])  # type: ignore[arg-type]
-    step = float(context.state[_ADAM_STEP]["step"])  # type: ignore[index,arg-type]
-    return AdamMoments({n: torch.from_numpy(a) for n, a in squares.items()}, step)
-
-
-def _keep_adam_moments(context: Context, moments: AdamMoments | None) -> None:
-    """Into the run's node-local context, never into a reply."""
-    if moments is None or not moments.squares:
-        return
-    context.state[_ADAM_SQUARES] = numpy_to_record(OrderedDict((n, t.numpy()) for n, t in moments.squares.items()))
-    context.state[_ADAM_STEP] = ConfigRecord({"step": moments.step})
-
-
 class RoundClosed(FedGuardError):
     """The server stopped waiting for this round (the message outlived its TTL): training it would
     spend privacy budget on an update nobody aggregates."""
@@ -223,17 +200,9 @@ def _train(msg: Message, context: Context, cfg: RunConfig, settings: NodeSetting
     t0 = time.perf_counter()
     # Plan → owner policy → ledger reserve → DP-SGD → confirm (client.privacy); refused before training.
     privacy = _privacy(msg, context, cfg, settings)
-    moments = _adam_moments(context, cfg)
     result, accounting = privacy.train(
-        model,
-        train,
-        device,
-        round_=round_,
-        message_id=msg.metadata.message_id,
-        record_weights=weights,
-        moments=moments,
+        model, train, device, round_=round_, message_id=msg.metadata.message_id, record_weights=weights
     )
-    _keep_adam_moments(context, moments)
     released = None
     if counts is not None:  # a second charged release: the reply's ε is the one composing both
         released, spend = mitigation.release(privacy, counts, msg, cfg, settings, round_, "model counts")

@@ -35,7 +35,7 @@ from flwr.app import ConfigRecord, RecordDict
 from client.admission import check_policy
 from client.ledger import Budget, Ledger, Release
 from client.node import NodeSettings, new_log_id, node_logger
-from client.training import AdamMoments, LocalResult, resolve_grad_sample_mode, train_local
+from client.training import LocalResult, resolve_grad_sample_mode, train_local
 from common import records as R
 from common.config import RunConfig, small_data_warning
 from common.data import Encoded
@@ -236,27 +236,17 @@ class NodePrivacy:
         round_: int,
         message_id: str | None,
         record_weights: torch.Tensor | None = None,
-        moments: AdamMoments | None = None,
     ) -> tuple[LocalResult, dict[str, float | int]]:
         """Train ``model`` in place on ``data``; with DP, as one planned, checked and reserved release.
 
-        ``record_weights`` (≤ 1, reweighing) scale each record's clipped gradient; ``moments`` are the
-        node's Adam second moments from earlier rounds (``train.keep_second_moments``). Returns the training
+        ``record_weights`` (≤ 1, reweighing) scale each record's clipped gradient. Returns the training
         result and the accounting values the reply carries (none without DP).
         """
         cfg, s = self.cfg, self.settings
         if not cfg.dp.enabled:
             log = node_logger(s.workdir)
             return train_local(
-                model,
-                data,
-                cfg,
-                None,
-                device,
-                log=log,
-                label=f"round {round_}",
-                weights=record_weights,
-                moments=moments,
+                model, data, cfg, None, device, log=log, label=f"round {round_}", weights=record_weights
             ), {}
         first = self.earlier_calibration() is None
         plan = self.plan(len(data))
@@ -287,7 +277,6 @@ class NodePrivacy:
                 log=node_logger(s.workdir),
                 label=f"round {round_}",
                 weights=record_weights,
-                moments=moments,
             )
         if result.guards is not None:
             g = result.guards

@@ -25,8 +25,6 @@ Utility options (``[train]``), none of which touches the privacy accounting:
   several physical batches and takes one DP step per logical batch ("virtual steps").
 - ``class_weights``: public per-class loss weights, applied per sample so that one record's
   gradient never depends on the other records in its batch.
-- ``keep_second_moments`` (Adam): the node's Adam keeps its second moments and step count from one
-  round to the next (``AdamMoments``, held in the run's node-local context by ``client.app``).
 """
 
 from __future__ import annotations
@@ -75,49 +73,6 @@ class LocalResult:
     history: History  # this round's DP releases (σ, q, steps); empty without DP
     steps: int
     guards: GuardReport | None = None  # the DP integrity guards' findings (client.dp_guards); None without DP
-
-
-class AdamMoments:
-    """A node's Adam second moments and step count, kept between rounds (``train.keep_second_moments``).
-
-    Under DP-SGD a fresh Adam moves every coordinate by about its learning rate on its first steps,
-    whatever the noise (the first moment and the second are then the same few noisy gradients); the
-    second moments of earlier rounds hold the noise's scale and keep those steps in proportion. The
-    first moment restarts at zero each round (carried over too, it pulls towards the node's own
-    optimum: 10 skewed tabular federations lost 0.4 points with it, gained 1.0 without). Computed
-    from noised gradients only; they stay on the node.
-    """
-
-    def __init__(self, squares: dict[str, torch.Tensor] | None = None, step: float = 0.0) -> None:
-        self.squares = squares or {}
-        self.step = step
-
-    def _trained(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    def restore(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
-        """Seed ``optimizer`` (a fresh Adam over ``model``'s trained parameters); False when nothing fits."""
-        params = self._trained(model)
-        if (
-            not self.squares
-            or set(self.squares) != set(params)
-            or any(self.squares[n].shape != p.shape for n, p in params.items())
-        ):
-            return False
-        for n, p in params.items():
-            optimizer.state[p] = {
-                "step": torch.tensor(self.step, dtype=torch.float32, device=p.device),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": self.squares[n].to(p),
-            }
-        return True
-
-    def keep(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-        """Take the moments from ``optimizer`` after a round (nothing when it took no step)."""
-        states = {n: optimizer.state.get(p, {}) for n, p in self._trained(model).items()}
-        if states and all("exp_avg_sq" in st for st in states.values()):
-            self.squares = {n: st["exp_avg_sq"].detach().to("cpu", copy=True) for n, st in states.items()}
-            self.step = float(next(iter(states.values()))["step"])
 
 
 def secure_generator(device: torch.device) -> torch.Generator:
@@ -312,12 +267,10 @@ def train_local(
     log: logging.Logger | None = None,
     label: str = "local training",
     weights: torch.Tensor | None = None,
-    moments: AdamMoments | None = None,
 ) -> LocalResult:
     """Train ``model`` in place for ``cfg.train.local_epochs``; with ``plan``, under DP-SGD.
 
     ``weights`` (one per record, in (0, 1]): reweighing's per-record weights (``_weigh_batch``).
-    ``moments``: Adam's second moments from this node's earlier rounds, updated in place (Adam only).
 
     ``model`` arrives holding the global model; FedProx pulls towards that snapshot. Under DP the
     integrity guards (``client.dp_guards``) check every step and the finished round against the
@@ -343,9 +296,6 @@ def train_local(
         **loader_options(device),
     )
     optimizer = _optimizer(model, cfg)
-    adam = optimizer if moments is not None and tc.optimizer == "adam" else None
-    if adam is not None:
-        moments.restore(adam, model)  # type: ignore[union-attr]
     criterion: nn.Module = make_criterion(cfg, device, record_weighted=weights is not None)
     engine: PrivacyEngine | None = None
     guard: DPGuard | None = None
@@ -454,8 +404,6 @@ def train_local(
                     nn.utils.clip_grad_norm_(params, cfg.dp.max_grad_norm)
                 optimizer.step()
                 after_step()
-    if adam is not None:
-        moments.keep(adam, model)  # type: ignore[union-attr]
     if engine is not None:
         if hasattr(trained, "_close"):
             trained._close()  # remove Opacus hooks from the original module

@@ -35,10 +35,7 @@ DEFAULT_BUDGET_DELTA = 1e-5
 #:   while skewed clients pull the mean back and forth. 20 rounds of one epoch, not 10 of two (until
 #:   2026-12-07): the same DP steps, hence the same σ on every node, averaged twice as often (ε = 8,
 #:   Dirichlet 0.5, seeds 1-5: spam 0.840 → 0.850, computers 0.859 → 0.874; 30 rounds 0.858 / 0.871;
-#:   the whole grid rerun at 20: 0.856 / 0.871, +0.60 points over its 90 DP runs). Each node keeps
-#:   Adam's second moments from round to round (``keep_second_moments``, since 2026-12-08): a fresh
-#:   Adam's first steps of a round are noise-sized whatever the noise; same cells, seeds 1-5: computers
-#:   0.871 → 0.881, spam 0.856 → 0.852; keeping the first moment too: 0.867 / 0.852.
+#:   the whole grid rerun at 20: 0.856 / 0.871, +0.60 points over its 90 DP runs).
 #:   The run releases the moving average of the rounds' models (``ema_decay`` 0.7,
 #:   ``common.optimizers.ModelAverage``): it averages part of each round's DP noise away (+0.63 points
 #:   at round 10 in 45 runs at ε = 8, both models scored in the same runs).
@@ -57,13 +54,7 @@ DEFAULT_BUDGET_DELTA = 1e-5
 #:   (``MIN_ROWS_PER_NODE``).
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "tabular": {
-        "train": {
-            "local_epochs": 1,
-            "batch_size": 64,
-            "learning_rate": 0.002,
-            "optimizer": "adam",
-            "keep_second_moments": True,
-        },
+        "train": {"local_epochs": 1, "batch_size": 64, "learning_rate": 0.002, "optimizer": "adam"},
         "dp": {"max_grad_norm": 1.0},
         "server.optimizer": {"name": "fedavgm", "learning_rate": 1.0, "momentum": 0.8, "ema_decay": 0.7},
         "run": {"rounds": 20},
@@ -320,13 +311,6 @@ class TrainConfig(_Strict):
     #: gradient never exceeds that norm, so a learning rate chosen for DP (e.g. SGD at 0.5) would
     #: diverge on raw gradients once DP is switched off. No effect when DP is on.
     clip_without_dp: bool = False
-    #: Adam only (ignored for SGD): each node keeps its optimizer's second moments — the per-coordinate
-    #: gradient scale, under DP-SGD mostly the noise's — and step count from one round to the next,
-    #: in the run's node-local state; the first moment restarts at zero every round. A fresh Adam's
-    #: first steps each round move every coordinate by about the learning rate whatever the noise;
-    #: kept moments scale them to it. Made from the noised gradients only: no privacy cost, and the
-    #: moments never leave the node.
-    keep_second_moments: bool = False
 
     def logical_batch_size(self, n_train: int) -> int:
         """The expected DP batch on a node with ``n_train`` records (see ``sample_rate``)."""
