@@ -35,7 +35,9 @@ DEFAULT_BUDGET_DELTA = 1e-5
 #:   while skewed clients pull the mean back and forth. 20 rounds of one epoch, not 10 of two (until
 #:   2026-12-07): the same DP steps, hence the same σ on every node, averaged twice as often (ε = 8,
 #:   Dirichlet 0.5, seeds 1-5: spam 0.840 → 0.850, computers 0.859 → 0.874; 30 rounds 0.858 / 0.871;
-#:   the whole grid rerun at 20: 0.856 / 0.871, +0.60 points over its 90 DP runs).
+#:   the whole grid rerun at 20: 0.856 / 0.871, +0.60 points over its 90 DP runs). Adam starts fresh
+#:   every round: keeping each node's second moments across rounds gained computers 1.0 point in one
+#:   draw and lost it in the next (−0.16 over 30 ε = 8 runs; bench/README.md).
 #:   The run releases the moving average of the rounds' models (``ema_decay`` 0.7,
 #:   ``common.optimizers.ModelAverage``): it averages part of each round's DP noise away (+0.63 points
 #:   at round 10 in 45 runs at ε = 8, both models scored in the same runs).
