@@ -504,16 +504,18 @@ def _embeddings(model: Any, x: Any) -> np.ndarray:
     """The head's input (the normalised pooled embedding) for byte ids ``x``, shortest texts first."""
     import torch
 
-    from common.tokenizer import PAD_ID
+    from common.evaluation import by_length
 
     seen: list[torch.Tensor] = []
     hook = model.head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-    order = torch.argsort((x != PAD_ID).sum(1))  # a batch is padded to its longest text
+    order = by_length(x)  # as the evaluator scores: a batch is padded to its longest text
+    rows = x if order is None else x[order]
     with torch.inference_mode():
-        for i in range(0, len(x), 64):
-            model(x[order[i : i + 64]])
+        for i in range(0, len(rows), 64):
+            model(rows[i : i + 64])
     hook.remove()
-    return torch.cat(seen)[torch.argsort(order)].numpy()
+    feats = torch.cat(seen)
+    return (feats if order is None else torch.empty_like(feats).index_copy_(0, order, feats)).numpy()
 
 
 def probes(data_path: Path, schema: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def predict(model: nn.Module, data: Encoded, batch_size: int = 512) -> tuple[np.
     Under ``inference_mode``: no autograd graph, so scoring a held-out set costs a forward pass only.
     """
     model.eval()
-    order = _by_length(data.x)
+    order = by_length(data.x)
     x, y = (data.x, data.y) if order is None else (data.x[order], data.y[order])
     probs, loss = [], 0.0
     with torch.inference_mode():
@@ -69,7 +69,7 @@ def predict(model: nn.Module, data: Encoded, batch_size: int = 512) -> tuple[np.
     return out.numpy(), loss / max(len(data), 1)
 
 
-def _by_length(x: torch.Tensor) -> torch.Tensor | None:
+def by_length(x: torch.Tensor) -> torch.Tensor | None:
     """Text rows (token ids) shortest first, or None for other data. A pretrained text model pads each
     batch to its longest text, so batches of similar lengths cost a fraction of mixed ones (MiniLM on
     review snippets: most are a third of the longest); the predictions are the same."""
